@@ -1,0 +1,73 @@
+"""Process wiring: one archive, the DICOM server and the HTTP server in one process."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import uvicorn
+
+from pacs.dimse.server import DicomServer
+from pacs.http import build_app
+from pacs.settings import Settings
+from storage.archive import Archive, open_archive
+
+log = logging.getLogger("pacs")
+
+
+def archive_for(settings: Settings) -> Archive:
+    """The archive the settings describe (creates folders and migrates the index)."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return open_archive(settings.resolved_database_url, settings.resolved_storage_url,
+                        duplicate_policy=settings.duplicate_policy)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # pynetdicom logs every association and message at INFO (and data sets at DEBUG, which
+    # would put patient data in the log): keep it to warnings unless debugging.
+    if level.upper() != "DEBUG":
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+class PacsServer:
+    """Everything ``pacs serve`` runs. ``run`` blocks until SIGTERM or SIGINT."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.archive = archive_for(settings)
+        self.dicom = DicomServer(settings, self.archive)
+        self.reconcile_state = "pending" if settings.reconcile_on_start else "disabled"
+
+    def _reconcile(self) -> None:
+        self.reconcile_state = "running"
+        try:
+            report = self.archive.reconcile()
+        except Exception:
+            log.exception("start-up reconciliation failed")
+            self.reconcile_state = "failed"
+            return
+        log.info("reconciliation done: %d orphan blob(s), %d re-indexed", report.blobs_seen,
+                 report.reindexed)
+        self.reconcile_state = "done"
+
+    def run(self) -> None:
+        log.info("archive: index %s, blobs %s",
+                 self.archive.index.engine.url.render_as_string(hide_password=True),
+                 self.archive.blobs.describe())
+        self.dicom.start()
+        if self.settings.reconcile_on_start:
+            threading.Thread(target=self._reconcile, name="reconcile", daemon=True).start()
+        config = uvicorn.Config(build_app(self), host=self.settings.http_host,
+                                port=self.settings.http_port, log_level="warning",
+                                access_log=False, lifespan="off")
+        http = uvicorn.Server(config)
+        log.info("HTTP listening on http://%s:%d", self.settings.http_host,
+                 self.settings.http_port)
+        try:
+            http.run()  # returns on SIGTERM / SIGINT (uvicorn installs the handlers)
+        finally:
+            log.info("shutting down")
+            self.dicom.stop()
+            self.archive.close()

@@ -1,0 +1,142 @@
+"""The ``pacs`` command: serve, import, check."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from pacs import __version__
+from pacs.settings import Settings, SettingsError, load_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pacs", description="PACS and paperless-film server")
+    parser.add_argument("--version", action="version", version=f"pacs {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the DICOM and HTTP servers")
+    imp = commands.add_parser("import", help="store DICOM files from folders or files")
+    imp.add_argument("paths", nargs="+", type=Path, help="files or folders (searched recursively)")
+    imp.add_argument("--jobs", type=int, default=4, help="files stored in parallel (default 4)")
+    imp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    check = commands.add_parser("check", help="verify every index row against its blob")
+    check.add_argument("--quick", action="store_true",
+                       help="check existence and size only, not the SHA-256 of every file")
+    commands.add_parser("migrate", help="create or upgrade the index database schema")
+    for sub in (serve, imp, check, commands.choices["migrate"]):
+        sub.add_argument("--config", metavar="FILE", help="TOML settings file (PACS_* "
+                         "environment variables override it)")
+
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except SettingsError as exc:
+        print(f"pacs: {exc}", file=sys.stderr)
+        return 2
+    from pacs.app import configure_logging
+
+    configure_logging(settings.log_level if args.command == "serve" else "WARNING")
+    return {"serve": _serve, "import": _import, "check": _check, "migrate": _migrate}[
+        args.command](settings, args)
+
+
+def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    from pacs.app import PacsServer
+
+    PacsServer(settings).run()
+    return 0
+
+
+def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from pacs.app import archive_for
+
+    archive_for(settings).close()
+    print("index schema is up to date")
+    return 0
+
+
+def _files(paths: list[Path]) -> Iterator[Path]:
+    for path in paths:
+        if path.is_dir():
+            for root, dirs, names in os.walk(path):
+                dirs.sort()
+                for name in sorted(names):
+                    yield Path(root) / name
+        else:
+            yield path
+
+
+def _import(settings: Settings, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from pacs.app import archive_for
+    from storage.errors import InvalidInstance, StorageUnavailable
+
+    missing = [p for p in args.paths if not p.exists()]
+    if missing:
+        print(f"pacs import: no such file or folder: {', '.join(map(str, missing))}",
+              file=sys.stderr)
+        return 2
+    archive = archive_for(settings)
+    files = list(_files(args.paths))
+    counts: collections.Counter[str] = collections.Counter()
+    rejected: list[tuple[Path, str]] = []
+    failed: list[tuple[Path, str]] = []
+
+    def store(path: Path) -> tuple[Path, str, str]:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            return path, "rejected", f"cannot read the file: {exc.strerror}"
+        try:
+            result = archive.store(data)
+        except InvalidInstance as exc:
+            return path, "rejected", str(exc)
+        except StorageUnavailable as exc:
+            return path, "failed", str(exc)
+        return path, "duplicate" if result.is_warning else "stored", ""
+
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool, tqdm(
+            total=len(files), unit="file", disable=args.no_progress or None,
+            file=sys.stderr) as bar:
+        for path, outcome, reason in pool.map(store, files):
+            counts[outcome] += 1
+            if outcome == "rejected":
+                rejected.append((path, reason))
+            elif outcome == "failed":
+                failed.append((path, reason))
+            bar.update()
+    archive.close()
+    print(f"{len(files)} file(s): {counts['stored']} stored, {counts['duplicate']} duplicate "
+          f"(already archived), {counts['rejected']} rejected, {counts['failed']} failed")
+    for path, reason in rejected:
+        print(f"  rejected {path}: {reason}")
+    for path, reason in failed:
+        print(f"  FAILED {path}: {reason}")
+    return 1 if failed else 0
+
+
+def _check(settings: Settings, args: argparse.Namespace) -> int:
+    from pacs.app import archive_for
+
+    archive = archive_for(settings)
+    report = archive.check(verify_hashes=not args.quick)
+    archive.close()
+    print(f"{report.instances} instance(s) checked: {len(report.missing)} missing blob(s), "
+          f"{len(report.corrupt)} corrupt, {len(report.orphans)} orphan blob(s)")
+    for uid in report.missing:
+        print(f"  missing blob for instance {uid}")
+    for uid in report.corrupt:
+        print(f"  size or SHA-256 differs for instance {uid}")
+    for key in report.orphans:
+        print(f"  orphan blob {key} (not in the index; `pacs serve` re-indexes it at start-up)")
+    return 0 if report.clean else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

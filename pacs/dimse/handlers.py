@@ -1,0 +1,296 @@
+"""DIMSE event handlers: thin translations between pynetdicom events and the archive.
+
+Each handler takes a pynetdicom event and returns (or yields) DICOM statuses; all the work is in
+``storage``. Status codes are named in ``pacs.dimse.status``.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Iterator
+from io import BytesIO
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import build_context, evt
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+)
+
+from pacs.dimse import status
+from pacs.dimse.identifiers import (
+    IdentifierError,
+    build_query,
+    build_response,
+    parse_identifier,
+    retrieve_keys,
+)
+from pacs.settings import Settings
+from storage.archive import Archive, InstanceLocation
+from storage.attributes import Level
+from storage.errors import (
+    ArchiveError,
+    InstanceMismatch,
+    InvalidInstance,
+    InvalidQuery,
+    StorageUnavailable,
+)
+from storage.parsing import part10
+from storage.query import NameMatching, Query, find
+
+log = logging.getLogger("pacs.dimse")
+
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+_MAX_SUBOPERATIONS = 65535  # Number of ... Suboperations is US
+
+
+def status_dataset(code: int, comment: str | None = None) -> Dataset:
+    """A status with an optional ErrorComment (truncated to the 64 characters LO allows)."""
+    ds = Dataset()
+    ds.Status = code
+    if comment:
+        ds.ErrorComment = comment[: status.ERROR_COMMENT_LIMIT]
+    return ds
+
+
+def set_tcp_nodelay(event: evt.Event) -> None:
+    """Disable Nagle's algorithm: without it every DIMSE response can wait ~40 ms for an ACK."""
+    sock = getattr(event.assoc.dul.socket, "socket", None)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+def _peer(event: evt.Event) -> str:
+    requestor = event.assoc.requestor
+    return f"{requestor.ae_title}@{requestor.address}"
+
+
+class DimseHandlers:
+    """The handlers bound to the AE, sharing one archive and the settings."""
+
+    def __init__(self, archive: Archive, settings: Settings) -> None:
+        self.archive = archive
+        self.settings = settings
+        self.name_matching = NameMatching(settings.person_name_matching)
+
+    def bindings(self) -> list[tuple[Any, Any]]:
+        return [
+            (evt.EVT_CONN_OPEN, set_tcp_nodelay),
+            (evt.EVT_C_ECHO, self.on_echo),
+            (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_C_FIND, self.on_find),
+            (evt.EVT_C_MOVE, self.on_move),
+            (evt.EVT_C_GET, self.on_get),
+        ]
+
+    # ------------------------------------------------------------------ C-ECHO
+
+    def on_echo(self, event: evt.Event) -> int:
+        return status.SUCCESS
+
+    # ------------------------------------------------------------------ C-STORE
+
+    def on_store(self, event: evt.Event) -> Dataset:
+        request = event.request
+        sop_class = str(request.AffectedSOPClassUID or "")
+        if not self._accepts_sop_class(sop_class):
+            log.warning("C-STORE from %s refused: SOP Class %s is not a storage class",
+                        _peer(event), sop_class)
+            return status_dataset(status.SOP_CLASS_NOT_SUPPORTED,
+                                  f"SOP Class {sop_class} not supported")
+        sop_instance = str(request.AffectedSOPInstanceUID or "")
+        syntax = str(event.context.transfer_syntax)
+        try:
+            data = part10(request.DataSet.getvalue(), sop_class, sop_instance, syntax,
+                          source_ae_title=event.assoc.requestor.ae_title)
+            result = self.archive.store(data, transfer_syntax=syntax,
+                                        expected_sop_class_uid=sop_class,
+                                        expected_sop_instance_uid=sop_instance)
+        except InstanceMismatch as exc:
+            log.warning("C-STORE from %s refused: %s", _peer(event), exc)
+            return status_dataset(status.DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc))
+        except InvalidInstance as exc:
+            log.warning("C-STORE from %s refused: %s", _peer(event), exc)
+            return status_dataset(status.CANNOT_UNDERSTAND, str(exc))
+        except StorageUnavailable as exc:
+            log.error("C-STORE from %s failed: %s", _peer(event), exc)
+            return status_dataset(status.OUT_OF_RESOURCES, "Storage failure: " + str(exc))
+        except Exception:
+            log.exception("C-STORE from %s failed unexpectedly", _peer(event))
+            return status_dataset(status.OUT_OF_RESOURCES, "Internal error while storing")
+        if result.is_warning:
+            return status_dataset(status.WARNING_DUPLICATE_SOP_INSTANCE, result.message)
+        return status_dataset(status.SUCCESS)
+
+    def _accepts_sop_class(self, sop_class: str) -> bool:
+        from pynetdicom.sop_class import _STORAGE_CLASSES
+
+        if sop_class in _STORAGE_CLASSES.values() or "Storage" in UID(sop_class).name:
+            return True
+        return self.settings.accept_unknown_sop_classes
+
+    # ------------------------------------------------------------------ C-FIND
+
+    def on_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        model = event.request.AffectedSOPClassUID
+        try:
+            level, keys = parse_identifier(event.identifier)
+        except IdentifierError as exc:
+            yield status_dataset(status.QR_IDENTIFIER_DOES_NOT_MATCH, str(exc)), None
+            return
+        except Exception as exc:
+            yield status_dataset(status.QR_UNABLE_TO_PROCESS,
+                                 f"identifier cannot be decoded: {exc}"), None
+            return
+        if level is Level.PATIENT and model != PatientRootQueryRetrieveInformationModelFind:
+            yield status_dataset(status.QR_IDENTIFIER_DOES_NOT_MATCH,
+                                 "PATIENT level needs the Patient Root model"), None
+            return
+        if model not in (PatientRootQueryRetrieveInformationModelFind,
+                         StudyRootQueryRetrieveInformationModelFind):
+            yield status_dataset(status.SOP_CLASS_NOT_SUPPORTED, "query model not supported"), \
+                None
+            return
+        try:
+            rows = find(self.archive.index, build_query(level, keys, self.name_matching))
+        except InvalidQuery as exc:
+            yield status_dataset(status.QR_IDENTIFIER_DOES_NOT_MATCH, str(exc)), None
+            return
+        except ArchiveError as exc:
+            yield status_dataset(status.QR_UNABLE_TO_PROCESS, str(exc)), None
+            return
+        except Exception:
+            log.exception("C-FIND from %s failed", _peer(event))
+            yield status_dataset(status.QR_UNABLE_TO_PROCESS, "Internal error while searching"), \
+                None
+            return
+        ae_title = self.settings.ae_title
+        for row in rows:
+            if event.is_cancelled:
+                yield status.CANCEL, None
+                return
+            yield status.PENDING, build_response(level, keys, row, ae_title)
+        yield status.SUCCESS, None
+
+    # ------------------------------------------------------------------ C-MOVE / C-GET
+
+    def _locations(self, identifier: Dataset) -> tuple[list[InstanceLocation], Dataset | None]:
+        """The instances a retrieve identifier names, or a failure status saying why not."""
+        try:
+            _, unique = retrieve_keys(identifier)
+            rows = find(self.archive.index, Query(Level.INSTANCE, unique, NameMatching.EXACT,
+                                                  limit=_MAX_SUBOPERATIONS + 1))
+        except (IdentifierError, InvalidQuery) as exc:
+            return [], status_dataset(status.QR_IDENTIFIER_DOES_NOT_MATCH, str(exc))
+        except ArchiveError as exc:
+            return [], status_dataset(status.QR_UNABLE_TO_PROCESS, str(exc))
+        if len(rows) > _MAX_SUBOPERATIONS:
+            return [], status_dataset(status.QR_OUT_OF_RESOURCES,
+                                      f"more than {_MAX_SUBOPERATIONS} instances match")
+        return [InstanceLocation(r["SOPInstanceUID"], r["SOPClassUID"],
+                                 r["_transfer_syntax_uid"], r["_blob_key"], r["_size"])
+                for r in rows], None
+
+    def on_move(self, event: evt.Event) -> Iterator[Any]:
+        destination = self.settings.peer(str(event.move_destination or ""))
+        if destination is None:
+            log.warning("C-MOVE from %s: unknown destination %r (configure PACS_PEERS)",
+                        _peer(event), event.move_destination)
+            yield None, None
+            return
+        locations, failure = self._locations(event.identifier)
+        sub_association: dict[str, Any] = {}
+
+        def remember(sub_event: evt.Event) -> None:
+            set_tcp_nodelay(sub_event)
+            sub_association["assoc"] = sub_event.assoc
+
+        yield destination.host, destination.port, {
+            "contexts": _store_contexts(locations) or [build_context("1.2.840.10008.1.1")],
+            "evt_handlers": [(evt.EVT_CONN_OPEN, remember)],
+        }
+        yield from self._send(event, locations, failure, lambda: sub_association.get("assoc"))
+
+    def on_get(self, event: evt.Event) -> Iterator[Any]:
+        locations, failure = self._locations(event.identifier)
+        yield from self._send(event, locations, failure, lambda: event.assoc)
+
+    def _send(self, event: evt.Event, locations: list[InstanceLocation],
+              failure: Dataset | None, association) -> Iterator[Any]:
+        """Yield the sub-operation count, then each instance as a data set to C-STORE."""
+        if failure is not None:
+            # pynetdicom wants a count first; the failure status then ends the operation.
+            yield 1
+            yield failure, None
+            return
+        yield len(locations)
+        for location in locations:
+            if event.is_cancelled:
+                yield status.CANCEL, None
+                return
+            try:
+                dataset = self._dataset_for(location, association())
+            except ArchiveError as exc:
+                log.error("retrieve of %s failed: %s", location.sop_instance_uid, exc)
+                yield status.PENDING, _failed_placeholder(location)
+                continue
+            yield status.PENDING, dataset
+
+    def _dataset_for(self, location: InstanceLocation, assoc) -> Dataset:
+        """The stored instance as a data set the peer accepted a context for."""
+        data = self.archive.read(location)
+        dataset = dcmread(BytesIO(data))
+        stored = UID(location.transfer_syntax_uid)
+        if assoc is None or stored in _UNCOMPRESSED or _accepted(assoc, location.sop_class_uid,
+                                                                   stored):
+            return dataset
+        if not _accepted_any(assoc, location.sop_class_uid, _UNCOMPRESSED):
+            return dataset  # nothing better to offer; the sub-operation reports the failure
+        try:
+            dataset.decompress()
+        except Exception as exc:
+            raise StorageUnavailable(f"cannot decompress {stored.name} for the peer: {exc}") \
+                from exc
+        return dataset
+
+
+def _failed_placeholder(location: InstanceLocation) -> Dataset:
+    """A data set pynetdicom cannot send, so the sub-operation is counted as failed."""
+    ds = Dataset()
+    ds.SOPClassUID = location.sop_class_uid
+    ds.SOPInstanceUID = location.sop_instance_uid
+    return ds
+
+
+def _accepted(assoc, sop_class: str, syntax: str) -> bool:
+    return any(cx.abstract_syntax == sop_class and cx.transfer_syntax[0] == syntax
+               for cx in assoc.accepted_contexts)
+
+
+def _accepted_any(assoc, sop_class: str, syntaxes) -> bool:
+    return any(_accepted(assoc, sop_class, s) for s in syntaxes)
+
+
+def _store_contexts(locations: list[InstanceLocation]) -> list:
+    """Presentation contexts for C-MOVE sub-operations: each stored transfer syntax as is, and
+    uncompressed as a fallback, per SOP class (at most 128 contexts per association)."""
+    contexts = []
+    seen: set[tuple[str, str]] = set()
+    for location in locations:
+        pairs = [(location.sop_class_uid, "uncompressed")]
+        if location.transfer_syntax_uid not in _UNCOMPRESSED:
+            pairs.append((location.sop_class_uid, location.transfer_syntax_uid))
+        for pair in pairs:
+            if pair in seen or len(contexts) >= 128:
+                continue
+            seen.add(pair)
+            syntaxes = list(_UNCOMPRESSED) if pair[1] == "uncompressed" else [pair[1]]
+            contexts.append(build_context(pair[0], syntaxes))
+    return contexts

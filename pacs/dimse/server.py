@@ -1,0 +1,108 @@
+"""The DICOM application entity: presentation contexts, access rules, and the listening server."""
+
+from __future__ import annotations
+
+import logging
+
+from pydicom import config as pydicom_config
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+
+from pacs.dimse import reactor
+from pacs.dimse.handlers import DimseHandlers
+from pacs.settings import Settings
+from storage.archive import Archive
+from storage.parsing import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
+log = logging.getLogger("pacs.dimse")
+
+QUERY_RETRIEVE_MODELS = (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelMove,
+    PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelGet,
+)
+
+
+def configure_libraries() -> None:
+    """Process-wide settings of pydicom and pynetdicom this server relies on."""
+    # Storage contexts are accepted for every storage (and unknown or private) SOP class, with
+    # the transfer syntax the requestor proposed first: images are stored as sent. The C-STORE
+    # handler then refuses what it cannot archive with a status that says why. Without a list
+    # of ~170 storage contexts pynetdicom also stops copying that list for every association.
+    _config.UNRESTRICTED_STORAGE_SERVICE = True
+    # pydicom re-validates every value it reads or writes (UIDs by regex, lengths...). DIMSE
+    # command sets and C-FIND answers are built from values this server already checked, and
+    # the validation cost more than the rest of a C-ECHO. The archive validates what it needs.
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
+    reactor.install()
+
+
+def build_ae(settings: Settings) -> AE:
+    """The application entity with every context this server accepts."""
+    configure_libraries()
+    ae = AE(ae_title=settings.ae_title)
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+    ae.maximum_associations = settings.max_associations
+    ae.maximum_pdu_size = settings.dicom_max_pdu
+    ae.network_timeout = settings.dicom_network_timeout
+    ae.acse_timeout = 30
+    ae.dimse_timeout = max(30.0, settings.dicom_network_timeout)
+    ae.require_called_aet = settings.require_called_ae_title
+    if settings.allowed_calling_aes:
+        ae.require_calling_aet = list(settings.allowed_calling_aes)
+    ae.add_supported_context(Verification)
+    for model in QUERY_RETRIEVE_MODELS:
+        ae.add_supported_context(model)
+    # Outgoing associations (C-MOVE) get their contexts per request; C-ECHO for diagnostics.
+    ae.add_requested_context(Verification)
+    return ae
+
+
+class DicomServer:
+    """The listening DICOM server (one thread per association), bound to the archive."""
+
+    def __init__(self, settings: Settings, archive: Archive) -> None:
+        self.settings = settings
+        self.archive = archive
+        self.ae = build_ae(settings)
+        self.handlers = DimseHandlers(archive, settings)
+        self._server: ThreadedAssociationServer | None = None
+
+    def start(self) -> None:
+        """Start accepting associations (returns at once; the server runs in threads)."""
+        address = (self.settings.dicom_host, self.settings.dicom_port)
+        self._server = self.ae.start_server(address, block=False,
+                                            evt_handlers=self.handlers.bindings())
+        log.info("DICOM %s listening on %s:%d", self.settings.ae_title, *self.address)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._server is None:
+            raise RuntimeError("the DICOM server is not running")
+        host, port = self._server.server_address[:2]
+        return host, port
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    def stop(self) -> None:
+        """Stop listening and end the open associations."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        self.ae.shutdown()

@@ -1,0 +1,29 @@
+"""DIMSE status codes this server returns (PS3.7 Annex C, PS3.4 B.2.3, C.4)."""
+
+SUCCESS = 0x0000
+PENDING = 0xFF00
+CANCEL = 0xFE00
+
+# General (PS3.7 C)
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+PROCESSING_FAILURE = 0x0110
+NO_SUCH_OBJECT_INSTANCE = 0x0112
+
+# Storage (PS3.4 B.2.3)
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+# Warning sent when the SOP Instance UID is already archived. PS3.4 has no dedicated code; this
+# server documents 0xB007 for it in its conformance statement: the instance is safe (the stored
+# copy is kept, or replaced by policy) and a warning, unlike a failure, stops modalities retrying.
+WARNING_DUPLICATE_SOP_INSTANCE = 0xB007
+
+# Query/Retrieve (PS3.4 C.4)
+QR_OUT_OF_RESOURCES = 0xA700
+QR_IDENTIFIER_DOES_NOT_MATCH = 0xA900
+QR_UNABLE_TO_PROCESS = 0xC000
+MOVE_DESTINATION_UNKNOWN = 0xA801
+SUBOPERATION_FAILED = 0xA702
+
+# ErrorComment is LO: at most 64 characters.
+ERROR_COMMENT_LIMIT = 64

@@ -1,0 +1,203 @@
+"""One settings object: built-in defaults, then a TOML file, then ``PACS_*`` environment variables.
+
+Every field can be set in the TOML file under its own name (``dicom_port = 104``) and from the
+environment as ``PACS_`` plus the upper-cased name (``PACS_DICOM_PORT=104``). The environment wins,
+so a container or a systemd unit can override a shared file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "PACS_"
+DUPLICATE_POLICIES = ("keep", "replace")
+NAME_MATCHING_MODES = ("auto", "fuzzy", "exact")
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE: 16 chars, no backslash
+
+
+class SettingsError(ValueError):
+    """A setting has a value the server cannot run with."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A DICOM application entity this server may connect to (C-MOVE destination, commitment)."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Peer:
+        """Parse ``AETITLE@host:port`` (IPv6 hosts in brackets: ``AE@[::1]:104``)."""
+        match = re.fullmatch(r"\s*([^@]+)@(\[[^\]]+\]|[^:]+):(\d+)\s*", text)
+        if not match:
+            raise SettingsError(f"peer {text!r} is not of the form AETITLE@host:port")
+        ae_title, host, port = match.group(1).strip(), match.group(2).strip("[]"), int(match.group(3))
+        _check_ae_title(ae_title, "peer AE title")
+        if not 0 < port < 65536:
+            raise SettingsError(f"peer {text!r}: port {port} is out of range")
+        return cls(ae_title, host, port)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.ae_title}@{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server reads at start-up. Defaults run with no file and no environment."""
+
+    data_dir: Path = Path("./pacs-data")
+    ae_title: str = "PACS"
+    dicom_host: str = "0.0.0.0"
+    dicom_port: int = 11112
+    http_host: str = "127.0.0.1"
+    http_port: int = 8042
+    # Empty means: SQLite file / blob folder inside data_dir.
+    database_url: str = ""
+    storage_url: str = ""
+    # C-MOVE destinations and Storage Commitment requesters we may call back.
+    peers: tuple[Peer, ...] = ()
+    # Calling AE titles allowed to associate; empty allows any.
+    allowed_calling_aes: tuple[str, ...] = ()
+    # Reject associations whose called AE title is not ours.
+    require_called_ae_title: bool = False
+    # Store SOP classes this server does not know as storage classes (private ones, newer ones).
+    accept_unknown_sop_classes: bool = False
+    # Same SOP Instance UID stored again: keep the first copy or replace it (both warn).
+    duplicate_policy: str = "keep"
+    # PN matching in C-FIND/QIDO: "auto" folds case and accents when the query has no
+    # diacritics (so "nguyen van an" finds "Nguyễn^Văn An"), "fuzzy" always folds,
+    # "exact" is case-insensitive but accent-sensitive.
+    person_name_matching: str = "auto"
+    # Re-index blobs that have no index row (left by a crash) when the server starts.
+    reconcile_on_start: bool = True
+    # Parallel DICOM associations accepted at once.
+    max_associations: int = 32
+    # Seconds an association may be idle (no PDU) before it is aborted.
+    dicom_network_timeout: float = 60.0
+    # Largest PDU we accept: bigger PDUs mean fewer round trips through the network code.
+    dicom_max_pdu: int = 262144
+    log_level: str = "INFO"
+
+    @property
+    def resolved_database_url(self) -> str:
+        """SQLAlchemy URL of the index database (``postgresql://`` is mapped to psycopg 3)."""
+        url = self.database_url or f"sqlite:///{(self.data_dir / 'index.sqlite').resolve()}"
+        if url.startswith("postgresql://") or url.startswith("postgres://"):
+            url = "postgresql+psycopg://" + url.split("://", 1)[1]
+        return url
+
+    @property
+    def resolved_storage_url(self) -> str:
+        """Blob store URL: ``file:///path`` or ``s3://bucket?endpoint=...``."""
+        return self.storage_url or f"file://{(self.data_dir / 'blobs').resolve()}"
+
+    def peer(self, ae_title: str) -> Peer | None:
+        """The configured peer with this AE title (compared without padding), if any."""
+        wanted = ae_title.strip()
+        return next((p for p in self.peers if p.ae_title == wanted), None)
+
+
+def load_settings(
+    config_file: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build the settings from defaults, an optional TOML file and the environment."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    config_file = config_file or environ.get(ENV_PREFIX + "CONFIG") or None
+    if config_file:
+        path = Path(config_file)
+        try:
+            with path.open("rb") as f:
+                values.update(tomllib.load(f))
+        except FileNotFoundError:
+            raise SettingsError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+    known = {f.name: f for f in fields(Settings)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise SettingsError(f"unknown setting(s) in {config_file}: {', '.join(unknown)}")
+    for name in known:
+        env_value = environ.get(ENV_PREFIX + name.upper())
+        if env_value is not None:
+            values[name] = env_value
+    converted = {name: _convert(name, known[name].type, value) for name, value in values.items()}
+    settings = dataclasses.replace(Settings(), **converted)
+    _validate(settings)
+    return settings
+
+
+def _convert(name: str, type_name: Any, value: Any) -> Any:
+    """Turn a TOML value or an environment string into the field's type."""
+    try:
+        if type_name in ("Path", Path):
+            return Path(str(value))
+        if type_name in ("int", int):
+            return int(value)
+        if type_name in ("float", float):
+            return float(value)
+        if type_name in ("bool", bool):
+            return _to_bool(value)
+        if type_name == "tuple[Peer, ...]":
+            return tuple(Peer.parse(p) for p in _to_list(value))
+        if type_name == "tuple[str, ...]":
+            return tuple(_to_list(value))
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"setting {name}: {exc}") from None
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{value!r} is not a boolean (use true or false)")
+
+
+def _to_list(value: Any) -> list[str]:
+    items = value if isinstance(value, list) else str(value).split(",")
+    return [str(item).strip() for item in items if str(item).strip()]
+
+
+def _check_ae_title(value: str, what: str) -> None:
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise SettingsError(f"{what} {value!r} is not a valid AE title (1-16 characters, no '\\')")
+
+
+def _validate(settings: Settings) -> None:
+    _check_ae_title(settings.ae_title, "ae_title")
+    for ae in settings.allowed_calling_aes:
+        _check_ae_title(ae, "allowed_calling_aes entry")
+    for name in ("dicom_port", "http_port"):
+        port = getattr(settings, name)
+        if not 0 <= port < 65536:
+            raise SettingsError(f"{name} {port} is out of range")
+    if settings.duplicate_policy not in DUPLICATE_POLICIES:
+        raise SettingsError(
+            f"duplicate_policy {settings.duplicate_policy!r} must be one of {DUPLICATE_POLICIES}"
+        )
+    if settings.person_name_matching not in NAME_MATCHING_MODES:
+        raise SettingsError(
+            f"person_name_matching {settings.person_name_matching!r} must be one of "
+            f"{NAME_MATCHING_MODES}"
+        )
+    if settings.max_associations < 1:
+        raise SettingsError("max_associations must be at least 1")
+
+
+__all__ = ["Peer", "Settings", "SettingsError", "load_settings"]

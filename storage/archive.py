@@ -1,0 +1,529 @@
+"""The archive: the one way instances get in (``Archive.store``), and the upkeep around it.
+
+``store`` parses and checks the header, writes the blob durably, then commits the index rows in
+one transaction, and only then reports success. The same SOP Instance UID offered again is kept
+or replaced by the configured policy and reported as a warning, never indexed twice.
+``reconcile`` (run at start-up) re-indexes blobs that a crash left without index rows; ``check``
+verifies every row against its blob.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+import hashlib
+import json
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+
+from storage.attributes import Level, index_values
+from storage.blobs import BlobStore
+from storage.errors import InstanceMismatch, InvalidInstance, NotFound, StorageUnavailable
+from storage.index import Index, instances, patients, series, studies
+from storage.parsing import ParsedInstance, parse_instance
+
+log = logging.getLogger(__name__)
+
+DUPLICATE_POLICIES = ("keep", "replace")
+
+
+class StoreOutcome(enum.Enum):
+    STORED = "stored"
+    DUPLICATE_KEPT = "duplicate-kept"  # same SOP Instance UID already archived; new copy dropped
+    REPLACED = "replaced"  # same SOP Instance UID already archived; new copy replaced it
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreResult:
+    """What happened to one offered instance. No patient data, so it is safe to log."""
+
+    outcome: StoreOutcome
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax: str
+
+    @property
+    def is_warning(self) -> bool:
+        return self.outcome is not StoreOutcome.STORED
+
+    @property
+    def message(self) -> str:
+        if self.outcome is StoreOutcome.DUPLICATE_KEPT:
+            return f"SOP Instance {self.sop_instance_uid} was already stored; kept the first copy"
+        if self.outcome is StoreOutcome.REPLACED:
+            return f"SOP Instance {self.sop_instance_uid} was already stored; replaced it"
+        return "stored"
+
+
+@dataclasses.dataclass
+class ReconcileReport:
+    blobs_seen: int = 0
+    reindexed: int = 0
+    superseded: list[str] = dataclasses.field(default_factory=list)  # UID indexed elsewhere
+    unreadable: dict[str, str] = dataclasses.field(default_factory=dict)  # key -> reason
+
+
+@dataclasses.dataclass
+class CheckReport:
+    instances: int = 0
+    missing: list[str] = dataclasses.field(default_factory=list)  # rows without a blob
+    corrupt: list[str] = dataclasses.field(default_factory=list)  # size or hash differs
+    orphans: list[str] = dataclasses.field(default_factory=list)  # blobs without a row
+
+    @property
+    def clean(self) -> bool:
+        return not (self.missing or self.corrupt or self.orphans)
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceLocation:
+    """Where an indexed instance's bytes are, for retrieval."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    blob_key: str
+    size: int
+
+
+StoreListener = Callable[[StoreResult], None]
+
+
+def blob_key(parsed: ParsedInstance) -> str:
+    """Key of an instance's blob: one folder per study and series (UIDs are digits and dots)."""
+    return f"{parsed.study_instance_uid}/{parsed.series_instance_uid}/{parsed.sop_instance_uid}.dcm"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rows:
+    """The index rows of one instance, computed from its header before the transaction."""
+
+    patient: dict[str, Any]
+    study: dict[str, Any]
+    series: dict[str, Any]
+    instance: dict[str, Any]
+
+
+def _rows(parsed: ParsedInstance, key: str, digest: str) -> _Rows:
+    header = parsed.header
+    patient = index_values(Level.PATIENT, header)
+    patient["patient_id"] = patient["patient_id"] or ""
+    patient["issuer_of_patient_id"] = patient["issuer_of_patient_id"] or ""
+    instance = {
+        **index_values(Level.INSTANCE, header),
+        "transfer_syntax_uid": parsed.transfer_syntax,
+        "blob_key": key,
+        "size": len(parsed.data),
+        "sha256": digest,
+        "frames": None if parsed.frames is None else json.dumps(parsed.frames,
+                                                              separators=(",", ":")),
+        "header": json.dumps(header, ensure_ascii=False, separators=(",", ":")),
+    }
+    return _Rows(patient, index_values(Level.STUDY, header), index_values(Level.SERIES, header),
+                 instance)
+
+
+# Statements are built once: SQLAlchemy then reuses their compiled form for every instance.
+_FIND_LOCATION = sa.select(
+    instances.c.sop_instance_uid, instances.c.sop_class_uid, instances.c.transfer_syntax_uid,
+    instances.c.blob_key, instances.c.size,
+).where(instances.c.sop_instance_uid == sa.bindparam("uid"))
+_FIND_PATIENT = sa.select(patients.c.pk).where(
+    patients.c.patient_id == sa.bindparam("k_patient_id"),
+    patients.c.issuer_of_patient_id == sa.bindparam("k_issuer"))
+_FIND_STUDY = sa.select(studies.c.pk, studies.c.patient_pk).where(
+    studies.c.study_instance_uid == sa.bindparam("k_uid"))
+_FIND_SERIES = sa.select(series.c.pk, series.c.study_pk).where(
+    series.c.series_instance_uid == sa.bindparam("k_uid"))
+_INSERT_INSTANCE = instances.insert()
+_BUMP_SERIES = series.update().where(series.c.pk == sa.bindparam("b_pk")).values(
+    num_instances=series.c.num_instances + 1, updated_at=sa.bindparam("b_now"))
+_BUMP_STUDY = studies.update().where(studies.c.pk == sa.bindparam("b_pk")).values(
+    num_instances=studies.c.num_instances + 1,
+    num_series=studies.c.num_series + sa.bindparam("b_new_series"),
+    updated_at=sa.bindparam("b_now"))
+_BUMP_PATIENT = patients.update().where(patients.c.pk == sa.bindparam("b_pk")).values(
+    num_instances=patients.c.num_instances + 1,
+    num_series=patients.c.num_series + sa.bindparam("b_new_series"),
+    num_studies=patients.c.num_studies + sa.bindparam("b_new_study"),
+    updated_at=sa.bindparam("b_now"))
+
+
+class Archive:
+    """The archive: blob store plus index, and the rules that keep them consistent."""
+
+    def __init__(self, index: Index, blobs: BlobStore, *, duplicate_policy: str = "keep") -> None:
+        if duplicate_policy not in DUPLICATE_POLICIES:
+            raise ValueError(f"duplicate_policy must be one of {DUPLICATE_POLICIES}")
+        self.index = index
+        self.blobs = blobs
+        self.duplicate_policy = duplicate_policy
+        self._listeners: list[StoreListener] = []
+        # Stores of the same SOP Instance UID are serialised so the policy is applied once.
+        self._uid_locks = [threading.Lock() for _ in range(64)]
+        # series UID -> (patient pk, study pk, series pk): saves three lookups per instance.
+        self._series_cache: dict[str, tuple[int, int, int]] = {}
+        self._cache_lock = threading.Lock()
+        # Blob writes (hash, write, fsync) run here while the calling thread prepares the
+        # index rows: the fsync waits then overlap with Python work.
+        self._io = ThreadPoolExecutor(max_workers=16, thread_name_prefix="blob-write")
+
+    # ------------------------------------------------------------------ ingest
+
+    def subscribe(self, listener: StoreListener) -> None:
+        """Call ``listener`` after each successful store (exceptions are logged, not raised)."""
+        self._listeners.append(listener)
+
+    def store(
+        self,
+        data: bytes,
+        *,
+        transfer_syntax: str | None = None,
+        expected_sop_class_uid: str | None = None,
+        expected_sop_instance_uid: str | None = None,
+    ) -> StoreResult:
+        """Archive one instance; return only once its blob and index rows are durable.
+
+        ``expected_*`` are the UIDs a C-STORE request announced; a data set that disagrees is
+        refused. Raises ``InvalidInstance`` (nothing written) or ``StorageUnavailable``.
+        """
+        parsed = parse_instance(data, transfer_syntax=transfer_syntax)
+        for name, expected, actual in (
+            ("SOP Class UID", expected_sop_class_uid, parsed.sop_class_uid),
+            ("SOP Instance UID", expected_sop_instance_uid, parsed.sop_instance_uid),
+        ):
+            if expected and expected.strip("\x00 ") != actual:
+                raise InstanceMismatch(f"the data set's {name} {actual} differs from the "
+                                       f"request's {expected}")
+        uid = parsed.sop_instance_uid
+        with self._uid_locks[hash(uid) % len(self._uid_locks)]:
+            existing = self._location(uid)
+            if existing is not None and self.duplicate_policy == "keep":
+                log.info("duplicate %s: kept the stored copy", uid)
+                return self._result(parsed, StoreOutcome.DUPLICATE_KEPT)
+            key = blob_key(parsed)
+            if existing is not None and existing.blob_key == key:
+                # Never overwrite the acknowledged copy: the new one gets a key of its own.
+                key = f"{key[:-4]}.{hashlib.sha256(parsed.data).hexdigest()[:12]}.dcm"
+            written = self._io.submit(self._write_blob, key, parsed.data)
+            rows = _rows(parsed, key, "")
+            rows.instance["sha256"] = written.result()  # StorageUnavailable: nothing indexed
+            try:
+                self._index_instance(parsed, rows, replace=existing is not None)
+            except Exception:
+                self._discard_blob(key)
+                raise
+            if existing is not None:
+                self._discard_blob(existing.blob_key)
+        outcome = StoreOutcome.REPLACED if existing is not None else StoreOutcome.STORED
+        result = self._result(parsed, outcome)
+        for listener in self._listeners:
+            try:
+                listener(result)
+            except Exception:
+                log.exception("store listener %r failed", listener)
+        return result
+
+    def _write_blob(self, key: str, data: bytes) -> str:
+        """Hash and durably write one blob; its SHA-256 (hex)."""
+        digest = hashlib.sha256(data).hexdigest()
+        self.blobs.put(key, data)
+        return digest
+
+    @staticmethod
+    def _result(parsed: ParsedInstance, outcome: StoreOutcome) -> StoreResult:
+        return StoreResult(outcome, parsed.sop_class_uid, parsed.sop_instance_uid,
+                           parsed.study_instance_uid, parsed.series_instance_uid,
+                           parsed.transfer_syntax)
+
+    def _discard_blob(self, key: str) -> None:
+        try:
+            self.blobs.delete(key)
+        except Exception:
+            log.warning("could not delete blob %s; `pacs check` will report it", key)
+
+    def _index_instance(self, parsed: ParsedInstance, rows: _Rows, *, replace: bool) -> None:
+        """Write the index rows of a stored blob in one transaction."""
+        try:
+            self._write_rows(parsed, rows, replace=replace, use_cache=True)
+        except sa.exc.IntegrityError:
+            # A cached series was deleted meanwhile, or a concurrent writer raced us: retry
+            # once from the database's own state.
+            self._forget_series(parsed.series_instance_uid)
+            try:
+                self._write_rows(parsed, rows, replace=replace, use_cache=False)
+            except sa.exc.SQLAlchemyError as exc:
+                raise StorageUnavailable(f"the index database failed: {_db_error(exc)}") from exc
+        except sa.exc.SQLAlchemyError as exc:
+            raise StorageUnavailable(f"the index database failed: {_db_error(exc)}") from exc
+
+    def _write_rows(self, parsed: ParsedInstance, rows: _Rows, *, replace: bool,
+                    use_cache: bool) -> None:
+        now = dt.datetime.now(dt.UTC)
+        with self.index.write() as conn:
+            if replace:
+                old_pk = conn.execute(sa.select(instances.c.pk).where(
+                    instances.c.sop_instance_uid == parsed.sop_instance_uid)).scalar()
+                if old_pk is not None:
+                    self._delete_instance_rows(conn, old_pk)
+            cached = (self._series_cache.get(parsed.series_instance_uid)
+                      if use_cache and not replace else None)
+            if cached is not None:
+                patient_pk, study_pk, series_pk = cached
+                new_study = new_series = False
+            else:
+                patient_pk, new_study, study_pk, new_series, series_pk = self._parents(
+                    conn, parsed, rows, now)
+            conn.execute(_INSERT_INSTANCE, {**rows.instance, "series_pk": series_pk,
+                                            "stored_at": now})
+            # Counters: child levels first, each row locked in the same order by every writer.
+            conn.execute(_BUMP_SERIES, {"b_pk": series_pk, "b_now": now})
+            conn.execute(_BUMP_STUDY, {"b_pk": study_pk, "b_now": now,
+                                       "b_new_series": int(new_series)})
+            if new_series:
+                self._refresh_modalities(conn, study_pk)
+            conn.execute(_BUMP_PATIENT, {"b_pk": patient_pk, "b_now": now,
+                                         "b_new_series": int(new_series),
+                                         "b_new_study": int(new_study)})
+        with self._cache_lock:
+            if len(self._series_cache) > 10_000:
+                self._series_cache.clear()
+            self._series_cache[parsed.series_instance_uid] = (patient_pk, study_pk, series_pk)
+
+    def _parents(self, conn: Connection, parsed: ParsedInstance, rows: _Rows,
+                 now: dt.datetime) -> tuple[int, bool, int, bool, int]:
+        """Patient, study and series rows of an instance, inserted where missing.
+
+        An existing study keeps the patient it was first stored under, and an existing series
+        its study: the first instance decides, later ones cannot move them.
+        """
+        found = conn.execute(_FIND_SERIES, {"k_uid": parsed.series_instance_uid}).first()
+        if found is not None:
+            series_pk, study_pk = found
+            patient_pk = conn.execute(sa.select(studies.c.patient_pk).where(
+                studies.c.pk == study_pk)).scalar_one()
+            return patient_pk, False, study_pk, False, series_pk
+        found = conn.execute(_FIND_STUDY, {"k_uid": parsed.study_instance_uid}).first()
+        if found is not None:
+            study_pk, patient_pk = found
+            new_study = False
+        else:
+            patient_pk = conn.execute(_FIND_PATIENT, {
+                "k_patient_id": rows.patient["patient_id"],
+                "k_issuer": rows.patient["issuer_of_patient_id"]}).scalar()
+            if patient_pk is None:
+                patient_pk = self._insert(conn, patients, rows.patient, now,
+                                          _FIND_PATIENT, {
+                                              "k_patient_id": rows.patient["patient_id"],
+                                              "k_issuer": rows.patient["issuer_of_patient_id"]})
+            study_pk = self._insert(conn, studies, {**rows.study, "patient_pk": patient_pk}, now,
+                                    _FIND_STUDY, {"k_uid": parsed.study_instance_uid})
+            new_study = True
+        series_pk = self._insert(conn, series, {**rows.series, "study_pk": study_pk}, now,
+                                 _FIND_SERIES, {"k_uid": parsed.series_instance_uid})
+        return patient_pk, new_study, study_pk, True, series_pk
+
+    @staticmethod
+    def _insert(conn: Connection, table: sa.Table, values: dict[str, Any], now: dt.datetime,
+                find: sa.Select, find_params: dict[str, Any]) -> int:
+        """Insert a row unless a concurrent writer (another process) just did; its key."""
+        dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+        inserted = conn.execute(
+            dialect.insert(table).on_conflict_do_nothing().returning(table.c.pk),
+            {**values, "created_at": now, "updated_at": now},
+        ).scalar()
+        if inserted is not None:
+            return inserted
+        return conn.execute(find, find_params).scalars().first()
+
+    @staticmethod
+    def _refresh_modalities(conn: Connection, study_pk: int) -> None:
+        modalities = conn.execute(
+            sa.select(series.c.modality).distinct()
+            .where(series.c.study_pk == study_pk, series.c.modality.is_not(None))
+        ).scalars().all()
+        conn.execute(studies.update().where(studies.c.pk == study_pk).values(
+            modalities_in_study="\\".join(sorted(set(modalities))) or None))
+
+    def _forget_series(self, series_uid: str | None = None) -> None:
+        with self._cache_lock:
+            if series_uid is None:
+                self._series_cache.clear()
+            else:
+                self._series_cache.pop(series_uid, None)
+
+    # ------------------------------------------------------------------ lookups
+
+    def _location(self, sop_instance_uid: str) -> InstanceLocation | None:
+        try:
+            row = self.index.first(_FIND_LOCATION, {"uid": sop_instance_uid})
+        except sa.exc.SQLAlchemyError as exc:
+            raise StorageUnavailable(f"the index database failed: {_db_error(exc)}") from exc
+        return InstanceLocation(*row) if row else None
+
+    def location(self, sop_instance_uid: str) -> InstanceLocation:
+        """Where an instance is stored (``NotFound`` if it is not)."""
+        found = self._location(sop_instance_uid)
+        if found is None:
+            raise NotFound(f"no instance with SOP Instance UID {sop_instance_uid}")
+        return found
+
+    def read(self, location: InstanceLocation) -> bytes:
+        """The stored Part 10 bytes of an instance."""
+        try:
+            return self.blobs.get(location.blob_key)
+        except KeyError:
+            raise StorageUnavailable(
+                f"the blob of {location.sop_instance_uid} is missing; run `pacs check`") from None
+
+    # ------------------------------------------------------------------ deletion
+
+    def delete(self, level: Level, uid: str) -> int:
+        """Delete a study, series or instance (rows, then blobs); the number of instances."""
+        column = {Level.STUDY: studies.c.study_instance_uid,
+                  Level.SERIES: series.c.series_instance_uid,
+                  Level.INSTANCE: instances.c.sop_instance_uid}[level]
+        query = (sa.select(instances.c.pk, instances.c.blob_key)
+                 .select_from(instances.join(series).join(studies))
+                 .where(column == uid))
+        with self.index.write() as conn:
+            rows = conn.execute(query).all()
+            if not rows:
+                raise NotFound(f"no {level.name.lower()} with UID {uid}")
+            for pk, _ in rows:
+                self._delete_instance_rows(conn, pk)
+        self._forget_series()
+        for _, key in rows:
+            self._discard_blob(key)
+        return len(rows)
+
+    def _delete_instance_rows(self, conn: Connection, instance_pk: int) -> None:
+        """Remove one instance row, fix the counters, and drop parents left empty."""
+        series_pk = conn.execute(sa.select(instances.c.series_pk).where(
+            instances.c.pk == instance_pk)).scalar_one()
+        study_pk, patient_pk = conn.execute(
+            sa.select(studies.c.pk, studies.c.patient_pk)
+            .select_from(series.join(studies)).where(series.c.pk == series_pk)).one()
+        conn.execute(instances.delete().where(instances.c.pk == instance_pk))
+        now = dt.datetime.now(dt.UTC)
+        left = conn.execute(series.update().where(series.c.pk == series_pk).values(
+            num_instances=series.c.num_instances - 1, updated_at=now)
+            .returning(series.c.num_instances)).scalar_one()
+        series_gone = left <= 0
+        if series_gone:
+            conn.execute(series.delete().where(series.c.pk == series_pk))
+        study_series = conn.execute(studies.update().where(studies.c.pk == study_pk).values(
+            num_instances=studies.c.num_instances - 1,
+            num_series=studies.c.num_series - int(series_gone), updated_at=now)
+            .returning(studies.c.num_series)).scalar_one()
+        study_gone = study_series <= 0
+        if study_gone:
+            conn.execute(studies.delete().where(studies.c.pk == study_pk))
+        elif series_gone:
+            self._refresh_modalities(conn, study_pk)
+        patient_studies = conn.execute(patients.update().where(patients.c.pk == patient_pk).values(
+            num_instances=patients.c.num_instances - 1,
+            num_series=patients.c.num_series - int(series_gone),
+            num_studies=patients.c.num_studies - int(study_gone), updated_at=now)
+            .returning(patients.c.num_studies)).scalar_one()
+        if patient_studies <= 0:
+            conn.execute(patients.delete().where(patients.c.pk == patient_pk))
+
+    # ------------------------------------------------------------------ upkeep
+
+    def _indexed_keys(self) -> Iterator[str]:
+        """All blob keys in the index, sorted byte-wise, streamed."""
+        column = instances.c.blob_key
+        if self.index.engine.dialect.name == "postgresql":
+            column = sa.collate(column, "C")
+        with self.index.engine.connect() as conn:
+            result = conn.execution_options(yield_per=2000).execute(
+                sa.select(instances.c.blob_key).order_by(column))
+            for (key,) in result:
+                yield key
+
+    def _orphans(self) -> Iterator[str]:
+        """Blob keys with no index row: a merge of two sorted streams, in constant memory."""
+        indexed = self._indexed_keys()
+        current = next(indexed, None)
+        for key in self.blobs.iterate():
+            while current is not None and current < key:
+                current = next(indexed, None)
+            if current != key:
+                yield key
+
+    def reconcile(self) -> ReconcileReport:
+        """Index the blobs a crash left without index rows (they were never acknowledged)."""
+        report = ReconcileReport()
+        for key in list(self._orphans()):
+            report.blobs_seen += 1
+            try:
+                parsed = parse_instance(self.blobs.get(key))
+            except (InvalidInstance, KeyError) as exc:
+                report.unreadable[key] = str(exc)
+                continue
+            if self._location(parsed.sop_instance_uid) is not None:
+                report.superseded.append(key)  # a replace or a race that lost; row points elsewhere
+                continue
+            digest = hashlib.sha256(parsed.data).hexdigest()
+            self._index_instance(parsed, _rows(parsed, key, digest), replace=False)
+            report.reindexed += 1
+        if report.reindexed or report.superseded or report.unreadable:
+            log.warning("reconciliation: %d blob(s) re-indexed, %d superseded, %d unreadable",
+                        report.reindexed, len(report.superseded), len(report.unreadable))
+        return report
+
+    def check(self, *, verify_hashes: bool = True,
+              progress: Callable[[int], None] | None = None) -> CheckReport:
+        """Compare every index row with its blob (existence, size, SHA-256) and find orphans."""
+        report = CheckReport()
+        with self.index.engine.connect() as conn:
+            rows = conn.execution_options(yield_per=1000).execute(sa.select(
+                instances.c.sop_instance_uid, instances.c.blob_key, instances.c.size,
+                instances.c.sha256))
+            for uid, key, size, digest in rows:
+                report.instances += 1
+                if progress:
+                    progress(report.instances)
+                actual_size = self.blobs.size(key)
+                if actual_size is None:
+                    report.missing.append(uid)
+                elif actual_size != size:
+                    report.corrupt.append(uid)
+                elif verify_hashes:
+                    hasher = hashlib.sha256()
+                    for chunk in self.blobs.open_chunks(key):
+                        hasher.update(chunk)
+                    if hasher.hexdigest() != digest:
+                        report.corrupt.append(uid)
+        report.orphans = list(self._orphans())
+        return report
+
+    def close(self) -> None:
+        self._io.shutdown(wait=True)
+        self.index.dispose()
+
+
+def _db_error(exc: sa.exc.SQLAlchemyError) -> str:
+    original = getattr(exc, "orig", None)
+    return str(original or exc).splitlines()[0]
+
+
+def open_archive(database_url: str, storage_url: str, *, duplicate_policy: str = "keep",
+                 migrate: bool = True) -> Archive:
+    """An archive over the index at ``database_url`` and the blob store at ``storage_url``."""
+    from storage.blobs import open_blob_store
+    from storage.index import open_index
+
+    return Archive(open_index(database_url, migrate=migrate), open_blob_store(storage_url),
+                   duplicate_policy=duplicate_policy)

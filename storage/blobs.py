@@ -1,0 +1,363 @@
+"""Blob stores: where the DICOM files themselves live.
+
+Two implementations behind one small protocol: ``FileBlobStore`` (a folder on local disk, each
+write made durable with fsync before it returns) and ``S3BlobStore`` (MinIO, AWS S3, Ceph RGW, via
+the ``minio`` client). Keys are relative paths such as ``<study>/<series>/<sop>.dcm``; the
+archive derives them from UIDs, so they never contain anything but digits, dots and slashes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import parse_qs, urlsplit
+
+from storage.errors import StorageUnavailable
+
+CHUNK_SIZE = 1 << 20
+
+
+class BlobStore(Protocol):
+    """What the archive needs from a place that keeps files."""
+
+    def put(self, key: str, data: bytes) -> None:
+        """Store ``data`` under ``key`` durably; return only once it would survive a crash."""
+
+    def get(self, key: str) -> bytes:
+        """The whole blob (``KeyError`` if absent)."""
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """``length`` bytes from ``offset`` (fewer at the end of the blob)."""
+
+    def open_chunks(self, key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+        """The blob as a stream of chunks, for sending large files in bounded memory."""
+
+    def size(self, key: str) -> int | None:
+        """Size in bytes, or None if there is no such blob."""
+
+    def exists(self, key: str) -> bool:
+        """Whether a blob is stored under ``key``."""
+
+    def delete(self, key: str) -> None:
+        """Remove the blob; absent keys are not an error."""
+
+    def iterate(self, prefix: str = "") -> Iterator[str]:
+        """All keys under ``prefix``, in byte-wise sorted order."""
+
+    def local_path(self, key: str) -> contextlib.AbstractContextManager[Path]:
+        """A local file with the blob's bytes for the duration of the ``with`` block."""
+
+    def describe(self) -> str:
+        """Where the blobs are, for logs (no secrets)."""
+
+
+def open_blob_store(url: str) -> BlobStore:
+    """The blob store for ``file:///path`` or ``s3://bucket?endpoint=...`` (see README)."""
+    parts = urlsplit(url)
+    if parts.scheme in ("", "file"):
+        return FileBlobStore(Path(parts.path if parts.scheme else url))
+    if parts.scheme == "s3":
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        endpoint = query.get("endpoint", "https://s3.amazonaws.com")
+        endpoint_parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+        secure = query.get("secure", "true" if endpoint_parts.scheme == "https" else "false")
+        return S3BlobStore(
+            bucket=parts.netloc,
+            prefix=parts.path.strip("/"),
+            endpoint=endpoint_parts.netloc,
+            access_key=query.get("access_key") or os.environ.get("AWS_ACCESS_KEY_ID", ""),
+            secret_key=query.get("secret_key") or os.environ.get("AWS_SECRET_ACCESS_KEY", ""),
+            secure=secure.lower() in ("1", "true", "yes"),
+            region=query.get("region"),
+        )
+    raise ValueError(f"storage URL scheme {parts.scheme!r} is not supported (use file:// or s3://)")
+
+
+class FileBlobStore:
+    """Blobs as files under one folder: temp file, fsync, rename, fsync of the folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.root / ".tmp"
+        self._tmp.mkdir(exist_ok=True)
+        self._known_dirs: set[Path] = set()
+        self._dirs_lock = threading.Lock()
+
+    def describe(self) -> str:
+        return f"files in {self.root}"
+
+    def path(self, key: str) -> Path:
+        if key.startswith("/") or ".." in key.split("/"):
+            raise ValueError(f"invalid blob key {key!r}")
+        return self.root / key
+
+    def put(self, key: str, data: bytes) -> None:
+        target = self.path(key)
+        try:
+            self._make_dirs(target.parent)
+            fd, tmp_name = tempfile.mkstemp(dir=self._tmp, suffix=".part")
+            try:
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp_name, target)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp_name)
+                raise
+            _fsync_dir(target.parent)
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot write {key} to {self.root}: {exc.strerror}") from exc
+
+    def _make_dirs(self, folder: Path) -> None:
+        """Create ``folder`` and fsync each new directory's parent, so the path itself is durable."""
+        if folder in self._known_dirs:
+            return
+        missing = []
+        current = folder
+        while not current.exists() and current != self.root:
+            missing.append(current)
+            current = current.parent
+        for new_dir in reversed(missing):
+            with contextlib.suppress(FileExistsError):
+                new_dir.mkdir()
+            _fsync_dir(new_dir.parent)
+        with self._dirs_lock:
+            if len(self._known_dirs) > 100_000:
+                self._known_dirs.clear()
+            self._known_dirs.add(folder)
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self.path(key).read_bytes()
+        except FileNotFoundError:
+            raise KeyError(key) from None
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot read {key}: {exc.strerror}") from exc
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        try:
+            with self.path(key).open("rb") as f:
+                f.seek(offset)
+                return f.read(length)
+        except FileNotFoundError:
+            raise KeyError(key) from None
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot read {key}: {exc.strerror}") from exc
+
+    def open_chunks(self, key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+        try:
+            f = self.path(key).open("rb")  # opened now, so a missing blob fails here
+        except FileNotFoundError:
+            raise KeyError(key) from None
+        return _read_chunks(f, chunk_size)
+
+    def size(self, key: str) -> int | None:
+        try:
+            return self.path(key).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        path = self.path(key)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        # Drop empty series/study folders so the tree does not fill with empty directories.
+        with contextlib.suppress(OSError):
+            for folder in (path.parent, path.parent.parent):
+                if folder == self.root:
+                    break
+                folder.rmdir()
+                with self._dirs_lock:
+                    self._known_dirs.discard(folder)
+
+    def iterate(self, prefix: str = "") -> Iterator[str]:
+        start = self.path(prefix) if prefix else self.root
+        yield from _walk_sorted(start, self.root)
+
+    @contextlib.contextmanager
+    def local_path(self, key: str) -> Iterator[Path]:
+        path = self.path(key)
+        if not path.is_file():
+            raise KeyError(key)
+        yield path
+
+
+def _read_chunks(f, chunk_size: int) -> Iterator[bytes]:
+    with f:
+        while chunk := f.read(chunk_size):
+            yield chunk
+
+
+def _walk_sorted(folder: Path, root: Path) -> Iterator[str]:
+    """Keys of all files under ``folder``, sorted byte-wise like S3 listings."""
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    # Byte-wise key order: a file "a.dcm" and a folder "a" compare as "a.dcm" vs "a/...".
+    keyed = sorted(((e.name + ("/" if e.is_dir() else ""), e) for e in entries),
+                   key=lambda pair: pair[0])
+    for name, entry in keyed:
+        if entry.name == ".tmp" and folder == root:
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            yield from _walk_sorted(Path(entry.path), root)
+        elif not name.endswith(".part"):
+            yield Path(entry.path).relative_to(root).as_posix()
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class S3BlobStore:
+    """Blobs as objects in an S3 bucket (MinIO, AWS S3, Ceph RGW).
+
+    A PUT is acknowledged by S3 only once the object is stored, which is the durability point.
+    """
+
+    def __init__(
+        self,
+        *,
+        bucket: str,
+        endpoint: str,
+        access_key: str,
+        secret_key: str,
+        secure: bool,
+        prefix: str = "",
+        region: str | None = None,
+    ) -> None:
+        from minio import Minio
+        from urllib3 import PoolManager, Retry, Timeout
+
+        if not bucket:
+            raise ValueError("the S3 storage URL needs a bucket: s3://BUCKET?endpoint=...")
+        self.bucket = bucket
+        self.prefix = f"{prefix}/" if prefix else ""
+        self.endpoint = endpoint
+        http = PoolManager(
+            num_pools=4,
+            maxsize=64,
+            timeout=Timeout(connect=10, read=120),
+            retries=Retry(total=3, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)),
+        )
+        self.client = Minio(endpoint, access_key=access_key, secret_key=secret_key,
+                            secure=secure, region=region, http_client=http)
+        try:
+            if not self.client.bucket_exists(bucket):
+                self.client.make_bucket(bucket)
+        except Exception as exc:
+            raise StorageUnavailable(f"S3 bucket {bucket} at {endpoint} is not reachable: {exc}")\
+                from exc
+
+    def describe(self) -> str:
+        return f"S3 bucket {self.bucket} at {self.endpoint}"
+
+    def _name(self, key: str) -> str:
+        return self.prefix + key
+
+    def put(self, key: str, data: bytes) -> None:
+        import io
+
+        try:
+            self.client.put_object(self.bucket, self._name(key), io.BytesIO(data), len(data),
+                                   content_type="application/dicom")
+        except Exception as exc:
+            raise StorageUnavailable(f"cannot write {key} to {self.describe()}: {exc}") from exc
+
+    def _response(self, key: str, offset: int = 0, length: int = 0):
+        from minio.error import S3Error
+
+        try:
+            return self.client.get_object(self.bucket, self._name(key), offset=offset,
+                                          length=length)
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject"):
+                raise KeyError(key) from None
+            raise StorageUnavailable(f"cannot read {key} from {self.describe()}: {exc}") from exc
+        except Exception as exc:
+            raise StorageUnavailable(f"cannot read {key} from {self.describe()}: {exc}") from exc
+
+    def get(self, key: str) -> bytes:
+        response = self._response(key)
+        try:
+            return response.read()
+        finally:
+            response.close()
+            response.release_conn()
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        response = self._response(key, offset, length)
+        try:
+            return response.read()
+        finally:
+            response.close()
+            response.release_conn()
+
+    def open_chunks(self, key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+        response = self._response(key)
+        try:
+            yield from response.stream(chunk_size)
+        finally:
+            response.close()
+            response.release_conn()
+
+    def size(self, key: str) -> int | None:
+        from minio.error import S3Error
+
+        try:
+            return self.client.stat_object(self.bucket, self._name(key)).size
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+                return None
+            raise StorageUnavailable(f"cannot stat {key} in {self.describe()}: {exc}") from exc
+
+    def exists(self, key: str) -> bool:
+        return self.size(key) is not None
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.remove_object(self.bucket, self._name(key))
+        except Exception as exc:
+            raise StorageUnavailable(f"cannot delete {key} from {self.describe()}: {exc}") \
+                from exc
+
+    def iterate(self, prefix: str = "") -> Iterator[str]:
+        # S3 lists keys in UTF-8 byte order, which is what the reconciliation merge expects.
+        for obj in self.client.list_objects(self.bucket, prefix=self._name(prefix),
+                                            recursive=True):
+            yield obj.object_name[len(self.prefix):]
+
+    @contextlib.contextmanager
+    def local_path(self, key: str) -> Iterator[Path]:
+        fd, name = tempfile.mkstemp(suffix=".dcm")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for chunk in self.open_chunks(key):
+                    f.write(chunk)
+            yield Path(name)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(name)

@@ -1,0 +1,228 @@
+"""The index database: SQLAlchemy Core tables, engine set-up and migrations.
+
+SQLite (WAL) by default, PostgreSQL by URL. The schema is created and upgraded by Alembic
+(``storage/migrations``); ``open_index`` runs pending migrations before anything else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+
+from storage.attributes import INTEGER_VRS, Level, level_attributes
+
+metadata = sa.MetaData()
+
+
+def _attribute_columns(level: Level) -> list[sa.Column]:
+    """Columns of the matching attributes of ``level`` (Text: malformed values still fit)."""
+    columns: list[sa.Column] = []
+    for attribute in level_attributes(level):
+        if attribute.column in ("num_studies", "num_series", "num_instances"):
+            continue  # counters are declared with NOT NULL and a default
+        if attribute.keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+            continue  # the level's unique key, declared with its table
+        if attribute.vr in INTEGER_VRS:
+            columns.append(sa.Column(attribute.column, sa.Integer))
+        elif attribute.vr == "PN":
+            columns += [
+                sa.Column(attribute.column, sa.Text),
+                sa.Column(attribute.column + "_ci", sa.Text),  # case-folded, for matching
+                sa.Column(attribute.column + "_fold", sa.Text),  # accent-folded, fuzzy matching
+            ]
+        elif attribute.keyword in ("PatientID", "IssuerOfPatientID"):
+            # Part of the patient's identity: '' rather than NULL so the unique key works.
+            columns.append(sa.Column(attribute.column, sa.Text, nullable=False,
+                                     server_default=""))
+        else:
+            columns.append(sa.Column(attribute.column, sa.Text))
+    return columns
+
+
+def _counter(name: str) -> sa.Column:
+    return sa.Column(name, sa.Integer, nullable=False, server_default="0")
+
+
+def _timestamps() -> list[sa.Column]:
+    return [
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    ]
+
+
+patients = sa.Table(
+    "patients", metadata,
+    sa.Column("pk", sa.Integer, primary_key=True),
+    *_attribute_columns(Level.PATIENT),
+    _counter("num_studies"), _counter("num_series"), _counter("num_instances"),
+    *_timestamps(),
+    sa.UniqueConstraint("patient_id", "issuer_of_patient_id", name="uq_patients_identity"),
+)
+
+studies = sa.Table(
+    "studies", metadata,
+    sa.Column("pk", sa.Integer, primary_key=True),
+    sa.Column("patient_pk", sa.Integer, sa.ForeignKey("patients.pk", ondelete="CASCADE"),
+              nullable=False, index=True),
+    sa.Column("study_instance_uid", sa.String(64), nullable=False, unique=True),
+    *_attribute_columns(Level.STUDY),
+    _counter("num_series"), _counter("num_instances"),
+    *_timestamps(),
+)
+
+series = sa.Table(
+    "series", metadata,
+    sa.Column("pk", sa.Integer, primary_key=True),
+    sa.Column("study_pk", sa.Integer, sa.ForeignKey("studies.pk", ondelete="CASCADE"),
+              nullable=False, index=True),
+    sa.Column("series_instance_uid", sa.String(64), nullable=False, unique=True),
+    *_attribute_columns(Level.SERIES),
+    _counter("num_instances"),
+    *_timestamps(),
+)
+
+instances = sa.Table(
+    "instances", metadata,
+    sa.Column("pk", sa.Integer, primary_key=True),
+    sa.Column("series_pk", sa.Integer, sa.ForeignKey("series.pk", ondelete="CASCADE"),
+              nullable=False, index=True),
+    sa.Column("sop_instance_uid", sa.String(64), nullable=False, unique=True),
+    *_attribute_columns(Level.INSTANCE),
+    sa.Column("transfer_syntax_uid", sa.String(64), nullable=False),
+    sa.Column("blob_key", sa.String(255), nullable=False, unique=True),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    # JSON lists of [offset, length, ...] per frame; NULL when frames must be decoded.
+    sa.Column("frames", sa.Text),
+    # The instance's DICOM JSON (PS3.18 F), without Pixel Data; bulk values by reference.
+    sa.Column("header", sa.Text, nullable=False),
+    sa.Column("stored_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+TABLES = {Level.PATIENT: patients, Level.STUDY: studies, Level.SERIES: series,
+          Level.INSTANCE: instances}
+PARENT_KEYS = {Level.STUDY: "patient_pk", Level.SERIES: "study_pk", Level.INSTANCE: "series_pk"}
+
+
+def _pattern_index(name: str, table: sa.Table, column: str) -> sa.Index:
+    # Prefix LIKE ('Nguyễn%') can use a b-tree index: on PostgreSQL only with text_pattern_ops
+    # when the database collation is not "C"; SQLite needs case_sensitive_like (set below).
+    return sa.Index(name, table.c[column], postgresql_ops={column: "text_pattern_ops"})
+
+
+_pattern_index("ix_patients_patient_id", patients, "patient_id")
+_pattern_index("ix_patients_patient_name_ci", patients, "patient_name_ci")
+_pattern_index("ix_patients_patient_name_fold", patients, "patient_name_fold")
+sa.Index("ix_studies_study_date", studies.c.study_date)
+_pattern_index("ix_studies_accession_number", studies, "accession_number")
+sa.Index("ix_series_modality", series.c.modality)
+sa.Index("ix_instances_sop_class_uid", instances.c.sop_class_uid)
+
+
+class Index:
+    """The index database: an engine plus the few rules every transaction follows."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.is_sqlite = engine.dialect.name == "sqlite"
+        # SQLite has one writer at a time anyway; taking the lock in Python first avoids
+        # SQLITE_BUSY retries between threads of this process.
+        self._write_lock = threading.Lock() if self.is_sqlite else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A write transaction: committed when the block ends, rolled back on error."""
+        with self._write_lock, self.engine.connect() as conn:
+            if self.is_sqlite:
+                conn.execution_options(sqlite_begin="IMMEDIATE")
+            with conn.begin():
+                yield conn
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A read-only transaction (one consistent snapshot)."""
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    def first(self, statement: sa.Executable, params: dict | None = None) -> sa.Row | None:
+        """The first row of one statement, run without an explicit transaction (cheapest read)."""
+        with self.engine.connect() as conn:
+            if self.is_sqlite:
+                conn.execution_options(sqlite_begin=None)
+            return conn.execute(statement, params or {}).first()
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def create_engine(url: str) -> Engine:
+    """An engine with the settings this application relies on, for SQLite or PostgreSQL."""
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[1] if "///" in url else ""
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(
+            url, pool_size=32, max_overflow=32, pool_timeout=60,
+            connect_args={"timeout": 60, "check_same_thread": False},
+        )
+        _configure_sqlite(engine)
+        return engine
+    return sa.create_engine(url, pool_size=16, max_overflow=48, pool_pre_ping=True,
+                            pool_timeout=60)
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record) -> None:
+        # Let SQLAlchemy's "begin" event below emit BEGIN itself (pysqlite's own is deferred
+        # and emitted lazily, which breaks write transactions under concurrency).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        # WAL: readers never block the writer. synchronous=NORMAL: a commit is not fsynced
+        # until checkpoint, so power loss may drop the last commits - but every blob is
+        # fsynced before its row is written, and start-up reconciliation re-indexes blobs
+        # without rows, so no acknowledged instance is lost.
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        # LIKE is case-sensitive (DICOM matching is; PN uses case-folded columns instead),
+        # which also lets SQLite use indexes for prefix LIKE.
+        cursor.execute("PRAGMA case_sensitive_like=ON")
+        cursor.execute("PRAGMA busy_timeout=60000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
+        if mode is not None:  # None: a single statement in SQLite's own autocommit
+            conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def run_migrations(engine: Engine) -> None:
+    """Bring the schema to the latest Alembic revision (creates it on an empty database)."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "head")
+
+
+def open_index(url: str, *, migrate: bool = True) -> Index:
+    """Connect to the index database at ``url`` and apply pending migrations."""
+    engine = create_engine(url)
+    if migrate:
+        run_migrations(engine)
+    return Index(engine)
+
+
+__all__ = ["Index", "PARENT_KEYS", "TABLES", "instances", "metadata", "open_index",
+           "patients", "series", "studies"]

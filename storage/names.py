@@ -1,0 +1,37 @@
+"""Person-name folding for case- and accent-insensitive matching (Vietnamese included)."""
+
+from __future__ import annotations
+
+import unicodedata
+
+# Letters that Unicode decomposition leaves alone: the stroke is part of the letter, not a
+# combining mark. Vietnamese đ/Đ is the one that matters most here.
+_STROKED = str.maketrans({"đ": "d", "Đ": "D", "ð": "d", "Ð": "D", "ø": "o", "Ø": "O",
+                          "ł": "l", "Ł": "L", "ħ": "h", "Ħ": "H", "ı": "i", "ŧ": "t", "Ŧ": "T"})
+
+
+def fold_text(text: str) -> str:
+    """Lower-case, strip accents, and map stroked letters: ``Đặng`` -> ``dang``."""
+    decomposed = unicodedata.normalize("NFKD", text.translate(_STROKED))
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
+
+
+def fold_person_name(name: str) -> str:
+    """Folded form of a DICOM PN value for fuzzy matching.
+
+    Components (``^``) and component groups (``=``) become single spaces, so
+    ``Nguyễn^Văn An`` and the typed query ``nguyen van an`` fold to the same text.
+    Wildcards ``*`` and ``?`` are kept.
+    """
+    spaced = name.replace("^", " ").replace("=", " ")
+    return " ".join(fold_text(spaced).split())
+
+
+def casefold_person_name(name: str) -> str:
+    """Case-insensitive (accent-sensitive) form of a PN value, NFC-normalised."""
+    return unicodedata.normalize("NFC", name).casefold()
+
+
+def has_diacritics(text: str) -> bool:
+    """True when folding would change more than the case of ``text``."""
+    return fold_text(text) != unicodedata.normalize("NFC", text).casefold()

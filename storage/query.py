@@ -1,0 +1,288 @@
+"""The one implementation of DICOM attribute matching (PS3.4 C.2.2.2), for C-FIND and QIDO-RS.
+
+Queries run on the index only; no stored file is ever opened. Supported per key:
+single value, universal (empty or ``*``), wildcards ``*`` and ``?``, date and time ranges
+(``A-B``, ``A-``, ``-B``), lists of values separated by ``\\`` (UIDs and strings), and for person
+names case-insensitive matching always plus accent-insensitive matching by mode (see
+``NameMatching``). Keys the index has no column for are return keys only: their values come from
+the stored DICOM JSON of a representative instance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from storage.attributes import (
+    BY_KEYWORD,
+    INTEGER_VRS,
+    IndexedAttribute,
+    Level,
+    level_attributes,
+)
+from storage.errors import InvalidQuery
+from storage.index import Index, instances, patients, series, studies
+from storage.names import casefold_person_name, fold_person_name, has_diacritics
+
+
+class NameMatching(enum.Enum):
+    """How person names match. All modes ignore case; they differ on accents."""
+
+    EXACT = "exact"  # accents must match: "Nguyễn*" finds Nguyễn, not Nguyên
+    FUZZY = "fuzzy"  # accents and đ/Đ ignored: "nguyen van an" finds "Nguyễn^Văn An"
+    AUTO = "auto"  # FUZZY when the query has no diacritics, else EXACT
+
+
+@dataclasses.dataclass(frozen=True)
+class Query:
+    """A search: level, matching keys (keyword -> DICOM match value) and paging."""
+
+    level: Level
+    keys: dict[str, str]
+    name_matching: NameMatching = NameMatching.AUTO
+    limit: int | None = None
+    offset: int = 0
+    # Tags (8 hex digits) wanted in the results that are not index columns.
+    extra_tags: frozenset[str] = frozenset()
+
+
+_LEVEL_TABLES = {
+    Level.PATIENT: (patients,),
+    Level.STUDY: (studies, patients),
+    Level.SERIES: (series, studies, patients),
+    Level.INSTANCE: (instances, series, studies, patients),
+}
+_ATTRIBUTE_TABLE = {Level.PATIENT: patients, Level.STUDY: studies, Level.SERIES: series,
+                    Level.INSTANCE: instances}
+_UID_COLUMNS = {"StudyInstanceUID": studies.c.study_instance_uid,
+                "SeriesInstanceUID": series.c.series_instance_uid,
+                "SOPInstanceUID": instances.c.sop_instance_uid}
+_DATE = re.compile(r"^\d{8}$")
+_TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
+_LIKE_ESCAPE = "\\"
+
+
+def find(index: Index, query: Query) -> list[dict[str, Any]]:
+    """Rows matching ``query``: dicts of keyword -> value, plus ``_pk``-style internal keys.
+
+    Each row holds every indexed attribute of the query level and the levels above it (so a
+    SERIES row carries the study's and the patient's attributes), ``_extra`` with the DICOM JSON
+    of the requested ``extra_tags``, and for INSTANCE rows the storage fields ``_blob_key``,
+    ``_transfer_syntax_uid``, ``_size`` and ``_frames``.
+    """
+    statement = _statement(query)
+    with index.read() as conn:
+        rows = [_row(query.level, r) for r in conn.execute(statement).mappings()]
+        if query.extra_tags and rows:
+            _add_extra(conn, query.level, rows, query.extra_tags)
+    return rows
+
+
+def _statement(query: Query) -> sa.Select:
+    tables = _LEVEL_TABLES[query.level]
+    joined: sa.FromClause = tables[0]
+    for child, parent in zip(tables, tables[1:], strict=False):
+        key = {series: "study_pk", studies: "patient_pk", instances: "series_pk"}[child]
+        joined = joined.join(parent, child.c[key] == parent.c.pk)
+    columns = [_labelled(table, query.level) for table in tables]
+    statement = sa.select(*[c for group in columns for c in group]).select_from(joined)
+    conditions = [
+        condition
+        for keyword, value in query.keys.items()
+        if (condition := _condition(keyword, value, query)) is not None
+    ]
+    if conditions:
+        statement = statement.where(*conditions)
+    statement = statement.order_by(tables[0].c.pk)
+    if query.limit is not None:
+        statement = statement.limit(query.limit)
+    if query.offset:
+        statement = statement.offset(query.offset)
+    return statement
+
+
+def _labelled(table: sa.Table, level: Level) -> list[sa.ColumnElement]:
+    """The columns of ``table`` a result row needs, labelled ``table.column``."""
+    skip = {"header", "created_at"} | ({"frames"} if level is not Level.INSTANCE else set())
+    return [c.label(f"{table.name}.{c.name}") for c in table.columns if c.name not in skip]
+
+
+def _row(level: Level, mapping: Any) -> dict[str, Any]:
+    """keyword -> value for each indexed attribute present in a result row."""
+    row: dict[str, Any] = {}
+    for table in _LEVEL_TABLES[level]:
+        table_level = next(lv for lv, t in _ATTRIBUTE_TABLE.items() if t is table)
+        for attribute in level_attributes(table_level):
+            name = f"{attribute.sequence}.{attribute.keyword}" if attribute.sequence \
+                else attribute.keyword
+            row[name] = mapping[f"{table.name}.{attribute.column}"]
+        row[f"_{table.name}_pk"] = mapping[f"{table.name}.pk"]
+    if level is Level.INSTANCE:
+        for name in ("blob_key", "transfer_syntax_uid", "size", "frames", "sha256"):
+            row[f"_{name}"] = mapping[f"instances.{name}"]
+        row["_stored_at"] = mapping["instances.stored_at"]
+    for table in _LEVEL_TABLES[level]:
+        row[f"_{table.name}_updated_at"] = mapping.get(f"{table.name}.updated_at")
+    return row
+
+
+# ---------------------------------------------------------------------------- matching
+
+
+def _condition(keyword: str, value: str | None, query: Query) -> sa.ColumnElement | None:
+    """The SQL condition for one matching key, or None for universal / return-only keys."""
+    value = (value or "").strip()
+    if value in ("", "*"):
+        return None
+    if keyword == "ModalitiesInStudy":
+        return _modalities_in_study(value) if query.level is not Level.PATIENT else None
+    if keyword in _UID_COLUMNS:
+        return _uid_list(_UID_COLUMNS[keyword], keyword, value)
+    attribute = BY_KEYWORD.get(keyword)
+    if attribute is None or attribute.aggregate or attribute.level.value > query.level.value:
+        return None  # not matchable here: a return key only
+    column = _ATTRIBUTE_TABLE[attribute.level].c[attribute.column]
+    if attribute.vr == "UI":
+        return _uid_list(column, keyword, value)
+    if attribute.vr == "DA":
+        return _range(column, keyword, value, _date_bound)
+    if attribute.vr == "TM":
+        return _range(column, keyword, value, _time_bound)
+    if attribute.vr == "PN":
+        return match_person_name(attribute, value, query.name_matching)
+    if attribute.vr in INTEGER_VRS:
+        return _integers(column, keyword, value)
+    return sa.or_(*(_string(column, v) for v in value.split("\\")))
+
+
+def match_person_name(attribute: IndexedAttribute, value: str,
+                      mode: NameMatching) -> sa.ColumnElement:
+    """Condition for a PN key: case-insensitive always, accent-insensitive per ``mode``."""
+    table = _ATTRIBUTE_TABLE[attribute.level]
+    fuzzy = mode is NameMatching.FUZZY or (mode is NameMatching.AUTO and not has_diacritics(value))
+    if fuzzy:
+        return _string(table.c[attribute.column + "_fold"], fold_person_name(value))
+    return _string(table.c[attribute.column + "_ci"], casefold_person_name(value))
+
+
+def _string(column: sa.ColumnElement, value: str) -> sa.ColumnElement:
+    """Single value or wildcard match (``*`` any run of characters, ``?`` one character)."""
+    if "*" not in value and "?" not in value:
+        return column == value
+    if value.strip("*") == "":
+        return sa.true()
+    escaped = (value.replace(_LIKE_ESCAPE, _LIKE_ESCAPE * 2).replace("%", _LIKE_ESCAPE + "%")
+               .replace("_", _LIKE_ESCAPE + "_"))
+    return column.like(escaped.replace("*", "%").replace("?", "_"), escape=_LIKE_ESCAPE)
+
+
+def _uid_list(column: sa.ColumnElement, keyword: str, value: str) -> sa.ColumnElement:
+    uids = [u.strip() for u in value.replace(",", "\\").split("\\") if u.strip()]
+    for uid in uids:
+        if not re.fullmatch(r"[0-9.]{1,64}", uid):
+            raise InvalidQuery(keyword, f"{uid!r} is not a UID")
+    return column == uids[0] if len(uids) == 1 else column.in_(uids)
+
+
+def _integers(column: sa.ColumnElement, keyword: str, value: str) -> sa.ColumnElement:
+    try:
+        numbers = [int(v) for v in value.split("\\")]
+    except ValueError:
+        raise InvalidQuery(keyword, f"{value!r} is not an integer") from None
+    return column == numbers[0] if len(numbers) == 1 else column.in_(numbers)
+
+
+def _range(column: sa.ColumnElement, keyword: str, value: str, bound) -> sa.ColumnElement:
+    """Single value or range ``A-B``, ``A-``, ``-B`` of dates or times (compared as text)."""
+    if "-" not in value:
+        low = bound(keyword, value, upper=False)
+        high = bound(keyword, value, upper=True)
+        return column == low if low == high else sa.and_(column >= low, column <= high)
+    if value.count("-") != 1:
+        raise InvalidQuery(keyword, f"{value!r} is not a single value or a range A-B")
+    start, end = (v.strip() for v in value.split("-"))
+    if not start and not end:
+        raise InvalidQuery(keyword, "a range needs at least one end")
+    conditions = []
+    if start:
+        conditions.append(column >= bound(keyword, start, upper=False))
+    if end:
+        conditions.append(column <= bound(keyword, end, upper=True))
+    if start and end and bound(keyword, start, upper=False) > bound(keyword, end, upper=True):
+        raise InvalidQuery(keyword, f"range {value!r} ends before it starts")
+    return sa.and_(*conditions)
+
+
+def _date_bound(keyword: str, value: str, *, upper: bool) -> str:
+    text = value.replace(".", "").strip()  # accept the old YYYY.MM.DD form
+    if not _DATE.match(text):
+        raise InvalidQuery(keyword, f"{value!r} is not a date (YYYYMMDD)")
+    return text
+
+
+def _time_bound(keyword: str, value: str, *, upper: bool) -> str:
+    text = value.replace(":", "").strip()
+    if not _TIME.match(text):
+        raise InvalidQuery(keyword, f"{value!r} is not a time (HHMMSS.FFFFFF)")
+    whole, _, fraction = text.partition(".")
+    if upper:  # "10" means up to 10:59:59.999999
+        return whole + "595959"[len(whole):] + "." + fraction.ljust(6, "9")
+    return whole.ljust(6, "0") + ("." + fraction if fraction else "")
+
+
+def _modalities_in_study(value: str) -> sa.ColumnElement:
+    """Studies with at least one series of one of the given modalities."""
+    wanted = [v.strip() for v in value.split("\\") if v.strip()]
+    other = series.alias("modality_series")
+    matches = sa.or_(*(_string(other.c.modality, m) for m in wanted))
+    return sa.exists().where(other.c.study_pk == studies.c.pk, matches)
+
+
+# ---------------------------------------------------------------------------- return keys
+
+
+def _add_extra(conn: Connection, level: Level, rows: list[dict[str, Any]],
+               tags: Iterable[str]) -> None:
+    """Attach the DICOM JSON of ``tags`` from a representative instance of each row."""
+    wanted = set(tags)
+    if level is Level.INSTANCE:
+        pks = [row["_instances_pk"] for row in rows]
+        owner = instances.c.pk
+        query = sa.select(owner, instances.c.header).where(owner.in_(pks))
+    else:
+        owner_column = {Level.SERIES: instances.c.series_pk,
+                        Level.STUDY: series.c.study_pk,
+                        Level.PATIENT: studies.c.patient_pk}[level]
+        first = (sa.select(owner_column.label("owner"), sa.func.min(instances.c.pk).label("pk"))
+                 .select_from(instances.join(series, instances.c.series_pk == series.c.pk)
+                              .join(studies, series.c.study_pk == studies.c.pk))
+                 .where(owner_column.in_([row[f"_{_table_name(level)}_pk"] for row in rows]))
+                 .group_by(owner_column).subquery())
+        owner = first.c.owner
+        query = sa.select(first.c.owner, instances.c.header).join(
+            instances, instances.c.pk == first.c.pk)
+    headers = {pk: header for pk, header in conn.execute(query)}
+    for row in rows:
+        header = headers.get(row[f"_{_table_name(level)}_pk"])
+        parsed = json.loads(header) if header else {}
+        row["_extra"] = {tag: parsed[tag] for tag in wanted if tag in parsed}
+
+
+def _table_name(level: Level) -> str:
+    return _ATTRIBUTE_TABLE[level].name
+
+
+def result_keywords(level: Level) -> Sequence[str]:
+    """Keywords a row of ``level`` carries, top level first."""
+    names = []
+    for table in reversed(_LEVEL_TABLES[level]):
+        table_level = next(lv for lv, t in _ATTRIBUTE_TABLE.items() if t is table)
+        names += [a.keyword for a in level_attributes(table_level) if not a.sequence]
+    return names

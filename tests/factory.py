@@ -1,0 +1,98 @@
+"""Small synthetic DICOM instances for tests (Vietnamese names, UTF-8)."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+TEST_ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's UID root
+
+
+@dataclass
+class Spec:
+    """What a generated instance should contain; defaults make a valid 8x8 CT slice."""
+
+    patient_name: str = "Nguyễn^Văn An"
+    patient_id: str = "BN0001"
+    birth_date: str = "19800101"
+    sex: str = "M"
+    study_uid: str = field(default_factory=lambda: generate_uid(TEST_ROOT))
+    series_uid: str = field(default_factory=lambda: generate_uid(TEST_ROOT))
+    sop_uid: str = field(default_factory=lambda: generate_uid(TEST_ROOT))
+    sop_class: str = CTImageStorage
+    modality: str = "CT"
+    study_date: str = "20240315"
+    study_time: str = "101530"
+    accession: str = "ACC0001"
+    study_description: str = "CT bụng có cản quang"
+    series_description: str = "Bụng 5mm"
+    series_number: int = 1
+    instance_number: int = 1
+    referring: str = "Trần^Thị Bình"
+    rows: int = 8
+    columns: int = 8
+    frames: int = 1
+    charset: str = "ISO_IR 192"
+    extra: dict = field(default_factory=dict)
+
+
+def dataset(spec: Spec | None = None) -> Dataset:
+    spec = spec or Spec()
+    ds = Dataset()
+    ds.SpecificCharacterSet = spec.charset
+    ds.SOPClassUID = spec.sop_class
+    ds.SOPInstanceUID = spec.sop_uid
+    ds.StudyDate = spec.study_date
+    ds.StudyTime = spec.study_time
+    ds.AccessionNumber = spec.accession
+    ds.Modality = spec.modality
+    ds.ReferringPhysicianName = spec.referring
+    ds.StudyDescription = spec.study_description
+    ds.SeriesDescription = spec.series_description
+    ds.PatientName = spec.patient_name
+    ds.PatientID = spec.patient_id
+    ds.PatientBirthDate = spec.birth_date
+    ds.PatientSex = spec.sex
+    ds.StudyInstanceUID = spec.study_uid
+    ds.SeriesInstanceUID = spec.series_uid
+    ds.StudyID = "1"
+    ds.SeriesNumber = spec.series_number
+    ds.InstanceNumber = spec.instance_number
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = spec.rows
+    ds.Columns = spec.columns
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    if spec.frames > 1:
+        ds.NumberOfFrames = spec.frames
+    for keyword, value in spec.extra.items():
+        setattr(ds, keyword, value)
+    pixels = (np.arange(spec.rows * spec.columns * spec.frames, dtype=np.uint16) % 4096)
+    ds.PixelData = pixels.tobytes()
+    return ds
+
+
+def part10(ds: Dataset, transfer_syntax: str = ExplicitVRLittleEndian) -> bytes:
+    """``ds`` as a Part 10 file."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = transfer_syntax
+    ds = ds.copy()
+    ds.file_meta = meta
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def instance(spec: Spec | None = None, **overrides) -> bytes:
+    """A Part 10 CT instance; keyword arguments override ``Spec`` fields."""
+    spec = spec or Spec(**overrides)
+    return part10(dataset(spec))

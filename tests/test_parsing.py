@@ -1,0 +1,209 @@
+"""Header parsing over the whole public corpus: JSON as pydicom gives it, frames at the right
+bytes, and every malformed file refused with a reason."""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import warnings
+
+import pydicom
+import pytest
+from pydicom.encaps import generate_frames
+
+from storage.errors import InvalidInstance
+from storage.parsing import parse_instance
+from tests.conftest import corpus_files
+from tests.factory import Spec, dataset, part10
+
+
+@pytest.fixture(scope="module")
+def parsed_corpus(corpus):
+    """(path, bytes, ParsedInstance or the refusal reason) for every corpus file."""
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    results = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for path in corpus_files(corpus):
+            data = path.read_bytes()
+            try:
+                results.append((path, data, parse_instance(data)))
+            except InvalidInstance as exc:
+                results.append((path, data, str(exc)))
+    return results
+
+
+def _by_name(parsed_corpus, name):
+    return [r for r in parsed_corpus if r[0].name == name]
+
+
+def test_every_corpus_file_is_parsed_or_refused_with_a_reason(parsed_corpus):
+    accepted = [r for r in parsed_corpus if not isinstance(r[2], str)]
+    refused = [r for r in parsed_corpus if isinstance(r[2], str)]
+    assert len(parsed_corpus) == 413
+    assert len(accepted) >= 365
+    assert all(reason for _, _, reason in refused)
+
+
+@pytest.mark.parametrize(("name", "reason"), [
+    ("zipMR.gz", "gzip file, not DICOM"),
+    ("no_meta.dcm", "not a DICOM file"),
+    ("MR_truncated.dcm", "truncated"),
+    ("rtplan_truncated.dcm", "cannot be parsed"),
+    ("emri_small_jpeg_2k_lossless_too_short.dcm", "truncated"),
+    ("badVR.dcm", "Number of Frames"),
+    ("SC_rgb_jpeg.dcm", "truncated"),
+    ("DICOMDIR", "DICOMDIR"),
+    ("UN_sequence.dcm", "SOP"),
+    ("JLSL_RGB_ILV0.dcm", "SOP Instance UID"),
+    ("bad_sequence.dcm", "not a valid UID"),
+])
+def test_malformed_files_are_refused_with_a_clear_reason(parsed_corpus, name, reason):
+    results = _by_name(parsed_corpus, name)
+    assert results, name
+    for path, _, outcome in results:
+        assert isinstance(outcome, str), f"{path} was accepted"
+        assert reason.lower() in outcome.lower(), outcome
+
+
+def _normalise(value):
+    if isinstance(value, dict):
+        return {k: _normalise(v) for k, v in value.items() if not k.endswith("0000")}
+    if isinstance(value, list):
+        return [_normalise(v) for v in value]
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        return value.strip() or None
+    return value
+
+
+def _compare(ours, theirs, data, where):
+    """Element by element; binary values compared as bytes (ours may be a byte range)."""
+    assert set(ours) == {t for t in theirs if not t.endswith("0000")}, where
+    for tag, element in ours.items():
+        reference = theirs[tag]
+        assert element["vr"] == str(reference["vr"]), f"{where} {tag}"
+        if element["vr"] == "SQ":
+            items, ref_items = element.get("Value", []), reference.get("Value", [])
+            assert len(items) == len(ref_items), f"{where} {tag}"
+            for index, (item, ref_item) in enumerate(zip(items, ref_items, strict=True)):
+                _compare(item, ref_item, data, f"{where} {tag}/{index}")
+        elif "InlineBinary" in element or "BulkDataURI" in element:
+            expected = base64.b64decode(reference["InlineBinary"])
+            if "InlineBinary" in element:
+                assert base64.b64decode(element["InlineBinary"]) == expected, f"{where} {tag}"
+            else:
+                _, offset, length = element["BulkDataURI"].split(":")
+                actual = data[int(offset):int(offset) + int(length)]
+                assert actual.rstrip(b"\0") == expected.rstrip(b"\0"), f"{where} {tag}"
+        else:
+            assert _normalise(element.get("Value")) == _normalise(reference.get("Value")), \
+                f"{where} {tag}"
+
+
+def test_header_json_matches_pydicom_for_every_accepted_file(parsed_corpus):
+    checked = 0
+    for path, _, parsed in parsed_corpus:
+        if isinstance(parsed, str) or parsed.transfer_syntax.endswith(".99"):
+            continue
+        ds = pydicom.dcmread(io.BytesIO(parsed.data), stop_before_pixels=True)
+        reference = ds.to_json_dict(bulk_data_threshold=10**9)
+        _compare(parsed.header, reference, parsed.data, path.name)
+        checked += 1
+    assert checked >= 360
+
+
+def test_frame_ranges_hold_the_bytes_pydicom_reads_as_frames(parsed_corpus):
+    checked = 0
+    for path, _, parsed in parsed_corpus:
+        if isinstance(parsed, str) or not parsed.frames:
+            continue
+        ds = pydicom.dcmread(io.BytesIO(parsed.data))
+        if "PixelData" not in ds:
+            continue
+        ours = [b"".join(parsed.data[f[i]:f[i] + f[i + 1]] for i in range(0, len(f), 2))
+                for f in parsed.frames]
+        count = int(ds.get("NumberOfFrames") or 1)
+        assert len(ours) == count, path.name
+        if parsed.transfer_syntax in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1",
+                                      "1.2.840.10008.1.2.2"):
+            assert b"".join(ours) == ds.PixelData[:len(b"".join(ours))], path.name
+        else:
+            expected = list(generate_frames(ds.PixelData, number_of_frames=count))
+            assert [f.rstrip(b"\0") for f in ours] == [f.rstrip(b"\0") for f in expected], \
+                path.name
+        checked += 1
+    assert checked >= 250
+
+
+def test_multiframe_encapsulated_file_has_one_range_per_frame(parsed_corpus):
+    (_, _, parsed), *_ = _by_name(parsed_corpus, "color3d_jpeg_baseline.dcm")
+    assert len(parsed.frames) == 120
+    assert all(parsed.data[f[0]:f[0] + 2] == b"\xff\xd8" for f in parsed.frames)  # JPEG SOI
+
+
+def test_file_without_meta_gets_a_file_meta_and_keeps_its_data_set(parsed_corpus):
+    (_, original, parsed), *_ = _by_name(parsed_corpus, "ExplVR_LitEndNoMeta.dcm")
+    assert parsed.meta_rewritten
+    assert parsed.data[128:132] == b"DICM"
+    assert parsed.data.endswith(original)
+    meta = pydicom.dcmread(io.BytesIO(parsed.data)).file_meta
+    assert meta.MediaStorageSOPInstanceUID == parsed.sop_instance_uid
+    assert meta.TransferSyntaxUID == parsed.transfer_syntax
+
+
+def test_deflated_data_set_is_indexed_without_frame_ranges(parsed_corpus):
+    deflated = [r[2] for r in parsed_corpus
+                if not isinstance(r[2], str) and r[2].transfer_syntax == "1.2.840.10008.1.2.1.99"]
+    assert deflated
+    for parsed in deflated:
+        assert parsed.frames is None
+        assert parsed.header["00080018"]["Value"] == [parsed.sop_instance_uid]
+
+
+def test_vietnamese_text_is_decoded_as_unicode():
+    parsed = parse_instance(part10(dataset(Spec(patient_name="Đặng^Thị Ánh Tuyết"))))
+    assert parsed.header["00100010"]["Value"] == [{"Alphabetic": "Đặng^Thị Ánh Tuyết"}]
+    assert parsed.header["00081030"]["Value"] == ["CT bụng có cản quang"]
+
+
+def test_iso_2022_japanese_name_is_decoded(parsed_corpus):
+    (_, _, parsed), *_ = _by_name(parsed_corpus, "chrH31.dcm")
+    name = parsed.header["00100010"]["Value"][0]
+    assert name["Alphabetic"] == "Yamada^Tarou"
+    assert name["Ideographic"] == "山田^太郎"
+
+
+@pytest.mark.parametrize(("mutate", "reason"), [
+    (lambda ds: delattr(ds, "SOPInstanceUID"), "SOP Instance UID (0008,0018) is missing"),
+    (lambda ds: delattr(ds, "StudyInstanceUID"), "Study Instance UID"),
+    (lambda ds: setattr(ds, "SeriesInstanceUID", "1.2.abc"), "not a valid UID"),
+])
+def test_instances_without_valid_uids_are_refused(mutate, reason):
+    ds = dataset()
+    mutate(ds)
+    from pydicom.dataset import FileMetaDataset
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=False)
+    with pytest.raises(InvalidInstance, match=reason.replace("(", r"\(").replace(")", r"\)")):
+        parse_instance(out.getvalue())
+
+
+def test_unknown_transfer_syntax_is_refused():
+    data = part10(dataset(), transfer_syntax="1.2.840.10008.1.2.1")
+    data = data.replace(b"1.2.840.10008.1.2.1\0", b"1.2.3.4.5.6.7.8.9.0\0", 1)
+    with pytest.raises(InvalidInstance, match="transfer syntax"):
+        parse_instance(data)
+
+
+def test_empty_and_random_bytes_are_refused():
+    with pytest.raises(InvalidInstance):
+        parse_instance(b"")
+    with pytest.raises(InvalidInstance):
+        parse_instance(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)

@@ -1,0 +1,66 @@
+"""Settings: defaults with no file, a TOML file, and PACS_* variables that override it."""
+
+from pathlib import Path
+
+import pytest
+
+from pacs.settings import Peer, SettingsError, load_settings
+
+
+def test_defaults_run_with_no_file_and_no_environment():
+    settings = load_settings(environ={})
+    assert settings.data_dir == Path("./pacs-data")
+    assert settings.ae_title == "PACS"
+    assert (settings.dicom_host, settings.dicom_port) == ("0.0.0.0", 11112)
+    assert (settings.http_host, settings.http_port) == ("127.0.0.1", 8042)
+    assert settings.resolved_database_url.startswith("sqlite:///")
+    assert settings.resolved_database_url.endswith("pacs-data/index.sqlite")
+    assert settings.resolved_storage_url.startswith("file://")
+    assert settings.peers == ()
+    assert settings.duplicate_policy == "keep"
+
+
+def test_environment_overrides_toml_file(tmp_path):
+    config = tmp_path / "pacs.toml"
+    config.write_text('ae_title = "FILEAE"\ndicom_port = 104\npeers = ["A@10.0.0.1:104"]\n')
+    settings = load_settings(config, environ={"PACS_AE_TITLE": "ENVAE", "PACS_HTTP_PORT": "9000"})
+    assert settings.ae_title == "ENVAE"
+    assert settings.dicom_port == 104
+    assert settings.http_port == 9000
+    assert settings.peers == (Peer("A", "10.0.0.1", 104),)
+
+
+def test_peers_from_environment_and_lookup():
+    settings = load_settings(environ={"PACS_PEERS": "WS1@127.0.0.1:11113, OHIF@[::1]:104"})
+    assert settings.peer("WS1") == Peer("WS1", "127.0.0.1", 11113)
+    assert settings.peer("OHIF").host == "::1"
+    assert settings.peer("NOBODY") is None
+
+
+def test_postgresql_url_uses_psycopg3_driver():
+    settings = load_settings(environ={"PACS_DATABASE_URL": "postgresql://u@db:5432/pacs"})
+    assert settings.resolved_database_url == "postgresql+psycopg://u@db:5432/pacs"
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"PACS_DICOM_PORT": "abc"}, "dicom_port"),
+    ({"PACS_AE_TITLE": "A_TITLE_THAT_IS_TOO_LONG"}, "ae_title"),
+    ({"PACS_PEERS": "nohostport"}, "AETITLE@host:port"),
+    ({"PACS_DUPLICATE_POLICY": "ignore"}, "duplicate_policy"),
+    ({"PACS_RECONCILE_ON_START": "maybe"}, "boolean"),
+])
+def test_invalid_settings_are_refused_with_the_name(env, message):
+    with pytest.raises(SettingsError, match=message):
+        load_settings(environ=env)
+
+
+def test_unknown_key_in_file_is_refused(tmp_path):
+    config = tmp_path / "pacs.toml"
+    config.write_text("dicom_prot = 104\n")
+    with pytest.raises(SettingsError, match="dicom_prot"):
+        load_settings(config, environ={})
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(SettingsError, match="does not exist"):
+        load_settings(tmp_path / "nope.toml", environ={})
