@@ -40,7 +40,8 @@ class Peer:
         match = re.fullmatch(r"\s*([^@]+)@(\[[^\]]+\]|[^:]+):(\d+)\s*", text)
         if not match:
             raise SettingsError(f"peer {text!r} is not of the form AETITLE@host:port")
-        ae_title, host, port = match.group(1).strip(), match.group(2).strip("[]"), int(match.group(3))
+        ae_title, host = match.group(1).strip(), match.group(2).strip("[]")
+        port = int(match.group(3))
         _check_ae_title(ae_title, "peer AE title")
         if not 0 < port < 65536:
             raise SettingsError(f"peer {text!r}: port {port} is out of range")

@@ -16,8 +16,8 @@ import hashlib
 import json
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import sqlalchemy as sa
@@ -58,11 +58,12 @@ class StoreResult:
 
     @property
     def message(self) -> str:
+        # Short: it becomes a DIMSE ErrorComment (64 characters at most).
         if self.outcome is StoreOutcome.DUPLICATE_KEPT:
-            return f"SOP Instance {self.sop_instance_uid} was already stored; kept the first copy"
+            return "Instance already stored; kept the first copy"
         if self.outcome is StoreOutcome.REPLACED:
-            return f"SOP Instance {self.sop_instance_uid} was already stored; replaced it"
-        return "stored"
+            return "Instance already stored; replaced the stored copy"
+        return "Stored"
 
 
 @dataclasses.dataclass
@@ -203,8 +204,7 @@ class Archive:
             ("SOP Instance UID", expected_sop_instance_uid, parsed.sop_instance_uid),
         ):
             if expected and expected.strip("\x00 ") != actual:
-                raise InstanceMismatch(f"the data set's {name} {actual} differs from the "
-                                       f"request's {expected}")
+                raise InstanceMismatch(f"{name} differs: data set {actual}, request {expected}")
         uid = parsed.sop_instance_uid
         with self._uid_locks[hash(uid) % len(self._uid_locks)]:
             existing = self._location(uid)
@@ -322,29 +322,37 @@ class Archive:
                 "k_patient_id": rows.patient["patient_id"],
                 "k_issuer": rows.patient["issuer_of_patient_id"]}).scalar()
             if patient_pk is None:
-                patient_pk = self._insert(conn, patients, rows.patient, now,
-                                          _FIND_PATIENT, {
-                                              "k_patient_id": rows.patient["patient_id"],
-                                              "k_issuer": rows.patient["issuer_of_patient_id"]})
-            study_pk = self._insert(conn, studies, {**rows.study, "patient_pk": patient_pk}, now,
-                                    _FIND_STUDY, {"k_uid": parsed.study_instance_uid})
-            new_study = True
-        series_pk = self._insert(conn, series, {**rows.series, "study_pk": study_pk}, now,
-                                 _FIND_SERIES, {"k_uid": parsed.series_instance_uid})
-        return patient_pk, new_study, study_pk, True, series_pk
+                patient_pk, _ = self._insert(conn, patients, rows.patient, now, _FIND_PATIENT, {
+                    "k_patient_id": rows.patient["patient_id"],
+                    "k_issuer": rows.patient["issuer_of_patient_id"]})
+            study_pk, new_study = self._insert(
+                conn, studies, {**rows.study, "patient_pk": patient_pk}, now, _FIND_STUDY,
+                {"k_uid": parsed.study_instance_uid})
+            if not new_study:  # a concurrent writer created it: it decides the patient
+                patient_pk = conn.execute(sa.select(studies.c.patient_pk).where(
+                    studies.c.pk == study_pk)).scalar_one()
+        series_pk, new_series = self._insert(
+            conn, series, {**rows.series, "study_pk": study_pk}, now, _FIND_SERIES,
+            {"k_uid": parsed.series_instance_uid})
+        if not new_series:
+            study_pk = conn.execute(sa.select(series.c.study_pk).where(
+                series.c.pk == series_pk)).scalar_one()
+            patient_pk = conn.execute(sa.select(studies.c.patient_pk).where(
+                studies.c.pk == study_pk)).scalar_one()
+        return patient_pk, new_study, study_pk, new_series, series_pk
 
     @staticmethod
     def _insert(conn: Connection, table: sa.Table, values: dict[str, Any], now: dt.datetime,
-                find: sa.Select, find_params: dict[str, Any]) -> int:
-        """Insert a row unless a concurrent writer (another process) just did; its key."""
+                find: sa.Select, find_params: dict[str, Any]) -> tuple[int, bool]:
+        """Insert a row unless a concurrent writer just did: its key, and whether we did."""
         dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
         inserted = conn.execute(
             dialect.insert(table).on_conflict_do_nothing().returning(table.c.pk),
             {**values, "created_at": now, "updated_at": now},
         ).scalar()
         if inserted is not None:
-            return inserted
-        return conn.execute(find, find_params).scalars().first()
+            return inserted, True
+        return conn.execute(find, find_params).scalars().first(), False
 
     @staticmethod
     def _refresh_modalities(conn: Connection, study_pk: int) -> None:

@@ -120,7 +120,7 @@ class FileBlobStore:
             raise StorageUnavailable(f"cannot write {key} to {self.root}: {exc.strerror}") from exc
 
     def _make_dirs(self, folder: Path) -> None:
-        """Create ``folder`` and fsync each new directory's parent, so the path itself is durable."""
+        """Create ``folder``, fsyncing each new directory's parent so the path itself is durable."""
         if folder in self._known_dirs:
             return
         missing = []
@@ -230,6 +230,14 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _stream(response, chunk_size: int) -> Iterator[bytes]:
+    try:
+        yield from response.stream(chunk_size)
+    finally:
+        response.close()
+        response.release_conn()
+
+
 class S3BlobStore:
     """Blobs as objects in an S3 bucket (MinIO, AWS S3, Ceph RGW).
 
@@ -317,12 +325,8 @@ class S3BlobStore:
             response.release_conn()
 
     def open_chunks(self, key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
-        response = self._response(key)
-        try:
-            yield from response.stream(chunk_size)
-        finally:
-            response.close()
-            response.release_conn()
+        response = self._response(key)  # requested now, so a missing blob fails here
+        return _stream(response, chunk_size)
 
     def size(self, key: str) -> int | None:
         from minio.error import S3Error

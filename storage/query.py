@@ -222,14 +222,15 @@ def _range(column: sa.ColumnElement, keyword: str, value: str, bound) -> sa.Colu
 
 def _date_bound(keyword: str, value: str, *, upper: bool) -> str:
     text = value.replace(".", "").strip()  # accept the old YYYY.MM.DD form
-    if not _DATE.match(text):
+    if not _DATE.match(text) or not 1 <= int(text[4:6]) <= 12 or not 1 <= int(text[6:8]) <= 31:
         raise InvalidQuery(keyword, f"{value!r} is not a date (YYYYMMDD)")
     return text
 
 
 def _time_bound(keyword: str, value: str, *, upper: bool) -> str:
     text = value.replace(":", "").strip()
-    if not _TIME.match(text):
+    if not _TIME.match(text) or int(text[0:2]) > 23 or int(text[2:4] or 0) > 59 \
+            or int(text[4:6] or 0) > 60:
         raise InvalidQuery(keyword, f"{value!r} is not a time (HHMMSS.FFFFFF)")
     whole, _, fraction = text.partition(".")
     if upper:  # "10" means up to 10:59:59.999999

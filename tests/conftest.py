@@ -96,7 +96,7 @@ def s3_endpoint() -> Iterator[str]:
     """An S3-compatible server on loopback (moto's standalone server)."""
     port = free_port()
     OUTPUT.mkdir(exist_ok=True)
-    log = open(OUTPUT / "moto.log", "wb")
+    log = open(OUTPUT / "moto.log", "wb")  # noqa: SIM115 - open while the server runs
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=log, stderr=subprocess.STDOUT)
@@ -203,7 +203,7 @@ class PacsProcess:
 
     def start(self, wait: bool = True) -> PacsProcess:
         self.log_path = self.data_dir.parent / f"pacs-{self.dicom_port}.log"
-        log = open(self.log_path, "ab")
+        log = open(self.log_path, "ab")  # noqa: SIM115 - inherited by the child process
         self.proc = subprocess.Popen([sys.executable, "-m", "pacs.cli", "serve"],
                                      env=self.full_env(), stdout=log, stderr=subprocess.STDOUT)
         if wait:

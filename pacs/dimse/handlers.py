@@ -6,6 +6,7 @@ Each handler takes a pynetdicom event and returns (or yields) DICOM statuses; al
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 from collections.abc import Iterator
@@ -61,10 +62,8 @@ def set_tcp_nodelay(event: evt.Event) -> None:
     """Disable Nagle's algorithm: without it every DIMSE response can wait ~40 ms for an ACK."""
     sock = getattr(event.assoc.dul.socket, "socket", None)
     if sock is not None:
-        try:
+        with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
 
 
 def _peer(event: evt.Event) -> str:

@@ -19,6 +19,7 @@ pynetdicom version it was written against and leaves pynetdicom untouched otherw
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import select
@@ -79,10 +80,9 @@ def _wake_pair(dul: DULServiceProvider) -> tuple[socket.socket, socket.socket]:
 def _wake(dul: DULServiceProvider) -> None:
     pair = getattr(dul, "_pacs_wake", None)
     if pair is not None:
-        try:
+        # Nothing to do when the buffer is full (already signalled) or the pair is closed.
+        with contextlib.suppress(BlockingIOError, OSError):
             pair[1].send(b"\0")
-        except (BlockingIOError, OSError):
-            pass  # already signalled (buffer full) or shutting down
 
 
 def _dul_send_pdu(self: DULServiceProvider, primitive) -> None:

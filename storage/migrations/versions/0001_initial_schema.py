@@ -1,7 +1,7 @@
 """Initial schema: patients, studies, series, instances.
 
 Revision ID: 0001
-Revises: 
+Revises:
 Create Date: 2026-11-23 14:20:35.714206
 """
 

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Sets up what the server and its tests need on a fresh Debian/Ubuntu machine:
+# DCMTK (DICOM command-line tools used by the tests and handy for operators) and a Python
+# virtual environment in .venv with this package installed. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_apt=()
+command -v storescu >/dev/null 2>&1 || want_apt+=(dcmtk)
+command -v python3 >/dev/null 2>&1 || want_apt+=(python3 python3-venv)
+if ((${#want_apt[@]})); then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "setup: installing ${want_apt[*]} with apt-get" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${want_apt[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[${PACS_EXTRAS:-test}]"

@@ -1,0 +1,184 @@
+"""The ingest path and its upkeep, on every index x blob backend combination."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import sqlalchemy as sa
+
+from storage.archive import StoreOutcome
+from storage.attributes import Level
+from storage.errors import InvalidInstance, NotFound, StorageUnavailable
+from storage.parsing import parse_instance
+from storage.query import Query, find
+from tests.factory import Spec, instance
+
+
+def _study(archive, uid):
+    rows = find(archive.index, Query(Level.STUDY, {"StudyInstanceUID": uid}))
+    assert len(rows) == 1
+    return rows[0]
+
+
+def test_stored_instance_reads_back_byte_for_byte(archive):
+    data = instance()
+    result = archive.store(data)
+    assert result.outcome is StoreOutcome.STORED
+    assert not result.is_warning
+    location = archive.location(result.sop_instance_uid)
+    assert archive.read(location) == data
+    assert location.size == len(data)
+
+
+def test_duplicate_is_kept_once_and_reported(archive):
+    spec = Spec()
+    first = instance(spec)
+    changed = instance(Spec(**{**spec.__dict__, "study_description": "khác"}))
+    archive.store(first)
+    again = archive.store(changed)
+    assert again.outcome is StoreOutcome.DUPLICATE_KEPT
+    assert again.is_warning and "already stored" in again.message.lower()
+    assert archive.read(archive.location(spec.sop_uid)) == first
+    assert _study(archive, spec.study_uid)["NumberOfStudyRelatedInstances"] == 1
+
+
+def test_replace_policy_replaces_the_copy_and_keeps_one_row(backend):
+    archive = backend.open(duplicate_policy="replace")
+    try:
+        spec = Spec()
+        first, second = instance(spec), instance(Spec(**{**spec.__dict__,
+                                                         "series_description": "mới"}))
+        archive.store(first)
+        old_key = archive.location(spec.sop_uid).blob_key
+        result = archive.store(second)
+        assert result.outcome is StoreOutcome.REPLACED
+        location = archive.location(spec.sop_uid)
+        assert archive.read(location) == second
+        assert not archive.blobs.exists(old_key)
+        study = _study(archive, spec.study_uid)
+        assert (study["NumberOfStudyRelatedInstances"], study["NumberOfStudyRelatedSeries"]) \
+            == (1, 1)
+    finally:
+        archive.close()
+
+
+def test_aggregates_follow_ingest_and_deletion(archive):
+    study = Spec().study_uid
+    ct_series, sr_series = Spec().series_uid, Spec().series_uid
+    for n in range(3):
+        archive.store(instance(study_uid=study, series_uid=ct_series, instance_number=n + 1))
+    sr = Spec(study_uid=study, series_uid=sr_series, modality="SR",
+              sop_class="1.2.840.10008.5.1.4.1.1.88.11")
+    archive.store(instance(sr))
+    row = _study(archive, study)
+    assert row["ModalitiesInStudy"] == "CT\\SR"
+    assert (row["NumberOfStudyRelatedSeries"], row["NumberOfStudyRelatedInstances"]) == (2, 4)
+    patient = find(archive.index, Query(Level.PATIENT, {"PatientID": "BN0001"}))[0]
+    assert (patient["NumberOfPatientRelatedStudies"], patient["NumberOfPatientRelatedSeries"],
+            patient["NumberOfPatientRelatedInstances"]) == (1, 2, 4)
+
+    assert archive.delete(Level.SERIES, sr_series) == 1
+    row = _study(archive, study)
+    assert row["ModalitiesInStudy"] == "CT"
+    assert (row["NumberOfStudyRelatedSeries"], row["NumberOfStudyRelatedInstances"]) == (1, 3)
+    assert not archive.blobs.exists(f"{study}/{sr_series}/{sr.sop_uid}.dcm")
+
+    assert archive.delete(Level.STUDY, study) == 3
+    assert find(archive.index, Query(Level.STUDY, {"StudyInstanceUID": study})) == []
+    assert find(archive.index, Query(Level.PATIENT, {"PatientID": "BN0001"})) == []
+    assert list(archive.blobs.iterate()) == []
+    with pytest.raises(NotFound):
+        archive.delete(Level.STUDY, study)
+
+
+def test_study_stays_with_the_patient_it_was_first_stored_under(archive):
+    spec = Spec()
+    archive.store(instance(spec))
+    archive.store(instance(study_uid=spec.study_uid, series_uid=spec.series_uid,
+                           patient_id="OTHER", patient_name="Lê^Văn Tám"))
+    rows = find(archive.index, Query(Level.PATIENT, {}))
+    assert [r["PatientID"] for r in rows] == ["BN0001"]
+    assert rows[0]["NumberOfPatientRelatedInstances"] == 2
+
+
+def test_invalid_instance_writes_nothing(archive):
+    with pytest.raises(InvalidInstance):
+        archive.store(b"not dicom at all, just text" * 10)
+    assert list(archive.blobs.iterate()) == []
+    assert find(archive.index, Query(Level.INSTANCE, {})) == []
+
+
+def test_reconcile_indexes_blobs_left_without_rows(archive):
+    spec = Spec()
+    parsed = parse_instance(instance(spec))
+    # What a crash between the blob write and the index commit leaves behind:
+    archive.blobs.put(f"{spec.study_uid}/{spec.series_uid}/{spec.sop_uid}.dcm", parsed.data)
+    archive.blobs.put("9.9/9.9/9.9.dcm", b"half a file")
+    report = archive.reconcile()
+    assert report.reindexed == 1
+    assert list(report.unreadable) == ["9.9/9.9/9.9.dcm"]
+    assert archive.read(archive.location(spec.sop_uid)) == parsed.data
+    assert archive.reconcile().reindexed == 0  # idempotent
+
+
+def test_check_finds_missing_corrupt_and_orphan_blobs(archive):
+    a, b = Spec(), Spec()
+    archive.store(instance(a))
+    archive.store(instance(b))
+    assert archive.check().clean
+    archive.blobs.delete(archive.location(a.sop_uid).blob_key)
+    key_b = archive.location(b.sop_uid).blob_key
+    data = bytearray(archive.blobs.get(key_b))
+    data[-1] ^= 0xFF  # same size, different content
+    archive.blobs.put(key_b, bytes(data))
+    archive.blobs.put("1.2/3.4/5.6.dcm", b"stray")
+    report = archive.check()
+    assert report.missing == [a.sop_uid]
+    assert report.corrupt == [b.sop_uid]
+    assert report.orphans == ["1.2/3.4/5.6.dcm"]
+    assert archive.check(verify_hashes=False).corrupt == []  # size alone cannot see it
+
+
+def test_index_failure_reports_storage_unavailable_and_leaves_no_blob(archive):
+    with archive.index.engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE instances"))
+    with pytest.raises(StorageUnavailable, match="index database"):
+        archive.store(instance())
+    assert list(archive.blobs.iterate()) == []
+
+
+def test_blob_failure_reports_storage_unavailable_and_indexes_nothing(make_backend, tmp_path):
+    archive = make_backend("sqlite-files").open()
+    try:
+        (tmp_path / "blobs" / ".tmp").rmdir()
+        (tmp_path / "blobs" / ".tmp").write_bytes(b"")
+        with pytest.raises(StorageUnavailable, match="cannot write"):
+            archive.store(instance())
+        assert find(archive.index, Query(Level.INSTANCE, {})) == []
+    finally:
+        archive.close()
+
+
+def test_parallel_stores_keep_counts_exact_and_one_row_per_uid(archive):
+    study, series_uids = Spec().study_uid, [Spec().series_uid for _ in range(4)]
+    datas = [instance(study_uid=study, series_uid=series_uids[n % 4], instance_number=n)
+             for n in range(80)]
+    same_uid = Spec(study_uid=study, series_uid=series_uids[0])
+    copies = [instance(same_uid) for _ in range(8)]
+    barrier = threading.Barrier(8)
+
+    def store_copy(data):
+        barrier.wait()
+        return archive.store(data).outcome
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(store_copy, copies))
+        list(pool.map(archive.store, datas))
+    assert outcomes.count(StoreOutcome.STORED) == 1
+    assert outcomes.count(StoreOutcome.DUPLICATE_KEPT) == 7
+    row = _study(archive, study)
+    assert (row["NumberOfStudyRelatedSeries"], row["NumberOfStudyRelatedInstances"]) == (4, 81)
+    series_rows = find(archive.index, Query(Level.SERIES, {"StudyInstanceUID": study}))
+    assert sorted(r["NumberOfSeriesRelatedInstances"] for r in series_rows) == [20, 20, 20, 21]

@@ -1,0 +1,74 @@
+"""Blob stores: one contract, two implementations (local files and S3 over HTTP)."""
+
+from __future__ import annotations
+
+import pytest
+
+from storage.blobs import FileBlobStore, open_blob_store
+from storage.errors import StorageUnavailable
+from tests.conftest import s3_url
+
+
+@pytest.fixture(params=["files", "s3"])
+def store(request, tmp_path):
+    if request.param == "files":
+        return open_blob_store(f"file://{tmp_path / 'blobs'}")
+    return open_blob_store(s3_url(request.getfixturevalue("s3_endpoint")))
+
+
+def test_put_get_range_size_exists_delete(store):
+    data = bytes(range(256)) * 100
+    store.put("1.2.3/1.2.3.4/1.2.3.4.5.dcm", data)
+    assert store.get("1.2.3/1.2.3.4/1.2.3.4.5.dcm") == data
+    assert store.get_range("1.2.3/1.2.3.4/1.2.3.4.5.dcm", 1000, 300) == data[1000:1300]
+    assert b"".join(store.open_chunks("1.2.3/1.2.3.4/1.2.3.4.5.dcm", 4096)) == data
+    assert store.size("1.2.3/1.2.3.4/1.2.3.4.5.dcm") == len(data)
+    assert store.exists("1.2.3/1.2.3.4/1.2.3.4.5.dcm")
+    store.delete("1.2.3/1.2.3.4/1.2.3.4.5.dcm")
+    assert not store.exists("1.2.3/1.2.3.4/1.2.3.4.5.dcm")
+    assert store.size("1.2.3/1.2.3.4/1.2.3.4.5.dcm") is None
+    store.delete("1.2.3/1.2.3.4/1.2.3.4.5.dcm")  # absent: not an error
+
+
+def test_missing_blob_raises_key_error(store):
+    with pytest.raises(KeyError):
+        store.get("9.9/9.9/9.9.dcm")
+    with pytest.raises(KeyError):
+        store.open_chunks("9.9/9.9/9.9.dcm")
+
+
+def test_iterate_lists_keys_in_byte_order(store):
+    keys = ["1.2/1.10/3.dcm", "1.2/1.9/1.dcm", "1.2/1.9/1.dcm.x", "1.3/1/2.dcm", "1.2.5/1/1.dcm"]
+    for key in keys:
+        store.put(key, b"x")
+    assert list(store.iterate()) == sorted(keys)
+    assert list(store.iterate("1.2/")) == sorted(k for k in keys if k.startswith("1.2/"))
+
+
+def test_local_path_gives_a_readable_file(store):
+    store.put("1/2/3.dcm", b"DICM-bytes")
+    with store.local_path("1/2/3.dcm") as path:
+        assert path.read_bytes() == b"DICM-bytes"
+
+
+def test_file_store_leaves_no_temporary_files_and_refuses_escaping_keys(tmp_path):
+    store = FileBlobStore(tmp_path / "blobs")
+    store.put("1/2/3.dcm", b"abc")
+    assert list((tmp_path / "blobs" / ".tmp").iterdir()) == []
+    with pytest.raises(ValueError):
+        store.put("../outside.dcm", b"x")
+
+
+def test_file_store_write_failure_is_storage_unavailable(tmp_path):
+    store = FileBlobStore(tmp_path / "blobs")
+    # The staging folder replaced by a file: every write fails, as on a broken disk.
+    (tmp_path / "blobs" / ".tmp").rmdir()
+    (tmp_path / "blobs" / ".tmp").write_bytes(b"")
+    with pytest.raises(StorageUnavailable, match="cannot write"):
+        store.put("1/2/4.dcm", b"x")
+    assert not store.exists("1/2/4.dcm")
+
+
+def test_unreachable_s3_endpoint_is_storage_unavailable():
+    with pytest.raises(StorageUnavailable, match="not reachable"):
+        open_blob_store("s3://bucket?endpoint=http://127.0.0.1:9&access_key=a&secret_key=b")

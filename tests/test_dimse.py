@@ -1,0 +1,307 @@
+"""The DICOM network services against a running `pacs serve`, with DCMTK tools and pynetdicom."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+
+from tests import dimse_client as client
+from tests.conftest import free_port
+from tests.factory import Spec, dataset, instance
+
+
+@pytest.fixture
+def move_destination(tmp_path, dcmtk_env):
+    """DCMTK storescp as a C-MOVE destination (AE STORESCP)."""
+    port = free_port()
+    folder = tmp_path / "received"
+    folder.mkdir()
+    proc = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(folder), "+B",
+                             "--exec-on-reception", "true", str(port)],
+                            env=dcmtk_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    yield port, folder
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def server(start_server, move_destination):
+    port, _ = move_destination
+    return start_server(PACS_PEERS=f"STORESCP@127.0.0.1:{port}")
+
+
+def write_instances(folder, specs):
+    folder.mkdir(exist_ok=True)
+    paths = []
+    for n, spec in enumerate(specs):
+        path = folder / f"{n:04d}.dcm"
+        path.write_bytes(instance(spec))
+        paths.append(path)
+    return paths
+
+
+def storescu(server, paths, env, *extra):
+    return client.run(["storescu", "-aec", server.ae_title, *extra, "127.0.0.1",
+                       str(server.dicom_port), *map(str, paths)], env)
+
+
+def findscu(server, env, keys, *options, out_dir=None):
+    cmd = ["findscu", "-aec", server.ae_title, *options]
+    if out_dir is not None:
+        cmd += ["-X", "-od", str(out_dir)]
+    for key in keys:
+        cmd += ["-k", key]
+    return client.run([*cmd, "127.0.0.1", str(server.dicom_port)], env)
+
+
+def test_echoscu(server, dcmtk_env):
+    result = client.run(["echoscu", "-aec", "PACS", "127.0.0.1", str(server.dicom_port)],
+                        dcmtk_env)
+    assert result.returncode == 0, result.stderr
+    assert client.echo(server.dicom_port) == 0x0000
+
+
+def test_healthz_reports_the_dicom_server(server):
+    import httpx
+
+    body = httpx.get(server.http + "/healthz").json()
+    assert body["status"] == "ok"
+    assert body["dicom_port"] == server.dicom_port
+
+
+def test_storescu_then_findscu_finds_vietnamese_name_without_diacritics(server, dcmtk_env,
+                                                                       tmp_path):
+    spec = Spec(patient_name="Nguyễn^Văn An", patient_id="CCCD001203004567")
+    paths = write_instances(tmp_path / "in", [spec, Spec(patient_name="Trần^Thị Bình",
+                                                         patient_id="BN2")])
+    result = storescu(server, paths, dcmtk_env)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "found"
+    out.mkdir()
+    result = findscu(server, dcmtk_env, [
+        "QueryRetrieveLevel=STUDY", "PatientName=nguyen van an", "PatientID", "StudyInstanceUID",
+        "StudyDescription", "ModalitiesInStudy", "NumberOfStudyRelatedInstances"],
+        "-S", out_dir=out)
+    assert result.returncode == 0, result.stderr
+    responses = [pydicom.dcmread(p) for p in sorted(out.iterdir())]
+    assert len(responses) == 1
+    found = responses[0]
+    assert found.SpecificCharacterSet == "ISO_IR 192"
+    assert str(found.PatientName) == "Nguyễn^Văn An"
+    assert found.PatientID == "CCCD001203004567"
+    assert found.StudyInstanceUID == spec.study_uid
+    assert found.StudyDescription == "CT bụng có cản quang"
+    assert found.ModalitiesInStudy == "CT"
+    assert found.NumberOfStudyRelatedInstances == 1
+
+
+def test_c_find_at_every_level_in_both_models(server, tmp_path):
+    study = Spec(patient_name="Lê^Thị Hồng", patient_id="P77", study_date="20240520")
+    series_specs = [Spec(study_uid=study.study_uid, series_uid=study.series_uid,
+                         patient_name=study.patient_name, patient_id="P77",
+                         study_date="20240520", instance_number=n) for n in range(1, 4)]
+    statuses = client.store_files(server.dicom_port, write_instances(tmp_path, series_specs))
+    assert all(s.Status == 0 for s in statuses.values())
+    port = server.dicom_port
+    patients = client.c_find(port, client.identifier(
+        "PATIENT", PatientName="le^thi*", PatientID="", NumberOfPatientRelatedInstances=""),
+        patient_root=True)
+    assert [(p.PatientID, p.NumberOfPatientRelatedInstances) for p in patients] == [("P77", 3)]
+    studies = client.c_find(port, client.identifier(
+        "STUDY", StudyDate="20240501-20240531", StudyInstanceUID="", PatientName=""))
+    assert [s.StudyInstanceUID for s in studies] == [study.study_uid]
+    series = client.c_find(port, client.identifier(
+        "SERIES", StudyInstanceUID=study.study_uid, SeriesInstanceUID="", Modality="CT",
+        NumberOfSeriesRelatedInstances=""))
+    assert [(s.SeriesInstanceUID, s.NumberOfSeriesRelatedInstances) for s in series] == \
+        [(study.series_uid, 3)]
+    images = client.c_find(port, client.identifier(
+        "IMAGE", StudyInstanceUID=study.study_uid, SeriesInstanceUID=study.series_uid,
+        SOPInstanceUID="", InstanceNumber="2", Rows="", SOPClassUID=""))
+    assert [(i.SOPInstanceUID, i.InstanceNumber, i.Rows) for i in images] == \
+        [(series_specs[1].sop_uid, 2, 8)]
+    uid_list = client.c_find(port, client.identifier(
+        "IMAGE", StudyInstanceUID=study.study_uid, SeriesInstanceUID=study.series_uid,
+        SOPInstanceUID=[series_specs[0].sop_uid, series_specs[2].sop_uid]))
+    assert sorted(i.SOPInstanceUID for i in uid_list) == sorted(
+        [series_specs[0].sop_uid, series_specs[2].sop_uid])
+
+
+def test_c_find_returns_requested_keys_the_index_does_not_hold(server, tmp_path):
+    spec = Spec(patient_id="P88", extra={"InstitutionName": "Bệnh viện Bạch Mai",
+                                         "BodyPartExamined": "ABDOMEN"})
+    client.store_files(server.dicom_port, write_instances(tmp_path, [spec]))
+    found = client.c_find(server.dicom_port, client.identifier(
+        "SERIES", StudyInstanceUID=spec.study_uid, SeriesInstanceUID="", InstitutionName="",
+        BodyPartExamined="", ImageType="", RetrieveAETitle=""))
+    assert len(found) == 1
+    assert found[0].InstitutionName == "Bệnh viện Bạch Mai"
+    assert found[0].BodyPartExamined == "ABDOMEN"
+    assert found[0].RetrieveAETitle == "PACS"
+    assert "ImageType" in found[0] and found[0].ImageType in (None, "", [])
+
+
+def test_bad_c_find_identifiers_get_a_failure_status(server):
+    port = server.dicom_port
+    with pytest.raises(client.C_FindFailed) as raised:
+        client.c_find(port, client.identifier("STUDY", StudyDate="2024-05-01"))
+    assert raised.value.status.Status == 0xA900
+    assert "StudyDate" in raised.value.status.ErrorComment
+    with pytest.raises(client.C_FindFailed) as raised:
+        client.c_find(port, client.identifier("WARD"))
+    assert raised.value.status.Status == 0xA900
+    with pytest.raises(client.C_FindFailed):
+        client.c_find(port, client.identifier("PATIENT", PatientID="*"))  # Study Root model
+    assert client.echo(port) == 0
+
+
+def test_c_move_sends_identical_data_sets_and_unknown_destination_is_a801(
+        server, tmp_path, move_destination, dcmtk_env):
+    _, received = move_destination
+    specs = [Spec(patient_id="MOVE1")]
+    specs += [Spec(study_uid=specs[0].study_uid, series_uid=specs[0].series_uid,
+                   patient_id="MOVE1", instance_number=n) for n in (2, 3)]
+    paths = write_instances(tmp_path / "in", specs)
+    assert storescu(server, paths, dcmtk_env).returncode == 0
+    result = client.run(["movescu", "-aec", "PACS", "-aem", "STORESCP", "-S",
+                         "-k", "QueryRetrieveLevel=STUDY", "-k",
+                         f"StudyInstanceUID={specs[0].study_uid}",
+                         "127.0.0.1", str(server.dicom_port)], dcmtk_env)
+    assert result.returncode == 0, result.stderr
+    moved = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p) for p in received.iterdir()}
+    assert set(moved) == {s.sop_uid for s in specs}
+    for spec, path in zip(specs, paths, strict=True):
+        assert moved[spec.sop_uid] == pydicom.dcmread(path)  # element by element
+
+    status = client.c_move(server.dicom_port, client.identifier(
+        "STUDY", StudyInstanceUID=specs[0].study_uid), "NOWHERE")
+    assert status.Status == 0xA801
+
+
+def test_c_get_returns_stored_instances(server, tmp_path, dcmtk_env):
+    spec = Spec(patient_id="GET1")
+    paths = write_instances(tmp_path / "in", [spec])
+    assert storescu(server, paths, dcmtk_env).returncode == 0
+    out = tmp_path / "got"
+    out.mkdir()
+    result = client.run(["getscu", "-aec", "PACS", "-S", "-od", str(out),
+                         "-k", "QueryRetrieveLevel=SERIES",
+                         "-k", f"StudyInstanceUID={spec.study_uid}",
+                         "-k", f"SeriesInstanceUID={spec.series_uid}",
+                         "127.0.0.1", str(server.dicom_port)], dcmtk_env)
+    assert result.returncode == 0, result.stderr
+    got = list(out.iterdir())
+    assert len(got) == 1
+    assert pydicom.dcmread(got[0]) == pydicom.dcmread(paths[0])
+
+
+def test_retrieve_without_any_unique_key_is_refused(server):
+    status, received = client.c_get(server.dicom_port, client.identifier("STUDY"),
+                                    [("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")])
+    assert status.Status == 0xA900
+    assert received == []
+
+
+def test_duplicate_store_is_a_warning_and_keeps_the_first(server, tmp_path):
+    spec = Spec(patient_id="DUP")
+    first = tmp_path / "first.dcm"
+    first.write_bytes(instance(spec))
+    second = tmp_path / "second.dcm"
+    second.write_bytes(instance(Spec(**{**spec.__dict__, "study_description": "khác"})))
+    statuses = client.store_files(server.dicom_port, [first])
+    assert statuses[first].Status == 0x0000
+    statuses = client.store_files(server.dicom_port, [second])
+    assert statuses[second].Status == 0xB007
+    assert "already stored" in statuses[second].ErrorComment.lower()
+    found = client.c_find(server.dicom_port, client.identifier(
+        "STUDY", PatientID="DUP", StudyDescription="", NumberOfStudyRelatedInstances=""))
+    assert [(f.StudyDescription, f.NumberOfStudyRelatedInstances) for f in found] == \
+        [("CT bụng có cản quang", 1)]
+
+
+def _raw_file(tmp_path, name, meta_sop_class, meta_sop_instance, dataset_bytes,
+              ts="1.2.840.10008.1.2.1"):
+    """A Part 10 file whose data set bytes are sent as they are (chunked C-STORE)."""
+    from storage.parsing import part10 as build
+
+    path = tmp_path / name
+    path.write_bytes(build(dataset_bytes, meta_sop_class, meta_sop_instance, ts))
+    return path
+
+
+def _encoded(ds: Dataset) -> bytes:
+    """The data set alone, Explicit VR Little Endian, as a C-STORE carries it."""
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = True, False
+    write_dataset(out, ds)
+    return out.getvalue()
+
+
+def test_malformed_stores_fail_with_a_reason_and_the_server_keeps_working(server, tmp_path):
+    good = Spec(patient_id="GOOD")
+    client.store_files(server.dicom_port, write_instances(tmp_path / "good", [good]))
+
+    valid = dataset(Spec(patient_id="BAD"))
+    complete = _encoded(valid)
+    no_uid = copy.deepcopy(valid)
+    del no_uid.SOPInstanceUID
+    unknown_class = copy.deepcopy(valid)
+    unknown_class.SOPClassUID = "1.2.826.0.1.3680043.8.498.999.1"
+    cases = {
+        "truncated": (_raw_file(tmp_path, "t.dcm", valid.SOPClassUID, valid.SOPInstanceUID,
+                                complete[:-40]), 0xC000, "truncated"),
+        "missing uid": (_raw_file(tmp_path, "m.dcm", valid.SOPClassUID, valid.SOPInstanceUID,
+                                  _encoded(no_uid)), 0xC000, "missing"),
+        "not dicom": (_raw_file(tmp_path, "n.dcm", valid.SOPClassUID, "1.2.3.4",
+                                b"\x00" * 7 + b"this is not a data set" * 20), 0xC000, ""),
+        "uid mismatch": (_raw_file(tmp_path, "u.dcm", valid.SOPClassUID, "1.2.3.4.5.6",
+                                   complete), 0xA900, "differs"),
+        "unknown sop class": (_raw_file(tmp_path, "c.dcm", unknown_class.SOPClassUID,
+                                        valid.SOPInstanceUID, _encoded(unknown_class)),
+                              0x0122, "not supported"),
+    }
+    for name, (path, expected, reason) in cases.items():
+        status = client.store_files(server.dicom_port, [path])[path]
+        assert status.Status == expected, name
+        assert reason in status.get("ErrorComment", ""), (name, status)
+    assert client.echo(server.dicom_port) == 0
+    found = client.c_find(server.dicom_port, client.identifier("IMAGE", PatientID="*",
+                                                               SOPInstanceUID=""))
+    assert [f.SOPInstanceUID for f in found] == [good.sop_uid]
+
+
+def test_calling_ae_not_in_the_allow_list_is_rejected(start_server, tmp_path, dcmtk_env):
+    server = start_server(tmp_path / "restricted", PACS_ALLOWED_CALLING_AES="CT01,MR01")
+    ok = client.run(["echoscu", "-aet", "CT01", "-aec", "PACS", "127.0.0.1",
+                     str(server.dicom_port)], dcmtk_env)
+    assert ok.returncode == 0, ok.stderr
+    refused = client.run(["echoscu", "-aet", "INTRUDER", "-aec", "PACS", "127.0.0.1",
+                          str(server.dicom_port)], dcmtk_env)
+    assert refused.returncode != 0
+    assert "Rejected" in refused.stderr or "rejected" in refused.stderr.lower()
+    with pytest.raises(ConnectionError):
+        client.echo(server.dicom_port, calling="INTRUDER")
+
+
+def test_compressed_instance_is_decompressed_for_a_peer_that_accepts_only_uncompressed(
+        server, corpus, move_destination):
+    _, received = move_destination
+    source = corpus / "github-neurolabusc+dcm_qa_ts" / "In" / "5.dcm"
+    original = pydicom.dcmread(source)
+    assert original.file_meta.TransferSyntaxUID.is_compressed
+    status = client.store_files(server.dicom_port, [source])[source]
+    assert status.Status in (0x0000, 0xB007)
+    final = client.c_move(server.dicom_port, client.identifier(
+        "IMAGE", StudyInstanceUID=original.StudyInstanceUID,
+        SeriesInstanceUID=original.SeriesInstanceUID,
+        SOPInstanceUID=original.SOPInstanceUID), "STORESCP")
+    assert final.Status == 0x0000
+    moved = pydicom.dcmread(next(received.iterdir()))
+    assert not moved.file_meta.TransferSyntaxUID.is_compressed
+    assert (moved.pixel_array == original.pixel_array).all()

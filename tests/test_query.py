@@ -1,0 +1,189 @@
+"""DICOM matching (storage.query) on SQLite and PostgreSQL: one implementation, same answers."""
+
+from __future__ import annotations
+
+import pytest
+
+from storage.archive import open_archive
+from storage.attributes import Level
+from storage.errors import InvalidQuery
+from storage.query import NameMatching, Query, find
+from tests.factory import Spec, instance
+
+PATIENTS = [
+    # name, id, birth date, study date, study time, accession, modality, description
+    ("Nguyễn^Văn An", "P001", "19800101", "20240105", "083000", "A100", "CT", "CT ngực"),
+    ("Nguyễn^Thị Bình", "P002", "19900215", "20240110", "141500.25", "A101", "MR", "MR sọ não"),
+    ("Nguyên^Văn Cường", "P003", "19751231", "20240201", "2359", "A102", "CT", "CT bụng"),
+    ("Trần^Đức Dũng", "P004", "20010704", "20240215", "101010", "B200", "US", "Siêu âm"),
+    ("Lý^Thị Hoa", "P005", "19651120", "20231231", "000001", "B201", "CR", "X quang ngực"),
+    ("TRẦN^VĂN EM", "P006", "19500505", "20240301", "120000", "C300", "CT", "CT 50%_off"),
+    ("Đặng^Đình Đức", "P007", "19880808", "20240302", "120000", "C301", "MR", "MR cột sống"),
+]
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def index(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("query")
+    if request.param == "sqlite":
+        url = f"sqlite:///{folder / 'index.sqlite'}"
+    else:
+        url = request.getfixturevalue("postgres_url").replace("postgresql://",
+                                                              "postgresql+psycopg://")
+    archive = open_archive(url, f"file://{folder / 'blobs'}")
+    with archive.index.engine.begin() as conn:  # module-scoped schema may be shared: start empty
+        for table in ("instances", "series", "studies", "patients"):
+            conn.exec_driver_sql(f"DELETE FROM {table}")
+    specs = {}
+    for name, pid, birth, date, time, accession, modality, description in PATIENTS:
+        spec = Spec(patient_name=name, patient_id=pid, birth_date=birth, study_date=date,
+                    study_time=time, accession=accession, modality=modality,
+                    study_description=description)
+        archive.store(instance(spec))
+        archive.store(instance(study_uid=spec.study_uid, series_uid=spec.series_uid,
+                               patient_name=name, patient_id=pid, modality=modality,
+                               instance_number=2))
+        specs[pid] = spec
+    # A second series of another modality in P001's study.
+    archive.store(instance(study_uid=specs["P001"].study_uid, modality="SR",
+                           patient_name="Nguyễn^Văn An", patient_id="P001",
+                           sop_class="1.2.840.10008.5.1.4.1.1.88.11"))
+    archive.specs = specs
+    yield archive
+    archive.close()
+
+
+def ids(rows):
+    return sorted(r["PatientID"] for r in rows)
+
+
+def study_ids(index, keys, mode=NameMatching.AUTO, **kwargs):
+    return ids(find(index.index, Query(Level.STUDY, keys, mode, **kwargs)))
+
+
+def test_universal_matching_returns_everything(index):
+    assert len(study_ids(index, {})) == 7
+    assert len(study_ids(index, {"PatientName": "*"})) == 7
+    assert len(study_ids(index, {"PatientName": ""})) == 7
+
+
+def test_single_value_matching_is_exact(index):
+    assert study_ids(index, {"PatientID": "P004"}) == ["P004"]
+    assert study_ids(index, {"PatientID": "P00"}) == []
+    assert study_ids(index, {"AccessionNumber": "A101"}) == ["P002"]
+
+
+def test_wildcards_star_and_question_mark(index):
+    assert study_ids(index, {"AccessionNumber": "A*"}) == ["P001", "P002", "P003"]
+    assert study_ids(index, {"AccessionNumber": "?20?"}) == ["P004", "P005"]
+    assert study_ids(index, {"StudyDescription": "*ngực"}) == ["P001", "P005"]
+
+
+def test_sql_wildcard_characters_in_values_are_literal(index):
+    assert study_ids(index, {"StudyDescription": "*50%_off"}) == ["P006"]
+    assert study_ids(index, {"StudyDescription": "*%*"}) == ["P006"]
+    assert study_ids(index, {"StudyDescription": "CT_*"}) == []
+
+
+def test_vietnamese_name_with_diacritics_matches_accents_exactly(index):
+    assert study_ids(index, {"PatientName": "Nguyễn*"}) == ["P001", "P002"]
+    assert study_ids(index, {"PatientName": "Nguyên*"}) == ["P003"]
+
+
+def test_name_without_diacritics_finds_the_accented_names(index):
+    assert study_ids(index, {"PatientName": "nguyen van an"}) == ["P001"]
+    assert study_ids(index, {"PatientName": "NGUYEN*"}) == ["P001", "P002", "P003"]
+    assert study_ids(index, {"PatientName": "dang dinh duc"}) == ["P007"]
+    assert study_ids(index, {"PatientName": "tran*"}) == ["P004", "P006"]
+
+
+def test_person_name_matching_ignores_case(index):
+    assert study_ids(index, {"PatientName": "trần^văn em"}) == ["P006"]
+    assert study_ids(index, {"PatientName": "LÝ^THỊ*"}) == ["P005"]
+
+
+def test_name_matching_modes(index):
+    assert study_ids(index, {"PatientName": "nguyen*"}, NameMatching.EXACT) == []
+    assert study_ids(index, {"PatientName": "Nguyễn*"}, NameMatching.FUZZY) == \
+        ["P001", "P002", "P003"]
+
+
+def test_date_ranges(index):
+    assert study_ids(index, {"StudyDate": "20240101-20240131"}) == ["P001", "P002"]
+    assert study_ids(index, {"StudyDate": "20240301-"}) == ["P006", "P007"]
+    assert study_ids(index, {"StudyDate": "-20231231"}) == ["P005"]
+    assert study_ids(index, {"StudyDate": "20240215"}) == ["P004"]
+    assert study_ids(index, {"PatientBirthDate": "19800101-19901231"}) == ["P001", "P002",
+                                                                           "P007"]
+
+
+def test_time_ranges_compare_times_of_any_precision(index):
+    assert study_ids(index, {"StudyTime": "1200-1300"}) == ["P006", "P007"]
+    assert study_ids(index, {"StudyTime": "-0830"}) == ["P001", "P005"]
+    assert study_ids(index, {"StudyTime": "2359-"}) == ["P003"]
+    assert study_ids(index, {"StudyTime": "14"}) == ["P002"]  # the whole hour
+
+
+def test_uid_lists(index):
+    specs = index.specs
+    uids = "\\".join(specs[p].study_uid for p in ("P002", "P005"))
+    assert study_ids(index, {"StudyInstanceUID": uids}) == ["P002", "P005"]
+    comma = ",".join(specs[p].study_uid for p in ("P003", "P004"))
+    assert study_ids(index, {"StudyInstanceUID": comma}) == ["P003", "P004"]
+
+
+def test_modalities_in_study_matches_any_series(index):
+    assert study_ids(index, {"ModalitiesInStudy": "SR"}) == ["P001"]
+    assert study_ids(index, {"ModalitiesInStudy": "US\\CR"}) == ["P004", "P005"]
+    rows = find(index.index, Query(Level.STUDY, {"PatientID": "P001"}))
+    assert rows[0]["ModalitiesInStudy"] == "CT\\SR"
+
+
+def test_series_and_instance_levels_match_on_their_own_and_upper_keys(index):
+    series = find(index.index, Query(Level.SERIES, {"Modality": "CT"}))
+    assert ids(series) == ["P001", "P003", "P006"]
+    assert all(r["NumberOfSeriesRelatedInstances"] == 2 for r in series)
+    images = find(index.index, Query(Level.INSTANCE, {"PatientID": "P004",
+                                                      "InstanceNumber": "2"}))
+    assert len(images) == 1 and images[0]["InstanceNumber"] == 2
+    assert images[0]["_blob_key"].endswith(".dcm")
+
+
+def test_patient_level(index):
+    rows = find(index.index, Query(Level.PATIENT, {"PatientName": "nguyen*"}))
+    assert ids(rows) == ["P001", "P002", "P003"]
+    p001 = next(r for r in rows if r["PatientID"] == "P001")
+    assert (p001["NumberOfPatientRelatedStudies"], p001["NumberOfPatientRelatedSeries"],
+            p001["NumberOfPatientRelatedInstances"]) == (1, 2, 3)
+
+
+def test_limit_and_offset_page_through_results(index):
+    first = find(index.index, Query(Level.STUDY, {}, limit=3))
+    rest = find(index.index, Query(Level.STUDY, {}, limit=10, offset=3))
+    assert len(first) == 3 and len(rest) == 4
+    assert not {r["StudyInstanceUID"] for r in first} & {r["StudyInstanceUID"] for r in rest}
+
+
+def test_return_keys_outside_the_index_come_from_stored_json(index):
+    rows = find(index.index, Query(Level.STUDY, {"PatientID": "P004"},
+                                   extra_tags=frozenset({"00080090", "00280010"})))
+    assert rows[0]["_extra"]["00080090"]["Value"] == [{"Alphabetic": "Trần^Thị Bình"}]
+    assert rows[0]["_extra"]["00280010"]["Value"] == [8]
+
+
+@pytest.mark.parametrize(("keys", "keyword"), [
+    ({"StudyDate": "2024-01-01"}, "StudyDate"),
+    ({"StudyDate": "20240101-20231231"}, "StudyDate"),
+    ({"StudyDate": "20240101-20240201-20240301"}, "StudyDate"),
+    ({"StudyTime": "25:00"}, "StudyTime"),
+    ({"StudyInstanceUID": "1.2.abc"}, "StudyInstanceUID"),
+])
+def test_malformed_keys_are_refused_naming_the_attribute(index, keys, keyword):
+    with pytest.raises(InvalidQuery) as raised:
+        find(index.index, Query(Level.STUDY, keys))
+    assert raised.value.keyword == keyword
+
+
+def test_integer_keys_refuse_text(index):
+    with pytest.raises(InvalidQuery, match="InstanceNumber"):
+        find(index.index, Query(Level.INSTANCE, {"InstanceNumber": "first"}))
