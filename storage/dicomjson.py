@@ -111,6 +111,8 @@ class HeaderJSON:
         implicit = elem.is_implicit_VR
         if elem.VR == "UN" and vr != "UN":
             implicit, little = True, True  # PS3.5 6.2.2: a known tag sent as UN is implicit LE
+        if vr == "SQ" and isinstance(value, list):  # items already read (storage.rawread)
+            return self._sequence(value, encodings, path, base)
         if vr == "SQ":
             items = read_sequence(
                 BytesIO(value or b""), implicit, little, elem.length, encodings)
@@ -143,12 +145,13 @@ class HeaderJSON:
         return {"vr": vr, "Value": [None if v == "" else v for v in values]}
 
     def _sequence(
-        self, items: list[Dataset], encodings: list[str], path: str, base: int
+        self, items: list, encodings: list[str], path: str, base: int
     ) -> dict[str, Any]:
         if not items:
             return {"vr": "SQ", "Value": []}
         values = [
-            self.dataset(item.elements(), encodings, f"{path}/{index}/", base)
+            self.dataset(item.elements() if isinstance(item, Dataset) else item, encodings,
+                         f"{path}/{index}/", base)
             for index, item in enumerate(items)
         ]
         return {"vr": "SQ", "Value": values}

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
 
-from pydicom.dataset import FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, data_element_generator, read_preamble
 from pydicom.uid import (
@@ -26,6 +25,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
+from storage import rawread
 from storage.dicomjson import BULK_THRESHOLD, HeaderJSON
 from storage.errors import InvalidInstance
 
@@ -91,27 +91,21 @@ def parse_instance(data: bytes, *, transfer_syntax: str | None = None) -> Parsed
     """
     if not data:
         raise InvalidInstance("the data set is empty")
-    fp = BytesIO(data)
-    try:
-        preamble = read_preamble(fp, force=True)
-        meta = _read_file_meta_info(fp)
-    except (InvalidDicomError, struct.error, ValueError, EOFError) as exc:
-        raise InvalidInstance(f"the File Meta Information cannot be read: {exc}") from None
-    dataset_start = fp.tell()
-    if str(meta.get("MediaStorageSOPClassUID", "")).strip("\x00 ") == MEDIA_STORAGE_DIRECTORY:
+    preamble, meta, dataset_start = _read_meta(data)
+    if meta.get("MediaStorageSOPClassUID", "") == MEDIA_STORAGE_DIRECTORY:
         raise InvalidInstance("this is a DICOMDIR (an index of a CD/DVD), not an instance: "
                               "import the files it lists instead")
-    syntax = str(meta.get("TransferSyntaxUID", "") or transfer_syntax or "").strip("\x00 ")
+    syntax = (meta.get("TransferSyntaxUID") or transfer_syntax or "").strip("\x00 ")
     if not syntax:
         syntax = _guess_transfer_syntax(data[dataset_start : dataset_start + 8])
     if not is_known_transfer_syntax(syntax):
         raise InvalidInstance(f"transfer syntax {syntax!r} is unknown")
     parsed = _parse_dataset(data, dataset_start, syntax)
     needs_meta = (
-        preamble is None
+        not preamble
         or "TransferSyntaxUID" not in meta
-        or str(meta.get("MediaStorageSOPInstanceUID", "")).strip("\x00 ") != parsed["sop_instance"]
-        or str(meta.get("MediaStorageSOPClassUID", "")).strip("\x00 ") != parsed["sop_class"]
+        or meta.get("MediaStorageSOPInstanceUID") != parsed["sop_instance"]
+        or meta.get("MediaStorageSOPClassUID") != parsed["sop_class"]
     )
     if needs_meta:
         rewritten = parse_instance(_with_new_meta(data, dataset_start, meta, syntax, parsed))
@@ -131,6 +125,30 @@ def parse_instance(data: bytes, *, transfer_syntax: str | None = None) -> Parsed
 
 _OTHER_FORMATS = {b"\x1f\x8b": "gzip", b"PK\x03\x04": "ZIP", b"\x89PNG": "PNG",
                   b"\xff\xd8\xff": "JPEG", b"%PDF": "PDF", b"<?xml": "XML", b"{": "JSON"}
+
+
+def _read_meta(data: bytes) -> tuple[bool, dict[str, str], int]:
+    """Whether there is a preamble, the File Meta values we use, and where the data set starts."""
+    preamble = len(data) >= 132 and data[128:132] == b"DICM"
+    start = 132 if preamble else 0
+    if data[start:start + 2] != b"\x02\x00":
+        return preamble, {}, start  # no File Meta at all
+    try:
+        meta, end = rawread.read_file_meta(data, start)
+        return preamble, meta, end
+    except rawread.UnusualEncoding:
+        pass
+    fp = BytesIO(data)
+    try:
+        read_preamble(fp, force=True)
+        file_meta = _read_file_meta_info(fp)
+    except (InvalidDicomError, struct.error, ValueError, EOFError) as exc:
+        raise InvalidInstance(f"the File Meta Information cannot be read: {exc}") from None
+    meta = {key: str(file_meta.get(key, "") or "").strip("\x00 ")
+            for key in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID",
+                        "TransferSyntaxUID", "SourceApplicationEntityTitle")
+            if key in file_meta}
+    return preamble, meta, fp.tell()
 
 
 def _guess_transfer_syntax(head: bytes) -> str:
@@ -165,15 +183,8 @@ def _parse_dataset(data: bytes, start: int, syntax: str) -> dict[str, Any]:
         buffer = data
     implicit = uid == ImplicitVRLittleEndian
     little = uid != ExplicitVRBigEndian
-    fp = BytesIO(buffer)
-    fp.seek(start)
     try:
-        elements = list(data_element_generator(
-            fp, implicit, little,
-            stop_when=lambda tag, vr, length: tag in PIXEL_DATA_TAGS,
-            defer_size=BULK_THRESHOLD,
-        ))
-        pixel_start = fp.tell() if fp.tell() < len(buffer) else None
+        elements, pixel_start = _read_elements(buffer, start, implicit, little)
         converter = HeaderJSON(offsets_valid=not deflated, buffer=buffer)
         header = converter.dataset(elements)
     except InvalidInstance:
@@ -192,6 +203,24 @@ def _parse_dataset(data: bytes, start: int, syntax: str) -> dict[str, Any]:
         frames = _frame_ranges(buffer, pixel_start, implicit, little, header, elements)
         found["frames"] = None if deflated else frames
     return found
+
+
+def _read_elements(buffer: bytes, start: int, implicit: bool, little: bool
+                   ) -> tuple[list, int | None]:
+    """Top-level elements up to the pixel data, and the pixel data element's offset."""
+    if little and not implicit:
+        try:
+            return rawread.read_dataset(buffer, start, PIXEL_DATA_TAGS)
+        except rawread.UnusualEncoding:
+            pass  # pydicom copes with more (or says precisely what is wrong)
+    fp = BytesIO(buffer)
+    fp.seek(start)
+    elements = list(data_element_generator(
+        fp, implicit, little,
+        stop_when=lambda tag, vr, length: tag in PIXEL_DATA_TAGS,
+        defer_size=BULK_THRESHOLD,
+    ))
+    return elements, (fp.tell() if fp.tell() < len(buffer) else None)
 
 
 def _uid(header: dict[str, Any], tag: str, name: str) -> str:
@@ -339,10 +368,10 @@ def _starts_by_marker(buffer: bytes, fragments: list[tuple[int, int]]) -> set[in
 
 
 def _with_new_meta(
-    data: bytes, dataset_start: int, meta: FileMetaDataset, syntax: str, parsed: dict[str, Any]
+    data: bytes, dataset_start: int, meta: dict[str, str], syntax: str, parsed: dict[str, Any]
 ) -> bytes:
     """``data`` with a preamble and a File Meta that matches its data set."""
-    source = str(meta.get("SourceApplicationEntityTitle", "") or "").strip() or None
+    source = meta.get("SourceApplicationEntityTitle") or None
     return part10(data[dataset_start:], parsed["sop_class"], parsed["sop_instance"], syntax,
                   source_ae_title=source)
 

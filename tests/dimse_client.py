@@ -21,6 +21,7 @@ from pynetdicom.sop_class import (
 
 # Send files byte for byte, as a modality would, instead of re-encoding them with pydicom.
 _config.STORE_SEND_CHUNKED_DATASET = True
+_config.LOG_HANDLER_LEVEL = "none"
 
 
 def _nodelay(event: evt.Event) -> None:

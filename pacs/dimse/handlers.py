@@ -22,12 +22,13 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
 )
 
-from pacs.dimse import status
+from pacs.dimse import fastfind, status
 from pacs.dimse.identifiers import (
     IdentifierError,
     build_query,
     build_response,
     parse_identifier,
+    response_dataset,
     retrieve_keys,
 )
 from pacs.settings import Settings
@@ -170,12 +171,34 @@ class DimseHandlers:
             yield status_dataset(status.QR_UNABLE_TO_PROCESS, "Internal error while searching"), \
                 None
             return
-        ae_title = self.settings.ae_title
+        yield from self._answer_find(event, level, keys, rows)
+
+    def _answer_find(self, event: evt.Event, level: Level, keys, rows) -> Iterator[Any]:
+        """Pending responses for ``rows``, then success (or cancel)."""
+        syntax = UID(event.context.transfer_syntax)
+        sender = None
+        if syntax.is_little_endian and not syntax.is_deflated:
+            request = event.request
+            command = fastfind.pending_command(str(request.AffectedSOPClassUID),
+                                               request.MessageID)
+            sender = fastfind.PendingSender(event.assoc, event.context.context_id, command)
         for row in rows:
             if event.is_cancelled:
+                if sender:
+                    sender.flush()
                 yield status.CANCEL, None
                 return
-            yield status.PENDING, build_response(level, keys, row, ae_title)
+            response = build_response(level, keys, row, self.settings.ae_title)
+            encoded = sender and fastfind.encode_identifier(
+                response.elements, implicit=syntax.is_implicit_VR, utf8=response.utf8)
+            if encoded is not None:
+                sender.add(encoded)
+                continue
+            if sender:
+                sender.flush()  # keep the order: earlier matches go out first
+            yield status.PENDING, response_dataset(response)
+        if sender:
+            sender.flush()
         yield status.SUCCESS, None
 
     # ------------------------------------------------------------------ C-MOVE / C-GET

@@ -6,11 +6,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.sequence import Sequence
 
 from storage.attributes import BY_KEYWORD, Level
 from storage.query import NameMatching, Query
@@ -96,64 +95,83 @@ def build_query(level: Level, keys: Iterable[RequestedKey], name_matching: NameM
     return Query(level, matching, name_matching, limit=limit, extra_tags=frozenset(extra))
 
 
+@dataclass(frozen=True)
+class Response:
+    """One C-FIND answer: (tag, VR, value) elements, plain values or DICOM JSON objects."""
+
+    elements: list[tuple[int, str, Any]]
+    utf8: bool
+
+
 def build_response(level: Level, keys: Iterable[RequestedKey], row: dict[str, Any],
-                   ae_title: str) -> Dataset:
-    """The C-FIND response identifier for one matching row: every requested key, in order."""
-    response = Dataset()
-    response.QueryRetrieveLevel = level.dicom
+                   ae_title: str) -> Response:
+    """The C-FIND response identifier for one matching row: every requested key.
+
+    Indexed values are plain (str, int, None); values from the stored header are kept as their
+    DICOM JSON object (a dict) and turned into plain values when they are simple.
+    """
+    elements: list[tuple[int, str, Any]] = [(QUERY_RETRIEVE_LEVEL, "CS", level.dicom)]
     non_ascii = False
     extra = row.get("_extra", {})
     for key in keys:
-        tag_hex = f"{key.tag:08X}"
         if key.tag == RETRIEVE_AE_TITLE:
             value: Any = ae_title
         elif key.tag == INSTANCE_AVAILABILITY:
             value = "ONLINE"
         elif key.keyword in BY_KEYWORD and key.vr != "SQ":
-            value = _element_value(key.vr, row.get(key.keyword))
-        elif tag_hex in extra:
-            element = _from_json(tag_hex, extra[tag_hex])
-            if element is not None:
-                response.add(element)
-                non_ascii = non_ascii or _has_non_ascii(element.value)
-            else:
-                response.add_new(key.tag, key.vr, None)
+            value = row.get(key.keyword)
+        elif (obj := extra.get(f"{key.tag:08X}")) is not None:
+            value = _plain(obj)
+            elements.append((key.tag, obj.get("vr", key.vr), value))
+            non_ascii = non_ascii or not _is_ascii(value)
             continue
         else:
             value = None
-        response.add_new(key.tag, key.vr, value)
-        non_ascii = non_ascii or _has_non_ascii(value)
+        elements.append((key.tag, key.vr, value))
+        non_ascii = non_ascii or not _is_ascii(value)
     if non_ascii:
-        response.SpecificCharacterSet = "ISO_IR 192"
-    return response
+        elements.append((SPECIFIC_CHARACTER_SET, "CS", "ISO_IR 192"))
+    return Response(elements, non_ascii)
 
 
-def _element_value(vr: str, value: Any) -> Any:
-    if value is None or value == "":
+def _plain(obj: dict[str, Any]) -> Any:
+    """A DICOM JSON element as a plain value when it is text or numbers, else the object."""
+    if obj.get("vr") == "SQ" or "InlineBinary" in obj or "BulkDataURI" in obj:
+        return obj
+    values = obj.get("Value")
+    if not values:
         return None
-    if isinstance(value, str) and "\\" in value and vr not in _SINGLE_VALUED_TEXT:
-        return value.split("\\")
-    return value
+    if obj.get("vr") == "PN":
+        return "\\".join("=".join((v or {}).get(k, "") for k in
+                                   ("Alphabetic", "Ideographic", "Phonetic")).rstrip("=")
+                          for v in values)
+    if any(isinstance(v, dict | list) for v in values):
+        return obj
+    return "\\".join("" if v is None else str(v) for v in values)
 
 
-def _from_json(tag_hex: str, obj: dict[str, Any]) -> DataElement | None:
-    if "BulkDataURI" in obj:
-        return None
-    try:
-        dataset = Dataset.from_json({tag_hex: obj})
-    except Exception:
-        return None
-    return dataset[int(tag_hex, 16)]
+def _is_ascii(value: Any) -> bool:
+    if value is None or isinstance(value, int):
+        return True
+    if isinstance(value, dict):
+        return value.get("vr") != "SQ" and str(value).isascii()
+    return str(value).isascii()
 
 
-def _has_non_ascii(value: Any) -> bool:
-    if value is None:
-        return False
-    if isinstance(value, list | tuple | MultiValue):
-        return any(_has_non_ascii(v) for v in value)
-    if isinstance(value, Sequence):
-        return any(_has_non_ascii(e.value) for item in value for e in item)
-    return not str(value).isascii()
+def response_dataset(response: Response) -> Dataset:
+    """The response as a pydicom Dataset, for pynetdicom to encode (the general path)."""
+    ds = Dataset()
+    for tag, vr, value in response.elements:
+        if isinstance(value, dict):
+            try:
+                ds.add(Dataset.from_json({f"{tag:08X}": value})[tag])
+                continue
+            except Exception:
+                value = None
+        if isinstance(value, str) and "\\" in value and vr not in _SINGLE_VALUED_TEXT:
+            value = value.split("\\")
+        ds.add_new(tag, vr, None if value == "" else value)
+    return ds
 
 
 def retrieve_keys(identifier: Dataset) -> tuple[Level, dict[str, str]]:
@@ -167,9 +185,3 @@ def retrieve_keys(identifier: Dataset) -> tuple[Level, dict[str, str]]:
                               "(PatientID, StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID)")
     return level, unique
 
-
-def vr_of(tag: int) -> str:
-    try:
-        return dictionary_VR(tag)
-    except KeyError:
-        return "UN"

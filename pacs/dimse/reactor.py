@@ -193,6 +193,26 @@ def _signal_association(assoc: Association) -> None:
     _activity(assoc).set()
 
 
+def _idle(assoc: Association) -> threading.Event:
+    event = getattr(assoc, "_pacs_idle", None)
+    if event is None:
+        event = assoc._pacs_idle = threading.Event()
+    return event
+
+
+def wait_until_idle(assoc: Association, timeout: float) -> bool:
+    """Wait until the association has finished serving its current request.
+
+    pynetdicom lets another thread send on an association while a request is being served
+    (``_is_paused`` is True then, so handlers can send), and the two messages' PDUs then
+    interleave. A thread that answers later (a Storage Commitment report) waits for this first.
+    """
+    if not _installed:
+        time.sleep(min(timeout, 0.2))
+        return True
+    return _idle(assoc).wait(timeout)
+
+
 def _association_kill(self: Association) -> None:
     """pynetdicom's Association.kill, polling for the DUL's end every 0.5 ms instead of 10 ms
     (the DUL reaches its idle state just after the release confirmation is queued)."""
@@ -208,14 +228,18 @@ def _association_kill(self: Association) -> None:
 def _association_run_reactor(self: Association) -> None:
     """pynetdicom's Association._run_reactor with the 1 ms sleep replaced by a wait for the DUL."""
     activity = _activity(self)
+    idle = _idle(self)
     self._is_paused = False
     while not self._kill:
         # While idle the reactor counts as paused: send_*() and release() from another thread
         # wait for that before touching the queues, and must not wait out the idle timeout.
         self._is_paused = True
+        idle.set()
         activity.wait(IDLE_WAIT)
         activity.clear()
         self._reactor_checkpoint.wait()
+        if not self.dimse.msg_queue.empty():
+            idle.clear()
         self._is_paused = False
 
         context_id, msg = self.dimse.get_msg(block=False)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 
 from pydicom import config as pydicom_config
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
+    StorageCommitmentPushModel,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
@@ -18,6 +19,7 @@ from pynetdicom.sop_class import (
 from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs.dimse import reactor
+from pacs.dimse.commitment import StorageCommitment
 from pacs.dimse.handlers import DimseHandlers
 from pacs.settings import Settings
 from storage.archive import Archive
@@ -42,6 +44,15 @@ def configure_libraries() -> None:
     # handler then refuses what it cannot archive with a status that says why. Without a list
     # of ~170 storage contexts pynetdicom also stops copying that list for every association.
     _config.UNRESTRICTED_STORAGE_SERVICE = True
+    # pynetdicom's standard handlers format a log line for every PDU and DIMSE message even
+    # when the log level drops them (a third of the CPU of a small C-STORE), and at DEBUG they
+    # print identifiers, i.e. patient data. Off unless the server runs at DEBUG.
+    if logging.getLogger("pynetdicom").getEffectiveLevel() > logging.DEBUG:
+        _config.LOG_HANDLER_LEVEL = "none"
+    # Never format query identifiers and C-FIND answers for the log: they hold patient names
+    # and IDs, and pynetdicom builds the text (slowly) even when INFO is not logged.
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
     # pydicom re-validates every value it reads or writes (UIDs by regex, lengths...). DIMSE
     # command sets and C-FIND answers are built from values this server already checked, and
     # the validation cost more than the rest of a C-ECHO. The archive validates what it needs.
@@ -67,6 +78,7 @@ def build_ae(settings: Settings) -> AE:
     ae.add_supported_context(Verification)
     for model in QUERY_RETRIEVE_MODELS:
         ae.add_supported_context(model)
+    ae.add_supported_context(StorageCommitmentPushModel)
     # Outgoing associations (C-MOVE) get their contexts per request; C-ECHO for diagnostics.
     ae.add_requested_context(Verification)
     return ae
@@ -80,13 +92,14 @@ class DicomServer:
         self.archive = archive
         self.ae = build_ae(settings)
         self.handlers = DimseHandlers(archive, settings)
+        self.commitment = StorageCommitment(archive, settings, settings.ae_title)
         self._server: ThreadedAssociationServer | None = None
 
     def start(self) -> None:
         """Start accepting associations (returns at once; the server runs in threads)."""
         address = (self.settings.dicom_host, self.settings.dicom_port)
-        self._server = self.ae.start_server(address, block=False,
-                                            evt_handlers=self.handlers.bindings())
+        handlers = [*self.handlers.bindings(), (evt.EVT_N_ACTION, self.commitment.on_n_action)]
+        self._server = self.ae.start_server(address, block=False, evt_handlers=handlers)
         log.info("DICOM %s listening on %s:%d", self.settings.ae_title, *self.address)
 
     @property
@@ -106,3 +119,4 @@ class DicomServer:
             self._server.shutdown()
             self._server = None
         self.ae.shutdown()
+        self.commitment.close()

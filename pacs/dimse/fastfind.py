@@ -1,0 +1,131 @@
+"""C-FIND pending responses sent in bulk, bypassing pynetdicom's per-message path.
+
+pynetdicom turns every match into a DIMSE message by building and encoding a command set and an
+identifier with pydicom, then hands it to its network thread one at a time: about 0.5 ms per
+match here, so 759 matches for ``Nguyễn*`` took 0.4 s. The pending C-FIND-RSP command set is the
+same for every match of a request, so this module encodes it once, encodes each identifier
+directly (the handful of simple VRs a C-FIND answer uses), and queues the PDUs of many
+matches for the network thread at once. Each PDU carries one PDV, as pynetdicom and DCMTK send
+them: PS3.8 allows several per PDU, but DCMTK 3.6.7's findscu crashes on C-FIND responses
+packed that way. The final response still goes through pynetdicom. Anything unusual (a
+sequence, a binary value, Big Endian) makes ``encode_identifier`` return None and the caller
+uses pynetdicom for that match.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from typing import Any
+
+from pynetdicom.pdu_primitives import P_DATA
+
+PENDING = 0xFF00
+C_FIND_RSP = 0x8020
+_TEXT_PAD = {"UI": b"\0"}
+_SHORT_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH",
+                             "ST", "TM", "UI"})
+_LONG_TEXT_VRS = frozenset({"UC", "UR", "UT"})
+_US = struct.Struct("<H")
+_UL = struct.Struct("<I")
+
+
+def _implicit_element(tag: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
+
+
+def pending_command(sop_class_uid: str, message_id: int) -> bytes:
+    """The encoded command set of a pending C-FIND-RSP (Implicit VR Little Endian)."""
+    uid = sop_class_uid.encode("ascii")
+    if len(uid) % 2:
+        uid += b"\0"
+    body = b"".join((
+        _implicit_element(0x00000002, uid),
+        _implicit_element(0x00000100, _US.pack(C_FIND_RSP)),
+        _implicit_element(0x00000120, _US.pack(message_id)),
+        _implicit_element(0x00000800, _US.pack(0x0001)),  # a data set follows
+        _implicit_element(0x00000900, _US.pack(PENDING)),
+    ))
+    return _implicit_element(0x00000000, _UL.pack(len(body))) + body
+
+
+def encode_identifier(elements: Iterable[tuple[int, str, Any]], *, implicit: bool,
+                      utf8: bool) -> bytes | None:
+    """Encode (tag, VR, value) in Little Endian, or None if a value needs pydicom.
+
+    Values are None/'' (empty), str (several values joined by backslash, PN as
+    ``Alphabetic=Ideographic=Phonetic``), int (IS, US) or a list of those.
+    """
+    parts = []
+    codec = "utf-8" if utf8 else "ascii"
+    for tag, vr, value in sorted(elements, key=lambda e: e[0]):
+        if vr == "US":
+            raw = b"" if value in (None, "") else _US.pack(int(value))
+        elif vr in _SHORT_TEXT_VRS or vr in _LONG_TEXT_VRS:
+            if value is None:
+                text = ""
+            elif isinstance(value, list | tuple):
+                text = "\\".join("" if v is None else str(v) for v in value)
+            else:
+                text = str(value)
+            try:
+                raw = text.encode(codec)
+            except UnicodeEncodeError:
+                return None
+            if len(raw) % 2:
+                raw += _TEXT_PAD.get(vr, b" ")
+        else:
+            return None  # sequences, binary and other VRs: pydicom encodes them
+        if implicit:
+            parts.append(_implicit_element(tag, raw))
+        elif vr in _LONG_TEXT_VRS:
+            parts.append(struct.pack("<HH2s2xI", tag >> 16, tag & 0xFFFF, vr.encode(),
+                                     len(raw)) + raw)
+        else:
+            if len(raw) > 0xFFFF:
+                return None
+            parts.append(struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(),
+                                     len(raw)) + raw)
+    return b"".join(parts)
+
+
+class PendingSender:
+    """Queues pending responses as P-DATA PDUs no bigger than the peer accepts."""
+
+    # Per PDV item: length (4) + context ID (1) + message control header (1)
+    _PDV_OVERHEAD = 6
+
+    def __init__(self, assoc, context_id: int, command: bytes, *, batch: int = 64):
+        self.assoc = assoc
+        self.context_id = context_id
+        self.command = command
+        peer_max = assoc.requestor.maximum_length or 0  # 0: the peer set no limit
+        self.limit = peer_max or 1 << 20
+        self.batch = batch
+        self._pdus: list[P_DATA] = []
+
+    def add(self, identifier: bytes) -> None:
+        """Queue one pending response (its command, then its identifier)."""
+        for control, payload in ((b"\x03", self.command), (b"\x02", identifier)):
+            for fragment in self._fragments(control, payload):
+                primitive = P_DATA()
+                primitive.presentation_data_value_list = [[self.context_id, fragment]]
+                self._pdus.append(primitive)
+        if len(self._pdus) >= 2 * self.batch:
+            self.flush()
+
+    def _fragments(self, control: bytes, payload: bytes) -> list[bytes]:
+        """``payload`` split into PDV values that fit a PDU, the last one flagged as last."""
+        room = max(self.limit - self._PDV_OVERHEAD, 64)
+        if len(payload) <= room:
+            return [control + payload]
+        not_last = bytes([control[0] & 0x01])
+        chunks = [payload[i:i + room] for i in range(0, len(payload), room)]
+        return [(control if i == len(chunks) - 1 else not_last) + chunk
+                for i, chunk in enumerate(chunks)]
+
+    def flush(self) -> None:
+        """Hand the queued PDUs to the network thread (which sends them in order)."""
+        for primitive in self._pdus:
+            self.assoc.dul.send_pdu(primitive)
+        self._pdus = []
