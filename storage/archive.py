@@ -17,7 +17,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import sqlalchemy as sa
@@ -216,11 +216,11 @@ class Archive:
                 # Never overwrite the acknowledged copy: the new one gets a key of its own.
                 key = f"{key[:-4]}.{hashlib.sha256(parsed.data).hexdigest()[:12]}.dcm"
             written = self._io.submit(self._write_blob, key, parsed.data)
-            rows = _rows(parsed, key, "")
-            rows.instance["sha256"] = written.result()  # StorageUnavailable: nothing indexed
             try:
-                self._index_instance(parsed, rows, replace=existing is not None)
+                self._index_instance(parsed, _rows(parsed, key, ""),
+                                     replace=existing is not None, blob=written)
             except Exception:
+                written.exception()  # never leave a write running behind a failure
                 self._discard_blob(key)
                 raise
             if existing is not None:
@@ -252,23 +252,29 @@ class Archive:
         except Exception:
             log.warning("could not delete blob %s; `pacs check` will report it", key)
 
-    def _index_instance(self, parsed: ParsedInstance, rows: _Rows, *, replace: bool) -> None:
-        """Write the index rows of a stored blob in one transaction."""
+    def _index_instance(self, parsed: ParsedInstance, rows: _Rows, *, replace: bool,
+                        blob: Future[str] | None = None) -> None:
+        """Write the index rows of a blob in one transaction.
+
+        With ``blob`` (the pending durable write, giving the SHA-256), the rows are written
+        while the blob is being fsynced and committed only after the write succeeded: the
+        commit still follows durability, and the two waits overlap.
+        """
         try:
-            self._write_rows(parsed, rows, replace=replace, use_cache=True)
+            self._write_rows(parsed, rows, replace=replace, use_cache=True, blob=blob)
         except sa.exc.IntegrityError:
             # A cached series was deleted meanwhile, or a concurrent writer raced us: retry
             # once from the database's own state.
             self._forget_series(parsed.series_instance_uid)
             try:
-                self._write_rows(parsed, rows, replace=replace, use_cache=False)
+                self._write_rows(parsed, rows, replace=replace, use_cache=False, blob=blob)
             except sa.exc.SQLAlchemyError as exc:
                 raise StorageUnavailable(f"the index database failed: {_db_error(exc)}") from exc
         except sa.exc.SQLAlchemyError as exc:
             raise StorageUnavailable(f"the index database failed: {_db_error(exc)}") from exc
 
     def _write_rows(self, parsed: ParsedInstance, rows: _Rows, *, replace: bool,
-                    use_cache: bool) -> None:
+                    use_cache: bool, blob: Future[str] | None) -> None:
         now = dt.datetime.now(dt.UTC)
         with self.index.write() as conn:
             if replace:
@@ -284,8 +290,6 @@ class Archive:
             else:
                 patient_pk, new_study, study_pk, new_series, series_pk = self._parents(
                     conn, parsed, rows, now)
-            conn.execute(_INSERT_INSTANCE, {**rows.instance, "series_pk": series_pk,
-                                            "stored_at": now})
             # Counters: child levels first, each row locked in the same order by every writer.
             conn.execute(_BUMP_SERIES, {"b_pk": series_pk, "b_now": now})
             conn.execute(_BUMP_STUDY, {"b_pk": study_pk, "b_now": now,
@@ -295,6 +299,10 @@ class Archive:
             conn.execute(_BUMP_PATIENT, {"b_pk": patient_pk, "b_now": now,
                                          "b_new_series": int(new_series),
                                          "b_new_study": int(new_study)})
+            if blob is not None:
+                rows.instance["sha256"] = blob.result()  # StorageUnavailable rolls back
+            conn.execute(_INSERT_INSTANCE, {**rows.instance, "series_pk": series_pk,
+                                            "stored_at": now})
         with self._cache_lock:
             if len(self._series_cache) > 10_000:
                 self._series_cache.clear()
