@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -24,11 +24,13 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
+from storage import upkeep
 from storage.attributes import Level, index_values
 from storage.blobs import BlobStore
-from storage.errors import InstanceMismatch, InvalidInstance, NotFound, StorageUnavailable
+from storage.errors import InstanceMismatch, NotFound, StorageUnavailable
 from storage.index import Index, instances, patients, series, studies
 from storage.parsing import ParsedInstance, parse_instance
+from storage.upkeep import CheckReport, ReconcileReport
 
 log = logging.getLogger(__name__)
 
@@ -64,26 +66,6 @@ class StoreResult:
         if self.outcome is StoreOutcome.REPLACED:
             return "Instance already stored; replaced the stored copy"
         return "Stored"
-
-
-@dataclasses.dataclass
-class ReconcileReport:
-    blobs_seen: int = 0
-    reindexed: int = 0
-    superseded: list[str] = dataclasses.field(default_factory=list)  # UID indexed elsewhere
-    unreadable: dict[str, str] = dataclasses.field(default_factory=dict)  # key -> reason
-
-
-@dataclasses.dataclass
-class CheckReport:
-    instances: int = 0
-    missing: list[str] = dataclasses.field(default_factory=list)  # rows without a blob
-    corrupt: list[str] = dataclasses.field(default_factory=list)  # size or hash differs
-    orphans: list[str] = dataclasses.field(default_factory=list)  # blobs without a row
-
-    @property
-    def clean(self) -> bool:
-        return not (self.missing or self.corrupt or self.orphans)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,7 +189,7 @@ class Archive:
                 raise InstanceMismatch(f"{name} differs: data set {actual}, request {expected}")
         uid = parsed.sop_instance_uid
         with self._uid_locks[hash(uid) % len(self._uid_locks)]:
-            existing = self._location(uid)
+            existing = self.find_location(uid)
             if existing is not None and self.duplicate_policy == "keep":
                 log.info("duplicate %s: kept the stored copy", uid)
                 return self._result(parsed, StoreOutcome.DUPLICATE_KEPT)
@@ -380,7 +362,8 @@ class Archive:
 
     # ------------------------------------------------------------------ lookups
 
-    def _location(self, sop_instance_uid: str) -> InstanceLocation | None:
+    def find_location(self, sop_instance_uid: str) -> InstanceLocation | None:
+        """Where an instance is stored, or None when it is not archived."""
         try:
             row = self.index.first(_FIND_LOCATION, {"uid": sop_instance_uid})
         except sa.exc.SQLAlchemyError as exc:
@@ -389,7 +372,7 @@ class Archive:
 
     def location(self, sop_instance_uid: str) -> InstanceLocation:
         """Where an instance is stored (``NotFound`` if it is not)."""
-        found = self._location(sop_instance_uid)
+        found = self.find_location(sop_instance_uid)
         if found is None:
             raise NotFound(f"no instance with SOP Instance UID {sop_instance_uid}")
         return found
@@ -457,73 +440,18 @@ class Archive:
 
     # ------------------------------------------------------------------ upkeep
 
-    def _indexed_keys(self) -> Iterator[str]:
-        """All blob keys in the index, sorted byte-wise, streamed."""
-        column = instances.c.blob_key
-        if self.index.engine.dialect.name == "postgresql":
-            column = sa.collate(column, "C")
-        with self.index.engine.connect() as conn:
-            result = conn.execution_options(yield_per=2000).execute(
-                sa.select(instances.c.blob_key).order_by(column))
-            for (key,) in result:
-                yield key
-
-    def _orphans(self) -> Iterator[str]:
-        """Blob keys with no index row: a merge of two sorted streams, in constant memory."""
-        indexed = self._indexed_keys()
-        current = next(indexed, None)
-        for key in self.blobs.iterate():
-            while current is not None and current < key:
-                current = next(indexed, None)
-            if current != key:
-                yield key
-
     def reconcile(self) -> ReconcileReport:
-        """Index the blobs a crash left without index rows (they were never acknowledged)."""
-        report = ReconcileReport()
-        for key in list(self._orphans()):
-            report.blobs_seen += 1
-            try:
-                parsed = parse_instance(self.blobs.get(key))
-            except (InvalidInstance, KeyError) as exc:
-                report.unreadable[key] = str(exc)
-                continue
-            if self._location(parsed.sop_instance_uid) is not None:
-                report.superseded.append(key)  # a replace or a race that lost; row points elsewhere
-                continue
-            digest = hashlib.sha256(parsed.data).hexdigest()
-            self._index_instance(parsed, _rows(parsed, key, digest), replace=False)
-            report.reindexed += 1
-        if report.reindexed or report.superseded or report.unreadable:
-            log.warning("reconciliation: %d blob(s) re-indexed, %d superseded, %d unreadable",
-                        report.reindexed, len(report.superseded), len(report.unreadable))
-        return report
+        """Index the blobs a crash left without index rows (see ``storage.upkeep``)."""
+        return upkeep.reconcile(self)
 
-    def check(self, *, verify_hashes: bool = True,
-              progress: Callable[[int], None] | None = None) -> CheckReport:
-        """Compare every index row with its blob (existence, size, SHA-256) and find orphans."""
-        report = CheckReport()
-        with self.index.engine.connect() as conn:
-            rows = conn.execution_options(yield_per=1000).execute(sa.select(
-                instances.c.sop_instance_uid, instances.c.blob_key, instances.c.size,
-                instances.c.sha256))
-            for uid, key, size, digest in rows:
-                report.instances += 1
-                if progress:
-                    progress(report.instances)
-                actual_size = self.blobs.size(key)
-                if actual_size is None:
-                    report.missing.append(uid)
-                elif actual_size != size:
-                    report.corrupt.append(uid)
-                elif verify_hashes:
-                    hasher = hashlib.sha256()
-                    for chunk in self.blobs.open_chunks(key):
-                        hasher.update(chunk)
-                    if hasher.hexdigest() != digest:
-                        report.corrupt.append(uid)
-        report.orphans = list(self._orphans())
-        return report
+    def check(self, *, verify_hashes: bool = True) -> CheckReport:
+        """Compare every index row with its blob and find orphans (see ``storage.upkeep``)."""
+        return upkeep.check(self, verify_hashes=verify_hashes)
+
+    def index_stored_blob(self, key: str, parsed: ParsedInstance) -> None:
+        """Index a blob that is already durable under ``key`` (reconciliation)."""
+        digest = hashlib.sha256(parsed.data).hexdigest()
+        self._index_instance(parsed, _rows(parsed, key, digest), replace=False)
 
     def close(self) -> None:
         self._io.shutdown(wait=True)

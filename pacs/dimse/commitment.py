@@ -87,7 +87,7 @@ class StorageCommitment:
 
     def _failure_reason(self, sop_class: str, sop_instance: str) -> int | None:
         try:
-            location = self.archive._location(sop_instance)
+            location = self.archive.find_location(sop_instance)
             if location is None:
                 return NO_SUCH_OBJECT_INSTANCE
             if location.sop_class_uid != sop_class:
