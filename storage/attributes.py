@@ -143,13 +143,6 @@ ATTRIBUTES: tuple[IndexedAttribute, ...] = (
 BY_KEYWORD: dict[str, IndexedAttribute] = {
     (f"{a.sequence}.{a.keyword}" if a.sequence else a.keyword): a for a in ATTRIBUTES
 }
-BY_TAG: dict[int, IndexedAttribute] = {a.tag: a for a in ATTRIBUTES if not a.sequence}
-UNIQUE_KEYS = {
-    Level.PATIENT: "PatientID",
-    Level.STUDY: "StudyInstanceUID",
-    Level.SERIES: "SeriesInstanceUID",
-    Level.INSTANCE: "SOPInstanceUID",
-}
 INTEGER_VRS = frozenset({"IS", "US", "UL", "SS", "SL"})
 
 

@@ -12,6 +12,7 @@ import contextlib
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -49,9 +50,6 @@ class BlobStore(Protocol):
     def iterate(self, prefix: str = "") -> Iterator[str]:
         """All keys under ``prefix``, in byte-wise sorted order."""
 
-    def local_path(self, key: str) -> contextlib.AbstractContextManager[Path]:
-        """A local file with the blob's bytes for the duration of the ``with`` block."""
-
     def describe(self) -> str:
         """Where the blobs are, for logs (no secrets)."""
 
@@ -86,11 +84,21 @@ class FileBlobStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self._tmp = self.root / ".tmp"
         self._tmp.mkdir(exist_ok=True)
+        self._remove_stale_parts()
         self._known_dirs: set[Path] = set()
         self._dirs_lock = threading.Lock()
 
     def describe(self) -> str:
         return f"files in {self.root}"
+
+    def _remove_stale_parts(self, older_than: float = 3600) -> None:
+        """Delete temporary files a crash left behind (never acknowledged; an hour old, so a
+        `pacs import` running beside the server keeps its files in progress)."""
+        cutoff = time.time() - older_than
+        for part in self._tmp.glob("*.part"):
+            with contextlib.suppress(OSError):
+                if part.stat().st_mtime < cutoff:
+                    part.unlink()
 
     def path(self, key: str) -> Path:
         if key.startswith("/") or ".." in key.split("/"):
@@ -189,13 +197,6 @@ class FileBlobStore:
     def iterate(self, prefix: str = "") -> Iterator[str]:
         start = self.path(prefix) if prefix else self.root
         yield from _walk_sorted(start, self.root)
-
-    @contextlib.contextmanager
-    def local_path(self, key: str) -> Iterator[Path]:
-        path = self.path(key)
-        if not path.is_file():
-            raise KeyError(key)
-        yield path
 
 
 def _read_chunks(f, chunk_size: int) -> Iterator[bytes]:
@@ -353,15 +354,3 @@ class S3BlobStore:
         for obj in self.client.list_objects(self.bucket, prefix=self._name(prefix),
                                             recursive=True):
             yield obj.object_name[len(self.prefix):]
-
-    @contextlib.contextmanager
-    def local_path(self, key: str) -> Iterator[Path]:
-        fd, name = tempfile.mkstemp(suffix=".dcm")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                for chunk in self.open_chunks(key):
-                    f.write(chunk)
-            yield Path(name)
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(name)

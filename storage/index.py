@@ -107,7 +107,6 @@ instances = sa.Table(
 
 TABLES = {Level.PATIENT: patients, Level.STUDY: studies, Level.SERIES: series,
           Level.INSTANCE: instances}
-PARENT_KEYS = {Level.STUDY: "patient_pk", Level.SERIES: "study_pk", Level.INSTANCE: "series_pk"}
 
 
 def _pattern_index(name: str, table: sa.Table, column: str) -> sa.Index:
@@ -224,5 +223,5 @@ def open_index(url: str, *, migrate: bool = True) -> Index:
     return Index(engine)
 
 
-__all__ = ["Index", "PARENT_KEYS", "TABLES", "instances", "metadata", "open_index",
+__all__ = ["Index", "TABLES", "instances", "metadata", "open_index",
            "patients", "series", "studies"]

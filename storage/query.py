@@ -14,7 +14,7 @@ import dataclasses
 import enum
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import sqlalchemy as sa
@@ -28,7 +28,7 @@ from storage.attributes import (
     level_attributes,
 )
 from storage.errors import InvalidQuery
-from storage.index import Index, instances, patients, series, studies
+from storage.index import TABLES, Index, instances, patients, series, studies
 from storage.names import casefold_person_name, fold_person_name, has_diacritics
 
 
@@ -59,8 +59,6 @@ _LEVEL_TABLES = {
     Level.SERIES: (series, studies, patients),
     Level.INSTANCE: (instances, series, studies, patients),
 }
-_ATTRIBUTE_TABLE = {Level.PATIENT: patients, Level.STUDY: studies, Level.SERIES: series,
-                    Level.INSTANCE: instances}
 _UID_COLUMNS = {"StudyInstanceUID": studies.c.study_instance_uid,
                 "SeriesInstanceUID": series.c.series_instance_uid,
                 "SOPInstanceUID": instances.c.sop_instance_uid}
@@ -118,7 +116,7 @@ def _row(level: Level, mapping: Any) -> dict[str, Any]:
     """keyword -> value for each indexed attribute present in a result row."""
     row: dict[str, Any] = {}
     for table in _LEVEL_TABLES[level]:
-        table_level = next(lv for lv, t in _ATTRIBUTE_TABLE.items() if t is table)
+        table_level = next(lv for lv, t in TABLES.items() if t is table)
         for attribute in level_attributes(table_level):
             name = f"{attribute.sequence}.{attribute.keyword}" if attribute.sequence \
                 else attribute.keyword
@@ -148,7 +146,7 @@ def _condition(keyword: str, value: str | None, query: Query) -> sa.ColumnElemen
     attribute = BY_KEYWORD.get(keyword)
     if attribute is None or attribute.aggregate or attribute.level.value > query.level.value:
         return None  # not matchable here: a return key only
-    column = _ATTRIBUTE_TABLE[attribute.level].c[attribute.column]
+    column = TABLES[attribute.level].c[attribute.column]
     if attribute.vr == "UI":
         return _uid_list(column, keyword, value)
     if attribute.vr == "DA":
@@ -165,7 +163,7 @@ def _condition(keyword: str, value: str | None, query: Query) -> sa.ColumnElemen
 def match_person_name(attribute: IndexedAttribute, value: str,
                       mode: NameMatching) -> sa.ColumnElement:
     """Condition for a PN key: case-insensitive always, accent-insensitive per ``mode``."""
-    table = _ATTRIBUTE_TABLE[attribute.level]
+    table = TABLES[attribute.level]
     fuzzy = mode is NameMatching.FUZZY or (mode is NameMatching.AUTO and not has_diacritics(value))
     if fuzzy:
         return _string(table.c[attribute.column + "_fold"], fold_person_name(value))
@@ -277,13 +275,5 @@ def _add_extra(conn: Connection, level: Level, rows: list[dict[str, Any]],
 
 
 def _table_name(level: Level) -> str:
-    return _ATTRIBUTE_TABLE[level].name
+    return TABLES[level].name
 
-
-def result_keywords(level: Level) -> Sequence[str]:
-    """Keywords a row of ``level`` carries, top level first."""
-    names = []
-    for table in reversed(_LEVEL_TABLES[level]):
-        table_level = next(lv for lv, t in _ATTRIBUTE_TABLE.items() if t is table)
-        names += [a.keyword for a in level_attributes(table_level) if not a.sequence]
-    return names

@@ -45,12 +45,6 @@ def test_iterate_lists_keys_in_byte_order(store):
     assert list(store.iterate("1.2/")) == sorted(k for k in keys if k.startswith("1.2/"))
 
 
-def test_local_path_gives_a_readable_file(store):
-    store.put("1/2/3.dcm", b"DICM-bytes")
-    with store.local_path("1/2/3.dcm") as path:
-        assert path.read_bytes() == b"DICM-bytes"
-
-
 def test_file_store_leaves_no_temporary_files_and_refuses_escaping_keys(tmp_path):
     store = FileBlobStore(tmp_path / "blobs")
     store.put("1/2/3.dcm", b"abc")
