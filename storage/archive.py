@@ -21,14 +21,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from storage import upkeep
 from storage.attributes import Level, index_values
 from storage.blobs import BlobStore
 from storage.errors import InstanceMismatch, NotFound, StorageUnavailable
-from storage.index import Index, instances, patients, series, studies
+from storage.index import Index, RawCursor, instances, patients, series, studies
 from storage.parsing import ParsedInstance, parse_instance
 from storage.upkeep import CheckReport, ReconcileReport
 
@@ -116,30 +115,41 @@ def _rows(parsed: ParsedInstance, key: str, digest: str) -> _Rows:
                  instance)
 
 
-# Statements are built once: SQLAlchemy then reuses their compiled form for every instance.
-_FIND_LOCATION = sa.select(
-    instances.c.sop_instance_uid, instances.c.sop_class_uid, instances.c.transfer_syntax_uid,
-    instances.c.blob_key, instances.c.size,
-).where(instances.c.sop_instance_uid == sa.bindparam("uid"))
-_FIND_PATIENT = sa.select(patients.c.pk).where(
-    patients.c.patient_id == sa.bindparam("k_patient_id"),
-    patients.c.issuer_of_patient_id == sa.bindparam("k_issuer"))
-_FIND_STUDY = sa.select(studies.c.pk, studies.c.patient_pk).where(
-    studies.c.study_instance_uid == sa.bindparam("k_uid"))
-_FIND_SERIES = sa.select(series.c.pk, series.c.study_pk).where(
-    series.c.series_instance_uid == sa.bindparam("k_uid"))
-_INSERT_INSTANCE = instances.insert()
-_BUMP_SERIES = series.update().where(series.c.pk == sa.bindparam("b_pk")).values(
-    num_instances=series.c.num_instances + 1, updated_at=sa.bindparam("b_now"))
-_BUMP_STUDY = studies.update().where(studies.c.pk == sa.bindparam("b_pk")).values(
-    num_instances=studies.c.num_instances + 1,
-    num_series=studies.c.num_series + sa.bindparam("b_new_series"),
-    updated_at=sa.bindparam("b_now"))
-_BUMP_PATIENT = patients.update().where(patients.c.pk == sa.bindparam("b_pk")).values(
-    num_instances=patients.c.num_instances + 1,
-    num_series=patients.c.num_series + sa.bindparam("b_new_series"),
-    num_studies=patients.c.num_studies + sa.bindparam("b_new_study"),
-    updated_at=sa.bindparam("b_now"))
+# The per-instance statements, as plain SQL run on the DBAPI cursor (``Index.raw``).
+_SQL_FIND_LOCATION = ("SELECT sop_instance_uid, sop_class_uid, transfer_syntax_uid, blob_key, size"
+                      " FROM instances WHERE sop_instance_uid = ?")
+_SQL_BUMP_SERIES = ("UPDATE series SET num_instances = num_instances + 1, updated_at = ?"
+                    " WHERE pk = ?")
+_SQL_BUMP_STUDY = ("UPDATE studies SET num_instances = num_instances + 1,"
+                   " num_series = num_series + ?, updated_at = ? WHERE pk = ?")
+_SQL_BUMP_PATIENT = ("UPDATE patients SET num_instances = num_instances + 1,"
+                     " num_series = num_series + ?, num_studies = num_studies + ?,"
+                     " updated_at = ? WHERE pk = ?")
+_SQL_FIND_SERIES = "SELECT pk, study_pk FROM series WHERE series_instance_uid = ?"
+_SQL_FIND_STUDY = "SELECT pk, patient_pk FROM studies WHERE study_instance_uid = ?"
+_SQL_FIND_PATIENT = "SELECT pk FROM patients WHERE patient_id = ? AND issuer_of_patient_id = ?"
+_SQL_STUDY_PATIENT = "SELECT patient_pk FROM studies WHERE pk = ?"
+_SQL_SERIES_STUDY = "SELECT study_pk FROM series WHERE pk = ?"
+_SQL_STUDY_MODALITIES = ("SELECT DISTINCT modality FROM series"
+                         " WHERE study_pk = ? AND modality IS NOT NULL")
+_SQL_SET_MODALITIES = "UPDATE studies SET modalities_in_study = ? WHERE pk = ?"
+_SQL_INSERTS: dict[tuple[str, tuple[str, ...]], str] = {}
+
+
+def _insert_sql(table: sa.Table, columns: tuple[str, ...], *, unless_exists: bool = False) -> str:
+    """``INSERT`` of ``columns`` into ``table``; with ``unless_exists``, a row that would break a
+    unique key is skipped and the new row's pk returned (SQLite 3.35+ and PostgreSQL)."""
+    sql = _SQL_INSERTS.get((table.name, columns))
+    if sql is None:
+        unknown = set(columns) - set(table.c.keys())
+        if unknown:
+            raise ValueError(f"not columns of {table.name}: {sorted(unknown)}")
+        sql = (f"INSERT INTO {table.name} ({', '.join(columns)})"
+               f" VALUES ({', '.join('?' * len(columns))})")
+        if unless_exists:
+            sql += " ON CONFLICT DO NOTHING RETURNING pk"
+        _SQL_INSERTS[(table.name, columns)] = sql
+    return sql
 
 
 class Archive:
@@ -264,6 +274,8 @@ class Archive:
                     instances.c.sop_instance_uid == parsed.sop_instance_uid)).scalar()
                 if old_pk is not None:
                     self._delete_instance_rows(conn, old_pk)
+            cursor = self.index.raw(conn)
+            stamp = self.index.timestamp(now)
             cached = (self._series_cache.get(parsed.series_instance_uid)
                       if use_cache and not replace else None)
             if cached is not None:
@@ -271,87 +283,74 @@ class Archive:
                 new_study = new_series = False
             else:
                 patient_pk, new_study, study_pk, new_series, series_pk = self._parents(
-                    conn, parsed, rows, now)
+                    cursor, parsed, rows, stamp)
             # Counters: child levels first, each row locked in the same order by every writer.
-            conn.execute(_BUMP_SERIES, {"b_pk": series_pk, "b_now": now})
-            conn.execute(_BUMP_STUDY, {"b_pk": study_pk, "b_now": now,
-                                       "b_new_series": int(new_series)})
+            cursor.execute(_SQL_BUMP_SERIES, (stamp, series_pk))
+            cursor.execute(_SQL_BUMP_STUDY, (int(new_series), stamp, study_pk))
             if new_series:
-                self._refresh_modalities(conn, study_pk)
-            conn.execute(_BUMP_PATIENT, {"b_pk": patient_pk, "b_now": now,
-                                         "b_new_series": int(new_series),
-                                         "b_new_study": int(new_study)})
+                self._refresh_modalities(cursor, study_pk)
+            cursor.execute(_SQL_BUMP_PATIENT, (int(new_series), int(new_study), stamp, patient_pk))
             if blob is not None:
                 rows.instance["sha256"] = blob.result()  # StorageUnavailable rolls back
-            conn.execute(_INSERT_INSTANCE, {**rows.instance, "series_pk": series_pk,
-                                            "stored_at": now})
+            values = {**rows.instance, "series_pk": series_pk, "stored_at": stamp}
+            cursor.execute(_insert_sql(instances, tuple(values)), tuple(values.values()))
         with self._cache_lock:
             if len(self._series_cache) > 10_000:
                 self._series_cache.clear()
             self._series_cache[parsed.series_instance_uid] = (patient_pk, study_pk, series_pk)
 
-    def _parents(self, conn: Connection, parsed: ParsedInstance, rows: _Rows,
-                 now: dt.datetime) -> tuple[int, bool, int, bool, int]:
+    def _parents(self, cursor: RawCursor, parsed: ParsedInstance, rows: _Rows,
+                 stamp: Any) -> tuple[int, bool, int, bool, int]:
         """Patient, study and series rows of an instance, inserted where missing.
 
         An existing study keeps the patient it was first stored under, and an existing series
         its study: the first instance decides, later ones cannot move them.
         """
-        found = conn.execute(_FIND_SERIES, {"k_uid": parsed.series_instance_uid}).first()
+        found = cursor.execute(_SQL_FIND_SERIES, (parsed.series_instance_uid,)).fetchone()
         if found is not None:
             series_pk, study_pk = found
-            patient_pk = conn.execute(sa.select(studies.c.patient_pk).where(
-                studies.c.pk == study_pk)).scalar_one()
+            patient_pk = cursor.execute(_SQL_STUDY_PATIENT, (study_pk,)).fetchone()[0]
             return patient_pk, False, study_pk, False, series_pk
-        found = conn.execute(_FIND_STUDY, {"k_uid": parsed.study_instance_uid}).first()
+        found = cursor.execute(_SQL_FIND_STUDY, (parsed.study_instance_uid,)).fetchone()
         if found is not None:
             study_pk, patient_pk = found
             new_study = False
         else:
-            patient_pk = conn.execute(_FIND_PATIENT, {
-                "k_patient_id": rows.patient["patient_id"],
-                "k_issuer": rows.patient["issuer_of_patient_id"]}).scalar()
-            if patient_pk is None:
-                patient_pk, _ = self._insert(conn, patients, rows.patient, now, _FIND_PATIENT, {
-                    "k_patient_id": rows.patient["patient_id"],
-                    "k_issuer": rows.patient["issuer_of_patient_id"]})
+            identity = (rows.patient["patient_id"], rows.patient["issuer_of_patient_id"])
+            found = cursor.execute(_SQL_FIND_PATIENT, identity).fetchone()
+            if found is not None:
+                patient_pk = found[0]
+            else:
+                patient_pk, _ = self._insert(cursor, patients, rows.patient, stamp,
+                                             _SQL_FIND_PATIENT, identity)
             study_pk, new_study = self._insert(
-                conn, studies, {**rows.study, "patient_pk": patient_pk}, now, _FIND_STUDY,
-                {"k_uid": parsed.study_instance_uid})
+                cursor, studies, {**rows.study, "patient_pk": patient_pk}, stamp,
+                _SQL_FIND_STUDY, (parsed.study_instance_uid,))
             if not new_study:  # a concurrent writer created it: it decides the patient
-                patient_pk = conn.execute(sa.select(studies.c.patient_pk).where(
-                    studies.c.pk == study_pk)).scalar_one()
+                patient_pk = cursor.execute(_SQL_STUDY_PATIENT, (study_pk,)).fetchone()[0]
         series_pk, new_series = self._insert(
-            conn, series, {**rows.series, "study_pk": study_pk}, now, _FIND_SERIES,
-            {"k_uid": parsed.series_instance_uid})
+            cursor, series, {**rows.series, "study_pk": study_pk}, stamp,
+            _SQL_FIND_SERIES, (parsed.series_instance_uid,))
         if not new_series:
-            study_pk = conn.execute(sa.select(series.c.study_pk).where(
-                series.c.pk == series_pk)).scalar_one()
-            patient_pk = conn.execute(sa.select(studies.c.patient_pk).where(
-                studies.c.pk == study_pk)).scalar_one()
+            study_pk = cursor.execute(_SQL_SERIES_STUDY, (series_pk,)).fetchone()[0]
+            patient_pk = cursor.execute(_SQL_STUDY_PATIENT, (study_pk,)).fetchone()[0]
         return patient_pk, new_study, study_pk, new_series, series_pk
 
     @staticmethod
-    def _insert(conn: Connection, table: sa.Table, values: dict[str, Any], now: dt.datetime,
-                find: sa.Select, find_params: dict[str, Any]) -> tuple[int, bool]:
+    def _insert(cursor: RawCursor, table: sa.Table, values: dict[str, Any], stamp: Any,
+                find_sql: str, find_params: tuple) -> tuple[int, bool]:
         """Insert a row unless a concurrent writer just did: its key, and whether we did."""
-        dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-        inserted = conn.execute(
-            dialect.insert(table).on_conflict_do_nothing().returning(table.c.pk),
-            {**values, "created_at": now, "updated_at": now},
-        ).scalar()
+        values = {**values, "created_at": stamp, "updated_at": stamp}
+        inserted = cursor.execute(_insert_sql(table, tuple(values), unless_exists=True),
+                                  tuple(values.values())).fetchone()
         if inserted is not None:
-            return inserted, True
-        return conn.execute(find, find_params).scalars().first(), False
+            return inserted[0], True
+        return cursor.execute(find_sql, find_params).fetchone()[0], False
 
     @staticmethod
-    def _refresh_modalities(conn: Connection, study_pk: int) -> None:
-        modalities = conn.execute(
-            sa.select(series.c.modality).distinct()
-            .where(series.c.study_pk == study_pk, series.c.modality.is_not(None))
-        ).scalars().all()
-        conn.execute(studies.update().where(studies.c.pk == study_pk).values(
-            modalities_in_study="\\".join(sorted(set(modalities))) or None))
+    def _refresh_modalities(cursor: RawCursor, study_pk: int) -> None:
+        modalities = {row[0] for row in cursor.execute(_SQL_STUDY_MODALITIES, (study_pk,))}
+        cursor.execute(_SQL_SET_MODALITIES, ("\\".join(sorted(modalities)) or None, study_pk))
 
     def _forget_series(self, series_uid: str | None = None) -> None:
         with self._cache_lock:
@@ -365,7 +364,7 @@ class Archive:
     def find_location(self, sop_instance_uid: str) -> InstanceLocation | None:
         """Where an instance is stored, or None when it is not archived."""
         try:
-            row = self.index.first(_FIND_LOCATION, {"uid": sop_instance_uid})
+            row = self.index.raw_first(_SQL_FIND_LOCATION, (sop_instance_uid,))
         except sa.exc.SQLAlchemyError as exc:
             raise StorageUnavailable(f"the index database failed: {_db_error(exc)}") from exc
         return InstanceLocation(*row) if row else None
@@ -429,7 +428,7 @@ class Archive:
         if study_gone:
             conn.execute(studies.delete().where(studies.c.pk == study_pk))
         elif series_gone:
-            self._refresh_modalities(conn, study_pk)
+            self._refresh_modalities(self.index.raw(conn), study_pk)
         patient_studies = conn.execute(patients.update().where(patients.c.pk == patient_pk).values(
             num_instances=patients.c.num_instances - 1,
             num_series=patients.c.num_series - int(series_gone),

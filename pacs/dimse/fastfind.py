@@ -20,6 +20,15 @@ from typing import Any
 
 from pynetdicom.pdu_primitives import P_DATA
 
+from pacs.dimse.commands import (
+    DATA_SET_PRESENT,
+    PDV_OVERHEAD,
+    command_set,
+    element,
+    uid_element,
+    us_element,
+)
+
 PENDING = 0xFF00
 C_FIND_RSP = 0x8020
 _TEXT_PAD = {"UI": b"\0"}
@@ -27,26 +36,17 @@ _SHORT_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT
                              "ST", "TM", "UI"})
 _LONG_TEXT_VRS = frozenset({"UC", "UR", "UT"})
 _US = struct.Struct("<H")
-_UL = struct.Struct("<I")
-
-
-def _implicit_element(tag: int, value: bytes) -> bytes:
-    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
 
 
 def pending_command(sop_class_uid: str, message_id: int) -> bytes:
     """The encoded command set of a pending C-FIND-RSP (Implicit VR Little Endian)."""
-    uid = sop_class_uid.encode("ascii")
-    if len(uid) % 2:
-        uid += b"\0"
-    body = b"".join((
-        _implicit_element(0x00000002, uid),
-        _implicit_element(0x00000100, _US.pack(C_FIND_RSP)),
-        _implicit_element(0x00000120, _US.pack(message_id)),
-        _implicit_element(0x00000800, _US.pack(0x0001)),  # a data set follows
-        _implicit_element(0x00000900, _US.pack(PENDING)),
-    ))
-    return _implicit_element(0x00000000, _UL.pack(len(body))) + body
+    return command_set(
+        uid_element(0x00000002, sop_class_uid),
+        us_element(0x00000100, C_FIND_RSP),
+        us_element(0x00000120, message_id),
+        us_element(0x00000800, DATA_SET_PRESENT),
+        us_element(0x00000900, PENDING),
+    )
 
 
 def encode_identifier(elements: Iterable[tuple[int, str, Any]], *, implicit: bool,
@@ -77,7 +77,7 @@ def encode_identifier(elements: Iterable[tuple[int, str, Any]], *, implicit: boo
         else:
             return None  # sequences, binary and other VRs: pydicom encodes them
         if implicit:
-            parts.append(_implicit_element(tag, raw))
+            parts.append(element(tag, raw))
         elif vr in _LONG_TEXT_VRS:
             parts.append(struct.pack("<HH2s2xI", tag >> 16, tag & 0xFFFF, vr.encode(),
                                      len(raw)) + raw)
@@ -91,9 +91,6 @@ def encode_identifier(elements: Iterable[tuple[int, str, Any]], *, implicit: boo
 
 class PendingSender:
     """Queues pending responses as P-DATA PDUs no bigger than the peer accepts."""
-
-    # Per PDV item: length (4) + context ID (1) + message control header (1)
-    _PDV_OVERHEAD = 6
 
     def __init__(self, assoc, context_id: int, command: bytes, *, batch: int = 64):
         self.assoc = assoc
@@ -116,7 +113,7 @@ class PendingSender:
 
     def _fragments(self, control: bytes, payload: bytes) -> list[bytes]:
         """``payload`` split into PDV values that fit a PDU, the last one flagged as last."""
-        room = max(self.limit - self._PDV_OVERHEAD, 64)
+        room = max(self.limit - PDV_OVERHEAD, 64)
         if len(payload) <= room:
             return [control + payload]
         not_last = bytes([control[0] & 0x01])
