@@ -21,11 +21,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
 
 from storage import upkeep
 from storage.attributes import Level, index_values
-from storage.blobs import BlobStore
+from storage.blobs import BlobStore, StagedBlob
 from storage.errors import InstanceMismatch, NotFound, StorageUnavailable
 from storage.index import Index, RawCursor, instances, patients, series, studies
 from storage.parsing import ParsedInstance, parse_instance
@@ -133,6 +132,13 @@ _SQL_SERIES_STUDY = "SELECT study_pk FROM series WHERE pk = ?"
 _SQL_STUDY_MODALITIES = ("SELECT DISTINCT modality FROM series"
                          " WHERE study_pk = ? AND modality IS NOT NULL")
 _SQL_SET_MODALITIES = "UPDATE studies SET modalities_in_study = ? WHERE pk = ?"
+_SQL_INSTANCE_PK = "SELECT pk FROM instances WHERE sop_instance_uid = ?"
+_SQL_INSTANCE_PARENTS = ("SELECT series.pk, studies.pk, studies.patient_pk FROM instances"
+                         " JOIN series ON instances.series_pk = series.pk"
+                         " JOIN studies ON series.study_pk = studies.pk WHERE instances.pk = ?")
+_SQL_INSTANCES_UNDER = ("SELECT instances.pk, instances.blob_key FROM instances"
+                        " JOIN series ON instances.series_pk = series.pk"
+                        " JOIN studies ON series.study_pk = studies.pk WHERE ")
 _SQL_INSERTS: dict[tuple[str, tuple[str, ...]], str] = {}
 
 
@@ -190,33 +196,47 @@ class Archive:
         ``expected_*`` are the UIDs a C-STORE request announced; a data set that disagrees is
         refused. Raises ``InvalidInstance`` (nothing written) or ``StorageUnavailable``.
         """
-        parsed = parse_instance(data, transfer_syntax=transfer_syntax)
-        for name, expected, actual in (
-            ("SOP Class UID", expected_sop_class_uid, parsed.sop_class_uid),
-            ("SOP Instance UID", expected_sop_instance_uid, parsed.sop_instance_uid),
-        ):
-            if expected and expected.strip("\x00 ") != actual:
-                raise InstanceMismatch(f"{name} differs: data set {actual}, request {expected}")
-        uid = parsed.sop_instance_uid
-        with self._uid_locks[hash(uid) % len(self._uid_locks)]:
-            existing = self.find_location(uid)
-            if existing is not None and self.duplicate_policy == "keep":
-                log.info("duplicate %s: kept the stored copy", uid)
-                return self._result(parsed, StoreOutcome.DUPLICATE_KEPT)
-            key = blob_key(parsed)
-            if existing is not None and existing.blob_key == key:
-                # Never overwrite the acknowledged copy: the new one gets a key of its own.
-                key = f"{key[:-4]}.{hashlib.sha256(parsed.data).hexdigest()[:12]}.dcm"
-            written = self._io.submit(self._write_blob, key, parsed.data)
-            try:
-                self._index_instance(parsed, _rows(parsed, key, ""),
-                                     replace=existing is not None, blob=written)
-            except Exception:
-                written.exception()  # never leave a write running behind a failure
-                self._discard_blob(key)
-                raise
-            if existing is not None:
-                self._discard_blob(existing.blob_key)
+        # The blob's slow part (temporary file written and fsynced) starts now and overlaps with
+        # parsing and the index work; it gets its name, or is dropped, once the header is read.
+        staged = self._io.submit(self._stage_blob, data)
+        try:
+            parsed = parse_instance(data, transfer_syntax=transfer_syntax)
+            for name, expected, actual in (
+                ("SOP Class UID", expected_sop_class_uid, parsed.sop_class_uid),
+                ("SOP Instance UID", expected_sop_instance_uid, parsed.sop_instance_uid),
+            ):
+                if expected and expected.strip("\x00 ") != actual:
+                    raise InstanceMismatch(
+                        f"{name} differs: data set {actual}, request {expected}")
+            if parsed.data is not data:  # the file meta was rewritten: stage those bytes
+                _discard_staged(staged)
+                staged = self._io.submit(self._stage_blob, parsed.data)
+            uid = parsed.sop_instance_uid
+            with self._uid_locks[hash(uid) % len(self._uid_locks)]:
+                existing = self.find_location(uid)
+                if existing is not None and self.duplicate_policy == "keep":
+                    log.info("duplicate %s: kept the stored copy", uid)
+                    _discard_staged(staged)
+                    return self._result(parsed, StoreOutcome.DUPLICATE_KEPT)
+                key = blob_key(parsed)
+                if existing is not None and existing.blob_key == key:
+                    # Never overwrite the acknowledged copy: the new one gets a key of its own.
+                    key = f"{key[:-4]}.{hashlib.sha256(parsed.data).hexdigest()[:12]}.dcm"
+                written = self._io.submit(self._commit_blob, staged, key)
+                staged = None  # from here on, failures delete the committed blob instead
+                try:
+                    self._index_instance(parsed, _rows(parsed, key, ""),
+                                         replace=existing is not None, blob=written)
+                except Exception:
+                    written.exception()  # never leave a write running behind a failure
+                    self._discard_blob(key)
+                    raise
+                if existing is not None:
+                    self._discard_blob(existing.blob_key)
+        except BaseException:
+            if staged is not None:
+                _discard_staged(staged)
+            raise
         outcome = StoreOutcome.REPLACED if existing is not None else StoreOutcome.STORED
         result = self._result(parsed, outcome)
         for listener in self._listeners:
@@ -226,10 +246,15 @@ class Archive:
                 log.exception("store listener %r failed", listener)
         return result
 
-    def _write_blob(self, key: str, data: bytes) -> str:
-        """Hash and durably write one blob; its SHA-256 (hex)."""
-        digest = hashlib.sha256(data).hexdigest()
-        self.blobs.put(key, data)
+    def _stage_blob(self, data: bytes) -> tuple[StagedBlob, str]:
+        """Hash ``data`` and start its durable write; the staged blob and its SHA-256 (hex)."""
+        return self.blobs.stage(data), hashlib.sha256(data).hexdigest()
+
+    @staticmethod
+    def _commit_blob(staged: Future[tuple[StagedBlob, str]], key: str) -> str:
+        """Make a staged blob durable under ``key``; its SHA-256 (hex)."""
+        blob, digest = staged.result()
+        blob.commit(key)
         return digest
 
     @staticmethod
@@ -268,14 +293,12 @@ class Archive:
     def _write_rows(self, parsed: ParsedInstance, rows: _Rows, *, replace: bool,
                     use_cache: bool, blob: Future[str] | None) -> None:
         now = dt.datetime.now(dt.UTC)
-        with self.index.write() as conn:
+        stamp = self.index.timestamp(now)
+        with self.index.write() as cursor:
             if replace:
-                old_pk = conn.execute(sa.select(instances.c.pk).where(
-                    instances.c.sop_instance_uid == parsed.sop_instance_uid)).scalar()
-                if old_pk is not None:
-                    self._delete_instance_rows(conn, old_pk)
-            cursor = self.index.raw(conn)
-            stamp = self.index.timestamp(now)
+                old = cursor.execute(_SQL_INSTANCE_PK, (parsed.sop_instance_uid,)).fetchone()
+                if old is not None:
+                    self._delete_instance_rows(cursor, old[0], stamp)
             cached = (self._series_cache.get(parsed.series_instance_uid)
                       if use_cache and not replace else None)
             if cached is not None:
@@ -388,54 +411,47 @@ class Archive:
 
     def delete(self, level: Level, uid: str) -> int:
         """Delete a study, series or instance (rows, then blobs); the number of instances."""
-        column = {Level.STUDY: studies.c.study_instance_uid,
-                  Level.SERIES: series.c.series_instance_uid,
-                  Level.INSTANCE: instances.c.sop_instance_uid}[level]
-        query = (sa.select(instances.c.pk, instances.c.blob_key)
-                 .select_from(instances.join(series).join(studies))
-                 .where(column == uid))
-        with self.index.write() as conn:
-            rows = conn.execute(query).all()
+        column = {Level.STUDY: "studies.study_instance_uid",
+                  Level.SERIES: "series.series_instance_uid",
+                  Level.INSTANCE: "instances.sop_instance_uid"}[level]
+        stamp = self.index.timestamp(dt.datetime.now(dt.UTC))
+        with self.index.write() as cursor:
+            rows = cursor.execute(_SQL_INSTANCES_UNDER + column + " = ?", (uid,)).fetchall()
             if not rows:
                 raise NotFound(f"no {level.name.lower()} with UID {uid}")
             for pk, _ in rows:
-                self._delete_instance_rows(conn, pk)
+                self._delete_instance_rows(cursor, pk, stamp)
         self._forget_series()
         for _, key in rows:
             self._discard_blob(key)
         return len(rows)
 
-    def _delete_instance_rows(self, conn: Connection, instance_pk: int) -> None:
+    def _delete_instance_rows(self, cursor: RawCursor, instance_pk: int, stamp: Any) -> None:
         """Remove one instance row, fix the counters, and drop parents left empty."""
-        series_pk = conn.execute(sa.select(instances.c.series_pk).where(
-            instances.c.pk == instance_pk)).scalar_one()
-        study_pk, patient_pk = conn.execute(
-            sa.select(studies.c.pk, studies.c.patient_pk)
-            .select_from(series.join(studies)).where(series.c.pk == series_pk)).one()
-        conn.execute(instances.delete().where(instances.c.pk == instance_pk))
-        now = dt.datetime.now(dt.UTC)
-        left = conn.execute(series.update().where(series.c.pk == series_pk).values(
-            num_instances=series.c.num_instances - 1, updated_at=now)
-            .returning(series.c.num_instances)).scalar_one()
+        series_pk, study_pk, patient_pk = cursor.execute(
+            _SQL_INSTANCE_PARENTS, (instance_pk,)).fetchone()
+        cursor.execute("DELETE FROM instances WHERE pk = ?", (instance_pk,))
+        left = cursor.execute(
+            "UPDATE series SET num_instances = num_instances - 1, updated_at = ?"
+            " WHERE pk = ? RETURNING num_instances", (stamp, series_pk)).fetchone()[0]
         series_gone = left <= 0
         if series_gone:
-            conn.execute(series.delete().where(series.c.pk == series_pk))
-        study_series = conn.execute(studies.update().where(studies.c.pk == study_pk).values(
-            num_instances=studies.c.num_instances - 1,
-            num_series=studies.c.num_series - int(series_gone), updated_at=now)
-            .returning(studies.c.num_series)).scalar_one()
+            cursor.execute("DELETE FROM series WHERE pk = ?", (series_pk,))
+        study_series = cursor.execute(
+            "UPDATE studies SET num_instances = num_instances - 1, num_series = num_series - ?,"
+            " updated_at = ? WHERE pk = ? RETURNING num_series",
+            (int(series_gone), stamp, study_pk)).fetchone()[0]
         study_gone = study_series <= 0
         if study_gone:
-            conn.execute(studies.delete().where(studies.c.pk == study_pk))
+            cursor.execute("DELETE FROM studies WHERE pk = ?", (study_pk,))
         elif series_gone:
-            self._refresh_modalities(self.index.raw(conn), study_pk)
-        patient_studies = conn.execute(patients.update().where(patients.c.pk == patient_pk).values(
-            num_instances=patients.c.num_instances - 1,
-            num_series=patients.c.num_series - int(series_gone),
-            num_studies=patients.c.num_studies - int(study_gone), updated_at=now)
-            .returning(patients.c.num_studies)).scalar_one()
+            self._refresh_modalities(cursor, study_pk)
+        patient_studies = cursor.execute(
+            "UPDATE patients SET num_instances = num_instances - 1, num_series = num_series - ?,"
+            " num_studies = num_studies - ?, updated_at = ? WHERE pk = ? RETURNING num_studies",
+            (int(series_gone), int(study_gone), stamp, patient_pk)).fetchone()[0]
         if patient_studies <= 0:
-            conn.execute(patients.delete().where(patients.c.pk == patient_pk))
+            cursor.execute("DELETE FROM patients WHERE pk = ?", (patient_pk,))
 
     # ------------------------------------------------------------------ upkeep
 
@@ -455,6 +471,14 @@ class Archive:
     def close(self) -> None:
         self._io.shutdown(wait=True)
         self.index.dispose()
+
+
+def _discard_staged(staged: Future[tuple[StagedBlob, str]]) -> None:
+    """Drop a staged blob once its write has finished (a failed write left nothing)."""
+    def discard(done: Future[tuple[StagedBlob, str]]) -> None:
+        if done.exception() is None:
+            done.result()[0].discard()
+    staged.add_done_callback(discard)
 
 
 def _db_error(exc: sa.exc.SQLAlchemyError) -> str:

@@ -23,11 +23,26 @@ from storage.errors import StorageUnavailable
 CHUNK_SIZE = 1 << 20
 
 
+class StagedBlob(Protocol):
+    """Data on its way into a store, before its key is known (see ``BlobStore.stage``)."""
+
+    def commit(self, key: str) -> None:
+        """Make the data durable under ``key``; return only once it would survive a crash."""
+
+    def discard(self) -> None:
+        """Drop the data (it was never acknowledged)."""
+
+
 class BlobStore(Protocol):
     """What the archive needs from a place that keeps files."""
 
     def put(self, key: str, data: bytes) -> None:
         """Store ``data`` under ``key`` durably; return only once it would survive a crash."""
+
+    def stage(self, data: bytes) -> StagedBlob:
+        """Start storing ``data`` before its key is known: the slow part of ``put`` (for files,
+        writing and fsyncing a temporary file) can then overlap with parsing the data.
+        ``stage(data).commit(key)`` is ``put(key, data)``."""
 
     def get(self, key: str) -> bytes:
         """The whole blob (``KeyError`` if absent)."""
@@ -106,9 +121,11 @@ class FileBlobStore:
         return self.root / key
 
     def put(self, key: str, data: bytes) -> None:
-        target = self.path(key)
+        self.path(key)  # an invalid key fails before anything is written
+        self.stage(data).commit(key)
+
+    def stage(self, data: bytes) -> _StagedFile:
         try:
-            self._make_dirs(target.parent)
             fd, tmp_name = tempfile.mkstemp(dir=self._tmp, suffix=".part")
             try:
                 try:
@@ -118,14 +135,13 @@ class FileBlobStore:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-                os.replace(tmp_name, target)
             except BaseException:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp_name)
                 raise
-            _fsync_dir(target.parent)
         except OSError as exc:
-            raise StorageUnavailable(f"cannot write {key} to {self.root}: {exc.strerror}") from exc
+            raise StorageUnavailable(f"cannot write to {self.root}: {exc.strerror}") from exc
+        return _StagedFile(self, tmp_name)
 
     def _make_dirs(self, folder: Path) -> None:
         """Create ``folder``, fsyncing each new directory's parent so the path itself is durable."""
@@ -199,6 +215,29 @@ class FileBlobStore:
         yield from _walk_sorted(start, self.root)
 
 
+class _StagedFile:
+    """A temporary file, written and fsynced, waiting for its name."""
+
+    def __init__(self, store: FileBlobStore, tmp_name: str) -> None:
+        self.store = store
+        self.tmp_name = tmp_name
+
+    def commit(self, key: str) -> None:
+        target = self.store.path(key)
+        try:
+            self.store._make_dirs(target.parent)
+            os.replace(self.tmp_name, target)
+            _fsync_dir(target.parent)
+        except OSError as exc:
+            self.discard()
+            raise StorageUnavailable(
+                f"cannot write {key} to {self.store.root}: {exc.strerror}") from exc
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.tmp_name)
+
+
 def _read_chunks(f, chunk_size: int) -> Iterator[bytes]:
     with f:
         while chunk := f.read(chunk_size):
@@ -229,6 +268,18 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class _StagedObject:
+    def __init__(self, store: S3BlobStore, data: bytes) -> None:
+        self.store = store
+        self.data = data
+
+    def commit(self, key: str) -> None:
+        self.store.put(key, self.data)
+
+    def discard(self) -> None:
+        self.data = b""
 
 
 def _stream(response, chunk_size: int) -> Iterator[bytes]:
@@ -293,6 +344,9 @@ class S3BlobStore:
                                    content_type="application/dicom")
         except Exception as exc:
             raise StorageUnavailable(f"cannot write {key} to {self.describe()}: {exc}") from exc
+
+    def stage(self, data: bytes) -> _StagedObject:
+        return _StagedObject(self, data)  # S3 needs the key to start: nothing to do early
 
     def _response(self, key: str, offset: int = 0, length: int = 0):
         from minio.error import S3Error

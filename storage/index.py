@@ -138,13 +138,29 @@ class Index:
         self._sql_cache: dict[str, str] = {}
 
     @contextlib.contextmanager
-    def write(self) -> Iterator[Connection]:
-        """A write transaction: committed when the block ends, rolled back on error."""
-        with self._write_lock, self.engine.connect() as conn:
-            if self.is_sqlite:
-                conn.execution_options(sqlite_begin="IMMEDIATE")
-            with conn.begin():
-                yield conn
+    def write(self) -> Iterator[RawCursor]:
+        """A write transaction: committed when the block ends, rolled back on error.
+
+        Writes are plain SQL on the DBAPI connection (see ``RawCursor``): the ingest path runs
+        a handful of one-row statements per instance, and SQLAlchemy's execution layer cost
+        several times what the database needs for them.
+        """
+        with self._write_lock:
+            dbapi_connection = self.engine.raw_connection()
+            try:
+                cursor = RawCursor(self, dbapi_connection.cursor())
+                if self.is_sqlite:
+                    cursor.execute("BEGIN IMMEDIATE")  # PostgreSQL's driver begins by itself
+                try:
+                    yield cursor
+                except BaseException:
+                    # A failed rollback means a broken connection: the pool discards it.
+                    with contextlib.suppress(self.engine.dialect.dbapi.Error):
+                        dbapi_connection.rollback()
+                    raise
+                cursor.commit(dbapi_connection)
+            finally:
+                dbapi_connection.close()  # back to the pool
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:
@@ -162,21 +178,16 @@ class Index:
     def dispose(self) -> None:
         self.engine.dispose()
 
-    # Hot statements. SQLAlchemy's execution layer costs 40-60 µs per statement, several times
-    # what SQLite needs for a one-row UPDATE; the ingest path runs its few per-instance
-    # statements as plain SQL on the DBAPI cursor instead. The SQL is written with ``?``
-    # placeholders and must be portable between SQLite and PostgreSQL.
-
-    def raw(self, conn: Connection) -> RawCursor:
-        """A DBAPI cursor inside ``conn``'s transaction (see ``RawCursor``)."""
-        return RawCursor(self, conn.connection.driver_connection.cursor())
-
     def raw_first(self, sql: str, params: Sequence[Any]) -> tuple | None:
         """The first row of one plain-SQL query, outside any transaction (cheapest read)."""
-        with self.engine.connect() as conn:
-            if self.is_sqlite:
-                conn.execution_options(sqlite_begin=None)
-            return self.raw(conn).execute(sql, params).fetchone()
+        dbapi_connection = self.engine.raw_connection()
+        try:
+            row = RawCursor(self, dbapi_connection.cursor()).execute(sql, params).fetchone()
+            if not self.is_sqlite:
+                dbapi_connection.rollback()  # psycopg opened a transaction for the SELECT
+            return row
+        finally:
+            dbapi_connection.close()
 
     def timestamp(self, moment: dt.datetime) -> Any:
         """``moment`` as a DBAPI parameter for a ``DateTime`` column, stored the way SQLAlchemy
@@ -194,7 +205,8 @@ class Index:
 
 
 class RawCursor:
-    """A DBAPI cursor whose errors are SQLAlchemy's, so callers handle one family of errors."""
+    """A DBAPI cursor for plain SQL written with ``?`` placeholders, portable between SQLite and
+    PostgreSQL. Its errors are SQLAlchemy's, so callers handle one family of errors."""
 
     __slots__ = ("_index", "_cursor")
 
@@ -208,6 +220,13 @@ class RawCursor:
             return self._cursor.execute(self._index._native_sql(sql), params)
         except dbapi.Error as exc:
             raise sa.exc.DBAPIError.instance(sql, params, exc, dbapi.Error) from exc
+
+    def commit(self, dbapi_connection: Any) -> None:
+        dbapi = self._index.engine.dialect.dbapi
+        try:
+            dbapi_connection.commit()
+        except dbapi.Error as exc:
+            raise sa.exc.DBAPIError.instance("COMMIT", (), exc, dbapi.Error) from exc
 
 
 def create_engine(url: str) -> Engine:

@@ -161,6 +161,22 @@ def test_blob_failure_reports_storage_unavailable_and_indexes_nothing(make_backe
         archive.close()
 
 
+def test_rejected_and_duplicate_instances_leave_no_temporary_files(make_backend, tmp_path):
+    # The blob is staged (written and fsynced) while the header is parsed: a refusal or a
+    # kept duplicate must drop it again.
+    archive = make_backend("sqlite-files").open()
+    try:
+        data = instance()
+        archive.store(data)
+        assert archive.store(data).outcome is StoreOutcome.DUPLICATE_KEPT
+        with pytest.raises(InvalidInstance):
+            archive.store(b"\0" * 128 + b"DICM" + b"\x02\x00" * 500)
+    finally:
+        archive.close()  # waits for the staged writes and their clean-up
+    assert list((tmp_path / "blobs" / ".tmp").iterdir()) == []
+    assert len(list((tmp_path / "blobs").rglob("*.dcm"))) == 1
+
+
 def test_parallel_stores_keep_counts_exact_and_one_row_per_uid(archive):
     study, series_uids = Spec().study_uid, [Spec().series_uid for _ in range(4)]
     datas = [instance(study_uid=study, series_uid=series_uids[n % 4], instance_number=n)
