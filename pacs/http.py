@@ -1,12 +1,15 @@
-"""The HTTP side of the process: health now; DICOMweb, viewer and EMR routes mount here."""
+"""The HTTP side of the process: health, DICOMweb at ``/dicomweb``; viewer and EMR routes next."""
 
 from __future__ import annotations
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
+from dicomweb.app import build_dicomweb
 from pacs import __version__
 
 
@@ -24,4 +27,17 @@ def build_app(server) -> Starlette:
         }
         return JSONResponse(body, status_code=200 if dicom_up else 503)
 
-    return Starlette(routes=[Route("/healthz", healthz)])
+    middleware = []
+    origins = list(server.settings.cors_allowed_origins)
+    if origins:
+        # Viewers served from another origin; preflight answered for the headers they send.
+        middleware.append(Middleware(
+            CORSMiddleware, allow_origins=origins,
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["Authorization", "Accept", "Content-Type", "If-None-Match", "Range"],
+            expose_headers=["ETag", "Content-Length", "Content-Range", "Warning"],
+            max_age=600))
+    return Starlette(routes=[
+        Route("/healthz", healthz),
+        Mount("/dicomweb", build_dicomweb(server.archive, server.settings)),
+    ], middleware=middleware)

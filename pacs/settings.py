@@ -87,6 +87,15 @@ class Settings:
     dicom_network_timeout: float = 60.0
     # Largest PDU we accept: bigger PDUs mean fewer round trips through the network code.
     dicom_max_pdu: int = 262144
+    # Address clients use to reach the HTTP side, e.g. "https://pacs.hospital.vn" behind a
+    # reverse proxy; used in the absolute URLs of answers (RetrieveURL, BulkDataURI). Empty:
+    # taken from each request's Host header.
+    public_url: str = ""
+    # Browser origins allowed to call /dicomweb from other sites (CORS), e.g.
+    # "https://viewer.example.org"; "*" allows any. Empty: same origin only.
+    cors_allowed_origins: tuple[str, ...] = ()
+    # Largest STOW-RS request body in bytes (HTTP 413 beyond it).
+    stow_max_bytes: int = 4 * 1024**3
     log_level: str = "INFO"
 
     @property
@@ -199,6 +208,8 @@ def _validate(settings: Settings) -> None:
         )
     if settings.max_associations < 1:
         raise SettingsError("max_associations must be at least 1")
+    if settings.stow_max_bytes < 1:
+        raise SettingsError("stow_max_bytes must be at least 1")
 
 
 __all__ = ["Peer", "Settings", "SettingsError", "load_settings"]

@@ -190,11 +190,13 @@ class Archive:
         transfer_syntax: str | None = None,
         expected_sop_class_uid: str | None = None,
         expected_sop_instance_uid: str | None = None,
+        expected_study_instance_uid: str | None = None,
     ) -> StoreResult:
         """Archive one instance; return only once its blob and index rows are durable.
 
-        ``expected_*`` are the UIDs a C-STORE request announced; a data set that disagrees is
-        refused. Raises ``InvalidInstance`` (nothing written) or ``StorageUnavailable``.
+        ``expected_*`` are the UIDs a C-STORE request announced (or the study a STOW-RS request
+        targets); a data set that disagrees is refused. Raises ``InvalidInstance`` (nothing
+        written) or ``StorageUnavailable``.
         """
         # The blob's slow part (temporary file written and fsynced) starts now and overlaps with
         # parsing and the index work; it gets its name, or is dropped, once the header is read.
@@ -204,6 +206,7 @@ class Archive:
             for name, expected, actual in (
                 ("SOP Class UID", expected_sop_class_uid, parsed.sop_class_uid),
                 ("SOP Instance UID", expected_sop_instance_uid, parsed.sop_instance_uid),
+                ("Study Instance UID", expected_study_instance_uid, parsed.study_instance_uid),
             ):
                 if expected and expected.strip("\x00 ") != actual:
                     raise InstanceMismatch(

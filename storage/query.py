@@ -51,6 +51,8 @@ class Query:
     offset: int = 0
     # Tags (8 hex digits) wanted in the results that are not index columns.
     extra_tags: frozenset[str] = frozenset()
+    # INSTANCE level: also return each instance's stored DICOM JSON text as ``_header``.
+    with_header: bool = False
 
 
 _LEVEL_TABLES = {
@@ -89,7 +91,7 @@ def _statement(query: Query) -> sa.Select:
     for child, parent in zip(tables, tables[1:], strict=False):
         key = {series: "study_pk", studies: "patient_pk", instances: "series_pk"}[child]
         joined = joined.join(parent, child.c[key] == parent.c.pk)
-    columns = [_labelled(table, query.level) for table in tables]
+    columns = [_labelled(table, query.level, with_header=query.with_header) for table in tables]
     statement = sa.select(*[c for group in columns for c in group]).select_from(joined)
     conditions = [
         condition
@@ -106,9 +108,11 @@ def _statement(query: Query) -> sa.Select:
     return statement
 
 
-def _labelled(table: sa.Table, level: Level) -> list[sa.ColumnElement]:
+def _labelled(table: sa.Table, level: Level, *, with_header: bool) -> list[sa.ColumnElement]:
     """The columns of ``table`` a result row needs, labelled ``table.column``."""
-    skip = {"header", "created_at"} | ({"frames"} if level is not Level.INSTANCE else set())
+    skip = {"created_at"} | ({"frames"} if level is not Level.INSTANCE else set())
+    if not (with_header and table is instances):
+        skip.add("header")
     return [c.label(f"{table.name}.{c.name}") for c in table.columns if c.name not in skip]
 
 
@@ -125,6 +129,8 @@ def _row(level: Level, mapping: Any) -> dict[str, Any]:
     if level is Level.INSTANCE:
         for name in ("blob_key", "transfer_syntax_uid", "size", "frames", "sha256"):
             row[f"_{name}"] = mapping[f"instances.{name}"]
+        if "instances.header" in mapping:
+            row["_header"] = mapping["instances.header"]
         row["_stored_at"] = mapping["instances.stored_at"]
     for table in _LEVEL_TABLES[level]:
         row[f"_{table.name}_updated_at"] = mapping.get(f"{table.name}.updated_at")

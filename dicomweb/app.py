@@ -1,0 +1,315 @@
+"""The DICOMweb app (PS3.18), mounted by ``pacs serve`` at ``/dicomweb``.
+
+The route table below is the whole service; each handler translates HTTP to a call into
+``storage`` (through ``dicomweb.qido``, ``wado``, ``stow``) and the archive's errors to HTTP
+statuses. Blocking work (index queries, blob reads, parsing) runs in the thread pool.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from dicomweb import qido, stow, wado
+from dicomweb.media import NotAcceptable, parse_accept, wants_json
+from dicomweb.multipart import (
+    BodyTooLarge,
+    MultipartError,
+    Part,
+    content_type,
+    new_boundary,
+    parse_content_type,
+    read_parts,
+    write_parts,
+)
+from dicomweb.transcode import NotTranscodable
+from pacs.settings import Settings
+from storage.archive import Archive
+from storage.attributes import Level
+from storage.errors import InvalidQuery, NotFound, StorageUnavailable
+from storage.query import NameMatching, find
+
+log = logging.getLogger("pacs.dicomweb")
+
+DICOM_JSON = "application/dicom+json"
+GZIP_MIN_BYTES = 1024
+
+
+class UnsupportedMediaType(ValueError):
+    """The request body is not of a type this route accepts (HTTP 415)."""
+
+
+def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
+    """The DICOMweb ASGI app over ``archive``."""
+    default_matching = NameMatching(settings.person_name_matching)
+
+    public_url = settings.public_url.rstrip("/")
+
+    def base_url(request: Request) -> str:
+        """Absolute URL of this app, for the URLs inside answers."""
+        if public_url:
+            return public_url + "/dicomweb"
+        url = request.url.replace(path=request.scope.get("root_path", ""), query="",
+                                  fragment="")
+        host = request.headers.get("host", "")
+        server = request.scope.get("server")
+        # Some clients (dicomweb-client) send Host without the port; without a proxy in
+        # between, the port the request came in on is the one to give back.
+        if host and ":" not in host.rsplit("]", 1)[-1] and server and \
+                server[1] not in (80, 443) and "x-forwarded-host" not in request.headers:
+            url = url.replace(port=server[1])
+        return str(url).rstrip("/")
+
+    # ------------------------------------------------------------------ QIDO-RS
+
+    async def search(request: Request, level: Level, scope: dict[str, str]) -> Response:
+        accept = parse_accept(request.headers.get("accept"))
+        if not wants_json(accept):
+            raise NotAcceptable(f"search results are available as {DICOM_JSON}")
+        parsed = qido.parse_qido(level, request.query_params.multi_items(), scope=scope,
+                                 default_matching=default_matching)
+        rows = await run_in_threadpool(find, archive.index, parsed.query)
+        limit = (parsed.query.limit or 1) - 1
+        if len(rows) > limit:
+            rows = rows[:limit]
+            parsed.warnings.append("there are more results than were returned; "
+                                   "use offset to page through them")
+        base = base_url(request)
+        answers = [qido.answer_json(row, parsed, _retrieve_url(base, level, row))
+                   for row in rows]
+        headers = {"Warning": ", ".join(f'299 pacs "{w}"' for w in parsed.warnings)} \
+            if parsed.warnings else {}
+        if not answers and not parsed.warnings:
+            return Response(status_code=204)
+        return _json(request, answers, headers=headers)
+
+    async def search_studies(request: Request) -> Response:
+        return await search(request, Level.STUDY, {})
+
+    async def search_series(request: Request) -> Response:
+        return await search(request, Level.SERIES, _path_uids(request))
+
+    async def search_instances(request: Request) -> Response:
+        return await search(request, Level.INSTANCE, _path_uids(request))
+
+    # ------------------------------------------------------------------ WADO-RS
+
+    async def retrieve(request: Request) -> Response:
+        target = _target(request)
+        syntax = wado.choose_instance_syntax(parse_accept(request.headers.get("accept")))
+        rows = await run_in_threadpool(wado.instance_rows, archive, target)
+        wado.check_transcodable(rows, syntax)
+        parts = wado.instance_parts(archive, rows, syntax)
+        if target.instance and syntax != "*":
+            parts = iter([await run_in_threadpool(next, parts)])  # 406 before any byte
+        return _multipart(parts, "application/dicom",
+                          None if syntax == "*" else syntax)
+
+    async def metadata(request: Request) -> Response:
+        accept = parse_accept(request.headers.get("accept"))
+        if not wants_json(accept):
+            raise NotAcceptable(f"metadata is available as {DICOM_JSON}")
+        target = _target(request)
+        rows = await run_in_threadpool(wado.instance_rows, archive, target, with_header=True)
+        etag = wado.metadata_etag(rows)
+        if etag in request.headers.get("if-none-match", ""):
+            return Response(status_code=304, headers={"ETag": etag})
+        body = wado.metadata_json(rows, base_url(request))
+        return _json_bytes(request, body, headers={"ETag": etag,
+                                                   "Cache-Control": "private, no-cache"})
+
+    async def frames(request: Request) -> Response:
+        target = _target(request)
+        try:
+            numbers = wado.parse_frame_list(request.path_params["frames"])
+        except ValueError as exc:
+            raise HTTPException(400, f"frames: {exc}") from None
+        rows = await run_in_threadpool(wado.instance_rows, archive, target)
+        row = rows[0]
+        media, syntax = wado.choose_frame_syntax(parse_accept(request.headers.get("accept")),
+                                                 row["_transfer_syntax_uid"])
+        data = await run_in_threadpool(wado.frame_bytes, archive, row, numbers, syntax)
+        part_type = f"{media}; transfer-syntax={syntax}"
+        parts = (Part(part_type, [frame], {"Content-Length": str(len(frame))})
+                 for frame in data)
+        return _multipart(parts, media, syntax)
+
+    async def bulkdata(request: Request) -> Response:
+        rows = await run_in_threadpool(wado.instance_rows, archive, _target(request))
+        data = await run_in_threadpool(wado.bulk_bytes, archive, rows[0],
+                                       request.path_params["spec"])
+        accept = parse_accept(request.headers.get("accept"))
+        if any(a.is_multipart for a in accept) and not any(
+                a.matches("application/octet-stream") for a in accept):
+            return _multipart(iter([Part("application/octet-stream", [data])]),
+                              "application/octet-stream", None)
+        return _ranged(request, data)
+
+    # ------------------------------------------------------------------ STOW-RS
+
+    async def store(request: Request) -> Response:
+        media, params = parse_content_type(request.headers.get("content-type", ""))
+        if media != "multipart/related" or params.get("type", "application/dicom").lower() \
+                != "application/dicom":
+            raise UnsupportedMediaType(
+                'STOW-RS accepts multipart/related; type="application/dicom" bodies')
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > settings.stow_max_bytes:
+            raise BodyTooLarge(settings.stow_max_bytes)
+        study_uid = request.path_params.get("study")
+        base = base_url(request)
+        outcome = stow.StowOutcome()
+        async for part in read_parts(request.stream(), params.get("boundary", ""),
+                                     max_bytes=settings.stow_max_bytes):
+            part_media, _ = parse_content_type(part.content_type or "application/dicom")
+            if part_media != "application/dicom":
+                stow.fail_part(outcome, part.body, stow.CANNOT_UNDERSTAND,
+                               f"part of type {part_media} is not application/dicom")
+                continue
+            await run_in_threadpool(stow.store_part, archive, part.body, outcome,
+                                    study_uid=study_uid, base=base)
+        if not outcome.stored and not outcome.failed:
+            raise MultipartError("the request holds no DICOM instance")
+        study = study_uid or (next(iter(outcome.study_uids))
+                              if len(outcome.study_uids) == 1 else None)
+        body = outcome.response_json(f"{base}/studies/{study}" if study else None)
+        return _json(request, body, status_code=outcome.http_status)
+
+    # ------------------------------------------------------------------ DELETE
+
+    async def delete(request: Request) -> Response:
+        target = _target(request)
+        await run_in_threadpool(wado.instance_rows, archive, target)  # checks the hierarchy
+        uid = target.instance or target.series or target.study
+        count = await run_in_threadpool(archive.delete, target.level, uid)
+        log.info("DICOMweb: deleted %s (%d instance(s))", target.describe(), count)
+        return Response(status_code=204)
+
+    # ------------------------------------------------------------------ routes
+
+    study = "/studies/{study}"
+    series = study + "/series/{series}"
+    instance = series + "/instances/{instance}"
+    routes = [
+        Route("/studies", search_studies, methods=["GET"]),
+        Route("/studies", store, methods=["POST"]),
+        Route("/series", search_series, methods=["GET"]),
+        Route("/instances", search_instances, methods=["GET"]),
+        Route(study, retrieve, methods=["GET"]),
+        Route(study, store, methods=["POST"]),
+        Route(study, delete, methods=["DELETE"]),
+        Route(study + "/metadata", metadata, methods=["GET"]),
+        Route(study + "/series", search_series, methods=["GET"]),
+        Route(study + "/instances", search_instances, methods=["GET"]),
+        Route(series, retrieve, methods=["GET"]),
+        Route(series, delete, methods=["DELETE"]),
+        Route(series + "/metadata", metadata, methods=["GET"]),
+        Route(series + "/instances", search_instances, methods=["GET"]),
+        Route(instance, retrieve, methods=["GET"]),
+        Route(instance, delete, methods=["DELETE"]),
+        Route(instance + "/metadata", metadata, methods=["GET"]),
+        Route(instance + "/frames/{frames}", frames, methods=["GET"]),
+        Route(instance + "/bulkdata/{spec:path}", bulkdata, methods=["GET"]),
+    ]
+    handlers: dict[Any, Any] = {kind: _error_response for kind, _ in _STATUSES}
+    handlers[HTTPException] = _error_response
+    handlers[Exception] = _error_response  # the last resort: 500 with a logged traceback
+    return Starlette(routes=routes, exception_handlers=handlers)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _path_uids(request: Request) -> dict[str, str]:
+    names = {"study": "StudyInstanceUID", "series": "SeriesInstanceUID"}
+    return {names[k]: v for k, v in request.path_params.items() if k in names}
+
+
+def _target(request: Request) -> wado.Target:
+    params = request.path_params
+    return wado.Target(params["study"], params.get("series"), params.get("instance"))
+
+
+def _retrieve_url(base: str, level: Level, row: dict[str, Any]) -> str:
+    url = f"{base}/studies/{row['StudyInstanceUID']}"
+    if level.value >= Level.SERIES.value:
+        url += f"/series/{row['SeriesInstanceUID']}"
+    if level is Level.INSTANCE:
+        url += f"/instances/{row['SOPInstanceUID']}"
+    return url
+
+
+def _json(request: Request, value: Any, *, status_code: int = 200,
+          headers: dict[str, str] | None = None) -> Response:
+    body = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return _json_bytes(request, body, status_code=status_code, headers=headers)
+
+
+def _json_bytes(request: Request, body: bytes, *, status_code: int = 200,
+                headers: dict[str, str] | None = None) -> Response:
+    headers = dict(headers or {})
+    headers["Vary"] = "Accept-Encoding"
+    if len(body) >= GZIP_MIN_BYTES and "gzip" in request.headers.get("accept-encoding", ""):
+        body = gzip.compress(body, compresslevel=5)
+        headers["Content-Encoding"] = "gzip"
+    return Response(body, status_code=status_code, media_type=DICOM_JSON, headers=headers)
+
+
+def _multipart(parts: Iterator[Part], media_type: str, syntax: str | None) -> Response:
+    boundary = new_boundary()
+    return StreamingResponse(iterate_in_threadpool(write_parts(parts, boundary)),
+                             media_type=content_type(media_type, boundary,
+                                                     transfer_syntax=syntax))
+
+
+def _ranged(request: Request, data: bytes) -> Response:
+    """``data`` as application/octet-stream, honouring a single ``Range: bytes=a-b``."""
+    headers = {"Accept-Ranges": "bytes"}
+    header = request.headers.get("range", "")
+    if header.startswith("bytes=") and "," not in header:
+        start_text, _, end_text = header[6:].partition("-")
+        try:
+            if start_text:
+                start = int(start_text)
+                end = min(int(end_text), len(data) - 1) if end_text else len(data) - 1
+            else:
+                start, end = max(len(data) - int(end_text), 0), len(data) - 1
+        except ValueError:
+            raise HTTPException(400, f"Range: {header!r} is not a byte range") from None
+        if start > end or start >= len(data):
+            return Response(status_code=416, headers={"Content-Range": f"bytes */{len(data)}"})
+        headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+        return Response(data[start:end + 1], status_code=206,
+                        media_type="application/octet-stream", headers=headers)
+    return Response(data, media_type="application/octet-stream", headers=headers)
+
+
+_STATUSES: list[tuple[type[BaseException], int]] = [
+    (qido.BadQueryParameter, 400), (InvalidQuery, 400), (MultipartError, 400),
+    (NotFound, 404), (NotAcceptable, 406), (NotTranscodable, 406), (BodyTooLarge, 413),
+    (UnsupportedMediaType, 415), (StorageUnavailable, 503),
+]
+
+
+async def _error_response(request: Request, exc: Exception) -> Response:
+    """Every failure as a JSON body with a message; never a crash, never a stack trace."""
+    if isinstance(exc, HTTPException):
+        status, message = exc.status_code, exc.detail
+    else:
+        status = next((code for kind, code in _STATUSES if isinstance(exc, kind)), 500)
+        message = str(exc) if status != 500 else "internal error; see the server log"
+    if status == 500:
+        log.error("DICOMweb %s %s failed", request.method, request.url.path, exc_info=exc)
+    elif status == 503:
+        log.error("DICOMweb %s %s: %s", request.method, request.url.path, message)
+    return JSONResponse({"status": status, "message": message}, status_code=status)

@@ -1,0 +1,98 @@
+"""Accept header negotiation for DICOMweb (PS3.18 8.7): media types and transfer syntaxes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dicomweb.multipart import parse_content_type
+
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+IMPLICIT_LE = "1.2.840.10008.1.2"
+
+# Media type of a frame (or of bulk pixel data) in each compressed transfer syntax
+# (PS3.18 Table 8.7.3-2), for labelling parts and for matching Accept.
+FRAME_MEDIA_TYPES = {
+    "1.2.840.10008.1.2.4.50": "image/jpeg", "1.2.840.10008.1.2.4.51": "image/jpeg",
+    "1.2.840.10008.1.2.4.57": "image/jpeg", "1.2.840.10008.1.2.4.70": "image/jpeg",
+    "1.2.840.10008.1.2.4.80": "image/jls", "1.2.840.10008.1.2.4.81": "image/jls",
+    "1.2.840.10008.1.2.4.90": "image/jp2", "1.2.840.10008.1.2.4.91": "image/jp2",
+    "1.2.840.10008.1.2.4.92": "image/jpx", "1.2.840.10008.1.2.4.93": "image/jpx",
+    "1.2.840.10008.1.2.4.201": "image/jphc", "1.2.840.10008.1.2.4.202": "image/jphc",
+    "1.2.840.10008.1.2.4.203": "image/jphc",
+    "1.2.840.10008.1.2.4.110": "image/jxl", "1.2.840.10008.1.2.4.111": "image/jxl",
+    "1.2.840.10008.1.2.4.112": "image/jxl",
+    "1.2.840.10008.1.2.5": "image/dicom-rle",
+    "1.2.840.10008.1.2.4.100": "video/mpeg", "1.2.840.10008.1.2.4.101": "video/mpeg",
+    "1.2.840.10008.1.2.4.102": "video/mp4", "1.2.840.10008.1.2.4.103": "video/mp4",
+    "1.2.840.10008.1.2.4.104": "video/mp4", "1.2.840.10008.1.2.4.105": "video/mp4",
+    "1.2.840.10008.1.2.4.106": "video/mp4",
+}
+
+
+class NotAcceptable(ValueError):
+    """No representation the client accepts can be produced (HTTP 406)."""
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """One entry of an Accept header."""
+
+    media_type: str  # e.g. "multipart/related", "application/dicom+json", "*/*"
+    part_type: str | None  # the ``type`` parameter of multipart/related
+    transfer_syntax: str | None  # the ``transfer-syntax`` parameter ("*": as stored)
+    quality: float
+
+    @property
+    def is_multipart(self) -> bool:
+        return self.media_type == "multipart/related"
+
+    def matches(self, media_type: str) -> bool:
+        """Whether this entry accepts ``media_type`` (wildcards allowed on either side)."""
+        return _matches(self.media_type, media_type)
+
+
+def parse_accept(header: str | None) -> list[Accepted]:
+    """Entries of an Accept header, best first (no header means ``*/*``)."""
+    entries = []
+    for position, item in enumerate(_split_outside_quotes(header or "*/*")):
+        media_type, params = parse_content_type(item)
+        if not media_type:
+            continue
+        try:
+            quality = float(params.get("q", "1"))
+        except ValueError:
+            quality = 1.0
+        part_type = params.get("type")
+        entries.append((-quality, position, Accepted(
+            media_type, part_type.lower() if part_type else None,
+            params.get("transfer-syntax"), quality)))
+    entries.sort(key=lambda e: (e[0], e[1]))
+    return [entry for _, _, entry in entries if entry.quality > 0]
+
+
+def _matches(pattern: str, media_type: str) -> bool:
+    if pattern in ("*/*", "*") or media_type in ("*/*", "*"):
+        return True
+    kind, _, sub = pattern.partition("/")
+    wanted_kind, _, wanted_sub = media_type.partition("/")
+    return kind == wanted_kind and sub in ("*", wanted_sub)
+
+
+def _split_outside_quotes(text: str) -> list[str]:
+    items, current, quoted = [], [], False
+    for char in text:
+        if char == '"':
+            quoted = not quoted
+        if char == "," and not quoted:
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    items.append("".join(current))
+    return [item.strip() for item in items if item.strip()]
+
+
+def wants_json(accept: list[Accepted]) -> bool:
+    """Whether a DICOM JSON answer is acceptable (QIDO-RS, metadata)."""
+    return any(a.matches("application/dicom+json") or a.matches("application/json")
+               for a in accept)

@@ -1,0 +1,225 @@
+"""QIDO-RS (PS3.18 10.6): query parameters to ``storage.query.Query``, index rows to DICOM JSON.
+
+Matching goes through the archive's one query path; answers come from the index only (indexed
+columns, plus the stored DICOM JSON of a representative instance for other included fields).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+
+from storage.attributes import BY_KEYWORD, INTEGER_VRS, Level, level_attributes
+from storage.query import NameMatching, Query
+
+DEFAULT_LIMIT = 1000  # answers per request when the client asks for no limit
+MAX_LIMIT = 5000  # ... and the most it may ask for
+
+SPECIFIC_CHARACTER_SET = "00080005"
+RETRIEVE_URL = "00081190"
+INSTANCE_AVAILABILITY = "00080056"
+_RAS = "RequestAttributesSequence"
+_SINGLE_VALUED = frozenset({"LT", "ST", "UT", "UR"})
+_HEX_TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
+
+# PS3.18 Table 10.6.3-3 (study), -4 (series), -5 (instance): attributes every answer carries.
+# The levels above are added when the query is not scoped to one study (e.g. /series).
+DEFAULT_FIELDS: dict[Level, tuple[str, ...]] = {
+    Level.STUDY: ("StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy",
+                  "ReferringPhysicianName", "PatientName", "PatientID", "PatientBirthDate",
+                  "PatientSex", "StudyInstanceUID", "StudyID", "StudyDescription",
+                  "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances"),
+    Level.SERIES: ("Modality", "SeriesDescription", "SeriesInstanceUID", "SeriesNumber",
+                   "NumberOfSeriesRelatedInstances", "PerformedProcedureStepStartDate",
+                   "PerformedProcedureStepStartTime", "BodyPartExamined",
+                   f"{_RAS}.ScheduledProcedureStepID", f"{_RAS}.RequestedProcedureID"),
+    Level.INSTANCE: ("SOPClassUID", "SOPInstanceUID", "InstanceNumber", "Rows", "Columns",
+                     "BitsAllocated", "NumberOfFrames"),
+}
+
+
+class BadQueryParameter(ValueError):
+    """A query parameter QIDO-RS cannot answer; the message names the parameter."""
+
+    def __init__(self, parameter: str, message: str) -> None:
+        super().__init__(f"{parameter}: {message}")
+        self.parameter = parameter
+
+
+@dataclass
+class QidoRequest:
+    """A parsed QIDO-RS request."""
+
+    query: Query
+    fields: list[str]  # index keywords to return, in order
+    extra_tags: set[str]  # tags (8 hex) returned from the stored JSON
+    warnings: list[str] = field(default_factory=list)
+
+
+def parse_qido(level: Level, params: Iterable[tuple[str, str]], *, scope: dict[str, str],
+               default_matching: NameMatching) -> QidoRequest:
+    """The archive query for a QIDO-RS request at ``level`` (``scope``: UIDs from the path)."""
+    matching: dict[str, list[str]] = {}
+    fields: list[str] = []
+    extra: set[str] = set()
+    include_all = False
+    limit: int | None = None
+    offset = 0
+    fuzzy = default_matching
+    warnings: list[str] = []
+    for name, value in params:
+        lowered = name.lower()
+        if lowered == "limit":
+            limit = _integer(name, value, minimum=0)
+        elif lowered == "offset":
+            offset = _integer(name, value, minimum=0)
+        elif lowered == "fuzzymatching":
+            if value.lower() not in ("true", "false"):
+                raise BadQueryParameter(name, f"{value!r} is not true or false")
+            fuzzy = NameMatching.FUZZY if value.lower() == "true" else default_matching
+        elif lowered == "includefield":
+            for item in (v.strip() for v in value.split(",")):
+                if item.lower() == "all":
+                    include_all = True
+                elif item:
+                    keyword, tag = _attribute(name, item)
+                    if keyword in BY_KEYWORD:
+                        fields.append(keyword)
+                    else:
+                        extra.add(tag)
+        elif lowered in ("orderby", "_", "callback"):
+            continue  # cache busters and the like: ignored
+        else:
+            keyword, tag = _attribute(name, name)
+            if value == "":
+                (fields.append if keyword in BY_KEYWORD else extra.add)(
+                    keyword if keyword in BY_KEYWORD else tag)
+                continue
+            if keyword not in BY_KEYWORD:
+                warnings.append(f"{name}: matching on this attribute is not supported; "
+                                "it was returned but not matched")
+                extra.add(tag)
+                continue
+            if BY_KEYWORD[keyword].level.value > level.value:
+                raise BadQueryParameter(name, f"{keyword} is below the {level.name.lower()} "
+                                              "level and cannot be matched here")
+            matching.setdefault(keyword, []).append(value)
+    keys = {keyword: "\\".join(values) for keyword, values in matching.items()}
+    for keyword, uid in scope.items():
+        keys[keyword] = uid
+    limit = DEFAULT_LIMIT if limit is None or limit == 0 else limit
+    if limit > MAX_LIMIT:
+        warnings.append(f"limit: {limit} is more than the maximum of {MAX_LIMIT}; "
+                        f"answered {MAX_LIMIT}")
+        limit = MAX_LIMIT
+    selected = _default_fields(level, scoped="StudyInstanceUID" in scope)
+    if include_all:
+        selected += [_name(a) for lv in Level if lv.value <= level.value
+                     for a in level_attributes(lv)]
+    selected += fields + list(keys)
+    query = Query(level, keys, fuzzy, limit=limit + 1, offset=offset,
+                  extra_tags=frozenset(extra))
+    return QidoRequest(query, list(dict.fromkeys(selected)), extra, warnings)
+
+
+def _default_fields(level: Level, *, scoped: bool) -> list[str]:
+    levels = [level] if scoped or level is Level.STUDY else \
+        [lv for lv in (Level.STUDY, Level.SERIES, Level.INSTANCE) if lv.value <= level.value]
+    if level is Level.INSTANCE and scoped:
+        levels = [Level.SERIES, Level.INSTANCE]  # an instance answer names its series
+    return [keyword for lv in levels for keyword in DEFAULT_FIELDS[lv]]
+
+
+def _name(attribute) -> str:
+    return f"{attribute.sequence}.{attribute.keyword}" if attribute.sequence \
+        else attribute.keyword
+
+
+def _integer(name: str, value: str, *, minimum: int) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise BadQueryParameter(name, f"{value!r} is not an integer") from None
+    if number < minimum:
+        raise BadQueryParameter(name, f"{number} is less than {minimum}")
+    return number
+
+
+def _attribute(parameter: str, text: str) -> tuple[str, str]:
+    """(keyword, tag as 8 hex digits) of an attribute named by keyword or tag.
+
+    A sequence item attribute may be named with a dot (``RequestAttributesSequence.
+    RequestedProcedureID`` or ``0040A370.00401001``)."""
+    parts = text.split(".")
+    keywords, tags = [], []
+    for part in parts:
+        if _HEX_TAG.match(part):
+            tag = int(part, 16)
+            keyword = keyword_for_tag(tag) or part.upper()
+        else:
+            tag = tag_for_keyword(part)
+            if tag is None:
+                raise BadQueryParameter(parameter, f"{part!r} is not a DICOM keyword or tag")
+            keyword = part
+        keywords.append(keyword)
+        tags.append(f"{tag:08X}")
+    return ".".join(keywords), tags[0]
+
+
+# ---------------------------------------------------------------------------- answers
+
+
+def answer_json(row: dict[str, Any], request: QidoRequest, retrieve_url: str) -> dict[str, Any]:
+    """One QIDO-RS answer (a DICOM JSON object) for an index row."""
+    out: dict[str, Any] = {SPECIFIC_CHARACTER_SET: {"vr": "CS", "Value": ["ISO_IR 192"]}}
+    sequences: dict[str, dict[str, Any]] = {}
+    for name in request.fields:
+        attribute = BY_KEYWORD[name]
+        element = element_json(attribute.vr, row.get(name))
+        if attribute.sequence:
+            sequences.setdefault(attribute.sequence, {})[attribute.tag_hex] = element
+        else:
+            out[attribute.tag_hex] = element
+    for sequence, item in sequences.items():
+        present = {tag: e for tag, e in item.items() if "Value" in e}
+        out[f"{tag_for_keyword(sequence):08X}"] = {"vr": "SQ", "Value": [present]} \
+            if present else {"vr": "SQ"}
+    for tag, element in row.get("_extra", {}).items():
+        out.setdefault(tag, element)
+    for tag in request.extra_tags:
+        if tag not in out:
+            out[tag] = {"vr": _vr(tag)}
+    out[INSTANCE_AVAILABILITY] = {"vr": "CS", "Value": ["ONLINE"]}
+    out[RETRIEVE_URL] = {"vr": "UR", "Value": [retrieve_url]}
+    return dict(sorted(out.items()))
+
+
+def element_json(vr: str, value: Any) -> dict[str, Any]:
+    """DICOM JSON of an index column value (text with ``\\`` between values, or a number)."""
+    if value is None or value == "":
+        return {"vr": vr}
+    if isinstance(value, int) or vr in INTEGER_VRS:
+        return {"vr": vr, "Value": [int(value)]}
+    texts = [value] if vr in _SINGLE_VALUED else str(value).split("\\")
+    if vr == "PN":
+        return {"vr": vr, "Value": [_person_name(t) for t in texts]}
+    return {"vr": vr, "Value": texts}
+
+
+def _person_name(text: str) -> dict[str, str] | None:
+    groups = text.split("=")
+    named = {kind: group for kind, group in zip(("Alphabetic", "Ideographic", "Phonetic"),
+                                                   groups, strict=False) if group}
+    return named or None
+
+
+def _vr(tag: str) -> str:
+    try:
+        return dictionary_VR(int(tag, 16))
+    except KeyError:
+        return "UN"
+

@@ -1,0 +1,265 @@
+"""WADO-RS (PS3.18 10.4): instances, metadata, frames and bulk data, straight from the archive.
+
+Instances stream from the blob store in chunks (bounded memory for any study size); metadata
+comes from the DICOM JSON stored in the index, never from the files; frames are read by byte
+range using the frame offsets recorded at ingest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any
+
+import pydicom
+
+from dicomweb import transcode
+from dicomweb.media import (
+    EXPLICIT_LE,
+    FRAME_MEDIA_TYPES,
+    Accepted,
+    NotAcceptable,
+)
+from dicomweb.multipart import Part
+from storage.archive import Archive
+from storage.attributes import Level
+from storage.errors import NotFound, StorageUnavailable
+from storage.query import Query, find
+
+_BULK_URI = re.compile(r'"BulkDataURI":"bulk:(?:(\d+):(\d+)|path:([0-9A-Fa-f/]+))"')
+_NATIVE = frozenset({EXPLICIT_LE, "1.2.840.10008.1.2"})
+
+
+@dataclass(frozen=True)
+class Target:
+    """The study, series or instance a WADO-RS URL names."""
+
+    study: str
+    series: str | None = None
+    instance: str | None = None
+
+    @property
+    def level(self) -> Level:
+        if self.instance:
+            return Level.INSTANCE
+        return Level.SERIES if self.series else Level.STUDY
+
+    def keys(self) -> dict[str, str]:
+        keys = {"StudyInstanceUID": self.study}
+        if self.series:
+            keys["SeriesInstanceUID"] = self.series
+        if self.instance:
+            keys["SOPInstanceUID"] = self.instance
+        return keys
+
+    def describe(self) -> str:
+        if self.instance:
+            return f"instance {self.instance} in series {self.series} of study {self.study}"
+        if self.series:
+            return f"series {self.series} in study {self.study}"
+        return f"study {self.study}"
+
+
+def instance_rows(archive: Archive, target: Target, *, with_header: bool = False
+                  ) -> list[dict[str, Any]]:
+    """The index rows of every instance under ``target`` (``NotFound`` if there are none)."""
+    rows = find(archive.index, Query(Level.INSTANCE, target.keys(), with_header=with_header))
+    if not rows:
+        raise NotFound(f"no {target.describe()}")
+    return rows
+
+
+def instance_url(base: str, row: dict[str, Any]) -> str:
+    return (f"{base}/studies/{row['StudyInstanceUID']}/series/{row['SeriesInstanceUID']}"
+            f"/instances/{row['SOPInstanceUID']}")
+
+
+# ---------------------------------------------------------------------------- metadata
+
+
+def metadata_json(rows: list[dict[str, Any]], base: str) -> bytes:
+    """The metadata of ``rows`` as a DICOM JSON array, bulk data as URLs under ``base``."""
+    parts = []
+    for row in rows:
+        url = instance_url(base, row)
+
+        def bulk_url(match: re.Match, url: str = url) -> str:
+            if match.group(3):
+                return f'"BulkDataURI":"{url}/bulkdata/path/{match.group(3)}"'
+            return f'"BulkDataURI":"{url}/bulkdata/{match.group(1)}-{match.group(2)}"'
+
+        header = row["_header"]
+        parts.append(_BULK_URI.sub(bulk_url, header) if "bulk:" in header else header)
+    return ("[" + ",".join(parts) + "]").encode("utf-8")
+
+
+def metadata_etag(rows: list[dict[str, Any]]) -> str:
+    """A validator that changes whenever any instance, or a patient/study update, does."""
+    digest = hashlib.sha1(usedforsecurity=False)
+    for row in rows:
+        digest.update(f"{row['_instances_pk']}:{row['_stored_at']}:"
+                      f"{row.get('_studies_updated_at')}:{row.get('_patients_updated_at')};"
+                      .encode())
+    return f'"{digest.hexdigest()}"'
+
+
+# ---------------------------------------------------------------------------- instances
+
+
+def choose_instance_syntax(accept: list[Accepted]) -> str:
+    """Transfer syntax for retrieving instances: ``*`` (as stored) or a UID."""
+    for entry in accept:
+        if entry.media_type in ("*/*", "*") or (
+                entry.is_multipart and entry.part_type in (None, "application/dicom", "*/*")):
+            return entry.transfer_syntax or EXPLICIT_LE
+        if entry.media_type == "application/dicom":
+            return entry.transfer_syntax or EXPLICIT_LE
+    raise NotAcceptable('instances are available as multipart/related; type="application/dicom"'
+                        " (optionally with transfer-syntax=UID or transfer-syntax=*)")
+
+
+def check_transcodable(rows: list[dict[str, Any]], syntax: str) -> None:
+    if syntax == "*":
+        return
+    for row in rows:
+        if not transcode.can_produce(row["_transfer_syntax_uid"], syntax):
+            raise NotAcceptable(f"instance {row['SOPInstanceUID']} is stored as "
+                                f"{row['_transfer_syntax_uid']} and cannot be converted to "
+                                f"{syntax}; ask for transfer-syntax=* to get it as stored")
+
+
+def instance_parts(archive: Archive, rows: list[dict[str, Any]], syntax: str
+                   ) -> Iterator[Part]:
+    """One multipart part per instance, converted to ``syntax`` unless it is ``*``."""
+    for row in rows:
+        stored = row["_transfer_syntax_uid"]
+        if syntax in ("*", stored):
+            yield Part(f"application/dicom; transfer-syntax={stored}",
+                       _chunks(archive, row["_blob_key"]),
+                       {"Content-Length": str(row["_size"])})
+            continue
+        data = transcode.transcode(_read(archive, row["_blob_key"]), syntax)
+        yield Part(f"application/dicom; transfer-syntax={syntax}", [data],
+                   {"Content-Length": str(len(data))})
+
+
+def _chunks(archive: Archive, key: str) -> Iterator[bytes]:
+    try:
+        yield from archive.blobs.open_chunks(key)
+    except KeyError:
+        raise StorageUnavailable(f"the blob {key} is missing; run `pacs check`") from None
+
+
+def _read(archive: Archive, key: str) -> bytes:
+    try:
+        return archive.blobs.get(key)
+    except KeyError:
+        raise StorageUnavailable(f"the blob {key} is missing; run `pacs check`") from None
+
+
+# ---------------------------------------------------------------------------- frames
+
+
+def parse_frame_list(text: str) -> list[int]:
+    """Frame numbers of a frame list (``1``, ``1,3,5``; 1-based, no duplicates removed)."""
+    try:
+        numbers = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise ValueError(f"frame list {text!r} is not comma-separated frame numbers") from None
+    if not numbers or any(n < 1 for n in numbers):
+        raise ValueError(f"frame list {text!r}: frame numbers start at 1")
+    return numbers
+
+
+def choose_frame_syntax(accept: list[Accepted], stored: str) -> tuple[str, str]:
+    """(media type of each part, transfer syntax) for frames stored in ``stored``."""
+    native_stored = stored in _NATIVE
+    for entry in accept:
+        part_type = entry.part_type if entry.is_multipart else entry.media_type
+        if part_type in (None, "*/*", "*", "application/octet-stream"):
+            syntax = entry.transfer_syntax or EXPLICIT_LE
+            if syntax == "*" or syntax == stored or (native_stored and syntax in _NATIVE):
+                return "application/octet-stream", stored if syntax == "*" else syntax
+            if syntax in _NATIVE:
+                return "application/octet-stream", EXPLICIT_LE  # decoded here
+            continue
+        stored_media = FRAME_MEDIA_TYPES.get(stored)
+        if stored_media and _same(part_type, stored_media) and entry.transfer_syntax in (
+                None, "*", stored):
+            return stored_media, stored
+    raise NotAcceptable(
+        f"the frames are stored as {stored}; available as multipart/related; "
+        "type=application/octet-stream with transfer-syntax=* (as stored) or "
+        f"{EXPLICIT_LE} (uncompressed)"
+        + (f", or type={FRAME_MEDIA_TYPES[stored]}" if stored in FRAME_MEDIA_TYPES else ""))
+
+
+def _same(pattern: str, media_type: str) -> bool:
+    kind, _, sub = pattern.partition("/")
+    return pattern == media_type or (sub == "*" and media_type.startswith(kind + "/"))
+
+
+def frame_bytes(archive: Archive, row: dict[str, Any], numbers: list[int],
+                syntax: str) -> list[bytes]:
+    """The bytes of frames ``numbers`` of one instance, in ``syntax``."""
+    stored = row["_transfer_syntax_uid"]
+    count = int(row.get("NumberOfFrames") or 1)
+    for number in numbers:
+        if number > count:
+            raise NotFound(f"frame {number} does not exist: the instance has {count} frame(s)")
+    ranges = json.loads(row["_frames"]) if row.get("_frames") else None
+    same = syntax == stored or (syntax in _NATIVE and stored in _NATIVE)
+    if same and ranges is not None and len(ranges) >= count:
+        return [_read_ranges(archive, row["_blob_key"], ranges[n - 1]) for n in numbers]
+    data = _read(archive, row["_blob_key"])
+    if same:  # no usable offsets (e.g. deflated): let pydicom find the frames
+        return [_frame_from_dataset(data, n - 1) for n in numbers]
+    return [transcode.native_frame(data, n - 1) for n in numbers]
+
+
+def _read_ranges(archive: Archive, key: str, ranges: list[int]) -> bytes:
+    pieces = [archive.blobs.get_range(key, ranges[i], ranges[i + 1])
+              for i in range(0, len(ranges), 2)]
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+def _frame_from_dataset(data: bytes, index: int) -> bytes:
+    ds = pydicom.dcmread(BytesIO(data))
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        from pydicom.encaps import generate_frames
+
+        frames = int(ds.get("NumberOfFrames") or 1)
+        for position, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=frames)):
+            if position == index:
+                return frame
+        raise NotFound(f"frame {index + 1} is not in the pixel data")
+    return transcode.native_frame(data, index)
+
+
+# ---------------------------------------------------------------------------- bulk data
+
+
+def bulk_bytes(archive: Archive, row: dict[str, Any], spec: str) -> bytes:
+    """The value of one bulk data element of an instance, named as in its metadata URLs."""
+    match = re.fullmatch(r"(\d+)-(\d+)", spec)
+    if match:
+        offset, length = int(match.group(1)), int(match.group(2))
+        if offset + length > row["_size"]:
+            raise NotFound(f"bulk data {spec} lies outside the instance")
+        return archive.blobs.get_range(row["_blob_key"], offset, length)
+    match = re.fullmatch(r"path/([0-9A-Fa-f]{8}(?:/\d+/[0-9A-Fa-f]{8})*)", spec)
+    if not match:
+        raise NotFound(f"no bulk data {spec!r}")
+    ds: Any = pydicom.dcmread(BytesIO(_read(archive, row["_blob_key"])))
+    steps = match.group(1).split("/")
+    try:
+        for position in range(0, len(steps) - 1, 2):
+            ds = ds[int(steps[position], 16)].value[int(steps[position + 1])]
+        value = ds[int(steps[-1], 16)].value
+    except (KeyError, IndexError):
+        raise NotFound(f"no bulk data {spec!r} in the instance") from None
+    return value if isinstance(value, bytes) else bytes(value)

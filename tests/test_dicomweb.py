@@ -1,0 +1,299 @@
+"""DICOMweb against a running server over loopback, with dicomweb-client and plain HTTP."""
+
+from __future__ import annotations
+
+import io
+
+import httpx
+import pydicom
+import pytest
+from dicomweb_client.api import DICOMwebClient
+from requests.exceptions import HTTPError
+
+from tests.conftest import PacsProcess
+from tests.factory import Spec, dataset, part10
+
+STOW_LIMIT = 8 * 1024 * 1024
+ORIGIN = "https://viewer.example.org"
+
+
+def as_file(ds: pydicom.Dataset,
+            syntax: str = pydicom.uid.ExplicitVRLittleEndian) -> pydicom.Dataset:
+    """A dataset with file meta, as dicomweb-client needs for STOW."""
+    return pydicom.dcmread(io.BytesIO(part10(ds, syntax)))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    process = PacsProcess(tmp_path_factory.mktemp("dicomweb") / "data", env={
+        "PACS_STOW_MAX_BYTES": str(STOW_LIMIT), "PACS_CORS_ALLOWED_ORIGINS": ORIGIN})
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> DICOMwebClient:
+    return DICOMwebClient(server.http + "/dicomweb")
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.http + "/dicomweb", timeout=30) as session:
+        yield session
+
+
+@pytest.fixture(scope="module")
+def study(client):
+    """One study stored by STOW-RS: a CT series of 3 slices and a 4-frame series."""
+    first = Spec(patient_name="Nguyễn^Văn An", patient_id="CCCD001203004567",
+                 accession="ACC-DW-1", study_date="20240315")
+    ct = [dataset(Spec(**{**first.__dict__, "sop_uid": Spec().sop_uid, "instance_number": n}))
+          for n in range(1, 4)]
+    multiframe = dataset(Spec(**{**first.__dict__, "sop_uid": Spec().sop_uid,
+                                 "series_uid": Spec().series_uid, "series_number": 2,
+                                 "modality": "MR", "frames": 4, "rows": 16, "columns": 16}))
+    multiframe.RedPaletteColorLookupTableData = bytes(range(256)) * 8  # bulk data (2 KB)
+    response = client.store_instances([as_file(ds) for ds in [*ct, multiframe]])
+    assert len(response.ReferencedSOPSequence) == 4
+    assert "FailedSOPSequence" not in response
+    return {"spec": first, "ct": ct, "multiframe": multiframe}
+
+
+# ---------------------------------------------------------------------------- QIDO-RS
+
+
+def test_qido_finds_vietnamese_name_without_diacritics_and_returns_exact_name(client, study):
+    found = client.search_for_studies(search_filters={"PatientName": "*nguyen*"},
+                                      fuzzymatching=True)
+    mine = [s for s in found if s["0020000D"]["Value"][0] == study["spec"].study_uid]
+    assert len(mine) == 1
+    assert mine[0]["00100010"]["Value"][0]["Alphabetic"] == "Nguyễn^Văn An"
+    assert mine[0]["00201208"]["Value"] == [4]  # NumberOfStudyRelatedInstances
+    assert mine[0]["00080061"]["Value"] == ["CT", "MR"]  # ModalitiesInStudy
+
+
+def test_qido_matches_by_tag_keyword_wildcard_date_range_and_uid_list(http, study):
+    uid = study["spec"].study_uid
+    for query in ({"00100020": "CCCD001203004567"}, {"PatientID": "CCCD0012*"},
+                  {"StudyDate": "20240301-20240331"}, {"StudyDate": "20240315"},
+                  {"AccessionNumber": "ACC-DW-?"},
+                  {"StudyInstanceUID": f"1.2.3\\{uid}"}):
+        response = http.get("/studies", params=query)
+        assert response.status_code == 200, (query, response.text)
+        assert uid in [s["0020000D"]["Value"][0] for s in response.json()], query
+    repeated = http.get(f"/studies?StudyInstanceUID=1.2.3&StudyInstanceUID={uid}")
+    assert [s["0020000D"]["Value"][0] for s in repeated.json()] == [uid]
+    assert http.get("/studies", params={"StudyDate": "20230101-20231231",
+                                        "PatientID": "CCCD001203004567"}).status_code == 204
+
+
+def test_qido_includefield_forms(http, study):
+    uid = study["spec"].study_uid
+    # The OHIF study list request, comma encoded as %2C.
+    response = http.get(f"/studies?limit=101&offset=0&fuzzymatching=false"
+                        f"&includefield=00081030%2C00080060&StudyInstanceUID={uid}")
+    assert response.status_code == 200
+    answer = response.json()[0]
+    assert answer["00081030"]["Value"] == ["CT bụng có cản quang"]
+    # Repeated includefield, by keyword and by tag; a non-indexed attribute from the header.
+    answer = http.get(f"/studies/{uid}/instances?includefield=PhotometricInterpretation"
+                      f"&includefield=00280100&SeriesInstanceUID={study['ct'][0].SeriesInstanceUID}"
+                      ).json()[0]
+    assert answer["00280004"]["Value"] == ["MONOCHROME2"]
+    assert answer["00280100"]["Value"] == [16]
+    everything = http.get(f"/studies?StudyInstanceUID={uid}&includefield=all").json()[0]
+    assert everything["00100040"]["Value"] == ["M"]
+    assert everything["00201206"]["Value"] == [2]  # NumberOfStudyRelatedSeries
+
+
+def test_qido_series_and_instances_at_every_level(client, http, study):
+    uid = study["spec"].study_uid
+    series = client.search_for_series(uid)
+    assert sorted(s["00080060"]["Value"][0] for s in series) == ["CT", "MR"]
+    ct_series = study["ct"][0].SeriesInstanceUID
+    instances = client.search_for_instances(uid, ct_series)
+    assert sorted(i["00200013"]["Value"][0] for i in instances) == [1, 2, 3]
+    assert "/instances/" in instances[0]["00081190"]["Value"][0]
+    all_series = http.get("/series", params={"Modality": "MR",
+                                             "StudyInstanceUID": uid}).json()
+    assert len(all_series) == 1
+    assert all_series[0]["00100010"]["Value"][0]["Alphabetic"] == "Nguyễn^Văn An"
+    top = http.get("/instances", params={"SOPInstanceUID": study["multiframe"].SOPInstanceUID})
+    assert top.json()[0]["00280008"]["Value"] == [4]  # NumberOfFrames
+
+
+def test_qido_limit_and_offset_page_through_results(http, study):
+    uid = study["spec"].study_uid
+    first = http.get(f"/studies/{uid}/instances", params={"limit": 2})
+    second = http.get(f"/studies/{uid}/instances", params={"limit": 2, "offset": 2})
+    uids = [i["00080018"]["Value"][0] for i in first.json() + second.json()]
+    assert len(uids) == 4 and len(set(uids)) == 4
+    assert "Warning" in first.headers  # more results than returned
+
+
+@pytest.mark.parametrize(("query", "parameter"), [
+    ("StudyDate=2024", "StudyDate"), ("limit=many", "limit"), ("offset=-1", "offset"),
+    ("NoSuchKeyword=1", "NoSuchKeyword"), ("fuzzymatching=maybe", "fuzzymatching"),
+    ("StudyInstanceUID=not-a-uid", "StudyInstanceUID"), ("includefield=Bogus", "includefield"),
+])
+def test_qido_bad_parameters_get_400_naming_the_parameter(http, query, parameter):
+    response = http.get("/studies?" + query)
+    assert response.status_code == 400
+    assert parameter in response.json()["message"]
+
+
+# ---------------------------------------------------------------------------- WADO-RS
+
+
+def test_retrieve_study_series_instance_as_stored_and_default_syntax(client, study):
+    spec, ct = study["spec"], study["ct"]
+    whole = client.retrieve_study(spec.study_uid)
+    assert len(whole) == 4
+    series = client.retrieve_series(spec.study_uid, ct[0].SeriesInstanceUID,
+                                    media_types=(("application/dicom", "*"),))
+    assert sorted(ds.InstanceNumber for ds in series) == [1, 2, 3]
+    one = client.retrieve_instance(spec.study_uid, ct[0].SeriesInstanceUID, ct[0].SOPInstanceUID)
+    assert one.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    assert one.PatientName == "Nguyễn^Văn An"
+    assert one.PixelData == ct[0].PixelData
+
+
+def test_series_metadata_from_index_with_etag_and_gzip(client, http, study):
+    spec, mf = study["spec"], study["multiframe"]
+    metadata = client.retrieve_series_metadata(spec.study_uid, mf.SeriesInstanceUID)
+    assert len(metadata) == 1
+    assert "7FE00010" not in metadata[0]
+    bulk = metadata[0]["00281201"]["BulkDataURI"]
+    assert bulk.startswith("http://127.0.0.1:") and "/bulkdata/" in bulk
+    url = f"/studies/{spec.study_uid}/series/{mf.SeriesInstanceUID}/metadata"
+    first = http.get(url, headers={"Accept-Encoding": "gzip"})
+    assert first.headers["Content-Encoding"] == "gzip"
+    again = http.get(url, headers={"If-None-Match": first.headers["ETag"]})
+    assert again.status_code == 304
+    study_metadata = http.get(f"/studies/{spec.study_uid}/metadata").json()
+    assert len(study_metadata) == 4
+
+
+def test_frames_by_number_in_stored_syntax(client, http, study):
+    spec, mf = study["spec"], study["multiframe"]
+    frames = client.retrieve_instance_frames(spec.study_uid, mf.SeriesInstanceUID,
+                                             mf.SOPInstanceUID, [1, 3])
+    size = 16 * 16 * 2
+    assert frames == [mf.PixelData[:size], mf.PixelData[2 * size:3 * size]]
+    url = (f"/studies/{spec.study_uid}/series/{mf.SeriesInstanceUID}/instances/"
+           f"{mf.SOPInstanceUID}/frames/2")
+    response = http.get(url, headers={
+        "Accept": "multipart/related; type=application/octet-stream; transfer-syntax=*"})
+    assert response.status_code == 200
+    assert "transfer-syntax=1.2.840.10008.1.2.1" in response.text[:400]
+    assert http.get(url[:-1] + "9").status_code == 404
+
+
+def test_bulkdata_by_uri_and_by_range(client, http, study):
+    spec, mf = study["spec"], study["multiframe"]
+    metadata = client.retrieve_instance_metadata(spec.study_uid, mf.SeriesInstanceUID,
+                                                 mf.SOPInstanceUID)
+    uri = metadata["00281201"]["BulkDataURI"]
+    assert client.retrieve_bulkdata(uri) == [mf.RedPaletteColorLookupTableData]
+    partial = httpx.get(uri, headers={"Accept": "application/octet-stream",
+                                      "Range": "bytes=10-19"})
+    assert partial.status_code == 206
+    assert partial.content == mf.RedPaletteColorLookupTableData[10:20]
+
+
+def test_unknown_uids_404_and_unacceptable_types_406(http, study):
+    spec = study["spec"]
+    assert http.get("/studies/1.2.3.4/metadata").status_code == 404
+    assert http.get(f"/studies/{spec.study_uid}/series/1.2.3").status_code == 404
+    response = http.get(f"/studies/{spec.study_uid}/metadata", headers={"Accept": "image/png"})
+    assert response.status_code == 406
+    assert "application/dicom+json" in response.json()["message"]
+
+
+# ---------------------------------------------------------------------------- STOW-RS
+
+
+def test_stow_duplicate_is_a_warning_and_wrong_study_a_failure(client, http, study):
+    ct = study["ct"][0]
+    again = client.store_instances([as_file(ct)])
+    assert again.ReferencedSOPSequence[0].WarningReason == 0xB007
+    other = dataset(Spec())
+    with pytest.raises(HTTPError) as error:
+        client.store_instances([as_file(other)], study_instance_uid=study["spec"].study_uid)
+    assert error.value.response.status_code == 409
+    failed = error.value.response.json()["00081198"]["Value"][0]
+    assert failed["00081197"]["Value"] == [0xA900]
+    assert http.get(f"/studies/{other.StudyInstanceUID}/metadata").status_code == 404
+
+
+def _multipart(parts: list[tuple[str, bytes]], boundary: str = "b0undary") -> bytes:
+    body = b""
+    for content_type, payload in parts:
+        body += f"--{boundary}\r\nContent-Type: {content_type}\r\n\r\n".encode() + payload + b"\r\n"
+    return body + f"--{boundary}--\r\n".encode()
+
+
+STOW_TYPE = 'multipart/related; type="application/dicom"; boundary=b0undary'
+
+
+def test_stow_bad_input_gets_clear_errors_and_stores_nothing_partial(http):
+    good = part10(dataset(Spec(patient_name="Lê^Thị Hoa")))
+    mixed = http.post("/studies", content=_multipart([("application/dicom", good),
+                                                      ("application/dicom", b"not dicom")]),
+                      headers={"Content-Type": STOW_TYPE})
+    assert mixed.status_code == 202
+    body = mixed.json()
+    assert len(body["00081199"]["Value"]) == 1
+    assert body["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000]
+    truncated = good[: len(good) // 2]
+    response = http.post("/studies", content=_multipart([("application/dicom", truncated)]),
+                         headers={"Content-Type": STOW_TYPE})
+    assert response.status_code == 409
+    assert http.post("/studies", content=b"{}",
+                     headers={"Content-Type": "application/json"}).status_code == 415
+    broken = http.post("/studies", content=b"--b0undary\r\nContent-Type: application/dicom\r\n",
+                       headers={"Content-Type": STOW_TYPE})
+    assert broken.status_code == 400
+    assert "truncated" in broken.json()["message"] or "boundary" in broken.json()["message"]
+    too_big = http.post("/studies", content=_multipart([("application/dicom",
+                                                         b"\0" * (STOW_LIMIT + 10))]),
+                        headers={"Content-Type": STOW_TYPE})
+    assert too_big.status_code == 413
+    assert http.get("/studies", params={"PatientName": "Lê^Thị Hoa"}).status_code == 200
+
+
+# ---------------------------------------------------------------------------- DELETE, CORS
+
+
+def test_delete_instance_series_and_study(client, http):
+    spec = Spec(patient_name="Phạm^Văn Bảy")
+    datasets = [dataset(Spec(**{**spec.__dict__, "sop_uid": Spec().sop_uid}))
+                for _ in range(2)]
+    client.store_instances([as_file(ds) for ds in datasets])
+    base = f"/studies/{spec.study_uid}/series/{spec.series_uid}"
+    assert http.delete(f"/studies/1.2.3/series/{spec.series_uid}").status_code == 404
+    assert http.delete(f"{base}/instances/{datasets[0].SOPInstanceUID}").status_code == 204
+    assert len(http.get(f"/studies/{spec.study_uid}/instances").json()) == 1
+    assert http.delete(f"/studies/{spec.study_uid}").status_code == 204
+    assert http.get(f"/studies/{spec.study_uid}/metadata").status_code == 404
+
+
+def test_cors_preflight_for_authorization_and_accept(http):
+    response = http.options("/studies", headers={
+        "Origin": ORIGIN, "Access-Control-Request-Method": "GET",
+        "Access-Control-Request-Headers": "Authorization, Accept"})
+    assert response.status_code == 200
+    assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
+    allowed = response.headers["Access-Control-Allow-Headers"].lower()
+    assert "authorization" in allowed and "accept" in allowed
+    other = http.options("/studies", headers={"Origin": "https://evil.example",
+                                              "Access-Control-Request-Method": "GET"})
+    assert "Access-Control-Allow-Origin" not in other.headers
+
+
+def test_server_keeps_serving_after_bad_requests(server, http):
+    http.get("/studies?StudyDate=xx")
+    http.post("/studies", content=b"junk", headers={"Content-Type": STOW_TYPE})
+    assert httpx.get(server.http + "/healthz").status_code == 200
+
