@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from dicomweb import qido, stow, wado
+from dicomweb import qido, render, stow, wado
 from dicomweb.media import NotAcceptable, parse_accept, wants_json
 from dicomweb.multipart import (
     BodyTooLarge,
@@ -32,6 +32,7 @@ from dicomweb.multipart import (
     read_parts,
     write_parts,
 )
+from dicomweb.openapi import openapi_document
 from dicomweb.transcode import NotTranscodable
 from pacs.settings import Settings
 from storage.archive import Archive
@@ -155,6 +156,86 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
                               "application/octet-stream", None)
         return _ranged(request, data)
 
+    # ------------------------------------------------------------------ rendered
+
+    cache = render.RenderCache()
+
+    async def rendered(request: Request) -> Response:
+        return await _render(request, thumbnail=False)
+
+    async def thumbnail(request: Request) -> Response:
+        return await _render(request, thumbnail=True)
+
+    async def _render(request: Request, *, thumbnail: bool) -> Response:
+        media_type, multipart = _rendered_type(request)
+        try:
+            options = render.parse_options(request.query_params, media_type,
+                                           thumbnail=thumbnail)
+            numbers = wado.parse_frame_list(request.path_params["frames"]) \
+                if "frames" in request.path_params else None
+        except ValueError as exc:
+            raise HTTPException(400, str(exc)) from None
+        target = _target(request)
+        rows = await run_in_threadpool(wado.instance_rows, archive, target)
+        if numbers is not None:
+            chosen = [(rows[0], n - 1) for n in numbers]
+        elif multipart and not thumbnail:
+            chosen = [(row, 0) for row in wado.image_rows(rows)]
+        elif target.instance:
+            frames = int(rows[0].get("NumberOfFrames") or 1)
+            chosen = [(rows[0], frames // 2 if thumbnail else 0)]
+        else:
+            chosen = [wado.representative(rows, target)]
+        images = [await run_in_threadpool(_rendered_image, row, frame, options)
+                  for row, frame in chosen]
+        headers = {"Cache-Control": "private, max-age=3600"}
+        if multipart or len(images) > 1:
+            return _multipart(iter(Part(media_type, [image]) for image in images),
+                              media_type, None)
+        return Response(images[0], media_type=media_type, headers=headers)
+
+    def _rendered_image(row: dict[str, Any], frame: int, options: render.RenderOptions
+                        ) -> bytes:
+        key = (row["_blob_key"], frame, options)
+        image = cache.get(key)
+        if image is None:
+            data = wado.read_blob(archive, row["_blob_key"])
+            image = render.render_frame(data, frame, options)
+            cache.put(key, image)
+        return image
+
+    # ------------------------------------------------------------------ WADO-URI
+
+    async def wado_uri(request: Request) -> Response:
+        """PS3.18 9: ``/wado?requestType=WADO&studyUID=&seriesUID=&objectUID=&contentType=``."""
+        params = request.query_params
+        if params.get("requestType") != "WADO":
+            raise HTTPException(400, "requestType: must be WADO")
+        missing = [n for n in ("studyUID", "seriesUID", "objectUID") if not params.get(n)]
+        if missing:
+            raise HTTPException(400, f"{missing[0]}: required")
+        target = wado.Target(params["studyUID"], params["seriesUID"], params["objectUID"])
+        wanted = [t.strip() for t in params.get("contentType", "image/jpeg").split(",")]
+        rows = await run_in_threadpool(wado.instance_rows, archive, target)
+        row = rows[0]
+        if "application/dicom" in wanted and (wanted[0] == "application/dicom" or not row.get(
+                "Rows")):
+            syntax = params.get("transferSyntax") or row["_transfer_syntax_uid"]
+            wado.check_transcodable(rows, syntax)
+            part = await run_in_threadpool(next, wado.instance_parts(archive, rows, syntax))
+            return Response(b"".join(part.chunks), media_type="application/dicom")
+        media_type = next((t for t in wanted if t in render.RENDERED_TYPES), None)
+        if media_type is None:
+            raise NotAcceptable(f"contentType: {params.get('contentType')!r}; available: "
+                                "application/dicom, image/jpeg, image/png")
+        try:
+            options = render.parse_options(_wado_uri_render_params(params), media_type)
+            frame = int(params.get("frameNumber", "1")) - 1
+        except ValueError as exc:
+            raise HTTPException(400, str(exc)) from None
+        image = await run_in_threadpool(_rendered_image, row, frame, options)
+        return Response(image, media_type=media_type)
+
     # ------------------------------------------------------------------ STOW-RS
 
     async def store(request: Request) -> Response:
@@ -220,11 +301,27 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
         Route(instance + "/metadata", metadata, methods=["GET"]),
         Route(instance + "/frames/{frames}", frames, methods=["GET"]),
         Route(instance + "/bulkdata/{spec:path}", bulkdata, methods=["GET"]),
+        Route(study + "/rendered", rendered, methods=["GET"]),
+        Route(series + "/rendered", rendered, methods=["GET"]),
+        Route(instance + "/rendered", rendered, methods=["GET"]),
+        Route(instance + "/frames/{frames}/rendered", rendered, methods=["GET"]),
+        Route(study + "/thumbnail", thumbnail, methods=["GET"]),
+        Route(series + "/thumbnail", thumbnail, methods=["GET"]),
+        Route(instance + "/thumbnail", thumbnail, methods=["GET"]),
+        Route(instance + "/frames/{frames}/thumbnail", thumbnail, methods=["GET"]),
     ]
     handlers: dict[Any, Any] = {kind: _error_response for kind, _ in _STATUSES}
     handlers[HTTPException] = _error_response
     handlers[Exception] = _error_response  # the last resort: 500 with a logged traceback
-    return Starlette(routes=routes, exception_handlers=handlers)
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(openapi_document())
+
+    routes += [Route("/wado", wado_uri, methods=["GET"]),
+               Route("/openapi.json", openapi, methods=["GET"])]
+    app = Starlette(routes=routes,
+                    exception_handlers=handlers)
+    app.state.wado_uri = wado_uri  # also served at /wado, where WADO-URI clients look
+    return app
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -238,6 +335,36 @@ def _path_uids(request: Request) -> dict[str, str]:
 def _target(request: Request) -> wado.Target:
     params = request.path_params
     return wado.Target(params["study"], params.get("series"), params.get("instance"))
+
+
+def _wado_uri_render_params(params) -> dict[str, str]:
+    """WADO-URI's rendering parameters in the form of WADO-RS's."""
+    out: dict[str, str] = {}
+    if "imageQuality" in params:
+        out["quality"] = params["imageQuality"]
+    if "windowCenter" in params or "windowWidth" in params:
+        out["window"] = f"{params.get('windowCenter', '')},{params.get('windowWidth', '')}"
+    if "rows" in params or "columns" in params:
+        out["viewport"] = f"{params.get('columns', params.get('rows'))}," \
+                          f"{params.get('rows', params.get('columns'))}"
+    return out
+
+
+def _rendered_type(request: Request) -> tuple[str, bool]:
+    """(image media type, whether a multipart answer was asked for) for /rendered requests.
+
+    The ``accept`` query parameter (PS3.18 8.3.3.1) wins over the header, so a plain
+    ``<img src=...>`` can choose PNG; a browser's ``image/avif,image/webp,*/*`` gets JPEG.
+    """
+    wanted = request.query_params.get("accept") or request.headers.get("accept")
+    for entry in parse_accept(wanted):
+        inner = entry.part_type if entry.is_multipart else entry.media_type
+        for media_type in render.RENDERED_TYPES:
+            if inner == media_type:
+                return media_type, entry.is_multipart
+        if inner in (None, "*/*", "*", "image/*"):
+            return "image/jpeg", entry.is_multipart and inner is not None
+    raise NotAcceptable("rendered images are available as image/jpeg or image/png")
 
 
 def _retrieve_url(base: str, level: Level, row: dict[str, Any]) -> str:
@@ -296,6 +423,7 @@ def _ranged(request: Request, data: bytes) -> Response:
 
 _STATUSES: list[tuple[type[BaseException], int]] = [
     (qido.BadQueryParameter, 400), (InvalidQuery, 400), (MultipartError, 400),
+    (render.CannotRender, 422),
     (NotFound, 404), (NotAcceptable, 406), (NotTranscodable, 406), (BodyTooLarge, 413),
     (UnsupportedMediaType, 415), (StorageUnavailable, 503),
 ]

@@ -13,6 +13,7 @@ from io import BytesIO
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.pixels import pack_bits
 from pydicom.uid import (
     UID,
     ExplicitVRBigEndian,
@@ -56,8 +57,8 @@ def transcode(data: bytes, target: str) -> bytes:
         else:
             ds.file_meta.TransferSyntaxUID = UID(target)
         out = BytesIO()
-        ds.save_as(out, enforce_file_format=True,
-                   implicit_vr=target == str(ImplicitVRLittleEndian), little_endian=True)
+        pydicom.dcmwrite(out, ds, enforce_file_format=True,
+                         implicit_vr=target == str(ImplicitVRLittleEndian), little_endian=True)
         return out.getvalue()
     except NotTranscodable:
         raise
@@ -70,11 +71,34 @@ def _to_native(ds: Dataset, source: str) -> None:
     """Make ``ds`` an Explicit VR Little Endian data set with native pixel data."""
     if "PixelData" in ds and UID(source).is_compressed:
         ds.decompress()  # sets Explicit VR Little Endian
+        if ds.get("BitsAllocated") == 1:
+            _pack_single_bits(ds)
         return
-    if source == str(ExplicitVRBigEndian) and "PixelData" in ds:
-        pixels = ds.pixel_array
-        ds.PixelData = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
+    if source == str(ExplicitVRBigEndian):
+        _swap_binary_values(ds)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+
+
+_WORD_SIZES = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
+
+
+def _swap_binary_values(ds: Dataset) -> None:
+    """Big to little endian for the raw binary values pydicom leaves as bytes (pydicom converts
+    numbers it decodes, such as US and FL, by itself). Pixel Data follows Bits Allocated."""
+    for elem in ds.iterall():
+        size = _WORD_SIZES.get(elem.VR)
+        if elem.tag == 0x7FE00010:
+            size = int(ds.get("BitsAllocated") or 8) // 8
+        if size and size > 1 and isinstance(elem.value, bytes) and len(elem.value) % size == 0:
+            elem.value = np.frombuffer(elem.value, f">u{size}").astype(f"<u{size}").tobytes()
+
+
+def _pack_single_bits(ds: Dataset) -> None:
+    """1-bit images (segmentations) decompressed one byte per pixel: pack them (PS3.5 8.1.1)."""
+    pixels = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1) \
+        * int(ds.get("NumberOfFrames") or 1)
+    if len(ds.PixelData) >= pixels:  # unpacked: one byte per pixel
+        ds.PixelData = pack_bits(np.frombuffer(ds.PixelData[:pixels], np.uint8))
 
 
 def native_frame(data: bytes, index: int) -> bytes:

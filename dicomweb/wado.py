@@ -142,7 +142,7 @@ def instance_parts(archive: Archive, rows: list[dict[str, Any]], syntax: str
                        _chunks(archive, row["_blob_key"]),
                        {"Content-Length": str(row["_size"])})
             continue
-        data = transcode.transcode(_read(archive, row["_blob_key"]), syntax)
+        data = transcode.transcode(read_blob(archive, row["_blob_key"]), syntax)
         yield Part(f"application/dicom; transfer-syntax={syntax}", [data],
                    {"Content-Length": str(len(data))})
 
@@ -154,7 +154,7 @@ def _chunks(archive: Archive, key: str) -> Iterator[bytes]:
         raise StorageUnavailable(f"the blob {key} is missing; run `pacs check`") from None
 
 
-def _read(archive: Archive, key: str) -> bytes:
+def read_blob(archive: Archive, key: str) -> bytes:
     try:
         return archive.blobs.get(key)
     except KeyError:
@@ -215,7 +215,7 @@ def frame_bytes(archive: Archive, row: dict[str, Any], numbers: list[int],
     same = syntax == stored or (syntax in _NATIVE and stored in _NATIVE)
     if same and ranges is not None and len(ranges) >= count:
         return [_read_ranges(archive, row["_blob_key"], ranges[n - 1]) for n in numbers]
-    data = _read(archive, row["_blob_key"])
+    data = read_blob(archive, row["_blob_key"])
     if same:  # no usable offsets (e.g. deflated): let pydicom find the frames
         return [_frame_from_dataset(data, n - 1) for n in numbers]
     return [transcode.native_frame(data, n - 1) for n in numbers]
@@ -254,7 +254,7 @@ def bulk_bytes(archive: Archive, row: dict[str, Any], spec: str) -> bytes:
     match = re.fullmatch(r"path/([0-9A-Fa-f]{8}(?:/\d+/[0-9A-Fa-f]{8})*)", spec)
     if not match:
         raise NotFound(f"no bulk data {spec!r}")
-    ds: Any = pydicom.dcmread(BytesIO(_read(archive, row["_blob_key"])))
+    ds: Any = pydicom.dcmread(BytesIO(read_blob(archive, row["_blob_key"])))
     steps = match.group(1).split("/")
     try:
         for position in range(0, len(steps) - 1, 2):
@@ -263,3 +263,25 @@ def bulk_bytes(archive: Archive, row: dict[str, Any], spec: str) -> bytes:
     except (KeyError, IndexError):
         raise NotFound(f"no bulk data {spec!r} in the instance") from None
     return value if isinstance(value, bytes) else bytes(value)
+
+
+# ---------------------------------------------------------------------------- rendering
+
+
+def image_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows that are images (they have Rows), in series then instance order."""
+    images = [row for row in rows if row.get("Rows")]
+    return sorted(images, key=lambda r: (r.get("SeriesNumber") or 0, r["_series_pk"],
+                                         r.get("InstanceNumber") or 0, r["_instances_pk"]))
+
+
+def representative(rows: list[dict[str, Any]], target: Target) -> tuple[dict[str, Any], int]:
+    """(row, 0-based frame) of the image that stands for ``target`` in a thumbnail: the middle
+    slice of the (first) series, the middle frame of a multi-frame instance."""
+    images = image_rows(rows)
+    if not images:
+        raise NotFound(f"{target.describe()} holds no image")
+    first_series = [r for r in images if r["_series_pk"] == images[0]["_series_pk"]]
+    row = first_series[len(first_series) // 2]
+    frames = int(row.get("NumberOfFrames") or 1)
+    return row, frames // 2

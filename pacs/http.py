@@ -37,7 +37,9 @@ def build_app(server) -> Starlette:
             allow_headers=["Authorization", "Accept", "Content-Type", "If-None-Match", "Range"],
             expose_headers=["ETag", "Content-Length", "Content-Range", "Warning"],
             max_age=600))
+    dicomweb = build_dicomweb(server.archive, server.settings)
     return Starlette(routes=[
         Route("/healthz", healthz),
-        Mount("/dicomweb", build_dicomweb(server.archive, server.settings)),
-    ], middleware=middleware)
+        Mount("/dicomweb", dicomweb),
+        Route("/wado", dicomweb.state.wado_uri),  # WADO-URI, also at /dicomweb/wado
+    ], middleware=middleware, exception_handlers=dicomweb.exception_handlers)

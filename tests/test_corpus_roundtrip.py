@@ -18,28 +18,12 @@ import pytest
 from storage.errors import InvalidInstance
 from storage.parsing import parse_instance
 from tests import dimse_client as client
+from tests.compare import assert_same_data_set
 from tests.conftest import corpus_files, free_port, s3_url
 
 # Transfer syntaxes DCMTK 3.6.7's storescp cannot accept: C-MOVE falls back to uncompressed.
 _NOT_IN_STORESCP = {"1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.203",
                     "1.2.840.10008.1.2.8.1", "1.2.840.10008.1.2.4.110"}
-
-
-def assert_same_data_set(received: pydicom.Dataset, original: pydicom.Dataset, name: str):
-    """Element by element, ignoring group lengths (retired; pynetdicom drops them on sending)
-    and Data Set Trailing Padding (which any application may remove, PS3.10 7.2)."""
-    def elements(ds):
-        return {e.tag: e for e in ds if e.tag.element != 0 and e.tag != 0xFFFCFFFC}
-    mine, theirs = elements(received), elements(original)
-    assert mine.keys() == theirs.keys(), name
-    for tag, element in theirs.items():
-        if element.VR in _BINARY and mine[tag].VR in _BINARY:  # OB/OW/UN: same bytes suffice
-            assert mine[tag].value == element.value, f"{name} {tag}"
-        else:
-            assert mine[tag] == element, f"{name} {tag}"
-
-
-_BINARY = {"OB", "OW", "UN"}
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import io
+import json
 
 import httpx
+import numpy as np
 import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
+from PIL import Image
 from requests.exceptions import HTTPError
 
+from pacs.settings import Settings
 from tests.conftest import PacsProcess
 from tests.factory import Spec, dataset, part10
 
@@ -297,3 +301,122 @@ def test_server_keeps_serving_after_bad_requests(server, http):
     http.post("/studies", content=b"junk", headers={"Content-Type": STOW_TYPE})
     assert httpx.get(server.http + "/healthz").status_code == 200
 
+
+
+# ---------------------------------------------------------------------------- rendered
+
+
+def _ct_with_window(photometric: str = "MONOCHROME2") -> pydicom.Dataset:
+    """16x16 CT: left half stored 1024 (0 HU), right half 2024 (1000 HU); window 40/400."""
+    ds = dataset(Spec(rows=16, columns=16, patient_name="Võ^Thị Cúc"))
+    pixels = np.full((16, 16), 1024, dtype=np.uint16)
+    pixels[:, 8:] = 2024
+    ds.PixelData = pixels.tobytes()
+    ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+    ds.WindowCenter, ds.WindowWidth = 40, 400
+    ds.PhotometricInterpretation = photometric
+    return ds
+
+
+def _png(content: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(content)))
+
+
+def _stored(client, ds) -> str:
+    client.store_instances([as_file(ds)])
+    return (f"/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+            f"/instances/{ds.SOPInstanceUID}")
+
+
+def test_rendered_applies_rescale_and_file_window_and_inverts_monochrome1(client, http):
+    normal = _png(http.get(_stored(client, _ct_with_window()) + "/rendered",
+                           headers={"Accept": "image/png"}).content)
+    expected_left = round((0 - (40 - 0.5 - 399 / 2)) / 399 * 255)  # PS3.3 linear window
+    assert abs(int(normal[0, 0]) - expected_left) <= 1
+    assert normal[0, 15] == 255
+    inverted = _png(http.get(_stored(client, _ct_with_window("MONOCHROME1")) + "/rendered",
+                             headers={"Accept": "image/png"}).content)
+    assert abs(int(inverted[0, 0]) - (255 - expected_left)) <= 1 and inverted[0, 15] == 0
+    wide = _png(http.get(_stored(client, _ct_with_window()) + "/rendered",
+                         params={"window": "600,1200"}, headers={"Accept": "image/png"}).content)
+    assert 200 < wide[0, 15] < 225  # 1000 HU inside a window from 0 to 1200 HU
+
+
+def test_rendered_for_a_browser_img_request_is_jpeg_and_viewport_scales(client, http):
+    url = _stored(client, _ct_with_window())
+    response = http.get(url + "/rendered", headers={"Accept": "image/avif,image/webp,*/*"})
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(response.content)).format == "JPEG"
+    scaled = http.get(url + "/rendered", params={"viewport": "64,32", "accept": "image/png"})
+    assert Image.open(io.BytesIO(scaled.content)).size == (32, 32)
+    assert http.get(url + "/rendered", params={"quality": "500"}).status_code == 400
+    assert http.get(url + "/rendered", headers={"Accept": "application/pdf"}).status_code == 406
+
+
+def test_rendered_frames_colour_and_thumbnails(client, http, study):
+    spec, mf = study["spec"], study["multiframe"]
+    frame = http.get(f"/studies/{spec.study_uid}/series/{mf.SeriesInstanceUID}/instances/"
+                     f"{mf.SOPInstanceUID}/frames/2/rendered", params={"accept": "image/png"})
+    assert _png(frame.content).shape == (16, 16)
+    rgb = dataset(Spec(rows=4, columns=4))
+    rgb.SamplesPerPixel, rgb.PhotometricInterpretation, rgb.PlanarConfiguration = 3, "RGB", 0
+    rgb.BitsAllocated, rgb.BitsStored, rgb.HighBit = 8, 8, 7
+    rgb.PixelData = np.tile(np.array([200, 30, 10], np.uint8), 16).tobytes()
+    colour = _png(http.get(_stored(client, rgb) + "/rendered",
+                           params={"accept": "image/png"}).content)
+    assert tuple(colour[0, 0]) == (200, 30, 10)
+    for url in (f"/studies/{spec.study_uid}/thumbnail",
+                f"/studies/{spec.study_uid}/series/{mf.SeriesInstanceUID}/thumbnail"):
+        thumb = http.get(url, headers={"Accept": "image/jpeg"})
+        assert thumb.status_code == 200, url
+        assert max(Image.open(io.BytesIO(thumb.content)).size) <= 200
+
+
+def test_rendered_instance_without_pixels_is_refused_clearly(client, http):
+    ds = dataset(Spec())
+    del ds.PixelData
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
+    for keyword in ("Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit",
+                    "SamplesPerPixel", "PhotometricInterpretation", "PixelRepresentation"):
+        delattr(ds, keyword)
+    url = _stored(client, ds)
+    assert http.get(url + "/rendered").status_code == 422
+    series = url.rsplit("/instances/", 1)[0]
+    response = http.get(series + "/thumbnail")
+    assert response.status_code == 404 and "no image" in response.json()["message"]
+
+
+# ---------------------------------------------------------------------------- WADO-URI
+
+
+def test_wado_uri_dicom_and_jpeg(server, study):
+    spec, ct = study["spec"], study["ct"][0]
+    params = {"requestType": "WADO", "studyUID": spec.study_uid,
+              "seriesUID": ct.SeriesInstanceUID, "objectUID": ct.SOPInstanceUID}
+    for base in (server.http + "/wado", server.http + "/dicomweb/wado"):
+        dicom = httpx.get(base, params={**params, "contentType": "application/dicom"})
+        assert dicom.headers["content-type"] == "application/dicom"
+        assert pydicom.dcmread(io.BytesIO(dicom.content)).SOPInstanceUID == ct.SOPInstanceUID
+        jpeg = httpx.get(base, params=params)
+        assert jpeg.headers["content-type"] == "image/jpeg"
+    missing = httpx.get(server.http + "/wado", params={**params, "objectUID": ""})
+    assert missing.status_code == 400 and "objectUID" in missing.json()["message"]
+    unknown = httpx.get(server.http + "/wado", params={**params, "objectUID": "1.2.3"})
+    assert unknown.status_code == 404
+
+
+def test_openapi_describes_every_route(server):
+    from dicomweb.app import build_dicomweb
+    from dicomweb.openapi import openapi_document
+
+    document = httpx.get(server.http + "/dicomweb/openapi.json").json()
+    assert document == json.loads(json.dumps(openapi_document()))
+    app = build_dicomweb(archive=None, settings=Settings())
+    for route in app.routes:
+        path = route.path.replace(":path}", "}")
+        if path == "/openapi.json":
+            continue
+        assert path in document["paths"], path
+        for method in route.methods - {"HEAD"}:
+            assert method.lower() in document["paths"][path], (method, path)

@@ -241,6 +241,12 @@ def _association_run_reactor(self: Association) -> None:
         if not self.dimse.msg_queue.empty():
             idle.clear()
         self._is_paused = False
+        if not self._reactor_checkpoint.is_set():
+            # A send_*() on another thread paused us after the wait above returned and before
+            # we cleared _is_paused: the response it waits for is its to read, not ours
+            # (pynetdicom's own loop has this race; served here it was dropped as
+            # "unexpected" and the sender waited out the DIMSE timeout).
+            continue
 
         context_id, msg = self.dimse.get_msg(block=False)
         if msg:

@@ -1,0 +1,21 @@
+"""Comparing a data set that went through the server with the original."""
+
+from __future__ import annotations
+
+import pydicom
+
+_BINARY = {"OB", "OW", "UN"}
+
+
+def assert_same_data_set(received: pydicom.Dataset, original: pydicom.Dataset, name: str):
+    """Element by element, ignoring group lengths (retired; pynetdicom drops them on sending)
+    and Data Set Trailing Padding (which any application may remove, PS3.10 7.2)."""
+    def elements(ds):
+        return {e.tag: e for e in ds if e.tag.element != 0 and e.tag != 0xFFFCFFFC}
+    mine, theirs = elements(received), elements(original)
+    assert mine.keys() == theirs.keys(), name
+    for tag, element in theirs.items():
+        if element.VR in _BINARY and mine[tag].VR in _BINARY:  # OB/OW/UN: same bytes suffice
+            assert mine[tag].value == element.value, f"{name} {tag}"
+        else:
+            assert mine[tag] == element, f"{name} {tag}"
