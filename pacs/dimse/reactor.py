@@ -31,8 +31,11 @@ import time
 import pynetdicom
 from pynetdicom import evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
+
+from pacs.dimse.status import CANNOT_UNDERSTAND
 
 log = logging.getLogger("pacs.dimse")
 
@@ -213,6 +216,27 @@ def wait_until_idle(assoc: Association, timeout: float) -> bool:
     return _idle(assoc).wait(timeout)
 
 
+def _answer_malformed_store(assoc: Association, msg, context_id: int) -> bool:
+    """Refuse a C-STORE request that lacks a required field, instead of ignoring it.
+
+    pynetdicom drops such a request ("Received unexpected C-STORE service message") and the
+    sender waits for an answer until its timeout, a minute for many modalities.
+    """
+    if not isinstance(msg, C_STORE) or msg.MessageIDBeingRespondedTo is not None \
+            or msg.MessageID is None or msg.is_valid_request:
+        return False
+    missing = [k for k in msg.REQUEST_KEYWORDS if getattr(msg, k) is None]
+    log.warning("C-STORE request without %s refused", ", ".join(missing))
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = msg.MessageID
+    rsp.AffectedSOPInstanceUID = msg.AffectedSOPInstanceUID
+    rsp.AffectedSOPClassUID = msg.AffectedSOPClassUID
+    rsp.Status = CANNOT_UNDERSTAND
+    rsp.ErrorComment = f"Request lacks {', '.join(missing)}"[:64]
+    assoc.dimse.send_msg(rsp, context_id)
+    return True
+
+
 def _association_kill(self: Association) -> None:
     """pynetdicom's Association.kill, polling for the DUL's end every 0.5 ms instead of 10 ms
     (the DUL reaches its idle state just after the release confirmation is queued)."""
@@ -249,7 +273,9 @@ def _association_run_reactor(self: Association) -> None:
             continue
 
         context_id, msg = self.dimse.get_msg(block=False)
-        if msg:
+        if msg and _answer_malformed_store(self, msg, context_id):
+            pass
+        elif msg:
             self._serve_request(msg, context_id)
             if not self.dimse.msg_queue.empty():
                 activity.set()  # more already queued: no wait on the next turn
