@@ -141,9 +141,10 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
                                                  row["_transfer_syntax_uid"])
         data = await run_in_threadpool(wado.frame_bytes, archive, row, numbers, syntax)
         part_type = f"{media}; transfer-syntax={syntax}"
-        parts = (Part(part_type, [frame], {"Content-Length": str(len(frame))})
-                 for frame in data)
-        return _multipart(parts, media, syntax)
+        parts = [Part(part_type, [frame], {"Content-Length": str(len(frame))}) for frame in data]
+        boundary = new_boundary()  # frames are in memory already: one body, no streaming
+        return Response(b"".join(write_parts(parts, boundary)),
+                        media_type=content_type(media, boundary, transfer_syntax=syntax))
 
     async def bulkdata(request: Request) -> Response:
         rows = await run_in_threadpool(wado.instance_rows, archive, _target(request))
@@ -176,32 +177,32 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from None
         target = _target(request)
-        rows = await run_in_threadpool(wado.instance_rows, archive, target)
-        if numbers is not None:
-            chosen = [(rows[0], n - 1) for n in numbers]
-        elif multipart and not thumbnail:
-            chosen = [(row, 0) for row in wado.image_rows(rows)]
-        elif target.instance:
-            frames = int(rows[0].get("NumberOfFrames") or 1)
-            chosen = [(rows[0], frames // 2 if thumbnail else 0)]
+        if target.instance is None and not multipart:  # the representative image only
+            key, frame = await run_in_threadpool(wado.representative, archive, target)
+            chosen = [(key, frame)]
         else:
-            chosen = [wado.representative(rows, target)]
-        images = [await run_in_threadpool(_rendered_image, row, frame, options)
-                  for row, frame in chosen]
+            rows = await run_in_threadpool(wado.instance_rows, archive, target)
+            if numbers is not None:
+                chosen = [(rows[0]["_blob_key"], n - 1) for n in numbers]
+            elif not target.instance:
+                chosen = [(row["_blob_key"], 0) for row in wado.image_rows(rows)]
+            else:
+                frames = int(rows[0].get("NumberOfFrames") or 1)
+                chosen = [(rows[0]["_blob_key"], frames // 2 if thumbnail else 0)]
+        images = [await run_in_threadpool(_rendered_image, key, frame, options)
+                  for key, frame in chosen]
         headers = {"Cache-Control": "private, max-age=3600"}
         if multipart or len(images) > 1:
             return _multipart(iter(Part(media_type, [image]) for image in images),
                               media_type, None)
         return Response(images[0], media_type=media_type, headers=headers)
 
-    def _rendered_image(row: dict[str, Any], frame: int, options: render.RenderOptions
-                        ) -> bytes:
-        key = (row["_blob_key"], frame, options)
-        image = cache.get(key)
+    def _rendered_image(blob_key: str, frame: int, options: render.RenderOptions) -> bytes:
+        cache_key = (blob_key, frame, options)
+        image = cache.get(cache_key)
         if image is None:
-            data = wado.read_blob(archive, row["_blob_key"])
-            image = render.render_frame(data, frame, options)
-            cache.put(key, image)
+            image = render.render_frame(wado.read_blob(archive, blob_key), frame, options)
+            cache.put(cache_key, image)
         return image
 
     # ------------------------------------------------------------------ WADO-URI
@@ -233,7 +234,7 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
             frame = int(params.get("frameNumber", "1")) - 1
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from None
-        image = await run_in_threadpool(_rendered_image, row, frame, options)
+        image = await run_in_threadpool(_rendered_image, row["_blob_key"], frame, options)
         return Response(image, media_type=media_type)
 
     # ------------------------------------------------------------------ STOW-RS

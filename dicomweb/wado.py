@@ -28,7 +28,7 @@ from dicomweb.multipart import Part
 from storage.archive import Archive
 from storage.attributes import Level
 from storage.errors import NotFound, StorageUnavailable
-from storage.query import Query, find
+from storage.query import Query, find, image_instances
 
 _BULK_URI = re.compile(r'"BulkDataURI":"bulk:(?:(\d+):(\d+)|path:([0-9A-Fa-f/]+))"')
 _NATIVE = frozenset({EXPLICIT_LE, "1.2.840.10008.1.2"})
@@ -275,13 +275,14 @@ def image_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                          r.get("InstanceNumber") or 0, r["_instances_pk"]))
 
 
-def representative(rows: list[dict[str, Any]], target: Target) -> tuple[dict[str, Any], int]:
-    """(row, 0-based frame) of the image that stands for ``target`` in a thumbnail: the middle
-    slice of the (first) series, the middle frame of a multi-frame instance."""
-    images = image_rows(rows)
+def representative(archive: Archive, target: Target) -> tuple[str, int]:
+    """(blob key, 0-based frame) of the image that stands for a study or series: the middle
+    slice of its (first) series, the middle frame of a multi-frame instance."""
+    images = image_instances(archive.index, target.study, target.series)
     if not images:
+        if not find(archive.index, Query(Level.SERIES if target.series else Level.STUDY,
+                                         target.keys(), limit=1)):
+            raise NotFound(f"no {target.describe()}")
         raise NotFound(f"{target.describe()} holds no image")
-    first_series = [r for r in images if r["_series_pk"] == images[0]["_series_pk"]]
-    row = first_series[len(first_series) // 2]
-    frames = int(row.get("NumberOfFrames") or 1)
-    return row, frames // 2
+    chosen = images[len(images) // 2]
+    return chosen.blob_key, chosen.number_of_frames // 2

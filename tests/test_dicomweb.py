@@ -318,6 +318,12 @@ def _ct_with_window(photometric: str = "MONOCHROME2") -> pydicom.Dataset:
     return ds
 
 
+def _first_part(response: httpx.Response) -> bytes:
+    boundary = response.headers["content-type"].split("boundary=")[1].split(";")[0].strip('"')
+    part = response.content.split(b"--" + boundary.encode())[1]
+    return part.split(b"\r\n\r\n", 1)[1][:-2]  # headers off, CRLF before the delimiter off
+
+
 def _png(content: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(content)))
 
@@ -420,3 +426,34 @@ def test_openapi_describes_every_route(server):
         assert path in document["paths"], path
         for method in route.methods - {"HEAD"}:
             assert method.lower() in document["paths"][path], (method, path)
+
+
+def test_retrieve_transcodes_to_lossless_syntaxes_and_refuses_lossy(http, study):
+    spec, ct = study["spec"], study["ct"][0]
+    url = f"/studies/{spec.study_uid}/series/{ct.SeriesInstanceUID}/instances/{ct.SOPInstanceUID}"
+    for syntax in ("1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2"):
+        response = http.get(url, headers={
+            "Accept": f'multipart/related; type="application/dicom"; transfer-syntax={syntax}'})
+        assert response.status_code == 200, (syntax, response.text[:200])
+        assert f"transfer-syntax={syntax}" in response.headers["content-type"]
+        received = pydicom.dcmread(io.BytesIO(_first_part(response)))
+        assert received.file_meta.TransferSyntaxUID == syntax
+        expected = np.frombuffer(ct.PixelData, np.uint16).reshape(ct.Rows, ct.Columns)
+        assert np.array_equal(received.pixel_array, expected), syntax
+    lossy = http.get(url, headers={
+        "Accept": 'multipart/related; type="application/dicom"; '
+                  'transfer-syntax=1.2.840.10008.1.2.4.50'})
+    assert lossy.status_code == 406
+    assert "transfer-syntax=*" in lossy.json()["message"]
+
+
+@pytest.mark.parametrize(("path", "status"), [
+    ("/studies/abc/metadata", 400), ("/studies/1.2/series/1.3/instances/1.4/frames/x", 400),
+    ("/studies/1.2/series/1.3/instances/1.4/frames/0", 400),
+    ("/studies/1.2/series/1.3/instances/1.4/bulkdata/../../etc", 400),  # "etc": not a UID
+    ("/studies/1.2/series/1.3/instances/1.4/bulkdata/x", 404),
+    ("/studies/1.2/thumbnail", 404), ("/nothing-here", 404),
+])
+def test_odd_urls_get_clear_client_errors(http, path, status):
+    response = http.get(path)
+    assert response.status_code == status, response.text
