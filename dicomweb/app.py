@@ -26,6 +26,8 @@ from dicomweb.multipart import (
     BodyTooLarge,
     MultipartError,
     Part,
+    body_length,
+    coalesce,
     content_type,
     new_boundary,
     parse_content_type,
@@ -111,7 +113,9 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
         rows = await run_in_threadpool(wado.instance_rows, archive, target)
         wado.check_transcodable(rows, syntax)
         parts = wado.instance_parts(archive, rows, syntax)
-        if target.instance and syntax != "*":
+        if syntax == "*" or all(row["_transfer_syntax_uid"] == syntax for row in rows):
+            parts = list(parts)  # lazily opened as stored: the length is known up front
+        elif target.instance:
             parts = iter([await run_in_threadpool(next, parts)])  # 406 before any byte
         return _multipart(parts, "application/dicom",
                           None if syntax == "*" else syntax)
@@ -393,11 +397,17 @@ def _json_bytes(request: Request, body: bytes, *, status_code: int = 200,
     return Response(body, status_code=status_code, media_type=DICOM_JSON, headers=headers)
 
 
-def _multipart(parts: Iterator[Part], media_type: str, syntax: str | None) -> Response:
+def _multipart(parts: Iterator[Part] | list[Part], media_type: str,
+               syntax: str | None) -> Response:
+    """A streamed multipart/related response; with a Content-Length when the parts give one
+    (instances as stored), which spares chunked transfer encoding."""
     boundary = new_boundary()
-    return StreamingResponse(iterate_in_threadpool(write_parts(parts, boundary)),
+    headers = {}
+    if isinstance(parts, list) and (length := body_length(parts, boundary)) is not None:
+        headers["Content-Length"] = str(length)
+    return StreamingResponse(iterate_in_threadpool(coalesce(write_parts(parts, boundary))),
                              media_type=content_type(media_type, boundary,
-                                                     transfer_syntax=syntax))
+                                                     transfer_syntax=syntax), headers=headers)
 
 
 def _ranged(request: Request, data: bytes) -> Response:

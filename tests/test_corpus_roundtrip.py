@@ -67,9 +67,10 @@ def test_corpus_store_get_move_round_trip(backend, corpus_plan, start_server, re
     move_port = free_port()
     received = tmp_path / "moved"
     received.mkdir()
+    storescp_log = tmp_path / "storescp.log"
     storescp = subprocess.Popen(["storescp", "+xa", "-aet", "STORESCP", "-od", str(received),
                                  "-uf", str(move_port)], env=dcmtk_env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                stdout=storescp_log.open("wb"), stderr=subprocess.STDOUT)
     server = start_server(tmp_path / "data", PACS_PEERS=f"STORESCP@127.0.0.1:{move_port}", **env)
     try:
         # ---- store everything
@@ -134,7 +135,11 @@ def test_corpus_store_get_move_round_trip(backend, corpus_plan, start_server, re
         expected_missing = sum(1 for _, p in winners.values()
                                if p.transfer_syntax in _NOT_IN_STORESCP)
         assert len(moved) >= len(winners) - expected_missing
-        assert failed == len(winners) - len(moved)
+        # Instances go out byte for byte as stored; storescp keeps a file it then finds
+        # malformed (one corpus file has a defined-length Pixel Data in JPEG 2000) and
+        # answers a failure for it.
+        refused_by_peer = storescp_log.read_text(errors="replace").count("E: bad DICOM file")
+        assert failed == len(winners) - len(moved) + refused_by_peer
     finally:
         storescp.terminate()
         storescp.wait(10)

@@ -31,6 +31,7 @@ from pacs.dimse.identifiers import (
     response_dataset,
     retrieve_keys,
 )
+from pacs.dimse.passthrough import StoredDataset
 from pacs.settings import Settings
 from storage.archive import Archive, InstanceLocation
 from storage.attributes import Level
@@ -268,11 +269,11 @@ class DimseHandlers:
     def _dataset_for(self, location: InstanceLocation, assoc) -> Dataset:
         """The stored instance as a data set the peer accepted a context for."""
         data = self.archive.read(location)
-        dataset = dcmread(BytesIO(data))
         stored = UID(location.transfer_syntax_uid)
         if assoc is None or stored in _UNCOMPRESSED or _accepted(assoc, location.sop_class_uid,
                                                                    stored):
-            return dataset
+            return StoredDataset(data, location.sop_class_uid, location.sop_instance_uid, stored)
+        dataset = dcmread(BytesIO(data))
         if not _accepted_any(assoc, location.sop_class_uid, _UNCOMPRESSED):
             return dataset  # nothing better to offer; the sub-operation reports the failure
         try:

@@ -90,7 +90,12 @@ def _wake(dul: DULServiceProvider) -> None:
 
 def _dul_send_pdu(self: DULServiceProvider, primitive) -> None:
     _original_send_pdu(self, primitive)
-    _wake(self)
+    # Wake the DUL thread only when it sleeps in select: a wake-up byte per PDU cost a system
+    # call each, and each one handed the GIL to the DUL thread (a 512 KB slice to a peer with
+    # 16 KB PDUs is 32 PDUs). The DUL thread sets the flag before it last checks its queue,
+    # and this reads it after queueing, so one of the two always sees the other.
+    if getattr(self, "_pacs_waiting", True):
+        _wake(self)
 
 
 def _dul_kill_dul(self: DULServiceProvider) -> None:
@@ -111,6 +116,14 @@ def _dul_stop_dul(self: DULServiceProvider) -> bool:
 def _dul_idle_wait(self: DULServiceProvider) -> None:
     """Wait until the peer sends data, a primitive is queued, or IDLE_WAIT passes."""
     wake_read, _ = _wake_pair(self)
+    self._pacs_waiting = True
+    try:
+        _wait_for_work(self, wake_read)
+    finally:
+        self._pacs_waiting = False
+
+
+def _wait_for_work(self: DULServiceProvider, wake_read: socket.socket) -> None:
     if not self.to_provider_queue.empty():
         return
     readable = [wake_read]

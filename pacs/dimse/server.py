@@ -18,7 +18,7 @@ from pynetdicom.sop_class import (
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
-from pacs.dimse import commands, reactor
+from pacs.dimse import commands, passthrough, reactor
 from pacs.dimse.commitment import StorageCommitment
 from pacs.dimse.handlers import DimseHandlers
 from pacs.settings import Settings
@@ -60,6 +60,7 @@ def configure_libraries() -> None:
     pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
     reactor.install()
     commands.install()
+    passthrough.install()
 
 
 def build_ae(settings: Settings) -> AE:
