@@ -105,8 +105,9 @@ def parse_qido(level: Level, params: Iterable[tuple[str, str]], *, scope: dict[s
                 extra.add(tag)
                 continue
             if BY_KEYWORD[keyword].level.value > level.value:
+                hint = "; use ModalitiesInStudy" if keyword == "Modality" else ""
                 raise BadQueryParameter(name, f"{keyword} is below the {level.name.lower()} "
-                                              "level and cannot be matched here")
+                                              f"level and cannot be matched here{hint}")
             matching.setdefault(keyword, []).append(value)
     keys = {keyword: "\\".join(values) for keyword, values in matching.items()}
     for keyword, uid in scope.items():
