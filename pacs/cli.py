@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--quick", action="store_true",
                        help="check existence and size only, not the SHA-256 of every file")
     commands.add_parser("migrate", help="create or upgrade the index database schema")
-    for sub in (serve, imp, check, commands.choices["migrate"]):
+    ohif = commands.add_parser("install-ohif", help="fetch the OHIF Viewer (npm) for /ohif/")
+    ohif.add_argument("--force", action="store_true", help="reinstall even if installed")
+    for sub in (serve, imp, check, commands.choices["migrate"], ohif):
         sub.add_argument("--config", metavar="FILE", help="TOML settings file (PACS_* "
                          "environment variables override it)")
 
@@ -41,14 +43,30 @@ def main(argv: list[str] | None = None) -> int:
     from pacs.app import configure_logging
 
     configure_logging(settings.log_level if args.command == "serve" else "WARNING")
-    return {"serve": _serve, "import": _import, "check": _check, "migrate": _migrate}[
-        args.command](settings, args)
+    return {"serve": _serve, "import": _import, "check": _check, "migrate": _migrate,
+            "install-ohif": _install_ohif}[args.command](settings, args)
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     from pacs.app import PacsServer
 
     PacsServer(settings).run()
+    return 0
+
+
+def _install_ohif(settings: Settings, args: argparse.Namespace) -> int:
+    from viewer.ohif import OHIF_VERSION, OhifInstallError, install_ohif, installed_version
+
+    target = settings.resolved_ohif_dir
+    if installed_version(target) == OHIF_VERSION and not args.force:
+        print(f"OHIF {OHIF_VERSION} is installed in {target}")
+        return 0
+    try:
+        install_ohif(target)
+    except OhifInstallError as exc:
+        print(f"pacs install-ohif: {exc}", file=sys.stderr)
+        return 1
+    print(f"OHIF {OHIF_VERSION} installed in {target}; served at /ohif/")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The HTTP side of the process: health, DICOMweb at ``/dicomweb``; viewer and EMR routes next."""
+"""The HTTP side of the process: health, DICOMweb at ``/dicomweb``, the viewer and its pages."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from starlette.routing import Mount, Route
 
 from dicomweb.app import build_dicomweb
 from pacs import __version__
+from viewer.web import viewer_routes
 
 
 def build_app(server) -> Starlette:
@@ -42,4 +43,5 @@ def build_app(server) -> Starlette:
         Route("/healthz", healthz),
         Mount("/dicomweb", dicomweb),
         Route("/wado", dicomweb.state.wado_uri),  # WADO-URI, also at /dicomweb/wado
+        *viewer_routes(server),
     ], middleware=middleware, exception_handlers=dicomweb.exception_handlers)

@@ -96,6 +96,10 @@ class Settings:
     cors_allowed_origins: tuple[str, ...] = ()
     # Largest STOW-RS request body in bytes (HTTP 413 beyond it).
     stow_max_bytes: int = 4 * 1024**3
+    # Hospital or site name shown on pages and in the viewer.
+    site_name: str = "PACS"
+    # Where `pacs install-ohif` puts the OHIF Viewer; empty: .ohif next to the source tree.
+    ohif_dir: str = ""
     log_level: str = "INFO"
 
     @property
@@ -110,6 +114,13 @@ class Settings:
     def resolved_storage_url(self) -> str:
         """Blob store URL: ``file:///path`` or ``s3://bucket?endpoint=...``."""
         return self.storage_url or f"file://{(self.data_dir / 'blobs').resolve()}"
+
+    @property
+    def resolved_ohif_dir(self) -> Path:
+        """Folder of the installed OHIF build served at /ohif/."""
+        if self.ohif_dir:
+            return Path(self.ohif_dir).resolve()
+        return (Path(__file__).resolve().parents[1] / ".ohif").resolve()
 
     def peer(self, ae_title: str) -> Peer | None:
         """The configured peer with this AE title (compared without padding), if any."""

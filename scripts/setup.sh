@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Sets up what the server and its tests need on a fresh Debian/Ubuntu machine:
-# DCMTK (DICOM command-line tools used by the tests and handy for operators) and a Python
-# virtual environment in .venv with this package installed. Safe to run again.
+# DCMTK (DICOM command-line tools used by the tests and handy for operators), a Python
+# virtual environment in .venv with this package installed, and the OHIF Viewer in .ohif/
+# (fetched with npm). Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 want_apt=()
 command -v storescu >/dev/null 2>&1 || want_apt+=(dcmtk)
 command -v python3 >/dev/null 2>&1 || want_apt+=(python3 python3-venv)
+command -v npm >/dev/null 2>&1 || want_apt+=(npm)  # fetches the OHIF Viewer
 if ((${#want_apt[@]})); then
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -21,3 +23,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[${PACS_EXTRAS:-test}]"
+
+# The OHIF Viewer served at /ohif/ (npm pack of the pinned @ohif/app; a no-op once installed).
+.venv/bin/pacs install-ohif

@@ -1,0 +1,214 @@
+"""The doctors' viewer: OHIF served at /ohif/, the start page and the EMR launch links.
+
+Browser tests drive Debian's headless Chromium with Playwright against a server on loopback
+holding a small CT series with a Vietnamese name. Screenshots go to test-output/viewer/.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from pacs.settings import Settings
+from tests.conftest import PacsProcess
+from tests.factory import Spec, dataset, part10
+from viewer.ohif import OhifInstallError, installed_version, rewrite_for_base
+
+SHOTS = Path(__file__).resolve().parents[1] / "test-output" / "viewer"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+SLICES = 24
+# Non-black pixels of the largest canvas, and a hash of them (to see the slice change).
+CANVAS_PIXELS = """() => {
+  const canvases = [...document.querySelectorAll('canvas')].filter(c => c.width > 100);
+  if (!canvases.length) return null;
+  const c = canvases.sort((a, b) => b.width * b.height - a.width * a.height)[0];
+  const t = document.createElement('canvas'); t.width = c.width; t.height = c.height;
+  const x = t.getContext('2d'); x.drawImage(c, 0, 0);
+  const d = x.getImageData(0, 0, t.width, t.height).data; let n = 0, h = 0;
+  for (let i = 0; i < d.length; i += 16) {
+    if (d[i] > 10 || d[i + 1] > 10 || d[i + 2] > 10) n++;
+    h = (h * 31 + d[i]) | 0;
+  }
+  return [n, h];
+}"""
+
+
+def _ct_series(spec: Spec) -> list[bytes]:
+    """A CT series whose slices differ (a disc growing from slice to slice), stackable."""
+    series = []
+    frame_of_reference = Spec().sop_uid  # any fresh UID
+    yy, xx = np.mgrid[0:128, 0:128]
+    for n in range(SLICES):
+        ds = dataset(Spec(**{**spec.__dict__, "sop_uid": Spec().sop_uid,
+                             "instance_number": n + 1, "rows": 128, "columns": 128}))
+        disc = (yy - 64) ** 2 + (xx - 64) ** 2 < (10 + 2 * n) ** 2
+        pixels = np.where(disc, 1024 + 60, 24).astype(np.uint16)  # 60 HU inside, air outside
+        ds.PixelData = pixels.tobytes()
+        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+        ds.WindowCenter, ds.WindowWidth = 40, 400
+        ds.ImagePositionPatient = [-64, -64, -2.5 * n]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing = [1, 1]
+        ds.SliceThickness = 2.5
+        ds.FrameOfReferenceUID = frame_of_reference
+        series.append(part10(ds))
+    return series
+
+
+def _stow(base: str, datas: list[bytes]) -> None:
+    body = b"".join(b"--b\r\nContent-Type: application/dicom\r\n\r\n" + d + b"\r\n"
+                    for d in datas) + b"--b--\r\n"
+    response = httpx.post(base + "/dicomweb/studies", content=body, timeout=60, headers={
+        "Content-Type": 'multipart/related; type="application/dicom"; boundary=b'})
+    assert response.status_code == 200, response.text
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    if installed_version(Settings().resolved_ohif_dir) is None:
+        pytest.fail("the OHIF Viewer is not installed: run scripts/setup.sh (pacs install-ohif)")
+    server = PacsProcess(tmp_path_factory.mktemp("viewer") / "data",
+                         env={"PACS_SITE_NAME": "Bệnh viện Đa khoa Tỉnh"})
+    server.start()
+    spec = Spec(patient_name="Nguyễn^Văn An", patient_id="CCCD001203004567",
+                accession="ACC-VIEW-1", study_description="CT bụng")
+    _stow(server.http, _ct_series(spec))
+    other = Spec(patient_name="Trần^Thị Bình", patient_id="BN-OTHER", accession="ACC-VIEW-2")
+    _stow(server.http, [part10(dataset(other))])
+    yield server, spec
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Chromium is needed (apt-get install chromium; scripts/setup.sh does it)")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with playwright_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
+                                              headless=True)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    yield context.new_page()
+    context.close()
+
+
+def _wait_for_image(page, timeout: float = 60) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pixels = page.evaluate(CANVAS_PIXELS)
+        if pixels and pixels[0] > 500:
+            return pixels
+        time.sleep(0.1)
+    page.screenshot(path=str(SHOTS / "no-image.png"))
+    raise AssertionError("the viewer showed no image")
+
+
+# ---------------------------------------------------------------------------- browser
+
+
+def test_study_list_shows_vietnamese_name_and_finds_it_without_diacritics(site, page):
+    server, _ = site
+    page.goto(server.http + "/ohif/")
+    page.wait_for_selector("text=Nguyễn, Văn An", timeout=60_000)
+    assert page.locator("text=Trần, Thị Bình").count() == 1
+    page.screenshot(path=str(SHOTS / "study-list.png"))
+    patient_filter = page.locator("input").first
+    patient_filter.fill("nguyen van")
+    # The list reloads from QIDO-RS (fuzzy matching): only the study of Nguyễn Văn An is left.
+    page.wait_for_function("() => document.body.innerText.includes('Nguyễn, Văn An') && "
+                           "!document.body.innerText.includes('Trần, Thị Bình')",
+                           timeout=30_000)
+    page.screenshot(path=str(SHOTS / "study-list-search.png"))
+
+
+def test_iid_link_opens_the_study_renders_an_image_and_scrolls(site, page):
+    server, spec = site
+    page.goto(f"{server.http}/IHEInvokeImageDisplay?requestType=STUDY&studyUID={spec.study_uid}")
+    assert "/ohif/viewer" in page.url and spec.study_uid in page.url
+    first = _wait_for_image(page)
+    page.screenshot(path=str(SHOTS / "viewer.png"))
+    viewport = page.locator("canvas").first.bounding_box()
+    page.mouse.move(viewport["x"] + viewport["width"] / 2, viewport["y"] + viewport["height"] / 2)
+    for _ in range(8):
+        page.mouse.wheel(0, 120)
+        time.sleep(0.05)
+    deadline = time.monotonic() + 10
+    while page.evaluate(CANVAS_PIXELS) == first and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert page.evaluate(CANVAS_PIXELS) != first, "scrolling did not change the slice"
+    page.screenshot(path=str(SHOTS / "viewer-scrolled.png"))
+
+
+def test_short_links_open_the_same_study(site, page):
+    server, spec = site
+    for link in (f"/studies/{spec.study_uid}", f"/accession/{spec.accession}"):
+        page.goto(server.http + link)
+        assert spec.study_uid in page.url, link
+    _wait_for_image(page)
+
+
+# ---------------------------------------------------------------------------- HTTP
+
+
+def test_launch_links_for_unknown_studies_get_a_clear_page(site):
+    server, spec = site
+    for link in ("/IHEInvokeImageDisplay?requestType=STUDY&studyUID=1.2.3.4",
+                 "/IHEInvokeImageDisplay?requestType=STUDY&accessionNumber=NOPE",
+                 "/studies/1.2.3.4", "/accession/NOPE"):
+        response = httpx.get(server.http + link)
+        assert response.status_code == 404, link
+        assert "Không tìm thấy" in response.text and "not found" in response.text.lower()
+    bad = httpx.get(server.http + "/IHEInvokeImageDisplay?requestType=SERIES")
+    assert bad.status_code == 400
+    patient = httpx.get(server.http + "/IHEInvokeImageDisplay?requestType=PATIENT&patientID="
+                        + spec.patient_id)
+    assert patient.status_code == 302
+    assert patient.headers["location"] == f"/ohif/?mrn={spec.patient_id}"
+
+
+def test_ohif_is_served_under_ohif_with_caching_and_compression(site):
+    server, _ = site
+    index = httpx.get(server.http + "/ohif/viewer?StudyInstanceUIDs=1.2.3")  # a viewer route
+    assert index.status_code == 200 and 'window.PUBLIC_URL="/ohif/"' in index.text
+    assert not re.search(r'(?:src|href)="/(?!ohif/)', index.text)
+    bundle = re.search(r'src="/ohif/(app\.bundle\.[0-9a-f]+\.js)"', index.text).group(1)
+    js = httpx.get(f"{server.http}/ohif/{bundle}", headers={"Accept-Encoding": "gzip"})
+    assert js.headers["content-encoding"] == "gzip"
+    assert "immutable" in js.headers["cache-control"]
+    wasm = next(p.name for p in Settings().resolved_ohif_dir.glob("*.wasm"))
+    assert httpx.get(f"{server.http}/ohif/{wasm}").headers["content-type"] == "application/wasm"
+    config = httpx.get(server.http + "/ohif/app-config.js").text
+    assert "routerBasename" in config and '"/ohif"' in config
+    assert '"supportsFuzzyMatching": true' in config and '"Bệnh viện Đa khoa Tỉnh"' in config
+    assert httpx.get(server.http + "/ohif/missing.js").status_code == 404
+    start = httpx.get(server.http + "/")
+    assert "Bệnh viện Đa khoa Tỉnh" in start.text and 'href="/ohif/"' in start.text
+
+
+def test_installer_fails_loudly_when_the_build_changes(tmp_path):
+    (tmp_path / "index.html").write_text('<script src="/app.js"></script>')  # no PUBLIC_URL
+    with pytest.raises(OhifInstallError, match="PUBLIC_URL"):
+        rewrite_for_base(tmp_path)
+
+
+def test_rendered_thumbnail_is_what_the_study_browser_shows(site):
+    server, spec = site
+    series = httpx.get(f"{server.http}/dicomweb/studies/{spec.study_uid}/series").json()
+    uid = series[0]["0020000E"]["Value"][0]
+    thumb = httpx.get(f"{server.http}/dicomweb/studies/{spec.study_uid}/series/{uid}/thumbnail")
+    assert thumb.headers["content-type"] == "image/jpeg"
