@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("migrate", help="create or upgrade the index database schema")
     ohif = commands.add_parser("install-ohif", help="fetch the OHIF Viewer (npm) for /ohif/")
     ohif.add_argument("--force", action="store_true", help="reinstall even if installed")
+    ohif.add_argument("--tarball", type=Path, help="an @ohif/app .tgz already fetched "
+                      "(npm pack), instead of running npm")
     for sub in (serve, imp, check, commands.choices["migrate"], ohif):
         sub.add_argument("--config", metavar="FILE", help="TOML settings file (PACS_* "
                          "environment variables override it)")
@@ -62,7 +64,7 @@ def _install_ohif(settings: Settings, args: argparse.Namespace) -> int:
         print(f"OHIF {OHIF_VERSION} is installed in {target}")
         return 0
     try:
-        install_ohif(target)
+        install_ohif(target, tarball=args.tarball)
     except OhifInstallError as exc:
         print(f"pacs install-ohif: {exc}", file=sys.stderr)
         return 1

@@ -212,3 +212,24 @@ def test_rendered_thumbnail_is_what_the_study_browser_shows(site):
     uid = series[0]["0020000E"]["Value"][0]
     thumb = httpx.get(f"{server.http}/dicomweb/studies/{spec.study_uid}/series/{uid}/thumbnail")
     assert thumb.headers["content-type"] == "image/jpeg"
+
+
+def test_mpr_works_without_the_left_out_parts(site, page):
+    # ort/ (AI segmentation) and the microscopy viewer are not installed; MPR must still work.
+    server, spec = site
+    page.goto(f"{server.http}/ohif/viewer?StudyInstanceUIDs={spec.study_uid}"
+              "&hangingprotocolId=mpr")
+    script = """() => [...document.querySelectorAll('canvas')].filter(c => c.width > 100)
+      .map(c => { const t = document.createElement('canvas'); t.width = c.width;
+        t.height = c.height; const x = t.getContext('2d'); x.drawImage(c, 0, 0);
+        const d = x.getImageData(0, 0, t.width, t.height).data; let n = 0;
+        for (let i = 0; i < d.length; i += 16) if (d[i] > 10) n++; return n; })"""
+    deadline = time.monotonic() + 60
+    counts: list[int] = []
+    while time.monotonic() < deadline:
+        counts = page.evaluate(script)
+        if len(counts) >= 3 and all(n > 100 for n in counts[:3]):
+            break
+        time.sleep(0.2)
+    page.screenshot(path=str(SHOTS / "mpr.png"))
+    assert len(counts) >= 3 and all(n > 100 for n in counts[:3]), counts
