@@ -5,9 +5,11 @@ pydicom ``Dataset`` and encoding it: about 0.35 ms of CPU per C-STORE response h
 all the work the server does for a small instance. A command set is a handful of Implicit VR
 Little Endian elements of three VRs, so this module writes them with ``struct``.
 
-``install()`` makes pynetdicom send C-STORE responses this way when nothing unusual is in them
-(no Offending Element, no handler bound to ``EVT_DIMSE_SENT``, a command that fits one PDU);
-anything else still goes through pynetdicom. ``pacs.dimse.fastfind`` uses the same encoders for
+``install()`` makes pynetdicom send this way the messages a PACS sends most: C-STORE responses
+(ingest), and C-STORE requests with their data set plus C-GET/C-MOVE responses without an
+identifier (retrieve) — when nothing unusual is in them (no Offending Element, no handler bound
+to ``EVT_DIMSE_SENT``, a command that fits one PDU). Anything else still goes through
+pynetdicom. ``pacs.dimse.fastfind`` uses the same encoders for
 pending C-FIND responses.
 """
 
@@ -19,13 +21,16 @@ import struct
 import pynetdicom
 from pynetdicom import evt
 from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
 log = logging.getLogger("pacs.dimse")
 
 SUPPORTED_VERSIONS = ("3.0.",)
+C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
+C_GET_RSP = 0x8010
+C_MOVE_RSP = 0x8021
 NO_DATA_SET = 0x0101
 DATA_SET_PRESENT = 0x0001
 
@@ -79,6 +84,36 @@ def store_response(*, sop_class_uid: str | None, message_id: int, status: int,
     return command_set(*parts)
 
 
+def store_request(*, sop_class_uid: str, message_id: int, priority: int,
+                  sop_instance_uid: str, move_originator_ae: str | None = None,
+                  move_originator_id: int | None = None) -> bytes:
+    """The encoded command set of a C-STORE-RQ (a data set follows)."""
+    parts = [uid_element(0x00000002, sop_class_uid), us_element(0x00000100, C_STORE_RQ),
+             us_element(0x00000110, message_id), us_element(0x00000700, priority),
+             us_element(0x00000800, DATA_SET_PRESENT), uid_element(0x00001000, sop_instance_uid)]
+    if move_originator_ae:
+        parts.append(text_element(0x00001030, move_originator_ae))
+    if move_originator_id is not None:
+        parts.append(us_element(0x00001031, move_originator_id))
+    return command_set(*parts)
+
+
+def retrieve_response(*, command_field: int, sop_class_uid: str | None, message_id: int,
+                      status: int, counts: tuple[int | None, int | None, int | None,
+                                                 int | None]) -> bytes:
+    """The encoded command set of a C-GET-RSP or C-MOVE-RSP without an identifier."""
+    parts = []
+    if sop_class_uid:
+        parts.append(uid_element(0x00000002, sop_class_uid))
+    parts += [us_element(0x00000100, command_field), us_element(0x00000120, message_id),
+              us_element(0x00000800, NO_DATA_SET), us_element(0x00000900, status)]
+    for tag, count in zip((0x00001020, 0x00001021, 0x00001022, 0x00001023), counts,
+                          strict=True):
+        if count is not None:
+            parts.append(us_element(tag, count))
+    return command_set(*parts)
+
+
 def install() -> bool:
     """Send plain C-STORE responses with ``store_response`` (once). Whether it is active."""
     global _installed
@@ -94,18 +129,68 @@ def install() -> bool:
 
 
 def _send_msg(self: DIMSEServiceProvider, primitive, context_id: int) -> None:
-    if (type(primitive) is C_STORE and primitive.MessageIDBeingRespondedTo is not None
-            and primitive.Status is not None and primitive.OffendingElement is None
-            and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT)):
-        command = store_response(
-            sop_class_uid=primitive.AffectedSOPClassUID,
-            message_id=primitive.MessageIDBeingRespondedTo, status=primitive.Status,
-            sop_instance_uid=primitive.AffectedSOPInstanceUID,
-            error_comment=primitive.ErrorComment)
-        limit = self.maximum_pdu_size
-        if not limit or len(command) + PDV_OVERHEAD <= limit:
-            pdata = P_DATA()
-            pdata.presentation_data_value_list = [[context_id, b"\x03" + command]]
-            self.dul.send_pdu(pdata)
-            return
+    if not self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
+        encoded = _encode_simple(primitive)
+        if encoded is not None:
+            command, data_set = encoded
+            limit = self.maximum_pdu_size
+            room = (limit - PDV_OVERHEAD) if limit else 0
+            if not room or len(command) <= room:
+                _queue(self, context_id, command, data_set, room)
+                return
     _original_send_msg(self, primitive, context_id)
+
+
+def _encode_simple(primitive) -> tuple[bytes, bytes | None] | None:
+    """(command set, data set) of the messages sent often, or None for pynetdicom to do it."""
+    kind = type(primitive)
+    responding = primitive.MessageIDBeingRespondedTo
+    if kind is C_STORE and responding is not None:
+        if primitive.Status is None or primitive.OffendingElement is not None:
+            return None
+        return store_response(
+            sop_class_uid=primitive.AffectedSOPClassUID, message_id=responding,
+            status=primitive.Status, sop_instance_uid=primitive.AffectedSOPInstanceUID,
+            error_comment=primitive.ErrorComment), None
+    if kind is C_STORE:  # a request: a C-GET or C-MOVE sub-operation
+        if (primitive.MessageID is None or primitive.AffectedSOPClassUID is None
+                or primitive.AffectedSOPInstanceUID is None or primitive.DataSet is None
+                or primitive._dataset_path is not None):
+            return None
+        return store_request(
+            sop_class_uid=primitive.AffectedSOPClassUID, message_id=primitive.MessageID,
+            priority=primitive.Priority, sop_instance_uid=primitive.AffectedSOPInstanceUID,
+            move_originator_ae=primitive.MoveOriginatorApplicationEntityTitle,
+            move_originator_id=primitive.MoveOriginatorMessageID), \
+            primitive.DataSet.getvalue()
+    if kind in (C_GET, C_MOVE) and responding is not None:
+        if (primitive.Status is None or primitive.Identifier is not None
+                or primitive.OffendingElement is not None or primitive.ErrorComment):
+            return None
+        return retrieve_response(
+            command_field=C_GET_RSP if kind is C_GET else C_MOVE_RSP,
+            sop_class_uid=primitive.AffectedSOPClassUID, message_id=responding,
+            status=primitive.Status,
+            counts=(primitive.NumberOfRemainingSuboperations,
+                    primitive.NumberOfCompletedSuboperations,
+                    primitive.NumberOfFailedSuboperations,
+                    primitive.NumberOfWarningSuboperations)), None
+    return None
+
+
+def _queue(dimse: DIMSEServiceProvider, context_id: int, command: bytes,
+           data_set: bytes | None, room: int) -> None:
+    """Hand the message to the DUL as P-DATA PDUs of one PDV each, as pynetdicom does."""
+    for control, payload in ((0x01, command), (0x00, data_set)):
+        if payload is None:
+            continue
+        size = room or len(payload) or 1
+        view = memoryview(payload)
+        starts = range(0, max(len(payload), 1), size)
+        for start in starts:
+            last = start + size >= len(payload)
+            pdata = P_DATA()
+            pdata.presentation_data_value_list = [
+                [context_id, bytes([control | (0x02 if last else 0x00)])
+                 + view[start:start + size].tobytes()]]
+            dimse.dul.send_pdu(pdata)
