@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dicomweb.multipart import parse_content_type
+from dicomweb.multipart import parse_content_type, split_outside_quotes
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
-IMPLICIT_LE = "1.2.840.10008.1.2"
 
 # Media type of a frame (or of bulk pixel data) in each compressed transfer syntax
 # (PS3.18 Table 8.7.3-2), for labelling parts and for matching Accept.
@@ -54,7 +53,7 @@ class Accepted:
 def parse_accept(header: str | None) -> list[Accepted]:
     """Entries of an Accept header, best first (no header means ``*/*``)."""
     entries = []
-    for position, item in enumerate(_split_outside_quotes(header or "*/*")):
+    for position, item in enumerate(split_outside_quotes(header or "*/*", ",")):
         media_type, params = parse_content_type(item)
         if not media_type:
             continue
@@ -76,20 +75,6 @@ def _matches(pattern: str, media_type: str) -> bool:
     kind, _, sub = pattern.partition("/")
     wanted_kind, _, wanted_sub = media_type.partition("/")
     return kind == wanted_kind and sub in ("*", wanted_sub)
-
-
-def _split_outside_quotes(text: str) -> list[str]:
-    items, current, quoted = [], [], False
-    for char in text:
-        if char == '"':
-            quoted = not quoted
-        if char == "," and not quoted:
-            items.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    items.append("".join(current))
-    return [item.strip() for item in items if item.strip()]
 
 
 def wants_json(accept: list[Accepted]) -> bool:

@@ -94,7 +94,7 @@ def parse_content_type(value: str) -> tuple[str, dict[str, str]]:
     """Media type (lower case) and parameters (names lower case, quotes removed)."""
     media_type, _, rest = value.partition(";")
     params: dict[str, str] = {}
-    for item in _split_params(rest):
+    for item in split_outside_quotes(rest, ";"):
         name, sep, raw = item.partition("=")
         if not sep:
             continue
@@ -105,13 +105,13 @@ def parse_content_type(value: str) -> tuple[str, dict[str, str]]:
     return media_type.strip().lower(), params
 
 
-def _split_params(text: str) -> list[str]:
-    """Split on semicolons outside quoted strings."""
+def split_outside_quotes(text: str, separator: str) -> list[str]:
+    """``text`` split on ``separator`` where it is not inside double quotes, items stripped."""
     items, current, quoted = [], [], False
     for char in text:
         if char == '"':
             quoted = not quoted
-        if char == ";" and not quoted:
+        if char == separator and not quoted:
             items.append("".join(current))
             current = []
         else:

@@ -24,7 +24,6 @@ from pydicom.uid import (
     RLELossless,
 )
 
-EXPLICIT_LE = str(ExplicitVRLittleEndian)
 UNCOMPRESSED = frozenset({str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)})
 # What the installed encoders can write, lossless only: a viewer asking for these gets the
 # same pixels, only smaller.

@@ -31,7 +31,7 @@ from storage.errors import NotFound, StorageUnavailable
 from storage.query import Query, find, image_instances
 
 _BULK_URI = re.compile(r'"BulkDataURI":"bulk:(?:(\d+):(\d+)|path:([0-9A-Fa-f/]+))"')
-_NATIVE = frozenset({EXPLICIT_LE, "1.2.840.10008.1.2"})
+_NATIVE = transcode.UNCOMPRESSED  # frames of these are the same native pixel bytes
 
 
 @dataclass(frozen=True)

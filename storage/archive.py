@@ -139,13 +139,14 @@ _SQL_INSTANCE_PARENTS = ("SELECT series.pk, studies.pk, studies.patient_pk FROM 
 _SQL_INSTANCES_UNDER = ("SELECT instances.pk, instances.blob_key FROM instances"
                         " JOIN series ON instances.series_pk = series.pk"
                         " JOIN studies ON series.study_pk = studies.pk WHERE ")
-_SQL_INSERTS: dict[tuple[str, tuple[str, ...]], str] = {}
+_SQL_INSERTS: dict[tuple[str, tuple[str, ...], bool], str] = {}
 
 
 def _insert_sql(table: sa.Table, columns: tuple[str, ...], *, unless_exists: bool = False) -> str:
     """``INSERT`` of ``columns`` into ``table``; with ``unless_exists``, a row that would break a
     unique key is skipped and the new row's pk returned (SQLite 3.35+ and PostgreSQL)."""
-    sql = _SQL_INSERTS.get((table.name, columns))
+    cache_key = (table.name, columns, unless_exists)
+    sql = _SQL_INSERTS.get(cache_key)
     if sql is None:
         unknown = set(columns) - set(table.c.keys())
         if unknown:
@@ -154,7 +155,7 @@ def _insert_sql(table: sa.Table, columns: tuple[str, ...], *, unless_exists: boo
                f" VALUES ({', '.join('?' * len(columns))})")
         if unless_exists:
             sql += " ON CONFLICT DO NOTHING RETURNING pk"
-        _SQL_INSERTS[(table.name, columns)] = sql
+        _SQL_INSERTS[cache_key] = sql
     return sql
 
 
