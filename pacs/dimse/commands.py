@@ -15,18 +15,15 @@ pending C-FIND responses.
 
 from __future__ import annotations
 
-import logging
 import struct
 
-import pynetdicom
 from pynetdicom import evt
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
-log = logging.getLogger("pacs.dimse")
+from pacs.dimse.compat import pynetdicom_supported
 
-SUPPORTED_VERSIONS = ("3.0.",)
 C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
 C_GET_RSP = 0x8010
@@ -119,9 +116,7 @@ def install() -> bool:
     global _installed
     if _installed:
         return True
-    if not pynetdicom.__version__.startswith(SUPPORTED_VERSIONS):
-        log.warning("pynetdicom %s: direct C-STORE response encoding not installed (written "
-                    "for %s)", pynetdicom.__version__, SUPPORTED_VERSIONS)
+    if not pynetdicom_supported("direct command encoding", "DIMSE messages cost more CPU"):
         return False
     DIMSEServiceProvider.send_msg = _send_msg
     _installed = True

@@ -11,7 +11,6 @@ not (e.g. a peer that accepted Implicit VR Little Endian only).
 
 from __future__ import annotations
 
-import logging
 from io import BytesIO
 
 import pynetdicom
@@ -20,11 +19,9 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID
 
+from pacs.dimse.compat import pynetdicom_supported
 from storage import rawread
 
-log = logging.getLogger("pacs.dimse")
-
-SUPPORTED_VERSIONS = ("3.0.",)
 _installed = False
 _original_encode = pynetdicom.association.encode
 
@@ -58,9 +55,8 @@ def install() -> bool:
     global _installed
     if _installed:
         return True
-    if not pynetdicom.__version__.startswith(SUPPORTED_VERSIONS):
-        log.warning("pynetdicom %s: stored instances will be re-encoded for C-GET/C-MOVE "
-                    "(written for %s)", pynetdicom.__version__, SUPPORTED_VERSIONS)
+    if not pynetdicom_supported("pass-through of stored instances",
+                                "C-GET/C-MOVE re-encode every instance"):
         return False
     pynetdicom.association.encode = _encode
     _installed = True

@@ -28,19 +28,18 @@ import ssl
 import threading
 import time
 
-import pynetdicom
 from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 
+from pacs.dimse.compat import pynetdicom_supported
 from pacs.dimse.status import CANNOT_UNDERSTAND
 
 log = logging.getLogger("pacs.dimse")
 
 IDLE_WAIT = 0.05  # seconds; bounds how late timers are checked, not request latency
-SUPPORTED_VERSIONS = ("3.0.",)
 
 _installed = False
 _original_send_pdu = DULServiceProvider.send_pdu
@@ -53,9 +52,7 @@ def install() -> bool:
     global _installed
     if _installed:
         return True
-    if not pynetdicom.__version__.startswith(SUPPORTED_VERSIONS):
-        log.warning("pynetdicom %s: event-driven reactor not installed (written for %s); "
-                    "DIMSE latency will be higher", pynetdicom.__version__, SUPPORTED_VERSIONS)
+    if not pynetdicom_supported("event-driven reactor", "DIMSE latency will be higher"):
         return False
     DULServiceProvider.run_reactor = _dul_run_reactor
     DULServiceProvider.send_pdu = _dul_send_pdu
