@@ -7,6 +7,7 @@ statuses. Blocking work (index queries, blob reads, parsing) runs in the thread 
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import logging
@@ -36,6 +37,7 @@ from dicomweb.multipart import (
 )
 from dicomweb.openapi import openapi_document
 from dicomweb.transcode import NotTranscodable
+from pacs.access import study_scope
 from pacs.settings import Settings
 from storage.archive import Archive
 from storage.attributes import Level
@@ -81,6 +83,10 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
             raise NotAcceptable(f"search results are available as {DICOM_JSON}")
         parsed = qido.parse_qido(level, request.query_params.multi_items(), scope=scope,
                                  default_matching=default_matching)
+        own_study = study_scope(request)
+        if own_study is not None:  # a share link searches its own study, nothing else
+            parsed.query = dataclasses.replace(
+                parsed.query, keys={**parsed.query.keys, "StudyInstanceUID": own_study})
         rows = await run_in_threadpool(find, archive.index, parsed.query)
         limit = (parsed.query.limit or 1) - 1
         if len(rows) > limit:

@@ -7,10 +7,12 @@ import threading
 
 import uvicorn
 
+from pacs.access import AccessPolicy, server_secret
 from pacs.dimse.server import DicomServer
 from pacs.http import build_app
 from pacs.settings import Settings
 from storage.archive import Archive, open_archive
+from storage.shares import ShareStore
 
 log = logging.getLogger("pacs")
 
@@ -38,6 +40,9 @@ class PacsServer:
         self.settings = settings
         self.archive = archive_for(settings)
         self.dicom = DicomServer(settings, self.archive)
+        self.shares = ShareStore(self.archive.index, server_secret(settings),
+                                 pin_max_attempts=settings.share_pin_max_attempts)
+        self.access = AccessPolicy(settings, self.shares, server_secret(settings))
         self.reconcile_state = "pending" if settings.reconcile_on_start else "disabled"
 
     def _reconcile(self) -> None:
@@ -61,7 +66,8 @@ class PacsServer:
             threading.Thread(target=self._reconcile, name="reconcile", daemon=True).start()
         config = uvicorn.Config(build_app(self), host=self.settings.http_host,
                                 port=self.settings.http_port, log_level="warning",
-                                access_log=False, lifespan="off")
+                                access_log=False, lifespan="off", proxy_headers=True,
+                                forwarded_allow_ips=list(self.settings.trusted_proxies))
         http = uvicorn.Server(config)
         log.info("HTTP listening on http://%s:%d", self.settings.http_host,
                  self.settings.http_port)

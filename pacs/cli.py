@@ -32,7 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     ohif.add_argument("--force", action="store_true", help="reinstall even if installed")
     ohif.add_argument("--tarball", type=Path, help="an @ohif/app .tgz already fetched "
                       "(npm pack), instead of running npm")
-    for sub in (serve, imp, check, commands.choices["migrate"], ohif):
+    share = commands.add_parser("share", help="create a share link (and QR code) for a study")
+    share.add_argument("study_uid", help="Study Instance UID")
+    share.add_argument("--days", type=float, help="days the link stays valid (default: "
+                       "the share_days setting)")
+    share.add_argument("--pin", help="4-8 digits, 'generated' or 'birth-year' (default: none)")
+    share.add_argument("--download", action="store_true",
+                       help="let the link download the images (DICOM and JPEG)")
+    share.add_argument("--qr", type=Path, metavar="FILE.png|.svg", help="also write the QR code")
+    for sub in (serve, imp, check, commands.choices["migrate"], ohif, share):
         sub.add_argument("--config", metavar="FILE", help="TOML settings file (PACS_* "
                          "environment variables override it)")
 
@@ -46,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_logging(settings.log_level if args.command == "serve" else "WARNING")
     return {"serve": _serve, "import": _import, "check": _check, "migrate": _migrate,
-            "install-ohif": _install_ohif}[args.command](settings, args)
+            "install-ohif": _install_ohif, "share": _share}[args.command](settings, args)
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
@@ -69,6 +77,37 @@ def _install_ohif(settings: Settings, args: argparse.Namespace) -> int:
         print(f"pacs install-ohif: {exc}", file=sys.stderr)
         return 1
     print(f"OHIF {OHIF_VERSION} installed in {target}; served at /ohif/")
+    return 0
+
+
+def _share(settings: Settings, args: argparse.Namespace) -> int:
+    import segno
+
+    from pacs.access import server_secret
+    from pacs.app import archive_for
+    from storage.errors import NotFound
+    from storage.shares import ShareError, ShareStore
+    from viewer.share_api import create_share, public_base
+
+    archive = archive_for(settings)
+    store = ShareStore(archive.index, server_secret(settings))
+    try:
+        made = create_share(store, settings, args.study_uid, days=args.days, pin=args.pin,
+                            allow_download=args.download, created_by="cli",
+                            base=public_base(settings))
+    except (ShareError, NotFound) as exc:
+        print(f"pacs share: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        archive.close()
+    if args.qr:
+        segno.make(made["url"], error="m").save(str(args.qr), scale=8, border=4)
+    print(f"share {made['id']}: {made['url']}")
+    print(f"  expires {made['expires_at']}; PIN: {made['pin_value'] or made['pin'] or 'none'}; "
+          f"downloads {'allowed' if made['allow_download'] else 'not allowed'}")
+    if not settings.public_url:
+        print("  note: public_url is not set; the link uses the local HTTP address",
+              file=sys.stderr)
     return 0
 
 

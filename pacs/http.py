@@ -8,10 +8,16 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from dicomweb.app import build_dicomweb
 from pacs import __version__
-from viewer.web import viewer_routes
+from pacs.access import AccessGate
+from viewer.patient import patient_routes
+from viewer.share_api import share_api_routes
+from viewer.stats import stats_routes
+from viewer.study_api import study_api_routes
+from viewer.web import STATIC_DIR, viewer_routes
 
 
 def build_app(server) -> Starlette:
@@ -38,10 +44,17 @@ def build_app(server) -> Starlette:
             allow_headers=["Authorization", "Accept", "Content-Type", "If-None-Match", "Range"],
             expose_headers=["ETag", "Content-Length", "Content-Range", "Warning"],
             max_age=600))
+    # After CORS (preflights carry no credentials), before every route.
+    middleware.append(Middleware(AccessGate, policy=server.access))
     dicomweb = build_dicomweb(server.archive, server.settings)
     return Starlette(routes=[
         Route("/healthz", healthz),
         Mount("/dicomweb", dicomweb),
         Route("/wado", dicomweb.state.wado_uri),  # WADO-URI, also at /dicomweb/wado
         *viewer_routes(server),
+        *patient_routes(server),
+        *share_api_routes(server),
+        *study_api_routes(server),
+        *stats_routes(server),
+        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ], middleware=middleware, exception_handlers=dicomweb.exception_handlers)

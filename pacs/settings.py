@@ -8,6 +8,7 @@ so a container or a systemd unit can override a shared file.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -100,6 +101,26 @@ class Settings:
     site_name: str = "PACS"
     # Where `pacs install-ohif` puts the OHIF Viewer; empty: .ohif next to the source tree.
     ohif_dir: str = ""
+    # Key that signs share sessions and derives share tokens; empty: a random key kept in
+    # data_dir/secret.key (created on first start). Several nodes must share one key.
+    secret_key: str = ""
+    # Clients that get full access without credentials, until user authentication exists:
+    # the hospital's own networks (CIDR). Everyone else reaches only what a share link opens.
+    staff_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    # Reverse proxies whose X-Forwarded-For / X-Forwarded-Proto headers are believed.
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
+    # Share links: default lifetime, how long one opening stays signed in, PIN attempts.
+    share_days: int = 30
+    share_session_hours: int = 12
+    share_pin_max_attempts: int = 5
+    # Film sheets: columns x rows per sheet, images per series when there are no key images.
+    film_layout: str = "4x5"
+    film_images_per_series: int = 20
+    # Savings estimate: price of one printed film sheet (VND) and sheets a printed study took,
+    # per modality ("*" for the others).
+    film_sheet_price_vnd: int = 60000
+    film_sheets_per_study: tuple[str, ...] = ("CT:2", "MR:2", "PT:2", "MG:2", "CR:1",
+                                              "DX:1", "US:1", "XA:1", "RF:1", "*:1")
     log_level: str = "INFO"
 
     @property
@@ -121,6 +142,18 @@ class Settings:
         if self.ohif_dir:
             return Path(self.ohif_dir).resolve()
         return (Path(__file__).resolve().parents[1] / ".ohif").resolve()
+
+    @property
+    def film_grid(self) -> tuple[int, int]:
+        """(columns, rows) of a film sheet."""
+        columns, rows = self.film_layout.lower().split("x")
+        return int(columns), int(rows)
+
+    @property
+    def film_sheets(self) -> dict[str, int]:
+        """Modality -> film sheets a printed study of it took ("*": any other)."""
+        pairs = (item.split(":") for item in self.film_sheets_per_study)
+        return {modality.strip().upper(): int(count) for modality, count in pairs}
 
     def peer(self, ae_title: str) -> Peer | None:
         """The configured peer with this AE title (compared without padding), if any."""
@@ -221,6 +254,22 @@ def _validate(settings: Settings) -> None:
         raise SettingsError("max_associations must be at least 1")
     if settings.stow_max_bytes < 1:
         raise SettingsError("stow_max_bytes must be at least 1")
+    for network in settings.staff_networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise SettingsError(f"staff_networks: {network!r} is not a network (CIDR)") from None
+    for name in ("share_days", "share_session_hours", "share_pin_max_attempts",
+                 "film_images_per_series"):
+        if getattr(settings, name) < 1:
+            raise SettingsError(f"{name} must be at least 1")
+    if not re.fullmatch(r"\s*\d{1,2}\s*[xX]\s*\d{1,2}\s*", settings.film_layout) or \
+            min(settings.film_grid) < 1:
+        raise SettingsError(f"film_layout {settings.film_layout!r} must be COLUMNSxROWS, "
+                            "e.g. 4x5")
+    for item in settings.film_sheets_per_study:
+        if not re.fullmatch(r"\s*(\*|[A-Za-z]{2})\s*:\s*\d+\s*", item):
+            raise SettingsError(f"film_sheets_per_study: {item!r} is not MODALITY:SHEETS")
 
 
 __all__ = ["Peer", "Settings", "SettingsError", "load_settings"]

@@ -107,6 +107,46 @@ instances = sa.Table(
     sa.Column("stored_at", sa.DateTime(timezone=True), nullable=False),
 )
 
+# Share links (viewer.shares): one study reachable by a token that is stored only as its
+# SHA-256. Not tied to the study row by a foreign key: a share outlives a study being deleted
+# and sent again, and simply finds nothing while the study is gone.
+shares = sa.Table(
+    "shares", metadata,
+    sa.Column("pk", sa.Integer, primary_key=True),
+    sa.Column("study_instance_uid", sa.String(64), nullable=False, index=True),
+    sa.Column("token_sha256", sa.String(64), nullable=False, unique=True),
+    # Random; with the server secret it re-derives the token (and a generated PIN) so the
+    # result slip can be printed again. A copy of the database alone does not open a share.
+    sa.Column("nonce", sa.String(32), nullable=False),
+    # "", "generated" (6 digits derived like the token), "birth-year" or "given".
+    sa.Column("pin_kind", sa.String(16), nullable=False, server_default=""),
+    sa.Column("pin_hash", sa.Text),  # scrypt$salt$hash
+    sa.Column("pin_failures", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("pin_retry_at", sa.DateTime(timezone=True)),
+    sa.Column("locked_at", sa.DateTime(timezone=True)),
+    sa.Column("allow_download", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("created_by", sa.Text, nullable=False, server_default=""),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("revoked_at", sa.DateTime(timezone=True)),
+    sa.Column("opened_count", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("first_opened_at", sa.DateTime(timezone=True)),
+    sa.Column("last_opened_at", sa.DateTime(timezone=True)),
+)
+
+# Every use of a share: the page opened, a PIN tried, images viewed, files downloaded.
+share_accesses = sa.Table(
+    "share_accesses", metadata,
+    sa.Column("pk", sa.Integer, primary_key=True),
+    sa.Column("share_pk", sa.Integer, sa.ForeignKey("shares.pk", ondelete="CASCADE"),
+              nullable=False, index=True),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("address", sa.Text, nullable=False, server_default=""),
+    sa.Column("action", sa.String(32), nullable=False),
+    sa.Column("detail", sa.Text, nullable=False, server_default=""),
+    sa.Column("session", sa.String(32), nullable=False, server_default=""),
+)
+
 TABLES = {Level.PATIENT: patients, Level.STUDY: studies, Level.SERIES: series,
           Level.INSTANCE: instances}
 
@@ -124,6 +164,7 @@ sa.Index("ix_studies_study_date", studies.c.study_date)
 _pattern_index("ix_studies_accession_number", studies, "accession_number")
 sa.Index("ix_series_modality", series.c.modality)
 sa.Index("ix_instances_sop_class_uid", instances.c.sop_class_uid)
+sa.Index("ix_share_accesses_at", share_accesses.c.at)
 
 
 class Index:
@@ -161,6 +202,16 @@ class Index:
                 cursor.commit(dbapi_connection)
             finally:
                 dbapi_connection.close()  # back to the pool
+
+    @contextlib.contextmanager
+    def write_core(self) -> Iterator[Connection]:
+        """A write transaction for SQLAlchemy Core statements (the low-volume tables: shares,
+        their access log), taking the write lock up front like ``write``."""
+        with self._write_lock, self.engine.connect() as conn:
+            if self.is_sqlite:
+                conn = conn.execution_options(sqlite_begin="IMMEDIATE")
+            with conn.begin():
+                yield conn
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:
@@ -293,4 +344,4 @@ def open_index(url: str, *, migrate: bool = True) -> Index:
 
 
 __all__ = ["Index", "TABLES", "instances", "metadata", "open_index",
-           "patients", "series", "studies"]
+           "patients", "series", "share_accesses", "shares", "studies"]

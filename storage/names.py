@@ -35,3 +35,15 @@ def casefold_person_name(name: str) -> str:
 def has_diacritics(text: str) -> bool:
     """True when folding would change more than the case of ``text``."""
     return fold_text(text) != unicodedata.normalize("NFC", text).casefold()
+
+
+def display_person_name(name: str | None) -> str:
+    """A PN value as people write it: ``Nguyễn^Văn An`` -> ``Nguyễn Văn An``.
+
+    Vietnamese order is family, middle, given: DICOM's Family^Given^Middle components are
+    put in that order. Only the first component group (the alphabetic one) is used.
+    """
+    parts = (name or "").split("=")[0].split("^")
+    parts += [""] * (5 - len(parts))
+    family, given, middle, prefix, suffix = (p.strip() for p in parts[:5])
+    return " ".join(p for p in (prefix, family, middle, given, suffix) if p)

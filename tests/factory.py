@@ -96,3 +96,26 @@ def instance(spec: Spec | None = None, **overrides) -> bytes:
     """A Part 10 CT instance; keyword arguments override ``Spec`` fields."""
     spec = spec or Spec(**overrides)
     return part10(dataset(spec))
+
+
+def ct_series(spec: Spec, slices: int, size: int = 128) -> list[bytes]:
+    """A CT series whose slices differ (a disc growing from slice to slice), stackable:
+    positions, orientation, spacing, window and rescale set like a scanner's."""
+    series = []
+    frame_of_reference = generate_uid(TEST_ROOT)
+    yy, xx = np.mgrid[0:size, 0:size]
+    for n in range(slices):
+        ds = dataset(Spec(**{**spec.__dict__, "sop_uid": generate_uid(TEST_ROOT),
+                             "instance_number": n + 1, "rows": size, "columns": size}))
+        disc = (yy - size // 2) ** 2 + (xx - size // 2) ** 2 < (size // 12 + 2 * n) ** 2
+        pixels = np.where(disc, 1024 + 60, 24).astype(np.uint16)  # 60 HU inside, air outside
+        ds.PixelData = pixels.tobytes()
+        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+        ds.WindowCenter, ds.WindowWidth = 40, 400
+        ds.ImagePositionPatient = [-size / 2, -size / 2, -2.5 * n]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing = [1, 1]
+        ds.SliceThickness = 2.5
+        ds.FrameOfReferenceUID = frame_of_reference
+        series.append(part10(ds))
+    return series

@@ -12,12 +12,11 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 
 from pacs.settings import Settings
 from tests.conftest import PacsProcess
-from tests.factory import Spec, dataset, part10
+from tests.factory import Spec, ct_series, dataset, part10
 from viewer.ohif import OhifInstallError, installed_version, rewrite_for_base
 
 SHOTS = Path(__file__).resolve().parents[1] / "test-output" / "viewer"
@@ -41,28 +40,6 @@ CANVAS_PIXELS = """() => {
 }"""
 
 
-def _ct_series(spec: Spec) -> list[bytes]:
-    """A CT series whose slices differ (a disc growing from slice to slice), stackable."""
-    series = []
-    frame_of_reference = Spec().sop_uid  # any fresh UID
-    yy, xx = np.mgrid[0:128, 0:128]
-    for n in range(SLICES):
-        ds = dataset(Spec(**{**spec.__dict__, "sop_uid": Spec().sop_uid,
-                             "instance_number": n + 1, "rows": 128, "columns": 128}))
-        disc = (yy - 64) ** 2 + (xx - 64) ** 2 < (10 + 2 * n) ** 2
-        pixels = np.where(disc, 1024 + 60, 24).astype(np.uint16)  # 60 HU inside, air outside
-        ds.PixelData = pixels.tobytes()
-        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
-        ds.WindowCenter, ds.WindowWidth = 40, 400
-        ds.ImagePositionPatient = [-64, -64, -2.5 * n]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.PixelSpacing = [1, 1]
-        ds.SliceThickness = 2.5
-        ds.FrameOfReferenceUID = frame_of_reference
-        series.append(part10(ds))
-    return series
-
-
 def _stow(base: str, datas: list[bytes]) -> None:
     body = b"".join(b"--b\r\nContent-Type: application/dicom\r\n\r\n" + d + b"\r\n"
                     for d in datas) + b"--b--\r\n"
@@ -80,7 +57,7 @@ def site(tmp_path_factory):
     server.start()
     spec = Spec(patient_name="Nguyễn^Văn An", patient_id="CCCD001203004567",
                 accession="ACC-VIEW-1", study_description="CT bụng")
-    _stow(server.http, _ct_series(spec))
+    _stow(server.http, ct_series(spec, SLICES))
     other = Spec(patient_name="Trần^Thị Bình", patient_id="BN-OTHER", accession="ACC-VIEW-2")
     _stow(server.http, [part10(dataset(other))])
     yield server, spec

@@ -32,6 +32,7 @@ _HASHED = re.compile(r"[.-][0-9a-f]{16,}\.|^[0-9a-f]{16,}\.")
 _TYPES = {".wasm": "application/wasm", ".js": "text/javascript", ".mjs": "text/javascript",
           ".css": "text/css", ".json": "application/json", ".svg": "image/svg+xml",
           ".woff2": "font/woff2", ".html": "text/html; charset=utf-8", ".ico": "image/x-icon"}
+STATIC_DIR = Path(__file__).parent / "static"  # our own pages' scripts and styles
 _NO_CACHE = "no-cache"
 _FOREVER = "public, max-age=31536000, immutable"
 

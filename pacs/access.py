@@ -1,0 +1,348 @@
+"""Who may do what over HTTP: the one place where access decisions are made.
+
+Every HTTP request passes ``AccessGate`` before any route runs. It works out the
+``Principal`` behind the request and checks the request against ``RULES``:
+
+* **staff** - a request without credentials from one of ``staff_networks`` (the hospital's
+  own networks), until user authentication exists; it may do everything. User logins (OIDC
+  bearer tokens, API keys, roles) belong here, as more kinds of principal.
+* **share** - a request carrying a share session (``Authorization: Bearer …`` or the
+  ``access_token`` query parameter of RFC 6750), which the patient page or OHIF got from a
+  share link. It may read that one study and nothing else: study-scoped GET routes whose
+  study is its own, searches (which the search handlers narrow to its study, see
+  ``study_scope``) and, when the share allows it, downloads.
+* **anonymous** - anything else: public routes only (the share pages, the viewer's code,
+  health).
+
+A credential that is present but not valid (forged, expired, revoked share) is refused with
+401; it never falls back to the network's rights.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime as dt
+import enum
+import hmac
+import html
+import ipaddress
+import logging
+import os
+import re
+import secrets
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import QueryParams
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from pacs.settings import Settings
+from storage.errors import NotFound
+from storage.shares import Share, ShareState, ShareStore
+
+log = logging.getLogger("pacs.access")
+
+SCOPE_KEY = "pacs.principal"
+_SHARE_CACHE_SECONDS = 3.0
+
+
+class Role(enum.Enum):
+    STAFF = "staff"
+    SHARE = "share"
+    ANONYMOUS = "anonymous"
+
+
+@dataclasses.dataclass(frozen=True)
+class Principal:
+    """Who is behind a request."""
+
+    role: Role
+    address: str
+    share: Share | None = None
+    session: str = ""  # the share session (one opening of the link)
+
+    @property
+    def study_uid(self) -> str | None:
+        return self.share.study_instance_uid if self.share else None
+
+
+class Rule(enum.Enum):
+    PUBLIC = "public"  # anyone
+    STUDY = "study"  # staff, or a share of the study named in the path
+    DOWNLOAD = "download"  # as STUDY, and the share must allow downloads
+    SEARCH = "search"  # staff, or a share: the handler narrows the search to its study
+    WADO_URI = "wado-uri"  # as STUDY, the study named by the studyUID parameter
+    STAFF = "staff"  # staff only (the default for every path not listed)
+
+
+_READ = frozenset({"GET", "HEAD"})
+# (methods, path pattern, rule); the first match decides. A path not listed is staff-only.
+RULES: list[tuple[frozenset[str], re.Pattern[str], Rule]] = [
+    (frozenset({"GET", "HEAD", "OPTIONS"}), re.compile(r"/healthz"), Rule.PUBLIC),
+    (_READ, re.compile(r"/static/[^/]+"), Rule.PUBLIC),
+    (_READ, re.compile(r"/favicon\.ico"), Rule.PUBLIC),
+    (_READ, re.compile(r"/s/[^/]+"), Rule.PUBLIC),  # the share page checks its token
+    (frozenset({"POST"}), re.compile(r"/api/s/[^/]+/session"), Rule.PUBLIC),
+    # The viewer's code and generated configuration; its data comes through /dicomweb.
+    (_READ, re.compile(r"/ohif(/.*)?"), Rule.PUBLIC),
+    (_READ, re.compile(r"/dicomweb/openapi\.json"), Rule.PUBLIC),
+    (_READ, re.compile(r"/dicomweb/studies/(?P<study>[^/]+)(/.*)?"), Rule.STUDY),
+    (_READ, re.compile(r"/dicomweb/(studies|series|instances)"), Rule.SEARCH),
+    (_READ, re.compile(r"/(dicomweb/)?wado"), Rule.WADO_URI),
+    (_READ, re.compile(r"/api/studies/(?P<study>[^/]+)/film\.(pdf|png)"), Rule.STUDY),
+    (_READ, re.compile(r"/api/studies/(?P<study>[^/]+)/download"), Rule.DOWNLOAD),
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    status: int = 200
+    message: str = ""
+
+
+def decide(principal: Principal, method: str, path: str, query: QueryParams) -> Decision:
+    """May ``principal`` make this request? (Pure: no I/O, easy to test on its own.)"""
+    rule, study = Rule.STAFF, None
+    for methods, pattern, candidate in RULES:
+        match = pattern.fullmatch(path)
+        if match and method in methods:
+            rule, study = candidate, match.groupdict().get("study")
+            break
+    if rule is Rule.PUBLIC or principal.role is Role.STAFF:
+        return Decision(True)
+    if principal.role is Role.ANONYMOUS:
+        return Decision(False, 401, "đăng nhập hoặc dùng liên kết chia sẻ / sign in or use "
+                                    "a share link")
+    if rule is Rule.WADO_URI:
+        study = query.get("studyUID")
+    own = principal.study_uid
+    if rule is Rule.SEARCH:
+        return Decision(True)
+    if rule in (Rule.STUDY, Rule.DOWNLOAD, Rule.WADO_URI) and study == own:
+        if rule is Rule.DOWNLOAD and not principal.share.allow_download:
+            return Decision(False, 403, "liên kết này không cho phép tải về / this link does "
+                                        "not allow downloads")
+        return Decision(True)
+    return Decision(False, 403, "liên kết chia sẻ chỉ mở được một ca chụp / a share link "
+                                "opens one study only")
+
+
+def study_scope(request: Request) -> str | None:
+    """The one study a request is limited to (a share), or None for no limit (staff)."""
+    principal = request.scope.get(SCOPE_KEY)
+    return principal.study_uid if principal is not None else None
+
+
+def principal_of(request: Request) -> Principal:
+    return request.scope[SCOPE_KEY]
+
+
+# ---------------------------------------------------------------------------- secrets, grants
+
+
+def server_secret(settings: Settings) -> bytes:
+    """The key behind share tokens and sessions: the setting, else ``data_dir/secret.key``
+    (32 random bytes, created once, readable by the server's user only)."""
+    if settings.secret_key:
+        return settings.secret_key.encode()
+    path = Path(settings.data_dir) / "secret.key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)  # two processes starting at once keep one key each way
+    return path.read_text().strip().encode()
+
+
+@dataclasses.dataclass(frozen=True)
+class Grant:
+    """A signed share session: which share, which opening, until when."""
+
+    share_id: int
+    session: str
+    expires: int  # Unix time
+
+    def encode(self, secret: bytes) -> str:
+        payload = f"{self.share_id}.{self.session}.{self.expires}"
+        return f"{payload}.{_sign(secret, payload)}"
+
+    @classmethod
+    def decode(cls, text: str, secret: bytes) -> Grant | None:
+        """The grant in ``text`` if its signature holds and it has not expired."""
+        parts = text.split(".")
+        if len(parts) != 4 or not parts[0].isdigit() or not parts[2].isdigit():
+            return None
+        payload = ".".join(parts[:3])
+        if not hmac.compare_digest(_sign(secret, payload), parts[3]):
+            return None
+        grant = cls(int(parts[0]), parts[1], int(parts[2]))
+        return grant if grant.expires > time.time() else None
+
+
+def _sign(secret: bytes, payload: str) -> str:
+    digest = hmac.new(secret, b"share-grant\0" + payload.encode(), "sha256").digest()
+    return base64.urlsafe_b64encode(digest[:16]).decode().rstrip("=")
+
+
+# ---------------------------------------------------------------------------- the policy
+
+
+class AccessPolicy:
+    """Turns requests into principals and records what shares are used for."""
+
+    def __init__(self, settings: Settings, shares: ShareStore, secret: bytes) -> None:
+        self.settings = settings
+        self.shares = shares
+        self.secret = secret
+        self.staff_networks = [ipaddress.ip_network(n, strict=False)
+                               for n in settings.staff_networks]
+        self._cache: dict[int, tuple[float, Share | None]] = {}
+        self._recorded: OrderedDict[tuple[str, ...], None] = OrderedDict()
+
+    def open_session(self, share: Share) -> tuple[str, dt.datetime]:
+        """A new signed session for an opened share (ends with the share at the latest)."""
+        hours = dt.timedelta(hours=self.settings.share_session_hours)
+        until = min(dt.datetime.now(dt.UTC) + hours, share.expires_at)
+        grant = Grant(share.id, secrets.token_hex(6), int(until.timestamp()))
+        return grant.encode(self.secret), until
+
+    def forget(self, share_id: int) -> None:
+        """Drop a cached share (revoked, unlocked) so the change applies at once here."""
+        self._cache.pop(share_id, None)
+
+    async def principal_for(self, scope: Scope) -> Principal | None:
+        """The principal of a request; None when it carries a credential that is not valid."""
+        address = (scope.get("client") or ("", 0))[0]
+        credential = _credential(scope)
+        if credential is None:
+            return Principal(Role.STAFF if self._is_staff(address) else Role.ANONYMOUS, address)
+        grant = Grant.decode(credential, self.secret)
+        if grant is None:
+            return None
+        share = await self._share(grant.share_id)
+        if share is None or share.state() is not ShareState.ACTIVE:
+            return None
+        return Principal(Role.SHARE, address, share, grant.session)
+
+    async def record_use(self, principal: Principal, action: str, detail: str = "") -> None:
+        """Log a share's use once per session, action and detail (not every image)."""
+        if principal.share is None:
+            return
+        key = (principal.session, action, detail)
+        if key in self._recorded:
+            return
+        self._recorded[key] = None
+        while len(self._recorded) > 10_000:
+            self._recorded.popitem(last=False)
+        await run_in_threadpool(self.shares.record, principal.share.id, action,
+                                address=principal.address, detail=detail,
+                                session=principal.session)
+
+    def _is_staff(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.staff_networks)
+
+    async def _share(self, share_id: int) -> Share | None:
+        cached = self._cache.get(share_id)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        try:
+            share = await run_in_threadpool(self.shares.get, share_id)
+        except NotFound:
+            share = None
+        self._cache[share_id] = (time.monotonic() + _SHARE_CACHE_SECONDS, share)
+        return share
+
+
+def _credential(scope: Scope) -> str | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            kind, _, token = value.decode("latin-1").partition(" ")
+            if kind.lower() == "bearer" and token.strip():
+                return token.strip()
+    query = scope.get("query_string", b"")
+    if b"access_token=" in query:
+        return QueryParams(query.decode("latin-1")).get("access_token") or None
+    return None
+
+
+# ---------------------------------------------------------------------------- the gate
+
+
+class AccessGate:
+    """ASGI middleware: every HTTP request is decided here before it reaches a route."""
+
+    def __init__(self, app: ASGIApp, policy: AccessPolicy) -> None:
+        self.app = app
+        self.policy = policy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path, method = scope["path"], scope["method"]
+        principal = await self.policy.principal_for(scope)
+        if principal is None:
+            decision = Decision(False, 401, "phiên chia sẻ không hợp lệ hoặc đã hết hạn / the "
+                                            "share session is not valid or has expired")
+        else:
+            query = QueryParams(scope.get("query_string", b"").decode("latin-1"))
+            decision = decide(principal, method, path, query)
+        if not decision.allowed:
+            if principal is not None and principal.role is Role.SHARE:
+                log.warning("share %d refused: %s %s", principal.share.id, method, path)
+            await _denied(scope, decision)(scope, receive, send)
+            return
+        scope[SCOPE_KEY] = principal
+        if principal.role is Role.SHARE:
+            action, detail = _use_of(path)
+            if action:
+                await self.policy.record_use(principal, action, detail)
+        await self.app(scope, receive, send)
+
+
+def _use_of(path: str) -> tuple[str, str]:
+    """What a share's request is, for its access log: (action, detail)."""
+    parts = path.strip("/").split("/")
+    if parts[:2] == ["dicomweb", "studies"] and len(parts) > 2:
+        series = parts[4] if len(parts) > 4 and parts[3] == "series" else ""
+        last = parts[-1]
+        if last in ("rendered", "thumbnail"):
+            return "view", series
+        if last == "metadata" or "frames" in parts:
+            return "viewer", series
+        if len(parts) <= 7 and last not in ("series", "instances"):
+            return "retrieve-dicom", series
+    return "", ""
+
+
+def _denied(scope: Scope, decision: Decision) -> Response:
+    headers = {"WWW-Authenticate": 'Bearer realm="pacs"'} if decision.status == 401 else {}
+    path = scope["path"]
+    if path.startswith(("/dicomweb", "/api", "/wado", "/metrics")):
+        return JSONResponse({"status": decision.status, "message": decision.message},
+                            status_code=decision.status, headers=headers)
+    title = "Cần đăng nhập / Sign-in needed" if decision.status == 401 else \
+        "Không được phép / Not allowed"
+    body = (f"<!doctype html><html lang=vi><meta charset=utf-8><meta name=viewport "
+            f"content='width=device-width,initial-scale=1'><title>{title}</title>"
+            f"<body style='font-family:system-ui;max-width:40rem;margin:2rem auto;padding:0 "
+            f"1rem'><h1>{title}</h1><p>{html.escape(decision.message)}</p></body></html>")
+    return HTMLResponse(body, status_code=decision.status, headers=headers)
+
+
+__all__ = ["AccessGate", "AccessPolicy", "Decision", "Grant", "Principal", "Role", "RULES",
+           "decide", "principal_of", "server_secret", "study_scope"]

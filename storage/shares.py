@@ -1,0 +1,353 @@
+"""Share links: one study reachable with a random token, for the patient and for referrals.
+
+A share's token is never stored: the index keeps its SHA-256 and a random nonce. With the
+server secret, the nonce derives the token again (HMAC), so a result slip can be printed a
+second time, while a copy of the database alone opens nothing. A share has an expiry, can be
+revoked, may need a PIN (tried a limited number of times, slower after each miss, then
+locked), and records every use in ``share_accesses``.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime as dt
+import enum
+import hashlib
+import hmac
+import re
+import secrets
+from typing import Any
+
+import sqlalchemy as sa
+
+from storage.errors import NotFound
+from storage.index import Index, patients, share_accesses, shares, studies
+
+TOKEN_CHARS = 22  # base64url of 16 bytes: 128 bits
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{22}$")
+_PIN = re.compile(r"^\d{4,8}$")
+MAX_DAYS = 3650
+PIN_KINDS = ("", "generated", "birth-year", "given")
+_SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
+
+
+class ShareError(ValueError):
+    """A share cannot be created or changed as asked (HTTP 400 / CLI error)."""
+
+
+class ShareState(enum.Enum):
+    ACTIVE = "active"
+    EXPIRED = "expired"
+    REVOKED = "revoked"
+    LOCKED = "locked"  # too many wrong PINs; staff can unlock
+
+
+class PinOutcome(enum.Enum):
+    OK = "ok"
+    NEEDED = "needed"  # the share has a PIN and none was given
+    WRONG = "wrong"
+    WAIT = "wait"  # tried again before the delay after the last miss ran out
+    LOCKED = "locked"
+
+
+@dataclasses.dataclass(frozen=True)
+class PinResult:
+    outcome: PinOutcome
+    attempts_left: int = 0
+    retry_after: int = 0  # seconds
+
+
+@dataclasses.dataclass(frozen=True)
+class Share:
+    """One share link as the index holds it (without its token)."""
+
+    id: int
+    study_instance_uid: str
+    token_sha256: str
+    nonce: str
+    pin_kind: str
+    pin_hash: str | None
+    pin_failures: int
+    pin_retry_at: dt.datetime | None
+    locked_at: dt.datetime | None
+    allow_download: bool
+    created_by: str
+    created_at: dt.datetime
+    expires_at: dt.datetime
+    revoked_at: dt.datetime | None
+    opened_count: int
+    first_opened_at: dt.datetime | None
+    last_opened_at: dt.datetime | None
+
+    @property
+    def has_pin(self) -> bool:
+        return bool(self.pin_hash)
+
+    def state(self, now: dt.datetime | None = None) -> ShareState:
+        now = now or _now()
+        if self.revoked_at is not None:
+            return ShareState.REVOKED
+        if self.expires_at <= now:
+            return ShareState.EXPIRED
+        if self.locked_at is not None:
+            return ShareState.LOCKED
+        return ShareState.ACTIVE
+
+    def summary(self) -> dict[str, Any]:
+        """The share as the API shows it (no token, no PIN)."""
+        return {
+            "id": self.id,
+            "study_instance_uid": self.study_instance_uid,
+            "state": self.state().value,
+            "pin": self.pin_kind or None,
+            "pin_failures": self.pin_failures,
+            "allow_download": self.allow_download,
+            "created_by": self.created_by,
+            "created_at": _iso(self.created_at),
+            "expires_at": _iso(self.expires_at),
+            "revoked_at": _iso(self.revoked_at),
+            "locked_at": _iso(self.locked_at),
+            "opened_count": self.opened_count,
+            "first_opened_at": _iso(self.first_opened_at),
+            "last_opened_at": _iso(self.last_opened_at),
+        }
+
+
+class ShareStore:
+    """Shares in the index database. ``secret`` is the server's key (see ``pacs.access``)."""
+
+    def __init__(self, index: Index, secret: bytes, *, pin_max_attempts: int = 5) -> None:
+        self.index = index
+        self._secret = secret
+        self.pin_max_attempts = pin_max_attempts
+
+    # ------------------------------------------------------------------ life cycle
+
+    def create(self, study_uid: str, *, days: float, pin: str | None = None,
+               allow_download: bool = False, created_by: str = "") -> tuple[Share, str]:
+        """A new share of an archived study; returns it with its token (shown only now).
+
+        ``pin``: None or "" for none, ``"generated"`` (6 digits, printable again on the
+        slip), ``"birth-year"`` (the patient's year of birth from the index) or 4-8 digits.
+        """
+        if not 0 < days <= MAX_DAYS:
+            raise ShareError(f"days: {days} is not between 1 day and {MAX_DAYS} days")
+        birth_date = self._study_birth_date(study_uid)
+        nonce = secrets.token_hex(16)
+        token = self._derive_token(nonce)
+        pin_kind, pin_value = "", None
+        if pin:
+            if pin == "generated":
+                pin_kind, pin_value = "generated", self._derive_pin(nonce)
+            elif pin == "birth-year":
+                if not re.match(r"^\d{4}", birth_date or ""):
+                    raise ShareError("pin: the patient's birth date is not known; give a PIN "
+                                     "or use pin=generated")
+                pin_kind, pin_value = "birth-year", birth_date[:4]
+            elif _PIN.match(pin):
+                pin_kind, pin_value = "given", pin
+            else:
+                raise ShareError("pin: use 4 to 8 digits, 'generated' or 'birth-year'")
+        now = _now()
+        values = {
+            "study_instance_uid": study_uid, "token_sha256": token_digest(token),
+            "nonce": nonce, "pin_kind": pin_kind,
+            "pin_hash": _hash_pin(pin_value) if pin_value else None,
+            "allow_download": bool(allow_download), "created_by": created_by[:200],
+            "created_at": now, "expires_at": now + dt.timedelta(days=days),
+        }
+        with self.index.write_core() as conn:
+            pk = conn.execute(shares.insert().values(**values).returning(shares.c.pk)).scalar()
+        return self.get(pk), token
+
+    def get(self, share_id: int) -> Share:
+        with self.index.read() as conn:
+            row = conn.execute(sa.select(shares).where(shares.c.pk == share_id)).first()
+        if row is None:
+            raise NotFound(f"no share {share_id}")
+        return _share(row)
+
+    def by_token(self, token: str) -> Share | None:
+        """The share of ``token`` whatever its state; None for an unknown or malformed one."""
+        if not is_well_formed(token):
+            return None
+        with self.index.read() as conn:
+            row = conn.execute(sa.select(shares).where(
+                shares.c.token_sha256 == token_digest(token))).first()
+        return _share(row) if row is not None else None
+
+    def list(self, *, study_uid: str | None = None, limit: int = 100,
+             offset: int = 0) -> list[Share]:
+        statement = sa.select(shares).order_by(shares.c.pk.desc()).limit(limit).offset(offset)
+        if study_uid:
+            statement = statement.where(shares.c.study_instance_uid == study_uid)
+        with self.index.read() as conn:
+            return [_share(row) for row in conn.execute(statement)]
+
+    def revoke(self, share_id: int) -> Share:
+        self._update(share_id, revoked_at=_now())
+        return self.get(share_id)
+
+    def unlock(self, share_id: int) -> Share:
+        """Clear the PIN lock and the count of misses (staff, after checking who asks)."""
+        self._update(share_id, locked_at=None, pin_failures=0, pin_retry_at=None)
+        return self.get(share_id)
+
+    def _update(self, share_id: int, **values: Any) -> None:
+        with self.index.write_core() as conn:
+            count = conn.execute(shares.update().where(shares.c.pk == share_id)
+                                 .values(**values)).rowcount
+        if not count:
+            raise NotFound(f"no share {share_id}")
+
+    # ------------------------------------------------------------------ tokens and PINs
+
+    def token_of(self, share: Share) -> str:
+        """The share's token again, for reprinting (``ShareError`` if the secret changed)."""
+        token = self._derive_token(share.nonce)
+        if token_digest(token) != share.token_sha256:
+            raise ShareError("this share was made with another server secret; its link "
+                             "cannot be shown again (create a new share)")
+        return token
+
+    def pin_of(self, share: Share) -> str | None:
+        """The PIN to print on the slip, when it can be known again (generated, birth year)."""
+        if share.pin_kind == "generated":
+            return self._derive_pin(share.nonce)
+        if share.pin_kind == "birth-year":
+            birth_date = self._study_birth_date(share.study_instance_uid, missing_ok=True)
+            return birth_date[:4] if birth_date else None
+        return None
+
+    def check_pin(self, share: Share, pin: str | None) -> PinResult:
+        """Check a PIN attempt, counting misses: after each, a growing wait; at the limit, the
+        share locks until staff unlock it."""
+        if not share.has_pin:
+            return PinResult(PinOutcome.OK)
+        if share.locked_at is not None:
+            return PinResult(PinOutcome.LOCKED)
+        if not pin:
+            return PinResult(PinOutcome.NEEDED, self.pin_max_attempts - share.pin_failures)
+        now = _now()
+        if share.pin_retry_at is not None and share.pin_retry_at > now:
+            wait = int((share.pin_retry_at - now).total_seconds()) + 1
+            return PinResult(PinOutcome.WAIT, self.pin_max_attempts - share.pin_failures, wait)
+        if _pin_matches(share.pin_hash, pin.strip()):
+            if share.pin_failures:
+                self._update(share.id, pin_failures=0, pin_retry_at=None)
+            return PinResult(PinOutcome.OK)
+        with self.index.write_core() as conn:
+            failures = conn.execute(
+                shares.update().where(shares.c.pk == share.id)
+                .values(pin_failures=shares.c.pin_failures + 1)
+                .returning(shares.c.pin_failures)).scalar()
+            if failures >= self.pin_max_attempts:
+                conn.execute(shares.update().where(shares.c.pk == share.id)
+                             .values(locked_at=now))
+                return PinResult(PinOutcome.LOCKED)
+            wait = min(2 ** failures, 300)
+            conn.execute(shares.update().where(shares.c.pk == share.id)
+                         .values(pin_retry_at=now + dt.timedelta(seconds=wait)))
+        return PinResult(PinOutcome.WRONG, self.pin_max_attempts - failures, wait)
+
+    def _derive_token(self, nonce: str) -> str:
+        digest = hmac.new(self._secret, b"share-token\0" + nonce.encode(), "sha256").digest()
+        return base64.urlsafe_b64encode(digest[:16]).decode().rstrip("=")
+
+    def _derive_pin(self, nonce: str) -> str:
+        digest = hmac.new(self._secret, b"share-pin\0" + nonce.encode(), "sha256").digest()
+        return f"{int.from_bytes(digest[:8], 'big') % 1_000_000:06d}"
+
+    # ------------------------------------------------------------------ access log
+
+    def record(self, share_id: int, action: str, *, address: str = "", detail: str = "",
+               session: str = "") -> None:
+        """Log one use of a share; ``open`` also counts as the share being opened."""
+        now = _now()
+        with self.index.write_core() as conn:
+            conn.execute(share_accesses.insert().values(
+                share_pk=share_id, at=now, address=address[:64], action=action[:32],
+                detail=detail[:500], session=session[:32]))
+            if action == "open":
+                conn.execute(shares.update().where(shares.c.pk == share_id).values(
+                    opened_count=shares.c.opened_count + 1, last_opened_at=now,
+                    first_opened_at=sa.func.coalesce(shares.c.first_opened_at, now)))
+
+    def accesses(self, share_id: int, *, limit: int = 500) -> list[dict[str, Any]]:
+        statement = (sa.select(share_accesses).where(share_accesses.c.share_pk == share_id)
+                     .order_by(share_accesses.c.pk.desc()).limit(limit))
+        with self.index.read() as conn:
+            return [{"at": _iso(_utc(r.at)), "address": r.address, "action": r.action,
+                     "detail": r.detail, "session": r.session}
+                    for r in conn.execute(statement)]
+
+    # ------------------------------------------------------------------ helpers
+
+    def _study_birth_date(self, study_uid: str, *, missing_ok: bool = False) -> str | None:
+        statement = (sa.select(patients.c.patient_birth_date)
+                     .select_from(studies.join(patients, studies.c.patient_pk == patients.c.pk))
+                     .where(studies.c.study_instance_uid == study_uid))
+        with self.index.read() as conn:
+            row = conn.execute(statement).first()
+        if row is None:
+            if missing_ok:
+                return None
+            raise NotFound(f"no study {study_uid}")
+        return row[0]
+
+
+def is_well_formed(token: str) -> bool:
+    return bool(_TOKEN.match(token or ""))
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode("ascii")).hexdigest()
+
+
+def _hash_pin(pin: str) -> str:
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(pin.encode(), salt=salt, **_SCRYPT)
+    return f"scrypt${salt.hex()}${digest.hex()}"
+
+
+def _pin_matches(stored: str | None, pin: str) -> bool:
+    try:
+        scheme, salt, digest = (stored or "").split("$")
+    except ValueError:
+        return False
+    if scheme != "scrypt" or not _PIN.match(pin):
+        return False
+    candidate = hashlib.scrypt(pin.encode(), salt=bytes.fromhex(salt), **_SCRYPT)
+    return hmac.compare_digest(candidate.hex(), digest)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _utc(value: dt.datetime | None) -> dt.datetime | None:
+    """SQLite gives back naive datetimes; everything stored here is UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=dt.UTC)
+    return value
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return value.isoformat(timespec="seconds") if value is not None else None
+
+
+def _share(row: Any) -> Share:
+    return Share(
+        id=row.pk, study_instance_uid=row.study_instance_uid,
+        token_sha256=row.token_sha256, nonce=row.nonce,
+        pin_kind=row.pin_kind, pin_hash=row.pin_hash, pin_failures=row.pin_failures,
+        pin_retry_at=_utc(row.pin_retry_at), locked_at=_utc(row.locked_at),
+        allow_download=bool(row.allow_download), created_by=row.created_by,
+        created_at=_utc(row.created_at), expires_at=_utc(row.expires_at),
+        revoked_at=_utc(row.revoked_at), opened_count=row.opened_count,
+        first_opened_at=_utc(row.first_opened_at), last_opened_at=_utc(row.last_opened_at))
+
+
+__all__ = ["PinOutcome", "PinResult", "Share", "ShareError", "ShareState", "ShareStore",
+           "is_well_formed", "token_digest"]

@@ -1,0 +1,374 @@
+"""Share links: life cycle, PINs, the access log, QR codes and slips, and the guarantee that a
+share of study A never returns any byte of study B.
+
+The server runs as it would facing the internet behind a reverse proxy on the same host:
+its staff network is 10.99.0.0/16, so plain loopback requests are strangers (they reach only
+what a share opens) and requests the "proxy" marks ``X-Forwarded-For: 10.99.0.5`` are staff.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+
+import httpx
+import pytest
+import zxingcpp
+from PIL import Image
+from starlette.routing import Mount
+
+from pacs.settings import load_settings
+from tests.conftest import PacsProcess
+from tests.factory import Spec, ct_series, instance
+
+STAFF = {"X-Forwarded-For": "10.99.0.5"}
+PATIENT = "Nguyễn^Thị Hồng Nhung"
+PATIENT_ID = "BN-SHARE-01"
+
+
+def _stow(base: str, datas: list[bytes]) -> None:
+    body = b"".join(b"--b\r\nContent-Type: application/dicom\r\n\r\n" + d + b"\r\n"
+                    for d in datas) + b"--b--\r\n"
+    response = httpx.post(base + "/dicomweb/studies", content=body, timeout=60, headers={
+        **STAFF, "Content-Type": 'multipart/related; type="application/dicom"; boundary=b'})
+    assert response.status_code == 200, response.text
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    server = PacsProcess(tmp_path_factory.mktemp("shares") / "data", env={
+        "PACS_STAFF_NETWORKS": "10.99.0.0/16",
+        "PACS_SHARE_PIN_MAX_ATTEMPTS": "3",
+        "PACS_SITE_NAME": "Bệnh viện Đa khoa Tỉnh",
+        "PACS_PUBLIC_URL": "",
+    })
+    server.start()
+    study_a = Spec(patient_name=PATIENT, patient_id=PATIENT_ID, birth_date="19870412",
+                   accession="ACC-A", study_description="CT ngực không cản quang")
+    study_b = Spec(patient_name=PATIENT, patient_id=PATIENT_ID, birth_date="19870412",
+                   accession="ACC-B", study_description="MRI sọ não bí mật",
+                   series_description="T2 bí mật", modality="MR")
+    _stow(server.http, ct_series(study_a, 12, size=64))
+    b_uids = []
+    for n in range(3):
+        spec = Spec(**{**study_b.__dict__, "sop_uid": Spec().sop_uid, "instance_number": n + 1,
+                       "rows": 32, "columns": 32})
+        b_uids.append(spec.sop_uid)
+        _stow(server.http, [instance(spec)])
+    yield server, study_a, study_b, b_uids
+    server.stop()
+
+
+def _share(server, study_uid: str, **body) -> dict:
+    response = httpx.post(server.http + "/api/shares", json={"study_instance_uid": study_uid,
+                                                            **body}, headers=STAFF)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def _session(server, token: str, pin: str | None = None) -> httpx.Response:
+    return httpx.post(f"{server.http}/api/s/{token}/session", json={"pin": pin} if pin else {})
+
+
+def _grant(server, token: str, pin: str | None = None) -> str:
+    response = _session(server, token, pin)
+    assert response.status_code == 200, response.text
+    return response.json()["access_token"]
+
+
+# ---------------------------------------------------------------------------- life cycle
+
+
+def test_strangers_reach_nothing_without_a_share(site):
+    server, study_a, _, _ = site
+    for path in ("/dicomweb/studies", f"/dicomweb/studies/{study_a.study_uid}/metadata",
+                 "/api/shares", "/", f"/studies/{study_a.study_uid}"):
+        response = httpx.get(server.http + path)
+        assert response.status_code == 401, path
+        assert PATIENT_ID not in response.text and "Nguyễn" not in response.text
+    assert httpx.get(server.http + "/healthz").status_code == 200
+    assert httpx.get(server.http + "/dicomweb/studies", headers=STAFF).status_code == 200
+
+
+def test_share_page_shows_the_study_in_vietnamese(site):
+    server, study_a, _, _ = site
+    made = _share(server, study_a.study_uid)
+    assert made["url"].endswith("/s/" + made["token"])
+    page = httpx.get(made["url"])
+    assert page.status_code == 200
+    assert page.headers["cache-control"] == "no-store"
+    assert page.headers["referrer-policy"] == "no-referrer"
+    assert "Nguyễn Thị Hồng Nhung" in page.text  # PN shown as written, not "Nguyễn^Thị…"
+    assert "CT ngực không cản quang" in page.text
+    # The first image is announced in the page itself, and it loads with the page's session.
+    first = re.search(r'rel="preload" as="image" href="([^"]+)"', page.text).group(1)
+    image = httpx.get(server.http + first.replace("&amp;", "&"))
+    assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(image.content)).size == (512, 512)
+
+
+def test_revoked_share_closes_the_page_and_its_sessions(site):
+    server, study_a, _, _ = site
+    made = _share(server, study_a.study_uid)
+    grant = _grant(server, made["token"])
+    metadata = f"{server.http}/dicomweb/studies/{study_a.study_uid}/metadata"
+    assert httpx.get(metadata, headers={"Authorization": "Bearer " + grant}).status_code == 200
+    revoked = httpx.delete(f"{server.http}/api/shares/{made['id']}", headers=STAFF)
+    assert revoked.json()["state"] == "revoked"
+    page = httpx.get(made["url"])
+    assert page.status_code == 410 and "thu hồi" in page.text
+    assert "Nguyễn" not in page.text
+    assert httpx.get(metadata, headers={"Authorization": "Bearer " + grant}).status_code == 401
+    assert _session(server, made["token"]).status_code == 410
+
+
+def test_expired_share_shows_a_vietnamese_page_and_no_data(site):
+    server, study_a, _, _ = site
+    made = _share(server, study_a.study_uid, days=1.5 / 86400)  # 1.5 seconds
+    assert httpx.get(made["url"]).status_code == 200
+    time.sleep(2)
+    page = httpx.get(made["url"])
+    assert page.status_code == 410 and "hết hạn" in page.text
+    assert "Nguyễn" not in page.text and study_a.study_uid not in page.text
+
+
+@pytest.mark.parametrize("token", ["x", "A" * 22, "<img src=x onerror=alert(1)>", "Zm9v" * 8])
+def test_malformed_or_unknown_tokens_get_a_clear_page(site, token):
+    server = site[0]
+    page = httpx.get(f"{server.http}/s/{token}")
+    assert page.status_code == 404
+    assert "Liên kết không tồn tại" in page.text and "<img src=x" not in page.text
+    assert _session(server, token).status_code == 404
+
+
+def test_forged_or_tampered_sessions_are_refused(site):
+    server, study_a, _, _ = site
+    grant = _grant(server, _share(server, study_a.study_uid)["token"])
+    share_id, session, expires, signature = grant.split(".")
+    url = f"{server.http}/dicomweb/studies/{study_a.study_uid}/metadata"
+    for forged in (f"{share_id}.{session}.{int(expires) + 86400}.{signature}",
+                   f"{int(share_id) + 1}.{session}.{expires}.{signature}",
+                   "garbage", grant[:-2]):
+        assert httpx.get(url, params={"access_token": forged}).status_code == 401
+    # A bad credential never falls back to the network's rights, even from staff.
+    response = httpx.get(url, headers={**STAFF, "Authorization": "Bearer garbage"})
+    assert response.status_code == 401
+
+
+def test_share_creation_rejects_bad_requests(site):
+    server, study_a, _, _ = site
+    post = lambda body: httpx.post(server.http + "/api/shares", json=body, headers=STAFF)  # noqa: E731
+    assert post({"study_instance_uid": "1.2.3.4.5.6.7"}).status_code == 404
+    assert post({}).status_code == 400
+    assert post({"study_instance_uid": study_a.study_uid, "days": 0}).status_code == 400
+    assert post({"study_instance_uid": study_a.study_uid, "days": "x"}).status_code == 400
+    bad_pin = post({"study_instance_uid": study_a.study_uid, "pin": "12ab"})
+    assert bad_pin.status_code == 400 and "pin" in bad_pin.json()["message"]
+    raw = httpx.post(server.http + "/api/shares", content=b"{not json", headers=STAFF)
+    assert raw.status_code == 400
+
+
+# ---------------------------------------------------------------------------- PIN
+
+
+def test_pin_guessing_is_slowed_then_locked_and_staff_can_unlock(site):
+    server, study_a, _, _ = site
+    made = _share(server, study_a.study_uid, pin="generated")
+    pin = made["pin_value"]
+    assert re.fullmatch(r"\d{6}", pin)
+    wrong = "000000" if pin != "000000" else "111111"
+    page = httpx.get(made["url"])
+    assert page.status_code == 200 and "Nguyễn" not in page.text  # nothing before the PIN
+    assert _session(server, made["token"]).status_code == 401
+    first = _session(server, made["token"], wrong)
+    assert first.status_code == 403 and first.json()["attempts_left"] == 2
+    too_soon = _session(server, made["token"], pin)  # even the right PIN waits its turn
+    assert too_soon.status_code == 429 and int(too_soon.headers["retry-after"]) >= 1
+    time.sleep(first.json()["retry_after"] + 0.2)
+    second = _session(server, made["token"], wrong)
+    assert second.status_code == 403 and second.json()["attempts_left"] == 1
+    time.sleep(second.json()["retry_after"] + 0.2)
+    assert _session(server, made["token"], wrong).status_code == 423
+    assert _session(server, made["token"], pin).status_code == 423  # locked: no more tries
+    locked_page = httpx.get(made["url"])
+    assert locked_page.status_code == 423 and "khoá" in locked_page.text
+    unlocked = httpx.post(f"{server.http}/api/shares/{made['id']}/unlock", headers=STAFF)
+    assert unlocked.json()["state"] == "active"
+    assert _session(server, made["token"], pin).status_code == 200
+
+
+def test_birth_year_pin(site):
+    server, study_a, _, _ = site
+    made = _share(server, study_a.study_uid, pin="birth-year")
+    assert _session(server, made["token"], "1987").status_code == 200
+
+
+# ---------------------------------------------------------------------------- isolation
+
+
+def _fill(template: str, values: dict[str, str]) -> str:
+    return re.sub(r"\{(\w+)(:\w+)?\}", lambda m: values[m.group(1)], template)
+
+
+def _route_templates(tmp_path) -> list[tuple[str, set[str]]]:
+    """Every route the HTTP server has, with its methods, read from its own route table."""
+    from pacs.access import AccessPolicy
+    from pacs.http import build_app
+    from storage.archive import open_archive
+    from storage.shares import ShareStore
+
+    class Server:  # just enough of pacs.app.PacsServer to build the route table
+        settings = load_settings(environ={})
+        archive = open_archive(f"sqlite:///{tmp_path}/routes.sqlite", f"file://{tmp_path}/b")
+        shares = ShareStore(archive.index, b"k")
+        access = AccessPolicy(settings, shares, b"k")
+        dicom = None
+
+    routes: list[tuple[str, set[str]]] = []
+
+    def walk(prefix: str, entries) -> None:
+        for route in entries:
+            if isinstance(route, Mount):
+                if route.routes:
+                    walk(prefix + route.path, route.routes)
+                else:
+                    routes.append((prefix + route.path + "/{path}", {"GET"}))
+            else:
+                routes.append((prefix + route.path, set(route.methods or {"GET"})))
+
+    walk("", build_app(Server()).routes)
+    Server.archive.close()
+    return routes
+
+
+_B_SCOPED = ("{study}", "{series}", "{instance}", "{uid}", "{number}", "{id}")
+
+
+def test_a_share_of_study_a_never_returns_any_byte_of_study_b(site, tmp_path):
+    server, study_a, study_b, b_uids = site
+    made = _share(server, study_a.study_uid, allow_download=True)
+    grant = _grant(server, made["token"])
+    other = _share(server, study_b.study_uid)  # study B has shares too: ids must not leak
+    b_values = {"study": study_b.study_uid, "series": study_b.series_uid, "instance": b_uids[0],
+                "uid": study_b.study_uid, "number": "ACC-B", "frames": "1", "spec": "7FE00010",
+                "token": made["token"], "id": str(other["id"]), "kind": "png",
+                "path": "index.html"}
+    wado_b = {"requestType": "WADO", "studyUID": study_b.study_uid,
+              "seriesUID": study_b.series_uid, "objectUID": b_uids[0], "format": "dicom"}
+    secrets_of_b = [study_b.study_uid, study_b.series_uid, *b_uids, "bí mật", "ACC-B"]
+    checked = 0
+    for template, methods in _route_templates(tmp_path):
+        url = server.http + _fill(template, b_values)
+        b_scoped = any(k in template for k in _B_SCOPED) or template.endswith("/wado")
+        for method in sorted(methods - {"HEAD"}):
+            for headers, params in (({"Authorization": "Bearer " + grant}, wado_b),
+                                    ({}, {**wado_b, "access_token": grant})):
+                response = httpx.request(method, url, headers=headers, params=params,
+                                         timeout=30)
+                checked += 1
+                body = response.content.decode("utf-8", errors="replace")
+                leaked = [s for s in secrets_of_b if s in body]
+                assert not leaked, f"{method} {template}: {leaked} in the answer"
+                if b_scoped or method in ("POST", "DELETE", "PUT") and "/api/s/" not in url:
+                    assert response.status_code in (401, 403, 404, 405), \
+                        f"{method} {template}: {response.status_code}"
+    assert checked > 60
+
+    # Study A in the path with study B's series or instance below it finds nothing.
+    mixed = {**b_values, "study": study_a.study_uid}
+    for template, methods in _route_templates(tmp_path):
+        if "{series}" in template and "GET" in methods:
+            response = httpx.get(server.http + _fill(template, mixed),
+                                 headers={"Authorization": "Bearer " + grant})
+            assert response.status_code in (204, 404), template  # empty search or none
+            # (A 404 may name the UIDs the request gave; nothing else of study B.)
+            assert "bí mật" not in response.text and "ACC-B" not in response.text
+
+    # Searches anywhere in the archive answer with study A only, whatever they ask.
+    auth = {"Authorization": "Bearer " + grant}
+    for path, params in [("/dicomweb/studies", {}), ("/dicomweb/studies", {"PatientID": "*"}),
+                         ("/dicomweb/studies", {"StudyInstanceUID": study_b.study_uid}),
+                         ("/dicomweb/series", {"0020000D": study_b.study_uid}),
+                         ("/dicomweb/instances", {"limit": "1000"}),
+                         ("/dicomweb/studies", {"PatientName": "nguyen*"})]:
+        response = httpx.get(server.http + path, params=params, headers=auth)
+        assert response.status_code in (200, 204), response.text
+        found = {item["0020000D"]["Value"][0] for item in response.json()} \
+            if response.status_code == 200 else set()
+        assert found <= {study_a.study_uid}, (path, params)
+        assert not any(s in response.text for s in secrets_of_b)
+
+    # The positive control: study A itself is all there.
+    base = f"{server.http}/dicomweb/studies/{study_a.study_uid}"
+    assert httpx.get(base + "/metadata", headers=auth).status_code == 200
+    assert httpx.get(base + "/thumbnail", headers=auth).status_code == 200
+    zipped = httpx.get(f"{server.http}/api/studies/{study_a.study_uid}/download",
+                       params={"format": "jpeg", "access_token": grant}, timeout=60)
+    assert zipped.status_code == 200 and zipped.content[:2] == b"PK"
+
+
+def test_downloads_need_a_share_that_allows_them(site):
+    server, study_a, _, _ = site
+    grant = _grant(server, _share(server, study_a.study_uid)["token"])
+    response = httpx.get(f"{server.http}/api/studies/{study_a.study_uid}/download",
+                         params={"format": "dicom", "access_token": grant})
+    assert response.status_code == 403 and "tải về" in response.json()["message"]
+
+
+# ---------------------------------------------------------------------------- QR, slip, log
+
+
+def test_qr_code_decodes_to_the_share_link(site):
+    server, study_a, _, _ = site
+    made = _share(server, study_a.study_uid)
+    png = httpx.get(f"{server.http}/api/shares/{made['id']}/qr.png", headers=STAFF)
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    decoded = zxingcpp.read_barcodes(Image.open(io.BytesIO(png.content)))
+    assert [code.text for code in decoded] == [made["url"]]
+    svg = httpx.get(f"{server.http}/api/shares/{made['id']}/qr.svg", headers=STAFF)
+    assert ET.fromstring(svg.content).tag.endswith("svg")
+    # Strangers cannot print other people's slips or codes.
+    assert httpx.get(f"{server.http}/api/shares/{made['id']}/qr.png").status_code == 401
+
+
+def test_result_slip_has_what_the_patient_needs(site):
+    server, study_a, _, _ = site
+    made = _share(server, study_a.study_uid, pin="generated", days=30)
+    slip = httpx.get(f"{server.http}/api/shares/{made['id']}/slip", headers=STAFF)
+    assert slip.status_code == 200
+    text = slip.text
+    for expected in ("Bệnh viện Đa khoa Tỉnh", "Nguyễn Thị Hồng Nhung", made["url"],
+                     made["pin_value"], "12/04/1987", "CT ngực không cản quang", "<svg",
+                     "size: A5"):
+        assert expected in text, expected
+
+
+def test_every_use_is_logged_and_names_stay_out_of_the_log(site):
+    server, study_a, _, _ = site
+    made = _share(server, study_a.study_uid)
+    page = httpx.get(made["url"], headers={"X-Forwarded-For": "203.0.113.9"})
+    first = re.search(r'rel="preload" as="image" href="([^"]+)"', page.text).group(1)
+    httpx.get(server.http + first.replace("&amp;", "&"))
+    shown = httpx.get(f"{server.http}/api/shares/{made['id']}", headers=STAFF).json()
+    actions = {a["action"] for a in shown["accesses"]}
+    assert {"open", "session", "view"} <= actions
+    assert {a["address"] for a in shown["accesses"] if a["action"] == "open"} == {"203.0.113.9"}
+    assert shown["opened_count"] == 1
+    log = server.log()
+    assert "Nguyễn" not in log and PATIENT_ID not in log
+
+
+def test_cli_share_prints_a_working_link(site):
+    server, study_a, _, _ = site
+    result = subprocess.run([sys.executable, "-m", "pacs.cli", "share", study_a.study_uid,
+                             "--days", "3", "--pin", "246810"], env=server.full_env(),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    url = re.search(r"(http://\S+/s/[A-Za-z0-9_-]{22})", result.stdout).group(1)
+    assert httpx.get(url).status_code == 200
+    assert httpx.post(url.replace("/s/", "/api/s/") + "/session",
+                      json={"pin": "246810"}).status_code == 200

@@ -1,0 +1,658 @@
+"""Digital film: a study's images laid out as film sheets (PNG or PDF) and archived as a PDF.
+
+Which images: the study's key images (``viewer.keyimages``) when it has any; otherwise, for each
+image series in series-number order, ``per_series`` evenly spaced slices (frames count as
+slices). The sheet is a 35 x 43 cm film, portrait, black, with a header naming the site, the
+patient and the study, and ``columns x rows`` tiles, each labelled with its series, image number,
+window and orientation letters.
+
+The same drawing code feeds two canvases: Pillow (one PNG per sheet, ``dpi`` pixels per inch)
+and fpdf2 (one PDF page per sheet, 350 x 430 mm, each tile its own JPEG image, text as text).
+Tiles are read and rendered one at a time at their size on the sheet, so a film never holds
+more than one instance's bytes. Text is set in DejaVu Sans (Debian ``fonts-dejavu-core``), which
+has every Vietnamese glyph.
+
+``store_film`` archives a PDF as an Encapsulated PDF instance of the study, in a series of its
+own whose UID follows from the study UID, so every film of a study lands in one series.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import logging
+import math
+import struct
+import unicodedata
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from fpdf import FPDF
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from dicomweb.render import CannotRender, RenderOptions, render_frame
+from dicomweb.wado import read_blob
+from pacs import __version__
+from storage.archive import Archive, StoreResult
+from storage.attributes import Level
+from storage.errors import NotFound
+from storage.index import Index
+from storage.names import display_person_name
+from storage.query import Query, find
+from viewer.keyimages import key_images
+
+log = logging.getLogger(__name__)
+
+FILM_WIDTH_MM, FILM_HEIGHT_MM = 350.0, 430.0  # a 35 x 43 cm (14 x 17 in) film, portrait
+FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
+FONT_REGULAR = FONT_DIR / "DejaVuSans.ttf"
+FONT_BOLD = FONT_DIR / "DejaVuSans-Bold.ttf"
+ENCAPSULATED_PDF_STORAGE = "1.2.840.10008.5.1.4.1.1.104.1"
+FILM_TITLE = "Phim số / Digital film"
+FILM_SERIES_NUMBER = 9900
+
+# DejaVu Sans, as fractions of the em: ascender above and descender below the baseline.
+_ASCENT, _DESCENT = 0.928, 0.236
+_MARGIN, _HEADER, _GAP = 8.0, 34.0, 1.5  # mm
+
+
+class FilmError(ValueError):
+    """A film cannot be made from what was asked (the message says why)."""
+
+
+class NoImagesToFilm(FilmError):
+    """The study has nothing to put on a film: no instance with pixels."""
+
+
+class FilmFontMissing(RuntimeError):
+    """The TrueType font the film's Vietnamese text needs is not installed."""
+
+
+@dataclass(frozen=True)
+class FilmRequest:
+    """How to lay a film out. Defaults match ``Settings.film_layout`` and friends."""
+
+    site_name: str = "PACS"
+    columns: int = 4
+    rows: int = 5
+    per_series: int = 20  # slices per series when the study has no key images
+    window: tuple[float, float] | None = None  # (center, width) for every tile; None: the file's
+    dpi: int = 150  # PNG sheet resolution, and the resolution of the tiles embedded in the PDF
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.columns <= 12 and 1 <= self.rows <= 12):
+            raise FilmError(f"layout {self.columns}x{self.rows}: columns and rows must be 1 to 12")
+        if self.per_series < 1:
+            raise FilmError("per_series must be at least 1")
+        if not 30 <= self.dpi <= 600:
+            raise FilmError(f"dpi {self.dpi} must be between 30 and 600")
+        if self.window is not None and self.window[1] <= 0:
+            raise FilmError("the window width must be positive")
+
+    @property
+    def tiles_per_sheet(self) -> int:
+        return self.columns * self.rows
+
+    @property
+    def sheet_pixels(self) -> tuple[int, int]:
+        """(width, height) of a PNG sheet."""
+        return _px(FILM_WIDTH_MM, self.dpi), _px(FILM_HEIGHT_MM, self.dpi)
+
+
+@dataclass(frozen=True)
+class FilmImage:
+    """One tile of a film: an image (``frame`` 1-based, None for a single-frame instance)."""
+
+    series_instance_uid: str
+    sop_instance_uid: str
+    frame: int | None
+    blob_key: str
+    series_number: int | None
+    series_description: str
+    instance_number: int | None
+    number_of_frames: int
+
+
+# ---------------------------------------------------------------------------- choosing
+
+
+def film_series_uid(study_uid: str) -> str:
+    """UID of the series that holds a study's films (the same for every film of the study)."""
+    return generate_uid(entropy_srcs=[study_uid, "digital film series"])
+
+
+def choose_images(index: Index, study_uid: str, per_series: int = 20) -> list[FilmImage]:
+    """The images of a study's film: its key images, else ``per_series`` per image series."""
+    return _choose(index, study_uid, per_series)[0]
+
+
+def _choose(index: Index, study_uid: str, per_series: int
+            ) -> tuple[list[FilmImage], dict[str, Any]]:
+    """The film's images and one index row of the study (for the patient and study header)."""
+    rows = find(index, Query(Level.INSTANCE, {"StudyInstanceUID": study_uid}))
+    if not rows:
+        raise NotFound(f"no study {study_uid} in the archive")
+    films = film_series_uid(study_uid)
+    images = [r for r in rows if r["Rows"] and r["SeriesInstanceUID"] != films]
+    if not images:
+        raise NoImagesToFilm(f"study {study_uid} has no images to put on a film "
+                             f"({len(rows)} instances, none with pixel data)")
+    by_sop = {r["SOPInstanceUID"]: r for r in images}
+    chosen: list[FilmImage] = []
+    for key in key_images(index, study_uid):
+        row = by_sop.get(key.sop_instance_uid)
+        if row is not None:
+            # A whole multi-frame instance marked as key: its first frame stands for it.
+            frame = key.frame or (1 if (row["NumberOfFrames"] or 1) > 1 else None)
+            chosen.append(_film_image(row, frame))
+    if chosen:
+        return list(dict.fromkeys(chosen)), rows[0]
+    for series_rows in _image_series(images):
+        slices = [(row, frame) for row in series_rows for frame in _frames(row)]
+        chosen.extend(_film_image(*slices[i]) for i in evenly_spaced(len(slices), per_series))
+    return chosen, rows[0]
+
+
+def evenly_spaced(total: int, count: int) -> list[int]:
+    """``count`` indices of ``range(total)`` spread evenly, first and last included (all if
+    there are fewer; the middle one for a count of 1)."""
+    if total <= count:
+        return list(range(total))
+    if count == 1:
+        return [(total - 1) // 2]
+    step = (total - 1) / (count - 1)
+    return [math.floor(i * step + 0.5) for i in range(count)]
+
+
+def _image_series(images: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Image rows grouped by series: series by number, instances by number (then by arrival)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in images:
+        groups.setdefault(row["SeriesInstanceUID"], []).append(row)
+    ordered = sorted(groups.values(), key=lambda g: (*_number_key(g[0]["SeriesNumber"]),
+                                                     g[0]["_series_pk"]))
+    return [sorted(g, key=lambda r: (*_number_key(r["InstanceNumber"]), r["_instances_pk"]))
+            for g in ordered]
+
+
+def _number_key(number: int | None) -> tuple[bool, int]:
+    return number is None, number or 0
+
+
+def _frames(row: dict[str, Any]) -> list[int | None]:
+    count = row["NumberOfFrames"] or 1
+    return [None] if count == 1 else list(range(1, count + 1))
+
+
+def _film_image(row: dict[str, Any], frame: int | None) -> FilmImage:
+    return FilmImage(row["SeriesInstanceUID"], row["SOPInstanceUID"], frame, row["_blob_key"],
+                     row["SeriesNumber"], row["SeriesDescription"] or "", row["InstanceNumber"],
+                     row["NumberOfFrames"] or 1)
+
+
+# ---------------------------------------------------------------------------- rendering
+
+
+def render_film_png(archive: Archive, study_uid: str,
+                    request: FilmRequest = FilmRequest()) -> list[bytes]:
+    """The film of a study as PNG images, one per sheet."""
+    canvas = _PngCanvas(request.dpi)
+    _draw_film(archive, study_uid, request, canvas)
+    return canvas.finish()
+
+
+def render_film_pdf(archive: Archive, study_uid: str,
+                    request: FilmRequest = FilmRequest()) -> bytes:
+    """The film of a study as a PDF, one 350 x 430 mm page per sheet."""
+    canvas = _PdfCanvas(request.dpi)
+    _draw_film(archive, study_uid, request, canvas)
+    return canvas.finish()
+
+
+class _Canvas(Protocol):
+    """Where a film is drawn; positions and sizes in millimetres, ``anchor`` as Pillow's."""
+
+    dpi: int
+    media_type: str
+
+    def new_sheet(self) -> None: ...
+
+    def text(self, x: float, y: float, text: str, size: float, *, anchor: str = "la",
+             bold: bool = False, grey: int = 255) -> None: ...
+
+    def text_width(self, text: str, size: float, *, bold: bool = False) -> float: ...
+
+    def frame(self, x: float, y: float, w: float, h: float, grey: int) -> None: ...
+
+    def line(self, x1: float, y1: float, x2: float, y2: float, grey: int) -> None: ...
+
+    def image(self, x: float, y: float, w: float, h: float, data: bytes, name: str) -> None: ...
+
+
+def _draw_film(archive: Archive, study_uid: str, request: FilmRequest, canvas: _Canvas) -> None:
+    images, study = _choose(archive.index, study_uid, request.per_series)
+    per_sheet = request.tiles_per_sheet
+    sheets = math.ceil(len(images) / per_sheet)
+    for number in range(sheets):
+        tiles = images[number * per_sheet:(number + 1) * per_sheet]
+        headers = _headers(archive.index, study_uid, [t.sop_instance_uid for t in tiles])
+        canvas.new_sheet()
+        _draw_header(canvas, request, study, number + 1, sheets)
+        for position, tile in enumerate(tiles):
+            box = _tile_box(request, position)
+            _draw_tile(archive, canvas, request, tile, headers.get(tile.sop_instance_uid, {}), box)
+
+
+def _headers(index: Index, study_uid: str, sop_uids: list[str]) -> dict[str, dict[str, Any]]:
+    """The stored DICOM JSON of a sheet's instances (never the whole study's at once)."""
+    if not sop_uids:
+        return {}
+    rows = find(index, Query(Level.INSTANCE, {"StudyInstanceUID": study_uid,
+                                              "SOPInstanceUID": "\\".join(set(sop_uids))},
+                             with_header=True))
+    return {r["SOPInstanceUID"]: json.loads(r["_header"] or "{}") for r in rows}
+
+
+def _draw_header(canvas: _Canvas, request: FilmRequest, study: dict[str, Any], sheet: int,
+                 sheets: int) -> None:
+    left, right = _MARGIN, FILM_WIDTH_MM - _MARGIN
+    width = right - left
+    title = f"{FILM_TITLE}  ·  Tờ/Sheet {sheet}/{sheets}"
+    canvas.text(right, _MARGIN + 8, title, 6.0, anchor="rs")
+    site = _fit(canvas, _clean(request.site_name), 8.0, width - canvas.text_width(title, 6.0) - 10,
+                bold=True)
+    canvas.text(left, _MARGIN + 8, site, 8.0, anchor="ls", bold=True)
+
+    name = _fit(canvas, _clean(display_person_name(study["PatientName"])), 6.5, width * 0.5,
+                bold=True)
+    canvas.text(left, _MARGIN + 18, name, 6.5, anchor="ls", bold=True)
+    details = "    ".join((
+        f"Mã BN/ID: {_clean(study['PatientID'])}",
+        f"Ngày sinh/DOB: {display_date(study['PatientBirthDate'])}",
+        f"Giới/Sex: {_SEXES.get(study['PatientSex'] or '', _clean(study['PatientSex']))}",
+    ))
+    x = left + canvas.text_width(name, 6.5, bold=True) + 8
+    canvas.text(x, _MARGIN + 18, _fit(canvas, details, 5.0, right - x), 5.0, anchor="ls")
+
+    line = "    ".join(part for part in (
+        f"Ngày chụp/Study date: {display_date(study['StudyDate'])}",
+        _clean(study["StudyDescription"]),
+        f"Số phiếu/Accession: {_clean(study['AccessionNumber'])}",
+    ) if part)
+    canvas.text(left, _MARGIN + 27, _fit(canvas, line, 5.0, width), 5.0, anchor="ls")
+    canvas.line(left, _MARGIN + _HEADER - 3, right, _MARGIN + _HEADER - 3, 110)
+
+
+def _tile_box(request: FilmRequest, position: int) -> tuple[float, float, float, float]:
+    """(x, y, width, height) of tile ``position`` (row by row) on a sheet."""
+    top = _MARGIN + _HEADER
+    width = (FILM_WIDTH_MM - 2 * _MARGIN - (request.columns - 1) * _GAP) / request.columns
+    height = (FILM_HEIGHT_MM - top - _MARGIN - (request.rows - 1) * _GAP) / request.rows
+    row, column = divmod(position, request.columns)
+    return _MARGIN + column * (width + _GAP), top + row * (height + _GAP), width, height
+
+
+def _draw_tile(archive: Archive, canvas: _Canvas, request: FilmRequest, tile: FilmImage,
+               header: dict[str, Any], box: tuple[float, float, float, float]) -> None:
+    x, y, w, h = box
+    canvas.frame(x, y, w, h, 60)
+    window = request.window or file_window(header, tile.frame)
+    viewport = (_px(w - 1, canvas.dpi), _px(h - 1, canvas.dpi))
+    try:
+        data = render_frame(read_blob(archive, tile.blob_key), (tile.frame or 1) - 1,
+                            RenderOptions(canvas.media_type, 90, window, viewport))
+    except CannotRender as exc:
+        log.warning("film: %s frame %s not shown: %s", tile.sop_instance_uid, tile.frame, exc)
+        canvas.text(x + w / 2, y + h / 2, "Không hiển thị được / cannot display", 3.0,
+                    anchor="mm", grey=180)
+    else:
+        with Image.open(io.BytesIO(data)) as picture:
+            iw, ih = (side * 25.4 / canvas.dpi for side in picture.size)
+        canvas.image(x + (w - iw) / 2, y + (h - ih) / 2, iw, ih, data,
+                     f"{tile.sop_instance_uid}/{tile.frame or 1}")
+
+    size = min(max(min(w, h) * 0.05, 2.0), 4.5)
+    pad = 0.3 * size
+    half = w / 2 - size
+    series = f"Se {tile.series_number if tile.series_number is not None else '-'}"
+    if tile.series_description:
+        series += f" · {_clean(tile.series_description)}"
+    image = f"Im {tile.instance_number if tile.instance_number is not None else '-'}"
+    if tile.frame is not None:
+        image += f" · Fr {tile.frame}/{tile.number_of_frames}"
+    canvas.text(x + pad, y + pad, _fit(canvas, series, size, half), size)
+    canvas.text(x + pad, y + pad + 1.2 * size, _fit(canvas, image, size, half), size)
+    shown = f"C {window[0]:g}  W {window[1]:g}" if window else "C/W auto"
+    canvas.text(x + pad, y + h - pad, _fit(canvas, shown, size, half), size, anchor="ld")
+
+    letters = orientation_letters(header, tile.frame)
+    if letters is not None:
+        top, bottom, left, right = letters
+        big = size * 1.2
+        canvas.text(x + w / 2, y + pad, top, big, anchor="ma", grey=230)
+        canvas.text(x + w / 2, y + h - pad, bottom, big, anchor="md", grey=230)
+        canvas.text(x + pad, y + h / 2, left, big, anchor="lm", grey=230)
+        canvas.text(x + w - pad, y + h / 2, right, big, anchor="rm", grey=230)
+
+
+# ---------------------------------------------------------------------------- header values
+
+
+_SEXES = {"M": "Nam / M", "F": "Nữ / F", "O": "Khác / O"}
+_PATIENT_AXES = (("L", "R"), ("P", "A"), ("H", "F"))  # +x, +y, +z of the patient (LPS)
+
+
+def display_date(value: str | None) -> str:
+    """``YYYYMMDD`` as ``DD/MM/YYYY`` (anything else as it is)."""
+    text = (value or "").strip()
+    if len(text) == 8 and text.isdigit():
+        return f"{text[6:8]}/{text[4:6]}/{text[:4]}"
+    return text
+
+
+def orientation_letters(header: dict[str, Any], frame: int | None = None
+                        ) -> tuple[str, str, str, str] | None:
+    """Patient directions at the (top, bottom, left, right) edges of an image, from its
+    Image Orientation (Patient); None when unknown.
+
+    The row direction points from the left edge to the right one, the column direction from the
+    top down. Each is named by its patient axes, largest component first (``L``, ``LP``...).
+    """
+    cosines = _orientation(header, frame)
+    if cosines is None:
+        return None
+    row, column = cosines[:3], cosines[3:]
+    return (_direction([-c for c in column]), _direction(column),
+            _direction([-c for c in row]), _direction(row))
+
+
+def _direction(vector: Sequence[float]) -> str:
+    axes = sorted(range(3), key=lambda i: -abs(vector[i]))
+    return "".join(_PATIENT_AXES[i][0 if vector[i] > 0 else 1] for i in axes
+                   if abs(vector[i]) > 1e-4)
+
+
+def _orientation(header: dict[str, Any], frame: int | None) -> list[float] | None:
+    for source in (header, *_functional_groups(header, frame, "00209116")):
+        values = _json_values(source, "00200037")
+        if len(values) == 6:
+            try:
+                return [float(v) for v in values]
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
+def file_window(header: dict[str, Any], frame: int | None = None) -> tuple[float, float] | None:
+    """The first Window Center/Width an instance's DICOM JSON gives (None: none usable)."""
+    for source in (header, *_functional_groups(header, frame, "00289132")):
+        centers, widths = _json_values(source, "00281050"), _json_values(source, "00281051")
+        if centers and widths:
+            try:
+                center, width = float(centers[0]), float(widths[0])
+            except (TypeError, ValueError):
+                continue
+            if width > 0:
+                return center, width
+    return None
+
+
+def _functional_groups(header: dict[str, Any], frame: int | None,
+                       macro: str) -> Iterator[dict[str, Any]]:
+    """Items of a functional group macro (enhanced multi-frame): the frame's own, then shared."""
+    per_frame = _json_values(header, "52009230")
+    if frame is not None and 0 < frame <= len(per_frame) and isinstance(per_frame[frame - 1],
+                                                                         dict):
+        yield from _json_values(per_frame[frame - 1], macro)
+    for shared in _json_values(header, "52009229")[:1]:
+        if isinstance(shared, dict):
+            yield from _json_values(shared, macro)
+
+
+def _json_values(obj: dict[str, Any], tag: str) -> list[Any]:
+    element = obj.get(tag)
+    return list(element.get("Value") or []) if isinstance(element, dict) else []
+
+
+def _clean(text: Any) -> str:
+    # NFC: decomposed accents (e + combining marks) would print as separate glyphs.
+    return unicodedata.normalize("NFC", str(text or "")).strip()
+
+
+def _fit(canvas: _Canvas, text: str, size: float, width: float, *, bold: bool = False) -> str:
+    """``text``, shortened with an ellipsis to fit ``width`` mm."""
+    if canvas.text_width(text, size, bold=bold) <= width:
+        return text
+    while text and canvas.text_width(text + "…", size, bold=bold) > width:
+        text = text[:-1]
+    return text.rstrip() + "…" if text else ""
+
+
+def _px(mm: float, dpi: int) -> int:
+    return max(1, round(mm * dpi / 25.4))
+
+
+def _fonts() -> tuple[Path, Path]:
+    for path in (FONT_REGULAR, FONT_BOLD):
+        if not path.is_file():
+            raise FilmFontMissing(f"the film font {path} is missing; install the Debian package "
+                                  "fonts-dejavu-core (apt-get install fonts-dejavu-core)")
+    return FONT_REGULAR, FONT_BOLD
+
+
+# ---------------------------------------------------------------------------- canvases
+
+
+class _PngCanvas:
+    """Sheets drawn with Pillow, each encoded to PNG when the next one starts."""
+
+    media_type = "image/png"
+
+    def __init__(self, dpi: int) -> None:
+        self.dpi = dpi
+        self._regular, self._bold = _fonts()
+        self._fonts: dict[tuple[bool, int], ImageFont.FreeTypeFont] = {}
+        self._sheets: list[bytes] = []
+        self._sheet: Image.Image | None = None
+        self._draw: ImageDraw.ImageDraw | None = None
+
+    def new_sheet(self) -> None:
+        self._encode()
+        size = (_px(FILM_WIDTH_MM, self.dpi), _px(FILM_HEIGHT_MM, self.dpi))
+        self._sheet = Image.new("RGB", size, (0, 0, 0))
+        self._draw = ImageDraw.Draw(self._sheet)
+
+    def finish(self) -> list[bytes]:
+        self._encode()
+        return self._sheets
+
+    def _encode(self) -> None:
+        if self._sheet is not None:
+            out = io.BytesIO()
+            self._sheet.save(out, "PNG", dpi=(self.dpi, self.dpi))
+            self._sheets.append(out.getvalue())
+            self._sheet = self._draw = None
+
+    def _font(self, size: float, bold: bool) -> ImageFont.FreeTypeFont:
+        key = (bold, max(1, round(size * self.dpi / 25.4)))
+        if key not in self._fonts:
+            self._fonts[key] = ImageFont.truetype(str(self._bold if bold else self._regular),
+                                                  key[1])
+        return self._fonts[key]
+
+    def _xy(self, x: float, y: float) -> tuple[float, float]:
+        return x * self.dpi / 25.4, y * self.dpi / 25.4
+
+    def text(self, x: float, y: float, text: str, size: float, *, anchor: str = "la",
+             bold: bool = False, grey: int = 255) -> None:
+        self._draw.text(self._xy(x, y), text, fill=(grey,) * 3, font=self._font(size, bold),
+                        anchor=anchor)
+
+    def text_width(self, text: str, size: float, *, bold: bool = False) -> float:
+        return self._font(size, bold).getlength(text) * 25.4 / self.dpi
+
+    def frame(self, x: float, y: float, w: float, h: float, grey: int) -> None:
+        self._draw.rectangle((*self._xy(x, y), *self._xy(x + w, y + h)), outline=(grey,) * 3)
+
+    def line(self, x1: float, y1: float, x2: float, y2: float, grey: int) -> None:
+        self._draw.line((*self._xy(x1, y1), *self._xy(x2, y2)), fill=(grey,) * 3,
+                        width=max(1, round(self.dpi / 100)))
+
+    def image(self, x: float, y: float, w: float, h: float, data: bytes, name: str) -> None:
+        with Image.open(io.BytesIO(data)) as picture:
+            left, top = self._xy(x, y)
+            self._sheet.paste(picture.convert("RGB"), (round(left), round(top)))
+
+
+class _PdfCanvas:
+    """Pages drawn with fpdf2: tiles as JPEG images, text as text in embedded DejaVu Sans."""
+
+    media_type = "image/jpeg"
+
+    def __init__(self, dpi: int) -> None:
+        self.dpi = dpi
+        regular, bold = _fonts()
+        self._pdf = FPDF(orientation="P", unit="mm", format=(FILM_WIDTH_MM, FILM_HEIGHT_MM))
+        self._pdf.set_auto_page_break(False)
+        self._pdf.set_margins(0, 0, 0)
+        self._pdf.add_font("DejaVu", "", str(regular))
+        self._pdf.add_font("DejaVu", "B", str(bold))
+        self._pdf.set_title(FILM_TITLE)
+        self._pdf.set_creator(f"pacs {__version__}")
+
+    def new_sheet(self) -> None:
+        self._pdf.add_page()
+        self._pdf.set_fill_color(0)
+        self._pdf.rect(0, 0, FILM_WIDTH_MM, FILM_HEIGHT_MM, style="F")
+
+    def finish(self) -> bytes:
+        return bytes(self._pdf.output())
+
+    def _font(self, size: float, bold: bool) -> None:
+        self._pdf.set_font("DejaVu", "B" if bold else "", size * 72 / 25.4)
+
+    def text(self, x: float, y: float, text: str, size: float, *, anchor: str = "la",
+             bold: bool = False, grey: int = 255) -> None:
+        self._font(size, bold)
+        width = self._pdf.get_string_width(text)
+        x -= {"l": 0.0, "m": width / 2, "r": width}[anchor[0]]
+        # fpdf2 places text by its baseline; Pillow's vertical anchors, in DejaVu's metrics.
+        y += {"a": _ASCENT, "m": (_ASCENT - _DESCENT) / 2, "s": 0.0, "d": -_DESCENT}[anchor[1]] \
+            * size
+        self._pdf.set_text_color(grey)
+        self._pdf.text(x, y, text)
+
+    def text_width(self, text: str, size: float, *, bold: bool = False) -> float:
+        self._font(size, bold)
+        return self._pdf.get_string_width(text)
+
+    def frame(self, x: float, y: float, w: float, h: float, grey: int) -> None:
+        self._pdf.set_draw_color(grey)
+        self._pdf.set_line_width(0.2)
+        self._pdf.rect(x, y, w, h)
+
+    def line(self, x1: float, y1: float, x2: float, y2: float, grey: int) -> None:
+        self._pdf.set_draw_color(grey)
+        self._pdf.set_line_width(0.3)
+        self._pdf.line(x1, y1, x2, y2)
+
+    def image(self, x: float, y: float, w: float, h: float, data: bytes, name: str) -> None:
+        self._pdf.image(io.BytesIO(_jpeg_with_comment(data, name)), x, y, w, h)
+
+
+def _jpeg_with_comment(data: bytes, comment: str) -> bytes:
+    """The JPEG with a comment segment naming the tile after its JFIF header.
+
+    fpdf2 embeds byte-identical images once; the comment keeps each tile its own image even when
+    two slices look the same (blank slices), so every tile is one image of its page.
+    """
+    if data[:2] != b"\xff\xd8":
+        return data
+    position = 2
+    if data[2:4] == b"\xff\xe0":  # JFIF APP0 must stay right after SOI
+        position = 4 + struct.unpack(">H", data[4:6])[0]
+    text = comment.encode("ascii", "replace")[:1000]
+    return data[:position] + b"\xff\xfe" + struct.pack(">H", len(text) + 2) + text + data[position:]
+
+
+# ---------------------------------------------------------------------------- archiving
+
+
+# Patient and General Study module attributes copied from an instance of the study.
+_COPIED = (
+    "PatientName", "PatientID", "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence",
+    "PatientBirthDate", "PatientBirthTime", "PatientSex", "OtherPatientIDsSequence",
+    "PatientAge", "PatientSize", "PatientWeight", "StudyInstanceUID", "StudyDate", "StudyTime",
+    "ReferringPhysicianName", "StudyID", "AccessionNumber", "IssuerOfAccessionNumberSequence",
+    "StudyDescription",
+)
+# Type 2: present even when the study has no value.
+_REQUIRED_EMPTY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+                   "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def film_dataset(index: Index, study_uid: str, pdf: bytes, *, site_name: str = "PACS",
+                 title: str = FILM_TITLE) -> Dataset:
+    """An Encapsulated PDF instance of ``pdf`` in the study's film series (new SOP UID)."""
+    if not pdf.startswith(b"%PDF-"):
+        raise FilmError("the film document is not a PDF (it does not start with %PDF-)")
+    rows = find(index, Query(Level.INSTANCE, {"StudyInstanceUID": study_uid}, with_header=True,
+                             limit=1))
+    if not rows:
+        raise NotFound(f"no study {study_uid} in the archive")
+    header = json.loads(rows[0]["_header"] or "{}")
+    wanted = {f"{tag_for_keyword(keyword):08X}" for keyword in _COPIED}
+    ds = Dataset.from_json({t: v for t, v in header.items() if t in wanted},
+                           bulk_data_uri_handler=lambda *_: b"")
+    for keyword in _REQUIRED_EMPTY:
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    ds.StudyInstanceUID = study_uid
+
+    series_uid = film_series_uid(study_uid)
+    earlier = find(index, Query(Level.INSTANCE, {"StudyInstanceUID": study_uid,
+                                                 "SeriesInstanceUID": series_uid}))
+    now = dt.datetime.now()
+    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID = ENCAPSULATED_PDF_STORAGE
+    ds.SOPInstanceUID = generate_uid()
+    ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
+    ds.Modality = "DOC"
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = FILM_SERIES_NUMBER
+    ds.SeriesDescription = title
+    ds.Manufacturer = "pacs"
+    ds.SoftwareVersions = __version__
+    ds.InstitutionName = site_name
+    ds.ConversionType = "WSD"  # workstation
+    ds.InstanceNumber = len(earlier) + 1
+    ds.ContentDate, ds.ContentTime = date, time
+    ds.AcquisitionDateTime = date + time
+    ds.BurnedInAnnotation = "YES"  # the sheets show the patient's name and ID
+    ds.DocumentTitle = title
+    ds.ConceptNameCodeSequence = []
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    ds.EncapsulatedDocument = pdf
+    ds.EncapsulatedDocumentLength = len(pdf)  # the value is padded to an even length
+    return ds
+
+
+def store_film(archive: Archive, study_uid: str, pdf: bytes, *, site_name: str = "PACS",
+               title: str = FILM_TITLE) -> StoreResult:
+    """Archive a film PDF as a new Encapsulated PDF instance of the study (``Archive.store``)."""
+    ds = film_dataset(archive.index, study_uid, pdf, site_name=site_name, title=title)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return archive.store(out.getvalue())

@@ -1,0 +1,240 @@
+"""Staff side of share links: ``/api/shares`` (create, list, show, revoke, unlock), the QR
+code of a share and the printable result slip handed to the patient.
+
+Only staff reach these routes (``pacs.access`` decides). The token of a share is shown in
+the answer that creates it; the QR code and the slip derive it again from the server secret
+(``storage.shares``), so a slip can be reprinted.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+from typing import Any
+
+import segno
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from storage.attributes import Level
+from storage.errors import NotFound
+from storage.names import display_person_name
+from storage.query import NameMatching, Query, find
+from storage.shares import Share, ShareError, ShareStore
+
+
+def share_url(base: str, token: str) -> str:
+    """The link printed on the slip and in the QR code."""
+    return f"{base.rstrip('/')}/s/{token}"
+
+
+def public_base(settings, request: Request | None = None) -> str:
+    """Where patients reach this server: ``public_url``, else the request's own address."""
+    if settings.public_url:
+        return settings.public_url.rstrip("/")
+    if request is not None:
+        return str(request.base_url).rstrip("/")
+    return f"http://{settings.http_host}:{settings.http_port}"
+
+
+def create_share(store: ShareStore, settings, study_uid: str, *, days: float | None = None,
+                 pin: str | None = None, allow_download: bool = False, created_by: str = "",
+                 base: str) -> dict[str, Any]:
+    """Create a share and describe it with its link (the only time the token is returned)."""
+    share, token = store.create(study_uid, days=settings.share_days if days is None else days,
+                                pin=pin,
+                                allow_download=allow_download, created_by=created_by)
+    return {**share.summary(), "token": token, "url": share_url(base, token),
+            "pin_value": store.pin_of(share),
+            "qr_png": f"/api/shares/{share.id}/qr.png", "qr_svg": f"/api/shares/{share.id}/qr.svg",
+            "slip": f"/api/shares/{share.id}/slip"}
+
+
+def share_api_routes(server) -> list[Route]:
+    store: ShareStore = server.shares
+    settings = server.settings
+
+    async def create(request: Request) -> Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "the body must be JSON: {\"study_instance_uid\": ...}")
+        if not isinstance(body, dict) or not isinstance(body.get("study_instance_uid"), str):
+            return _error(400, "study_instance_uid: required (a string)")
+        days = body.get("days")
+        if days is not None and (isinstance(days, bool) or not isinstance(days, int | float)):
+            return _error(400, "days: must be a number")
+        pin = body.get("pin")
+        if pin is not None and not isinstance(pin, str):
+            return _error(400, "pin: must be a string (digits, 'generated' or 'birth-year')")
+        address = request.client.host if request.client else ""
+        try:
+            answer = await run_in_threadpool(
+                create_share, store, settings, body["study_instance_uid"], days=days, pin=pin,
+                allow_download=bool(body.get("allow_download", False)),
+                created_by=str(body.get("created_by") or f"api {address}"),
+                base=public_base(settings, request))
+        except ShareError as exc:
+            return _error(400, str(exc))
+        except NotFound as exc:
+            return _error(404, str(exc))
+        return JSONResponse(answer, status_code=201,
+                            headers={"Location": f"/api/shares/{answer['id']}",
+                                     "Cache-Control": "no-store"})
+
+    async def listing(request: Request) -> Response:
+        params = request.query_params
+        try:
+            limit = min(int(params.get("limit", "100")), 1000)
+            offset = int(params.get("offset", "0"))
+        except ValueError:
+            return _error(400, "limit and offset must be integers")
+        found = await run_in_threadpool(store.list, study_uid=params.get("study"),
+                                        limit=limit, offset=offset)
+        return JSONResponse([share.summary() for share in found])
+
+    async def show(request: Request) -> Response:
+        share = await _share(request)
+        accesses = await run_in_threadpool(store.accesses, share.id)
+        return JSONResponse({**share.summary(), "accesses": accesses})
+
+    async def revoke(request: Request) -> Response:
+        share = await _share(request)
+        share = await run_in_threadpool(store.revoke, share.id)
+        server.access.forget(share.id)
+        return JSONResponse(share.summary())
+
+    async def unlock(request: Request) -> Response:
+        share = await _share(request)
+        share = await run_in_threadpool(store.unlock, share.id)
+        server.access.forget(share.id)
+        return JSONResponse(share.summary())
+
+    async def qr(request: Request) -> Response:
+        share = await _share(request)
+        url = share_url(public_base(settings, request), _token(store, share))
+        kind = request.path_params["kind"]
+        try:
+            scale = max(1, min(int(request.query_params.get("scale", "8")), 40))
+        except ValueError:
+            return _error(400, "scale: must be an integer")
+        out = io.BytesIO()
+        code = segno.make(url, error="m")
+        if kind == "png":
+            code.save(out, kind="png", scale=scale, border=4)
+            return Response(out.getvalue(), media_type="image/png",
+                            headers={"Cache-Control": "no-store"})
+        code.save(out, kind="svg", scale=scale, border=4, xmldecl=False)
+        return Response(out.getvalue(), media_type="image/svg+xml",
+                        headers={"Cache-Control": "no-store"})
+
+    async def slip(request: Request) -> Response:
+        share = await _share(request)
+        url = share_url(public_base(settings, request), _token(store, share))
+        study = await run_in_threadpool(_study_row, server.archive.index,
+                                        share.study_instance_uid)
+        pin = await run_in_threadpool(store.pin_of, share)
+        return HTMLResponse(slip_html(settings.site_name, share, url, study, pin),
+                            headers={"Cache-Control": "no-store"})
+
+    async def _share(request: Request) -> Share:
+        try:
+            share_id = int(request.path_params["id"])
+        except ValueError:
+            raise NotFound(f"no share {request.path_params['id']!r}") from None
+        return await run_in_threadpool(store.get, share_id)
+
+    return [
+        Route("/api/shares", create, methods=["POST"]),
+        Route("/api/shares", listing, methods=["GET"]),
+        Route("/api/shares/{id}", show, methods=["GET"]),
+        Route("/api/shares/{id}", revoke, methods=["DELETE"]),
+        Route("/api/shares/{id}/revoke", revoke, methods=["POST"]),
+        Route("/api/shares/{id}/unlock", unlock, methods=["POST"]),
+        Route("/api/shares/{id}/qr.{kind:str}", qr, methods=["GET"]),
+        Route("/api/shares/{id}/slip", slip, methods=["GET"]),
+    ]
+
+
+def _token(store: ShareStore, share: Share) -> str:
+    try:
+        return store.token_of(share)
+    except ShareError as exc:
+        raise NotFound(str(exc)) from None
+
+
+def _study_row(index, study_uid: str) -> dict[str, Any]:
+    rows = find(index, Query(Level.STUDY, {"StudyInstanceUID": study_uid}, NameMatching.EXACT,
+                             limit=1))
+    return rows[0] if rows else {}
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"status": status, "message": message}, status_code=status)
+
+
+def _date(value: str | None) -> str:
+    if value and len(value) == 8 and value.isdigit():
+        return f"{value[6:8]}/{value[4:6]}/{value[:4]}"
+    return value or "—"
+
+
+def slip_html(site_name: str, share: Share, url: str, study: dict[str, Any],
+              pin: str | None) -> str:
+    """The result slip: an A5 page with the QR code, link, PIN and study, in Vietnamese."""
+    qr = io.BytesIO()
+    segno.make(url, error="m").save(qr, kind="svg", scale=5, border=2, xmldecl=False,
+                                    svgns=True)
+    if not share.has_pin:
+        pin_text = "Không cần mã PIN"
+    elif pin:
+        pin_text = pin
+    else:
+        pin_text = "đã được cung cấp riêng cho người bệnh"
+    rows = [
+        ("Họ và tên", display_person_name(study.get("PatientName")) or "—"),
+        ("Ngày sinh", _date(study.get("PatientBirthDate"))),
+        ("Mã người bệnh", study.get("PatientID") or "—"),
+        ("Ngày chụp", _date(study.get("StudyDate"))),
+        ("Loại chụp", ", ".join(filter(None, (study.get("ModalitiesInStudy") or "")
+                                           .split("\\"))) or "—"),
+        ("Mô tả", study.get("StudyDescription") or "—"),
+        ("Mã chỉ định", study.get("AccessionNumber") or "—"),
+    ]
+    table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
+                    for k, v in rows)
+    expires = share.expires_at.astimezone().strftime("%d/%m/%Y")
+    return f"""<!doctype html><html lang="vi"><head><meta charset="utf-8">
+<title>Phiếu xem ảnh – {html.escape(site_name)}</title>
+<style>
+@page {{ size: A5 portrait; margin: 10mm }}
+body {{ font-family: "DejaVu Sans", system-ui, sans-serif; color: #000; max-width: 128mm;
+        margin: 0 auto; font-size: 11pt }}
+h1 {{ font-size: 14pt; margin: 0 0 1mm; text-align: center; text-transform: uppercase }}
+h2 {{ font-size: 13pt; margin: 2mm 0 4mm; text-align: center }}
+table {{ width: 100%; border-collapse: collapse; margin-bottom: 4mm }}
+th {{ text-align: left; font-weight: normal; color: #333; width: 35%; padding: 1mm 0 }}
+td {{ font-weight: bold; padding: 1mm 0 }}
+.qr {{ text-align: center }} .qr svg {{ width: 55mm; height: 55mm }}
+.url {{ text-align: center; font-family: "DejaVu Sans Mono", monospace; font-size: 9.5pt;
+        word-break: break-all; margin: 2mm 0 }}
+.pin {{ text-align: center; font-size: 13pt; margin: 3mm 0 }}
+.pin b {{ font-size: 16pt; letter-spacing: 1mm }}
+.note {{ font-size: 9pt; color: #222 }}
+@media screen {{ body {{ margin: 1rem auto; padding: 1rem; border: 1px solid #ccc }} }}
+</style></head><body>
+<h1>{html.escape(site_name)}</h1>
+<h2>PHIẾU XEM ẢNH CHỤP (PHIM SỐ)</h2>
+<table>{table}</table>
+<div class="qr">{qr.getvalue().decode()}</div>
+<p class="url">{html.escape(url)}</p>
+<p class="pin">Mã PIN: <b>{html.escape(pin_text)}</b></p>
+<p class="note">Quét mã QR bằng camera điện thoại, hoặc nhập đường dẫn trên vào trình duyệt, để
+xem ảnh chụp. Có thể đưa mã này cho bác sĩ ở cơ sở y tế khác khi được chuyển tuyến.
+Liên kết có hiệu lực đến hết ngày <b>{expires}</b>. Không chia sẻ phiếu này với người khác.</p>
+</body></html>"""
+
+
+__all__ = ["create_share", "public_base", "share_api_routes", "share_url", "slip_html"]
