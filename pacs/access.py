@@ -91,6 +91,9 @@ RULES: list[tuple[frozenset[str], re.Pattern[str], Rule]] = [
     # The viewer's code and generated configuration; its data comes through /dicomweb.
     (_READ, re.compile(r"/ohif(/.*)?"), Rule.PUBLIC),
     (_READ, re.compile(r"/dicomweb/openapi\.json"), Rule.PUBLIC),
+    # Whole instances as DICOM files: a download (the viewer needs metadata and frames only).
+    (_READ, re.compile(r"/dicomweb/studies/(?P<study>[^/]+)(/series/[^/]+(/instances/[^/]+)?)?"),
+     Rule.DOWNLOAD),
     (_READ, re.compile(r"/dicomweb/studies/(?P<study>[^/]+)(/.*)?"), Rule.STUDY),
     (_READ, re.compile(r"/dicomweb/(studies|series|instances)"), Rule.SEARCH),
     (_READ, re.compile(r"/(dicomweb/)?wado"), Rule.WADO_URI),
@@ -121,6 +124,8 @@ def decide(principal: Principal, method: str, path: str, query: QueryParams) -> 
                                     "a share link")
     if rule is Rule.WADO_URI:
         study = query.get("studyUID")
+        if "application/dicom" in query.get("contentType", ""):
+            rule = Rule.DOWNLOAD
     own = principal.study_uid
     if rule is Rule.SEARCH:
         return Decision(True)

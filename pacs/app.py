@@ -12,9 +12,11 @@ from pacs.dimse.server import DicomServer
 from pacs.http import build_app
 from pacs.settings import Settings
 from storage.archive import Archive, open_archive
-from storage.shares import ShareStore
+from storage.completion import StudyCompletion
+from storage.shares import ShareError, ShareStore
 
 log = logging.getLogger("pacs")
+AUTO_SHARE = "auto"  # created_by of the shares made when a study is complete
 
 
 def archive_for(settings: Settings) -> Archive:
@@ -43,6 +45,9 @@ class PacsServer:
         self.shares = ShareStore(self.archive.index, server_secret(settings),
                                  pin_max_attempts=settings.share_pin_max_attempts)
         self.access = AccessPolicy(settings, self.shares, server_secret(settings))
+        self.completion = StudyCompletion(self.archive, settings.study_complete_seconds)
+        if settings.share_on_complete:
+            self.completion.subscribe(self._share_completed_study)
         self.reconcile_state = "pending" if settings.reconcile_on_start else "disabled"
 
     def _reconcile(self) -> None:
@@ -57,11 +62,29 @@ class PacsServer:
                  report.reindexed)
         self.reconcile_state = "done"
 
+    def _share_completed_study(self, study_uid: str) -> None:
+        """The automatic share of a complete study (one per study, whatever arrives later)."""
+        if self.shares.list(study_uid=study_uid, created_by=AUTO_SHARE, limit=1):
+            return
+        pin = self.settings.share_on_complete_pin or None
+        for attempt in (pin, "generated"):  # no birth date known: a generated PIN instead
+            try:
+                share, _ = self.shares.create(
+                    study_uid, days=self.settings.share_days, pin=attempt,
+                    allow_download=self.settings.share_on_complete_download,
+                    created_by=AUTO_SHARE)
+                break
+            except ShareError:
+                if attempt == "generated":
+                    raise
+        log.info("study %s complete: share %d created", study_uid, share.id)
+
     def run(self) -> None:
         log.info("archive: index %s, blobs %s",
                  self.archive.index.engine.url.render_as_string(hide_password=True),
                  self.archive.blobs.describe())
         self.dicom.start()
+        self.completion.start()
         if self.settings.reconcile_on_start:
             threading.Thread(target=self._reconcile, name="reconcile", daemon=True).start()
         config = uvicorn.Config(build_app(self), host=self.settings.http_host,
@@ -76,4 +99,5 @@ class PacsServer:
         finally:
             log.info("shutting down")
             self.dicom.stop()
+            self.completion.stop()
             self.archive.close()

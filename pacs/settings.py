@@ -113,6 +113,14 @@ class Settings:
     share_days: int = 30
     share_session_hours: int = 12
     share_pin_max_attempts: int = 5
+    # A study is complete when no instance arrived for this many seconds.
+    study_complete_seconds: float = 120.0
+    # Create a share link automatically when a study is complete (its slip can be printed
+    # from /admin or the API, and the EMR gets the link), with this PIN kind ("", "generated"
+    # or "birth-year") and with or without downloads.
+    share_on_complete: bool = False
+    share_on_complete_pin: str = ""
+    share_on_complete_download: bool = False
     # Film sheets: columns x rows per sheet, images per series when there are no key images.
     film_layout: str = "4x5"
     film_images_per_series: int = 20
@@ -259,6 +267,10 @@ def _validate(settings: Settings) -> None:
             ipaddress.ip_network(network, strict=False)
         except ValueError:
             raise SettingsError(f"staff_networks: {network!r} is not a network (CIDR)") from None
+    if settings.share_on_complete_pin not in ("", "generated", "birth-year"):
+        raise SettingsError("share_on_complete_pin must be empty, generated or birth-year")
+    if settings.study_complete_seconds <= 0:
+        raise SettingsError("study_complete_seconds must be positive")
     for name in ("share_days", "share_session_hours", "share_pin_max_attempts",
                  "film_images_per_series"):
         if getattr(settings, name) < 1:

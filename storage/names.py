@@ -1,4 +1,5 @@
-"""Person-name folding for case- and accent-insensitive matching (Vietnamese included)."""
+"""Person names: folding for case- and accent-insensitive matching (Vietnamese included), and
+names and dates as people read them on pages, slips and films."""
 
 from __future__ import annotations
 
@@ -47,3 +48,12 @@ def display_person_name(name: str | None) -> str:
     parts += [""] * (5 - len(parts))
     family, given, middle, prefix, suffix = (p.strip() for p in parts[:5])
     return " ".join(p for p in (prefix, family, middle, given, suffix) if p)
+
+
+def display_date(value: str | None) -> str:
+    """A DICOM date (DA) as dates are written in Vietnam: ``19870412`` -> ``12/04/1987``
+    (anything else unchanged)."""
+    text = (value or "").strip()
+    if len(text) == 8 and text.isdigit():
+        return f"{text[6:8]}/{text[4:6]}/{text[:4]}"
+    return text

@@ -177,11 +177,13 @@ class ShareStore:
                 shares.c.token_sha256 == token_digest(token))).first()
         return _share(row) if row is not None else None
 
-    def list(self, *, study_uid: str | None = None, limit: int = 100,
-             offset: int = 0) -> list[Share]:
+    def list(self, *, study_uid: str | None = None, created_by: str | None = None,
+             limit: int = 100, offset: int = 0) -> list[Share]:
         statement = sa.select(shares).order_by(shares.c.pk.desc()).limit(limit).offset(offset)
         if study_uid:
             statement = statement.where(shares.c.study_instance_uid == study_uid)
+        if created_by is not None:
+            statement = statement.where(shares.c.created_by == created_by)
         with self.index.read() as conn:
             return [_share(row) for row in conn.execute(statement)]
 

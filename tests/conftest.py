@@ -252,6 +252,50 @@ def start_server(tmp_path) -> Iterator[callable]:
         server.stop()
 
 
+def stow(base: str, datas: list[bytes], headers: dict[str, str] | None = None
+         ) -> httpx.Response:
+    """STOW-RS ``datas`` to ``base`` + ``/dicomweb/studies`` in one request."""
+    body = b"".join(b"--b\r\nContent-Type: application/dicom\r\n\r\n" + d + b"\r\n"
+                    for d in datas) + b"--b--\r\n"
+    return httpx.post(base + "/dicomweb/studies", content=body, timeout=60, headers={
+        **(headers or {}),
+        "Content-Type": 'multipart/related; type="application/dicom"; boundary=b'})
+
+
+# ------------------------------------------------------------------ a headless browser
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+# Non-black pixels of the largest canvas, and a hash of them (to see the slice change).
+CANVAS_PIXELS = """() => {
+  const canvases = [...document.querySelectorAll('canvas')].filter(c => c.width > 100);
+  if (!canvases.length) return null;
+  const c = canvases.sort((a, b) => b.width * b.height - a.width * a.height)[0];
+  const t = document.createElement('canvas'); t.width = c.width; t.height = c.height;
+  const x = t.getContext('2d'); x.drawImage(c, 0, 0);
+  const d = x.getImageData(0, 0, t.width, t.height).data; let n = 0, h = 0;
+  for (let i = 0; i < d.length; i += 16) {
+    if (d[i] > 10 || d[i + 1] > 10 || d[i + 2] > 10) n++;
+    h = (h * 31 + d[i]) | 0;
+  }
+  return [n, h];
+}"""
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's Chromium, headless, driven by Playwright (a fresh profile per context)."""
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Chromium is needed (apt-get install chromium; scripts/test.sh does it)")
+    with playwright_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
+                                              headless=True)
+        yield chromium
+        chromium.close()
+
+
 @pytest.fixture
 def dcmtk_env() -> dict[str, str]:
     """Environment for DCMTK tools: Nagle off, as tuned modalities run."""

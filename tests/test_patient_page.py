@@ -13,9 +13,8 @@ import httpx
 import pytest
 
 from pacs.settings import Settings
-from tests.conftest import PacsProcess
+from tests.conftest import CANVAS_PIXELS, PacsProcess, stow
 from tests.factory import Spec, ct_series
-from tests.test_viewer import CANVAS_PIXELS, CHROMIUM, CHROMIUM_ARGS
 from viewer.ohif import installed_version
 
 SHOTS = Path(__file__).resolve().parents[1] / "test-output" / "patient"
@@ -40,11 +39,7 @@ def site(tmp_path_factory):
     server.start()
     spec = Spec(patient_name="Lê^Thị Hồng Nhung", patient_id="BN-PHONE",
                 study_description="CT ngực liều thấp")
-    datas = ct_series(spec, SLICES, size=256)
-    body = b"".join(b"--b\r\nContent-Type: application/dicom\r\n\r\n" + d + b"\r\n"
-                    for d in datas) + b"--b--\r\n"
-    stored = httpx.post(server.http + "/dicomweb/studies", content=body, timeout=60, headers={
-        **STAFF, "Content-Type": 'multipart/related; type="application/dicom"; boundary=b'})
+    stored = stow(server.http, ct_series(spec, SLICES, size=256), STAFF)
     assert stored.status_code == 200, stored.text
     yield server, spec
     server.stop()
@@ -57,21 +52,9 @@ def _share(server, spec, **body) -> dict:
     return response.json()
 
 
-@pytest.fixture(scope="module")
-def browser():
-    playwright_api = pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).exists():
-        pytest.fail("Chromium is needed (apt-get install chromium; scripts/test.sh does it)")
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    with playwright_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
-                                              headless=True)
-        yield chromium
-        chromium.close()
-
-
 @pytest.fixture
 def phone(browser):
+    SHOTS.mkdir(parents=True, exist_ok=True)
     context = browser.new_context(viewport={"width": 390, "height": 844},
                                   device_scale_factor=3, is_mobile=True, has_touch=True,
                                   locale="vi-VN")

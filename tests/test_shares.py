@@ -22,20 +22,12 @@ from PIL import Image
 from starlette.routing import Mount
 
 from pacs.settings import load_settings
-from tests.conftest import PacsProcess
+from tests.conftest import PacsProcess, stow
 from tests.factory import Spec, ct_series, instance
 
 STAFF = {"X-Forwarded-For": "10.99.0.5"}
 PATIENT = "Nguyễn^Thị Hồng Nhung"
 PATIENT_ID = "BN-SHARE-01"
-
-
-def _stow(base: str, datas: list[bytes]) -> None:
-    body = b"".join(b"--b\r\nContent-Type: application/dicom\r\n\r\n" + d + b"\r\n"
-                    for d in datas) + b"--b--\r\n"
-    response = httpx.post(base + "/dicomweb/studies", content=body, timeout=60, headers={
-        **STAFF, "Content-Type": 'multipart/related; type="application/dicom"; boundary=b'})
-    assert response.status_code == 200, response.text
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +44,13 @@ def site(tmp_path_factory):
     study_b = Spec(patient_name=PATIENT, patient_id=PATIENT_ID, birth_date="19870412",
                    accession="ACC-B", study_description="MRI sọ não bí mật",
                    series_description="T2 bí mật", modality="MR")
-    _stow(server.http, ct_series(study_a, 12, size=64))
+    assert stow(server.http, ct_series(study_a, 12, size=64), STAFF).status_code == 200
     b_uids = []
     for n in range(3):
         spec = Spec(**{**study_b.__dict__, "sop_uid": Spec().sop_uid, "instance_number": n + 1,
                        "rows": 32, "columns": 32})
         b_uids.append(spec.sop_uid)
-        _stow(server.http, [instance(spec)])
+        assert stow(server.http, [instance(spec)], STAFF).status_code == 200
     yield server, study_a, study_b, b_uids
     server.stop()
 

@@ -7,7 +7,6 @@ holding a small CT series with a Vietnamese name. Screenshots go to test-output/
 from __future__ import annotations
 
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -15,39 +14,12 @@ import httpx
 import pytest
 
 from pacs.settings import Settings
-from tests.conftest import PacsProcess
+from tests.conftest import CANVAS_PIXELS, PacsProcess, stow
 from tests.factory import Spec, ct_series, dataset, part10
 from viewer.ohif import OhifInstallError, installed_version, rewrite_for_base
 
 SHOTS = Path(__file__).resolve().parents[1] / "test-output" / "viewer"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 SLICES = 24
-# Non-black pixels of the largest canvas, and a hash of them (to see the slice change).
-CANVAS_PIXELS = """() => {
-  const canvases = [...document.querySelectorAll('canvas')].filter(c => c.width > 100);
-  if (!canvases.length) return null;
-  const c = canvases.sort((a, b) => b.width * b.height - a.width * a.height)[0];
-  const t = document.createElement('canvas'); t.width = c.width; t.height = c.height;
-  const x = t.getContext('2d'); x.drawImage(c, 0, 0);
-  const d = x.getImageData(0, 0, t.width, t.height).data; let n = 0, h = 0;
-  for (let i = 0; i < d.length; i += 16) {
-    if (d[i] > 10 || d[i + 1] > 10 || d[i + 2] > 10) n++;
-    h = (h * 31 + d[i]) | 0;
-  }
-  return [n, h];
-}"""
-
-
-def _stow(base: str, datas: list[bytes]) -> None:
-    body = b"".join(b"--b\r\nContent-Type: application/dicom\r\n\r\n" + d + b"\r\n"
-                    for d in datas) + b"--b--\r\n"
-    response = httpx.post(base + "/dicomweb/studies", content=body, timeout=60, headers={
-        "Content-Type": 'multipart/related; type="application/dicom"; boundary=b'})
-    assert response.status_code == 200, response.text
-
-
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     if installed_version(Settings().resolved_ohif_dir) is None:
@@ -57,28 +29,16 @@ def site(tmp_path_factory):
     server.start()
     spec = Spec(patient_name="Nguyễn^Văn An", patient_id="CCCD001203004567",
                 accession="ACC-VIEW-1", study_description="CT bụng")
-    _stow(server.http, ct_series(spec, SLICES))
+    assert stow(server.http, ct_series(spec, SLICES)).status_code == 200
     other = Spec(patient_name="Trần^Thị Bình", patient_id="BN-OTHER", accession="ACC-VIEW-2")
-    _stow(server.http, [part10(dataset(other))])
+    assert stow(server.http, [part10(dataset(other))]).status_code == 200
     yield server, spec
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def browser():
-    playwright_api = pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).exists():
-        pytest.fail("Chromium is needed (apt-get install chromium; scripts/setup.sh does it)")
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    with playwright_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
-                                              headless=True)
-        yield chromium
-        chromium.close()
-
-
 @pytest.fixture
 def page(browser):
+    SHOTS.mkdir(parents=True, exist_ok=True)
     context = browser.new_context(viewport={"width": 1280, "height": 800})
     yield context.new_page()
     context.close()

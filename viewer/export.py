@@ -40,6 +40,7 @@ from dicomweb.wado import read_blob
 from storage.archive import Archive
 from storage.attributes import Level
 from storage.errors import NotFound, StorageUnavailable
+from storage.names import display_date, display_person_name
 from storage.parsing import is_valid_uid
 from storage.query import Query, find
 
@@ -174,8 +175,8 @@ def _put_under_media_folder(file_set: FileSet, dicomdir: Path) -> list[tuple[str
 
 
 def _readme(row: dict[str, Any], count: int) -> str:
-    patient = _display_name(row.get("PatientName"))
-    date = _display_date(row.get("StudyDate"))
+    patient = display_person_name(row.get("PatientName"))
+    date = display_date(row.get("StudyDate"))
     description = row.get("StudyDescription") or ""
     lines = [
         "ẢNH CHỤP DICOM / DICOM IMAGES",
@@ -202,14 +203,8 @@ def _readme(row: dict[str, Any], count: int) -> str:
     return "\ufeff" + "\r\n".join(lines)
 
 
-def _display_name(value: Any) -> str:
-    text = str(value or "").split("=", 1)[0]  # the alphabetic group
-    return " ".join(part for part in text.split("^") if part)
 
 
-def _display_date(value: Any) -> str:
-    text = str(value or "")
-    return f"{text[6:8]}/{text[4:6]}/{text[:4]}" if len(text) == 8 and text.isdigit() else text
 
 
 # ---------------------------------------------------------------------------- JPEG pictures

@@ -23,15 +23,12 @@ import io
 import json
 import logging
 import math
-import struct
 import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from fpdf import FPDF
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -43,22 +40,24 @@ from storage.archive import Archive, StoreResult
 from storage.attributes import Level
 from storage.errors import NotFound
 from storage.index import Index
-from storage.names import display_person_name
+from storage.names import display_date, display_person_name
 from storage.query import Query, find
+from viewer.film_canvas import (
+    FILM_HEIGHT_MM,
+    FILM_WIDTH_MM,
+    Canvas,
+    PdfCanvas,
+    PngCanvas,
+    px,
+)
 from viewer.keyimages import key_images
 
 log = logging.getLogger(__name__)
 
-FILM_WIDTH_MM, FILM_HEIGHT_MM = 350.0, 430.0  # a 35 x 43 cm (14 x 17 in) film, portrait
-FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
-FONT_REGULAR = FONT_DIR / "DejaVuSans.ttf"
-FONT_BOLD = FONT_DIR / "DejaVuSans-Bold.ttf"
 ENCAPSULATED_PDF_STORAGE = "1.2.840.10008.5.1.4.1.1.104.1"
 FILM_TITLE = "Phim số / Digital film"
 FILM_SERIES_NUMBER = 9900
 
-# DejaVu Sans, as fractions of the em: ascender above and descender below the baseline.
-_ASCENT, _DESCENT = 0.928, 0.236
 _MARGIN, _HEADER, _GAP = 8.0, 34.0, 1.5  # mm
 
 
@@ -68,10 +67,6 @@ class FilmError(ValueError):
 
 class NoImagesToFilm(FilmError):
     """The study has nothing to put on a film: no instance with pixels."""
-
-
-class FilmFontMissing(RuntimeError):
-    """The TrueType font the film's Vietnamese text needs is not installed."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +97,7 @@ class FilmRequest:
     @property
     def sheet_pixels(self) -> tuple[int, int]:
         """(width, height) of a PNG sheet."""
-        return _px(FILM_WIDTH_MM, self.dpi), _px(FILM_HEIGHT_MM, self.dpi)
+        return px(FILM_WIDTH_MM, self.dpi), px(FILM_HEIGHT_MM, self.dpi)
 
 
 @dataclass(frozen=True)
@@ -202,7 +197,7 @@ def _film_image(row: dict[str, Any], frame: int | None) -> FilmImage:
 def render_film_png(archive: Archive, study_uid: str,
                     request: FilmRequest = FilmRequest()) -> list[bytes]:
     """The film of a study as PNG images, one per sheet."""
-    canvas = _PngCanvas(request.dpi)
+    canvas = PngCanvas(request.dpi)
     _draw_film(archive, study_uid, request, canvas)
     return canvas.finish()
 
@@ -210,32 +205,12 @@ def render_film_png(archive: Archive, study_uid: str,
 def render_film_pdf(archive: Archive, study_uid: str,
                     request: FilmRequest = FilmRequest()) -> bytes:
     """The film of a study as a PDF, one 350 x 430 mm page per sheet."""
-    canvas = _PdfCanvas(request.dpi)
+    canvas = PdfCanvas(request.dpi, FILM_TITLE)
     _draw_film(archive, study_uid, request, canvas)
     return canvas.finish()
 
 
-class _Canvas(Protocol):
-    """Where a film is drawn; positions and sizes in millimetres, ``anchor`` as Pillow's."""
-
-    dpi: int
-    media_type: str
-
-    def new_sheet(self) -> None: ...
-
-    def text(self, x: float, y: float, text: str, size: float, *, anchor: str = "la",
-             bold: bool = False, grey: int = 255) -> None: ...
-
-    def text_width(self, text: str, size: float, *, bold: bool = False) -> float: ...
-
-    def frame(self, x: float, y: float, w: float, h: float, grey: int) -> None: ...
-
-    def line(self, x1: float, y1: float, x2: float, y2: float, grey: int) -> None: ...
-
-    def image(self, x: float, y: float, w: float, h: float, data: bytes, name: str) -> None: ...
-
-
-def _draw_film(archive: Archive, study_uid: str, request: FilmRequest, canvas: _Canvas) -> None:
+def _draw_film(archive: Archive, study_uid: str, request: FilmRequest, canvas: Canvas) -> None:
     images, study = _choose(archive.index, study_uid, request.per_series)
     per_sheet = request.tiles_per_sheet
     sheets = math.ceil(len(images) / per_sheet)
@@ -259,7 +234,7 @@ def _headers(index: Index, study_uid: str, sop_uids: list[str]) -> dict[str, dic
     return {r["SOPInstanceUID"]: json.loads(r["_header"] or "{}") for r in rows}
 
 
-def _draw_header(canvas: _Canvas, request: FilmRequest, study: dict[str, Any], sheet: int,
+def _draw_header(canvas: Canvas, request: FilmRequest, study: dict[str, Any], sheet: int,
                  sheets: int) -> None:
     left, right = _MARGIN, FILM_WIDTH_MM - _MARGIN
     width = right - left
@@ -298,12 +273,12 @@ def _tile_box(request: FilmRequest, position: int) -> tuple[float, float, float,
     return _MARGIN + column * (width + _GAP), top + row * (height + _GAP), width, height
 
 
-def _draw_tile(archive: Archive, canvas: _Canvas, request: FilmRequest, tile: FilmImage,
+def _draw_tile(archive: Archive, canvas: Canvas, request: FilmRequest, tile: FilmImage,
                header: dict[str, Any], box: tuple[float, float, float, float]) -> None:
     x, y, w, h = box
     canvas.frame(x, y, w, h, 60)
     window = request.window or file_window(header, tile.frame)
-    viewport = (_px(w - 1, canvas.dpi), _px(h - 1, canvas.dpi))
+    viewport = (px(w - 1, canvas.dpi), px(h - 1, canvas.dpi))
     try:
         data = render_frame(read_blob(archive, tile.blob_key), (tile.frame or 1) - 1,
                             RenderOptions(canvas.media_type, 90, window, viewport))
@@ -348,12 +323,6 @@ _SEXES = {"M": "Nam / M", "F": "Nữ / F", "O": "Khác / O"}
 _PATIENT_AXES = (("L", "R"), ("P", "A"), ("H", "F"))  # +x, +y, +z of the patient (LPS)
 
 
-def display_date(value: str | None) -> str:
-    """``YYYYMMDD`` as ``DD/MM/YYYY`` (anything else as it is)."""
-    text = (value or "").strip()
-    if len(text) == 8 and text.isdigit():
-        return f"{text[6:8]}/{text[4:6]}/{text[:4]}"
-    return text
 
 
 def orientation_letters(header: dict[str, Any], frame: int | None = None
@@ -425,160 +394,13 @@ def _clean(text: Any) -> str:
     return unicodedata.normalize("NFC", str(text or "")).strip()
 
 
-def _fit(canvas: _Canvas, text: str, size: float, width: float, *, bold: bool = False) -> str:
+def _fit(canvas: Canvas, text: str, size: float, width: float, *, bold: bool = False) -> str:
     """``text``, shortened with an ellipsis to fit ``width`` mm."""
     if canvas.text_width(text, size, bold=bold) <= width:
         return text
     while text and canvas.text_width(text + "…", size, bold=bold) > width:
         text = text[:-1]
     return text.rstrip() + "…" if text else ""
-
-
-def _px(mm: float, dpi: int) -> int:
-    return max(1, round(mm * dpi / 25.4))
-
-
-def _fonts() -> tuple[Path, Path]:
-    for path in (FONT_REGULAR, FONT_BOLD):
-        if not path.is_file():
-            raise FilmFontMissing(f"the film font {path} is missing; install the Debian package "
-                                  "fonts-dejavu-core (apt-get install fonts-dejavu-core)")
-    return FONT_REGULAR, FONT_BOLD
-
-
-# ---------------------------------------------------------------------------- canvases
-
-
-class _PngCanvas:
-    """Sheets drawn with Pillow, each encoded to PNG when the next one starts."""
-
-    media_type = "image/png"
-
-    def __init__(self, dpi: int) -> None:
-        self.dpi = dpi
-        self._regular, self._bold = _fonts()
-        self._fonts: dict[tuple[bool, int], ImageFont.FreeTypeFont] = {}
-        self._sheets: list[bytes] = []
-        self._sheet: Image.Image | None = None
-        self._draw: ImageDraw.ImageDraw | None = None
-
-    def new_sheet(self) -> None:
-        self._encode()
-        size = (_px(FILM_WIDTH_MM, self.dpi), _px(FILM_HEIGHT_MM, self.dpi))
-        self._sheet = Image.new("RGB", size, (0, 0, 0))
-        self._draw = ImageDraw.Draw(self._sheet)
-
-    def finish(self) -> list[bytes]:
-        self._encode()
-        return self._sheets
-
-    def _encode(self) -> None:
-        if self._sheet is not None:
-            out = io.BytesIO()
-            self._sheet.save(out, "PNG", dpi=(self.dpi, self.dpi))
-            self._sheets.append(out.getvalue())
-            self._sheet = self._draw = None
-
-    def _font(self, size: float, bold: bool) -> ImageFont.FreeTypeFont:
-        key = (bold, max(1, round(size * self.dpi / 25.4)))
-        if key not in self._fonts:
-            self._fonts[key] = ImageFont.truetype(str(self._bold if bold else self._regular),
-                                                  key[1])
-        return self._fonts[key]
-
-    def _xy(self, x: float, y: float) -> tuple[float, float]:
-        return x * self.dpi / 25.4, y * self.dpi / 25.4
-
-    def text(self, x: float, y: float, text: str, size: float, *, anchor: str = "la",
-             bold: bool = False, grey: int = 255) -> None:
-        self._draw.text(self._xy(x, y), text, fill=(grey,) * 3, font=self._font(size, bold),
-                        anchor=anchor)
-
-    def text_width(self, text: str, size: float, *, bold: bool = False) -> float:
-        return self._font(size, bold).getlength(text) * 25.4 / self.dpi
-
-    def frame(self, x: float, y: float, w: float, h: float, grey: int) -> None:
-        self._draw.rectangle((*self._xy(x, y), *self._xy(x + w, y + h)), outline=(grey,) * 3)
-
-    def line(self, x1: float, y1: float, x2: float, y2: float, grey: int) -> None:
-        self._draw.line((*self._xy(x1, y1), *self._xy(x2, y2)), fill=(grey,) * 3,
-                        width=max(1, round(self.dpi / 100)))
-
-    def image(self, x: float, y: float, w: float, h: float, data: bytes, name: str) -> None:
-        with Image.open(io.BytesIO(data)) as picture:
-            left, top = self._xy(x, y)
-            self._sheet.paste(picture.convert("RGB"), (round(left), round(top)))
-
-
-class _PdfCanvas:
-    """Pages drawn with fpdf2: tiles as JPEG images, text as text in embedded DejaVu Sans."""
-
-    media_type = "image/jpeg"
-
-    def __init__(self, dpi: int) -> None:
-        self.dpi = dpi
-        regular, bold = _fonts()
-        self._pdf = FPDF(orientation="P", unit="mm", format=(FILM_WIDTH_MM, FILM_HEIGHT_MM))
-        self._pdf.set_auto_page_break(False)
-        self._pdf.set_margins(0, 0, 0)
-        self._pdf.add_font("DejaVu", "", str(regular))
-        self._pdf.add_font("DejaVu", "B", str(bold))
-        self._pdf.set_title(FILM_TITLE)
-        self._pdf.set_creator(f"pacs {__version__}")
-
-    def new_sheet(self) -> None:
-        self._pdf.add_page()
-        self._pdf.set_fill_color(0)
-        self._pdf.rect(0, 0, FILM_WIDTH_MM, FILM_HEIGHT_MM, style="F")
-
-    def finish(self) -> bytes:
-        return bytes(self._pdf.output())
-
-    def _font(self, size: float, bold: bool) -> None:
-        self._pdf.set_font("DejaVu", "B" if bold else "", size * 72 / 25.4)
-
-    def text(self, x: float, y: float, text: str, size: float, *, anchor: str = "la",
-             bold: bool = False, grey: int = 255) -> None:
-        self._font(size, bold)
-        width = self._pdf.get_string_width(text)
-        x -= {"l": 0.0, "m": width / 2, "r": width}[anchor[0]]
-        # fpdf2 places text by its baseline; Pillow's vertical anchors, in DejaVu's metrics.
-        y += {"a": _ASCENT, "m": (_ASCENT - _DESCENT) / 2, "s": 0.0, "d": -_DESCENT}[anchor[1]] \
-            * size
-        self._pdf.set_text_color(grey)
-        self._pdf.text(x, y, text)
-
-    def text_width(self, text: str, size: float, *, bold: bool = False) -> float:
-        self._font(size, bold)
-        return self._pdf.get_string_width(text)
-
-    def frame(self, x: float, y: float, w: float, h: float, grey: int) -> None:
-        self._pdf.set_draw_color(grey)
-        self._pdf.set_line_width(0.2)
-        self._pdf.rect(x, y, w, h)
-
-    def line(self, x1: float, y1: float, x2: float, y2: float, grey: int) -> None:
-        self._pdf.set_draw_color(grey)
-        self._pdf.set_line_width(0.3)
-        self._pdf.line(x1, y1, x2, y2)
-
-    def image(self, x: float, y: float, w: float, h: float, data: bytes, name: str) -> None:
-        self._pdf.image(io.BytesIO(_jpeg_with_comment(data, name)), x, y, w, h)
-
-
-def _jpeg_with_comment(data: bytes, comment: str) -> bytes:
-    """The JPEG with a comment segment naming the tile after its JFIF header.
-
-    fpdf2 embeds byte-identical images once; the comment keeps each tile its own image even when
-    two slices look the same (blank slices), so every tile is one image of its page.
-    """
-    if data[:2] != b"\xff\xd8":
-        return data
-    position = 2
-    if data[2:4] == b"\xff\xe0":  # JFIF APP0 must stay right after SOI
-        position = 4 + struct.unpack(">H", data[4:6])[0]
-    text = comment.encode("ascii", "replace")[:1000]
-    return data[:position] + b"\xff\xfe" + struct.pack(">H", len(text) + 2) + text + data[position:]
 
 
 # ---------------------------------------------------------------------------- archiving

@@ -26,7 +26,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from storage.attributes import Level
-from storage.names import display_person_name
+from storage.names import display_date, display_person_name
 from storage.query import Query, find
 from storage.shares import PinOutcome, Share, ShareState
 
@@ -151,9 +151,9 @@ def study_summary(index, study_uid: str) -> dict[str, Any] | None:
     return {
         "study_instance_uid": study_uid,
         "patient_name": display_person_name(first.get("PatientName")),
-        "patient_birth_date": _date(first.get("PatientBirthDate")),
+        "patient_birth_date": display_date(first.get("PatientBirthDate")),
         "patient_sex": {"M": "Nam", "F": "Nữ"}.get(first.get("PatientSex") or "", ""),
-        "study_date": _date(first.get("StudyDate")),
+        "study_date": display_date(first.get("StudyDate")),
         "study_description": first.get("StudyDescription") or "",
         "accession_number": first.get("AccessionNumber") or "",
         "modalities": sorted({s["modality"] for s in series if s["modality"]}),
@@ -179,11 +179,6 @@ def _number(value: Any) -> tuple[int, int]:
         return (1, 0)
 
 
-def _date(value: str | None) -> str:
-    """DICOM DA as dd/mm/yyyy, the way dates are written in Vietnam."""
-    if value and len(value) == 8 and value.isdigit():
-        return f"{value[6:8]}/{value[4:6]}/{value[:4]}"
-    return value or ""
 
 
 # ---------------------------------------------------------------------------- refusals

@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 from storage.attributes import Level
 from storage.errors import NotFound
-from storage.names import display_person_name
+from storage.names import display_date, display_person_name
 from storage.query import NameMatching, Query, find
 from storage.shares import Share, ShareError, ShareStore
 
@@ -175,10 +175,6 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"status": status, "message": message}, status_code=status)
 
 
-def _date(value: str | None) -> str:
-    if value and len(value) == 8 and value.isdigit():
-        return f"{value[6:8]}/{value[4:6]}/{value[:4]}"
-    return value or "—"
 
 
 def slip_html(site_name: str, share: Share, url: str, study: dict[str, Any],
@@ -195,9 +191,9 @@ def slip_html(site_name: str, share: Share, url: str, study: dict[str, Any],
         pin_text = "đã được cung cấp riêng cho người bệnh"
     rows = [
         ("Họ và tên", display_person_name(study.get("PatientName")) or "—"),
-        ("Ngày sinh", _date(study.get("PatientBirthDate"))),
+        ("Ngày sinh", display_date(study.get("PatientBirthDate")) or "—"),
         ("Mã người bệnh", study.get("PatientID") or "—"),
-        ("Ngày chụp", _date(study.get("StudyDate"))),
+        ("Ngày chụp", display_date(study.get("StudyDate")) or "—"),
         ("Loại chụp", ", ".join(filter(None, (study.get("ModalitiesInStudy") or "")
                                            .split("\\"))) or "—"),
         ("Mô tả", study.get("StudyDescription") or "—"),

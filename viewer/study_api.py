@@ -23,13 +23,13 @@ from pacs.access import principal_of
 from viewer.export import write_dicom_zip, write_jpeg_zip
 from viewer.film import (
     FilmError,
-    FilmFontMissing,
     FilmRequest,
     NoImagesToFilm,
     render_film_pdf,
     render_film_png,
     store_film,
 )
+from viewer.film_canvas import FilmFontMissing
 
 
 def study_api_routes(server) -> list[Route]:
