@@ -5,6 +5,7 @@ from __future__ import annotations
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
@@ -56,5 +57,6 @@ def build_app(server) -> Starlette:
         *share_api_routes(server),
         *study_api_routes(server),
         *stats_routes(server),
-        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+        Mount("/static", GZipMiddleware(StaticFiles(directory=STATIC_DIR), minimum_size=500),
+              name="static"),
     ], middleware=middleware, exception_handlers=dicomweb.exception_handlers)

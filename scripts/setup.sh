@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up what the server and its tests need on a fresh Debian/Ubuntu machine:
-# DCMTK (DICOM command-line tools used by the tests and handy for operators), a Python
-# virtual environment in .venv with this package installed, and the OHIF Viewer in .ohif/
+# DCMTK (DICOM command-line tools used by the tests and handy for operators), the DejaVu
+# fonts (film sheets), a Python virtual environment in .venv with this package installed,
+# and the OHIF Viewer in .ohif/
 # (fetched with npm). Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +11,8 @@ want_apt=()
 command -v storescu >/dev/null 2>&1 || want_apt+=(dcmtk)
 command -v python3 >/dev/null 2>&1 || want_apt+=(python3 python3-venv)
 command -v npm >/dev/null 2>&1 || want_apt+=(npm)  # fetches the OHIF Viewer
+# Film sheets set Vietnamese text in DejaVu Sans.
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || want_apt+=(fonts-dejavu-core)
 if ((${#want_apt[@]})); then
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -56,8 +56,10 @@ def viewer_routes(server) -> list[Route]:
         ]
         table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
                         for k, v in rows)
-        link = (f'<p><a class="button" href="{BASE}">Danh sách ca chụp / Study list</a></p>'
-                if installed else "")
+        link = (f'<p><a class="button" href="{BASE}">Danh sách ca chụp / Study list</a> '
+                '<a class="button" href="/admin">Phim số / Digital film</a></p>'
+                if installed else '<p><a class="button" href="/admin">Phim số / Digital film'
+                                  '</a></p>')
         return HTMLResponse(_page("PACS", f"<h1>{html.escape(settings.site_name)}</h1>"
                                           f"{link}<table>{table}</table>"))
 
