@@ -10,6 +10,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 TEST_ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's UID root
+KEY_OBJECT_SELECTION_STORAGE = "1.2.840.10008.5.1.4.1.1.88.59"
 
 
 @dataclass
@@ -119,3 +120,56 @@ def ct_series(spec: Spec, slices: int, size: int = 128) -> list[bytes]:
         ds.FrameOfReferenceUID = frame_of_reference
         series.append(part10(ds))
     return series
+
+
+def key_object_selection(study: Spec, content: list[Dataset], evidence: list[Dataset],
+                         frames: list[int] | None = None) -> bytes:
+    """A minimal KOS: ``content`` as its IMAGE items (in that order), ``evidence`` as its
+    Current Requested Procedure Evidence (which may name images the study does not hold);
+    ``frames``: the frames of each image that are meant."""
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID = KEY_OBJECT_SELECTION_STORAGE
+    ds.SOPInstanceUID = Spec().sop_uid
+    ds.StudyInstanceUID = study.study_uid
+    ds.SeriesInstanceUID = Spec().series_uid
+    ds.Modality = "KO"
+    ds.SeriesNumber, ds.InstanceNumber = 99, 1
+    ds.PatientName, ds.PatientID = study.patient_name, study.patient_id
+    ds.ContentDate, ds.ContentTime = "20240315", "110000"
+    ds.ValueType = "CONTAINER"
+    ds.ContinuityOfContent = "SEPARATE"
+    title = Dataset()
+    title.CodeValue, title.CodingSchemeDesignator = "113000", "DCM"
+    title.CodeMeaning = "Of Interest"
+    ds.ConceptNameCodeSequence = [title]
+
+    def sop_reference(image: Dataset) -> Dataset:
+        item = Dataset()
+        item.ReferencedSOPClassUID = image.SOPClassUID
+        item.ReferencedSOPInstanceUID = image.SOPInstanceUID
+        if frames:
+            item.ReferencedFrameNumber = frames
+        return item
+
+    items = []
+    for image in content:
+        item = Dataset()
+        item.RelationshipType, item.ValueType = "CONTAINS", "IMAGE"
+        item.ReferencedSOPSequence = [sop_reference(image)]
+        items.append(item)
+    ds.ContentSequence = items
+    series: dict[str, list[Dataset]] = {}
+    for image in evidence:
+        series.setdefault(image.SeriesInstanceUID, []).append(sop_reference(image))
+    referenced = []
+    for series_uid, references in series.items():
+        item = Dataset()
+        item.SeriesInstanceUID = series_uid
+        item.ReferencedSOPSequence = references
+        referenced.append(item)
+    study_item = Dataset()
+    study_item.StudyInstanceUID = study.study_uid
+    study_item.ReferencedSeriesSequence = referenced
+    ds.CurrentRequestedProcedureEvidenceSequence = [study_item]
+    return part10(ds)

@@ -21,7 +21,7 @@ from storage.archive import Archive, open_archive
 from storage.attributes import Level
 from storage.errors import NotFound
 from storage.query import Query, find
-from tests.factory import Spec, dataset, part10
+from tests.factory import Spec, dataset, key_object_selection, part10
 from viewer.film import (
     ENCAPSULATED_PDF_STORAGE,
     FILM_HEIGHT_MM,
@@ -36,7 +36,7 @@ from viewer.film import (
     render_film_png,
     store_film,
 )
-from viewer.keyimages import KEY_OBJECT_SELECTION, KeyImage, key_images
+from viewer.keyimages import KeyImage, key_images
 
 SITE = "Bệnh viện Đa khoa Tỉnh Quảng Ngãi"
 SMALL = {"dpi": 50}  # sheets of 689x847 pixels: enough to check the layout, quick to encode
@@ -70,59 +70,6 @@ def store_ct_series(archive: Archive, study: Spec, slices: int = 30, *, series_n
         archive.store(part10(ds))
         stored.append(ds)
     return stored
-
-
-def key_object_selection(study: Spec, content: list[Dataset], evidence: list[Dataset],
-                         frames: list[int] | None = None) -> bytes:
-    """A minimal KOS: ``content`` as its IMAGE items (in that order), ``evidence`` as its
-    Current Requested Procedure Evidence (which may name images the study does not hold);
-    ``frames``: the frames of each image that are meant."""
-    ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.SOPClassUID = KEY_OBJECT_SELECTION
-    ds.SOPInstanceUID = Spec().sop_uid
-    ds.StudyInstanceUID = study.study_uid
-    ds.SeriesInstanceUID = Spec().series_uid
-    ds.Modality = "KO"
-    ds.SeriesNumber, ds.InstanceNumber = 99, 1
-    ds.PatientName, ds.PatientID = study.patient_name, study.patient_id
-    ds.ContentDate, ds.ContentTime = "20240315", "110000"
-    ds.ValueType = "CONTAINER"
-    ds.ContinuityOfContent = "SEPARATE"
-    title = Dataset()
-    title.CodeValue, title.CodingSchemeDesignator = "113000", "DCM"
-    title.CodeMeaning = "Of Interest"
-    ds.ConceptNameCodeSequence = [title]
-
-    def sop_reference(image: Dataset) -> Dataset:
-        item = Dataset()
-        item.ReferencedSOPClassUID = image.SOPClassUID
-        item.ReferencedSOPInstanceUID = image.SOPInstanceUID
-        if frames:
-            item.ReferencedFrameNumber = frames
-        return item
-
-    items = []
-    for image in content:
-        item = Dataset()
-        item.RelationshipType, item.ValueType = "CONTAINS", "IMAGE"
-        item.ReferencedSOPSequence = [sop_reference(image)]
-        items.append(item)
-    ds.ContentSequence = items
-    series: dict[str, list[Dataset]] = {}
-    for image in evidence:
-        series.setdefault(image.SeriesInstanceUID, []).append(sop_reference(image))
-    referenced = []
-    for series_uid, references in series.items():
-        item = Dataset()
-        item.SeriesInstanceUID = series_uid
-        item.ReferencedSOPSequence = references
-        referenced.append(item)
-    study_item = Dataset()
-    study_item.StudyInstanceUID = study.study_uid
-    study_item.ReferencedSeriesSequence = referenced
-    ds.CurrentRequestedProcedureEvidenceSequence = [study_item]
-    return part10(ds)
 
 
 def numbers(images) -> list[int]:

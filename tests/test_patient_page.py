@@ -13,9 +13,11 @@ import httpx
 import pytest
 
 from pacs.settings import Settings
+from storage.archive import open_archive
 from tests.conftest import CANVAS_PIXELS, PacsProcess, stow
-from tests.factory import Spec, ct_series
+from tests.factory import Spec, ct_series, dataset, instance, key_object_selection
 from viewer.ohif import installed_version
+from viewer.patient import first_image_url, study_summary
 
 SHOTS = Path(__file__).resolve().parents[1] / "test-output" / "patient"
 STAFF = {"X-Forwarded-For": "10.99.0.5"}
@@ -152,3 +154,31 @@ def test_doctor_opens_the_full_viewer_limited_to_the_study(site, browser):
         assert "token=" not in viewer.url  # OHIF took the session out of the address bar
     finally:
         context.close()
+
+
+def test_page_data_puts_key_images_first_and_series_in_order(tmp_path):
+    archive = open_archive(f"sqlite:///{tmp_path}/i.sqlite", f"file://{tmp_path}/blobs")
+    study = Spec(patient_name="Đặng^Văn Minh", birth_date="19520709", sex="M")
+    second = Spec(**{**study.__dict__, "series_uid": Spec().series_uid, "series_number": 2,
+                     "series_description": "Phổi 1mm"})
+    for spec in (second, study):  # stored out of order
+        for n in (3, 1, 2):
+            archive.store(instance(Spec(**{**spec.__dict__, "sop_uid": Spec().sop_uid,
+                                          "instance_number": n})))
+    marked = dataset(Spec(**{**second.__dict__, "sop_uid": Spec().sop_uid,
+                             "instance_number": 7}))
+    archive.store(instance(Spec(**{**second.__dict__, "sop_uid": marked.SOPInstanceUID,
+                                   "instance_number": 7})))
+    archive.store(key_object_selection(study, content=[marked], evidence=[marked]))
+
+    summary = study_summary(archive.index, study.study_uid)
+    archive.close()
+
+    assert summary["patient_name"] == "Đặng Văn Minh"
+    assert summary["patient_birth_date"] == "09/07/1952" and summary["patient_sex"] == "Nam"
+    assert [s["number"] for s in summary["series"]] == [1, 2]  # the KOS is not a series here
+    assert [len(s["images"]) for s in summary["series"]] == [3, 4]
+    assert summary["series"][0]["presets"][2] == ["Phổi", (-600, 1500)]
+    assert summary["key_images"] == [[second.series_uid, marked.SOPInstanceUID, 1]]
+    session = {"study": summary, "access_token": "T"}
+    assert marked.SOPInstanceUID in first_image_url(session)  # the page opens on it
