@@ -50,6 +50,10 @@ DICOM_JSON = "application/dicom+json"
 GZIP_MIN_BYTES = 1024
 
 
+# NumberOfPatientRelatedStudies/Series/Instances: they count the patient's whole record.
+_PATIENT_RECORD_COUNTS = ("00201200", "00201202", "00201204")
+
+
 class UnsupportedMediaType(ValueError):
     """The request body is not of a type this route accepts (HTTP 415)."""
 
@@ -96,6 +100,10 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
         base = base_url(request)
         answers = [qido.answer_json(row, parsed, _retrieve_url(base, level, row))
                    for row in rows]
+        if own_study is not None:  # the patient's other studies are not the link's to tell
+            for answer in answers:
+                for tag in _PATIENT_RECORD_COUNTS:
+                    answer.pop(tag, None)
         headers = {"Warning": ", ".join(f'299 pacs "{w}"' for w in parsed.warnings)} \
             if parsed.warnings else {}
         if not answers and not parsed.warnings:
@@ -157,7 +165,8 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
                         media_type=content_type(media, boundary, transfer_syntax=syntax))
 
     async def bulkdata(request: Request) -> Response:
-        rows = await run_in_threadpool(wado.instance_rows, archive, _target(request))
+        rows = await run_in_threadpool(wado.instance_rows, archive, _target(request),
+                                       with_header=True)
         data = await run_in_threadpool(wado.bulk_bytes, archive, rows[0],
                                        request.path_params["spec"])
         accept = parse_accept(request.headers.get("accept"))

@@ -244,12 +244,16 @@ def _frame_from_dataset(data: bytes, index: int) -> bytes:
 
 
 def bulk_bytes(archive: Archive, row: dict[str, Any], spec: str) -> bytes:
-    """The value of one bulk data element of an instance, named as in its metadata URLs."""
+    """The value of one bulk data element of an instance, named as in its metadata URLs.
+
+    A byte range is served only if the instance's metadata names it (``row`` must carry the
+    header): ``0-<size>`` would otherwise be the whole stored file, a download by another
+    name."""
     match = re.fullmatch(r"(\d+)-(\d+)", spec)
     if match:
         offset, length = int(match.group(1)), int(match.group(2))
-        if offset + length > row["_size"]:
-            raise NotFound(f"bulk data {spec} lies outside the instance")
+        if f'"BulkDataURI":"bulk:{offset}:{length}"' not in row["_header"]:
+            raise NotFound(f"no bulk data {spec!r} in the instance")
         return archive.blobs.get_range(row["_blob_key"], offset, length)
     match = re.fullmatch(r"path/([0-9A-Fa-f]{8}(?:/\d+/[0-9A-Fa-f]{8})*)", spec)
     if not match:

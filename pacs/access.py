@@ -16,6 +16,13 @@ Every HTTP request passes ``AccessGate`` before any route runs. It works out the
 
 A credential that is present but not valid (forged, expired, revoked share) is refused with
 401; it never falls back to the network's rights.
+
+Because staff carry no credential, a web page from elsewhere opened on a staff workstation
+could make the browser send requests as staff (cross-site request forgery). Requests that
+change something (any method but GET/HEAD/OPTIONS) are therefore refused when the browser
+says they come from another site: ``Sec-Fetch-Site: cross-site``, or an ``Origin`` that is
+neither this server nor one of ``cors_allowed_origins``. Tools that are not browsers send
+neither header and are not affected.
 """
 
 from __future__ import annotations
@@ -184,6 +191,8 @@ class Grant:
     @classmethod
     def decode(cls, text: str, secret: bytes) -> Grant | None:
         """The grant in ``text`` if its signature holds and it has not expired."""
+        if not text.isascii():  # a forgery (and str.isdigit would take "²" for a digit)
+            return None
         parts = text.split(".")
         if len(parts) != 4 or not parts[0].isdigit() or not parts[2].isdigit():
             return None
@@ -293,6 +302,8 @@ class AccessGate:
     def __init__(self, app: ASGIApp, policy: AccessPolicy) -> None:
         self.app = app
         self.policy = policy
+        self.allowed_origins = {o.rstrip("/").lower()
+                                for o in policy.settings.cors_allowed_origins}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -303,6 +314,9 @@ class AccessGate:
         if principal is None:
             decision = Decision(False, 401, "phiên chia sẻ không hợp lệ hoặc đã hết hạn / the "
                                             "share session is not valid or has expired")
+        elif method not in _SAFE_METHODS and _cross_site(scope, self.allowed_origins):
+            decision = Decision(False, 403, "yêu cầu từ trang web khác bị từ chối / a request "
+                                            "from another site cannot change anything here")
         else:
             query = QueryParams(scope.get("query_string", b"").decode("latin-1"))
             decision = decide(principal, method, path, query)
@@ -317,6 +331,23 @@ class AccessGate:
             if action:
                 await self.policy.record_use(principal, action, detail)
         await self.app(scope, receive, send)
+
+
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _cross_site(scope: Scope, allowed_origins: set[str]) -> bool:
+    """Whether a browser marked the request as sent by a page of another site."""
+    headers = {k: v.decode("latin-1") for k, v in scope.get("headers", ())
+               if k in (b"origin", b"sec-fetch-site", b"host")}
+    origin = headers.get(b"origin", "").rstrip("/").lower()
+    if origin in allowed_origins:  # a viewer this server was told to trust
+        return False
+    if headers.get(b"sec-fetch-site", "").lower() == "cross-site":
+        return True
+    if not origin:
+        return False
+    return origin == "null" or origin.split("://", 1)[-1] != headers.get(b"host", "").lower()
 
 
 def _use_of(path: str) -> tuple[str, str]:

@@ -224,34 +224,50 @@ class ShareStore:
 
     def check_pin(self, share: Share, pin: str | None) -> PinResult:
         """Check a PIN attempt, counting misses: after each, a growing wait; at the limit, the
-        share locks until staff unlock it."""
+        share locks until staff unlock it.
+
+        Each attempt first reserves its turn in one conditional UPDATE (not locked, no wait
+        pending, misses below the limit; the reservation counts as a miss and holds the share
+        for a second), so guesses sent at once are refused instead of all being tried, and a
+        share can never take more misses than the limit."""
         if not share.has_pin:
             return PinResult(PinOutcome.OK)
-        if share.locked_at is not None:
-            return PinResult(PinOutcome.LOCKED)
         if not pin:
-            return PinResult(PinOutcome.NEEDED, self.pin_max_attempts - share.pin_failures)
+            return self._pin_state(share)
+        now = _now()
+        with self.index.write_core() as conn:
+            failures = conn.execute(
+                shares.update()
+                .where(shares.c.pk == share.id, shares.c.locked_at.is_(None),
+                       shares.c.pin_failures < self.pin_max_attempts,
+                       sa.or_(shares.c.pin_retry_at.is_(None), shares.c.pin_retry_at <= now))
+                .values(pin_failures=shares.c.pin_failures + 1,
+                        pin_retry_at=now + _PIN_HOLD)
+                .returning(shares.c.pin_failures)).scalar()
+        if failures is None:  # locked, waiting, or another attempt holds the turn
+            return self._pin_state(self.get(share.id), attempted=True)
+        if _pin_matches(share.pin_hash, pin.strip()):
+            self._update(share.id, pin_failures=0, pin_retry_at=None)
+            return PinResult(PinOutcome.OK)
+        if failures >= self.pin_max_attempts:
+            self._update(share.id, locked_at=_now(), pin_retry_at=None)
+            return PinResult(PinOutcome.LOCKED)
+        wait = min(2 ** failures, 300)
+        self._update(share.id, pin_retry_at=_now() + dt.timedelta(seconds=wait))
+        return PinResult(PinOutcome.WRONG, self.pin_max_attempts - failures, wait)
+
+    def _pin_state(self, share: Share, *, attempted: bool = False) -> PinResult:
+        """Why a PIN cannot be tried now (or, with no attempt, that one is needed)."""
+        left = max(self.pin_max_attempts - share.pin_failures, 0)
+        if share.locked_at is not None or left == 0:
+            return PinResult(PinOutcome.LOCKED)
         now = _now()
         if share.pin_retry_at is not None and share.pin_retry_at > now:
             wait = int((share.pin_retry_at - now).total_seconds()) + 1
-            return PinResult(PinOutcome.WAIT, self.pin_max_attempts - share.pin_failures, wait)
-        if _pin_matches(share.pin_hash, pin.strip()):
-            if share.pin_failures:
-                self._update(share.id, pin_failures=0, pin_retry_at=None)
-            return PinResult(PinOutcome.OK)
-        with self.index.write_core() as conn:
-            failures = conn.execute(
-                shares.update().where(shares.c.pk == share.id)
-                .values(pin_failures=shares.c.pin_failures + 1)
-                .returning(shares.c.pin_failures)).scalar()
-            if failures >= self.pin_max_attempts:
-                conn.execute(shares.update().where(shares.c.pk == share.id)
-                             .values(locked_at=now))
-                return PinResult(PinOutcome.LOCKED)
-            wait = min(2 ** failures, 300)
-            conn.execute(shares.update().where(shares.c.pk == share.id)
-                         .values(pin_retry_at=now + dt.timedelta(seconds=wait)))
-        return PinResult(PinOutcome.WRONG, self.pin_max_attempts - failures, wait)
+            return PinResult(PinOutcome.WAIT, left, wait)
+        if attempted:  # the turn was freed between the UPDATE and this read
+            return PinResult(PinOutcome.WAIT, left, 1)
+        return PinResult(PinOutcome.NEEDED, left)
 
     def _derive_token(self, nonce: str) -> str:
         digest = hmac.new(self._secret, b"share-token\0" + nonce.encode(), "sha256").digest()
@@ -322,6 +338,9 @@ def _pin_matches(stored: str | None, pin: str) -> bool:
         return False
     candidate = hashlib.scrypt(pin.encode(), salt=bytes.fromhex(salt), **_SCRYPT)
     return hmac.compare_digest(candidate.hex(), digest)
+
+
+_PIN_HOLD = dt.timedelta(seconds=1)  # how long one PIN attempt holds the share's turn
 
 
 def _now() -> dt.datetime:

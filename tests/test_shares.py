@@ -160,8 +160,12 @@ def test_share_creation_rejects_bad_requests(site):
     assert post({"study_instance_uid": study_a.study_uid, "days": "x"}).status_code == 400
     bad_pin = post({"study_instance_uid": study_a.study_uid, "pin": "12ab"})
     assert bad_pin.status_code == 400 and "pin" in bad_pin.json()["message"]
-    raw = httpx.post(server.http + "/api/shares", content=b"{not json", headers=STAFF)
+    raw = httpx.post(server.http + "/api/shares", content=b"{not json",
+                     headers={**STAFF, "Content-Type": "application/json"})
     assert raw.status_code == 400
+    as_text = httpx.post(server.http + "/api/shares", headers={**STAFF, "Content-Type": "text/plain"},
+                         content=f'{{"study_instance_uid": "{study_a.study_uid}"}}')
+    assert as_text.status_code == 415 and "application/json" in as_text.json()["message"]
 
 
 # ---------------------------------------------------------------------------- PIN

@@ -57,6 +57,9 @@ def share_api_routes(server) -> list[Route]:
     settings = server.settings
 
     async def create(request: Request) -> Response:
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media != "application/json":  # (a form or text/plain body is what CSRF sends)
+            return _error(415, "the body must be application/json")
         try:
             body = await request.json()
         except ValueError:
