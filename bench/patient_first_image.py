@@ -65,7 +65,8 @@ def start_server(data_dir: Path) -> tuple[subprocess.Popen, str]:
     http_port = free_port()
     env = {**os.environ, "PACS_DATA_DIR": str(data_dir), "PACS_HTTP_PORT": str(http_port),
            "PACS_DICOM_PORT": str(free_port()), "PACS_DICOM_HOST": "127.0.0.1",
-           "PACS_HTTP_HOST": "127.0.0.1", "PACS_SITE_NAME": "Bệnh viện Đa khoa Tỉnh"}
+           "PACS_HTTP_HOST": "127.0.0.1", "PACS_HL7_PORT": "0",
+           "PACS_SITE_NAME": "Bệnh viện Đa khoa Tỉnh"}
     proc = subprocess.Popen([sys.executable, "-m", "pacs.cli", "serve"], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{http_port}"

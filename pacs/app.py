@@ -7,6 +7,7 @@ import threading
 
 import uvicorn
 
+from emr.service import EmrService
 from pacs.access import AccessPolicy, server_secret
 from pacs.dimse.server import DicomServer
 from pacs.http import build_app
@@ -33,6 +34,9 @@ def configure_logging(level: str) -> None:
     # would put patient data in the log): keep it to warnings unless debugging.
     if level.upper() != "DEBUG":
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        # One line per HTTP request the server makes (FHIR results) and per Alembic plug-in.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 
 class PacsServer:
@@ -41,11 +45,12 @@ class PacsServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.archive = archive_for(settings)
-        self.dicom = DicomServer(settings, self.archive)
+        self.completion = StudyCompletion(self.archive, settings.study_complete_seconds)
+        self.emr = EmrService(self.archive, settings, self.completion)
+        self.dicom = DicomServer(settings, self.archive, self.emr.worklist)
         self.shares = ShareStore(self.archive.index, server_secret(settings),
                                  pin_max_attempts=settings.share_pin_max_attempts)
         self.access = AccessPolicy(settings, self.shares, server_secret(settings))
-        self.completion = StudyCompletion(self.archive, settings.study_complete_seconds)
         if settings.share_on_complete:
             self.completion.subscribe(self._share_completed_study)
         self.reconcile_state = "pending" if settings.reconcile_on_start else "disabled"
@@ -84,6 +89,7 @@ class PacsServer:
                  self.archive.index.engine.url.render_as_string(hide_password=True),
                  self.archive.blobs.describe())
         self.dicom.start()
+        self.emr.start()
         self.completion.start()
         if self.settings.reconcile_on_start:
             threading.Thread(target=self._reconcile, name="reconcile", daemon=True).start()
@@ -100,4 +106,5 @@ class PacsServer:
             log.info("shutting down")
             self.dicom.stop()
             self.completion.stop()
+            self.emr.stop()
             self.archive.close()

@@ -12,6 +12,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from dicomweb.app import build_dicomweb
+from emr.http import emr_routes
 from pacs import __version__
 from pacs.access import AccessGate
 from viewer.patient import patient_routes
@@ -57,6 +58,7 @@ def build_app(server) -> Starlette:
         *share_api_routes(server),
         *study_api_routes(server),
         *stats_routes(server),
+        *emr_routes(server),
         Mount("/static", GZipMiddleware(StaticFiles(directory=STATIC_DIR), minimum_size=500),
               name="static"),
     ], middleware=middleware, exception_handlers=dicomweb.exception_handlers)

@@ -129,6 +129,20 @@ class Settings:
     film_sheet_price_vnd: int = 60000
     film_sheets_per_study: tuple[str, ...] = ("CT:2", "MR:2", "PT:2", "MG:2", "CR:1",
                                               "DX:1", "US:1", "XA:1", "RF:1", "*:1")
+    # EMR links (emr/). HL7 v2 orders and ADT arrive over MLLP on this port (0: no listener).
+    hl7_host: str = "0.0.0.0"
+    hl7_port: int = 2575
+    # MSH-3 / MSH-4 of the messages this server sends (ACKs, ORU results).
+    hl7_application: str = "PACS"
+    hl7_facility: str = ""
+    # Where results go when a study is complete: "mllp://HOST:PORT" (HL7 ORU^R01) and/or a
+    # FHIR R4 base URL "http(s)://HOST/fhir" (ImagingStudy, PUT by id).
+    emr_results_to: tuple[str, ...] = ()
+    # Retries of undelivered results: first wait, doubling up to the maximum (seconds).
+    emr_retry_seconds: float = 5.0
+    emr_retry_max_seconds: float = 300.0
+    # FHIR identifier system of the hospital's MRNs (Patient.identifier of type MR).
+    emr_mrn_system: str = "urn:pacs:mrn"
     log_level: str = "INFO"
 
     @property
@@ -245,7 +259,7 @@ def _validate(settings: Settings) -> None:
     _check_ae_title(settings.ae_title, "ae_title")
     for ae in settings.allowed_calling_aes:
         _check_ae_title(ae, "allowed_calling_aes entry")
-    for name in ("dicom_port", "http_port"):
+    for name in ("dicom_port", "http_port", "hl7_port"):
         port = getattr(settings, name)
         if not 0 <= port < 65536:
             raise SettingsError(f"{name} {port} is out of range")
@@ -279,6 +293,13 @@ def _validate(settings: Settings) -> None:
             min(settings.film_grid) < 1:
         raise SettingsError(f"film_layout {settings.film_layout!r} must be COLUMNSxROWS, "
                             "e.g. 4x5")
+    for destination in settings.emr_results_to:
+        if not re.fullmatch(r"mllp://[^/:]+:\d+/?|https?://\S+", destination):
+            raise SettingsError(f"emr_results_to: {destination!r} is neither mllp://HOST:PORT "
+                                "nor a FHIR base URL http(s)://...")
+    if not 0 < settings.emr_retry_seconds <= settings.emr_retry_max_seconds:
+        raise SettingsError("emr_retry_seconds must be positive and at most "
+                            "emr_retry_max_seconds")
     for item in settings.film_sheets_per_study:
         if not re.fullmatch(r"\s*(\*|[A-Za-z]{2})\s*:\s*\d+\s*", item):
             raise SettingsError(f"film_sheets_per_study: {item!r} is not MODALITY:SHEETS")

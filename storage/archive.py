@@ -379,6 +379,10 @@ class Archive:
         modalities = {row[0] for row in cursor.execute(_SQL_STUDY_MODALITIES, (study_pk,))}
         cursor.execute(_SQL_SET_MODALITIES, ("\\".join(sorted(modalities)) or None, study_pk))
 
+    def forget_cached_parents(self) -> None:
+        """Drop what the ingest path remembers of series' parents (after studies move)."""
+        self._forget_series()
+
     def _forget_series(self, series_uid: str | None = None) -> None:
         with self._cache_lock:
             if series_uid is None:

@@ -147,6 +147,88 @@ share_accesses = sa.Table(
     sa.Column("session", sa.String(32), nullable=False, server_default=""),
 )
 
+# ---- EMR links (emr/): what the hospital record sends and what the archive answers back.
+
+# Patients as the EMR knows them (ADT, orders). Separate from ``patients``, which holds the
+# patients images arrived for; the EMR's corrections are copied there (storage.patients).
+emr_patients = sa.Table(
+    "emr_patients", metadata,
+    sa.Column("pk", sa.Integer, primary_key=True),
+    sa.Column("patient_id", sa.String(64), nullable=False),  # the MRN
+    sa.Column("issuer", sa.String(64), nullable=False, server_default=""),
+    sa.Column("name", sa.Text, nullable=False, server_default=""),  # PN
+    sa.Column("name_ci", sa.Text, nullable=False, server_default=""),
+    sa.Column("name_fold", sa.Text, nullable=False, server_default=""),
+    sa.Column("birth_date", sa.String(8), nullable=False, server_default=""),
+    sa.Column("sex", sa.String(4), nullable=False, server_default=""),
+    sa.Column("cccd", sa.String(32), nullable=False, server_default="", index=True),
+    sa.Column("bhyt", sa.String(32), nullable=False, server_default="", index=True),
+    sa.Column("address", sa.Text, nullable=False, server_default=""),
+    sa.Column("phone", sa.String(64), nullable=False, server_default=""),
+    # Set when an ADT merge made this record part of another: it is kept for the history.
+    sa.Column("merged_into_pk", sa.Integer, sa.ForeignKey("emr_patients.pk")),
+    *_timestamps(),
+    sa.UniqueConstraint("patient_id", "issuer", name="uq_emr_patients_identity"),
+)
+
+# Imaging orders: one requested procedure with its scheduled step, the Modality Worklist's
+# source. Text columns hold DICOM forms (PN, YYYYMMDD, HHMMSS).
+orders = sa.Table(
+    "orders", metadata,
+    sa.Column("pk", sa.Integer, primary_key=True),
+    sa.Column("accession_number", sa.String(64), nullable=False, unique=True),
+    sa.Column("patient_pk", sa.Integer, sa.ForeignKey("emr_patients.pk"), nullable=False,
+              index=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    *(sa.Column(name, sa.Text, nullable=False, server_default="") for name in (
+        "placer_order_number", "filler_order_number", "requested_procedure_id",
+        "scheduled_step_id", "modality", "station_ae_title", "station_name", "scheduled_date",
+        "scheduled_time", "procedure_code", "procedure_code_system", "procedure_description",
+        "reason", "priority", "referring_physician", "performing_physician", "body_part",
+        "study_instance_uid", "source")),
+    *_timestamps(),
+)
+
+# Which order each arrived study belongs to; ``state`` "unmatched" is the queue staff resolve.
+study_links = sa.Table(
+    "study_links", metadata,
+    sa.Column("pk", sa.Integer, primary_key=True),
+    sa.Column("study_instance_uid", sa.String(64), nullable=False, unique=True),
+    sa.Column("order_pk", sa.Integer, sa.ForeignKey("orders.pk"), index=True),
+    sa.Column("state", sa.String(16), nullable=False),  # linked | unmatched | dismissed
+    sa.Column("reason", sa.Text, nullable=False, server_default=""),  # how linked, or why not
+    *_timestamps(),
+)
+
+# Modality Performed Procedure Steps (N-CREATE / N-SET) as the modality reported them.
+performed_steps = sa.Table(
+    "performed_steps", metadata,
+    sa.Column("pk", sa.Integer, primary_key=True),
+    sa.Column("sop_instance_uid", sa.String(64), nullable=False, unique=True),
+    sa.Column("order_pk", sa.Integer, sa.ForeignKey("orders.pk"), index=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("study_instance_uid", sa.String(64), nullable=False, server_default=""),
+    sa.Column("attributes", sa.Text, nullable=False),  # DICOM JSON of what was sent
+    *_timestamps(),
+)
+
+# The outbox: every result message owed to an EMR destination, until it is delivered.
+deliveries = sa.Table(
+    "deliveries", metadata,
+    sa.Column("pk", sa.Integer, primary_key=True),
+    sa.Column("destination", sa.Text, nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),  # hl7 | fhir
+    sa.Column("study_instance_uid", sa.String(64), nullable=False, index=True),
+    sa.Column("payload", sa.Text, nullable=False),
+    # pending | delivered | failed (refused, or out of attempts) | superseded
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", sa.DateTime(timezone=True)),
+    sa.Column("last_error", sa.Text, nullable=False, server_default=""),
+    sa.Column("delivered_at", sa.DateTime(timezone=True)),
+    *_timestamps(),
+)
+
 TABLES = {Level.PATIENT: patients, Level.STUDY: studies, Level.SERIES: series,
           Level.INSTANCE: instances}
 
@@ -165,6 +247,10 @@ _pattern_index("ix_studies_accession_number", studies, "accession_number")
 sa.Index("ix_series_modality", series.c.modality)
 sa.Index("ix_instances_sop_class_uid", instances.c.sop_class_uid)
 sa.Index("ix_share_accesses_at", share_accesses.c.at)
+sa.Index("ix_emr_patients_name_fold", emr_patients.c.name_fold)
+sa.Index("ix_orders_worklist", orders.c.status, orders.c.scheduled_date)
+sa.Index("ix_study_links_state", study_links.c.state)
+sa.Index("ix_deliveries_due", deliveries.c.state, deliveries.c.next_attempt_at)
 
 
 class Index:

@@ -170,10 +170,35 @@ def match_person_name(attribute: IndexedAttribute, value: str,
                       mode: NameMatching) -> sa.ColumnElement:
     """Condition for a PN key: case-insensitive always, accent-insensitive per ``mode``."""
     table = TABLES[attribute.level]
+    return name_condition(table.c[attribute.column + "_ci"],
+                          table.c[attribute.column + "_fold"], value, mode)
+
+
+# The same matching rules for tables other than the four levels (the worklist's orders).
+
+
+def name_condition(casefolded: sa.ColumnElement, folded: sa.ColumnElement, value: str,
+                   mode: NameMatching) -> sa.ColumnElement:
+    """A PN match on a name's case-folded and accent-folded columns."""
     fuzzy = mode is NameMatching.FUZZY or (mode is NameMatching.AUTO and not has_diacritics(value))
     if fuzzy:
-        return _string(table.c[attribute.column + "_fold"], fold_person_name(value))
-    return _string(table.c[attribute.column + "_ci"], casefold_person_name(value))
+        return _string(folded, fold_person_name(value))
+    return _string(casefolded, casefold_person_name(value))
+
+
+def text_condition(column: sa.ColumnElement, value: str) -> sa.ColumnElement:
+    """Single value, wildcard, or ``\\``-separated list match of a text column."""
+    return sa.or_(*(_string(column, v) for v in value.split("\\")))
+
+
+def date_condition(column: sa.ColumnElement, keyword: str, value: str) -> sa.ColumnElement:
+    """Single date or range (``A-B``, ``A-``, ``-B``) of a YYYYMMDD column."""
+    return _range(column, keyword, value, _date_bound)
+
+
+def time_condition(column: sa.ColumnElement, keyword: str, value: str) -> sa.ColumnElement:
+    """Single time or range of an HHMMSS column."""
+    return _range(column, keyword, value, _time_bound)
 
 
 def _string(column: sa.ColumnElement, value: str) -> sa.ColumnElement:

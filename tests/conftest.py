@@ -181,6 +181,7 @@ class PacsProcess:
     ae_title: str = "PACS"
     dicom_port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
+    hl7_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
 
@@ -197,6 +198,8 @@ class PacsProcess:
             "PACS_DICOM_PORT": str(self.dicom_port),
             "PACS_HTTP_HOST": "127.0.0.1",
             "PACS_HTTP_PORT": str(self.http_port),
+            "PACS_HL7_HOST": "127.0.0.1",
+            "PACS_HL7_PORT": str(self.hl7_port),
         })
         env.update(self.env)
         return env

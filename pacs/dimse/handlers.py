@@ -18,6 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context, evt
 from pynetdicom.sop_class import (
+    ModalityWorklistInformationFind,
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
 )
@@ -32,6 +33,7 @@ from pacs.dimse.identifiers import (
     retrieve_keys,
 )
 from pacs.dimse.passthrough import StoredDataset
+from pacs.dimse.worklist import WorklistHandlers
 from pacs.settings import Settings
 from storage.archive import Archive, InstanceLocation
 from storage.attributes import Level
@@ -76,9 +78,11 @@ def _peer(event: evt.Event) -> str:
 class DimseHandlers:
     """The handlers bound to the AE, sharing one archive and the settings."""
 
-    def __init__(self, archive: Archive, settings: Settings) -> None:
+    def __init__(self, archive: Archive, settings: Settings,
+                 worklist: WorklistHandlers | None = None) -> None:
         self.archive = archive
         self.settings = settings
+        self.worklist = worklist
         self.name_matching = NameMatching(settings.person_name_matching)
 
     def bindings(self) -> list[tuple[Any, Any]]:
@@ -141,6 +145,12 @@ class DimseHandlers:
 
     def on_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
         model = event.request.AffectedSOPClassUID
+        if model == ModalityWorklistInformationFind:
+            if self.worklist is None:
+                yield status_dataset(status.SOP_CLASS_NOT_SUPPORTED, "no worklist here"), None
+            else:
+                yield from self.worklist.on_find(event)
+            return
         try:
             level, keys = parse_identifier(event.identifier)
         except IdentifierError as exc:

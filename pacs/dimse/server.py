@@ -7,6 +7,8 @@ import logging
 from pydicom import config as pydicom_config
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import (
+    ModalityPerformedProcedureStep,
+    ModalityWorklistInformationFind,
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
@@ -21,6 +23,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from pacs.dimse import commands, passthrough, reactor
 from pacs.dimse.commitment import StorageCommitment
 from pacs.dimse.handlers import DimseHandlers
+from pacs.dimse.worklist import WorklistHandlers
 from pacs.settings import Settings
 from storage.archive import Archive
 from storage.parsing import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
@@ -81,6 +84,8 @@ def build_ae(settings: Settings) -> AE:
     for model in QUERY_RETRIEVE_MODELS:
         ae.add_supported_context(model)
     ae.add_supported_context(StorageCommitmentPushModel)
+    ae.add_supported_context(ModalityWorklistInformationFind)
+    ae.add_supported_context(ModalityPerformedProcedureStep)
     # Outgoing associations (C-MOVE) get their contexts per request; C-ECHO for diagnostics.
     ae.add_requested_context(Verification)
     return ae
@@ -89,11 +94,12 @@ def build_ae(settings: Settings) -> AE:
 class DicomServer:
     """The listening DICOM server (one thread per association), bound to the archive."""
 
-    def __init__(self, settings: Settings, archive: Archive) -> None:
+    def __init__(self, settings: Settings, archive: Archive,
+                 worklist: WorklistHandlers | None = None) -> None:
         self.settings = settings
         self.archive = archive
         self.ae = build_ae(settings)
-        self.handlers = DimseHandlers(archive, settings)
+        self.handlers = DimseHandlers(archive, settings, worklist)
         self.commitment = StorageCommitment(archive, settings, settings.ae_title)
         self._server: ThreadedAssociationServer | None = None
 
@@ -101,6 +107,8 @@ class DicomServer:
         """Start accepting associations (returns at once; the server runs in threads)."""
         address = (self.settings.dicom_host, self.settings.dicom_port)
         handlers = [*self.handlers.bindings(), (evt.EVT_N_ACTION, self.commitment.on_n_action)]
+        if self.handlers.worklist is not None:
+            handlers += self.handlers.worklist.bindings()
         self._server = self.ae.start_server(address, block=False, evt_handlers=handlers)
         log.info("DICOM %s listening on %s:%d", self.settings.ae_title, *self.address)
 

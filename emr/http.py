@@ -1,0 +1,517 @@
+"""HTTP routes of the EMR side: the FHIR R4 API (``/fhir``) and the JSON API (``/api/orders``,
+``/api/patients``, ``/api/emr/...``). Staff only (``pacs.access``): EMR systems call from the
+hospital's networks."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import re
+from typing import Any
+
+import sqlalchemy as sa
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from emr import fhir
+from emr.model import Order, OrderControl, OrderStatus, PatientInfo, PatientMerge, PatientUpdate
+from emr.orders import UnknownOrder, order_json
+from emr.results import study_result
+from emr.service import EmrService
+from storage.errors import NotFound
+from storage.index import patients, studies, study_links
+
+FHIR_JSON = "application/fhir+json"
+_MAX_COUNT = 100
+_DATE_PREFIX = re.compile(r"^(eq|ne|gt|lt|ge|le|sa|eb)?(\d{4}(-\d{2}(-\d{2}(T[0-9:.]+"
+                          r"(Z|[+-]\d{2}:\d{2})?)?)?)?)$")
+
+
+class BadRequest(ValueError):
+    """A JSON API request that cannot be applied (HTTP 400)."""
+
+
+def emr_routes(server) -> list[Route]:
+    service: EmrService = server.emr
+    settings = server.settings
+
+    # ------------------------------------------------------------------ FHIR
+
+    def fhir_response(body: dict, status: int = 200, headers: dict | None = None) -> Response:
+        return Response(json.dumps(body, ensure_ascii=False), status_code=status,
+                        media_type=FHIR_JSON + "; charset=utf-8", headers=headers)
+
+    def outcome(status: int, code: str, text: str, expression: str | None = None) -> Response:
+        return fhir_response(fhir.operation_outcome("error", code, text, expression), status)
+
+    def fhir_base(request: Request) -> str:
+        return f"{service.base_url()}/fhir" if settings.public_url else \
+            str(request.base_url).rstrip("/") + "/fhir"
+
+    async def metadata(request: Request) -> Response:
+        return fhir_response(fhir.capability_statement(fhir_base(request)))
+
+    async def create_service_request(request: Request) -> Response:
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            return outcome(400, "structure", "the body is not JSON")
+        try:
+            order = fhir.parse_service_request(body, mrn_system=settings.emr_mrn_system)
+            stored = await run_in_threadpool(service.apply_order, order)
+        except fhir.FhirError as exc:
+            return fhir_response(exc.outcome(), exc.status)
+        except UnknownOrder as exc:
+            return outcome(422, "not-found", str(exc), "ServiceRequest.identifier")
+        request_resource = body if body.get("resourceType") == "ServiceRequest" else next(
+            e["resource"] for e in body.get("entry", [])
+            if e.get("resource", {}).get("resourceType") == "ServiceRequest")
+        answer = {**request_resource, "id": str(stored.pk),
+                  "meta": {"lastUpdated": stored.updated_at.isoformat(timespec="seconds")}}
+        return fhir_response(answer, 201, {"Location": f"{fhir_base(request)}/ServiceRequest/"
+                                                       f"{stored.pk}/_history/1"})
+
+    async def search_imaging_studies(request: Request) -> Response:
+        try:
+            uids, total = await run_in_threadpool(_find_studies, service, settings,
+                                                  request.query_params.multi_items())
+        except fhir.FhirError as exc:
+            return fhir_response(exc.outcome(), exc.status)
+        resources = await run_in_threadpool(
+            lambda: [_imaging_study(service, settings, uid, updated) for uid, updated in uids])
+        base = fhir_base(request)
+        return fhir_response(fhir.searchset([r for r in resources if r], total=total,
+                                            self_url=str(request.url), base_url=base))
+
+    async def read_imaging_study(request: Request) -> Response:
+        uid = request.path_params["id"]
+        found = await run_in_threadpool(_study_updated, service, uid)
+        if found is None:
+            return outcome(404, "not-found", f"no ImagingStudy {uid}")
+        resource = await run_in_threadpool(_imaging_study, service, settings, uid, found)
+        return fhir_response(resource)
+
+    async def search_patients(request: Request) -> Response:
+        params = request.query_params
+        unknown = set(params) - {"identifier", "_count", "_format"}
+        if unknown:
+            return outcome(400, "not-supported",
+                           f"search parameter(s) not supported: {', '.join(sorted(unknown))}")
+        token = params.get("identifier", "")
+        if not token:
+            return outcome(400, "required", "identifier is required (SYSTEM|VALUE)")
+        found = await run_in_threadpool(_patients_by_identifier, service, settings, token)
+        entries = [fhir.patient_resource(info, str(pk), mrn_system=settings.emr_mrn_system)
+                   for pk, info in found]
+        return fhir_response(fhir.searchset(entries, total=len(entries), self_url=str(request.url),
+                                            base_url=fhir_base(request)))
+
+    async def read_patient(request: Request) -> Response:
+        pk = request.path_params["id"]
+        try:
+            info = await run_in_threadpool(service.orders.patient, int(pk))
+        except (ValueError, NotFound):
+            return outcome(404, "not-found", f"no Patient {pk}")
+        return fhir_response(fhir.patient_resource(info, pk, mrn_system=settings.emr_mrn_system))
+
+    # ------------------------------------------------------------------ JSON API
+
+    async def json_body(request: Request) -> dict[str, Any]:
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media != "application/json":
+            raise BadRequest("the body must be application/json")
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            raise BadRequest("the body is not JSON") from None
+        if not isinstance(body, dict):
+            raise BadRequest("the body must be a JSON object")
+        return body
+
+    async def create_order(request: Request) -> Response:
+        try:
+            order = order_from_json(await json_body(request))
+            stored = await run_in_threadpool(service.apply_order, order)
+        except BadRequest as exc:
+            return _error(415 if "application/json" in str(exc) else 400, str(exc))
+        except UnknownOrder as exc:
+            return _error(404, str(exc))
+        return JSONResponse(order_json(stored), status_code=201,
+                            headers={"Location": f"/api/orders/{stored.order.accession_number}"})
+
+    async def list_orders(request: Request) -> Response:
+        params = request.query_params
+        try:
+            limit, offset = _paging(params)
+            found = await run_in_threadpool(
+                service.orders.list, status=params.get("status", ""),
+                patient_id=params.get("patient_id", ""), date=params.get("date", ""),
+                limit=limit, offset=offset)
+        except (BadRequest, ValueError) as exc:
+            return _error(400, str(exc))
+        return JSONResponse([order_json(o) for o in found])
+
+    async def get_order(request: Request) -> Response:
+        accession = request.path_params["accession"]
+        try:
+            stored = await run_in_threadpool(service.orders.get, accession)
+        except UnknownOrder as exc:
+            return _error(404, str(exc))
+        body = order_json(stored)
+        body["studies"] = await run_in_threadpool(_linked_studies, service, stored.pk)
+        return JSONResponse(body)
+
+    async def cancel_order(request: Request) -> Response:
+        accession = request.path_params["accession"]
+        try:
+            stored = await run_in_threadpool(service.orders.get, accession)
+            cancelled = await run_in_threadpool(service.apply_order, dataclasses.replace(
+                stored.order, control=OrderControl.CANCEL, status=OrderStatus.CANCELLED))
+        except UnknownOrder as exc:
+            return _error(404, str(exc))
+        return JSONResponse(order_json(cancelled))
+
+    async def save_patient(request: Request) -> Response:
+        try:
+            patient = patient_from_json(await json_body(request))
+            pk = await run_in_threadpool(service.apply_patient, PatientUpdate(patient))
+        except BadRequest as exc:
+            return _error(415 if "application/json" in str(exc) else 400, str(exc))
+        info = await run_in_threadpool(service.orders.patient, pk)
+        return JSONResponse({"id": pk, **dataclasses.asdict(info)})
+
+    async def merge_patients(request: Request) -> Response:
+        try:
+            body = await json_body(request)
+            prior = body.get("prior_patient_id")
+            if not isinstance(prior, str) or not prior.strip():
+                raise BadRequest("prior_patient_id: required (the MRN merged away)")
+            merge = PatientMerge(patient_from_json(body.get("patient")), prior.strip(),
+                                 str(body.get("prior_issuer") or ""))
+            moved = await run_in_threadpool(service.merge_patients, merge)
+        except BadRequest as exc:
+            return _error(415 if "application/json" in str(exc) else 400, str(exc))
+        return JSONResponse({"studies_moved": moved})
+
+    async def unmatched(request: Request) -> Response:
+        try:
+            limit, offset = _paging(request.query_params)
+        except BadRequest as exc:
+            return _error(400, str(exc))
+        return JSONResponse(await run_in_threadpool(service.linker.unmatched, limit=limit,
+                                                    offset=offset))
+
+    async def link_study(request: Request) -> Response:
+        study = request.path_params["study"]
+        try:
+            body = await json_body(request)
+            accession = body.get("accession_number")
+            if not isinstance(accession, str) or not accession.strip():
+                raise BadRequest("accession_number: required (the order to link to)")
+            move = body.get("move_to_order_patient", True)
+            if not isinstance(move, bool):
+                raise BadRequest("move_to_order_patient: must be true or false")
+            link = await run_in_threadpool(lambda: service.resolve(
+                study, accession.strip(), move_to_order_patient=move))
+        except BadRequest as exc:
+            return _error(415 if "application/json" in str(exc) else 400, str(exc))
+        except NotFound as exc:
+            return _error(404, str(exc))
+        return JSONResponse(dataclasses.asdict(link))
+
+    async def dismiss_study(request: Request) -> Response:
+        try:
+            link = await run_in_threadpool(service.linker.dismiss, request.path_params["study"])
+        except NotFound as exc:
+            return _error(404, str(exc))
+        return JSONResponse(dataclasses.asdict(link))
+
+    async def study_order(request: Request) -> Response:
+        study = request.path_params["study"]
+        link = await run_in_threadpool(service.linker.link_of, study)
+        if link is None:
+            return _error(404, f"study {study} has not been linked (yet)")
+        body: dict[str, Any] = dataclasses.asdict(link)
+        if link.order_pk is not None:
+            body["order"] = order_json(await run_in_threadpool(service.orders.get_by_pk,
+                                                               link.order_pk))
+        return JSONResponse(body)
+
+    async def deliveries(request: Request) -> Response:
+        params = request.query_params
+        try:
+            limit, offset = _paging(params)
+        except BadRequest as exc:
+            return _error(400, str(exc))
+        found = await run_in_threadpool(lambda: service.outbox.list(
+            state=params.get("state", ""), study_uid=params.get("study", ""), limit=limit,
+            offset=offset))
+        counts = await run_in_threadpool(service.outbox.counts)
+        return JSONResponse({"counts": counts, "deliveries": [d.as_json() for d in found]})
+
+    async def delivery(request: Request) -> Response:
+        try:
+            found = await run_in_threadpool(service.outbox.get, int(request.path_params["id"]))
+        except NotFound as exc:
+            return _error(404, str(exc))
+        return JSONResponse(found.as_json(with_payload=True))
+
+    async def retry_delivery(request: Request) -> Response:
+        try:
+            found = await run_in_threadpool(service.outbox.retry, int(request.path_params["id"]))
+        except NotFound as exc:
+            return _error(404, str(exc))
+        except ValueError as exc:
+            return _error(409, str(exc))
+        return JSONResponse(found.as_json())
+
+    return [
+        Route("/fhir/metadata", metadata),
+        Route("/fhir/ServiceRequest", create_service_request, methods=["POST"]),
+        Route("/fhir/ImagingStudy", search_imaging_studies),
+        Route("/fhir/ImagingStudy/{id}", read_imaging_study),
+        Route("/fhir/Patient", search_patients),
+        Route("/fhir/Patient/{id}", read_patient),
+        Route("/api/orders", create_order, methods=["POST"]),
+        Route("/api/orders", list_orders),
+        Route("/api/orders/{accession}", get_order),
+        Route("/api/orders/{accession}/cancel", cancel_order, methods=["POST"]),
+        Route("/api/patients", save_patient, methods=["POST"]),
+        Route("/api/patients/merge", merge_patients, methods=["POST"]),
+        Route("/api/emr/unmatched", unmatched),
+        Route("/api/emr/unmatched/{study}/link", link_study, methods=["POST"]),
+        Route("/api/emr/unmatched/{study}/dismiss", dismiss_study, methods=["POST"]),
+        Route("/api/emr/studies/{study}", study_order),
+        Route("/api/emr/deliveries", deliveries),
+        Route("/api/emr/deliveries/{id:int}", delivery),
+        Route("/api/emr/deliveries/{id:int}/retry", retry_delivery, methods=["POST"]),
+    ]
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"status": status, "message": message}, status_code=status)
+
+
+def _paging(params: Any) -> tuple[int, int]:
+    try:
+        limit = int(params.get("limit", 100))
+        offset = int(params.get("offset", 0))
+    except ValueError:
+        raise BadRequest("limit and offset must be integers") from None
+    if not 1 <= limit <= 1000 or offset < 0:
+        raise BadRequest("limit must be 1-1000 and offset at least 0")
+    return limit, offset
+
+
+# ---------------------------------------------------------------------------- JSON bodies
+
+
+_PATIENT_FIELDS = tuple(f.name for f in dataclasses.fields(PatientInfo))
+_ORDER_FIELDS = tuple(f.name for f in dataclasses.fields(Order)
+                      if f.name not in ("patient", "control", "status", "source"))
+_DICOM_DATE = re.compile(r"^\d{8}$")
+_DICOM_TIME = re.compile(r"^\d{2}(\d{2}(\d{2})?)?$")
+
+
+def patient_from_json(body: Any) -> PatientInfo:
+    if not isinstance(body, dict):
+        raise BadRequest("patient: must be an object with at least patient_id")
+    values = {}
+    for name in _PATIENT_FIELDS:
+        value = body.get(name, "")
+        if not isinstance(value, str):
+            raise BadRequest(f"patient.{name}: must be a string")
+        values[name] = value.strip()
+    if not values["patient_id"]:
+        raise BadRequest("patient.patient_id: required (the hospital's MRN)")
+    if values["birth_date"] and not _DICOM_DATE.match(values["birth_date"].replace("-", "")):
+        raise BadRequest("patient.birth_date: YYYYMMDD or YYYY-MM-DD")
+    values["birth_date"] = values["birth_date"].replace("-", "")
+    if values["sex"] not in ("", "M", "F", "O"):
+        raise BadRequest("patient.sex: M, F or O")
+    return PatientInfo(**values)
+
+
+def order_from_json(body: dict[str, Any]) -> Order:
+    """An order of the JSON API: the fields of ``emr.model.Order``, with ``patient`` an object
+    of ``PatientInfo`` fields; dates YYYYMMDD (or YYYY-MM-DD), times HHMMSS (or HH:MM:SS)."""
+    unknown = set(body) - set(_ORDER_FIELDS) - {"patient", "control", "status"}
+    if unknown:
+        raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
+    values: dict[str, Any] = {}
+    for name in _ORDER_FIELDS:
+        value = body.get(name, "")
+        if not isinstance(value, str):
+            raise BadRequest(f"{name}: must be a string")
+        values[name] = value.strip()
+    if not values["accession_number"]:
+        raise BadRequest("accession_number: required")
+    if len(values["accession_number"]) > 16:
+        raise BadRequest("accession_number: at most 16 characters (DICOM SH)")
+    values["scheduled_date"] = values["scheduled_date"].replace("-", "")
+    values["scheduled_time"] = values["scheduled_time"].replace(":", "")
+    if values["scheduled_date"] and not _DICOM_DATE.match(values["scheduled_date"]):
+        raise BadRequest("scheduled_date: YYYYMMDD or YYYY-MM-DD")
+    if values["scheduled_time"] and not _DICOM_TIME.match(values["scheduled_time"]):
+        raise BadRequest("scheduled_time: HHMMSS or HH:MM:SS")
+    if values["station_ae_title"] and len(values["station_ae_title"]) > 16:
+        raise BadRequest("station_ae_title: at most 16 characters")
+    try:
+        control = OrderControl(body.get("control", "new"))
+        status = OrderStatus(body.get("status", "SCHEDULED"))
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    return Order(patient=patient_from_json(body.get("patient")), control=control,
+                 status=status, source="api", **values)
+
+
+# ---------------------------------------------------------------------------- FHIR searches
+
+
+def _study_updated(service: EmrService, uid: str) -> dt.datetime | None:
+    with service.archive.index.read() as conn:
+        return conn.execute(sa.select(studies.c.updated_at).where(
+            studies.c.study_instance_uid == uid)).scalar()
+
+
+def _imaging_study(service: EmrService, settings, uid: str,
+                   updated: dt.datetime) -> dict | None:
+    order = service.order_of(uid)
+    try:
+        result = study_result(service.archive, uid, base=service.base_url(), order=order)
+    except NotFound:
+        return None
+    subject = None
+    if order is not None:
+        subject = {"reference": f"Patient/{order.patient_pk}",
+                   "display": fhir.readable_name(order.order.patient.name) or None}
+        subject = {k: v for k, v in subject.items() if v}
+    return fhir.imaging_study(result, resource_id=uid, mrn_system=settings.emr_mrn_system,
+                              subject=subject, last_updated=_instant(updated))
+
+
+def _instant(value: dt.datetime) -> str:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    return value.isoformat(timespec="seconds")
+
+
+def _token(value: str) -> tuple[str | None, str]:
+    """A FHIR token search value: (system or None when not given, value)."""
+    if "|" in value:
+        system, _, code = value.partition("|")
+        return system, code
+    return None, value
+
+
+def _patient_ids(service: EmrService, settings, token: str) -> list[str]:
+    """The MRNs a ``patient.identifier`` token names (MRN, CCCD or BHYT)."""
+    system, value = _token(token)
+    if not value:
+        raise fhir.FhirError(400, "value", "patient.identifier needs a value",
+                             "patient.identifier")
+    if system in (fhir.CCCD_SYSTEM,):
+        return [p.patient_id for _, p in service.orders.find_patients(cccd=value)]
+    if system in (fhir.BHYT_SYSTEM, fhir.LEGACY_BHYT_SYSTEM):
+        return [p.patient_id for _, p in service.orders.find_patients(bhyt=value)]
+    return [value]  # an MRN, of whatever issuer system
+
+
+def _patients_by_identifier(service: EmrService, settings, token: str
+                            ) -> list[tuple[int, PatientInfo]]:
+    system, value = _token(token)
+    if system == fhir.CCCD_SYSTEM:
+        return service.orders.find_patients(cccd=value)
+    if system in (fhir.BHYT_SYSTEM, fhir.LEGACY_BHYT_SYSTEM):
+        return service.orders.find_patients(bhyt=value)
+    issuer = fhir.mrn_issuer(system, settings.emr_mrn_system) if system else None
+    found = service.orders.find_patients(patient_id=value, issuer=issuer)
+    if not found and issuer:  # the EMR sent no issuer for this patient
+        found = service.orders.find_patients(patient_id=value, issuer="")
+    return found
+
+
+def _find_studies(service: EmrService, settings, params: list[tuple[str, str]]
+                  ) -> tuple[list[tuple[str, dt.datetime]], int]:
+    """(study UID, last updated) of the studies an ImagingStudy search names, and the total."""
+    conditions: list[Any] = []
+    count = 20
+    for name, value in params:
+        if name == "patient.identifier":
+            ids = _patient_ids(service, settings, value)
+            conditions.append(patients.c.patient_id.in_(ids or [""]))
+        elif name == "identifier":
+            system, code = _token(value)
+            if system == fhir.DICOM_UID_SYSTEM or code.startswith("urn:oid:"):
+                conditions.append(studies.c.study_instance_uid == code.removeprefix("urn:oid:"))
+            else:
+                conditions.append(studies.c.accession_number == code)
+        elif name == "_lastUpdated":
+            conditions.append(_date_condition(studies.c.updated_at, value))
+        elif name == "_count":
+            if not value.isdigit() or not 0 < int(value) <= _MAX_COUNT:
+                raise fhir.FhirError(400, "value", f"_count must be 1-{_MAX_COUNT}", "_count")
+            count = int(value)
+        elif name != "_format":
+            raise fhir.FhirError(400, "not-supported", f"search parameter {name!r} is not "
+                                 "supported (patient.identifier, identifier, _lastUpdated, "
+                                 "_count)", name)
+    statement = (sa.select(studies.c.study_instance_uid, studies.c.updated_at)
+                 .join(patients, studies.c.patient_pk == patients.c.pk).where(*conditions))
+    with service.archive.index.read() as conn:
+        total = conn.execute(sa.select(sa.func.count()).select_from(statement.subquery())
+                             ).scalar_one()
+        rows = conn.execute(statement.order_by(studies.c.updated_at.desc(), studies.c.pk)
+                            .limit(count)).all()
+    return [(uid, updated) for uid, updated in rows], total
+
+
+def _date_condition(column: Any, value: str) -> Any:
+    """A FHIR date search (``ge2026-12-01``, ``lt2026-12-04T10:00:00+07:00``...)."""
+    match = _DATE_PREFIX.match(value.strip())
+    if not match:
+        raise fhir.FhirError(400, "value", f"_lastUpdated {value!r} is not [prefix]date",
+                             "_lastUpdated")
+    prefix, text = match.group(1) or "eq", match.group(2)
+    start, end = _period(text)
+    if prefix in ("gt", "sa"):
+        return column >= end
+    if prefix == "ge":
+        return column >= start
+    if prefix in ("lt", "eb"):
+        return column < start
+    if prefix == "le":
+        return column < end
+    if prefix == "ne":
+        return sa.or_(column < start, column >= end)
+    return sa.and_(column >= start, column < end)
+
+
+def _period(text: str) -> tuple[dt.datetime, dt.datetime]:
+    """The instants a FHIR date or dateTime of any precision covers, in UTC."""
+    zone = fhir.LOCAL_TIMEZONE
+    if "T" in text:
+        moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=zone)
+        moment = moment.astimezone(dt.UTC)
+        return moment, moment + dt.timedelta(seconds=1)
+    parts = [int(p) for p in text.split("-")]
+    start = dt.datetime(parts[0], parts[1] if len(parts) > 1 else 1,
+                        parts[2] if len(parts) > 2 else 1, tzinfo=zone)
+    if len(parts) == 3:
+        end = start + dt.timedelta(days=1)
+    elif len(parts) == 2:
+        end = (start + dt.timedelta(days=32)).replace(day=1)
+    else:
+        end = start.replace(year=start.year + 1)
+    return start.astimezone(dt.UTC), end.astimezone(dt.UTC)
+
+
+def _linked_studies(service: EmrService, order_pk: int) -> list[str]:
+    with service.archive.index.read() as conn:
+        return [uid for (uid,) in conn.execute(sa.select(study_links.c.study_instance_uid)
+                                               .where(study_links.c.order_pk == order_pk))]

@@ -1,0 +1,338 @@
+"""Orders and the EMR's patients, kept in the index database.
+
+Every way an order arrives (HL7 v2, FHIR ServiceRequest, the JSON API) ends in
+``OrderStore.apply``, which is idempotent: the same message twice changes nothing. Patients
+are created with their first order if the EMR never registered them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from typing import Any
+
+import sqlalchemy as sa
+from pydicom.uid import generate_uid
+from sqlalchemy.engine import Connection
+
+from emr.model import Order, OrderControl, OrderStatus, PatientInfo
+from storage.errors import NotFound
+from storage.index import Index, emr_patients, orders
+from storage.names import casefold_person_name, fold_person_name
+from storage.query import (
+    NameMatching,
+    date_condition,
+    name_condition,
+    text_condition,
+    time_condition,
+)
+
+# Orders the worklist shows when the query does not name a status.
+WORKLIST_STATUSES = (OrderStatus.SCHEDULED,)
+_ORDER_FIELDS = tuple(f.name for f in dataclasses.fields(Order)
+                      if f.name not in ("accession_number", "patient", "control", "status"))
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredOrder:
+    """An order as the database holds it: the order, its key and when it last changed."""
+
+    pk: int
+    order: Order
+    patient_pk: int
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+    @property
+    def status(self) -> OrderStatus:
+        return self.order.status
+
+
+class UnknownOrder(NotFound):
+    """A message refers to an order this server never received."""
+
+
+class OrderStore:
+    """Orders and EMR patients over the index database."""
+
+    def __init__(self, index: Index) -> None:
+        self.index = index
+
+    # ------------------------------------------------------------------ patients
+
+    def save_patient(self, patient: PatientInfo) -> int:
+        """Create or update a patient (fields left empty keep what is stored); its key."""
+        with self.index.write_core() as conn:
+            return _save_patient(conn, patient)
+
+    def merge_patient(self, prior_id: str, prior_issuer: str, into: PatientInfo) -> int:
+        """Merge the prior patient record into ``into`` (ADT^A40): its orders move; orders
+        moved. The prior record stays, marked as merged, for the history."""
+        with self.index.write_core() as conn:
+            target = _save_patient(conn, into)
+            prior = _find_patient(conn, prior_id, prior_issuer)
+            if prior is None or prior == target:
+                return 0
+            moved = conn.execute(orders.update().where(orders.c.patient_pk == prior)
+                                 .values(patient_pk=target, updated_at=_now())).rowcount
+            conn.execute(emr_patients.update().where(emr_patients.c.pk == prior)
+                         .values(merged_into_pk=target, updated_at=_now()))
+            return moved
+
+    def patient(self, pk: int) -> PatientInfo:
+        with self.index.read() as conn:
+            row = conn.execute(sa.select(emr_patients).where(emr_patients.c.pk == pk)).first()
+        if row is None:
+            raise NotFound(f"no patient {pk}")
+        return _patient_info(row)
+
+    def find_patients(self, *, patient_id: str = "", issuer: str | None = None, cccd: str = "",
+                      bhyt: str = "", limit: int = 100) -> list[tuple[int, PatientInfo]]:
+        """Patients by MRN (optionally with issuer), national ID or insurance number."""
+        conditions = [emr_patients.c.merged_into_pk.is_(None)]
+        if patient_id:
+            conditions.append(emr_patients.c.patient_id == patient_id)
+            if issuer is not None:
+                conditions.append(emr_patients.c.issuer == issuer)
+        if cccd:
+            conditions.append(emr_patients.c.cccd == cccd)
+        if bhyt:
+            conditions.append(emr_patients.c.bhyt == bhyt)
+        statement = (sa.select(emr_patients).where(*conditions)
+                     .order_by(emr_patients.c.pk).limit(limit))
+        with self.index.read() as conn:
+            return [(row.pk, _patient_info(row)) for row in conn.execute(statement)]
+
+    # ------------------------------------------------------------------ orders
+
+    def apply(self, order: Order) -> StoredOrder:
+        """Create, update or cancel an order as ``order.control`` says (idempotent).
+
+        NEW for an existing accession number updates it; UPDATE of an unknown order creates
+        it (the EMR knows best); CANCEL of an unknown order raises ``UnknownOrder``."""
+        with self.index.write_core() as conn:
+            existing = conn.execute(sa.select(orders).where(
+                orders.c.accession_number == order.accession_number)).first()
+            if order.control is OrderControl.CANCEL:
+                if existing is None:
+                    raise UnknownOrder(f"no order with accession number "
+                                       f"{order.accession_number} to cancel")
+                conn.execute(orders.update().where(orders.c.pk == existing.pk).values(
+                    status=OrderStatus.CANCELLED.value, updated_at=_now()))
+            else:
+                patient_pk = _save_patient(conn, order.patient)
+                if existing is None:
+                    _insert_order(conn, order, patient_pk)
+                else:
+                    _update_order(conn, existing, order, patient_pk)
+        return self.get(order.accession_number)
+
+    def set_status(self, accession_number: str, status: OrderStatus) -> StoredOrder:
+        with self.index.write_core() as conn:
+            count = conn.execute(orders.update()
+                                 .where(orders.c.accession_number == accession_number)
+                                 .values(status=status.value, updated_at=_now())).rowcount
+        if not count:
+            raise UnknownOrder(f"no order with accession number {accession_number}")
+        return self.get(accession_number)
+
+    def get(self, accession_number: str) -> StoredOrder:
+        found = self._select(orders.c.accession_number == accession_number)
+        if not found:
+            raise UnknownOrder(f"no order with accession number {accession_number}")
+        return found[0]
+
+    def get_by_pk(self, pk: int) -> StoredOrder:
+        found = self._select(orders.c.pk == pk)
+        if not found:
+            raise UnknownOrder(f"no order {pk}")
+        return found[0]
+
+    def find_for_procedure(self, patient_id: str, requested_procedure_id: str
+                           ) -> StoredOrder | None:
+        """The order of a patient with this Requested Procedure ID (when a study has no
+        accession number)."""
+        found = self._select(emr_patients.c.patient_id == patient_id,
+                             orders.c.requested_procedure_id == requested_procedure_id)
+        return found[0] if len(found) == 1 else None
+
+    def list(self, *, status: str = "", patient_id: str = "", date: str = "",
+             limit: int = 100, offset: int = 0) -> list[StoredOrder]:
+        conditions = []
+        if status:
+            conditions.append(orders.c.status == status)
+        if patient_id:
+            conditions.append(emr_patients.c.patient_id == patient_id)
+        if date:
+            conditions.append(date_condition(orders.c.scheduled_date, "date", date))
+        return self._select(*conditions, limit=limit, offset=offset)
+
+    def worklist(self, keys: dict[str, str], name_matching: NameMatching,
+                 limit: int | None = None) -> list[StoredOrder]:
+        """Orders matching Modality Worklist keys (keyword -> DICOM match value).
+
+        An order the EMR did not assign to a station matches every ScheduledStationAETitle:
+        most HIS do not know the modalities' AE titles."""
+        conditions: list[Any] = []
+        status = keys.get("ScheduledProcedureStepStatus", "").strip()
+        if status:
+            conditions.append(text_condition(orders.c.status, status))
+        else:
+            conditions.append(orders.c.status.in_([s.value for s in WORKLIST_STATUSES]))
+        for keyword, value in keys.items():
+            value = value.strip()
+            if value in ("", "*") or keyword == "ScheduledProcedureStepStatus":
+                continue
+            if keyword == "ScheduledStationAETitle":
+                conditions.append(sa.or_(text_condition(orders.c.station_ae_title, value),
+                                         orders.c.station_ae_title == ""))
+            elif keyword == "ScheduledProcedureStepStartDate":
+                conditions.append(date_condition(orders.c.scheduled_date, keyword, value))
+            elif keyword == "ScheduledProcedureStepStartTime":
+                conditions.append(time_condition(orders.c.scheduled_time, keyword, value))
+            elif keyword == "PatientName":
+                conditions.append(name_condition(emr_patients.c.name_ci,
+                                                 emr_patients.c.name_fold, value, name_matching))
+            elif keyword in _WORKLIST_TEXT_KEYS:
+                conditions.append(text_condition(_WORKLIST_TEXT_KEYS[keyword], value))
+        return self._select(*conditions, limit=limit)
+
+    def _select(self, *conditions: Any, limit: int | None = None,
+                offset: int = 0) -> list[StoredOrder]:
+        statement = (sa.select(orders, *[c.label(f"p__{c.name}")
+                                         for c in emr_patients.columns])
+                     .join(emr_patients, orders.c.patient_pk == emr_patients.c.pk)
+                     .where(*conditions)
+                     .order_by(orders.c.scheduled_date, orders.c.scheduled_time, orders.c.pk))
+        if limit is not None:
+            statement = statement.limit(limit)
+        if offset:
+            statement = statement.offset(offset)
+        with self.index.read() as conn:
+            return [_stored_order(row) for row in conn.execute(statement).mappings()]
+
+
+_WORKLIST_TEXT_KEYS = {
+    "Modality": orders.c.modality,
+    "AccessionNumber": orders.c.accession_number,
+    "PatientID": emr_patients.c.patient_id,
+    "IssuerOfPatientID": emr_patients.c.issuer,
+    "RequestedProcedureID": orders.c.requested_procedure_id,
+    "ScheduledProcedureStepID": orders.c.scheduled_step_id,
+    "StudyInstanceUID": orders.c.study_instance_uid,
+    "ScheduledStationName": orders.c.station_name,
+    "ReferringPhysicianName": orders.c.referring_physician,
+    "RequestedProcedurePriority": orders.c.priority,
+}
+
+
+# ---------------------------------------------------------------------------- rows
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
+
+
+def _find_patient(conn: Connection, patient_id: str, issuer: str) -> int | None:
+    """The patient with this MRN: the same issuer, or either side without one."""
+    condition = emr_patients.c.patient_id == patient_id
+    if issuer:
+        condition = sa.and_(condition, emr_patients.c.issuer.in_((issuer, "")))
+    return conn.execute(
+        sa.select(emr_patients.c.pk).where(condition)
+        .order_by((emr_patients.c.issuer == issuer).desc(), emr_patients.c.pk)).scalar()
+
+
+def _patient_values(patient: PatientInfo) -> dict[str, Any]:
+    """The non-empty fields of ``patient`` as column values."""
+    values = {name: getattr(patient, name) for name in
+              ("name", "birth_date", "sex", "cccd", "bhyt", "address", "phone")
+              if getattr(patient, name)}
+    if patient.name:
+        values.update(name_ci=casefold_person_name(patient.name),
+                      name_fold=fold_person_name(patient.name))
+    return values
+
+
+def _save_patient(conn: Connection, patient: PatientInfo) -> int:
+    if not patient.patient_id:
+        raise ValueError("a patient needs an ID (the MRN)")
+    now = _now()
+    pk = _find_patient(conn, patient.patient_id, patient.issuer)
+    values = _patient_values(patient)
+    if pk is None:
+        return conn.execute(emr_patients.insert().values(
+            patient_id=patient.patient_id, issuer=patient.issuer, **values,
+            created_at=now, updated_at=now).returning(emr_patients.c.pk)).scalar_one()
+    if patient.issuer:
+        values["issuer"] = patient.issuer
+    current = conn.execute(sa.select(*[emr_patients.c[k] for k in values])
+                           .where(emr_patients.c.pk == pk)).one()
+    if values and tuple(current) != tuple(values.values()):
+        conn.execute(emr_patients.update().where(emr_patients.c.pk == pk)
+                     .values(**values, updated_at=now))
+    return pk
+
+
+def _insert_order(conn: Connection, order: Order, patient_pk: int) -> None:
+    now = _now()
+    values = {name: getattr(order, name) for name in _ORDER_FIELDS}
+    # The worklist hands these to the modality, which copies them into the images: a study
+    # made from this order then carries them and links by itself.
+    values["study_instance_uid"] = order.study_instance_uid or generate_uid()
+    values["requested_procedure_id"] = order.requested_procedure_id or order.accession_number
+    values["scheduled_step_id"] = order.scheduled_step_id or order.accession_number
+    values["filler_order_number"] = order.filler_order_number or order.accession_number
+    conn.execute(orders.insert().values(
+        accession_number=order.accession_number, patient_pk=patient_pk,
+        status=order.status.value, **values, created_at=now, updated_at=now))
+
+
+def _update_order(conn: Connection, existing: Any, order: Order, patient_pk: int) -> None:
+    """Apply a repeated NEW or an UPDATE: given fields replace stored ones."""
+    values: dict[str, Any] = {name: getattr(order, name) for name in _ORDER_FIELDS
+                              if getattr(order, name)}
+    values["patient_pk"] = patient_pk
+    status = OrderStatus(existing.status)
+    if order.control is OrderControl.NEW:
+        if status is OrderStatus.CANCELLED:  # ordered again after a cancel
+            values["status"] = OrderStatus.SCHEDULED.value
+    elif order.status is not OrderStatus.SCHEDULED:  # an update that names a new status
+        values["status"] = order.status.value
+    changed = {k: v for k, v in values.items() if getattr(existing, k) != v}
+    if changed:
+        conn.execute(orders.update().where(orders.c.pk == existing.pk)
+                     .values(**changed, updated_at=_now()))
+
+
+def _patient_info(row: Any, prefix: str = "") -> PatientInfo:
+    get = (lambda name: row[prefix + name]) if prefix else (lambda name: getattr(row, name))
+    return PatientInfo(patient_id=get("patient_id"), issuer=get("issuer"), name=get("name"),
+                       birth_date=get("birth_date"), sex=get("sex"), cccd=get("cccd"),
+                       bhyt=get("bhyt"), address=get("address"), phone=get("phone"))
+
+
+def _stored_order(row: Any) -> StoredOrder:
+    patient = _patient_info(row, "p__")
+    order = Order(accession_number=row["accession_number"], patient=patient,
+                  status=OrderStatus(row["status"]),
+                  **{name: row[name] for name in _ORDER_FIELDS})
+    return StoredOrder(row["pk"], order, row["patient_pk"], _utc(row["created_at"]),
+                       _utc(row["updated_at"]))
+
+
+def order_json(stored: StoredOrder) -> dict[str, Any]:
+    """An order for the JSON API (DICOM forms of names and dates, as stored)."""
+    order = stored.order
+    body = {"id": stored.pk, "accession_number": order.accession_number,
+            "status": order.status.value,
+            **{name: getattr(order, name) for name in _ORDER_FIELDS},
+            "patient": dataclasses.asdict(order.patient),
+            "created_at": stored.created_at.isoformat(timespec="seconds"),
+            "updated_at": stored.updated_at.isoformat(timespec="seconds")}
+    return body
+

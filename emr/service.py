@@ -1,0 +1,208 @@
+"""The EMR side of the server, wired together: orders in (HL7 v2 over MLLP, FHIR, JSON), the
+worklist and MPPS, study linking, and results out through the outbox.
+
+Every way in ends in the same few methods (``apply_order``, ``apply_patient``,
+``merge_patients``), so HL7, FHIR and the JSON API behave the same.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from urllib.parse import urlsplit
+
+import httpx
+
+from emr import fhir, hl7v2, mllp
+from emr.linking import LINKED, StudyLink, StudyLinker, demographics
+from emr.model import Order, PatientMerge, PatientUpdate
+from emr.orders import OrderStore, StoredOrder
+from emr.outbox import DeliveryRefused, Outbox
+from emr.performed import COMPLETED, PerformedSteps
+from emr.results import study_result
+from pacs.dimse.worklist import WorklistHandlers
+from pacs.settings import Settings
+from storage.archive import Archive
+from storage.completion import StudyCompletion
+from storage.errors import NotFound
+from storage.patients import correct_patient, merge_patient
+from storage.query import NameMatching
+from viewer.share_api import public_base
+
+log = logging.getLogger("pacs.emr")
+
+_HTTP_TIMEOUT = 15.0
+
+
+class EmrService:
+    """Orders, worklist, links and results for one archive."""
+
+    def __init__(self, archive: Archive, settings: Settings,
+                 completion: StudyCompletion | None = None) -> None:
+        self.archive = archive
+        self.settings = settings
+        self.orders = OrderStore(archive.index)
+        self.steps = PerformedSteps(archive.index)
+        self.linker = StudyLinker(archive, self.orders)
+        self.outbox = Outbox(archive.index, {"hl7": self._send_hl7, "fhir": self._send_fhir},
+                             retry_seconds=settings.emr_retry_seconds,
+                             max_retry_seconds=settings.emr_retry_max_seconds)
+        self.worklist = WorklistHandlers(self.orders, self.steps,
+                                         NameMatching(settings.person_name_matching),
+                                         on_performed=self._performed)
+        self.hl7_server = mllp.MllpServer(settings.hl7_host, settings.hl7_port,
+                                          self.handle_hl7) if settings.hl7_port else None
+        if completion is not None:
+            completion.subscribe(self.report_study)
+
+    def start(self) -> None:
+        self.linker.start()
+        self.outbox.start()
+        if self.hl7_server is not None:
+            self.hl7_server.start()
+
+    def stop(self) -> None:
+        if self.hl7_server is not None:
+            self.hl7_server.stop()
+        self.outbox.stop()
+        self.linker.stop()
+
+    # ------------------------------------------------------------------ orders in
+
+    def apply_order(self, order: Order) -> StoredOrder:
+        """Create, update or cancel an order, then link studies that were waiting for it."""
+        stored = self.orders.apply(order)
+        for link in self.linker.link_waiting(order.accession_number):
+            log.info("study %s was waiting for its order", link.study_instance_uid)
+        return stored
+
+    def apply_patient(self, update: PatientUpdate) -> int:
+        """Register or update a patient; the index takes the new demographics too."""
+        pk = self.orders.save_patient(update.patient)
+        correct_patient(self.archive, demographics(update.patient))
+        return pk
+
+    def merge_patients(self, merge: PatientMerge) -> int:
+        """Merge the prior patient into the surviving one, in orders and in the index."""
+        self.orders.merge_patient(merge.prior_patient_id, merge.prior_issuer, merge.patient)
+        moved = merge_patient(self.archive, merge.prior_patient_id, merge.prior_issuer,
+                              demographics(merge.patient))
+        correct_patient(self.archive, demographics(merge.patient))
+        return moved
+
+    def handle_hl7(self, data: bytes) -> bytes:
+        """One HL7 message in, its ACK out. Never raises: every failure is an AE/AR ACK."""
+        header = None
+        try:
+            header, message = hl7v2.parse_inbound(hl7v2.decode(data))
+            if isinstance(message, Order):
+                self.apply_order(message)
+            elif isinstance(message, PatientMerge):
+                self.merge_patients(message)
+            else:
+                self.apply_patient(message)
+            answer = self._ack(header, "AA")
+        except hl7v2.Hl7Error as exc:
+            header = header or exc.header
+            log.warning("HL7 message %s refused (%s): %s",
+                        header.control_id if header else "?", exc.ack_code, exc.reason)
+            answer = self._ack(header, exc.ack_code, exc.reason, exc.error_location,
+                               exc.error_code)
+        except NotFound as exc:
+            log.warning("HL7 message %s: %s", header.control_id if header else "?", exc)
+            answer = self._ack(header, "AE", str(exc))
+        except Exception as exc:
+            # Database errors quote their parameters (patient names): the type only, above
+            # DEBUG.
+            log.error("HL7 message %s failed: %s", header.control_id if header else "?",
+                      type(exc).__name__)
+            log.debug("HL7 failure", exc_info=True)
+            answer = self._ack(header, "AE", "internal error; the message was not applied")
+        return answer.encode("utf-8")
+
+    def _ack(self, header: hl7v2.Header | None, code: str, text: str = "", location: str = "",
+             error_code: str = "") -> str:
+        return hl7v2.ack(header, code, text, error_location=location, error_code=error_code,
+                         sending_application=self.settings.hl7_application,
+                         sending_facility=self.settings.hl7_facility)
+
+    # ------------------------------------------------------------------ results out
+
+    def base_url(self) -> str:
+        return public_base(self.settings)
+
+    def order_of(self, study_uid: str) -> StoredOrder | None:
+        link = self.linker.link_of(study_uid)
+        if link is None or link.state != LINKED or link.order_pk is None:
+            return None
+        return self.orders.get_by_pk(link.order_pk)
+
+    def report_study(self, study_uid: str) -> list[int]:
+        """Owe every destination the result of a (complete) study linked to an order; the
+        ids of the deliveries. Studies without an order are reported once they are linked."""
+        if not self.settings.emr_results_to:
+            return []
+        self.linker.wait_idle(5)  # a study completing is linked before it is reported
+        order = self.order_of(study_uid)
+        if order is None:
+            return []
+        try:
+            result = study_result(self.archive, study_uid, base=self.base_url(), order=order)
+        except NotFound:
+            return []
+        ids = []
+        for destination in self.settings.emr_results_to:
+            if destination.startswith("mllp://"):
+                payload = hl7v2.oru_message(result,
+                                            sending_application=self.settings.hl7_application,
+                                            sending_facility=self.settings.hl7_facility)
+                ids.append(self.outbox.enqueue(destination, "hl7", study_uid, payload))
+            else:
+                resource = fhir.imaging_study(result, resource_id=_fhir_id(study_uid),
+                                              mrn_system=self.settings.emr_mrn_system)
+                ids.append(self.outbox.enqueue(destination, "fhir", study_uid,
+                                               json.dumps(resource, ensure_ascii=False)))
+        log.info("study %s: result owed to %d destination(s)", study_uid, len(ids))
+        return ids
+
+    def resolve(self, study_uid: str, accession_number: str, *,
+                move_to_order_patient: bool = True) -> StudyLink:
+        """Staff link an unmatched study to an order; its result goes out at once."""
+        link = self.linker.resolve(study_uid, accession_number,
+                                   move_to_order_patient=move_to_order_patient)
+        self.report_study(study_uid)
+        return link
+
+    def _performed(self, order: StoredOrder | None, study_uid: str, step_status: str) -> None:
+        """MPPS COMPLETED: the modality says the study is done; report it if images are here."""
+        if step_status == COMPLETED and study_uid:
+            self.linker.link_study(study_uid)
+            self.report_study(study_uid)
+
+    def _send_hl7(self, destination: str, payload: str) -> None:
+        address = urlsplit(destination)
+        answer = mllp.send(address.hostname or "", address.port or 2575, payload,
+                           timeout=_HTTP_TIMEOUT)
+        code, text = hl7v2.parse_ack(answer)
+        if code in ("AR", "CR"):
+            raise DeliveryRefused(f"{code}: {text}")
+        if code not in ("AA", "CA"):
+            raise RuntimeError(f"{code}: {text}")  # AE: the receiver may manage later
+
+    def _send_fhir(self, destination: str, payload: str) -> None:
+        resource_id = json.loads(payload)["id"]
+        url = f"{destination.rstrip('/')}/ImagingStudy/{resource_id}"
+        response = httpx.put(url, content=payload.encode("utf-8"), timeout=_HTTP_TIMEOUT,
+                             headers={"Content-Type": "application/fhir+json; charset=utf-8",
+                                      "Accept": "application/fhir+json"})
+        if response.is_success:
+            return
+        message = f"HTTP {response.status_code}: {response.text[:300]}"
+        if 400 <= response.status_code < 500 and response.status_code not in (408, 429):
+            raise DeliveryRefused(message)
+        raise RuntimeError(message)
+
+
+def _fhir_id(study_uid: str) -> str:
+    """A FHIR id for a study: its UID (digits and dots, at most 64: a valid id as it is)."""
+    return study_uid

@@ -1,0 +1,263 @@
+"""Modality Worklist (C-FIND SCP) and Modality Performed Procedure Step (N-CREATE / N-SET SCP).
+
+Thin translations between DIMSE and ``emr``: the worklist answers from the scheduled orders,
+an MPPS moves its order along (IN PROGRESS, then COMPLETED or DISCONTINUED). Answers are
+encoded in UTF-8 (ISO_IR 192), so Vietnamese names reach the modality intact; a modality that
+only knows ASCII still gets the unaccented parts right.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pynetdicom import evt
+
+from emr import performed
+from emr.model import OrderStatus
+from emr.orders import OrderStore, StoredOrder, UnknownOrder
+from emr.performed import COMPLETED, DISCONTINUED, IN_PROGRESS, PerformedSteps, StepError
+from pacs.dimse import status
+from storage.errors import InvalidQuery
+from storage.query import NameMatching
+
+log = logging.getLogger("pacs.dimse.worklist")
+
+_MAX_WORKLIST_ANSWERS = 1000
+# Matching keys of the identifier's top level, and of its Scheduled Procedure Step item.
+_TOP_KEYS = ("PatientName", "PatientID", "IssuerOfPatientID", "AccessionNumber",
+             "RequestedProcedureID", "StudyInstanceUID", "ReferringPhysicianName",
+             "RequestedProcedurePriority")
+_STEP_KEYS = ("ScheduledStationAETitle", "Modality", "ScheduledProcedureStepStartDate",
+              "ScheduledProcedureStepStartTime", "ScheduledProcedureStepID",
+              "ScheduledProcedureStepStatus", "ScheduledStationName")
+# Our order status as the worklist's Scheduled Procedure Step Status (PS3.3 C.4.10).
+_STEP_STATUS = {OrderStatus.SCHEDULED: "SCHEDULED", OrderStatus.IN_PROGRESS: "STARTED",
+                OrderStatus.COMPLETED: "COMPLETED", OrderStatus.DISCONTINUED: "DISCONTINUED",
+                OrderStatus.CANCELLED: "CANCELLED"}
+_STATUS_OF_STEP = {v: k.value for k, v in _STEP_STATUS.items()}
+
+_STEP_ERROR_STATUS = {performed.DUPLICATE: status.DUPLICATE_SOP_INSTANCE,
+                      performed.UNKNOWN: status.NO_SUCH_OBJECT_INSTANCE,
+                      performed.FINAL: status.PROCESSING_FAILURE,
+                      performed.INVALID: status.INVALID_ATTRIBUTE_VALUE}
+# Called when a modality reports a step: (order or None, study UID, MPPS status).
+PerformedListener = Callable[[StoredOrder | None, str, str], None]
+
+
+def _status(code: int, comment: str = "") -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    if comment:
+        ds.ErrorComment = comment[: status.ERROR_COMMENT_LIMIT]
+    return ds
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def worklist_keys(identifier: Dataset) -> dict[str, str]:
+    """The matching keys of a worklist identifier (keyword -> DICOM match value)."""
+    keys = {k: _text(identifier.get(k)) for k in _TOP_KEYS if k in identifier}
+    steps = identifier.get("ScheduledProcedureStepSequence")
+    if steps:
+        keys.update({k: _text(steps[0].get(k)) for k in _STEP_KEYS if k in steps[0]})
+    if "ScheduledProcedureStepStatus" in keys:  # worklist words to our order statuses
+        keys["ScheduledProcedureStepStatus"] = "\\".join(
+            _STATUS_OF_STEP.get(v.strip().upper(), v)
+            for v in keys["ScheduledProcedureStepStatus"].split("\\"))
+    return {k: v for k, v in keys.items() if v not in ("", "*")}
+
+
+def worklist_item(stored: StoredOrder) -> Dataset:
+    """Everything the worklist can say about one order (filtered to the requested keys)."""
+    order, patient = stored.order, stored.order.patient
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.AccessionNumber = order.accession_number
+    ds.ReferringPhysicianName = order.referring_physician
+    ds.PatientName = patient.name
+    ds.PatientID = patient.patient_id
+    ds.IssuerOfPatientID = patient.issuer
+    ds.PatientBirthDate = patient.birth_date
+    ds.PatientSex = patient.sex
+    others = []
+    for value, issuer in ((patient.cccd, "CCCD"), (patient.bhyt, "BHYT")):
+        if value:
+            other = Dataset()
+            other.PatientID = value
+            other.IssuerOfPatientID = issuer
+            other.TypeOfPatientID = "TEXT"
+            others.append(other)
+    ds.OtherPatientIDsSequence = Sequence(others)
+    ds.PatientAddress = patient.address[:64]
+    ds.PatientTelephoneNumbers = patient.phone[:16]
+    ds.StudyInstanceUID = order.study_instance_uid
+    ds.RequestedProcedureID = order.requested_procedure_id
+    ds.RequestedProcedureDescription = order.procedure_description[:64]
+    ds.RequestedProcedureCodeSequence = Sequence([_code(order)] if order.procedure_code else [])
+    ds.RequestedProcedurePriority = order.priority
+    ds.ReasonForTheRequestedProcedure = order.reason[:64]
+    ds.PlacerOrderNumberImagingServiceRequest = order.placer_order_number[:64]
+    ds.FillerOrderNumberImagingServiceRequest = order.filler_order_number[:64]
+    step = Dataset()
+    step.Modality = order.modality
+    step.ScheduledStationAETitle = order.station_ae_title
+    step.ScheduledStationName = order.station_name[:16]
+    step.ScheduledProcedureStepStartDate = order.scheduled_date
+    step.ScheduledProcedureStepStartTime = order.scheduled_time
+    step.ScheduledPerformingPhysicianName = order.performing_physician
+    step.ScheduledProcedureStepDescription = order.procedure_description[:64]
+    step.ScheduledProtocolCodeSequence = Sequence([_code(order)] if order.procedure_code else [])
+    step.ScheduledProcedureStepID = order.scheduled_step_id
+    step.ScheduledProcedureStepStatus = _STEP_STATUS[order.status]
+    ds.ScheduledProcedureStepSequence = Sequence([step])
+    return ds
+
+
+def _code(order: Any) -> Dataset:
+    code = Dataset()
+    code.CodeValue = order.procedure_code[:16]
+    code.CodingSchemeDesignator = (order.procedure_code_system or "L")[:16]
+    code.CodeMeaning = (order.procedure_description or order.procedure_code)[:64]
+    return code
+
+
+def requested_only(full: Dataset, identifier: Dataset) -> Dataset:
+    """``full`` cut down to the keys ``identifier`` asks for (PS3.4 C.2.2.1.2); a sequence
+    asked for with an empty item (or none) is returned whole."""
+    answer = Dataset()
+    answer.SpecificCharacterSet = full.SpecificCharacterSet
+    for element in identifier:
+        keyword = element.keyword
+        if not keyword or keyword == "SpecificCharacterSet":
+            continue
+        if keyword not in full:
+            answer.add_new(element.tag, element.VR, None)  # asked for, not known: empty
+            continue
+        value = full[keyword]
+        if element.VR == "SQ" and element.value and len(element.value[0]) and value.value:
+            answer[keyword] = value.__class__(value.tag, "SQ", Sequence(
+                [requested_only(_with_charset(item, full), element.value[0])
+                 for item in value.value]))
+            for item in answer[keyword].value:
+                del item.SpecificCharacterSet
+        else:
+            answer[keyword] = value
+    return answer
+
+
+def _with_charset(item: Dataset, full: Dataset) -> Dataset:
+    item.SpecificCharacterSet = full.SpecificCharacterSet
+    return item
+
+
+class WorklistHandlers:
+    """C-FIND on the Modality Worklist model, and the MPPS N-CREATE / N-SET."""
+
+    def __init__(self, orders: OrderStore, steps: PerformedSteps, name_matching: NameMatching,
+                 on_performed: PerformedListener | None = None) -> None:
+        self.orders = orders
+        self.steps = steps
+        self.name_matching = name_matching
+        self.on_performed = on_performed
+
+    def bindings(self) -> list[tuple[Any, Any]]:
+        return [(evt.EVT_N_CREATE, self.on_n_create), (evt.EVT_N_SET, self.on_n_set)]
+
+    # ------------------------------------------------------------------ worklist
+
+    def on_find(self, event: evt.Event) -> Iterator[tuple[Any, Dataset | None]]:
+        try:
+            identifier = event.identifier
+            if "SpecificCharacterSet" not in identifier:
+                identifier.SpecificCharacterSet = "ISO_IR 192"
+            keys = worklist_keys(identifier)
+            found = self.orders.worklist(keys, self.name_matching,
+                                         limit=_MAX_WORKLIST_ANSWERS + 1)
+        except InvalidQuery as exc:
+            yield _status(status.QR_IDENTIFIER_DOES_NOT_MATCH, str(exc)), None
+            return
+        except Exception:
+            log.exception("worklist query failed")
+            yield _status(status.QR_UNABLE_TO_PROCESS, "Internal error while searching"), None
+            return
+        if len(found) > _MAX_WORKLIST_ANSWERS:
+            log.warning("worklist query matched more than %d orders; answering the first",
+                        _MAX_WORKLIST_ANSWERS)
+            found = found[:_MAX_WORKLIST_ANSWERS]
+        for stored in found:
+            if event.is_cancelled:
+                yield status.CANCEL, None
+                return
+            yield status.PENDING, requested_only(worklist_item(stored), identifier)
+        yield status.SUCCESS, None
+
+    # ------------------------------------------------------------------ MPPS
+
+    def on_n_create(self, event: evt.Event) -> tuple[Any, Dataset | None]:
+        request = event.request
+        sop_uid = str(request.AffectedSOPInstanceUID or "")
+        if not sop_uid:
+            return _status(status.MISSING_ATTRIBUTE, "Affected SOP Instance UID is required"), \
+                None
+        try:
+            attributes = event.attribute_list
+            step_status = _text(attributes.get("PerformedProcedureStepStatus")).upper()
+            scheduled = attributes.get("ScheduledStepAttributesSequence") or [Dataset()]
+            accession = _text(scheduled[0].get("AccessionNumber"))
+            study_uid = _text(scheduled[0].get("StudyInstanceUID"))
+            order = self._order(accession)
+            self.steps.create(sop_uid, attributes.to_json_dict(), status=step_status,
+                              study_uid=study_uid, order_pk=order.pk if order else None)
+        except StepError as exc:
+            return _status(_STEP_ERROR_STATUS[exc.kind], str(exc)), None
+        except Exception:
+            log.exception("MPPS N-CREATE failed")
+            return _status(status.PROCESSING_FAILURE, "Internal error"), None
+        self._performed(order, study_uid, IN_PROGRESS)
+        return _status(status.SUCCESS), attributes
+
+    def on_n_set(self, event: evt.Event) -> tuple[Any, Dataset | None]:
+        sop_uid = str(event.request.RequestedSOPInstanceUID or "")
+        try:
+            changes = event.modification_list
+            new_status = _text(changes.get("PerformedProcedureStepStatus")).upper() or None
+            step = self.steps.update(sop_uid, changes.to_json_dict(), status=new_status)
+        except StepError as exc:
+            return _status(_STEP_ERROR_STATUS[exc.kind], str(exc)), None
+        except Exception:
+            log.exception("MPPS N-SET failed")
+            return _status(status.PROCESSING_FAILURE, "Internal error"), None
+        if new_status in (COMPLETED, DISCONTINUED):
+            order = self.orders.get_by_pk(step.order_pk) if step.order_pk else None
+            self._performed(order, step.study_instance_uid, new_status)
+        return _status(status.SUCCESS), changes
+
+    def _order(self, accession: str) -> StoredOrder | None:
+        if not accession:
+            return None
+        try:
+            return self.orders.get(accession)
+        except UnknownOrder:
+            return None
+
+    def _performed(self, order: StoredOrder | None, study_uid: str, step_status: str) -> None:
+        if order is not None:
+            new = {IN_PROGRESS: OrderStatus.IN_PROGRESS, COMPLETED: OrderStatus.COMPLETED,
+                   DISCONTINUED: OrderStatus.DISCONTINUED}[step_status]
+            if order.status is not OrderStatus.CANCELLED:
+                self.orders.set_status(order.order.accession_number, new)
+        if self.on_performed is not None:
+            try:
+                self.on_performed(order, study_uid, step_status)
+            except Exception:
+                log.exception("MPPS listener failed")

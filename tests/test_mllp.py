@@ -1,0 +1,297 @@
+"""MLLP server and client over real loopback sockets; every wait is bounded."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from emr.mllp import FrameReader, FrameTooLarge, MllpError, MllpServer, frame, send
+
+VT, FS, CR = b"\x0b", b"\x1c", b"\r"
+TIMEOUT = 2.0
+
+
+def hl7_message(control_id: str, name: str = "Nguyễn^Văn An") -> bytes:
+    return (f"MSH|^~\\&|HIS|BV|PACS|BV|20240512||ADT^A08|{control_id}|P|2.5.1||||||UNICODE UTF-8"
+            f"\rPID|1||BN0001^^^BV^MR||{name}\r").encode()
+
+
+def echo_ack(message: bytes) -> bytes:
+    """Answer with the message's control ID, which is all these tests need to check order."""
+    control_id = message.split(b"\r")[0].split(b"|")[9]
+    return b"MSH|^~\\&|PACS||HIS||20240512||ACK|1|P|2.5.1\rMSA|AA|" + control_id + b"\r"
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., MllpServer]]:
+    servers: list[MllpServer] = []
+
+    def start(handle: Callable[[bytes], bytes] = echo_ack, **options: object) -> MllpServer:
+        server = MllpServer("127.0.0.1", 0, handle, **options)  # type: ignore[arg-type]
+        server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def connect(server: MllpServer) -> socket.socket:
+    sock = socket.create_connection(server.address, timeout=TIMEOUT)
+    sock.settimeout(TIMEOUT)
+    return sock
+
+
+def read_answers(sock: socket.socket, count: int) -> list[bytes]:
+    reader, answers = FrameReader(1024 * 1024), []
+    while len(answers) < count:
+        data = sock.recv(65536)
+        if not data:
+            break
+        answers += reader.feed(data)
+    return answers
+
+
+def is_closed(sock: socket.socket) -> bool:
+    """True if the peer closed (or reset) the connection within TIMEOUT."""
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+# ------------------------------------------------------------------ server
+
+
+def test_server_binds_port_zero_to_a_real_port(serve: Callable[..., MllpServer]) -> None:
+    server = serve()
+
+    host, port = server.address
+
+    assert host == "127.0.0.1" and port > 0
+
+
+def test_server_answers_several_messages_on_one_connection_in_order(
+    serve: Callable[..., MllpServer],
+) -> None:
+    server = serve()
+
+    with connect(server) as sock:
+        sock.sendall(b"".join(frame(hl7_message(f"C{n}")) for n in range(5)))
+        answers = read_answers(sock, 5)
+
+    assert [a.split(b"MSA|AA|")[1].strip() for a in answers] == [b"C0", b"C1", b"C2", b"C3",
+                                                                 b"C4"]
+
+
+def test_server_serves_two_connections_at_once(serve: Callable[..., MllpServer]) -> None:
+    # Each handler waits until the other connection's handler is running too: a server that
+    # served one connection at a time would break the barrier instead.
+    both_inside = threading.Barrier(2, timeout=TIMEOUT)
+
+    def handle(message: bytes) -> bytes:
+        both_inside.wait()
+        return echo_ack(message)
+
+    server = serve(handle)
+    with connect(server) as first, connect(server) as second:
+        first.sendall(frame(hl7_message("FIRST")))
+        second.sendall(frame(hl7_message("SECOND")))
+
+        assert b"FIRST" in read_answers(first, 1)[0]
+        assert b"SECOND" in read_answers(second, 1)[0]
+
+
+def test_server_skips_bytes_before_the_start_block(serve: Callable[..., MllpServer]) -> None:
+    server = serve()
+
+    with connect(server) as sock:
+        sock.sendall(b"garbage\r\n\x00\xff" + frame(hl7_message("AFTER-NOISE")))
+        answers = read_answers(sock, 1)
+
+    assert b"MSA|AA|AFTER-NOISE" in answers[0]
+
+
+def test_server_accepts_a_frame_split_across_many_packets(
+    serve: Callable[..., MllpServer],
+) -> None:
+    server = serve()
+    framed = frame(hl7_message("SPLIT"))
+
+    with connect(server) as sock:
+        for i in range(0, len(framed), 7):
+            sock.sendall(framed[i : i + 7])
+            time.sleep(0.001)
+        answers = read_answers(sock, 1)
+
+    assert b"MSA|AA|SPLIT" in answers[0]
+
+
+def test_oversized_message_closes_its_connection_and_server_keeps_serving(
+    serve: Callable[..., MllpServer],
+) -> None:
+    server = serve(max_message_bytes=1024)
+
+    with connect(server) as big:
+        big.sendall(VT + b"MSH|" + b"x" * 4096)
+        assert is_closed(big)
+
+    with connect(server) as other:
+        other.sendall(frame(hl7_message("SMALL")))
+        assert b"MSA|AA|SMALL" in read_answers(other, 1)[0]
+
+
+def test_handler_exception_closes_the_connection_and_server_survives(
+    serve: Callable[..., MllpServer],
+) -> None:
+    def handle(message: bytes) -> bytes:
+        if b"|BOOM|" in message:
+            raise RuntimeError("handler bug")
+        return echo_ack(message)
+
+    server = serve(handle)
+    with connect(server) as failing:
+        failing.sendall(frame(hl7_message("BOOM")))
+        assert is_closed(failing)
+
+    assert "MSA|AA|FINE" in send(*server.address, hl7_message("FINE").decode(), timeout=TIMEOUT)
+
+
+def test_server_closes_idle_connections(serve: Callable[..., MllpServer]) -> None:
+    server = serve(idle_timeout=0.2)
+
+    with connect(server) as sock:
+        started = time.monotonic()
+        assert is_closed(sock)
+
+    assert time.monotonic() - started < TIMEOUT
+
+
+def test_stop_closes_open_connections(serve: Callable[..., MllpServer]) -> None:
+    server = serve()
+    sock = connect(server)
+
+    server.stop()
+
+    with sock:
+        assert is_closed(sock)
+    with pytest.raises(MllpError):
+        send(*server.address, hl7_message("LATE").decode(), timeout=TIMEOUT)
+
+
+def test_server_never_logs_message_content(
+    serve: Callable[..., MllpServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    def handle(message: bytes) -> bytes:
+        raise ValueError(f"cannot store {message.decode()}")  # a careless handler
+
+    server = serve(handle)
+    caplog.set_level(logging.DEBUG, logger="emr.mllp")
+
+    with connect(server) as sock:
+        sock.sendall(frame(hl7_message("PRIVATE", name="Trần^Thị Bích")))
+        assert is_closed(sock)
+
+    assert "PRIVATE" in caplog.text  # the control ID, at DEBUG
+    assert "Trần" not in caplog.text
+    assert "BN0001" not in caplog.text
+
+
+# ------------------------------------------------------------------ client
+
+
+def test_send_returns_the_decoded_answer_with_vietnamese_intact(
+    serve: Callable[..., MllpServer],
+) -> None:
+    server = serve(lambda message: message)  # echo the message back
+
+    answer = send(*server.address, hl7_message("UTF8").decode(), timeout=TIMEOUT)
+
+    assert "Nguyễn^Văn An" in answer
+
+
+def test_send_to_a_closed_port_raises_quickly() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+
+    with pytest.raises(MllpError):
+        send("127.0.0.1", port, hl7_message("NOBODY").decode(), timeout=TIMEOUT)
+
+    assert time.monotonic() - started < 1.0
+
+
+@pytest.fixture
+def silent_server() -> Iterator[tuple[str, int]]:
+    """Accepts connections, reads, and never answers."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.settimeout(5)
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        try:
+            conn, _ = listener.accept()
+            accepted.append(conn)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield listener.getsockname()
+    listener.close()
+    thread.join(timeout=5)
+    for conn in accepted:
+        conn.close()
+
+
+def test_send_times_out_when_the_server_never_answers(silent_server: tuple[str, int]) -> None:
+    started = time.monotonic()
+
+    with pytest.raises(MllpError, match="no answer"):
+        send(*silent_server, hl7_message("SILENCE").decode(), timeout=0.5)
+
+    assert 0.4 < time.monotonic() - started < 2.0
+
+
+def test_send_raises_when_the_server_closes_without_answering(
+    serve: Callable[..., MllpServer],
+) -> None:
+    def handle(message: bytes) -> bytes:
+        raise RuntimeError("no answer")
+
+    server = serve(handle)
+
+    with pytest.raises(MllpError, match="closed the connection|cannot exchange"):
+        send(*server.address, hl7_message("X").decode(), timeout=TIMEOUT)
+
+
+# ------------------------------------------------------------------ framing
+
+
+def test_frame_reader_ends_a_frame_at_fs_even_without_the_cr() -> None:
+    reader = FrameReader(1024)
+
+    assert reader.feed(VT + b"one" + FS) == [b"one"]
+    assert reader.feed(CR + VT + b"two" + FS + CR) == [b"two"]
+
+
+def test_frame_reader_drops_an_abandoned_frame_when_a_new_one_starts() -> None:
+    reader = FrameReader(1024)
+
+    assert reader.feed(VT + b"half a mess" + VT + b"whole" + FS + CR) == [b"whole"]
+
+
+def test_frame_reader_refuses_a_frame_over_the_limit() -> None:
+    reader = FrameReader(10)
+
+    with pytest.raises(FrameTooLarge):
+        reader.feed(VT + b"x" * 11)
