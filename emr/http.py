@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from emr import fhir
+from emr import fhir, fhir_in
 from emr.model import Order, OrderControl, OrderStatus, PatientInfo, PatientMerge, PatientUpdate
 from emr.orders import UnknownOrder, order_json
 from emr.results import study_result
@@ -60,7 +60,7 @@ def emr_routes(server) -> list[Route]:
         except ValueError:
             return outcome(400, "structure", "the body is not JSON")
         try:
-            order = fhir.parse_service_request(body, mrn_system=settings.emr_mrn_system)
+            order = fhir_in.parse_service_request(body, mrn_system=settings.emr_mrn_system)
             stored = await run_in_threadpool(service.apply_order, order)
         except fhir.FhirError as exc:
             return fhir_response(exc.outcome(), exc.status)

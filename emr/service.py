@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from emr import fhir, hl7v2, mllp
+from emr import fhir, hl7_out, hl7v2, mllp
 from emr.linking import LINKED, StudyLink, StudyLinker, demographics
 from emr.model import Order, PatientMerge, PatientUpdate
 from emr.orders import OrderStore, StoredOrder
@@ -122,7 +122,7 @@ class EmrService:
 
     def _ack(self, header: hl7v2.Header | None, code: str, text: str = "", location: str = "",
              error_code: str = "") -> str:
-        return hl7v2.ack(header, code, text, error_location=location, error_code=error_code,
+        return hl7_out.ack(header, code, text, error_location=location, error_code=error_code,
                          sending_application=self.settings.hl7_application,
                          sending_facility=self.settings.hl7_facility)
 
@@ -153,7 +153,7 @@ class EmrService:
         ids = []
         for destination in self.settings.emr_results_to:
             if destination.startswith("mllp://"):
-                payload = hl7v2.oru_message(result,
+                payload = hl7_out.oru_message(result,
                                             sending_application=self.settings.hl7_application,
                                             sending_facility=self.settings.hl7_facility)
                 ids.append(self.outbox.enqueue(destination, "hl7", study_uid, payload))

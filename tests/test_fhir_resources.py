@@ -29,10 +29,10 @@ from emr.fhir import (
     mrn_issuer,
     mrn_system,
     operation_outcome,
-    parse_service_request,
     patient_resource,
     searchset,
 )
+from emr.fhir_in import parse_service_request
 from emr.model import (
     Order,
     OrderControl,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hl7
 import pytest
 
-from emr import hl7v2
+from emr import hl7_out, hl7v2
 from emr.hl7v2 import Header, Hl7Error
 from emr.model import (
     Order,
@@ -503,7 +503,7 @@ def original_header(version: str = "2.5.1") -> Header:
 
 @pytest.mark.parametrize("code", ["AA", "AE", "AR"])
 def test_ack_answers_the_original_message(code: str) -> None:
-    text = hl7v2.ack(original_header(), code, "Đã nhận" if code == "AA" else "Lỗi",
+    text = hl7_out.ack(original_header(), code, "Đã nhận" if code == "AA" else "Lỗi",
                      error_location="OBR-18", error_code="101")
 
     parsed = hl7.parse(text)
@@ -524,7 +524,7 @@ def test_ack_answers_the_original_message(code: str) -> None:
 
 
 def test_ack_keeps_the_senders_version_and_adds_err1_for_old_versions() -> None:
-    parsed = hl7.parse(hl7v2.ack(original_header("2.3.1"), "AE", "x", error_location="PID-3",
+    parsed = hl7.parse(hl7_out.ack(original_header("2.3.1"), "AE", "x", error_location="PID-3",
                                  error_code="101"))
 
     assert parsed["MSH.F12"] == "2.3.1"
@@ -533,7 +533,7 @@ def test_ack_keeps_the_senders_version_and_adds_err1_for_old_versions() -> None:
 
 
 def test_ack_without_a_header_leaves_msa2_empty() -> None:
-    parsed = hl7.parse(hl7v2.ack(None, "AR", "message does not start with an MSH segment"))
+    parsed = hl7.parse(hl7_out.ack(None, "AR", "message does not start with an MSH segment"))
 
     assert parsed["MSA.F1"] == "AR"
     assert parsed["MSA.F2"] == ""
@@ -542,11 +542,11 @@ def test_ack_without_a_header_leaves_msa2_empty() -> None:
 
 def test_ack_refuses_an_unknown_acknowledgment_code() -> None:
     with pytest.raises(ValueError):
-        hl7v2.ack(original_header(), "OK")
+        hl7_out.ack(original_header(), "OK")
 
 
 def test_ack_escapes_delimiters_in_its_text() -> None:
-    text = hl7v2.ack(original_header(), "AE", "bad value a|b^c&d~e\\f")
+    text = hl7_out.ack(original_header(), "AE", "bad value a|b^c&d~e\\f")
 
     assert hl7.parse(text)["MSA.F3"] == "bad value a|b^c&d~e\\f"
 
@@ -554,7 +554,7 @@ def test_ack_escapes_delimiters_in_its_text() -> None:
 def test_ack_for_an_error_carries_what_the_error_says() -> None:
     error = rejected(orm(PID, OBR, ORC_NW, control_id="CTRL-9"))
 
-    text = hl7v2.ack(error.header, error.ack_code, error.reason,
+    text = hl7_out.ack(error.header, error.ack_code, error.reason,
                      error_location=error.error_location, error_code=error.error_code)
 
     assert hl7v2.parse_ack(text) == ("AR", error.reason)
@@ -602,7 +602,7 @@ def observation(parsed: hl7.Message, code: str) -> hl7.Segment:
 
 
 def test_oru_header_is_2_5_1_utf8_and_addressed() -> None:
-    text = hl7v2.oru_message(study_result(), sending_facility="BVDK_HUE",
+    text = hl7_out.oru_message(study_result(), sending_facility="BVDK_HUE",
                              receiving_application="HIS", receiving_facility="BVDK_HUE",
                              control_id="ORU0001")
 
@@ -616,7 +616,7 @@ def test_oru_header_is_2_5_1_utf8_and_addressed() -> None:
 
 
 def test_oru_pid_keeps_vietnamese_name_and_all_identifiers() -> None:
-    parsed = hl7.parse(hl7v2.oru_message(study_result()))
+    parsed = hl7.parse(hl7_out.oru_message(study_result()))
 
     assert whole(parsed, "PID", 5) == "Nguyễn^Văn An"
     assert whole(parsed, "PID", 3) == (
@@ -626,7 +626,7 @@ def test_oru_pid_keeps_vietnamese_name_and_all_identifiers() -> None:
 
 def test_oru_pid_round_trips_through_our_own_parser() -> None:
     patient = study_result().patient
-    text = hl7v2.oru_message(study_result()).replace("ORU^R01^ORU_R01", "ADT^A08")
+    text = hl7_out.oru_message(study_result()).replace("ORU^R01^ORU_R01", "ADT^A08")
 
     _, body = hl7v2.parse_inbound(text)
 
@@ -634,7 +634,7 @@ def test_oru_pid_round_trips_through_our_own_parser() -> None:
 
 
 def test_oru_says_images_available_not_final_report() -> None:
-    parsed = hl7.parse(hl7v2.oru_message(study_result()))
+    parsed = hl7.parse(hl7_out.oru_message(study_result()))
 
     assert (parsed["ORC.F1"], parsed["ORC.F5"]) == ("RE", "CM")
     assert (parsed["ORC.F2"], parsed["ORC.F3"]) == ("PL123", "FL456")
@@ -646,7 +646,7 @@ def test_oru_says_images_available_not_final_report() -> None:
 
 
 def test_oru_obx_carries_study_uid_links_and_counts() -> None:
-    parsed = hl7.parse(hl7v2.oru_message(study_result()))
+    parsed = hl7.parse(hl7_out.oru_message(study_result()))
 
     study = observation(parsed, "113014")
     assert (str(study[2]), str(study[3]), str(study[5])) == ("ST", "113014^DICOM Study^DCM",
@@ -656,7 +656,7 @@ def test_oru_obx_carries_study_uid_links_and_counts() -> None:
 
 
 def test_oru_urls_round_trip_with_delimiters_escaped() -> None:
-    text = hl7v2.oru_message(study_result())
+    text = hl7_out.oru_message(study_result())
 
     assert "&token" not in text  # & must travel as \T\
     parsed = hl7.parse(text)
@@ -669,7 +669,7 @@ def test_oru_urls_round_trip_with_delimiters_escaped() -> None:
 def test_oru_without_order_uses_accession_and_study_description() -> None:
     result = study_result(order=None, description="CT bụng", iid_url="")
 
-    parsed = hl7.parse(hl7v2.oru_message(result))
+    parsed = hl7.parse(hl7_out.oru_message(result))
 
     assert (parsed["ORC.F2"], parsed["ORC.F3"], parsed["OBR.F18"]) == ("", "ACC0001", "ACC0001")
     assert whole(parsed, "OBR", 4) == "^CT bụng"
@@ -680,4 +680,4 @@ def test_oru_without_order_uses_accession_and_study_description() -> None:
 
 def test_oru_requires_a_patient_id() -> None:
     with pytest.raises(ValueError):
-        hl7v2.oru_message(study_result(patient=PatientInfo(patient_id="")))
+        hl7_out.oru_message(study_result(patient=PatientInfo(patient_id="")))

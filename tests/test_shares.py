@@ -163,7 +163,8 @@ def test_share_creation_rejects_bad_requests(site):
     raw = httpx.post(server.http + "/api/shares", content=b"{not json",
                      headers={**STAFF, "Content-Type": "application/json"})
     assert raw.status_code == 400
-    as_text = httpx.post(server.http + "/api/shares", headers={**STAFF, "Content-Type": "text/plain"},
+    as_text = httpx.post(server.http + "/api/shares",
+                         headers={**STAFF, "Content-Type": "text/plain"},
                          content=f'{{"study_instance_uid": "{study_a.study_uid}"}}')
     assert as_text.status_code == 415 and "application/json" in as_text.json()["message"]
 

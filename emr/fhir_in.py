@@ -1,0 +1,430 @@
+"""FHIR R4 in: the order in a ServiceRequest (alone, with a contained Patient, or in a Bundle).
+
+Validated with the ``fhir.resources.R4B`` models before anything is read; see ``emr.fhir`` for
+the identifier systems and the time-zone rule.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import pydantic
+from fhir.resources.R4B import get_fhir_model_class
+from fhir.resources.R4B.bundle import Bundle
+from fhir.resources.R4B.servicerequest import ServiceRequest
+
+from emr.fhir import (
+    BHYT_SYSTEM,
+    BODY_PARTS_BY_SNOMED,
+    BUNDLE_TYPES,
+    CCCD_SYSTEM,
+    DCM_SYSTEM,
+    DICOM_AE_SYSTEM,
+    DICOM_UID_SYSTEM,
+    GENDERS,
+    LEGACY_BHYT_SYSTEM,
+    LOCAL_TIMEZONE,
+    MODALITY_CODE,
+    PRIORITIES,
+    REQUEST_INTENTS,
+    REQUEST_STATUSES,
+    SNOMED_SYSTEM,
+    V2_0203_SYSTEM,
+    FhirError,
+    mrn_issuer,
+)
+from emr.model import (
+    Order,
+    OrderControl,
+    OrderStatus,
+    PatientInfo,
+)
+
+
+def parse_service_request(body: Any, *, mrn_system: str) -> Order:
+    """The order in a ServiceRequest, or in a Bundle holding one ServiceRequest and its Patient.
+
+    The Patient may be contained (``subject.reference = "#id"``), an entry of the Bundle
+    (matched by ``fullUrl`` or ``Patient/<id>``), or only named by ``subject.identifier``.
+    ``mrn_system`` is the server's default MRN system (see :func:`mrn_system`). Raises
+    :class:`FhirError`: 400 for what is not valid FHIR, 422 for what cannot be scheduled."""
+    if not isinstance(body, dict):
+        raise FhirError(400, "structure",
+                        "The body must be a JSON object: a ServiceRequest or a Bundle.")
+    _check_resource_types(body, "")
+    kind = body["resourceType"]
+    if kind not in ("ServiceRequest", "Bundle"):
+        raise FhirError(400, "not-supported",
+                        f"Expected a ServiceRequest or a Bundle, got a {kind}.", kind)
+    _validate_input(ServiceRequest if kind == "ServiceRequest" else Bundle, body)
+    if kind == "ServiceRequest":
+        request, entries = body, []
+    else:
+        request, entries = _request_in_bundle(body)
+    patient = _patient_of(request, entries, mrn_system)
+    return _order(request, patient)
+
+
+def _check_resource_types(resource: dict, path: str) -> None:
+    """Refuse resources without a known resourceType, which the models would let through."""
+    kind = resource.get("resourceType")
+    where = path or "resourceType"
+    if not isinstance(kind, str) or not kind:
+        raise FhirError(400, "structure", f"{path or 'The body'} has no resourceType.", where)
+    try:
+        get_fhir_model_class(kind)
+    except (KeyError, ValueError):
+        raise FhirError(400, "structure", f"Unknown resourceType {kind!r}.",
+                        f"{path}.resourceType" if path else "resourceType") from None
+    path = path or kind
+    contained = resource.get("contained")
+    if isinstance(contained, list):
+        for i, item in enumerate(contained):
+            if isinstance(item, dict):
+                _check_resource_types(item, f"{path}.contained[{i}]")
+    entries = resource.get("entry") if kind == "Bundle" else None
+    if isinstance(entries, list):
+        for i, entry in enumerate(entries):
+            if isinstance(entry, dict) and isinstance(entry.get("resource"), dict):
+                _check_resource_types(entry["resource"], f"{path}.entry[{i}].resource")
+
+
+def _validate_input(model: type, body: dict) -> None:
+    """Validate with the R4B model; its errors become a 400 naming the first few elements."""
+    try:
+        model.model_validate(body)
+    except pydantic.ValidationError as exc:
+        errors = exc.errors()
+        kind = body["resourceType"]
+        described = [f"{_fhirpath(kind, e['loc'])}: {_error_message(e)}" for e in errors[:3]]
+        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+        first = errors[0]
+        code = {"missing": "required", "value_error": "value"}.get(first["type"], "structure")
+        raise FhirError(400, code, f"Invalid {kind}: " + "; ".join(described) + more,
+                        _fhirpath(kind, first["loc"])) from None
+    except (KeyError, TypeError, ValueError) as exc:  # the models' own checks, not pydantic's
+        raise FhirError(400, "structure", f"Invalid {body['resourceType']}: {exc}") from None
+
+
+def _fhirpath(kind: str, loc: tuple) -> str:
+    path = kind
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += "." + ("resourceType" if part == "resource_type" else str(part))
+    return path
+
+
+def _error_message(error: dict) -> str:
+    if error["type"] == "json_invalid" and isinstance(error.get("input"), str):
+        return "expected a JSON object, got a string"
+    message = error["msg"].removeprefix("Value error, ")
+    value = error.get("input")
+    if error["type"] not in ("missing", "json_invalid") and isinstance(value, str | int | float):
+        message += f" (got {value!r})"
+    return message
+
+
+def _request_in_bundle(bundle: dict) -> tuple[dict, list[dict]]:
+    if bundle.get("type") not in BUNDLE_TYPES:
+        raise FhirError(422, "not-supported",
+                        f"Bundle type {bundle.get('type')!r} is not accepted; "
+                        "send a transaction, batch or collection.", "Bundle.type")
+    entries = [e for e in bundle.get("entry") or [] if isinstance(e.get("resource"), dict)]
+    requests = [e["resource"] for e in entries
+                if e["resource"]["resourceType"] == "ServiceRequest"]
+    if not requests:
+        raise FhirError(422, "required", "The Bundle holds no ServiceRequest.", "Bundle.entry")
+    if len(requests) > 1:
+        raise FhirError(422, "not-supported",
+                        f"The Bundle holds {len(requests)} ServiceRequests; send one per Bundle.",
+                        "Bundle.entry")
+    return requests[0], entries
+
+
+def _resolve(reference: str, request: dict, entries: list[dict]) -> dict | None:
+    """The resource a reference points to, contained or in the Bundle, if it is there."""
+    if reference.startswith("#"):
+        return next((r for r in request.get("contained") or []
+                     if r.get("id") == reference[1:]), None)
+    for entry in entries:
+        resource, full_url = entry["resource"], entry.get("fullUrl") or ""
+        local = f"{resource['resourceType']}/{resource.get('id')}"
+        if reference in (full_url, local) or full_url.endswith("/" + reference):
+            return resource
+    return None
+
+
+def _patient_of(request: dict, entries: list[dict], default_system: str) -> PatientInfo:
+    subject = request.get("subject") or {}
+    reference = subject.get("reference")
+    resource = _resolve(reference, request, entries) if reference else None
+    if resource is not None and resource["resourceType"] != "Patient":
+        raise FhirError(422, "not-supported",
+                        f"The subject is a {resource['resourceType']}; only a Patient can be "
+                        "scheduled.", "ServiceRequest.subject")
+    if resource is None and not subject.get("identifier"):
+        where = f" ({reference!r} is neither contained nor in the Bundle)" if reference else ""
+        raise FhirError(422, "required",
+                        "The patient is missing" + where + ": contain the Patient, add it to "
+                        "the Bundle, or give subject.identifier with the MRN.",
+                        "ServiceRequest.subject")
+    patient = resource or {}
+    identifiers = list(patient.get("identifier") or [])
+    if subject.get("identifier"):
+        identifiers.append(subject["identifier"])
+    ids = _patient_identifiers(identifiers, default_system)
+    if not ids.get("mrn"):
+        raise FhirError(422, "required",
+                        "The patient has no MRN: give an identifier with type MR "
+                        f"({V2_0203_SYSTEM}) or system {default_system}.",
+                        "Patient.identifier" if resource else "ServiceRequest.subject.identifier")
+    gender = patient.get("gender")
+    if gender is not None and gender not in GENDERS:
+        raise FhirError(400, "value", f"Unknown Patient.gender {gender!r}.", "Patient.gender")
+    name = _pn_from_names(patient.get("name") or [])
+    if not name and subject.get("display"):
+        name = _pn_from_text(subject["display"])
+    return PatientInfo(
+        patient_id=ids["mrn"],
+        issuer=ids.get("issuer", ""),
+        name=name,
+        birth_date=_dicom_date(patient.get("birthDate") or ""),
+        sex=GENDERS.get(gender or "", ""),
+        cccd=ids.get("cccd", ""),
+        bhyt=ids.get("bhyt", ""),
+        address=_address_text(patient.get("address") or []),
+        phone=next((t.get("value", "") for t in patient.get("telecom") or []
+                    if t.get("system") == "phone" and t.get("value")), ""),
+    )
+
+
+def _type_codes(identifier: dict) -> set[str]:
+    return {str(c.get("code", "")).upper()
+            for c in (identifier.get("type") or {}).get("coding") or []}
+
+
+def _patient_identifiers(identifiers: list[dict], default_system: str) -> dict[str, str]:
+    """MRN (and its issuer), CCCD and BHYT among a patient's identifiers; first one wins."""
+    found: dict[str, str] = {}
+    prefix = default_system.rstrip("/") + "/"
+    for ident in identifiers:
+        value, system, types = ident.get("value"), ident.get("system") or "", _type_codes(ident)
+        if not value:
+            continue
+        if system == CCCD_SYSTEM or types & {"CCCD", "NI", "NNVNM"}:
+            found.setdefault("cccd", value)
+        elif system in (BHYT_SYSTEM, LEGACY_BHYT_SYSTEM) or types & {"BHYT", "HC"}:
+            found.setdefault("bhyt", value)
+        elif "mrn" not in found and (
+            "MR" in types or system == default_system or system.startswith(prefix)
+        ):
+            found["mrn"] = value
+            found["issuer"] = mrn_issuer(system, default_system)
+    return found
+
+
+def _order(request: dict, patient: PatientInfo) -> Order:
+    status = request.get("status")
+    if status not in REQUEST_STATUSES:
+        raise FhirError(400, "value", f"Unknown ServiceRequest.status {status!r}.",
+                        "ServiceRequest.status")
+    if status == "unknown":
+        raise FhirError(422, "not-supported", "A ServiceRequest with status 'unknown' cannot "
+                        "be scheduled; send its actual status.", "ServiceRequest.status")
+    intent = request.get("intent")
+    if intent not in REQUEST_INTENTS:  # informational otherwise: any valid intent is accepted
+        raise FhirError(400, "value", f"Unknown ServiceRequest.intent {intent!r}.",
+                        "ServiceRequest.intent")
+    priority = request.get("priority")
+    if priority is not None and priority not in PRIORITIES:
+        raise FhirError(400, "value", f"Unknown ServiceRequest.priority {priority!r}.",
+                        "ServiceRequest.priority")
+    identifiers = request.get("identifier") or []
+    accession = _identifier_value(identifiers, "ACSN", system_part="accession")
+    if not accession:
+        raise FhirError(422, "required",
+                        "The ServiceRequest has no accession number: give an identifier with "
+                        f"type ACSN ({V2_0203_SYSTEM}).", "ServiceRequest.identifier")
+    control, order_status = {
+        "revoked": (OrderControl.CANCEL, OrderStatus.CANCELLED),
+        "entered-in-error": (OrderControl.CANCEL, OrderStatus.CANCELLED),
+        "completed": (OrderControl.UPDATE, OrderStatus.COMPLETED),
+    }.get(status, (OrderControl.NEW, OrderStatus.SCHEDULED))
+    code, system, description = _procedure(request.get("code") or {})
+    date, time = _scheduled(request)
+    station_ae, station_name = _station(request)
+    study_uid = next((i["value"].removeprefix("urn:oid:") for i in identifiers
+                      if i.get("system") == DICOM_UID_SYSTEM and i.get("value")), "")
+    return Order(
+        accession_number=accession,
+        patient=patient,
+        control=control,
+        status=order_status,
+        placer_order_number=_identifier_value(identifiers, "PLAC"),
+        filler_order_number=_identifier_value(identifiers, "FILL") or accession,
+        modality=_modality(request),
+        station_ae_title=station_ae,
+        station_name=station_name,
+        scheduled_date=date,
+        scheduled_time=time,
+        procedure_code=code,
+        procedure_code_system=system,
+        procedure_description=description,
+        reason=_reason(request.get("reasonCode") or []),
+        priority=PRIORITIES.get(priority or "", ""),
+        referring_physician=_physician(request.get("requester"), request),
+        performing_physician=next(
+            (pn for p in request.get("performer") or [] if (pn := _physician(p, request))), ""),
+        body_part=_body_part(request.get("bodySite") or []),
+        study_instance_uid=study_uid,
+        source="fhir",
+    )
+
+
+def _identifier_value(identifiers: list[dict], type_code: str, system_part: str = "") -> str:
+    for ident in identifiers:
+        if ident.get("value") and type_code in _type_codes(ident):
+            return ident["value"]
+    if system_part:
+        for ident in identifiers:
+            if ident.get("value") and system_part in (ident.get("system") or "").lower():
+                return ident["value"]
+    return ""
+
+
+def _procedure(code: dict) -> tuple[str, str, str]:
+    """Code, system and description; the system stays a FHIR URI (the model allows either)."""
+    coding = next(iter(code.get("coding") or []), {})
+    description = coding.get("display") or code.get("text") or ""
+    return coding.get("code", ""), coding.get("system", ""), description
+
+
+def _modality(request: dict) -> str:
+    concepts = [*(request.get("category") or []), request.get("code") or {},
+                *(request.get("orderDetail") or [])]
+    for concept in concepts:
+        for coding in concept.get("coding") or []:
+            code = coding.get("code") or ""
+            if coding.get("system") == DCM_SYSTEM and MODALITY_CODE.match(code):
+                return code
+    return ""
+
+
+def _scheduled(request: dict) -> tuple[str, str]:
+    value = request.get("occurrenceDateTime") or (request.get("occurrencePeriod") or {}).get(
+        "start") or ""
+    return _dicom_date_time(value)
+
+
+def _dicom_date_time(value: str) -> tuple[str, str]:
+    """A FHIR dateTime as local DICOM date and time; a partial date gives nothing."""
+    if len(value) == 10:
+        return value.replace("-", ""), ""
+    if len(value) < 10:
+        return "", ""
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:  # the model's regex allows what Python cannot read (24:00:00)
+        return "", ""
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(LOCAL_TIMEZONE)
+    return moment.strftime("%Y%m%d"), moment.strftime("%H%M%S")
+
+
+def _station(request: dict) -> tuple[str, str]:
+    """The modality asked for: a performer Device with an ``urn:dicom:ae`` identifier."""
+    for performer in request.get("performer") or []:
+        ident = performer.get("identifier") or {}
+        if ident.get("system") == DICOM_AE_SYSTEM and ident.get("value"):
+            return ident["value"], performer.get("display", "")
+        reference = performer.get("reference") or ""
+        device = _resolve(reference, request, []) if reference.startswith("#") else None
+        if device and device["resourceType"] == "Device":
+            for ident in device.get("identifier") or []:
+                if ident.get("system") == DICOM_AE_SYSTEM and ident.get("value"):
+                    names = device.get("deviceName") or []
+                    return ident["value"], names[0].get("name", "") if names else ""
+    return "", ""
+
+
+def _physician(reference: dict | None, request: dict) -> str:
+    """A requester or performer as PN: its display, or the name of a contained Practitioner."""
+    if not reference or reference.get("type") == "Device":
+        return ""
+    if reference.get("display"):
+        return _pn_from_text(reference["display"])
+    target = reference.get("reference") or ""
+    resource = _resolve(target, request, []) if target.startswith("#") else None
+    if resource and resource["resourceType"] == "Practitioner":
+        return _pn_from_names(resource.get("name") or [])
+    return ""
+
+
+def _reason(concepts: list[dict]) -> str:
+    texts = []
+    for concept in concepts:
+        coding = next(iter(concept.get("coding") or []), {})
+        text = concept.get("text") or coding.get("display") or coding.get("code")
+        if text:
+            texts.append(text)
+    return "; ".join(texts)
+
+
+def _body_part(concepts: list[dict]) -> str:
+    """BodyPartExamined: the DICOM term for a known SNOMED code, else the code or the text."""
+    for concept in concepts:
+        for coding in concept.get("coding") or []:
+            code = coding.get("code") or ""
+            if coding.get("system") == SNOMED_SYSTEM and code in BODY_PARTS_BY_SNOMED:
+                return BODY_PARTS_BY_SNOMED[code]
+            if code:
+                return code
+        if concept.get("text"):
+            return concept["text"]
+    return ""
+
+
+def _address_text(addresses: list[dict]) -> str:
+    for address in addresses:
+        if address.get("text"):
+            return address["text"]
+        parts = [*(address.get("line") or []), address.get("district"), address.get("city"),
+                 address.get("state"), address.get("country")]
+        if text := ", ".join(p for p in parts if p):
+            return text
+    return ""
+
+
+def _dicom_date(value: str) -> str:
+    """A FHIR date as DICOM DA; partial dates (year, year-month) do not fit DA and are dropped."""
+    return value.replace("-", "") if len(value) == 10 else ""
+
+
+# ------------------------------------------------------------------ names
+
+
+def _pn_from_names(names: list[dict]) -> str:
+    """PN from the official (else usual, else first) HumanName."""
+    if not names:
+        return ""
+    ranked = sorted(names, key=lambda n: {"official": 0, "usual": 1}.get(n.get("use", ""), 2))
+    name = ranked[0]
+    family, given = name.get("family") or "", " ".join(name.get("given") or [])
+    if family or given:
+        return f"{family}^{given}".rstrip("^")
+    return _pn_from_text(name.get("text") or "")
+
+
+def _pn_from_text(text: str) -> str:
+    """PN from a full name written in Vietnamese order: family name first, then the rest.
+
+    VN Core asks for the full name in ``text``, and a Reference only has ``display``; the
+    given component keeps middle and given names together, as VN Core's ``given`` does."""
+    text = " ".join(text.split())
+    if "^" in text or not text:
+        return text
+    family, _, given = text.partition(" ")
+    return f"{family}^{given}".rstrip("^")
