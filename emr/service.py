@@ -12,6 +12,7 @@ import logging
 from urllib.parse import urlsplit
 
 import httpx
+import sqlalchemy as sa
 
 from emr import fhir, hl7_out, hl7v2, mllp
 from emr.linking import LINKED, StudyLink, StudyLinker, demographics
@@ -25,6 +26,7 @@ from pacs.settings import Settings
 from storage.archive import Archive
 from storage.completion import StudyCompletion
 from storage.errors import NotFound
+from storage.index import Index, deliveries, orders, study_links
 from storage.patients import correct_patient, merge_patient
 from storage.query import NameMatching
 from viewer.share_api import public_base
@@ -201,6 +203,16 @@ class EmrService:
         if 400 <= response.status_code < 500 and response.status_code not in (408, 429):
             raise DeliveryRefused(message)
         raise RuntimeError(message)
+
+
+def emr_counts(index: Index) -> dict[str, dict[str, int]]:
+    """Orders by status, studies by link state, deliveries by state: for /admin and /metrics."""
+    def by(column: sa.Column) -> dict[str, int]:
+        statement = sa.select(column, sa.func.count()).group_by(column)
+        with index.read() as conn:
+            return {str(key): count for key, count in conn.execute(statement)}
+    return {"orders": by(orders.c.status), "studies": by(study_links.c.state),
+            "deliveries": by(deliveries.c.state)}
 
 
 def _fhir_id(study_uid: str) -> str:

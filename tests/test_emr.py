@@ -355,6 +355,10 @@ def test_study_with_the_orders_accession_is_linked_and_results_reach_the_emr(emr
     deliveries = httpx.get(server.http + "/api/emr/deliveries",
                            params={"study": spec.study_uid}).json()
     assert {d["state"] for d in deliveries["deliveries"]} == {"delivered"}
+    metrics = httpx.get(server.http + "/metrics").text
+    assert 'pacs_emr_deliveries{state="delivered"} 2.0' in metrics
+    assert 'pacs_emr_studies{state="linked"} 1.0' in metrics
+    assert "Kết quả đã gửi / Results delivered</th><td>2" in httpx.get(server.http + "/admin").text
 
 
 def test_results_wait_in_the_outbox_while_the_emr_is_down(emr, tmp_path, dcmtk_env):

@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from emr.service import emr_counts
 from storage.index import Index, instances, shares, studies
 
 # Objects that are not images a film would show.
@@ -127,7 +128,8 @@ def stats_routes(server) -> list[Route]:
     async def admin_page(request: Request) -> Response:
         figures = await run_in_threadpool(film_stats, index, settings)
         recent = await run_in_threadpool(server.shares.list, limit=50)
-        return HTMLResponse(admin_html(settings.site_name, figures, recent),
+        emr = await run_in_threadpool(emr_counts, index)
+        return HTMLResponse(admin_html(settings.site_name, figures, recent, emr),
                             headers={"Cache-Control": "no-store"})
 
     registry = CollectorRegistry(auto_describe=True)
@@ -191,13 +193,25 @@ class _Collector:
             saving.add_metric([label], numbers.saving_vnd)
         yield sheets
         yield saving
+        counts = emr_counts(self.index)
+        for key, name, text, label in (
+                ("orders", "pacs_emr_orders", "Orders from the EMR, by status", "status"),
+                ("studies", "pacs_emr_studies", "Studies by link to an order (linked, "
+                 "unmatched, dismissed)", "state"),
+                ("deliveries", "pacs_emr_deliveries", "Results for the EMR, by delivery state "
+                 "(pending, delivered, failed, superseded)", "state")):
+            family = GaugeMetricFamily(name, text, labels=[label])
+            for value, count in counts[key].items():
+                family.add_metric([value], count)
+            yield family
 
 
 def _vnd(amount: int) -> str:
     return f"{amount:,}".replace(",", ".") + " ₫"
 
 
-def admin_html(site_name: str, figures: FilmStats, recent) -> str:
+def admin_html(site_name: str, figures: FilmStats, recent,
+               emr: dict[str, dict[str, int]] | None = None) -> str:
     summary = [
         ("Ca chụp trong kho / Studies archived", f"{figures.studies_archived:,}"),
         ("Ca trả kết quả bằng phim số / Studies delivered digitally",
@@ -234,7 +248,27 @@ table{{border-collapse:collapse;margin:1rem 0}}th,td{{padding:.3rem .8rem;border
 <table><tr><th>Loại</th><th>Ca</th><th>Tờ phim</th><th>Tiết kiệm</th></tr>{modalities}</table>
 <h2>Liên kết gần đây / Recent share links</h2>
 <table><tr><th>#</th><th>Study</th><th>Trạng thái</th><th>Lượt mở</th><th>Hết hạn</th>
-<th></th></tr>{share_rows}</table></body></html>"""
+<th></th></tr>{share_rows}</table>{_emr_html(emr or {})}</body></html>"""
+
+
+def _emr_html(emr: dict[str, dict[str, int]]) -> str:
+    """Orders, the unmatched queue and the results owed to the EMR, at a glance."""
+    studies, deliveries = emr.get("studies", {}), emr.get("deliveries", {})
+    rows = [("Chỉ định đang chờ chụp / Orders scheduled",
+             emr.get("orders", {}).get("SCHEDULED", 0), "/api/orders?status=SCHEDULED"),
+            ("Ca đã gắn chỉ định / Studies linked to orders", studies.get("linked", 0), ""),
+            ("Ca chưa khớp chỉ định / Studies without an order", studies.get("unmatched", 0),
+             "/api/emr/unmatched"),
+            ("Kết quả đang chờ gửi / Results waiting", deliveries.get("pending", 0),
+             "/api/emr/deliveries?state=pending"),
+            ("Kết quả gửi lỗi / Results refused", deliveries.get("failed", 0),
+             "/api/emr/deliveries?state=failed"),
+            ("Kết quả đã gửi / Results delivered", deliveries.get("delivered", 0), "")]
+    cells = "".join(
+        f"<tr><th>{html.escape(text)}</th><td>{count:,}</td><td>"
+        + (f'<a href="{link}">xem / list</a>' if link else "") + "</td></tr>"
+        for text, count, link in rows)
+    return f"<h2>Liên kết HIS/EMR / EMR links</h2><table>{cells}</table>"
 
 
 __all__ = ["FilmStats", "admin_html", "film_stats", "stats_routes"]
