@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pynetdicom import evt
@@ -48,6 +49,9 @@ _STEP_ERROR_STATUS = {performed.DUPLICATE: status.DUPLICATE_SOP_INSTANCE,
 PerformedListener = Callable[[StoredOrder | None, str, str], None]
 
 
+SPECIFIC_CHARACTER_SET = 0x00080005
+
+
 def _status(code: int, comment: str = "") -> Dataset:
     ds = Dataset()
     ds.Status = code
@@ -77,86 +81,87 @@ def worklist_keys(identifier: Dataset) -> dict[str, str]:
     return {k: v for k, v in keys.items() if v not in ("", "*")}
 
 
-def worklist_item(stored: StoredOrder) -> Dataset:
-    """Everything the worklist can say about one order (filtered to the requested keys)."""
+# What the worklist can say about an order, as keyword -> value (a sequence: a list of such
+# dicts). Plain dicts rather than data sets: an answer is then built from the few keys the
+# modality asked for, which is most of the cost of a worklist with many matches.
+WorklistValues = dict[str, Any]
+
+
+def worklist_item(stored: StoredOrder) -> WorklistValues:
+    """Everything the worklist can say about one order (cut to the requested keys later)."""
     order, patient = stored.order, stored.order.patient
-    ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.AccessionNumber = order.accession_number
-    ds.ReferringPhysicianName = order.referring_physician
-    ds.PatientName = patient.name
-    ds.PatientID = patient.patient_id
-    ds.IssuerOfPatientID = patient.issuer
-    ds.PatientBirthDate = patient.birth_date
-    ds.PatientSex = patient.sex
-    others = []
-    for value, issuer in ((patient.cccd, "CCCD"), (patient.bhyt, "BHYT")):
-        if value:
-            other = Dataset()
-            other.PatientID = value
-            other.IssuerOfPatientID = issuer
-            other.TypeOfPatientID = "TEXT"
-            others.append(other)
-    ds.OtherPatientIDsSequence = Sequence(others)
-    ds.PatientAddress = patient.address[:64]
-    ds.PatientTelephoneNumbers = patient.phone[:16]
-    ds.StudyInstanceUID = order.study_instance_uid
-    ds.RequestedProcedureID = order.requested_procedure_id
-    ds.RequestedProcedureDescription = order.procedure_description[:64]
-    ds.RequestedProcedureCodeSequence = Sequence([_code(order)] if order.procedure_code else [])
-    ds.RequestedProcedurePriority = order.priority
-    ds.ReasonForTheRequestedProcedure = order.reason[:64]
-    ds.PlacerOrderNumberImagingServiceRequest = order.placer_order_number[:64]
-    ds.FillerOrderNumberImagingServiceRequest = order.filler_order_number[:64]
-    step = Dataset()
-    step.Modality = order.modality
-    step.ScheduledStationAETitle = order.station_ae_title
-    step.ScheduledStationName = order.station_name[:16]
-    step.ScheduledProcedureStepStartDate = order.scheduled_date
-    step.ScheduledProcedureStepStartTime = order.scheduled_time
-    step.ScheduledPerformingPhysicianName = order.performing_physician
-    step.ScheduledProcedureStepDescription = order.procedure_description[:64]
-    step.ScheduledProtocolCodeSequence = Sequence([_code(order)] if order.procedure_code else [])
-    step.ScheduledProcedureStepID = order.scheduled_step_id
-    step.ScheduledProcedureStepStatus = _STEP_STATUS[order.status]
-    ds.ScheduledProcedureStepSequence = Sequence([step])
-    return ds
+    code = [{"CodeValue": order.procedure_code[:16],
+             "CodingSchemeDesignator": (order.procedure_code_system or "L")[:16],
+             "CodeMeaning": (order.procedure_description or order.procedure_code)[:64]}] \
+        if order.procedure_code else []
+    step = {
+        "Modality": order.modality,
+        "ScheduledStationAETitle": order.station_ae_title,
+        "ScheduledStationName": order.station_name[:16],
+        "ScheduledProcedureStepStartDate": order.scheduled_date,
+        "ScheduledProcedureStepStartTime": order.scheduled_time,
+        "ScheduledPerformingPhysicianName": order.performing_physician,
+        "ScheduledProcedureStepDescription": order.procedure_description[:64],
+        "ScheduledProtocolCodeSequence": code,
+        "ScheduledProcedureStepID": order.scheduled_step_id,
+        "ScheduledProcedureStepStatus": _STEP_STATUS[order.status],
+    }
+    return {
+        "AccessionNumber": order.accession_number,
+        "ReferringPhysicianName": order.referring_physician,
+        "PatientName": patient.name,
+        "PatientID": patient.patient_id,
+        "IssuerOfPatientID": patient.issuer,
+        "PatientBirthDate": patient.birth_date,
+        "PatientSex": patient.sex,
+        "OtherPatientIDsSequence": [
+            {"PatientID": value, "IssuerOfPatientID": issuer, "TypeOfPatientID": "TEXT"}
+            for value, issuer in ((patient.cccd, "CCCD"), (patient.bhyt, "BHYT")) if value],
+        "PatientAddress": patient.address[:64],
+        "PatientTelephoneNumbers": patient.phone[:16],
+        "StudyInstanceUID": order.study_instance_uid,
+        "RequestedProcedureID": order.requested_procedure_id,
+        "RequestedProcedureDescription": order.procedure_description[:64],
+        "RequestedProcedureCodeSequence": code,
+        "RequestedProcedurePriority": order.priority,
+        "ReasonForTheRequestedProcedure": order.reason[:64],
+        "PlacerOrderNumberImagingServiceRequest": order.placer_order_number[:64],
+        "FillerOrderNumberImagingServiceRequest": order.filler_order_number[:64],
+        "ScheduledProcedureStepSequence": [step],
+    }
 
 
-def _code(order: Any) -> Dataset:
-    code = Dataset()
-    code.CodeValue = order.procedure_code[:16]
-    code.CodingSchemeDesignator = (order.procedure_code_system or "L")[:16]
-    code.CodeMeaning = (order.procedure_description or order.procedure_code)[:64]
-    return code
-
-
-def requested_only(full: Dataset, identifier: Dataset) -> Dataset:
-    """``full`` cut down to the keys ``identifier`` asks for (PS3.4 C.2.2.1.2); a sequence
-    asked for with an empty item (or none) is returned whole."""
+def requested_only(values: WorklistValues, identifier: Dataset, *,
+                   charset: bool = True) -> Dataset:
+    """The answer to ``identifier``: the keys it asks for, with the order's ``values``
+    (PS3.4 C.2.2.1.2); a sequence asked for with an empty item (or none) comes whole."""
     answer = Dataset()
-    answer.SpecificCharacterSet = full.SpecificCharacterSet
+    if charset:
+        answer.add_new(SPECIFIC_CHARACTER_SET, "CS", "ISO_IR 192")
     for element in identifier:
         keyword = element.keyword
         if not keyword or keyword == "SpecificCharacterSet":
             continue
-        if keyword not in full:
-            answer.add_new(element.tag, element.VR, None)  # asked for, not known: empty
+        value = values.get(keyword)
+        if element.VR != "SQ":
+            answer.add_new(element.tag, element.VR, value or None)
             continue
-        value = full[keyword]
-        if element.VR == "SQ" and element.value and len(element.value[0]) and value.value:
-            answer[keyword] = value.__class__(value.tag, "SQ", Sequence(
-                [requested_only(_with_charset(item, full), element.value[0])
-                 for item in value.value]))
-            for item in answer[keyword].value:
-                del item.SpecificCharacterSet
-        else:
-            answer[keyword] = value
+        asked = element.value[0] if element.value and len(element.value[0]) else None
+        items = []
+        for item_values in value or []:
+            items.append(requested_only(item_values, asked, charset=False) if asked is not None
+                         else _whole(item_values))
+        answer.add_new(element.tag, "SQ", Sequence(items))
     return answer
 
 
-def _with_charset(item: Dataset, full: Dataset) -> Dataset:
-    item.SpecificCharacterSet = full.SpecificCharacterSet
+def _whole(values: WorklistValues) -> Dataset:
+    item = Dataset()
+    for keyword, value in values.items():
+        if isinstance(value, list):
+            item.add_new(tag_for_keyword(keyword), "SQ", Sequence([_whole(v) for v in value]))
+        else:
+            item.add_new(tag_for_keyword(keyword), dictionary_VR(keyword), value or None)
     return item
 
 
