@@ -49,6 +49,7 @@ class EmrService:
         self.outbox = Outbox(archive.index, {"hl7": self._send_hl7, "fhir": self._send_fhir},
                              retry_seconds=settings.emr_retry_seconds,
                              max_retry_seconds=settings.emr_retry_max_seconds)
+        self.completion = completion
         self.worklist = WorklistHandlers(self.orders, self.steps,
                                          NameMatching(settings.person_name_matching),
                                          on_performed=self._performed)
@@ -75,7 +76,10 @@ class EmrService:
         """Create, update or cancel an order, then link studies that were waiting for it."""
         stored = self.orders.apply(order)
         for link in self.linker.link_waiting(order.accession_number):
-            log.info("study %s was waiting for its order", link.study_instance_uid)
+            study = link.study_instance_uid
+            log.info("study %s was waiting for its order", study)
+            if self.completion is None or not self.completion.is_pending(study):
+                self.report_study(study)  # complete already: its completion found no order
         return stored
 
     def apply_patient(self, update: PatientUpdate) -> int:

@@ -56,6 +56,11 @@ class StudyCompletion:
         with self._lock:
             return len(self._pending)
 
+    def is_pending(self, study_uid: str) -> bool:
+        """Whether the study is still within its quiet period (not complete yet)."""
+        with self._lock:
+            return study_uid in self._pending
+
     def _stored(self, result: StoreResult) -> None:
         if result.outcome is StoreOutcome.DUPLICATE_KEPT:
             return  # nothing changed in the study

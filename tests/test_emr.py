@@ -446,7 +446,7 @@ def test_unmatched_study_is_queued_and_staff_link_it_to_the_right_order(emr, tmp
 
 
 def test_order_that_arrives_after_its_images_links_them(emr, tmp_path, dcmtk_env):
-    server, _, _ = emr
+    server, hl7_in, _ = emr
     spec = Spec(patient_id="BN1001", accession="LATE1")
     storescu(server, tmp_path, spec, 1, dcmtk_env)
     wait_for(lambda: httpx.get(server.http + "/api/emr/unmatched").json(), what="queued")
@@ -456,6 +456,7 @@ def test_order_that_arrives_after_its_images_links_them(emr, tmp_path, dcmtk_env
     assert httpx.get(f"{server.http}/api/emr/studies/{spec.study_uid}").json()["state"] \
         == "linked"
     assert httpx.get(server.http + "/api/emr/unmatched").json() == []
+    wait_for(lambda: any("LATE1" in m for m in hl7_in.messages), what="the ORU")
 
 
 def test_adt_update_and_merge_change_the_index(emr, tmp_path, dcmtk_env):
