@@ -401,14 +401,18 @@ def _patient_reference(patient: PatientInfo, default_system: str) -> dict:
 
 
 def searchset(entries: list[dict], *, self_url: str, total: int | None = None,
-              base_url: str) -> dict:
-    """A searchset Bundle of ``entries`` (resources with ids), each with its fullUrl."""
+              base_url: str, next_url: str | None = None) -> dict:
+    """A searchset Bundle of ``entries`` (resources with ids), each with its fullUrl; a
+    ``next`` link when there are more pages."""
     base = base_url.rstrip("/")
+    links = [{"relation": "self", "url": self_url}]
+    if next_url:
+        links.append({"relation": "next", "url": next_url})
     data = {
         "resourceType": "Bundle",
         "type": "searchset",
         "total": len(entries) if total is None else total,
-        "link": [{"relation": "self", "url": self_url}],
+        "link": links,
         "entry": [{
             "fullUrl": f"{base}/{resource['resourceType']}/{resource['id']}",
             "resource": resource,

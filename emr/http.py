@@ -9,6 +9,7 @@ import datetime as dt
 import json
 import re
 from typing import Any
+from urllib.parse import urlencode
 
 import sqlalchemy as sa
 from starlette.concurrency import run_in_threadpool
@@ -18,7 +19,7 @@ from starlette.routing import Route
 
 from emr import fhir, fhir_in
 from emr.model import Order, OrderControl, OrderStatus, PatientInfo, PatientMerge, PatientUpdate
-from emr.orders import UnknownOrder, order_json
+from emr.orders import InvalidOrder, OrderConflict, UnknownOrder, order_json
 from emr.results import study_result
 from emr.service import EmrService
 from storage.errors import NotFound
@@ -66,6 +67,10 @@ def emr_routes(server) -> list[Route]:
             return fhir_response(exc.outcome(), exc.status)
         except UnknownOrder as exc:
             return outcome(422, "not-found", str(exc), "ServiceRequest.identifier")
+        except InvalidOrder as exc:
+            return outcome(422, "value", str(exc))
+        except OrderConflict as exc:
+            return outcome(409, "conflict", str(exc), "ServiceRequest.subject")
         request_resource = body if body.get("resourceType") == "ServiceRequest" else next(
             e["resource"] for e in body.get("entry", [])
             if e.get("resource", {}).get("resourceType") == "ServiceRequest")
@@ -75,16 +80,23 @@ def emr_routes(server) -> list[Route]:
                                                        f"{stored.pk}/_history/1"})
 
     async def search_imaging_studies(request: Request) -> Response:
+        params = request.query_params.multi_items()
         try:
-            uids, total = await run_in_threadpool(_find_studies, service, settings,
-                                                  request.query_params.multi_items())
+            uids, total, offset = await run_in_threadpool(_find_studies, service, settings,
+                                                          params)
         except fhir.FhirError as exc:
             return fhir_response(exc.outcome(), exc.status)
         resources = await run_in_threadpool(
             lambda: [_imaging_study(service, settings, uid, updated) for uid, updated in uids])
         base = fhir_base(request)
+        next_url = None
+        if offset + len(uids) < total:
+            kept = [(k, v) for k, v in params if k != "_offset"]
+            next_url = f"{str(request.url).split('?', 1)[0]}?" + urlencode(
+                [*kept, ("_offset", str(offset + len(uids)))])
         return fhir_response(fhir.searchset([r for r in resources if r], total=total,
-                                            self_url=str(request.url), base_url=base))
+                                            self_url=str(request.url), base_url=base,
+                                            next_url=next_url))
 
     async def read_imaging_study(request: Request) -> Response:
         uid = request.path_params["id"]
@@ -115,7 +127,12 @@ def emr_routes(server) -> list[Route]:
             info = await run_in_threadpool(service.orders.patient, int(pk))
         except (ValueError, NotFound):
             return outcome(404, "not-found", f"no Patient {pk}")
-        return fhir_response(fhir.patient_resource(info, pk, mrn_system=settings.emr_mrn_system))
+        resource = fhir.patient_resource(info, pk, mrn_system=settings.emr_mrn_system)
+        survivor = await run_in_threadpool(service.orders.merged_into, int(pk))
+        if survivor is not None:  # merged away (ADT^A40): say where the record went
+            resource = {**resource, "active": False, "link": [
+                {"other": {"reference": f"Patient/{survivor}"}, "type": "replaced-by"}]}
+        return fhir_response(resource)
 
     # ------------------------------------------------------------------ JSON API
 
@@ -135,10 +152,12 @@ def emr_routes(server) -> list[Route]:
         try:
             order = order_from_json(await json_body(request))
             stored = await run_in_threadpool(service.apply_order, order)
-        except BadRequest as exc:
+        except (BadRequest, InvalidOrder) as exc:
             return _error(415 if "application/json" in str(exc) else 400, str(exc))
         except UnknownOrder as exc:
             return _error(404, str(exc))
+        except OrderConflict as exc:
+            return _error(409, str(exc))
         return JSONResponse(order_json(stored), status_code=201,
                             headers={"Location": f"/api/orders/{stored.order.accession_number}"})
 
@@ -178,7 +197,7 @@ def emr_routes(server) -> list[Route]:
         try:
             patient = patient_from_json(await json_body(request))
             pk = await run_in_threadpool(service.apply_patient, PatientUpdate(patient))
-        except BadRequest as exc:
+        except (BadRequest, InvalidOrder) as exc:
             return _error(415 if "application/json" in str(exc) else 400, str(exc))
         info = await run_in_threadpool(service.orders.patient, pk)
         return JSONResponse({"id": pk, **dataclasses.asdict(info)})
@@ -192,7 +211,7 @@ def emr_routes(server) -> list[Route]:
             merge = PatientMerge(patient_from_json(body.get("patient")), prior.strip(),
                                  str(body.get("prior_issuer") or ""))
             moved = await run_in_threadpool(service.merge_patients, merge)
-        except BadRequest as exc:
+        except (BadRequest, InvalidOrder) as exc:
             return _error(415 if "application/json" in str(exc) else 400, str(exc))
         return JSONResponse({"studies_moved": moved})
 
@@ -407,17 +426,28 @@ def _token(value: str) -> tuple[str | None, str]:
     return None, value
 
 
-def _patient_ids(service: EmrService, settings, token: str) -> list[str]:
-    """The MRNs a ``patient.identifier`` token names (MRN, CCCD or BHYT)."""
+def _patient_condition(service: EmrService, settings, token: str) -> Any:
+    """The index patients a ``patient.identifier`` token names: by CCCD or BHYT through the
+    EMR's records; by MRN, of the issuer the system names (studies whose modality sent no
+    issuer count when the EMR knows that MRN under that issuer)."""
     system, value = _token(token)
     if not value:
         raise fhir.FhirError(400, "value", "patient.identifier needs a value",
                              "patient.identifier")
-    if system in (fhir.CCCD_SYSTEM,):
-        return [p.patient_id for _, p in service.orders.find_patients(cccd=value)]
+    if system == fhir.CCCD_SYSTEM:
+        ids = [p.patient_id for _, p in service.orders.find_patients(cccd=value)]
+        return patients.c.patient_id.in_(ids or [""])
     if system in (fhir.BHYT_SYSTEM, fhir.LEGACY_BHYT_SYSTEM):
-        return [p.patient_id for _, p in service.orders.find_patients(bhyt=value)]
-    return [value]  # an MRN, of whatever issuer system
+        ids = [p.patient_id for _, p in service.orders.find_patients(bhyt=value)]
+        return patients.c.patient_id.in_(ids or [""])
+    issuer = fhir.mrn_issuer(system, settings.emr_mrn_system) if system else ""
+    if not issuer:  # no system, or the hospital's own default: any issuer
+        return patients.c.patient_id == value
+    issuers = [issuer]
+    if service.orders.find_patients(patient_id=value, issuer=issuer):
+        issuers.append("")
+    return sa.and_(patients.c.patient_id == value,
+                   patients.c.issuer_of_patient_id.in_(issuers))
 
 
 def _patients_by_identifier(service: EmrService, settings, token: str
@@ -435,14 +465,14 @@ def _patients_by_identifier(service: EmrService, settings, token: str
 
 
 def _find_studies(service: EmrService, settings, params: list[tuple[str, str]]
-                  ) -> tuple[list[tuple[str, dt.datetime]], int]:
-    """(study UID, last updated) of the studies an ImagingStudy search names, and the total."""
+                  ) -> tuple[list[tuple[str, dt.datetime]], int, int]:
+    """(study UID, last updated) of one page of the studies an ImagingStudy search names, the
+    total, and the page's offset."""
     conditions: list[Any] = []
-    count = 20
+    count, offset = 20, 0
     for name, value in params:
         if name == "patient.identifier":
-            ids = _patient_ids(service, settings, value)
-            conditions.append(patients.c.patient_id.in_(ids or [""]))
+            conditions.append(_patient_condition(service, settings, value))
         elif name == "identifier":
             system, code = _token(value)
             if system == fhir.DICOM_UID_SYSTEM or code.startswith("urn:oid:"):
@@ -455,18 +485,22 @@ def _find_studies(service: EmrService, settings, params: list[tuple[str, str]]
             if not value.isdigit() or not 0 < int(value) <= _MAX_COUNT:
                 raise fhir.FhirError(400, "value", f"_count must be 1-{_MAX_COUNT}", "_count")
             count = int(value)
+        elif name == "_offset":  # what the next links say (not a standard parameter)
+            if not value.isdigit():
+                raise fhir.FhirError(400, "value", "_offset must be a number", "_offset")
+            offset = int(value)
         elif name != "_format":
             raise fhir.FhirError(400, "not-supported", f"search parameter {name!r} is not "
                                  "supported (patient.identifier, identifier, _lastUpdated, "
-                                 "_count)", name)
+                                 "_count, _offset)", name)
     statement = (sa.select(studies.c.study_instance_uid, studies.c.updated_at)
                  .join(patients, studies.c.patient_pk == patients.c.pk).where(*conditions))
     with service.archive.index.read() as conn:
         total = conn.execute(sa.select(sa.func.count()).select_from(statement.subquery())
                              ).scalar_one()
         rows = conn.execute(statement.order_by(studies.c.updated_at.desc(), studies.c.pk)
-                            .limit(count)).all()
-    return [(uid, updated) for uid, updated in rows], total
+                            .limit(count).offset(offset)).all()
+    return [(uid, updated) for uid, updated in rows], total, offset
 
 
 def _date_condition(column: Any, value: str) -> Any:

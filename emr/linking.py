@@ -62,6 +62,7 @@ class StudyLinker:
         self._thread: threading.Thread | None = None
         self._listeners: list[Any] = []
         archive.subscribe(self._stored)
+        archive.subscribe_deletions(self._deleted)
 
     def subscribe(self, listener: Any) -> None:
         """Call ``listener(link, order)`` after a study is linked to an order."""
@@ -91,6 +92,17 @@ class StudyLinker:
         if result.outcome is StoreOutcome.DUPLICATE_KEPT:
             return
         self._enqueue(result.study_instance_uid)
+
+    def _deleted(self, study_uids: list[str]) -> None:
+        """A deleted study has no link any more; sent again, it is linked afresh."""
+        if not study_uids:
+            return
+        with self._lock:
+            for uid in study_uids:
+                self._seen.pop(uid, None)
+        with self.archive.index.write_core() as conn:
+            conn.execute(study_links.delete().where(
+                study_links.c.study_instance_uid.in_(study_uids)))
 
     def _enqueue(self, study_uid: str) -> None:
         with self._lock:

@@ -16,7 +16,8 @@ import time
 import traceback
 from collections.abc import Callable
 
-__all__ = ["FrameReader", "FrameTooLarge", "MllpError", "MllpServer", "frame", "send"]
+__all__ = ["FrameReader", "FrameTooLarge", "MllpError", "MllpServer", "NotMllp", "frame",
+           "send"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,10 @@ class MllpError(OSError):
     """The peer could not be reached, did not answer in time, or answered without MLLP framing."""
 
 
+class NotMllp(MllpError):
+    """The peer sent something other than MLLP frames (e.g. an HTTP request)."""
+
+
 class FrameTooLarge(MllpError):
     """A message grew past the size limit before its end block arrived."""
 
@@ -40,7 +45,12 @@ def frame(message: bytes) -> bytes:
 
 
 class FrameReader:
-    """Cuts a byte stream into MLLP messages; bytes outside frames are skipped."""
+    """Cuts a byte stream into MLLP messages.
+
+    Between frames only white space is tolerated (some senders end frames with CR LF); any
+    other byte outside a frame raises ``NotMllp`` and the connection is closed. Skipping it
+    instead would let a web page make a browser on the hospital network send an HL7 message:
+    an HTTP POST to this port with a frame in its body is otherwise a valid message."""
 
     def __init__(self, max_message_bytes: int) -> None:
         self.max_message_bytes = max_message_bytes
@@ -55,9 +65,9 @@ class FrameReader:
             if not self._in_frame:
                 start = self._buffer.find(START_BLOCK)
                 skipped = len(self._buffer) if start < 0 else start
-                # A lone CR is the tail of the previous frame's end block, not noise.
-                if skipped and self._buffer[:skipped] != CARRIAGE_RETURN:
-                    log.debug("skipped %d bytes outside an MLLP frame", skipped)
+                # White space is the tail of an end block (CR, or CR LF), not noise.
+                if bytes(self._buffer[:skipped]).strip(b" \t\r\n"):
+                    raise NotMllp("bytes outside an MLLP frame")
                 if start < 0:
                     self._buffer.clear()
                     break
@@ -117,6 +127,9 @@ class _Connection(socketserver.BaseRequestHandler):
         except FrameTooLarge:
             log.warning("HL7 message from %s larger than %d bytes, closing the connection",
                         peer, owner.max_message_bytes)
+        except NotMllp:
+            log.warning("connection from %s to the HL7 port sent something other than MLLP "
+                        "frames; closed", peer)
         except OSError as exc:
             log.info("HL7 MLLP connection from %s failed: %s", peer, exc)
         finally:

@@ -17,7 +17,7 @@ from sqlalchemy.engine import Connection
 
 from emr.model import Order, OrderControl, OrderStatus, PatientInfo
 from storage.errors import NotFound
-from storage.index import Index, emr_patients, orders
+from storage.index import Index, emr_patients, orders, retry_on_conflict, study_links
 from storage.names import casefold_person_name, fold_person_name
 from storage.query import (
     NameMatching,
@@ -52,6 +52,42 @@ class UnknownOrder(NotFound):
     """A message refers to an order this server never received."""
 
 
+class InvalidOrder(ValueError):
+    """An order or patient that cannot be kept as it is (a value too long for DICOM...)."""
+
+
+class OrderConflict(ValueError):
+    """A change that would attribute images already linked to the order to someone else."""
+
+
+# Longest values DICOM can carry (PS3.5 VRs) for what goes to the worklist, and column sizes.
+_ORDER_LIMITS = {"accession_number": 16, "requested_procedure_id": 16,
+                 "scheduled_step_id": 16, "station_ae_title": 16, "modality": 16,
+                 "priority": 16, "study_instance_uid": 64, "placer_order_number": 64,
+                 "filler_order_number": 64, "procedure_code": 64}
+_PATIENT_LIMITS = {"patient_id": 64, "issuer": 64, "birth_date": 8, "sex": 4, "cccd": 32,
+                   "bhyt": 32, "phone": 64, "name": 324}
+
+
+def check_patient(patient: PatientInfo) -> None:
+    """Refuse a patient whose values do not fit (``InvalidOrder``, naming the field)."""
+    if not patient.patient_id.strip():
+        raise InvalidOrder("patient_id: required (the hospital's MRN)")
+    for name, limit in _PATIENT_LIMITS.items():
+        if len(getattr(patient, name)) > limit:
+            raise InvalidOrder(f"patient {name}: at most {limit} characters")
+
+
+def check_order(order: Order) -> None:
+    """Refuse an order whose values do not fit what the worklist must send."""
+    if not order.accession_number.strip():
+        raise InvalidOrder("accession_number: required")
+    for name, limit in _ORDER_LIMITS.items():
+        if len(getattr(order, name)) > limit:
+            raise InvalidOrder(f"{name}: at most {limit} characters (DICOM)")
+    check_patient(order.patient)
+
+
 class OrderStore:
     """Orders and EMR patients over the index database."""
 
@@ -62,12 +98,20 @@ class OrderStore:
 
     def save_patient(self, patient: PatientInfo) -> int:
         """Create or update a patient (fields left empty keep what is stored); its key."""
+        check_patient(patient)
+        return retry_on_conflict(lambda: self._save_patient(patient))
+
+    def _save_patient(self, patient: PatientInfo) -> int:
         with self.index.write_core() as conn:
             return _save_patient(conn, patient)
 
     def merge_patient(self, prior_id: str, prior_issuer: str, into: PatientInfo) -> int:
         """Merge the prior patient record into ``into`` (ADT^A40): its orders move; orders
         moved. The prior record stays, marked as merged, for the history."""
+        check_patient(into)
+        return retry_on_conflict(lambda: self._merge_patient(prior_id, prior_issuer, into))
+
+    def _merge_patient(self, prior_id: str, prior_issuer: str, into: PatientInfo) -> int:
         with self.index.write_core() as conn:
             target = _save_patient(conn, into)
             prior = _find_patient(conn, prior_id, prior_issuer)
@@ -85,6 +129,12 @@ class OrderStore:
         if row is None:
             raise NotFound(f"no patient {pk}")
         return _patient_info(row)
+
+    def merged_into(self, pk: int) -> int | None:
+        """The patient a merged-away record now belongs to (None if it was not merged)."""
+        with self.index.read() as conn:
+            return conn.execute(sa.select(emr_patients.c.merged_into_pk)
+                                .where(emr_patients.c.pk == pk)).scalar()
 
     def find_patients(self, *, patient_id: str = "", issuer: str | None = None, cccd: str = "",
                       bhyt: str = "", limit: int = 100) -> list[tuple[int, PatientInfo]]:
@@ -110,6 +160,12 @@ class OrderStore:
 
         NEW for an existing accession number updates it; UPDATE of an unknown order creates
         it (the EMR knows best); CANCEL of an unknown order raises ``UnknownOrder``."""
+        if order.control is not OrderControl.CANCEL:
+            check_order(order)
+        retry_on_conflict(lambda: self._apply(order))
+        return self.get(order.accession_number)
+
+    def _apply(self, order: Order) -> None:
         with self.index.write_core() as conn:
             existing = conn.execute(sa.select(orders).where(
                 orders.c.accession_number == order.accession_number)).first()
@@ -121,11 +177,16 @@ class OrderStore:
                     status=OrderStatus.CANCELLED.value, updated_at=_now()))
             else:
                 patient_pk = _save_patient(conn, order.patient)
+                if existing is not None and existing.patient_pk != patient_pk \
+                        and _has_linked_studies(conn, existing.pk):
+                    raise OrderConflict(
+                        f"order {order.accession_number} has images linked already; it cannot "
+                        "move to another patient (cancel it and order again, or correct the "
+                        "patient with ADT)")
                 if existing is None:
                     _insert_order(conn, order, patient_pk)
                 else:
                     _update_order(conn, existing, order, patient_pk)
-        return self.get(order.accession_number)
 
     def set_status(self, accession_number: str, status: OrderStatus) -> StoredOrder:
         with self.index.write_core() as conn:
@@ -235,6 +296,12 @@ def _now() -> dt.datetime:
 
 def _utc(value: dt.datetime) -> dt.datetime:
     return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
+
+
+def _has_linked_studies(conn: Connection, order_pk: int) -> bool:
+    return conn.execute(sa.select(study_links.c.pk).where(
+        study_links.c.order_pk == order_pk, study_links.c.state == "linked").limit(1)
+    ).first() is not None
 
 
 def _find_patient(conn: Connection, patient_id: str, issuer: str) -> int | None:

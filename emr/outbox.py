@@ -1,11 +1,16 @@
 """The outbox: result messages owed to EMR destinations, kept in the database until delivered.
 
 A message is written in the same place the archive's data lives, then delivered by a worker
-thread; a destination that is down is retried with exponential back-off (capped), for as long
+thread (each destination on a thread of its own, so one that hangs does not hold up the
+others); a destination that is down is retried with exponential back-off (capped), for as long
 as it takes, so an EMR that is down for an hour (or a PACS restart) loses nothing. A newer
-message for the same study and destination supersedes one still waiting. A destination that
-*refuses* a message (HL7 AR, HTTP 4xx) is not retried: the delivery is marked failed, visible
-through the API, and can be retried by hand.
+message for the same study and destination supersedes one still waiting or failed, and an old
+failed one cannot be sent again over a newer one. A destination that *refuses* a message (HL7
+AR, HTTP 4xx) is not retried: the delivery is marked failed, visible through the API, and can
+be retried by hand.
+
+Logs name deliveries and destinations, never what the destination answered: error texts of
+EMRs quote patient names. The full text is kept with the delivery (``last_error``).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import datetime as dt
 import logging
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import sqlalchemy as sa
@@ -92,7 +98,8 @@ class Outbox:
         with self.index.write_core() as conn:
             conn.execute(deliveries.update().where(
                 deliveries.c.destination == destination,
-                deliveries.c.study_instance_uid == study_uid, deliveries.c.state == PENDING)
+                deliveries.c.study_instance_uid == study_uid,
+                deliveries.c.state.in_((PENDING, FAILED)))
                 .values(state=SUPERSEDED, updated_at=now))
             pk = conn.execute(deliveries.insert().values(
                 destination=destination, kind=kind, study_instance_uid=study_uid,
@@ -102,15 +109,18 @@ class Outbox:
         return pk
 
     def retry(self, delivery_id: int) -> Delivery:
-        """Send a failed (or waiting) delivery again now."""
+        """Send a failed (or waiting) delivery again now; ``ValueError`` if it is neither."""
         with self.index.write_core() as conn:
             count = conn.execute(deliveries.update().where(
                 deliveries.c.pk == delivery_id,
                 deliveries.c.state.in_((PENDING, FAILED)))
                 .values(state=PENDING, next_attempt_at=_now(), updated_at=_now())).rowcount
         if not count:
-            self.get(delivery_id)  # NotFound if there is no such delivery
-            raise ValueError(f"delivery {delivery_id} is not pending or failed")
+            state = self.get(delivery_id).state  # NotFound if there is no such delivery
+            if state == SUPERSEDED:
+                raise ValueError(f"delivery {delivery_id} was superseded by a newer result of "
+                                 "the same study; retry that one")
+            raise ValueError(f"delivery {delivery_id} is {state}, not pending or failed")
         self._wake.set()
         return self.get(delivery_id)
 
@@ -157,15 +167,16 @@ class Outbox:
             due = conn.execute(
                 sa.select(deliveries).where(deliveries.c.state == PENDING,
                                             deliveries.c.next_attempt_at <= now)
-                .order_by(deliveries.c.next_attempt_at, deliveries.c.pk).limit(50)).all()
-        down: set[str] = set()
+                .order_by(deliveries.c.next_attempt_at, deliveries.c.pk).limit(200)).all()
+        by_destination: dict[str, list[Delivery]] = {}
         for row in due:
-            if self._stop.is_set():
-                break
-            if row.destination in down:  # one failure per destination and round is enough
-                continue
-            if not self._attempt(_delivery(row)):
-                down.add(row.destination)
+            by_destination.setdefault(row.destination, []).append(_delivery(row))
+        if len(by_destination) == 1:
+            self._deliver_in_order(next(iter(by_destination.values())))
+        elif by_destination:
+            with ThreadPoolExecutor(min(len(by_destination), 8),
+                                    thread_name_prefix="emr-outbox") as pool:
+                list(pool.map(self._deliver_in_order, by_destination.values()))
         with self.index.read() as conn:
             following = conn.execute(sa.select(sa.func.min(deliveries.c.next_attempt_at))
                                      .where(deliveries.c.state == PENDING)).scalar()
@@ -173,21 +184,29 @@ class Outbox:
             return 60.0
         return min(max((_utc(following) - _now()).total_seconds(), 0.05), 60.0)
 
+    def _deliver_in_order(self, due: list[Delivery]) -> None:
+        """One destination's due deliveries, oldest first, until it fails to answer."""
+        for delivery in due:
+            if self._stop.is_set() or not self._attempt(delivery):
+                return
+
     def _attempt(self, delivery: Delivery) -> bool:
         """One try; whether the destination answered (delivered or refused)."""
         try:
             self.senders[delivery.kind](delivery.destination, delivery.payload)
         except DeliveryRefused as exc:
-            log.warning("delivery %d to %s refused: %s", delivery.id, delivery.destination, exc)
+            log.warning("delivery %d to %s refused (%s)", delivery.id, delivery.destination,
+                        _gist(exc))
             self._finish(delivery, FAILED, str(exc))
             return True
         except Exception as exc:
             attempts = delivery.attempts + 1
             wait = min(self.retry_seconds * 2 ** (attempts - 1), self.max_retry_seconds)
             log.warning("delivery %d to %s failed (attempt %d, next in %.0f s): %s",
-                        delivery.id, delivery.destination, attempts, wait, exc)
+                        delivery.id, delivery.destination, attempts, wait, _gist(exc))
             with self.index.write_core() as conn:
-                conn.execute(deliveries.update().where(deliveries.c.pk == delivery.id).values(
+                conn.execute(deliveries.update().where(
+                    deliveries.c.pk == delivery.id, deliveries.c.state == PENDING).values(
                     attempts=attempts, last_error=str(exc)[:500], updated_at=_now(),
                     next_attempt_at=_now() + dt.timedelta(seconds=wait)))
             return False
@@ -203,6 +222,16 @@ class Outbox:
                 state=state, attempts=delivery.attempts + 1, last_error=error[:500],
                 next_attempt_at=None, updated_at=now,
                 delivered_at=now if state == DELIVERED else None))
+
+
+def _gist(exc: Exception) -> str:
+    """What may be logged of a delivery error: its kind and code, not the peer's words.
+
+    Senders word their errors ``CODE: text`` (``HTTP 500: ...``, ``AE: ...``); connection
+    errors carry no patient data."""
+    if isinstance(exc, OSError):
+        return f"{type(exc).__name__}: {exc}"[:200]
+    return str(exc).split(":", 1)[0][:40] or type(exc).__name__
 
 
 def _now() -> dt.datetime:

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from emr import fhir, hl7_out, hl7v2, mllp
 from emr.linking import LINKED, StudyLink, StudyLinker, demographics
 from emr.model import Order, PatientMerge, PatientUpdate
-from emr.orders import OrderStore, StoredOrder
+from emr.orders import InvalidOrder, OrderConflict, OrderStore, StoredOrder
 from emr.outbox import DeliveryRefused, Outbox
 from emr.performed import COMPLETED, PerformedSteps
 from emr.results import study_result
@@ -110,12 +110,14 @@ class EmrService:
             answer = self._ack(header, "AA")
         except hl7v2.Hl7Error as exc:
             header = header or exc.header
-            log.warning("HL7 message %s refused (%s): %s",
-                        header.control_id if header else "?", exc.ack_code, exc.reason)
+            # The reason goes back in the ACK; it may quote a field, so not into the log.
+            log.warning("HL7 message %s refused (%s at %s)", header.control_id if header
+                        else "?", exc.ack_code, exc.error_location or "?")
             answer = self._ack(header, exc.ack_code, exc.reason, exc.error_location,
                                exc.error_code)
-        except NotFound as exc:
-            log.warning("HL7 message %s: %s", header.control_id if header else "?", exc)
+        except (NotFound, InvalidOrder, OrderConflict) as exc:
+            log.warning("HL7 message %s not applied: %s", header.control_id if header else "?",
+                        type(exc).__name__)
             answer = self._ack(header, "AE", str(exc))
         except Exception as exc:
             # Database errors quote their parameters (patient names): the type only, above

@@ -78,6 +78,8 @@ class InstanceLocation:
 
 
 StoreListener = Callable[[StoreResult], None]
+# Called with the Study Instance UIDs a deletion removed entirely.
+DeletionListener = Callable[[list[str]], None]
 
 
 def blob_key(parsed: ParsedInstance) -> str:
@@ -136,7 +138,8 @@ _SQL_INSTANCE_PK = "SELECT pk FROM instances WHERE sop_instance_uid = ?"
 _SQL_INSTANCE_PARENTS = ("SELECT series.pk, studies.pk, studies.patient_pk FROM instances"
                          " JOIN series ON instances.series_pk = series.pk"
                          " JOIN studies ON series.study_pk = studies.pk WHERE instances.pk = ?")
-_SQL_INSTANCES_UNDER = ("SELECT instances.pk, instances.blob_key FROM instances"
+_SQL_INSTANCES_UNDER = ("SELECT instances.pk, instances.blob_key, studies.study_instance_uid"
+                        " FROM instances"
                         " JOIN series ON instances.series_pk = series.pk"
                         " JOIN studies ON series.study_pk = studies.pk WHERE ")
 _SQL_INSERTS: dict[tuple[str, tuple[str, ...], bool], str] = {}
@@ -169,6 +172,7 @@ class Archive:
         self.blobs = blobs
         self.duplicate_policy = duplicate_policy
         self._listeners: list[StoreListener] = []
+        self._deletion_listeners: list[DeletionListener] = []
         # Stores of the same SOP Instance UID are serialised so the policy is applied once.
         self._uid_locks = [threading.Lock() for _ in range(64)]
         # series UID -> (patient pk, study pk, series pk): saves three lookups per instance.
@@ -179,6 +183,10 @@ class Archive:
         self._io = ThreadPoolExecutor(max_workers=16, thread_name_prefix="blob-write")
 
     # ------------------------------------------------------------------ ingest
+
+    def subscribe_deletions(self, listener: DeletionListener) -> None:
+        """Call ``listener`` with the studies a deletion removed (exceptions are logged)."""
+        self._deletion_listeners.append(listener)
 
     def subscribe(self, listener: StoreListener) -> None:
         """Call ``listener`` after each successful store (exceptions are logged, not raised)."""
@@ -427,11 +435,19 @@ class Archive:
             rows = cursor.execute(_SQL_INSTANCES_UNDER + column + " = ?", (uid,)).fetchall()
             if not rows:
                 raise NotFound(f"no {level.name.lower()} with UID {uid}")
-            for pk, _ in rows:
+            for pk, _, _ in rows:
                 self._delete_instance_rows(cursor, pk, stamp)
+            touched = sorted({study for _, _, study in rows})
+            gone = [uid for uid in touched
+                    if cursor.execute(_SQL_FIND_STUDY, (uid,)).fetchone() is None]
         self._forget_series()
-        for _, key in rows:
+        for _, key, _ in rows:
             self._discard_blob(key)
+        for listener in self._deletion_listeners:
+            try:
+                listener(gone)
+            except Exception:
+                log.exception("deletion listener %r failed", listener)
         return len(rows)
 
     def _delete_instance_rows(self, cursor: RawCursor, instance_pk: int, stamp: Any) -> None:

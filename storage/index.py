@@ -9,9 +9,9 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -20,6 +20,7 @@ from sqlalchemy.engine import Connection, Engine
 from storage.attributes import INTEGER_VRS, Level, level_attributes
 
 metadata = sa.MetaData()
+T = TypeVar("T")
 
 
 def _attribute_columns(level: Level) -> list[sa.Column]:
@@ -356,7 +357,8 @@ class RawCursor:
         try:
             return self._cursor.execute(self._index._native_sql(sql), params)
         except dbapi.Error as exc:
-            raise sa.exc.DBAPIError.instance(sql, params, exc, dbapi.Error) from exc
+            raise sa.exc.DBAPIError.instance(sql, params, exc, dbapi.Error,
+                                             hide_parameters=True) from exc
 
     def commit(self, dbapi_connection: Any) -> None:
         dbapi = self._index.engine.dialect.dbapi
@@ -366,20 +368,33 @@ class RawCursor:
             raise sa.exc.DBAPIError.instance("COMMIT", (), exc, dbapi.Error) from exc
 
 
+def retry_on_conflict(work: Callable[[], T]) -> T:
+    """Run ``work`` (a write transaction); once more if another connection inserted the same
+    unique key at the same moment (PostgreSQL): the row exists then, and the second run finds
+    and updates it instead of inserting."""
+    try:
+        return work()
+    except sa.exc.IntegrityError:
+        return work()
+
+
 def create_engine(url: str) -> Engine:
-    """An engine with the settings this application relies on, for SQLite or PostgreSQL."""
+    """An engine with the settings this application relies on, for SQLite or PostgreSQL.
+
+    Errors never quote their SQL parameters (``hide_parameters``): those are patient names and
+    IDs, and database errors end up in logs."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[1] if "///" in url else ""
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine = sa.create_engine(
-            url, pool_size=32, max_overflow=32, pool_timeout=60,
+            url, pool_size=32, max_overflow=32, pool_timeout=60, hide_parameters=True,
             connect_args={"timeout": 60, "check_same_thread": False},
         )
         _configure_sqlite(engine)
         return engine
     return sa.create_engine(url, pool_size=16, max_overflow=48, pool_pre_ping=True,
-                            pool_timeout=60)
+                            pool_timeout=60, hide_parameters=True)
 
 
 def _configure_sqlite(engine: Engine) -> None:

@@ -23,7 +23,7 @@ from sqlalchemy.engine import Connection
 
 from storage.archive import Archive
 from storage.errors import NotFound
-from storage.index import instances, patients, series, studies
+from storage.index import instances, patients, retry_on_conflict, series, studies
 from storage.names import casefold_person_name, fold_person_name
 
 
@@ -52,6 +52,10 @@ def correct_patient(archive: Archive, who: Demographics) -> int:
 
 def merge_patient(archive: Archive, prior_id: str, prior_issuer: str, into: Demographics) -> int:
     """Move every study of the prior patient to ``into`` (ADT merge); studies moved."""
+    return retry_on_conflict(lambda: _merge(archive, prior_id, prior_issuer, into))
+
+
+def _merge(archive: Archive, prior_id: str, prior_issuer: str, into: Demographics) -> int:
     with archive.index.write_core() as conn:
         prior = [pk for pk in _patient_pks(conn, prior_id, prior_issuer)
                  if pk not in _patient_pks(conn, into.patient_id, into.issuer)]
@@ -64,6 +68,10 @@ def merge_patient(archive: Archive, prior_id: str, prior_issuer: str, into: Demo
 
 def reassign_study(archive: Archive, study_uid: str, to: Demographics) -> None:
     """Put one study under the patient ``to`` (creating the index patient if needed)."""
+    retry_on_conflict(lambda: _reassign(archive, study_uid, to))
+
+
+def _reassign(archive: Archive, study_uid: str, to: Demographics) -> None:
     with archive.index.write_core() as conn:
         study_pk = conn.execute(sa.select(studies.c.pk).where(
             studies.c.study_instance_uid == study_uid)).scalar()

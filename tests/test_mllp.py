@@ -108,14 +108,25 @@ def test_server_serves_two_connections_at_once(serve: Callable[..., MllpServer])
         assert b"SECOND" in read_answers(second, 1)[0]
 
 
-def test_server_skips_bytes_before_the_start_block(serve: Callable[..., MllpServer]) -> None:
+def test_server_closes_a_connection_that_sends_anything_but_frames(
+    serve: Callable[..., MllpServer],
+) -> None:
+    # An HTTP request carrying a frame in its body (what a web page can make a browser send)
+    # must not be taken for an HL7 message.
     server = serve()
+    body = frame(hl7_message("FROM-A-BROWSER"))
+    request = (b"POST / HTTP/1.1\r\nHost: pacs:2575\r\nContent-Type: text/plain\r\n"
+               b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
 
     with connect(server) as sock:
-        sock.sendall(b"garbage\r\n\x00\xff" + frame(hl7_message("AFTER-NOISE")))
-        answers = read_answers(sock, 1)
+        sock.sendall(request)
+        sock.settimeout(5)
+        assert sock.recv(65536) == b""  # closed, no ACK
 
-    assert b"MSA|AA|AFTER-NOISE" in answers[0]
+    with connect(server) as sock:  # the server still serves frames, CR LF after them too
+        sock.sendall(frame(hl7_message("AFTER")) + b"\n" + frame(hl7_message("NEXT")))
+        answers = read_answers(sock, 2)
+    assert b"MSA|AA|AFTER" in answers[0] and b"MSA|AA|NEXT" in answers[1]
 
 
 def test_server_accepts_a_frame_split_across_many_packets(
