@@ -7,10 +7,7 @@ queue, and the FHIR API."""
 from __future__ import annotations
 
 import datetime as dt
-import http.server
 import json
-import socketserver
-import threading
 import time
 from pathlib import Path
 
@@ -29,6 +26,7 @@ from pynetdicom.sop_class import ModalityPerformedProcedureStep
 
 from tests import dimse_client as client
 from tests.conftest import PacsProcess, free_port
+from tests.emr_peers import ProgrammableFhir, ProgrammableMllp
 from tests.factory import TEST_ROOT, Spec, ct_series
 
 CCCD_SYSTEM = "http://fhir.hl7.org.vn/core/sid/cccd"
@@ -36,90 +34,7 @@ VN_CORE_IMAGING_STUDY = "http://fhir.hl7.org.vn/core/StructureDefinition/vn-core
 TODAY = dt.date.today().strftime("%Y%m%d")
 
 
-# ---------------------------------------------------------------------------- the EMR's side
-
-
-class MllpRecorder:
-    """The EMR's HL7 listener: records each message and answers AA. Can go down and come
-    back on the same port."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.messages: list[str] = []
-        self._server: socketserver.ThreadingTCPServer | None = None
-
-    def start(self) -> MllpRecorder:
-        recorder = self
-
-        class Handler(socketserver.BaseRequestHandler):
-            def handle(self) -> None:
-                buffer = b""
-                while True:
-                    chunk = self.request.recv(65536)
-                    if not chunk:
-                        return
-                    buffer += chunk
-                    while b"\x1c\r" in buffer:
-                        frame, buffer = buffer.split(b"\x1c\r", 1)
-                        message = frame.split(b"\x0b", 1)[-1].decode("utf-8")
-                        recorder.messages.append(message)
-                        control = hl7.parse(message).segment("MSH")[10]
-                        ack = (f"MSH|^~\\&|EMR|BV|PACS||{TODAY}120000||ACK^R01|A{control}|P|2.5.1"
-                               f"\rMSA|AA|{control}\r")
-                        self.request.sendall(b"\x0b" + ack.encode() + b"\x1c\r")
-
-        socketserver.ThreadingTCPServer.allow_reuse_address = True
-        self._server = socketserver.ThreadingTCPServer(("127.0.0.1", self.port), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-
-class FhirRecorder:
-    """The EMR's FHIR server: records each PUT ImagingStudy and answers 201."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.resources: list[dict] = []
-        self.paths: list[str] = []
-        self._server: http.server.ThreadingHTTPServer | None = None
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}/fhir"
-
-    def start(self) -> FhirRecorder:
-        recorder = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_PUT(self) -> None:  # noqa: N802 - the http.server API
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                recorder.paths.append(self.path)
-                recorder.resources.append(json.loads(body))
-                self.send_response(201)
-                self.send_header("Content-Type", "application/fhir+json")
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        http.server.ThreadingHTTPServer.allow_reuse_address = True
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+# ---------------------------------------------------------------------------- helpers
 
 
 def send_hl7(server: PacsProcess, message: str) -> hl7.Message:
@@ -207,7 +122,7 @@ def findscu_worklist(server: PacsProcess, tmp_path: Path, env, *keys: str) -> li
 
 @pytest.fixture
 def emr(tmp_path):
-    hl7_in, fhir_in = MllpRecorder(free_port()), FhirRecorder(free_port())
+    hl7_in, fhir_in = ProgrammableMllp(), ProgrammableFhir()
     server = PacsProcess(tmp_path / "pacs-data", env={
         "PACS_EMR_RESULTS_TO": f"mllp://127.0.0.1:{hl7_in.port},{fhir_in.base}",
         "PACS_STUDY_COMPLETE_SECONDS": "1", "PACS_EMR_RETRY_SECONDS": "0.3",
@@ -401,7 +316,7 @@ def test_outbox_survives_a_restart_of_the_pacs(tmp_path, dcmtk_env):
                  .get("pending"), what="a pending delivery")
     finally:
         server.stop()
-    hl7_in = MllpRecorder(hl7_port).start()
+    hl7_in = ProgrammableMllp(hl7_port).start()
     again = PacsProcess(tmp_path / "pacs-data", env=env)
     try:
         again.start()
