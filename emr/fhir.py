@@ -30,8 +30,10 @@ from fhir.resources.R4B.endpoint import Endpoint
 from fhir.resources.R4B.imagingstudy import ImagingStudy
 from fhir.resources.R4B.operationoutcome import OperationOutcome
 from fhir.resources.R4B.patient import Patient
+from fhir.resources.R4B.servicerequest import ServiceRequest
 
 from emr.model import (
+    Order,
     PatientInfo,
     ResultSeries,
     StudyResult,
@@ -225,6 +227,63 @@ def patient_resource(patient: PatientInfo, resource_id: str, *, mrn_system: str)
     if patient.address:
         data["address"] = [{"text": patient.address}]
     return _validated(Patient, data)
+
+
+# Our order status as ServiceRequest.status.
+_REQUEST_STATUS = {"SCHEDULED": "active", "IN PROGRESS": "active", "COMPLETED": "completed",
+                   "DISCONTINUED": "revoked", "CANCELLED": "revoked"}
+_REQUEST_PRIORITY = {"STAT": "stat", "HIGH": "urgent", "ROUTINE": "routine",
+                     "MEDIUM": "routine", "LOW": "routine"}
+
+
+def service_request_resource(order: Order, resource_id: str, *, mrn_system: str,
+                             patient_id: str | None = None,
+                             last_updated: str | None = None) -> dict:
+    """An order as a VN Core ServiceRequest (what ``POST /fhir/ServiceRequest`` made of it,
+    with its current status)."""
+    identifiers = [_accession_identifier(order.accession_number, None)]
+    if order.placer_order_number:
+        identifiers.append({"type": {"coding": [{"system": V2_0203_SYSTEM, "code": "PLAC"}]},
+                            "value": order.placer_order_number})
+    if order.study_instance_uid:
+        identifiers.append({"system": DICOM_UID_SYSTEM,
+                            "value": f"urn:oid:{order.study_instance_uid}"})
+    subject: dict[str, Any] = {"reference": f"Patient/{patient_id}"} if patient_id else {
+        "identifier": _mrn_identifier(order.patient, mrn_system)}
+    if order.patient.name:
+        subject["display"] = readable_name(order.patient.name)
+    data: dict[str, Any] = {
+        "resourceType": "ServiceRequest",
+        "id": resource_id,
+        "meta": {"profile": [VN_CORE_SERVICE_REQUEST_PROFILE]},
+        "identifier": identifiers,
+        "status": _REQUEST_STATUS.get(order.status.value, "unknown"),
+        "intent": "order",
+        "subject": subject,
+    }
+    if last_updated:
+        data["meta"]["lastUpdated"] = last_updated
+    if order.priority in _REQUEST_PRIORITY:
+        data["priority"] = _REQUEST_PRIORITY[order.priority]
+    coding = []
+    if order.procedure_code:
+        coding.append({"code": order.procedure_code,
+                       **({"system": order.procedure_code_system}
+                          if ":" in order.procedure_code_system else {}),
+                       **({"display": order.procedure_description}
+                          if order.procedure_description else {})})
+    if coding or order.procedure_description:
+        data["code"] = {**({"coding": coding} if coding else {}),
+                        **({"text": order.procedure_description}
+                           if order.procedure_description else {})}
+    if order.modality:
+        data["category"] = [{"coding": [{"system": DCM_SYSTEM, "code": order.modality}]}]
+    started = fhir_date_time(order.scheduled_date, order.scheduled_time)
+    if started:
+        data["occurrenceDateTime"] = started
+    if order.reason:
+        data["reasonCode"] = [{"text": order.reason}]
+    return _validated(ServiceRequest, data)
 
 
 def fhir_date_time(date: str, time: str = "") -> str:
@@ -468,7 +527,7 @@ def capability_statement(base_url: str, *, date: str | None = None) -> dict:
             {
                 "type": "ServiceRequest",
                 "supportedProfile": [VN_CORE_SERVICE_REQUEST_PROFILE],
-                "interaction": [{"code": "create"}],
+                "interaction": [{"code": "create"}, {"code": "read"}],
             },
         ]}],
     }

@@ -71,13 +71,16 @@ def emr_routes(server) -> list[Route]:
             return outcome(422, "value", str(exc))
         except OrderConflict as exc:
             return outcome(409, "conflict", str(exc), "ServiceRequest.subject")
-        request_resource = body if body.get("resourceType") == "ServiceRequest" else next(
-            e["resource"] for e in body.get("entry", [])
-            if e.get("resource", {}).get("resourceType") == "ServiceRequest")
-        answer = {**request_resource, "id": str(stored.pk),
-                  "meta": {"lastUpdated": stored.updated_at.isoformat(timespec="seconds")}}
-        return fhir_response(answer, 201, {"Location": f"{fhir_base(request)}/ServiceRequest/"
-                                                       f"{stored.pk}/_history/1"})
+        return fhir_response(_service_request(stored, settings), 201,
+                             {"Location": f"{fhir_base(request)}/ServiceRequest/{stored.pk}"})
+
+    async def read_service_request(request: Request) -> Response:
+        pk = request.path_params["id"]
+        try:
+            stored = await run_in_threadpool(service.orders.get_by_pk, int(pk))
+        except (ValueError, UnknownOrder):
+            return outcome(404, "not-found", f"no ServiceRequest {pk}")
+        return fhir_response(_service_request(stored, settings))
 
     async def search_imaging_studies(request: Request) -> Response:
         params = request.query_params.multi_items()
@@ -290,6 +293,7 @@ def emr_routes(server) -> list[Route]:
     return [
         Route("/fhir/metadata", metadata),
         Route("/fhir/ServiceRequest", create_service_request, methods=["POST"]),
+        Route("/fhir/ServiceRequest/{id}", read_service_request),
         Route("/fhir/ImagingStudy", search_imaging_studies),
         Route("/fhir/ImagingStudy/{id}", read_imaging_study),
         Route("/fhir/Patient", search_patients),
@@ -388,6 +392,12 @@ def order_from_json(body: dict[str, Any]) -> Order:
 
 
 # ---------------------------------------------------------------------------- FHIR searches
+
+
+def _service_request(stored, settings) -> dict:
+    return fhir.service_request_resource(
+        stored.order, str(stored.pk), mrn_system=settings.emr_mrn_system,
+        patient_id=str(stored.patient_pk), last_updated=_instant(stored.updated_at))
 
 
 def _study_updated(service: EmrService, uid: str) -> dt.datetime | None:

@@ -17,6 +17,7 @@ import pytest
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.imagingstudy import ImagingStudy
 from fhir.resources.R4B.operationoutcome import OperationOutcome
+from fhir.resources.R4B.servicerequest import ServiceRequest
 from hl7.client import MLLPClient
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -465,6 +466,12 @@ def test_fhir_service_request_creates_an_order_and_bad_ones_get_an_operation_out
     created = httpx.post(server.http + "/fhir/ServiceRequest", json=_service_request("F1"),
                          headers={"Content-Type": "application/fhir+json"})
     assert created.status_code == 201, created.text
+    location = created.headers["location"]
+    assert location.startswith("https://pacs.benhvien.vn/fhir/ServiceRequest/")  # public URL
+    read = httpx.get(server.http + location.removeprefix("https://pacs.benhvien.vn"))
+    assert read.status_code == 200
+    assert ServiceRequest.model_validate(read.json()).status == "active"
+    assert read.json()["subject"]["display"] == "Đặng Thu Hà"
     order = httpx.get(server.http + "/api/orders/F1").json()
     assert order["patient"]["name"] == "Đặng^Thu Hà" and order["patient"]["cccd"] \
         == "001199000555"
