@@ -213,6 +213,7 @@ def _fill(template: str, values: dict[str, str]) -> str:
 
 def _route_templates(tmp_path) -> list[tuple[str, set[str]]]:
     """Every route the HTTP server has, with its methods, read from its own route table."""
+    from emr.service import EmrService
     from pacs.access import AccessPolicy
     from pacs.http import build_app
     from storage.archive import open_archive
@@ -223,6 +224,7 @@ def _route_templates(tmp_path) -> list[tuple[str, set[str]]]:
         archive = open_archive(f"sqlite:///{tmp_path}/routes.sqlite", f"file://{tmp_path}/b")
         shares = ShareStore(archive.index, b"k")
         access = AccessPolicy(settings, shares, b"k")
+        emr = EmrService(archive, settings)  # not started: only its routes are wanted
         dicom = None
 
     routes: list[tuple[str, set[str]]] = []
@@ -242,7 +244,7 @@ def _route_templates(tmp_path) -> list[tuple[str, set[str]]]:
     return routes
 
 
-_B_SCOPED = ("{study}", "{series}", "{instance}", "{uid}", "{number}", "{id}")
+_B_SCOPED = ("{study}", "{series}", "{instance}", "{uid}", "{number}", "{accession}", "{id}")
 
 
 def test_a_share_of_study_a_never_returns_any_byte_of_study_b(site, tmp_path):
@@ -251,7 +253,8 @@ def test_a_share_of_study_a_never_returns_any_byte_of_study_b(site, tmp_path):
     grant = _grant(server, made["token"])
     other = _share(server, study_b.study_uid)  # study B has shares too: ids must not leak
     b_values = {"study": study_b.study_uid, "series": study_b.series_uid, "instance": b_uids[0],
-                "uid": study_b.study_uid, "number": "ACC-B", "frames": "1", "spec": "7FE00010",
+                "uid": study_b.study_uid, "number": "ACC-B", "accession": "ACC-B", "frames": "1",
+                "spec": "7FE00010",
                 "token": made["token"], "id": str(other["id"]), "kind": "png",
                 "path": "index.html"}
     wado_b = {"requestType": "WADO", "studyUID": study_b.study_uid,
