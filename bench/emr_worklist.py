@@ -2,7 +2,9 @@
 
 Starts ``pacs serve`` on loopback (SQLite, a temporary folder), sends ORDERS ORM^O01 messages
 over one MLLP connection (the ``hl7`` package's client), then times worklist C-FINDs the way a
-modality asks (its station AE title and today's date; and a name search without accents).
+modality asks (its station AE title and today's date; and a name search without accents), from
+pynetdicom (in this process) and from DCMTK's findscu (process start included). Orders are
+spread over 30 days and 10 stations (~33 per station and day).
 Usage::
 
     .venv/bin/python bench/emr_worklist.py [--orders 10000] [--out bench/results/emr-worklist.json]
@@ -41,7 +43,7 @@ def free_port() -> int:
 
 
 def order_message(n: int, day: dt.date) -> str:
-    station = STATIONS[n % len(STATIONS)]
+    station = STATIONS[(n // 30) % len(STATIONS)]  # days cycle over n, stations over n // 30
     name = f"{FAMILY[n % len(FAMILY)]}^{GIVEN[(n // 10) % len(GIVEN)]}"
     when = day.strftime("%Y%m%d") + f"{8 + n % 10:02d}00"
     accession = f"B{n:07d}"
@@ -49,7 +51,7 @@ def order_message(n: int, day: dt.date) -> str:
         f"MSH|^~\\&|HIS|BVDK|PACS|BVDK|{when}||ORM^O01|M{n}|P|2.3.1||||||UNICODE UTF-8",
         f"PID|1||BN{n:07d}^^^BVDK^MR||{name}||19800101|M",
         f"ORC|NW|P{accession}|{accession}||SC||^^^{when}^^R",
-        f"OBR|1|P{accession}|{accession}|CT001^Chụp CT^L|||||||||||||{accession}|RP{n}|"
+        f"OBR|1|P{accession}|{accession}|CT001^Chụp CT^L||||||||||||||{accession}|RP{n}|"
         f"SPS{n}|{station}|||{station[:2]}|||^^^{when}^^R",
     ]) + "\r"
 
@@ -76,6 +78,20 @@ def worklist_query(port: int, **keys: str) -> tuple[float, int]:
             answers += 1
     assoc.release()
     return time.perf_counter() - started, answers
+
+
+def findscu_query(port: int, **keys: str) -> float:
+    """Seconds for DCMTK findscu -W (process start included) with the same keys."""
+    step = "ScheduledProcedureStepSequence[0]."
+    args = ["findscu", "-W", "-aec", "PACS", "-k", "SpecificCharacterSet=ISO_IR 192",
+            "-k", f"PatientName={keys.get('PatientName', '')}", "-k", "PatientID",
+            "-k", "AccessionNumber",
+            "-k", f"{step}ScheduledStationAETitle={keys.get('station', '')}",
+            "-k", f"{step}ScheduledProcedureStepStartDate={keys.get('date', '')}",
+            "-k", f"{step}Modality", "127.0.0.1", str(port)]
+    started = time.perf_counter()
+    subprocess.run(args, check=True, capture_output=True, timeout=120)
+    return time.perf_counter() - started
 
 
 def main() -> None:
@@ -117,9 +133,12 @@ def main() -> None:
             timings = {}
             for label, keys in queries.items():
                 runs = [worklist_query(dicom_port, **keys) for _ in range(10)]
+                dcmtk = [findscu_query(dicom_port, **keys) for _ in range(5)]
                 timings[label] = {"answers": runs[0][1],
-                                  "median_ms": round(statistics.median(r[0] for r in runs)
-                                                     * 1000, 1)}
+                                  "pynetdicom_median_ms": round(
+                                      statistics.median(r[0] for r in runs) * 1000, 1),
+                                  "findscu_median_ms": round(statistics.median(dcmtk) * 1000,
+                                                             1)}
         finally:
             proc.terminate()
             proc.wait(30)

@@ -8,7 +8,7 @@ from pydicom.dataset import Dataset
 
 from emr.model import Order, OrderStatus, PatientInfo
 from emr.orders import StoredOrder
-from pacs.dimse.worklist import requested_only, worklist_item, worklist_keys
+from pacs.dimse.worklist import as_dataset, requested_only, worklist_item, worklist_keys
 
 NOW = dt.datetime(2026, 12, 4, tzinfo=dt.UTC)
 ORDER = StoredOrder(1, Order(
@@ -34,7 +34,7 @@ def test_answer_holds_the_requested_keys_only_in_utf8():
     asked = identifier(PatientName="", AccessionNumber="", PatientWeight="",
                        ScheduledProcedureStepSequence=[step])
 
-    answer = requested_only(worklist_item(ORDER), asked)
+    answer = as_dataset(requested_only(worklist_item(ORDER), asked))
 
     assert answer.SpecificCharacterSet == "ISO_IR 192"
     assert str(answer.PatientName) == "Nguyễn^Văn An" and answer.AccessionNumber == "A1"
@@ -48,7 +48,7 @@ def test_answer_holds_the_requested_keys_only_in_utf8():
 def test_a_sequence_asked_with_an_empty_item_comes_whole():
     asked = identifier(OtherPatientIDsSequence=[], ScheduledProcedureStepSequence=[Dataset()])
 
-    answer = requested_only(worklist_item(ORDER), asked)
+    answer = as_dataset(requested_only(worklist_item(ORDER), asked))
 
     others = {(o.IssuerOfPatientID, o.PatientID) for o in answer.OtherPatientIDsSequence}
     assert others == {("CCCD", "079088001234"), ("BHYT", "DN47979")}

@@ -8,16 +8,18 @@ directly (the handful of simple VRs a C-FIND answer uses), and queues the PDUs o
 matches for the network thread at once. Each PDU carries one PDV, as pynetdicom and DCMTK send
 them: PS3.8 allows several per PDU, but DCMTK 3.6.7's findscu crashes on C-FIND responses
 packed that way. The final response still goes through pynetdicom. Anything unusual (a
-sequence, a binary value, Big Endian) makes ``encode_identifier`` return None and the caller
-uses pynetdicom for that match.
+binary value, Big Endian) makes ``encode_identifier`` return None and the caller uses
+pynetdicom for that match.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from pynetdicom.pdu_primitives import P_DATA
 
 from pacs.dimse.commands import (
@@ -54,11 +56,18 @@ def encode_identifier(elements: Iterable[tuple[int, str, Any]], *, implicit: boo
     """Encode (tag, VR, value) in Little Endian, or None if a value needs pydicom.
 
     Values are None/'' (empty), str (several values joined by backslash, PN as
-    ``Alphabetic=Ideographic=Phonetic``), int (IS, US) or a list of those.
+    ``Alphabetic=Ideographic=Phonetic``), int (IS, US) or a list of those; a sequence (SQ) is
+    a list of items, each a list of such (tag, VR, value).
     """
     parts = []
     codec = "utf-8" if utf8 else "ascii"
     for tag, vr, value in sorted(elements, key=lambda e: e[0]):
+        if vr == "SQ":  # value: a list of items, each a list of (tag, VR, value)
+            encoded = _sequence(tag, value or [], implicit=implicit, utf8=utf8)
+            if encoded is None:
+                return None
+            parts.append(encoded)
+            continue
         if vr == "US":
             raw = b"" if value in (None, "") else _US.pack(int(value))
         elif vr in _SHORT_TEXT_VRS or vr in _LONG_TEXT_VRS:
@@ -86,6 +95,26 @@ def encode_identifier(elements: Iterable[tuple[int, str, Any]], *, implicit: boo
                 return None
             parts.append(struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(),
                                      len(raw)) + raw)
+    return b"".join(parts)
+
+
+_UNDEFINED = 0xFFFFFFFF
+_ITEM = struct.pack("<HHI", 0xFFFE, 0xE000, _UNDEFINED)
+_ITEM_END = struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
+_SEQUENCE_END = struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+
+
+def _sequence(tag: int, items: list, *, implicit: bool, utf8: bool) -> bytes | None:
+    """A sequence of undefined length, its items of undefined length (PS3.5 7.5)."""
+    header = (struct.pack("<HHI", tag >> 16, tag & 0xFFFF, _UNDEFINED) if implicit
+              else struct.pack("<HH2s2xI", tag >> 16, tag & 0xFFFF, b"SQ", _UNDEFINED))
+    parts = [header]
+    for item in items:
+        encoded = encode_identifier(item, implicit=implicit, utf8=utf8)
+        if encoded is None:
+            return None
+        parts += [_ITEM, encoded, _ITEM_END]
+    parts.append(_SEQUENCE_END)
     return b"".join(parts)
 
 
@@ -126,3 +155,38 @@ class PendingSender:
         for primitive in self._pdus:
             self.assoc.dul.send_pdu(primitive)
         self._pdus = []
+
+
+# One match: its (tag, VR, value) elements, whether its text is UTF-8, and how to make it a
+# pydicom data set when it cannot be encoded here.
+Answer = tuple[Iterable[tuple[int, str, Any]], bool, Callable[[], Dataset]]
+
+
+def answer_find(event: Any, answers: Iterable[Answer], *, cancel: int, success: int
+                ) -> Iterator[tuple[int, Dataset | None]]:
+    """A C-FIND handler's yields for ``answers``: pending responses (queued in bulk when the
+    transfer syntax allows), then ``success``, or ``cancel`` once the peer cancels."""
+    syntax = UID(event.context.transfer_syntax)
+    sender = None
+    if syntax.is_little_endian and not syntax.is_deflated:
+        request = event.request
+        sender = PendingSender(event.assoc, event.context.context_id,
+                               pending_command(str(request.AffectedSOPClassUID),
+                                               request.MessageID))
+    for elements, utf8, as_dataset in answers:
+        if event.is_cancelled:
+            if sender:
+                sender.flush()
+            yield cancel, None
+            return
+        encoded = sender and encode_identifier(elements, implicit=syntax.is_implicit_VR,
+                                               utf8=utf8)
+        if encoded is not None:
+            sender.add(encoded)
+            continue
+        if sender:
+            sender.flush()  # keep the order: earlier matches go out first
+        yield PENDING, as_dataset()
+    if sender:
+        sender.flush()
+    yield success, None

@@ -186,31 +186,10 @@ class DimseHandlers:
 
     def _answer_find(self, event: evt.Event, level: Level, keys, rows) -> Iterator[Any]:
         """Pending responses for ``rows``, then success (or cancel)."""
-        syntax = UID(event.context.transfer_syntax)
-        sender = None
-        if syntax.is_little_endian and not syntax.is_deflated:
-            request = event.request
-            command = fastfind.pending_command(str(request.AffectedSOPClassUID),
-                                               request.MessageID)
-            sender = fastfind.PendingSender(event.assoc, event.context.context_id, command)
-        for row in rows:
-            if event.is_cancelled:
-                if sender:
-                    sender.flush()
-                yield status.CANCEL, None
-                return
-            response = build_response(level, keys, row, self.settings.ae_title)
-            encoded = sender and fastfind.encode_identifier(
-                response.elements, implicit=syntax.is_implicit_VR, utf8=response.utf8)
-            if encoded is not None:
-                sender.add(encoded)
-                continue
-            if sender:
-                sender.flush()  # keep the order: earlier matches go out first
-            yield status.PENDING, response_dataset(response)
-        if sender:
-            sender.flush()
-        yield status.SUCCESS, None
+        responses = (build_response(level, keys, row, self.settings.ae_title) for row in rows)
+        yield from fastfind.answer_find(
+            event, ((r.elements, r.utf8, lambda r=r: response_dataset(r)) for r in responses),
+            cancel=status.CANCEL, success=status.SUCCESS)
 
     # ------------------------------------------------------------------ C-MOVE / C-GET
 

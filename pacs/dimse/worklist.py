@@ -21,7 +21,7 @@ from emr import performed
 from emr.model import OrderStatus
 from emr.orders import OrderStore, StoredOrder, UnknownOrder
 from emr.performed import COMPLETED, DISCONTINUED, IN_PROGRESS, PerformedSteps, StepError
-from pacs.dimse import status
+from pacs.dimse import fastfind, status
 from storage.errors import InvalidQuery
 from storage.query import NameMatching
 
@@ -131,38 +131,47 @@ def worklist_item(stored: StoredOrder) -> WorklistValues:
     }
 
 
+# An answer as (tag, VR, value); a sequence's value is a list of items, each such a list.
+Elements = list[tuple[int, str, Any]]
+
+
 def requested_only(values: WorklistValues, identifier: Dataset, *,
-                   charset: bool = True) -> Dataset:
+                   charset: bool = True) -> Elements:
     """The answer to ``identifier``: the keys it asks for, with the order's ``values``
     (PS3.4 C.2.2.1.2); a sequence asked for with an empty item (or none) comes whole."""
-    answer = Dataset()
-    if charset:
-        answer.add_new(SPECIFIC_CHARACTER_SET, "CS", "ISO_IR 192")
+    answer: Elements = [(SPECIFIC_CHARACTER_SET, "CS", "ISO_IR 192")] if charset else []
     for element in identifier:
         keyword = element.keyword
         if not keyword or keyword == "SpecificCharacterSet":
             continue
         value = values.get(keyword)
+        tag = int(element.tag)
         if element.VR != "SQ":
-            answer.add_new(element.tag, element.VR, value or None)
+            answer.append((tag, element.VR, value or None))
             continue
         asked = element.value[0] if element.value and len(element.value[0]) else None
-        items = []
-        for item_values in value or []:
-            items.append(requested_only(item_values, asked, charset=False) if asked is not None
-                         else _whole(item_values))
-        answer.add_new(element.tag, "SQ", Sequence(items))
+        answer.append((tag, "SQ", [
+            requested_only(item, asked, charset=False) if asked is not None else _whole(item)
+            for item in value or []]))
     return answer
 
 
-def _whole(values: WorklistValues) -> Dataset:
-    item = Dataset()
-    for keyword, value in values.items():
-        if isinstance(value, list):
-            item.add_new(tag_for_keyword(keyword), "SQ", Sequence([_whole(v) for v in value]))
+def _whole(values: WorklistValues) -> Elements:
+    return [(tag_for_keyword(keyword), "SQ", [_whole(v) for v in value])
+            if isinstance(value, list) else
+            (tag_for_keyword(keyword), dictionary_VR(keyword), value or None)
+            for keyword, value in values.items()]
+
+
+def as_dataset(elements: Elements) -> Dataset:
+    """The answer as a pydicom data set (transfer syntaxes the fast encoder does not do)."""
+    ds = Dataset()
+    for tag, vr, value in elements:
+        if vr == "SQ":
+            ds.add_new(tag, vr, Sequence([as_dataset(item) for item in value]))
         else:
-            item.add_new(tag_for_keyword(keyword), dictionary_VR(keyword), value or None)
-    return item
+            ds.add_new(tag, vr, value)
+    return ds
 
 
 class WorklistHandlers:
@@ -199,12 +208,10 @@ class WorklistHandlers:
             log.warning("worklist query matched more than %d orders; answering the first",
                         _MAX_WORKLIST_ANSWERS)
             found = found[:_MAX_WORKLIST_ANSWERS]
-        for stored in found:
-            if event.is_cancelled:
-                yield status.CANCEL, None
-                return
-            yield status.PENDING, requested_only(worklist_item(stored), identifier)
-        yield status.SUCCESS, None
+        answers = (requested_only(worklist_item(stored), identifier) for stored in found)
+        yield from fastfind.answer_find(
+            event, ((elements, True, lambda e=elements: as_dataset(e)) for elements in answers),
+            cancel=status.CANCEL, success=status.SUCCESS)
 
     # ------------------------------------------------------------------ MPPS
 
