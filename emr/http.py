@@ -339,15 +339,21 @@ _DICOM_DATE = re.compile(r"^\d{8}$")
 _DICOM_TIME = re.compile(r"^\d{2}(\d{2}(\d{2})?)?$")
 
 
+def _strings(body: dict[str, Any], names: tuple[str, ...], prefix: str) -> dict[str, str]:
+    """The named fields of a JSON object, each a string (stripped; absent: "")."""
+    values = {}
+    for name in names:
+        value = body.get(name, "")
+        if not isinstance(value, str):
+            raise BadRequest(f"{prefix}{name}: must be a string")
+        values[name] = value.strip()
+    return values
+
+
 def patient_from_json(body: Any) -> PatientInfo:
     if not isinstance(body, dict):
         raise BadRequest("patient: must be an object with at least patient_id")
-    values = {}
-    for name in _PATIENT_FIELDS:
-        value = body.get(name, "")
-        if not isinstance(value, str):
-            raise BadRequest(f"patient.{name}: must be a string")
-        values[name] = value.strip()
+    values = _strings(body, _PATIENT_FIELDS, "patient.")
     if not values["patient_id"]:
         raise BadRequest("patient.patient_id: required (the hospital's MRN)")
     if values["birth_date"] and not _DICOM_DATE.match(values["birth_date"].replace("-", "")):
@@ -364,24 +370,15 @@ def order_from_json(body: dict[str, Any]) -> Order:
     unknown = set(body) - set(_ORDER_FIELDS) - {"patient", "control", "status"}
     if unknown:
         raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
-    values: dict[str, Any] = {}
-    for name in _ORDER_FIELDS:
-        value = body.get(name, "")
-        if not isinstance(value, str):
-            raise BadRequest(f"{name}: must be a string")
-        values[name] = value.strip()
+    values: dict[str, Any] = _strings(body, _ORDER_FIELDS, "")
     if not values["accession_number"]:
         raise BadRequest("accession_number: required")
-    if len(values["accession_number"]) > 16:
-        raise BadRequest("accession_number: at most 16 characters (DICOM SH)")
     values["scheduled_date"] = values["scheduled_date"].replace("-", "")
     values["scheduled_time"] = values["scheduled_time"].replace(":", "")
     if values["scheduled_date"] and not _DICOM_DATE.match(values["scheduled_date"]):
         raise BadRequest("scheduled_date: YYYYMMDD or YYYY-MM-DD")
     if values["scheduled_time"] and not _DICOM_TIME.match(values["scheduled_time"]):
         raise BadRequest("scheduled_time: HHMMSS or HH:MM:SS")
-    if values["station_ae_title"] and len(values["station_ae_title"]) > 16:
-        raise BadRequest("station_ae_title: at most 16 characters")
     try:
         control = OrderControl(body.get("control", "new"))
         status = OrderStatus(body.get("status", "SCHEDULED"))
