@@ -16,6 +16,7 @@ import pypdf
 import pytest
 from PIL import Image
 from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage
 
 from storage.archive import Archive, open_archive
 from storage.attributes import Level
@@ -234,7 +235,8 @@ def test_a_stored_film_is_an_encapsulated_pdf_of_the_study(archive):
     store_ct_series(archive, study, 6)
     pdf = render_film_pdf(archive, study.study_uid, FilmRequest(site_name=SITE, **SMALL))
 
-    first = store_film(archive, study.study_uid, pdf, site_name=SITE)
+    shown = choose_images(archive.index, study.study_uid)
+    first = store_film(archive, study.study_uid, pdf, site_name=SITE, sources=shown)
     second = store_film(archive, study.study_uid, pdf, site_name=SITE)
 
     assert first.sop_class_uid == ENCAPSULATED_PDF_STORAGE
@@ -254,6 +256,11 @@ def test_a_stored_film_is_an_encapsulated_pdf_of_the_study(archive):
     assert stored.DocumentTitle == "Phim số / Digital film"
     assert stored.SpecificCharacterSet == "ISO_IR 192"
     assert stored.AccessionNumber == study.accession
+    first_stored = pydicom.dcmread(io.BytesIO(archive.blobs.get(next(
+        r["_blob_key"] for r in rows if r["SOPInstanceUID"] == first.sop_instance_uid))))
+    sources = first_stored.SourceInstanceSequence  # the film says which images it shows
+    assert [s.ReferencedSOPInstanceUID for s in sources] == [i.sop_instance_uid for i in shown]
+    assert {s.ReferencedSOPClassUID for s in sources} == {CTImageStorage}
     assert sorted(r["InstanceNumber"] for r in rows) == [1, 2]
     # The films are not images: a new film of the study shows the same CT slices.
     assert numbers(choose_images(archive.index, study.study_uid)) == [1, 2, 3, 4, 5, 6]

@@ -112,6 +112,7 @@ class FilmImage:
     series_description: str
     instance_number: int | None
     number_of_frames: int
+    sop_class_uid: str = ""
 
 
 # ---------------------------------------------------------------------------- choosing
@@ -188,7 +189,7 @@ def _frames(row: dict[str, Any]) -> list[int | None]:
 def _film_image(row: dict[str, Any], frame: int | None) -> FilmImage:
     return FilmImage(row["SeriesInstanceUID"], row["SOPInstanceUID"], frame, row["_blob_key"],
                      row["SeriesNumber"], row["SeriesDescription"] or "", row["InstanceNumber"],
-                     row["NumberOfFrames"] or 1)
+                     row["NumberOfFrames"] or 1, row["SOPClassUID"] or "")
 
 
 # ---------------------------------------------------------------------------- rendering
@@ -420,8 +421,9 @@ _REQUIRED_EMPTY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
 
 
 def film_dataset(index: Index, study_uid: str, pdf: bytes, *, site_name: str = "PACS",
-                 title: str = FILM_TITLE) -> Dataset:
-    """An Encapsulated PDF instance of ``pdf`` in the study's film series (new SOP UID)."""
+                 title: str = FILM_TITLE, sources: list[FilmImage] | None = None) -> Dataset:
+    """An Encapsulated PDF instance of ``pdf`` in the study's film series (new SOP UID);
+    ``sources``, the images on the film, go in its Source Instance Sequence."""
     if not pdf.startswith(b"%PDF-"):
         raise FilmError("the film document is not a PDF (it does not start with %PDF-)")
     rows = find(index, Query(Level.INSTANCE, {"StudyInstanceUID": study_uid}, with_header=True,
@@ -463,13 +465,21 @@ def film_dataset(index: Index, study_uid: str, pdf: bytes, *, site_name: str = "
     ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
     ds.EncapsulatedDocument = pdf
     ds.EncapsulatedDocumentLength = len(pdf)  # the value is padded to an even length
+    referenced = []
+    for image in dict.fromkeys((i.sop_class_uid, i.sop_instance_uid) for i in sources or ()):
+        item = Dataset()
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = image
+        referenced.append(item)
+    if referenced:  # Type 1C: the document shows these instances
+        ds.SourceInstanceSequence = referenced
     return ds
 
 
 def store_film(archive: Archive, study_uid: str, pdf: bytes, *, site_name: str = "PACS",
-               title: str = FILM_TITLE) -> StoreResult:
+               title: str = FILM_TITLE, sources: list[FilmImage] | None = None) -> StoreResult:
     """Archive a film PDF as a new Encapsulated PDF instance of the study (``Archive.store``)."""
-    ds = film_dataset(archive.index, study_uid, pdf, site_name=site_name, title=title)
+    ds = film_dataset(archive.index, study_uid, pdf, site_name=site_name, title=title,
+                      sources=sources)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID

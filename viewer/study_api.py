@@ -25,6 +25,7 @@ from viewer.film import (
     FilmError,
     FilmRequest,
     NoImagesToFilm,
+    choose_images,
     render_film_pdf,
     render_film_png,
     store_film,
@@ -95,8 +96,10 @@ def study_api_routes(server) -> list[Route]:
             return _film_error(exc)
         except FilmFontMissing as exc:
             return _error(503, str(exc))
+        shown = await run_in_threadpool(choose_images, archive.index, study_uid,
+                                        options.per_series)
         result = await run_in_threadpool(lambda: store_film(
-            archive, study_uid, pdf, site_name=settings.site_name))
+            archive, study_uid, pdf, site_name=settings.site_name, sources=shown))
         return JSONResponse({"study_instance_uid": study_uid,
                              "series_instance_uid": result.series_instance_uid,
                              "sop_instance_uid": result.sop_instance_uid,
