@@ -189,7 +189,8 @@ class StudyLinker:
               correct: bool = True) -> StudyLink:
         link = StudyLink(study_uid, LINKED, reason, order.pk)
         if correct:
-            correct_patient(self.archive, demographics(order.order.patient))
+            correct_patient(self.archive, demographics(order.order.patient),
+                            study_uid=study_uid)
         self._save(link)
         if order.status is OrderStatus.SCHEDULED:
             self.orders.set_status(order.order.accession_number, OrderStatus.IN_PROGRESS)

@@ -56,7 +56,7 @@ class EmrService:
         self.hl7_server = mllp.MllpServer(settings.hl7_host, settings.hl7_port,
                                           self.handle_hl7) if settings.hl7_port else None
         if completion is not None:
-            completion.subscribe(self.report_study)
+            completion.subscribe(self.study_complete)
 
     def start(self) -> None:
         self.linker.start()
@@ -145,6 +145,16 @@ class EmrService:
             return None
         return self.orders.get_by_pk(link.order_pk)
 
+    def study_complete(self, study_uid: str) -> None:
+        """A study is complete: the instances that came after it was linked take the EMR's
+        demographics too, then the EMR is told."""
+        self.linker.wait_idle(5)  # a study completing is linked before it is reported
+        order = self.order_of(study_uid)
+        if order is not None:
+            correct_patient(self.archive, demographics(order.order.patient),
+                            study_uid=study_uid)
+        self.report_study(study_uid)
+
     def report_study(self, study_uid: str) -> list[int]:
         """Owe every destination the result of a (complete) study linked to an order; the
         ids of the deliveries. Studies without an order are reported once they are linked."""
@@ -185,7 +195,7 @@ class EmrService:
         """MPPS COMPLETED: the modality says the study is done; report it if images are here."""
         if step_status == COMPLETED and study_uid:
             self.linker.link_study(study_uid)
-            self.report_study(study_uid)
+            self.study_complete(study_uid)
 
     def _send_hl7(self, destination: str, payload: str) -> None:
         address = urlsplit(destination)

@@ -38,16 +38,27 @@ class Demographics:
     sex: str = ""
 
 
-def correct_patient(archive: Archive, who: Demographics) -> int:
-    """Copy the EMR's demographics onto the index patient(s) with this ID; studies changed."""
+def correct_patient(archive: Archive, who: Demographics, *, study_uid: str | None = None
+                    ) -> int:
+    """Copy the EMR's demographics onto the index patient(s) with this ID, and into the stored
+    metadata of their studies (only ``study_uid``'s, when given); instances changed.
+
+    Only what differs is written: a study whose instances already say the same costs one read
+    of their metadata."""
     with archive.index.write_core() as conn:
         pks = _patient_pks(conn, who.patient_id, who.issuer)
-        for pk in pks:
-            conn.execute(patients.update().where(patients.c.pk == pk)
-                         .values(**_patient_values(who), updated_at=_now()))
+        values = _patient_values(who)
+        if values:
+            for pk in pks:
+                conn.execute(patients.update().where(
+                    patients.c.pk == pk,
+                    sa.or_(*(patients.c[k].is_distinct_from(v) for k, v in values.items())))
+                    .values(**values, updated_at=_now()))
         study_pks = _study_pks(conn, pks)
-        _rewrite_headers(conn, study_pks, who)
-    return len(study_pks)
+        if study_uid is not None:
+            study_pks = [pk for (pk,) in conn.execute(sa.select(studies.c.pk).where(
+                studies.c.study_instance_uid == study_uid, studies.c.pk.in_(study_pks or [-1])))]
+        return _rewrite_headers(conn, study_pks, who)
 
 
 def merge_patient(archive: Archive, prior_id: str, prior_issuer: str, into: Demographics) -> int:
@@ -160,10 +171,12 @@ _NAME, _ID, _ISSUER, _BIRTH_DATE, _SEX = "00100010", "00100020", "00100021", "00
     "00100040"
 
 
-def _rewrite_headers(conn: Connection, study_pks: list[int], who: Demographics) -> None:
-    """Put the EMR's patient attributes into the stored DICOM JSON of the studies' instances."""
+def _rewrite_headers(conn: Connection, study_pks: list[int], who: Demographics) -> int:
+    """Put the EMR's patient attributes into the stored DICOM JSON of the studies' instances
+    (those that differ); how many changed."""
     if not study_pks:
-        return
+        return 0
+    changed = 0
     rows = conn.execute(
         sa.select(instances.c.pk, instances.c.header)
         .select_from(instances.join(series, instances.c.series_pk == series.c.pk))
@@ -180,5 +193,8 @@ def _rewrite_headers(conn: Connection, study_pks: list[int], who: Demographics) 
         if who.sex:
             attributes[_SEX] = {"vr": "CS", "Value": [who.sex]}
         ordered = dict(sorted(attributes.items()))  # DICOM JSON keeps tag order
-        conn.execute(instances.update().where(instances.c.pk == pk).values(
-            header=json.dumps(ordered, ensure_ascii=False, separators=(",", ":"))))
+        text = json.dumps(ordered, ensure_ascii=False, separators=(",", ":"))
+        if text != header:
+            conn.execute(instances.update().where(instances.c.pk == pk).values(header=text))
+            changed += 1
+    return changed

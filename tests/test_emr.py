@@ -243,17 +243,20 @@ def test_study_with_the_orders_accession_is_linked_and_results_reach_the_emr(emr
     # The modality typed the name without accents; the EMR's name wins once linked.
     spec = Spec(patient_id="BN1001", patient_name="NGUYEN^VAN AN", accession="L1001")
 
-    storescu(server, tmp_path, spec, 3, dcmtk_env)
-
+    storescu(server, tmp_path, spec, 1, dcmtk_env)
     link = wait_for(lambda: httpx.get(f"{server.http}/api/emr/studies/{spec.study_uid}")
                     .json().get("state") == "linked" or None, what="the link")
     assert link
+    storescu(server, tmp_path, spec, 2, dcmtk_env)  # the rest of the study, after the link
     assert httpx.get(server.http + "/api/orders/L1001").json()["status"] == "IN PROGRESS"
     found = httpx.get(server.http + "/dicomweb/studies",
                       params={"StudyInstanceUID": spec.study_uid}).json()
     assert found[0]["00100010"]["Value"][0]["Alphabetic"] == "Nguyễn^Văn An"
 
     oru = wait_for(lambda: hl7_in.messages, what="the ORU")[0]
+    # Slices that arrived after the link take the EMR's name too (at completion at the latest).
+    metadata = httpx.get(f"{server.http}/dicomweb/studies/{spec.study_uid}/metadata").json()
+    assert {m["00100010"]["Value"][0]["Alphabetic"] for m in metadata} == {"Nguyễn^Văn An"}
     parsed = hl7.parse(oru)
     assert str(parsed.segment("MSH")[9]).startswith("ORU^R01")
     assert "L1001" in str(parsed.segment("OBR"))
