@@ -23,7 +23,7 @@ from emr.orders import InvalidOrder, OrderConflict, UnknownOrder, order_json
 from emr.results import study_result
 from emr.service import EmrService
 from storage.errors import NotFound
-from storage.index import patients, studies, study_links
+from storage.index import iso_seconds, patients, studies, study_links
 
 FHIR_JSON = "application/fhir+json"
 _MAX_COUNT = 100
@@ -394,7 +394,7 @@ def order_from_json(body: dict[str, Any]) -> Order:
 def _service_request(stored, settings) -> dict:
     return fhir.service_request_resource(
         stored.order, str(stored.pk), mrn_system=settings.emr_mrn_system,
-        patient_id=str(stored.patient_pk), last_updated=_instant(stored.updated_at))
+        patient_id=str(stored.patient_pk), last_updated=iso_seconds(stored.updated_at))
 
 
 def _study_updated(service: EmrService, uid: str) -> dt.datetime | None:
@@ -416,13 +416,9 @@ def _imaging_study(service: EmrService, settings, uid: str,
                    "display": fhir.readable_name(order.order.patient.name) or None}
         subject = {k: v for k, v in subject.items() if v}
     return fhir.imaging_study(result, resource_id=uid, mrn_system=settings.emr_mrn_system,
-                              subject=subject, last_updated=_instant(updated))
+                              subject=subject, last_updated=iso_seconds(updated))
 
 
-def _instant(value: dt.datetime) -> str:
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=dt.UTC)
-    return value.isoformat(timespec="seconds")
 
 
 def _token(value: str) -> tuple[str | None, str]:

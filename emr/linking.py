@@ -28,7 +28,7 @@ from emr.model import OrderStatus, PatientInfo
 from emr.orders import OrderStore, StoredOrder, UnknownOrder
 from storage.archive import Archive, StoreOutcome, StoreResult
 from storage.errors import NotFound
-from storage.index import patients, series, studies, study_links
+from storage.index import iso_seconds, patients, series, studies, study_links
 from storage.patients import Demographics, correct_patient, reassign_study
 
 log = logging.getLogger("pacs.emr.linking")
@@ -271,7 +271,7 @@ class StudyLinker:
         with self.archive.index.read() as conn:
             rows = conn.execute(statement).mappings().all()
         return [{**{k: v for k, v in row.items() if k != "created_at"},
-                 "queued_at": _iso(row["created_at"])} for row in rows]
+                 "queued_at": iso_seconds(row["created_at"])} for row in rows]
 
 
 def _same_patient(patient: PatientInfo, facts: dict[str, Any]) -> bool:
@@ -282,11 +282,3 @@ def _same_patient(patient: PatientInfo, facts: dict[str, Any]) -> bool:
 
 def _link(row: Any) -> StudyLink:
     return StudyLink(row.study_instance_uid, row.state, row.reason, row.order_pk)
-
-
-def _iso(value: dt.datetime | None) -> str | None:
-    if value is None:
-        return None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=dt.UTC)
-    return value.isoformat(timespec="seconds")

@@ -17,7 +17,15 @@ from sqlalchemy.engine import Connection
 
 from emr.model import Order, OrderControl, OrderStatus, PatientInfo
 from storage.errors import NotFound
-from storage.index import Index, emr_patients, orders, retry_on_conflict, study_links
+from storage.index import (
+    Index,
+    emr_patients,
+    orders,
+    retry_on_conflict,
+    stored_utc,
+    study_links,
+    utc_now,
+)
 from storage.names import casefold_person_name, fold_person_name
 from storage.query import (
     NameMatching,
@@ -118,9 +126,9 @@ class OrderStore:
             if prior is None or prior == target:
                 return 0
             moved = conn.execute(orders.update().where(orders.c.patient_pk == prior)
-                                 .values(patient_pk=target, updated_at=_now())).rowcount
+                                 .values(patient_pk=target, updated_at=utc_now())).rowcount
             conn.execute(emr_patients.update().where(emr_patients.c.pk == prior)
-                         .values(merged_into_pk=target, updated_at=_now()))
+                         .values(merged_into_pk=target, updated_at=utc_now()))
             return moved
 
     def patient(self, pk: int) -> PatientInfo:
@@ -174,7 +182,7 @@ class OrderStore:
                     raise UnknownOrder(f"no order with accession number "
                                        f"{order.accession_number} to cancel")
                 conn.execute(orders.update().where(orders.c.pk == existing.pk).values(
-                    status=OrderStatus.CANCELLED.value, updated_at=_now()))
+                    status=OrderStatus.CANCELLED.value, updated_at=utc_now()))
             else:
                 patient_pk = _save_patient(conn, order.patient)
                 if existing is not None and existing.patient_pk != patient_pk \
@@ -192,7 +200,7 @@ class OrderStore:
         with self.index.write_core() as conn:
             count = conn.execute(orders.update()
                                  .where(orders.c.accession_number == accession_number)
-                                 .values(status=status.value, updated_at=_now())).rowcount
+                                 .values(status=status.value, updated_at=utc_now())).rowcount
         if not count:
             raise UnknownOrder(f"no order with accession number {accession_number}")
         return self.get(accession_number)
@@ -290,12 +298,8 @@ _WORKLIST_TEXT_KEYS = {
 # ---------------------------------------------------------------------------- rows
 
 
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
-def _utc(value: dt.datetime) -> dt.datetime:
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
 
 
 def _has_linked_studies(conn: Connection, order_pk: int) -> bool:
@@ -328,7 +332,7 @@ def _patient_values(patient: PatientInfo) -> dict[str, Any]:
 def _save_patient(conn: Connection, patient: PatientInfo) -> int:
     if not patient.patient_id:
         raise ValueError("a patient needs an ID (the MRN)")
-    now = _now()
+    now = utc_now()
     pk = _find_patient(conn, patient.patient_id, patient.issuer)
     values = _patient_values(patient)
     if pk is None:
@@ -346,7 +350,7 @@ def _save_patient(conn: Connection, patient: PatientInfo) -> int:
 
 
 def _insert_order(conn: Connection, order: Order, patient_pk: int) -> None:
-    now = _now()
+    now = utc_now()
     values = {name: getattr(order, name) for name in _ORDER_FIELDS}
     # The worklist hands these to the modality, which copies them into the images: a study
     # made from this order then carries them and links by itself.
@@ -373,7 +377,7 @@ def _update_order(conn: Connection, existing: Any, order: Order, patient_pk: int
     changed = {k: v for k, v in values.items() if getattr(existing, k) != v}
     if changed:
         conn.execute(orders.update().where(orders.c.pk == existing.pk)
-                     .values(**changed, updated_at=_now()))
+                     .values(**changed, updated_at=utc_now()))
 
 
 def _patient_info(row: Any, prefix: str = "") -> PatientInfo:
@@ -388,8 +392,8 @@ def _stored_order(row: Any) -> StoredOrder:
     order = Order(accession_number=row["accession_number"], patient=patient,
                   status=OrderStatus(row["status"]),
                   **{name: row[name] for name in _ORDER_FIELDS})
-    return StoredOrder(row["pk"], order, row["patient_pk"], _utc(row["created_at"]),
-                       _utc(row["updated_at"]))
+    return StoredOrder(row["pk"], order, row["patient_pk"], stored_utc(row["created_at"]),
+                       stored_utc(row["updated_at"]))
 
 
 def order_json(stored: StoredOrder) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from storage.errors import NotFound
-from storage.index import Index, deliveries
+from storage.index import Index, deliveries, iso_seconds, stored_utc, utc_now
 
 log = logging.getLogger("pacs.emr.outbox")
 
@@ -58,9 +58,9 @@ class Delivery:
     def as_json(self, *, with_payload: bool = False) -> dict[str, Any]:
         body = {"id": self.id, "destination": self.destination, "kind": self.kind,
                 "study_instance_uid": self.study_instance_uid, "state": self.state,
-                "attempts": self.attempts, "next_attempt_at": _iso(self.next_attempt_at),
-                "last_error": self.last_error, "created_at": _iso(self.created_at),
-                "delivered_at": _iso(self.delivered_at)}
+                "attempts": self.attempts, "next_attempt_at": iso_seconds(self.next_attempt_at),
+                "last_error": self.last_error, "created_at": iso_seconds(self.created_at),
+                "delivered_at": iso_seconds(self.delivered_at)}
         if with_payload:
             body["payload"] = self.payload
         return body
@@ -94,7 +94,7 @@ class Outbox:
         is superseded. The delivery's id."""
         if kind not in self.senders:
             raise ValueError(f"no sender for {kind!r} deliveries")
-        now = _now()
+        now = utc_now()
         with self.index.write_core() as conn:
             conn.execute(deliveries.update().where(
                 deliveries.c.destination == destination,
@@ -114,7 +114,7 @@ class Outbox:
             count = conn.execute(deliveries.update().where(
                 deliveries.c.pk == delivery_id,
                 deliveries.c.state.in_((PENDING, FAILED)))
-                .values(state=PENDING, next_attempt_at=_now(), updated_at=_now())).rowcount
+                .values(state=PENDING, next_attempt_at=utc_now(), updated_at=utc_now())).rowcount
         if not count:
             state = self.get(delivery_id).state  # NotFound if there is no such delivery
             if state == SUPERSEDED:
@@ -162,7 +162,7 @@ class Outbox:
 
     def deliver_due(self) -> float:
         """Try every delivery that is due; seconds until the next one is."""
-        now = _now()
+        now = utc_now()
         with self.index.read() as conn:
             due = conn.execute(
                 sa.select(deliveries).where(deliveries.c.state == PENDING,
@@ -182,7 +182,7 @@ class Outbox:
                                      .where(deliveries.c.state == PENDING)).scalar()
         if following is None:
             return 60.0
-        return min(max((_utc(following) - _now()).total_seconds(), 0.05), 60.0)
+        return min(max((stored_utc(following) - utc_now()).total_seconds(), 0.05), 60.0)
 
     def _deliver_in_order(self, due: list[Delivery]) -> None:
         """One destination's due deliveries, oldest first, until it fails to answer."""
@@ -207,8 +207,8 @@ class Outbox:
             with self.index.write_core() as conn:
                 conn.execute(deliveries.update().where(
                     deliveries.c.pk == delivery.id, deliveries.c.state == PENDING).values(
-                    attempts=attempts, last_error=str(exc)[:500], updated_at=_now(),
-                    next_attempt_at=_now() + dt.timedelta(seconds=wait)))
+                    attempts=attempts, last_error=str(exc)[:500], updated_at=utc_now(),
+                    next_attempt_at=utc_now() + dt.timedelta(seconds=wait)))
             return False
         self._finish(delivery, DELIVERED, "")
         log.info("delivery %d of study %s to %s done", delivery.id,
@@ -216,7 +216,7 @@ class Outbox:
         return True
 
     def _finish(self, delivery: Delivery, state: str, error: str) -> None:
-        now = _now()
+        now = utc_now()
         with self.index.write_core() as conn:
             conn.execute(deliveries.update().where(deliveries.c.pk == delivery.id).values(
                 state=state, attempts=delivery.attempts + 1, last_error=error[:500],
@@ -234,20 +234,14 @@ def _gist(exc: Exception) -> str:
     return str(exc).split(":", 1)[0][:40] or type(exc).__name__
 
 
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
-def _utc(value: dt.datetime) -> dt.datetime:
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
 
 
-def _iso(value: dt.datetime | None) -> str | None:
-    return _utc(value).isoformat(timespec="seconds") if value is not None else None
 
 
 def _delivery(row: Any) -> Delivery:
     return Delivery(row.pk, row.destination, row.kind, row.study_instance_uid, row.state,
-                    row.attempts, row.next_attempt_at and _utc(row.next_attempt_at),
-                    row.last_error, _utc(row.created_at),
-                    row.delivered_at and _utc(row.delivered_at), row.payload)
+                    row.attempts, stored_utc(row.next_attempt_at),
+                    row.last_error, stored_utc(row.created_at),
+                    stored_utc(row.delivered_at), row.payload)

@@ -160,7 +160,6 @@ class EmrService:
         ids of the deliveries. Studies without an order are reported once they are linked."""
         if not self.settings.emr_results_to:
             return []
-        self.linker.wait_idle(5)  # a study completing is linked before it is reported
         order = self.order_of(study_uid)
         if order is None:
             return []

@@ -368,6 +368,24 @@ class RawCursor:
             raise sa.exc.DBAPIError.instance("COMMIT", (), exc, dbapi.Error) from exc
 
 
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def stored_utc(value: dt.datetime | None) -> dt.datetime | None:
+    """A DateTime read back from the index, zone-aware: SQLite returns naive ones, and
+    everything stored here is UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=dt.UTC)
+    return value
+
+
+def iso_seconds(value: dt.datetime | None) -> str | None:
+    """A stored DateTime as ISO 8601 to the second (None stays None)."""
+    value = stored_utc(value)
+    return value.isoformat(timespec="seconds") if value is not None else None
+
+
 def retry_on_conflict(work: Callable[[], T]) -> T:
     """Run ``work`` (a write transaction); once more if another connection inserted the same
     unique key at the same moment (PostgreSQL): the row exists then, and the second run finds

@@ -14,7 +14,6 @@ same or absent on one side: most modalities send no IssuerOfPatientID.
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import json
 from typing import Any
 
@@ -23,7 +22,14 @@ from sqlalchemy.engine import Connection
 
 from storage.archive import Archive
 from storage.errors import NotFound
-from storage.index import instances, patients, retry_on_conflict, series, studies
+from storage.index import (
+    instances,
+    patients,
+    retry_on_conflict,
+    series,
+    studies,
+    utc_now,
+)
 from storage.names import casefold_person_name, fold_person_name
 
 
@@ -53,7 +59,7 @@ def correct_patient(archive: Archive, who: Demographics, *, study_uid: str | Non
                 conn.execute(patients.update().where(
                     patients.c.pk == pk,
                     sa.or_(*(patients.c[k].is_distinct_from(v) for k, v in values.items())))
-                    .values(**values, updated_at=_now()))
+                    .values(**values, updated_at=utc_now()))
         study_pks = _study_pks(conn, pks)
         if study_uid is not None:
             study_pks = [pk for (pk,) in conn.execute(sa.select(studies.c.pk).where(
@@ -95,8 +101,6 @@ def _reassign(archive: Archive, study_uid: str, to: Demographics) -> None:
 # ---------------------------------------------------------------------------- internals
 
 
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 def _patient_pks(conn: Connection, patient_id: str, issuer: str) -> list[int]:
@@ -133,7 +137,7 @@ def _target_patient(conn: Connection, who: Demographics) -> int:
             _patient_pks(conn, who.patient_id, who.issuer) or [-1]))
         .order_by((patients.c.issuer_of_patient_id == who.issuer).desc(), patients.c.pk)
     ).scalar()
-    now = _now()
+    now = utc_now()
     if found is not None:
         conn.execute(patients.update().where(patients.c.pk == found)
                      .values(**_patient_values(who), updated_at=now))
@@ -146,7 +150,7 @@ def _target_patient(conn: Connection, who: Demographics) -> int:
 def _move_studies(conn: Connection, study_pks: list[int], to: Demographics) -> None:
     """Re-parent studies, keep every counter right, drop patients left with no study."""
     target = _target_patient(conn, to)
-    now = _now()
+    now = utc_now()
     for study_pk in study_pks:
         source, num_series, num_instances = conn.execute(sa.select(
             studies.c.patient_pk, studies.c.num_series, studies.c.num_instances)

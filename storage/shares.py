@@ -22,7 +22,16 @@ from typing import Any
 import sqlalchemy as sa
 
 from storage.errors import NotFound
-from storage.index import Index, patients, share_accesses, shares, studies
+from storage.index import (
+    Index,
+    iso_seconds,
+    patients,
+    share_accesses,
+    shares,
+    stored_utc,
+    studies,
+    utc_now,
+)
 
 TOKEN_CHARS = 22  # base64url of 16 bytes: 128 bits
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{22}$")
@@ -85,7 +94,7 @@ class Share:
         return bool(self.pin_hash)
 
     def state(self, now: dt.datetime | None = None) -> ShareState:
-        now = now or _now()
+        now = now or utc_now()
         if self.revoked_at is not None:
             return ShareState.REVOKED
         if self.expires_at <= now:
@@ -104,13 +113,13 @@ class Share:
             "pin_failures": self.pin_failures,
             "allow_download": self.allow_download,
             "created_by": self.created_by,
-            "created_at": _iso(self.created_at),
-            "expires_at": _iso(self.expires_at),
-            "revoked_at": _iso(self.revoked_at),
-            "locked_at": _iso(self.locked_at),
+            "created_at": iso_seconds(self.created_at),
+            "expires_at": iso_seconds(self.expires_at),
+            "revoked_at": iso_seconds(self.revoked_at),
+            "locked_at": iso_seconds(self.locked_at),
             "opened_count": self.opened_count,
-            "first_opened_at": _iso(self.first_opened_at),
-            "last_opened_at": _iso(self.last_opened_at),
+            "first_opened_at": iso_seconds(self.first_opened_at),
+            "last_opened_at": iso_seconds(self.last_opened_at),
         }
 
 
@@ -149,7 +158,7 @@ class ShareStore:
                 pin_kind, pin_value = "given", pin
             else:
                 raise ShareError("pin: use 4 to 8 digits, 'generated' or 'birth-year'")
-        now = _now()
+        now = utc_now()
         values = {
             "study_instance_uid": study_uid, "token_sha256": token_digest(token),
             "nonce": nonce, "pin_kind": pin_kind,
@@ -188,7 +197,7 @@ class ShareStore:
             return [_share(row) for row in conn.execute(statement)]
 
     def revoke(self, share_id: int) -> Share:
-        self._update(share_id, revoked_at=_now())
+        self._update(share_id, revoked_at=utc_now())
         return self.get(share_id)
 
     def unlock(self, share_id: int) -> Share:
@@ -234,7 +243,7 @@ class ShareStore:
             return PinResult(PinOutcome.OK)
         if not pin:
             return self._pin_state(share)
-        now = _now()
+        now = utc_now()
         with self.index.write_core() as conn:
             failures = conn.execute(
                 shares.update()
@@ -250,10 +259,10 @@ class ShareStore:
             self._update(share.id, pin_failures=0, pin_retry_at=None)
             return PinResult(PinOutcome.OK)
         if failures >= self.pin_max_attempts:
-            self._update(share.id, locked_at=_now(), pin_retry_at=None)
+            self._update(share.id, locked_at=utc_now(), pin_retry_at=None)
             return PinResult(PinOutcome.LOCKED)
         wait = min(2 ** failures, 300)
-        self._update(share.id, pin_retry_at=_now() + dt.timedelta(seconds=wait))
+        self._update(share.id, pin_retry_at=utc_now() + dt.timedelta(seconds=wait))
         return PinResult(PinOutcome.WRONG, self.pin_max_attempts - failures, wait)
 
     def _pin_state(self, share: Share, *, attempted: bool = False) -> PinResult:
@@ -261,7 +270,7 @@ class ShareStore:
         left = max(self.pin_max_attempts - share.pin_failures, 0)
         if share.locked_at is not None or left == 0:
             return PinResult(PinOutcome.LOCKED)
-        now = _now()
+        now = utc_now()
         if share.pin_retry_at is not None and share.pin_retry_at > now:
             wait = int((share.pin_retry_at - now).total_seconds()) + 1
             return PinResult(PinOutcome.WAIT, left, wait)
@@ -282,7 +291,7 @@ class ShareStore:
     def record(self, share_id: int, action: str, *, address: str = "", detail: str = "",
                session: str = "") -> None:
         """Log one use of a share; ``open`` also counts as the share being opened."""
-        now = _now()
+        now = utc_now()
         with self.index.write_core() as conn:
             conn.execute(share_accesses.insert().values(
                 share_pk=share_id, at=now, address=address[:64], action=action[:32],
@@ -296,7 +305,7 @@ class ShareStore:
         statement = (sa.select(share_accesses).where(share_accesses.c.share_pk == share_id)
                      .order_by(share_accesses.c.pk.desc()).limit(limit))
         with self.index.read() as conn:
-            return [{"at": _iso(_utc(r.at)), "address": r.address, "action": r.action,
+            return [{"at": iso_seconds(stored_utc(r.at)), "address": r.address, "action": r.action,
                      "detail": r.detail, "session": r.session}
                     for r in conn.execute(statement)]
 
@@ -343,19 +352,10 @@ def _pin_matches(stored: str | None, pin: str) -> bool:
 _PIN_HOLD = dt.timedelta(seconds=1)  # how long one PIN attempt holds the share's turn
 
 
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
-def _utc(value: dt.datetime | None) -> dt.datetime | None:
-    """SQLite gives back naive datetimes; everything stored here is UTC."""
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=dt.UTC)
-    return value
 
 
-def _iso(value: dt.datetime | None) -> str | None:
-    return value.isoformat(timespec="seconds") if value is not None else None
 
 
 def _share(row: Any) -> Share:
@@ -363,11 +363,12 @@ def _share(row: Any) -> Share:
         id=row.pk, study_instance_uid=row.study_instance_uid,
         token_sha256=row.token_sha256, nonce=row.nonce,
         pin_kind=row.pin_kind, pin_hash=row.pin_hash, pin_failures=row.pin_failures,
-        pin_retry_at=_utc(row.pin_retry_at), locked_at=_utc(row.locked_at),
+        pin_retry_at=stored_utc(row.pin_retry_at), locked_at=stored_utc(row.locked_at),
         allow_download=bool(row.allow_download), created_by=row.created_by,
-        created_at=_utc(row.created_at), expires_at=_utc(row.expires_at),
-        revoked_at=_utc(row.revoked_at), opened_count=row.opened_count,
-        first_opened_at=_utc(row.first_opened_at), last_opened_at=_utc(row.last_opened_at))
+        created_at=stored_utc(row.created_at), expires_at=stored_utc(row.expires_at),
+        revoked_at=stored_utc(row.revoked_at), opened_count=row.opened_count,
+        first_opened_at=stored_utc(row.first_opened_at),
+        last_opened_at=stored_utc(row.last_opened_at))
 
 
 __all__ = ["PinOutcome", "PinResult", "Share", "ShareError", "ShareState", "ShareStore",

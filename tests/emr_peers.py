@@ -18,7 +18,26 @@ from tests.conftest import free_port
 TODAY = dt.date.today().strftime("%Y%m%d")
 
 
-class ProgrammableMllp:
+class _LoopbackPeer:
+    """A threaded server on 127.0.0.1 at a fixed port, which can stop and start again."""
+
+    port: int
+    _server: socketserver.TCPServer | None = None
+
+    def _serve(self, server_class: type[socketserver.TCPServer], handler: type) -> None:
+        server_class.allow_reuse_address = True
+        self._server = server_class(("127.0.0.1", self.port), handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+class ProgrammableMllp(_LoopbackPeer):
     """The EMR's HL7 listener. Answers AA, or the code planned for a message that contains a
     given text (an accession number): ``plan["ACC"] = ["AE", "AA"]`` answers AE once, then AA."""
 
@@ -27,7 +46,6 @@ class ProgrammableMllp:
         self.messages: list[str] = []
         self.plan: dict[str, list[str]] = {}
         self._lock = threading.Lock()
-        self._server: socketserver.ThreadingTCPServer | None = None
 
     def code_for(self, message: str) -> str:
         with self._lock:
@@ -57,22 +75,14 @@ class ProgrammableMllp:
                                f"2.5.1\rMSA|{code}|{control}|{'' if code == 'AA' else 'nope'}\r")
                         self.request.sendall(b"\x0b" + ack.encode() + b"\x1c\r")
 
-        socketserver.ThreadingTCPServer.allow_reuse_address = True
-        self._server = socketserver.ThreadingTCPServer(("127.0.0.1", self.port), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._serve(socketserver.ThreadingTCPServer, Handler)
         return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
 
     def about(self, accession: str) -> list[str]:
         return [m for m in list(self.messages) if accession in m]
 
 
-class ProgrammableFhir:
+class ProgrammableFhir(_LoopbackPeer):
     """The EMR's FHIR server. ``plan[study_uid]`` lists the answers to successive PUTs of that
     study: an HTTP status (201, 400, 500...) or ``"hang"`` (no answer for ``hang_seconds``).
     Error answers are OperationOutcomes that quote the subject, as real FHIR servers do."""
@@ -85,7 +95,6 @@ class ProgrammableFhir:
         self.plan: dict[str, list] = {}
         self.hanging = threading.Event()  # set when a PUT is left without an answer
         self._lock = threading.Lock()
-        self._server: http.server.ThreadingHTTPServer | None = None
 
     @property
     def base(self) -> str:
@@ -130,16 +139,8 @@ class ProgrammableFhir:
             def log_message(self, *args) -> None:
                 pass
 
-        http.server.ThreadingHTTPServer.allow_reuse_address = True
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._serve(http.server.ThreadingHTTPServer, Handler)
         return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
 
     def about(self, uid: str) -> list[dict]:
         return [r for r in list(self.resources) if r.get("id") == uid]
