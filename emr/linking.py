@@ -35,6 +35,8 @@ log = logging.getLogger("pacs.emr.linking")
 
 LINKED, UNMATCHED, DISMISSED = "linked", "unmatched", "dismissed"
 _RECOVER_HOURS = 24  # at start-up, studies changed this recently are checked for a link
+_BATCH = 200  # studies linked together at most (one IN list, under SQLite's 999 parameters)
+_BATCH_WAIT = 0.5  # seconds a new study waits for others to link with it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,18 +116,31 @@ class StudyLinker:
         self._queue.put(study_uid)
 
     def _run(self) -> None:
-        while True:
-            item = self._queue.get()
+        """Link queued studies in batches: under a burst of new studies (a modality sending a
+        day's work) a few transactions serve many studies."""
+        stopping = False
+        while not stopping:
+            batch = [self._queue.get()]
+            if batch[0] is not None:
+                time.sleep(_BATCH_WAIT)  # let a burst gather
+            while len(batch) < _BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            uids = [uid for uid in batch if uid is not None]
+            stopping = len(uids) < len(batch)
             try:
-                if item is None:
-                    return
-                self.link_study(item)
+                if uids:
+                    self.link_studies(uids)
             except Exception:
-                log.exception("linking study %s failed", item)
+                log.exception("linking %d study(ies) failed", len(uids))
                 with self._lock:
-                    self._seen.pop(item, None)  # tried again with its next instance
+                    for uid in uids:
+                        self._seen.pop(uid, None)  # tried again with their next instance
             finally:
-                self._queue.task_done()
+                for _ in batch:
+                    self._queue.task_done()
 
     def _unlinked_recent_studies(self) -> list[str]:
         since = dt.datetime.now(dt.UTC) - dt.timedelta(hours=_RECOVER_HOURS)
@@ -139,20 +154,31 @@ class StudyLinker:
 
     def link_study(self, study_uid: str) -> StudyLink | None:
         """Link one study if it is not linked yet (None if it is no longer archived)."""
-        current = self.link_of(study_uid)
-        if current is not None and current.state != UNMATCHED:
-            return current
-        facts = self._study_facts(study_uid)
-        if facts is None:
-            return None
-        order, reason = self._match(facts)
-        if order is None:
-            link = StudyLink(study_uid, UNMATCHED, reason)
-            self._save(link)
-            if current is None:
-                log.info("study %s is unmatched: %s", study_uid, reason)
-            return link
-        return self._link(study_uid, order, reason)
+        return self.link_studies([study_uid]).get(study_uid)
+
+    def link_studies(self, study_uids: list[str]) -> dict[str, StudyLink]:
+        """Link the studies that are not linked yet; the link of each study still archived."""
+        current = self._links_of(study_uids)
+        result = {uid: link for uid, link in current.items() if link.state != UNMATCHED}
+        facts = self._facts_of([uid for uid in study_uids if uid not in result])
+        ordered = self.orders.known_accessions(
+            {f["accession_number"] for f in facts.values() if f["accession_number"]})
+        unmatched = []
+        for uid, study in facts.items():
+            if study["accession_number"] and study["accession_number"] not in ordered:
+                order, reason = None, "no order has this accession number"
+            else:
+                order, reason = self._match(study)
+            if order is not None:
+                result[uid] = self._link(uid, order, reason)
+                continue
+            link = result[uid] = StudyLink(uid, UNMATCHED, reason)
+            if current.get(uid) != link:
+                unmatched.append(link)
+            if uid not in current:
+                log.info("study %s is unmatched: %s", uid, reason)
+        self._save(*unmatched)
+        return result
 
     def link_waiting(self, accession_number: str) -> list[StudyLink]:
         """Link unmatched studies that carry this accession number (its order just came)."""
@@ -220,41 +246,63 @@ class StudyLinker:
         return None, "no accession number, and no order of the patient for its procedure"
 
     def _study_facts(self, study_uid: str) -> dict[str, Any] | None:
-        statement = (sa.select(studies.c.pk, studies.c.accession_number, patients.c.patient_id,
+        return self._facts_of([study_uid]).get(study_uid)
+
+    def _facts_of(self, study_uids: list[str]) -> dict[str, dict[str, Any]]:
+        """What linking needs of each study still archived: accession number, patient, and
+        the Requested Procedure IDs of a study without an accession number."""
+        if not study_uids:
+            return {}
+        statement = (sa.select(studies.c.pk, studies.c.study_instance_uid,
+                               studies.c.accession_number, patients.c.patient_id,
                                patients.c.issuer_of_patient_id)
                      .join(patients, studies.c.patient_pk == patients.c.pk)
-                     .where(studies.c.study_instance_uid == study_uid))
+                     .where(studies.c.study_instance_uid.in_(study_uids)))
         with self.archive.index.read() as conn:
-            row = conn.execute(statement).first()
-            if row is None:
-                return None
-            procedures = [p for (p,) in conn.execute(
-                sa.select(series.c.request_requested_procedure_id).distinct()
-                .where(series.c.study_pk == row.pk,
-                       series.c.request_requested_procedure_id.is_not(None)))]
-        return {"accession_number": (row.accession_number or "").strip(),
-                "patient_id": row.patient_id, "issuer": row.issuer_of_patient_id,
-                "requested_procedure_ids": [p for p in procedures if p]}
+            rows = conn.execute(statement).all()
+            without_accession = [row.pk for row in rows if not (row.accession_number or "").strip()]
+            procedures: dict[int, list[str]] = {}
+            if without_accession:
+                for study_pk, procedure in conn.execute(
+                        sa.select(series.c.study_pk, series.c.request_requested_procedure_id)
+                        .distinct()
+                        .where(series.c.study_pk.in_(without_accession),
+                               series.c.request_requested_procedure_id.is_not(None))):
+                    if procedure:
+                        procedures.setdefault(study_pk, []).append(procedure)
+        return {row.study_instance_uid: {
+            "accession_number": (row.accession_number or "").strip(),
+            "patient_id": row.patient_id, "issuer": row.issuer_of_patient_id,
+            "requested_procedure_ids": procedures.get(row.pk, [])} for row in rows}
 
     # ------------------------------------------------------------------ the table
 
-    def _save(self, link: StudyLink) -> None:
+    def _save(self, *links: StudyLink) -> None:
+        """Write links (one transaction for all)."""
+        if not links:
+            return
         now = dt.datetime.now(dt.UTC)
-        values = {"state": link.state, "reason": link.reason, "order_pk": link.order_pk,
-                  "updated_at": now}
         with self.archive.index.write_core() as conn:
-            updated = conn.execute(study_links.update().where(
-                study_links.c.study_instance_uid == link.study_instance_uid)
-                .values(**values)).rowcount
-            if not updated:
-                conn.execute(study_links.insert().values(
-                    study_instance_uid=link.study_instance_uid, created_at=now, **values))
+            for link in links:
+                values = {"state": link.state, "reason": link.reason,
+                          "order_pk": link.order_pk, "updated_at": now}
+                updated = conn.execute(study_links.update().where(
+                    study_links.c.study_instance_uid == link.study_instance_uid)
+                    .values(**values)).rowcount
+                if not updated:
+                    conn.execute(study_links.insert().values(
+                        study_instance_uid=link.study_instance_uid, created_at=now, **values))
 
     def link_of(self, study_uid: str) -> StudyLink | None:
+        return self._links_of([study_uid]).get(study_uid)
+
+    def _links_of(self, study_uids: list[str]) -> dict[str, StudyLink]:
+        if not study_uids:
+            return {}
         with self.archive.index.read() as conn:
-            row = conn.execute(sa.select(study_links).where(
-                study_links.c.study_instance_uid == study_uid)).first()
-        return _link(row) if row else None
+            rows = conn.execute(sa.select(study_links).where(
+                study_links.c.study_instance_uid.in_(study_uids))).all()
+        return {row.study_instance_uid: _link(row) for row in rows}
 
     def unmatched(self, *, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
         """The unmatched queue, oldest first, with what staff need to resolve each study."""

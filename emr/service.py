@@ -191,7 +191,11 @@ class EmrService:
         return link
 
     def _performed(self, order: StoredOrder | None, study_uid: str, step_status: str) -> None:
-        """MPPS COMPLETED: the modality says the study is done; report it if images are here."""
+        self.step_performed(study_uid, step_status)
+
+    def step_performed(self, study_uid: str, step_status: str) -> None:
+        """MPPS COMPLETED: the modality says the study is done; report it if images are here.
+        (Called here for MPPS in this process, by ``pacs.dimse.workers`` for its workers'.)"""
         if step_status == COMPLETED and study_uid:
             self.linker.link_study(study_uid)
             self.study_complete(study_uid)

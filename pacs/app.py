@@ -1,15 +1,18 @@
-"""Process wiring: one archive, the DICOM server and the HTTP server in one process."""
+"""Process wiring: one archive, the DICOM server (in worker processes when there are several
+cores, see ``pacs.dimse.workers``), the HTTP server and the EMR links."""
 
 from __future__ import annotations
 
 import logging
 import threading
+from types import FrameType
 
 import uvicorn
 
 from emr.service import EmrService
 from pacs.access import AccessPolicy, server_secret
-from pacs.dimse.server import DicomServer
+from pacs.dimse.server import DicomServer, configure_libraries
+from pacs.dimse.workers import DicomWorkers
 from pacs.http import build_app
 from pacs.settings import Settings
 from storage.archive import Archive, open_archive
@@ -27,16 +30,16 @@ def archive_for(settings: Settings) -> Archive:
                         duplicate_policy=settings.duplicate_policy)
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # pynetdicom logs every association and message at INFO (and data sets at DEBUG, which
-    # would put patient data in the log): keep it to warnings unless debugging.
-    if level.upper() != "DEBUG":
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-        # One line per HTTP request the server makes (FHIR results) and per Alembic plug-in.
-        logging.getLogger("httpx").setLevel(logging.WARNING)
-        logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+class _HttpServer(uvicorn.Server):
+    """uvicorn's server without its re-raising of SIGTERM / SIGINT once it has stopped: that
+    would end the process before ``PacsServer.run`` stops the DICOM workers, the outbox and
+    the index; ``pacs serve`` then exits normally instead."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        captured = getattr(self, "_captured_signals", None)
+        if isinstance(captured, list):
+            captured.clear()
 
 
 class PacsServer:
@@ -47,7 +50,11 @@ class PacsServer:
         self.archive = archive_for(settings)
         self.completion = StudyCompletion(self.archive, settings.study_complete_seconds)
         self.emr = EmrService(self.archive, settings, self.completion)
-        self.dicom = DicomServer(settings, self.archive, self.emr.worklist)
+        configure_libraries()  # pydicom's settings hold for DICOMweb too, workers or not
+        workers = settings.resolved_dicom_workers
+        self.dicom: DicomServer | DicomWorkers = (
+            DicomWorkers(settings, self.archive, workers, on_performed=self.emr.step_performed)
+            if workers > 1 else DicomServer(settings, self.archive, self.emr.worklist))
         self.shares = ShareStore(self.archive.index, server_secret(settings),
                                  pin_max_attempts=settings.share_pin_max_attempts)
         self.access = AccessPolicy(settings, self.shares, server_secret(settings))
@@ -97,7 +104,7 @@ class PacsServer:
                                 port=self.settings.http_port, log_level="warning",
                                 access_log=False, lifespan="off", proxy_headers=True,
                                 forwarded_allow_ips=list(self.settings.trusted_proxies))
-        http = uvicorn.Server(config)
+        http = _HttpServer(config)
         log.info("HTTP listening on http://%s:%d", self.settings.http_host,
                  self.settings.http_port)
         try:

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"pacs: {exc}", file=sys.stderr)
         return 2
-    from pacs.app import configure_logging
+    from pacs.logs import configure_logging
 
     configure_logging(settings.log_level if args.command == "serve" else "WARNING")
     return {"serve": _serve, "import": _import, "check": _check, "migrate": _migrate,

@@ -32,6 +32,7 @@ def build_app(server) -> Starlette:
             "version": __version__,
             "ae_title": server.settings.ae_title,
             "dicom_port": server.dicom.address[1] if dicom_up else None,
+            "dicom_workers": server.dicom.worker_processes,
             "reconcile": server.reconcile_state,
         }
         return JSONResponse(body, status_code=200 if dicom_up else 503)

@@ -82,8 +82,12 @@ class Settings:
     person_name_matching: str = "auto"
     # Re-index blobs that have no index row (left by a crash) when the server starts.
     reconcile_on_start: bool = True
-    # Parallel DICOM associations accepted at once.
+    # Parallel DICOM associations accepted at once (by each DICOM worker process).
     max_associations: int = 32
+    # Processes that serve DICOM associations, sharing the one listening port: parallel
+    # associations (several modalities, a C-STORE while a C-MOVE runs) then use every core.
+    # 0: one per core, at most 4; 1: the DICOM server runs inside the main process.
+    dicom_workers: int = 0
     # Seconds an association may be idle (no PDU) before it is aborted.
     dicom_network_timeout: float = 60.0
     # Largest PDU we accept: bigger PDUs mean fewer round trips through the network code.
@@ -152,6 +156,13 @@ class Settings:
         if url.startswith("postgresql://") or url.startswith("postgres://"):
             url = "postgresql+psycopg://" + url.split("://", 1)[1]
         return url
+
+    @property
+    def resolved_dicom_workers(self) -> int:
+        """Number of DICOM worker processes (1: the DICOM server runs in the main process)."""
+        if self.dicom_workers:
+            return self.dicom_workers
+        return max(1, min(4, len(os.sched_getaffinity(0))))
 
     @property
     def resolved_storage_url(self) -> str:
@@ -274,6 +285,8 @@ def _validate(settings: Settings) -> None:
         )
     if settings.max_associations < 1:
         raise SettingsError("max_associations must be at least 1")
+    if not 0 <= settings.dicom_workers <= 64:
+        raise SettingsError("dicom_workers must be between 0 (one per core) and 64")
     if settings.stow_max_bytes < 1:
         raise SettingsError("stow_max_bytes must be at least 1")
     for network in settings.staff_networks:

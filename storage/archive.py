@@ -119,10 +119,12 @@ def _rows(parsed: ParsedInstance, key: str, digest: str) -> _Rows:
 # The per-instance statements, as plain SQL run on the DBAPI cursor (``Index.raw``).
 _SQL_FIND_LOCATION = ("SELECT sop_instance_uid, sop_class_uid, transfer_syntax_uid, blob_key, size"
                       " FROM instances WHERE sop_instance_uid = ?")
+# The counter updates name the parent too: a remembered (patient, study, series) that a merge,
+# a move or a deletion in another process made stale then updates nothing, and is looked up again.
 _SQL_BUMP_SERIES = ("UPDATE series SET num_instances = num_instances + 1, updated_at = ?"
-                    " WHERE pk = ?")
+                    " WHERE pk = ? AND study_pk = ?")
 _SQL_BUMP_STUDY = ("UPDATE studies SET num_instances = num_instances + 1,"
-                   " num_series = num_series + ?, updated_at = ? WHERE pk = ?")
+                   " num_series = num_series + ?, updated_at = ? WHERE pk = ? AND patient_pk = ?")
 _SQL_BUMP_PATIENT = ("UPDATE patients SET num_instances = num_instances + 1,"
                      " num_series = num_series + ?, num_studies = num_studies + ?,"
                      " updated_at = ? WHERE pk = ?")
@@ -251,12 +253,17 @@ class Archive:
             raise
         outcome = StoreOutcome.REPLACED if existing is not None else StoreOutcome.STORED
         result = self._result(parsed, outcome)
+        self.notify_stored(result)
+        return result
+
+    def notify_stored(self, result: StoreResult) -> None:
+        """Tell the listeners about a store (done by ``store``; also for the stores a DICOM
+        worker process made, whose events reach the main process this way)."""
         for listener in self._listeners:
             try:
                 listener(result)
             except Exception:
                 log.exception("store listener %r failed", listener)
-        return result
 
     def _stage_blob(self, data: bytes) -> tuple[StagedBlob, str]:
         """Hash ``data`` and start its durable write; the staged blob and its SHA-256 (hex)."""
@@ -291,9 +298,9 @@ class Archive:
         """
         try:
             self._write_rows(parsed, rows, replace=replace, use_cache=True, blob=blob)
-        except sa.exc.IntegrityError:
-            # A cached series was deleted meanwhile, or a concurrent writer raced us: retry
-            # once from the database's own state.
+        except (sa.exc.IntegrityError, _StaleParents):
+            # A cached series was deleted or moved meanwhile, or a concurrent writer raced
+            # us: retry once from the database's own state.
             self._forget_series(parsed.series_instance_uid)
             try:
                 self._write_rows(parsed, rows, replace=replace, use_cache=False, blob=blob)
@@ -320,8 +327,11 @@ class Archive:
                 patient_pk, new_study, study_pk, new_series, series_pk = self._parents(
                     cursor, parsed, rows, stamp)
             # Counters: child levels first, each row locked in the same order by every writer.
-            cursor.execute(_SQL_BUMP_SERIES, (stamp, series_pk))
-            cursor.execute(_SQL_BUMP_STUDY, (int(new_series), stamp, study_pk))
+            bumped = cursor.execute(_SQL_BUMP_SERIES, (stamp, series_pk, study_pk)).rowcount
+            bumped += cursor.execute(_SQL_BUMP_STUDY,
+                                     (int(new_series), stamp, study_pk, patient_pk)).rowcount
+            if bumped != 2:
+                raise _StaleParents(parsed.series_instance_uid)
             if new_series:
                 self._refresh_modalities(cursor, study_pk)
             cursor.execute(_SQL_BUMP_PATIENT, (int(new_series), int(new_study), stamp, patient_pk))
@@ -495,6 +505,10 @@ class Archive:
     def close(self) -> None:
         self._io.shutdown(wait=True)
         self.index.dispose()
+
+
+class _StaleParents(Exception):
+    """The remembered parents of a series no longer match the index (rolled back, retried)."""
 
 
 def _discard_staged(staged: Future[tuple[StagedBlob, str]]) -> None:

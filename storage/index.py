@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -260,9 +262,10 @@ class Index:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.is_sqlite = engine.dialect.name == "sqlite"
-        # SQLite has one writer at a time anyway; taking the lock in Python first avoids
-        # SQLITE_BUSY retries between threads of this process.
-        self._write_lock = threading.Lock() if self.is_sqlite else contextlib.nullcontext()
+        # SQLite has one writer at a time anyway; taking a lock first avoids SQLITE_BUSY
+        # retries, whose back-off sleeps (1 ms and up) cost more than a whole transaction.
+        self._write_lock = (_SqliteWriterLock(engine.url.database) if self.is_sqlite
+                            else contextlib.nullcontext())
         self._sql_cache: dict[str, str] = {}
 
     @contextlib.contextmanager
@@ -315,6 +318,8 @@ class Index:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if isinstance(self._write_lock, _SqliteWriterLock):
+            self._write_lock.close()
 
     def raw_first(self, sql: str, params: Sequence[Any]) -> tuple | None:
         """The first row of one plain-SQL query, outside any transaction (cheapest read)."""
@@ -340,6 +345,41 @@ class Index:
             native = sql if self.is_sqlite else sql.replace("?", "%s")
             self._sql_cache[sql] = native
         return native
+
+
+class _SqliteWriterLock:
+    """The right to write to one SQLite database: a lock between this process's threads, and
+    an advisory file lock between the processes that share the file (DICOM workers, the CLI).
+    A waiting writer wakes as soon as the lock is released, unlike SQLite's busy handler."""
+
+    def __init__(self, database: str | None) -> None:
+        self._threads = threading.Lock()
+        self._fd: int | None = None
+        if database and database != ":memory:":
+            self._fd = os.open(f"{database}-writer.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                               0o600)
+
+    def __enter__(self) -> None:
+        self._threads.acquire()
+        if self._fd is not None:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            except BaseException:
+                self._threads.release()
+                raise
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            if self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._threads.release()
+
+    def close(self) -> None:
+        with self._threads:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
 
 class RawCursor:

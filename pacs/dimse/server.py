@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import socket
+import threading
 
 from pydicom import config as pydicom_config
 from pynetdicom import AE, _config, evt
@@ -91,16 +93,48 @@ def build_ae(settings: Settings) -> AE:
     return ae
 
 
+class SharedSocketServer(ThreadedAssociationServer):
+    """A pynetdicom server accepting on a listening socket made by another process and shared
+    by several (``pacs.dimse.workers``): the worker that is free first takes a connection."""
+
+    def __init__(self, *args, listener: socket.socket, **kwargs) -> None:
+        self._listener = listener
+        super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        self.socket.close()  # the one socketserver made; the shared one replaces it
+        self.socket = self._listener
+        # Every worker wakes for a new connection and one wins it: the others must not block
+        # in accept(), which socketserver then treats as a request that did not come.
+        self.socket.settimeout(0)
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        pass  # listening already
+
+    def server_close(self) -> None:
+        # Close this process's handle only: shutdown() would stop the socket for every worker.
+        self.socket.close()
+
+
 class DicomServer:
-    """The listening DICOM server (one thread per association), bound to the archive."""
+    """The listening DICOM server (one thread per association), bound to the archive.
+
+    With ``listener`` it accepts on that already listening socket (a DICOM worker process)
+    instead of binding the configured address itself.
+    """
+
+    worker_processes = 0  # runs in the calling process
 
     def __init__(self, settings: Settings, archive: Archive,
-                 worklist: WorklistHandlers | None = None) -> None:
+                 worklist: WorklistHandlers | None = None, *,
+                 listener: socket.socket | None = None) -> None:
         self.settings = settings
         self.archive = archive
         self.ae = build_ae(settings)
         self.handlers = DimseHandlers(archive, settings, worklist)
         self.commitment = StorageCommitment(archive, settings, settings.ae_title)
+        self._listener = listener
         self._server: ThreadedAssociationServer | None = None
 
     def start(self) -> None:
@@ -109,8 +143,15 @@ class DicomServer:
         handlers = [*self.handlers.bindings(), (evt.EVT_N_ACTION, self.commitment.on_n_action)]
         if self.handlers.worklist is not None:
             handlers += self.handlers.worklist.bindings()
-        self._server = self.ae.start_server(address, block=False, evt_handlers=handlers)
-        log.info("DICOM %s listening on %s:%d", self.settings.ae_title, *self.address)
+        if self._listener is None:
+            self._server = self.ae.start_server(address, block=False, evt_handlers=handlers)
+            log.info("DICOM %s listening on %s:%d", self.settings.ae_title, *self.address)
+            return
+        server = self.ae.make_server(address, evt_handlers=handlers,
+                                     server_class=SharedSocketServer, listener=self._listener)
+        self.ae._servers.append(server)  # as start_server does: ae.shutdown() stops it
+        threading.Thread(target=server.serve_forever, name="dicom-accept", daemon=True).start()
+        self._server = server
 
     @property
     def address(self) -> tuple[str, int]:

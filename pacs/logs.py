@@ -1,0 +1,17 @@
+"""Logging set-up shared by the main process and the DICOM worker processes."""
+
+from __future__ import annotations
+
+import logging
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # pynetdicom logs every association and message at INFO (and data sets at DEBUG, which
+    # would put patient data in the log): keep it to warnings unless debugging.
+    if level.upper() != "DEBUG":
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        # One line per HTTP request the server makes (FHIR results) and per Alembic plug-in.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)

@@ -1,0 +1,190 @@
+"""The DICOM server in several worker processes (``pacs.dimse.workers``).
+
+Parallel associations are served by different processes sharing one index and blob store;
+what they store reaches the main process (linking, completion); a worker that dies is
+replaced; the workers never outlive the main process."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pydicom
+import pytest
+import sqlalchemy as sa
+from pynetdicom import build_context
+from pynetdicom.sop_class import CTImageStorage
+
+from storage.archive import StoreOutcome
+from storage.index import patients, studies
+from storage.patients import Demographics, reassign_study
+from tests import dimse_client as client
+from tests.factory import Spec, instance
+
+
+def _children(pid: int) -> list[int]:
+    """PIDs of the DICOM worker processes of server ``pid`` (not multiprocessing's helpers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and b"spawn_main" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _wait(condition, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def dataset(spec: Spec) -> pydicom.Dataset:
+    """A data set as a modality would send it (with its file meta)."""
+    return pydicom.dcmread(io.BytesIO(instance(spec)))
+
+
+def _store(port: int, datas: list) -> list[int]:
+    """Store data sets on one association; the statuses."""
+    assoc = client.associate(port, [build_context(CTImageStorage)])
+    try:
+        return [assoc.send_c_store(ds).Status for ds in datas]
+    finally:
+        assoc.release()
+
+
+def _patient_counts(archive) -> dict[str, tuple[int, int, int]]:
+    with archive.index.read() as conn:
+        rows = conn.execute(sa.select(patients.c.patient_id, patients.c.num_studies,
+                                      patients.c.num_series, patients.c.num_instances))
+        return {row[0]: tuple(row[1:]) for row in rows}
+
+
+@pytest.mark.parametrize("backend", ["sqlite-files", "postgres-files"])
+def test_archive_handles_of_several_processes_keep_one_consistent_index(backend, make_backend):
+    """Two archive handles on one index (as two workers have): concurrent stores are all
+    indexed once with exact counters, and a study moved through one handle is not put back
+    under its old patient by the other's memory of the series."""
+    where = make_backend(backend)
+    first, second = where.open(), where.open()
+    try:
+        study = Spec(patient_id="BN-W1")
+        specs = [Spec(patient_id="BN-W1", study_uid=study.study_uid,
+                      series_uid=study.series_uid if n % 2 else Spec().series_uid,
+                      instance_number=n + 1) for n in range(120)]
+        datas = [instance(spec) for spec in specs]
+
+        def store(args):
+            archive, data = args
+            return archive.store(data).outcome
+
+        with ThreadPoolExecutor(8) as pool:
+            outcomes = list(pool.map(store, [((first, second)[n % 2], data)
+                                             for n, data in enumerate(datas)]))
+        assert outcomes == [StoreOutcome.STORED] * 120
+        assert _patient_counts(first)["BN-W1"] == (1, 61, 120)
+
+        # The first handle remembers the series' parents; the second moves the study.
+        reassign_study(second, study.study_uid,
+                       Demographics("BN-W2", "", "Lê^Thị Hoa", "19900101", "F"))
+        late = Spec(patient_id="BN-W1", study_uid=study.study_uid, series_uid=study.series_uid,
+                    instance_number=500)
+        assert first.store(instance(late)).outcome is StoreOutcome.STORED
+        counts = _patient_counts(first)
+        assert "BN-W1" not in counts  # the study stayed with its new patient
+        assert counts["BN-W2"] == (1, 61, 121)
+        with first.index.read() as conn:
+            assert conn.execute(sa.select(studies.c.num_instances)).scalar_one() == 121
+        assert first.check(verify_hashes=True).clean
+    finally:
+        first.close()
+        second.close()
+
+
+def test_parallel_associations_in_worker_processes(start_server, tmp_path):
+    server = start_server(PACS_DICOM_WORKERS="2")
+    health = httpx.get(server.http + "/healthz").json()
+    assert health["dicom_workers"] == 2
+    workers = _children(server.proc.pid)
+    assert len(workers) == 2
+
+    # Four associations at once, four studies: each stored exactly once, and each study
+    # reaches the main process's linker (no order has these accession numbers).
+    batches = []
+    for n in range(4):
+        study = Spec(accession=f"W-ACC-{n}", patient_id=f"BN-P{n}")
+        batches.append([dataset(Spec(accession=study.accession, patient_id=study.patient_id,
+                                     study_uid=study.study_uid, series_uid=study.series_uid,
+                                     instance_number=i + 1)) for i in range(15)])
+    with ThreadPoolExecutor(4) as pool:
+        statuses = list(pool.map(lambda batch: _store(server.dicom_port, batch), batches))
+    assert statuses == [[0] * 15] * 4
+    found = httpx.get(server.http + "/dicomweb/studies?AccessionNumber=W-ACC-*").json()
+    assert sorted(s["00201208"]["Value"][0] for s in found) == [15] * 4
+
+    def queued() -> set[str]:
+        rows = httpx.get(server.http + "/api/emr/unmatched").json()
+        return {row["accession_number"] for row in rows}
+
+    _wait(lambda: queued() == {f"W-ACC-{n}" for n in range(4)}, what="the unmatched queue")
+
+    # A worker killed in the middle of nothing: the other one serves, a new one replaces it.
+    os.kill(workers[0], signal.SIGKILL)
+    assert _store(server.dicom_port, [dataset(Spec(accession="W-ACC-9"))]) == [0]
+    _wait(lambda: len(_children(server.proc.pid)) == 2 and workers[0] not in
+          _children(server.proc.pid), what="a replacement worker")
+    _wait(lambda: server.log().count("ready (pid") >= 3, what="the replacement to be ready")
+    assert "ended unexpectedly" in server.log()
+    statuses = []
+    for _ in range(4):  # whichever worker takes each association, it stores
+        statuses += _store(server.dicom_port, [dataset(Spec(accession="W-ACC-10"))])
+    assert statuses == [0] * 4
+    assert httpx.get(server.http + "/healthz").json()["status"] == "ok"
+
+
+def test_workers_end_with_the_main_process(start_server, tmp_path):
+    server = start_server(PACS_DICOM_WORKERS="2")
+    workers = _children(server.proc.pid)
+    assert len(workers) == 2
+    # Keep an association open while the main process is killed.
+    assoc = client.associate(server.dicom_port, [build_context(CTImageStorage)])
+    try:
+        server.proc.send_signal(signal.SIGKILL)
+        server.proc.wait(10)
+        _wait(lambda: not any(_alive(pid) for pid in workers), timeout=10,
+              what="the workers to end")
+    finally:
+        assoc.abort()
+    # Nothing holds the port: the server starts again on it and serves.
+    server.start()
+    assert client.echo(server.dicom_port) == 0
+    assert _store(server.dicom_port, [dataset(Spec())]) == [0]
+
+
+def test_graceful_stop_ends_every_worker(start_server):
+    server = start_server(PACS_DICOM_WORKERS="3")
+    workers = _children(server.proc.pid)
+    assert len(workers) == 3
+    assert server.stop() == 0
+    assert not any(_alive(pid) for pid in workers)
