@@ -11,13 +11,21 @@ identifier (retrieve) — when nothing unusual is in them (no Offending Element,
 to ``EVT_DIMSE_SENT``, a command that fits one PDU). Anything else still goes through
 pynetdicom. ``pacs.dimse.fastfind`` uses the same encoders for
 pending C-FIND responses.
+
+The mirror for the message received most, the C-STORE request: its command set is read with
+``struct`` and its data set fragments gathered as they come (``_receive_primitive``), instead of
+a pydicom Dataset per command and a second pass to copy it onto the primitive. A command in
+several fragments, another command, or a handler bound to ``EVT_DIMSE_RECV`` goes through
+pynetdicom as before.
 """
 
 from __future__ import annotations
 
 import struct
+from io import BytesIO
 
-from pynetdicom import evt
+from pydicom.uid import UID
+from pynetdicom import _config, evt
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 from pynetdicom.pdu_primitives import P_DATA
@@ -39,6 +47,7 @@ PDV_OVERHEAD = 6
 
 _installed = False
 _original_send_msg = DIMSEServiceProvider.send_msg
+_original_receive_primitive = DIMSEServiceProvider.receive_primitive
 
 
 def element(tag: int, value: bytes) -> bytes:
@@ -119,6 +128,7 @@ def install() -> bool:
     if not pynetdicom_supported("direct command encoding", "DIMSE messages cost more CPU"):
         return False
     DIMSEServiceProvider.send_msg = _send_msg
+    DIMSEServiceProvider.receive_primitive = _receive_primitive
     _installed = True
     return True
 
@@ -189,3 +199,91 @@ def _queue(dimse: DIMSEServiceProvider, context_id: int, command: bytes,
                 [context_id, bytes([control | (0x02 if last else 0x00)])
                  + view[start:start + size].tobytes()]]
             dimse.dul.send_pdu(pdata)
+
+
+# ---------------------------------------------------------------------- receiving
+
+
+class _StoreInProgress:
+    """A C-STORE request whose command has been read and whose data set is arriving."""
+
+    __slots__ = ("request", "context_id", "chunks")
+
+    def __init__(self, request: C_STORE, context_id: int) -> None:
+        self.request = request
+        self.context_id = context_id
+        self.chunks: list[bytes] = []
+
+
+def _receive_primitive(self: DIMSEServiceProvider, primitive: P_DATA) -> None:
+    store: _StoreInProgress | None = getattr(self, "_pacs_store", None)
+    if store is None:
+        if (self.message is not None or _config.STORE_RECV_CHUNKED_DATASET
+                or self.assoc.get_handlers(evt.EVT_DIMSE_RECV)):
+            _original_receive_primitive(self, primitive)
+            return
+        values = primitive.presentation_data_value_list
+        context_id, first = values[0]
+        request = _store_request(first) if first and first[0] & 0x03 == 0x03 else None
+        if request is None:  # not a whole C-STORE-RQ command: pynetdicom decodes it
+            _original_receive_primitive(self, primitive)
+            return
+        store = self._pacs_store = _StoreInProgress(request, context_id)
+        values = values[1:]
+    else:
+        values = primitive.presentation_data_value_list
+    for context_id, data in values:
+        if not data or data[0] & 0x01 or context_id != store.context_id:
+            # A command before the data set ended, or another context: not a valid message.
+            self._pacs_store = None
+            self.dul.event_queue.put("Evt19")
+            return
+        store.chunks.append(data[1:])
+        if data[0] & 0x02:  # the last fragment
+            self._pacs_store = None
+            request = store.request
+            request.DataSet = BytesIO(b"".join(store.chunks))
+            request._context_id = store.context_id
+            request._dataset_path = None
+            request._dataset_file = None
+            self.msg_queue.put((store.context_id, request))
+            return
+
+
+def _store_request(command: bytes) -> C_STORE | None:
+    """The C-STORE request primitive of an encoded command set (after the control header),
+    or None when it is another command or anything in it is unexpected."""
+    fields: dict[int, bytes] = {}
+    view = memoryview(command)
+    offset, end = 1, len(command)
+    try:
+        while offset < end:
+            group, elem, length = _ELEMENT_HEADER.unpack_from(view, offset)
+            offset += 8
+            if group != 0x0000 or offset + length > end:
+                return None
+            fields[elem] = bytes(view[offset:offset + length])
+            offset += length
+        if (_US.unpack(fields[0x0100])[0] != C_STORE_RQ
+                or _US.unpack(fields[0x0800])[0] == NO_DATA_SET):
+            return None
+        request = C_STORE()
+        request.MessageID = _US.unpack(fields[0x0110])[0]
+        # Set past pynetdicom's setters, which check the UID's syntax by regular expression
+        # (a tenth of this function's caller): the archive checks the UIDs it stores itself.
+        request._affected_sop_class_uid = UID(_text(fields[0x0002])) or None
+        request._affected_sop_instance_uid = UID(_text(fields[0x1000])) or None
+        if request._affected_sop_class_uid is None or request._affected_sop_instance_uid is None:
+            return None
+        request.Priority = _US.unpack(fields[0x0700])[0]
+        if 0x1030 in fields:
+            request.MoveOriginatorApplicationEntityTitle = _text(fields[0x1030]) or None
+        if 0x1031 in fields:
+            request.MoveOriginatorMessageID = _US.unpack(fields[0x1031])[0]
+    except (KeyError, struct.error, ValueError, TypeError, UnicodeDecodeError):
+        return None  # pynetdicom reports it its own way
+    return request
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("ascii").strip("\0 ")

@@ -1,0 +1,99 @@
+"""DIMSE command sets read and written without pydicom (``pacs.dimse.commands``): what they
+produce must be what pynetdicom itself would, and odd messages must still be served."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+
+import pydicom
+import pytest
+from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+
+from pacs.dimse import commands
+from tests import dimse_client as client
+from tests.factory import Spec, instance
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def _pynetdicom_command(primitive, message_class) -> bytes:
+    """The first PDV (control header included) pynetdicom sends for ``primitive``."""
+    message = message_class()
+    message.primitive_to_message(primitive)
+    first = next(iter(message.encode_msg(1, 16384)))
+    return first.presentation_data_value_list[0][1]
+
+
+@pytest.mark.parametrize("originator", [None, ("MODALITY", 7)])
+def test_store_request_read_as_pynetdicom_writes_it(originator):
+    primitive = C_STORE()
+    primitive.MessageID = 4321
+    primitive.AffectedSOPClassUID = CT
+    primitive.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.8.498.1.2.3"  # odd length: padded
+    primitive.Priority = 2
+    if originator:
+        primitive.MoveOriginatorApplicationEntityTitle = originator[0]
+        primitive.MoveOriginatorMessageID = originator[1]
+    primitive.DataSet = io.BytesIO(b"\x08\x00\x05\x00")
+    encoded = _pynetdicom_command(primitive, C_STORE_RQ)
+    assert encoded[0] & 0x03 == 0x03  # a whole command in one fragment
+
+    read = commands._store_request(encoded)
+    assert read is not None
+    assert read.MessageID == 4321
+    assert read.AffectedSOPClassUID == CT
+    assert read.AffectedSOPInstanceUID == "1.2.826.0.1.3680043.8.498.1.2.3"
+    assert read.Priority == 2
+    if originator:
+        assert read.MoveOriginatorApplicationEntityTitle == "MODALITY"
+        assert read.MoveOriginatorMessageID == 7
+    else:
+        assert read.MoveOriginatorApplicationEntityTitle is None
+        assert read.MoveOriginatorMessageID is None
+
+
+def test_own_encoder_and_reader_agree():
+    encoded = b"\x03" + commands.store_request(
+        sop_class_uid=CT, message_id=9, priority=0, sop_instance_uid="1.2.3.4",
+        move_originator_ae="PACS", move_originator_id=3)
+    read = commands._store_request(encoded)
+    assert (read.MessageID, read.AffectedSOPClassUID, read.AffectedSOPInstanceUID,
+            read.Priority, read.MoveOriginatorApplicationEntityTitle,
+            read.MoveOriginatorMessageID) == (9, CT, "1.2.3.4", 0, "PACS", 3)
+
+
+def test_other_or_broken_commands_are_left_to_pynetdicom():
+    echo = C_ECHO()
+    echo.MessageID = 1
+    echo.AffectedSOPClassUID = "1.2.840.10008.1.1"
+    assert commands._store_request(_pynetdicom_command(echo, C_ECHO_RQ)) is None
+    whole = b"\x03" + commands.store_request(sop_class_uid=CT, message_id=1, priority=0,
+                                            sop_instance_uid="1.2.3")
+    assert commands._store_request(whole[:-3]) is None  # truncated element
+    no_uid = b"\x03" + commands.command_set(
+        commands.us_element(0x00000100, commands.C_STORE_RQ),
+        commands.us_element(0x00000110, 1), commands.us_element(0x00000700, 0),
+        commands.us_element(0x00000800, commands.DATA_SET_PRESENT))
+    assert commands._store_request(no_uid) is None
+
+
+def test_data_sets_in_many_small_fragments_are_stored_unchanged(start_server, tmp_path,
+                                                                 dcmtk_env):
+    """storescu limited to 4 KB PDUs: a 128x128 CT slice arrives in ~9 fragments, the command
+    in a PDU of its own; what is stored is exactly what was sent."""
+    server = start_server(PACS_DICOM_WORKERS="1")
+    spec = Spec(rows=128, columns=128)
+    path = tmp_path / "slice.dcm"
+    path.write_bytes(instance(spec))
+    done = subprocess.run(["storescu", "--max-send-pdu", "4096", "-aec", "PACS", "127.0.0.1",
+                           str(server.dicom_port), str(path)], env=dcmtk_env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    original = pydicom.dcmread(path)
+    status, received = client.c_get(server.dicom_port, client.identifier(
+        "IMAGE", StudyInstanceUID=spec.study_uid, SeriesInstanceUID=spec.series_uid,
+        SOPInstanceUID=spec.sop_uid), [(CT, "1.2.840.10008.1.2.1")])
+    assert status.Status == 0x0000
+    assert len(received) == 1 and received[0] == original
