@@ -1,5 +1,6 @@
 """Settings: defaults with no file, a TOML file, and PACS_* variables that override it."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -42,12 +43,20 @@ def test_postgresql_url_uses_psycopg3_driver():
     assert settings.resolved_database_url == "postgresql+psycopg://u@db:5432/pacs"
 
 
+def test_dicom_workers_default_to_the_cores_at_most_four():
+    cores = len(os.sched_getaffinity(0))
+    assert load_settings(environ={}).resolved_dicom_workers == max(1, min(4, cores))
+    assert load_settings(environ={"PACS_DICOM_WORKERS": "1"}).resolved_dicom_workers == 1
+    assert load_settings(environ={"PACS_DICOM_WORKERS": "6"}).resolved_dicom_workers == 6
+
+
 @pytest.mark.parametrize(("env", "message"), [
     ({"PACS_DICOM_PORT": "abc"}, "dicom_port"),
     ({"PACS_AE_TITLE": "A_TITLE_THAT_IS_TOO_LONG"}, "ae_title"),
     ({"PACS_PEERS": "nohostport"}, "AETITLE@host:port"),
     ({"PACS_DUPLICATE_POLICY": "ignore"}, "duplicate_policy"),
     ({"PACS_RECONCILE_ON_START": "maybe"}, "boolean"),
+    ({"PACS_DICOM_WORKERS": "-1"}, "dicom_workers"),
 ])
 def test_invalid_settings_are_refused_with_the_name(env, message):
     with pytest.raises(SettingsError, match=message):
