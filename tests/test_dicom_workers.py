@@ -188,3 +188,5 @@ def test_graceful_stop_ends_every_worker(start_server):
     assert len(workers) == 3
     assert server.stop() == 0
     assert not any(_alive(pid) for pid in workers)
+    assert "did not stop in time" not in server.log()
+    assert "ended unexpectedly" not in server.log()

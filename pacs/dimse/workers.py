@@ -53,6 +53,9 @@ class _Worker:
     conn: Connection
     ready: threading.Event = dataclasses.field(default_factory=threading.Event)
     started: float = dataclasses.field(default_factory=time.monotonic)
+    # Relays the worker's events, and is the only thread that waits for the process to end
+    # (two threads waiting for one child race, and one of them sees it still running).
+    relay: threading.Thread | None = None
 
 
 class DicomWorkers:
@@ -136,11 +139,13 @@ class DicomWorkers:
                 worker.conn.send(_STOP)
         deadline = time.monotonic() + timeout
         for worker in workers:
-            worker.process.join(max(0.1, deadline - time.monotonic()))
-            if worker.process.is_alive():
+            if worker.relay is None:
+                continue
+            worker.relay.join(max(0.1, deadline - time.monotonic()))
+            if worker.relay.is_alive():  # the worker has not ended: its pipe is still open
                 log.warning("DICOM worker %d did not stop in time; killing it", worker.number)
                 worker.process.kill()
-                worker.process.join(5)
+                worker.relay.join(10)
         if self._supervisor is not None:
             self._supervisor.join(5)
         if self._listener is not None:
@@ -173,10 +178,11 @@ class DicomWorkers:
         process.start()
         theirs.close()
         worker = _Worker(number, process, ours)
+        worker.relay = threading.Thread(target=self._listen_to, args=(worker,),
+                                        name=f"dicom-worker-{number}", daemon=True)
         with self._lock:
             self._workers[number] = worker
-        threading.Thread(target=self._listen_to, args=(worker,), name=f"dicom-worker-{number}",
-                         daemon=True).start()
+        worker.relay.start()
 
     def _listen_to(self, worker: _Worker) -> None:
         """Relay one worker's events until it ends; replace it unless the server is stopping."""
@@ -198,7 +204,7 @@ class DicomWorkers:
         except (EOFError, OSError):
             pass
         worker.conn.close()
-        worker.process.join(5)
+        worker.process.join(10)
         if not self._stopping.is_set():
             log.error("DICOM worker %d ended unexpectedly (exit code %s); starting another",
                       worker.number, worker.process.exitcode)
