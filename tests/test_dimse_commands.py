@@ -8,7 +8,7 @@ import subprocess
 
 import pydicom
 import pytest
-from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
+from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 
 from pacs.dimse import commands
@@ -26,6 +26,16 @@ def _pynetdicom_command(primitive, message_class) -> bytes:
     return first.presentation_data_value_list[0][1]
 
 
+def _read_request(encoded: bytes) -> C_STORE | None:
+    fields = commands._command_fields(encoded)
+    return None if fields is None else commands._store_request(fields)
+
+
+def _read_response(encoded: bytes) -> C_STORE | None:
+    fields = commands._command_fields(encoded)
+    return None if fields is None else commands._store_response(fields)
+
+
 @pytest.mark.parametrize("originator", [None, ("MODALITY", 7)])
 def test_store_request_read_as_pynetdicom_writes_it(originator):
     primitive = C_STORE()
@@ -40,7 +50,7 @@ def test_store_request_read_as_pynetdicom_writes_it(originator):
     encoded = _pynetdicom_command(primitive, C_STORE_RQ)
     assert encoded[0] & 0x03 == 0x03  # a whole command in one fragment
 
-    read = commands._store_request(encoded)
+    read = _read_request(encoded)
     assert read is not None
     assert read.MessageID == 4321
     assert read.AffectedSOPClassUID == CT
@@ -58,25 +68,58 @@ def test_own_encoder_and_reader_agree():
     encoded = b"\x03" + commands.store_request(
         sop_class_uid=CT, message_id=9, priority=0, sop_instance_uid="1.2.3.4",
         move_originator_ae="PACS", move_originator_id=3)
-    read = commands._store_request(encoded)
+    read = _read_request(encoded)
     assert (read.MessageID, read.AffectedSOPClassUID, read.AffectedSOPInstanceUID,
             read.Priority, read.MoveOriginatorApplicationEntityTitle,
             read.MoveOriginatorMessageID) == (9, CT, "1.2.3.4", 0, "PACS", 3)
+
+
+@pytest.mark.parametrize(("status", "comment"), [(0x0000, None), (0xB007, "Kept the first"),
+                                                 (0xA700, None)])
+def test_store_response_read_as_pynetdicom_writes_it(status, comment):
+    primitive = C_STORE()
+    primitive.MessageIDBeingRespondedTo = 77
+    primitive.AffectedSOPClassUID = CT
+    primitive.AffectedSOPInstanceUID = "1.2.3.4.5"
+    primitive.Status = status
+    if comment:
+        primitive.ErrorComment = comment
+    read = _read_response(_pynetdicom_command(primitive, C_STORE_RSP))
+    assert read is not None
+    assert (read.MessageIDBeingRespondedTo, read.Status, read.AffectedSOPClassUID,
+            read.AffectedSOPInstanceUID, read.ErrorComment) == (77, status, CT, "1.2.3.4.5",
+                                                                 comment)
+    assert read.is_valid_response
+
+
+def test_store_response_with_more_than_the_usual_is_left_to_pynetdicom():
+    primitive = C_STORE()
+    primitive.MessageIDBeingRespondedTo = 1
+    primitive.Status = 0xB000
+    primitive.OffendingElement = [0x00100010]
+    assert _read_response(_pynetdicom_command(primitive, C_STORE_RSP)) is None
+    request = C_STORE()
+    request.MessageID = 1
+    request.AffectedSOPClassUID = CT
+    request.AffectedSOPInstanceUID = "1.2.3"
+    request.Priority = 0
+    request.DataSet = io.BytesIO(b"")
+    assert _read_response(_pynetdicom_command(request, C_STORE_RQ)) is None
 
 
 def test_other_or_broken_commands_are_left_to_pynetdicom():
     echo = C_ECHO()
     echo.MessageID = 1
     echo.AffectedSOPClassUID = "1.2.840.10008.1.1"
-    assert commands._store_request(_pynetdicom_command(echo, C_ECHO_RQ)) is None
+    assert _read_request(_pynetdicom_command(echo, C_ECHO_RQ)) is None
     whole = b"\x03" + commands.store_request(sop_class_uid=CT, message_id=1, priority=0,
                                             sop_instance_uid="1.2.3")
-    assert commands._store_request(whole[:-3]) is None  # truncated element
+    assert _read_request(whole[:-3]) is None  # truncated element
     no_uid = b"\x03" + commands.command_set(
         commands.us_element(0x00000100, commands.C_STORE_RQ),
         commands.us_element(0x00000110, 1), commands.us_element(0x00000700, 0),
         commands.us_element(0x00000800, commands.DATA_SET_PRESENT))
-    assert commands._store_request(no_uid) is None
+    assert _read_request(no_uid) is None
 
 
 def test_data_sets_in_many_small_fragments_are_stored_unchanged(start_server, tmp_path,

@@ -224,8 +224,15 @@ def _receive_primitive(self: DIMSEServiceProvider, primitive: P_DATA) -> None:
             return
         values = primitive.presentation_data_value_list
         context_id, first = values[0]
-        request = _store_request(first) if first and first[0] & 0x03 == 0x03 else None
-        if request is None:  # not a whole C-STORE-RQ command: pynetdicom decodes it
+        fields = _command_fields(first) if first and first[0] & 0x03 == 0x03 else None
+        if fields is not None and len(values) == 1:
+            response = _store_response(fields)
+            if response is not None:  # a C-STORE sub-operation of a C-GET or C-MOVE answered
+                response._context_id = context_id
+                self.msg_queue.put((context_id, response))
+                return
+        request = _store_request(fields) if fields is not None else None
+        if request is None:  # anything else: pynetdicom decodes it
             _original_receive_primitive(self, primitive)
             return
         store = self._pacs_store = _StoreInProgress(request, context_id)
@@ -250,9 +257,9 @@ def _receive_primitive(self: DIMSEServiceProvider, primitive: P_DATA) -> None:
             return
 
 
-def _store_request(command: bytes) -> C_STORE | None:
-    """The C-STORE request primitive of an encoded command set (after the control header),
-    or None when it is another command or anything in it is unexpected."""
+def _command_fields(command: bytes) -> dict[int, bytes] | None:
+    """The elements of an encoded command set (after the control header) by element number,
+    or None when it is not a well-formed group 0000."""
     fields: dict[int, bytes] = {}
     view = memoryview(command)
     offset, end = 1, len(command)
@@ -264,8 +271,28 @@ def _store_request(command: bytes) -> C_STORE | None:
                 return None
             fields[elem] = bytes(view[offset:offset + length])
             offset += length
+        if len(fields[0x0100]) != 2 or len(fields[0x0800]) != 2:
+            return None
+    except (KeyError, struct.error):
+        return None
+    return fields
+
+
+# What the fast paths read; a command with anything else (an Offending Element, an Error ID...)
+# goes to pynetdicom, which knows every command element.
+_STORE_REQUEST_ELEMENTS = frozenset((0x0000, 0x0002, 0x0100, 0x0110, 0x0700, 0x0800, 0x1000,
+                                     0x1030, 0x1031))
+_STORE_RESPONSE_ELEMENTS = frozenset((0x0000, 0x0002, 0x0100, 0x0120, 0x0800, 0x0900, 0x0902,
+                                      0x1000))
+
+
+def _store_request(fields: dict[int, bytes]) -> C_STORE | None:
+    """The C-STORE request primitive of a command, or None when it is another command or
+    anything in it is unexpected."""
+    try:
         if (_US.unpack(fields[0x0100])[0] != C_STORE_RQ
-                or _US.unpack(fields[0x0800])[0] == NO_DATA_SET):
+                or _US.unpack(fields[0x0800])[0] == NO_DATA_SET
+                or not fields.keys() <= _STORE_REQUEST_ELEMENTS):
             return None
         request = C_STORE()
         request.MessageID = _US.unpack(fields[0x0110])[0]
@@ -283,6 +310,27 @@ def _store_request(command: bytes) -> C_STORE | None:
     except (KeyError, struct.error, ValueError, TypeError, UnicodeDecodeError):
         return None  # pynetdicom reports it its own way
     return request
+
+
+def _store_response(fields: dict[int, bytes]) -> C_STORE | None:
+    """The C-STORE response primitive of a command (no data set), or None."""
+    try:
+        if (_US.unpack(fields[0x0100])[0] != C_STORE_RSP
+                or _US.unpack(fields[0x0800])[0] != NO_DATA_SET
+                or not fields.keys() <= _STORE_RESPONSE_ELEMENTS):
+            return None
+        response = C_STORE()
+        response.MessageIDBeingRespondedTo = _US.unpack(fields[0x0120])[0]
+        response.Status = _US.unpack(fields[0x0900])[0]
+        if 0x0002 in fields:
+            response._affected_sop_class_uid = UID(_text(fields[0x0002])) or None
+        if 0x1000 in fields:
+            response._affected_sop_instance_uid = UID(_text(fields[0x1000])) or None
+        if 0x0902 in fields:
+            response.ErrorComment = fields[0x0902].decode("ascii", "replace").strip("\0 ")
+    except (KeyError, struct.error, ValueError, TypeError):
+        return None
+    return response
 
 
 def _text(raw: bytes) -> str:
