@@ -103,23 +103,14 @@ class DicomWorkers:
     @property
     def running(self) -> bool:
         """Whether associations are being accepted (at least one worker is ready)."""
-        with self._lock:
-            return any(worker.ready.is_set() and worker.process.is_alive()
-                       for worker in self._workers.values())
+        return self.ready_workers() > 0
 
     def ready_workers(self) -> int:
+        """Workers that accept associations. A worker's relay thread lives exactly as long as
+        its pipe is open, i.e. as the worker; asking the process itself would reap it."""
         with self._lock:
-            return sum(worker.ready.is_set() and worker.process.is_alive()
-                       for worker in self._workers.values())
-
-    def wait_ready(self, timeout: float) -> bool:
-        """Wait until every worker accepts associations (start-up, tests)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.ready_workers() == self.count:
-                return True
-            time.sleep(0.05)
-        return False
+            return sum(worker.ready.is_set() and worker.relay is not None
+                       and worker.relay.is_alive() for worker in self._workers.values())
 
     @property
     def address(self) -> tuple[str, int]:
