@@ -55,15 +55,16 @@ def corpus_files(root: Path) -> list[Path]:
 # ------------------------------------------------------------------ PostgreSQL
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A private schema in the local PostgreSQL ``test`` database, dropped afterwards."""
+@contextlib.contextmanager
+def postgres_schema() -> Iterator[str]:
+    """A URL of a private schema in the local PostgreSQL ``test`` database, dropped after."""
     admin = sa.create_engine(POSTGRES_ADMIN_URL.replace("postgresql://", "postgresql+psycopg://"))
     schema = f"pacs_test_{uuid.uuid4().hex[:10]}"
     try:
         with admin.begin() as conn:
             conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
     except sa.exc.OperationalError as exc:
+        admin.dispose()
         pytest.fail(f"PostgreSQL at {POSTGRES_ADMIN_URL} is needed for these tests: {exc}")
     try:
         yield f"{POSTGRES_ADMIN_URL}?options=-csearch_path%3D{schema}"
@@ -73,19 +74,18 @@ def postgres_url() -> Iterator[str]:
         admin.dispose()
 
 
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A private schema for the whole session (checks once that PostgreSQL is there)."""
+    with postgres_schema() as url:
+        yield url
+
+
 @pytest.fixture
 def fresh_postgres_url(postgres_url: str) -> Iterator[str]:
     """A PostgreSQL URL with an empty schema of its own, for one test."""
-    admin = sa.create_engine(POSTGRES_ADMIN_URL.replace("postgresql://", "postgresql+psycopg://"))
-    schema = f"pacs_test_{uuid.uuid4().hex[:10]}"
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    try:
-        yield f"{POSTGRES_ADMIN_URL}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-        admin.dispose()
+    with postgres_schema() as url:
+        yield url
 
 
 # ------------------------------------------------------------------ S3 (moto server)

@@ -23,7 +23,6 @@ from pathlib import Path
 import hl7
 import httpx
 import pytest
-import sqlalchemy as sa
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
@@ -31,7 +30,7 @@ from pynetdicom import AE, build_context
 from pynetdicom.sop_class import ModalityWorklistInformationFind
 
 from tests import dimse_client as client
-from tests.conftest import POSTGRES_ADMIN_URL, PacsProcess, stow
+from tests.conftest import PacsProcess, postgres_schema, stow
 from tests.emr_peers import ProgrammableFhir, ProgrammableMllp
 from tests.factory import TEST_ROOT, Spec, ct_series
 from tests.test_emr import (
@@ -94,23 +93,13 @@ def site(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pg_site(tmp_path_factory):
-    admin = sa.create_engine(POSTGRES_ADMIN_URL.replace("postgresql://", "postgresql+psycopg://"))
-    schema = f"pacs_review_{uuid.uuid4().hex[:10]}"
-    try:
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    except sa.exc.OperationalError as exc:
-        pytest.fail(f"PostgreSQL at {POSTGRES_ADMIN_URL} is needed for these tests: {exc}")
-    url = f"{POSTGRES_ADMIN_URL}?options=-csearch_path%3D{schema}"
-    started = _start_site(tmp_path_factory.mktemp("review-pg") / "pacs-data",
-                          {"PACS_DATABASE_URL": url})
-    try:
-        yield started
-    finally:
-        _stop_site(started)
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-        admin.dispose()
+    with postgres_schema() as url:
+        started = _start_site(tmp_path_factory.mktemp("review-pg") / "pacs-data",
+                              {"PACS_DATABASE_URL": url})
+        try:
+            yield started
+        finally:
+            _stop_site(started)
 
 
 # ---------------------------------------------------------------------------- helpers
