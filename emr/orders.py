@@ -77,22 +77,24 @@ _PATIENT_LIMITS = {"patient_id": 64, "issuer": 64, "birth_date": 8, "sex": 4, "c
                    "bhyt": 32, "phone": 64, "name": 324}
 
 
+def _check_lengths(values: object, limits: dict[str, int], message: str) -> None:
+    for name, limit in limits.items():
+        if len(getattr(values, name)) > limit:
+            raise InvalidOrder(message.format(name=name, limit=limit))
+
+
 def check_patient(patient: PatientInfo) -> None:
     """Refuse a patient whose values do not fit (``InvalidOrder``, naming the field)."""
     if not patient.patient_id.strip():
         raise InvalidOrder("patient_id: required (the hospital's MRN)")
-    for name, limit in _PATIENT_LIMITS.items():
-        if len(getattr(patient, name)) > limit:
-            raise InvalidOrder(f"patient {name}: at most {limit} characters")
+    _check_lengths(patient, _PATIENT_LIMITS, "patient {name}: at most {limit} characters")
 
 
 def check_order(order: Order) -> None:
     """Refuse an order whose values do not fit what the worklist must send."""
     if not order.accession_number.strip():
         raise InvalidOrder("accession_number: required")
-    for name, limit in _ORDER_LIMITS.items():
-        if len(getattr(order, name)) > limit:
-            raise InvalidOrder(f"{name}: at most {limit} characters (DICOM)")
+    _check_lengths(order, _ORDER_LIMITS, "{name}: at most {limit} characters (DICOM)")
     check_patient(order.patient)
 
 
