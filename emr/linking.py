@@ -25,7 +25,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from emr.model import OrderStatus, PatientInfo
-from emr.orders import OrderStore, StoredOrder, UnknownOrder
+from emr.orders import OrderStore, StoredOrder
 from storage.archive import Archive, StoreOutcome, StoreResult
 from storage.errors import NotFound
 from storage.index import iso_seconds, patients, series, studies, study_links
@@ -161,14 +161,11 @@ class StudyLinker:
         current = self._links_of(study_uids)
         result = {uid: link for uid, link in current.items() if link.state != UNMATCHED}
         facts = self._facts_of([uid for uid in study_uids if uid not in result])
-        ordered = self.orders.known_accessions(
+        ordered = self.orders.by_accessions(
             {f["accession_number"] for f in facts.values() if f["accession_number"]})
         unmatched = []
         for uid, study in facts.items():
-            if study["accession_number"] and study["accession_number"] not in ordered:
-                order, reason = None, "no order has this accession number"
-            else:
-                order, reason = self._match(study)
+            order, reason = self._match(study, ordered)
             if order is not None:
                 result[uid] = self._link(uid, order, reason)
                 continue
@@ -228,11 +225,12 @@ class StudyLinker:
                 log.exception("link listener %r failed", listener)
         return link
 
-    def _match(self, facts: dict[str, Any]) -> tuple[StoredOrder | None, str]:
+    def _match(self, facts: dict[str, Any], ordered: dict[str, StoredOrder]
+               ) -> tuple[StoredOrder | None, str]:
+        """The order of a study (``ordered``: the orders of the accession numbers at hand)."""
         if facts["accession_number"]:
-            try:
-                order = self.orders.get(facts["accession_number"])
-            except UnknownOrder:
+            order = ordered.get(facts["accession_number"])
+            if order is None:
                 return None, "no order has this accession number"
             if not _same_patient(order.order.patient, facts):
                 return None, "the order with this accession number is for another patient"

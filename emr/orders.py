@@ -213,14 +213,12 @@ class OrderStore:
             raise UnknownOrder(f"no order with accession number {accession_number}")
         return found[0]
 
-    def known_accessions(self, accession_numbers: set[str]) -> set[str]:
-        """Which of these accession numbers have an order (one query for many studies)."""
+    def by_accessions(self, accession_numbers: set[str]) -> dict[str, StoredOrder]:
+        """The orders with these accession numbers (one query for many studies)."""
         if not accession_numbers:
-            return set()
-        statement = sa.select(orders.c.accession_number).where(
-            orders.c.accession_number.in_(sorted(accession_numbers)))
-        with self.index.read() as conn:
-            return {number for (number,) in conn.execute(statement)}
+            return {}
+        found = self._select(orders.c.accession_number.in_(sorted(accession_numbers)))
+        return {stored.order.accession_number: stored for stored in found}
 
     def get_by_pk(self, pk: int) -> StoredOrder:
         found = self._select(orders.c.pk == pk)
