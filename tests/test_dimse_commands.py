@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import io
 import subprocess
+import time
 
+import httpx
 import pydicom
 import pytest
+from pynetdicom import build_context
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+from pynetdicom.pdu_primitives import P_DATA
 
 from pacs.dimse import commands
 from tests import dimse_client as client
@@ -140,3 +144,25 @@ def test_data_sets_in_many_small_fragments_are_stored_unchanged(start_server, tm
         SOPInstanceUID=spec.sop_uid), [(CT, "1.2.840.10008.1.2.1")])
     assert status.Status == 0x0000
     assert len(received) == 1 and received[0] == original
+
+
+def test_command_inside_a_data_set_aborts_only_that_association(start_server):
+    """A C-STORE request whose data set is interrupted by another command is not a DIMSE
+    message: the association is aborted, nothing is stored, the server goes on serving."""
+    server = start_server(PACS_DICOM_WORKERS="1")
+    assoc = client.associate(server.dicom_port, [build_context(CT)])
+    context_id = assoc.accepted_contexts[0].context_id
+    spec = Spec()
+    command = commands.store_request(sop_class_uid=CT, message_id=1, priority=0,
+                                     sop_instance_uid=spec.sop_uid)
+    for control, payload in ((0x03, command), (0x00, b"\x08\x00\x05\x00"), (0x03, command)):
+        pdata = P_DATA()
+        pdata.presentation_data_value_list = [[context_id, bytes([control]) + payload]]
+        assoc.dul.send_pdu(pdata)
+    deadline = time.monotonic() + 10
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert assoc.is_aborted
+    assert client.echo(server.dicom_port) == 0x0000
+    found = httpx.get(f"{server.http}/dicomweb/instances?SOPInstanceUID={spec.sop_uid}")
+    assert found.status_code == 204 or found.json() == []
