@@ -271,9 +271,10 @@ def test_study_with_the_orders_accession_is_linked_and_results_reach_the_emr(emr
     assert f"urn:oid:{spec.study_uid}" in values and "L1001" in values
     assert study.numberOfInstances == 3
     assert {e.connectionType.code for e in study.contained} == {"dicom-wado-rs", "ihe-iid"}
-    deliveries = httpx.get(server.http + "/api/emr/deliveries",
-                           params={"study": spec.study_uid}).json()
-    assert {d["state"] for d in deliveries["deliveries"]} == {"delivered"}
+    # The receiver has the message before its answer reaches the outbox: wait for the state.
+    wait_for(lambda: {d["state"] for d in httpx.get(
+        server.http + "/api/emr/deliveries", params={"study": spec.study_uid}
+    ).json()["deliveries"]} == {"delivered"}, what="both deliveries marked delivered")
     metrics = httpx.get(server.http + "/metrics").text
     assert 'pacs_emr_deliveries{state="delivered"} 2.0' in metrics
     assert 'pacs_emr_studies{state="linked"} 1.0' in metrics

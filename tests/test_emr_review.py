@@ -981,7 +981,9 @@ def test_postgres_order_worklist_store_link_and_oru(pg_site, tmp_path, dcmtk_env
     oru = wait_for(lambda: site.hl7_in.about(accession), what="the ORU")[0]
     assert "Đinh" in oru and spec.study_uid in oru
     wait_for(lambda: site.fhir_in.about(spec.study_uid), what="the ImagingStudy")
-    assert {d["state"] for d in deliveries(site, spec.study_uid)} == {"delivered"}
+    # The receiver has the message before its answer reaches the outbox: wait for the state.
+    wait_for(lambda: {d["state"] for d in deliveries(site, spec.study_uid)} == {"delivered"},
+             what="both deliveries marked delivered")
     found = api(site, "GET", "/fhir/ImagingStudy",
                 params={"patient.identifier": f"|{patient}",
                         "_lastUpdated": "ge" + dt.date.today().isoformat()}).json()
