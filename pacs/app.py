@@ -4,6 +4,7 @@ cores, see ``pacs.dimse.workers``), the HTTP server and the EMR links."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from types import FrameType
 
@@ -27,7 +28,9 @@ def archive_for(settings: Settings) -> Archive:
     """The archive the settings describe (creates folders and migrates the index)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     return open_archive(settings.resolved_database_url, settings.resolved_storage_url,
-                        duplicate_policy=settings.duplicate_policy)
+                        duplicate_policy=settings.duplicate_policy,
+                        connections=settings.database_connection_shares()[0],
+                        name=f"pacs-{os.getpid()}")
 
 
 class _HttpServer(uvicorn.Server):

@@ -20,6 +20,8 @@ from typing import Any
 ENV_PREFIX = "PACS_"
 DUPLICATE_POLICIES = ("keep", "replace")
 NAME_MATCHING_MODES = ("auto", "fuzzy", "exact")
+# Fewest index connections a process of the server gets: several requests run at once in each.
+MIN_PROCESS_CONNECTIONS = 4
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE: 16 chars, no backslash
 
 
@@ -66,6 +68,11 @@ class Settings:
     # Empty means: SQLite file / blob folder inside data_dir.
     database_url: str = ""
     storage_url: str = ""
+    # Most connections one `pacs serve` opens to a PostgreSQL index, all its processes together
+    # (the main process gets half, the DICOM workers share the rest, each process at least
+    # MIN_PROCESS_CONNECTIONS): keep the sum over all nodes below the database server's
+    # max_connections (100 by default). SQLite ignores it.
+    database_connections: int = 40
     # C-MOVE destinations and Storage Commitment requesters we may call back.
     peers: tuple[Peer, ...] = ()
     # Calling AE titles allowed to associate; empty allows any.
@@ -163,6 +170,16 @@ class Settings:
         if self.dicom_workers:
             return self.dicom_workers
         return max(1, min(4, len(os.sched_getaffinity(0))))
+
+    def database_connection_shares(self) -> tuple[int, int]:
+        """(main process, each DICOM worker process): how ``database_connections`` is split.
+        Each process gets at least ``MIN_PROCESS_CONNECTIONS``."""
+        workers = self.resolved_dicom_workers
+        if workers <= 1:
+            return max(MIN_PROCESS_CONNECTIONS, self.database_connections), 0
+        per_worker = max(MIN_PROCESS_CONNECTIONS, self.database_connections // (2 * workers))
+        main = max(MIN_PROCESS_CONNECTIONS, self.database_connections - workers * per_worker)
+        return main, per_worker
 
     @property
     def resolved_storage_url(self) -> str:
@@ -283,6 +300,9 @@ def _validate(settings: Settings) -> None:
             f"person_name_matching {settings.person_name_matching!r} must be one of "
             f"{NAME_MATCHING_MODES}"
         )
+    if settings.database_connections < 2 * MIN_PROCESS_CONNECTIONS:
+        raise SettingsError(
+            f"database_connections must be at least {2 * MIN_PROCESS_CONNECTIONS}")
     if settings.max_associations < 1:
         raise SettingsError("max_associations must be at least 1")
     if not 0 <= settings.dicom_workers <= 64:

@@ -525,10 +525,11 @@ def _db_error(exc: sa.exc.SQLAlchemyError) -> str:
 
 
 def open_archive(database_url: str, storage_url: str, *, duplicate_policy: str = "keep",
-                 migrate: bool = True) -> Archive:
-    """An archive over the index at ``database_url`` and the blob store at ``storage_url``."""
+                 migrate: bool = True, connections: int = 16, name: str = "pacs") -> Archive:
+    """An archive over the index at ``database_url`` and the blob store at ``storage_url``
+    (``connections``, ``name``: the index's, see ``storage.index.create_engine``)."""
     from storage.blobs import open_blob_store
     from storage.index import open_index
 
-    return Archive(open_index(database_url, migrate=migrate), open_blob_store(storage_url),
-                   duplicate_policy=duplicate_policy)
+    index = open_index(database_url, migrate=migrate, connections=connections, name=name)
+    return Archive(index, open_blob_store(storage_url), duplicate_policy=duplicate_policy)

@@ -436,11 +436,13 @@ def retry_on_conflict(work: Callable[[], T]) -> T:
         return work()
 
 
-def create_engine(url: str) -> Engine:
+def create_engine(url: str, *, connections: int = 16, name: str = "pacs") -> Engine:
     """An engine with the settings this application relies on, for SQLite or PostgreSQL.
 
-    Errors never quote their SQL parameters (``hide_parameters``): those are patient names and
-    IDs, and database errors end up in logs."""
+    With PostgreSQL the engine opens at most ``connections`` (requests beyond wait for a free
+    one, up to a minute), reported to the server as ``application_name`` ``name``. Errors never
+    quote their SQL parameters (``hide_parameters``): those are patient names and IDs, and
+    database errors end up in logs."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[1] if "///" in url else ""
         if path and path != ":memory:":
@@ -451,8 +453,9 @@ def create_engine(url: str) -> Engine:
         )
         _configure_sqlite(engine)
         return engine
-    return sa.create_engine(url, pool_size=16, max_overflow=48, pool_pre_ping=True,
-                            pool_timeout=60, hide_parameters=True)
+    return sa.create_engine(url, pool_size=connections, max_overflow=0, pool_pre_ping=True,
+                            pool_timeout=60, hide_parameters=True,
+                            connect_args={"application_name": name[:63]})
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -494,9 +497,11 @@ def run_migrations(engine: Engine) -> None:
         command.upgrade(config, "head")
 
 
-def open_index(url: str, *, migrate: bool = True) -> Index:
-    """Connect to the index database at ``url`` and apply pending migrations."""
-    engine = create_engine(url)
+def open_index(url: str, *, migrate: bool = True, connections: int = 16,
+               name: str = "pacs") -> Index:
+    """Connect to the index database at ``url`` and apply pending migrations (``connections``
+    and ``name``: see ``create_engine``)."""
+    engine = create_engine(url, connections=connections, name=name)
     if migrate:
         run_migrations(engine)
     return Index(engine)

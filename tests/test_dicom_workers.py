@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import os
 import signal
+import subprocess
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +26,7 @@ from storage.archive import StoreOutcome
 from storage.index import patients, studies
 from storage.patients import Demographics, reassign_study
 from tests import dimse_client as client
+from tests.conftest import POSTGRES_ADMIN_URL
 from tests.factory import Spec, instance
 
 
@@ -190,3 +193,57 @@ def test_graceful_stop_ends_every_worker(start_server):
     assert not any(_alive(pid) for pid in workers)
     assert "did not stop in time" not in server.log()
     assert "ended unexpectedly" not in server.log()
+
+
+def test_postgres_connections_stay_within_the_configured_budget(start_server, fresh_postgres_url,
+                                                                dcmtk_env, tmp_path):
+    """Every process opens at most its share of ``database_connections`` (named, so a DBA can
+    tell them apart): parallel associations beyond it wait for a connection, none fails."""
+    server = start_server(PACS_DICOM_WORKERS="2", PACS_DATABASE_URL=fresh_postgres_url,
+                          PACS_DATABASE_CONNECTIONS="16")
+    folders = []
+    for n in range(12):
+        study = Spec(patient_id=f"BN-C{n}")
+        folder = tmp_path / f"study{n}"
+        folder.mkdir()
+        for i in range(10):
+            (folder / f"{i}.dcm").write_bytes(instance(Spec(
+                patient_id=study.patient_id, study_uid=study.study_uid,
+                series_uid=study.series_uid, instance_number=i + 1)))
+        folders.append(folder)
+    prefix = f"pacs-{server.proc.pid}"
+    admin = sa.create_engine(POSTGRES_ADMIN_URL.replace("postgresql://", "postgresql+psycopg://"))
+    seen: dict[str, int] = {}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            with admin.connect() as conn:
+                rows = conn.execute(sa.text(
+                    "SELECT application_name, count(*) FROM pg_stat_activity"
+                    " WHERE application_name LIKE :prefix GROUP BY application_name"),
+                    {"prefix": prefix + "%"})
+                for name, count in rows:
+                    seen[name] = max(seen.get(name, 0), count)
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        senders = [subprocess.Popen(
+            ["storescu", "-aec", "PACS", "127.0.0.1", str(server.dicom_port),
+             *map(str, sorted(folder.iterdir()))],
+            env=dcmtk_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            for folder in folders]
+        errors = [sender.communicate(timeout=120)[1] for sender in senders]
+    finally:
+        done.set()
+        watcher.join()
+        admin.dispose()
+    assert [sender.returncode for sender in senders] == [0] * 12, errors
+    found = httpx.get(server.http + "/dicomweb/studies?PatientID=BN-C*").json()
+    assert sorted(s["00201208"]["Value"][0] for s in found) == [10] * 12
+    # 16 = 8 for the main process + 4 for each of the two workers.
+    workers = {name: count for name, count in seen.items() if "-dicom-" in name}
+    assert len(workers) == 2 and max(workers.values()) <= 4, seen
+    assert seen.get(prefix, 0) <= 8, seen

@@ -50,6 +50,18 @@ def test_dicom_workers_default_to_the_cores_at_most_four():
     assert load_settings(environ={"PACS_DICOM_WORKERS": "6"}).resolved_dicom_workers == 6
 
 
+@pytest.mark.parametrize(("workers", "total", "shares"), [
+    ("1", "40", (40, 0)),  # one process: all of it
+    ("2", "40", (20, 10)),
+    ("4", "40", (20, 5)),
+    ("4", "16", (4, 4)),  # each process gets at least four, even past the total
+])
+def test_database_connections_are_split_between_the_processes(workers, total, shares):
+    settings = load_settings(environ={"PACS_DICOM_WORKERS": workers,
+                                      "PACS_DATABASE_CONNECTIONS": total})
+    assert settings.database_connection_shares() == shares
+
+
 @pytest.mark.parametrize(("env", "message"), [
     ({"PACS_DICOM_PORT": "abc"}, "dicom_port"),
     ({"PACS_AE_TITLE": "A_TITLE_THAT_IS_TOO_LONG"}, "ae_title"),
@@ -57,6 +69,7 @@ def test_dicom_workers_default_to_the_cores_at_most_four():
     ({"PACS_DUPLICATE_POLICY": "ignore"}, "duplicate_policy"),
     ({"PACS_RECONCILE_ON_START": "maybe"}, "boolean"),
     ({"PACS_DICOM_WORKERS": "-1"}, "dicom_workers"),
+    ({"PACS_DATABASE_CONNECTIONS": "3"}, "database_connections"),
 ])
 def test_invalid_settings_are_refused_with_the_name(env, message):
     with pytest.raises(SettingsError, match=message):

@@ -260,7 +260,9 @@ def _worker_main(number: int, settings: Settings, listener: socket.socket, conn:
             conn.send(message)
 
     archive = open_archive(settings.resolved_database_url, settings.resolved_storage_url,
-                           duplicate_policy=settings.duplicate_policy, migrate=False)
+                           duplicate_policy=settings.duplicate_policy, migrate=False,
+                           connections=settings.database_connection_shares()[1],
+                           name=f"pacs-{parent_pid}-dicom-{number}")
     archive.subscribe(lambda result: send("stored", result))
     worklist = WorklistHandlers(
         OrderStore(archive.index), PerformedSteps(archive.index),
