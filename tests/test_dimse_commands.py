@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import subprocess
 import time
+from types import SimpleNamespace
 
 import httpx
 import pydicom
@@ -13,6 +14,7 @@ import pytest
 from pynetdicom import build_context
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 
 from pacs.dimse import commands
@@ -124,6 +126,62 @@ def test_other_or_broken_commands_are_left_to_pynetdicom():
         commands.us_element(0x00000110, 1), commands.us_element(0x00000700, 0),
         commands.us_element(0x00000800, commands.DATA_SET_PRESENT))
     assert _read_request(no_uid) is None
+
+
+class _Recorder:
+    """Stands in for the DIMSE provider of an association: keeps what would go to the DUL."""
+
+    def __init__(self, pdu_handlers: list) -> None:
+        self.sent: list[P_DATA] = []
+        self.assoc = SimpleNamespace(get_handlers=lambda event: pdu_handlers)
+        self.dul = SimpleNamespace(send_pdu=self.sent.append)
+
+
+@pytest.mark.parametrize("data_size", [1, 4089, 4090, 10_000])
+def test_message_sent_as_one_write_has_the_bytes_pynetdicom_sends(data_size):
+    """A whole C-STORE request handed to the DUL as one write: the same P-DATA-TF PDUs, byte
+    for byte, as pynetdicom's own encoder cuts for a peer that takes 4 KB PDUs."""
+    primitive = C_STORE()
+    primitive.MessageID = 3
+    primitive.AffectedSOPClassUID = CT
+    primitive.AffectedSOPInstanceUID = "1.2.3.4"
+    primitive.Priority = 0
+    data_set = bytes(range(256)) * (data_size // 256) + bytes(data_size % 256)
+    primitive.DataSet = io.BytesIO(data_set)
+    message = C_STORE_RQ()
+    message.primitive_to_message(primitive)
+    expected = b"".join(P_DATA_TF(p).encode() for p in message.encode_msg(5, 4096))
+
+    command = commands.store_request(sop_class_uid=CT, message_id=3, priority=0,
+                                     sop_instance_uid="1.2.3.4")
+    whole, per_pdu = _Recorder([]), _Recorder(["a PDU handler"])
+    for recorder in (whole, per_pdu):
+        commands._queue(recorder, 5, command, data_set, 4096 - commands.PDV_OVERHEAD)
+    assert len(whole.sent) == 1 and whole.sent[0].encoded == expected
+    # With a handler bound to each PDU sent, one P-DATA per PDU, as pynetdicom does.
+    assert b"".join(P_DATA_TF(p).encode() for p in per_pdu.sent) == expected
+
+
+def test_retrieved_instance_in_many_small_pdus_arrives_unchanged(start_server, tmp_path,
+                                                                 dcmtk_env):
+    """getscu taking 4 KB PDUs: the stored slice is sent as ~9 PDUs in one write and arrives
+    as it was stored."""
+    server = start_server(PACS_DICOM_WORKERS="1")
+    spec = Spec(rows=128, columns=128)
+    stored = tmp_path / "slice.dcm"
+    stored.write_bytes(instance(spec))
+    assert client.store_files(server.dicom_port, [stored])[stored].Status == 0x0000
+    out = tmp_path / "out"
+    out.mkdir()
+    done = subprocess.run(
+        ["getscu", "--max-pdu", "4096", "-aec", "PACS", "-S", "-od", str(out),
+         "-k", "QueryRetrieveLevel=IMAGE", "-k", f"StudyInstanceUID={spec.study_uid}",
+         "-k", f"SeriesInstanceUID={spec.series_uid}", "-k", f"SOPInstanceUID={spec.sop_uid}",
+         "127.0.0.1", str(server.dicom_port)],
+        env=dcmtk_env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    (received,) = out.iterdir()
+    assert pydicom.dcmread(received) == pydicom.dcmread(stored)
 
 
 def test_data_sets_in_many_small_fragments_are_stored_unchanged(start_server, tmp_path,

@@ -10,7 +10,10 @@ Little Endian elements of three VRs, so this module writes them with ``struct``.
 identifier (retrieve) — when nothing unusual is in them (no Offending Element, no handler bound
 to ``EVT_DIMSE_SENT``, a command that fits one PDU). Anything else still goes through
 pynetdicom. ``pacs.dimse.fastfind`` uses the same encoders for
-pending C-FIND responses.
+pending C-FIND responses. Such a message reaches the DUL as its P-DATA-TF PDUs already encoded
+(``EncodedPData``), written to the socket at once: pynetdicom's DUL would build, encode and
+send each PDU in turn, and a CT slice for a peer taking 16 KB PDUs is 32 of them (C-GET and
+C-MOVE of a 300-slice CT: 0.65–0.73 s before, 0.47–0.54 s after).
 
 The mirror for the message received most, the C-STORE request: its command set is read with
 ``struct`` and its data set fragments gathered as they come (``_receive_primitive``), instead of
@@ -21,13 +24,16 @@ pynetdicom as before.
 
 from __future__ import annotations
 
+import functools
 import struct
 from io import BytesIO
 
 from pydicom.uid import UID
-from pynetdicom import _config, evt
+from pynetdicom import _config, evt, fsm
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 
 from pacs.dimse.compat import pynetdicom_supported
@@ -42,6 +48,7 @@ DATA_SET_PRESENT = 0x0001
 _US = struct.Struct("<H")
 _UL = struct.Struct("<I")
 _ELEMENT_HEADER = struct.Struct("<HHI")
+_PDATA_HEADER = struct.Struct(">BBIIB")
 # Per PDV item: length (4) + context ID (1) + message control header (1).
 PDV_OVERHEAD = 6
 
@@ -129,6 +136,10 @@ def install() -> bool:
         return False
     DIMSEServiceProvider.send_msg = _send_msg
     DIMSEServiceProvider.receive_primitive = _receive_primitive
+    for action in ("DT-1", "AR-7"):
+        description, _, next_state = fsm.ACTIONS[action]
+        fsm.ACTIONS[action] = (description, functools.partial(_send_p_data,
+                                                              next_state=next_state), next_state)
     _installed = True
     return True
 
@@ -183,22 +194,50 @@ def _encode_simple(primitive) -> tuple[bytes, bytes | None] | None:
     return None
 
 
+class EncodedPData(P_DATA):
+    """The P-DATA-TF PDUs of one whole DIMSE message, already encoded: the DUL writes them to
+    the socket at once (``_send_p_data``) instead of building, encoding and sending each PDU
+    (a 512 KB CT slice is 32 PDUs for a peer that takes 16 KB)."""
+
+    def __init__(self, encoded: bytes) -> None:
+        super().__init__()
+        self.encoded = encoded
+
+
 def _queue(dimse: DIMSEServiceProvider, context_id: int, command: bytes,
            data_set: bytes | None, room: int) -> None:
     """Hand the message to the DUL as P-DATA PDUs of one PDV each, as pynetdicom does."""
-    for control, payload in ((0x01, command), (0x00, data_set)):
-        if payload is None:
-            continue
-        size = room or len(payload) or 1
-        view = memoryview(payload)
-        starts = range(0, max(len(payload), 1), size)
-        for start in starts:
-            last = start + size >= len(payload)
+    fragments = [
+        (bytes([control | (0x02 if start + size >= len(payload) else 0x00)]),
+         view[start:start + size])
+        for control, payload in ((0x01, command), (0x00, data_set)) if payload is not None
+        for size, view in [(room or len(payload) or 1, memoryview(payload))]
+        for start in range(0, max(len(payload), 1), size)
+    ]
+    if dimse.assoc.get_handlers(evt.EVT_PDU_SENT):  # someone looks at each PDU: pynetdicom's
+        for header, fragment in fragments:
             pdata = P_DATA()
-            pdata.presentation_data_value_list = [
-                [context_id, bytes([control | (0x02 if last else 0x00)])
-                 + view[start:start + size].tobytes()]]
+            pdata.presentation_data_value_list = [[context_id, header + fragment.tobytes()]]
             dimse.dul.send_pdu(pdata)
+        return
+    encoded = bytearray()
+    for header, fragment in fragments:
+        # P-DATA-TF: type 04, reserved, length; one PDV item: length, context ID, control.
+        encoded += _PDATA_HEADER.pack(0x04, 0, len(fragment) + PDV_OVERHEAD,
+                                      len(fragment) + 2, context_id)
+        encoded += header
+        encoded += fragment
+    dimse.dul.send_pdu(EncodedPData(bytes(encoded)))
+
+
+def _send_p_data(dul: DULServiceProvider, next_state: str) -> str:
+    """pynetdicom's DT-1 / AR-7 (send a P-DATA request), writing an ``EncodedPData`` as is."""
+    primitive = dul.to_provider_queue.get(False)
+    if not isinstance(primitive, EncodedPData):
+        dul._send(P_DATA_TF(primitive))
+    elif dul.socket is not None:
+        dul.socket.send(primitive.encoded)
+    return next_state
 
 
 # ---------------------------------------------------------------------- receiving
