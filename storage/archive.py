@@ -9,6 +9,7 @@ verifies every row against its blob.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime as dt
 import enum
@@ -16,7 +17,7 @@ import hashlib
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -33,6 +34,7 @@ from storage.upkeep import CheckReport, ReconcileReport
 log = logging.getLogger(__name__)
 
 DUPLICATE_POLICIES = ("keep", "replace")
+READ_AHEAD_BYTES = 64 * 1024 * 1024  # most a retrieve holds read ahead of what it sends
 
 
 class StoreOutcome(enum.Enum):
@@ -183,6 +185,7 @@ class Archive:
         # Blob writes (hash, write, fsync) run here while the calling thread prepares the
         # index rows: the fsync waits then overlap with Python work.
         self._io = ThreadPoolExecutor(max_workers=16, thread_name_prefix="blob-write")
+        self._reads = ThreadPoolExecutor(max_workers=8, thread_name_prefix="blob-read")
 
     # ------------------------------------------------------------------ ingest
 
@@ -433,6 +436,32 @@ class Archive:
             raise StorageUnavailable(
                 f"the blob of {location.sop_instance_uid} is missing; run `pacs check`") from None
 
+    def read_ahead(self, locations: Iterable[InstanceLocation], *, count: int = 4,
+                   max_bytes: int = READ_AHEAD_BYTES
+                   ) -> Iterator[tuple[InstanceLocation, Future[bytes]]]:
+        """Each location with the read of its blob (``Future.result()`` gives ``read``'s bytes
+        or raises its error), reading up to ``count`` instances and ``max_bytes`` ahead (at
+        least one): a retrieve sends one instance while the next are read, which with S3 are
+        requests of their own. Reads not yet needed are cancelled when the caller stops."""
+        pending: collections.deque[tuple[InstanceLocation, Future[bytes]]] = collections.deque()
+        remaining = iter(locations)
+        ahead = 0
+        try:
+            while True:
+                for location in remaining:
+                    pending.append((location, self._reads.submit(self.read, location)))
+                    ahead += location.size or 0
+                    if len(pending) >= count or ahead >= max_bytes:
+                        break
+                if not pending:
+                    return
+                location, data = pending.popleft()
+                ahead -= location.size or 0
+                yield location, data
+        finally:
+            for _, data in pending:
+                data.cancel()
+
     # ------------------------------------------------------------------ deletion
 
     def delete(self, level: Level, uid: str) -> int:
@@ -504,6 +533,7 @@ class Archive:
 
     def close(self) -> None:
         self._io.shutdown(wait=True)
+        self._reads.shutdown(wait=True, cancel_futures=True)
         self.index.dispose()
 
 

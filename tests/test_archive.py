@@ -32,6 +32,39 @@ def test_stored_instance_reads_back_byte_for_byte(archive):
     assert location.size == len(data)
 
 
+def test_read_ahead_gives_each_instance_in_order_within_its_bound(archive):
+    """What C-GET and C-MOVE send from: every instance in order, a missing blob an error of its
+    own instance only, never more read ahead than asked, nothing more read once stopped."""
+    datas = [instance(Spec(instance_number=n + 1)) for n in range(6)]
+    locations = [archive.location(archive.store(data).sop_instance_uid) for data in datas]
+    archive.blobs.delete(locations[2].blob_key)
+    started = []
+    read = archive.read
+    archive.read = lambda location: started.append(location) or read(location)
+
+    got = []
+    for location, data in archive.read_ahead(locations, count=3):
+        if not got:
+            assert len(started) <= 3  # the first one and at most two ahead
+        try:
+            got.append((location, data.result()))
+        except StorageUnavailable as exc:
+            assert locations[2].sop_instance_uid in str(exc)
+            got.append((location, None))
+    assert got == [(loc, None if n == 2 else datas[n]) for n, loc in enumerate(locations)]
+
+    started.clear()
+    for _, data in archive.read_ahead(locations, max_bytes=1):
+        assert data.result() == datas[0]  # a budget smaller than one instance still reads one
+        assert started == locations[:1]
+        break
+    reads = archive.read_ahead(locations, count=2)
+    next(reads)
+    reads.close()  # the caller stopped (a cancelled C-GET): what was not started is dropped
+    archive._reads.submit(lambda: None).result()  # the reads already running have finished
+    assert len(started) <= 1 + 2
+
+
 def test_duplicate_is_kept_once_and_reported(archive):
     spec = Spec()
     first = instance(spec)

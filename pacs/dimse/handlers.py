@@ -243,21 +243,21 @@ class DimseHandlers:
             yield failure, None
             return
         yield len(locations)
-        for location in locations:
+        for location, read in self.archive.read_ahead(locations):
             if event.is_cancelled:
                 yield status.CANCEL, None
                 return
             try:
-                dataset = self._dataset_for(location, association())
+                dataset = self._dataset_for(location, read.result(), association())
             except ArchiveError as exc:
                 log.error("retrieve of %s failed: %s", location.sop_instance_uid, exc)
                 yield status.PENDING, _failed_placeholder(location)
                 continue
             yield status.PENDING, dataset
 
-    def _dataset_for(self, location: InstanceLocation, assoc) -> Dataset:
-        """The stored instance as a data set the peer accepted a context for."""
-        data = self.archive.read(location)
+    @staticmethod
+    def _dataset_for(location: InstanceLocation, data: bytes, assoc) -> Dataset:
+        """The stored instance (``data``) as a data set the peer accepted a context for."""
         stored = UID(location.transfer_syntax_uid)
         if assoc is None or stored in _UNCOMPRESSED or _accepted(assoc, location.sop_class_uid,
                                                                    stored):
