@@ -124,6 +124,15 @@ def test_dicom_zip_has_dicomdir_listing_every_instance_with_vietnamese_name(
     patients = [r for r in dicomdir.DirectoryRecordSequence if r.DirectoryRecordType == "PATIENT"]
     assert [str(p.PatientName) for p in patients] == [PATIENT]
     assert patients[0].SpecificCharacterSet == "ISO_IR 192"
+    # One record per patient, study and series, each image under its own series (the export
+    # files later images of a series under the record the first one made).
+    kinds = [r.DirectoryRecordType for r in dicomdir.DirectoryRecordSequence]
+    assert (kinds.count("STUDY"), kinds.count("SERIES")) == (1, 2)
+    series_of = {node.key: [child.instance.SOPInstanceUID for child in node.children]
+                 for node in file_set._tree if node.record_type == "SERIES"}
+    assert sorted(map(sorted, series_of.values())) == sorted(
+        sorted(spec.sop_uid for spec in specs if spec.series_uid == series_uid)
+        for series_uid in {spec.series_uid for spec in specs})
 
 
 def test_dicom_zip_holds_the_stored_files_byte_for_byte_in_display_order(
