@@ -12,8 +12,8 @@ import httpx
 import pydicom
 import pytest
 from pynetdicom import build_context
-from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, C_STORE_RSP
-from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+from pynetdicom.dimse_messages import C_ECHO_RQ, C_ECHO_RSP, C_FIND_RSP, C_STORE_RQ, C_STORE_RSP
+from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_STORE
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 
@@ -128,13 +128,37 @@ def test_other_or_broken_commands_are_left_to_pynetdicom():
     assert _read_request(no_uid) is None
 
 
+@pytest.mark.parametrize(("primitive_class", "message_class"),
+                         [(C_FIND, C_FIND_RSP), (C_ECHO, C_ECHO_RSP)])
+@pytest.mark.parametrize("status", [0x0000, 0xFE00, 0xA700])
+def test_status_only_response_is_what_pynetdicom_writes(primitive_class, message_class, status):
+    primitive = primitive_class()
+    primitive.MessageIDBeingRespondedTo = 11
+    primitive.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.2.2.1"
+    primitive.Status = status
+    command, data_set = commands._encode_simple(primitive)
+    assert data_set is None
+    assert b"\x03" + command == _pynetdicom_command(primitive, message_class)
+
+
+def test_status_response_with_more_than_a_status_is_left_to_pynetdicom():
+    final = C_FIND()
+    final.MessageIDBeingRespondedTo, final.Status = 1, 0xA900
+    final.ErrorComment = "Identifier does not match"
+    assert commands._encode_simple(final) is None
+    pending = C_FIND()
+    pending.MessageIDBeingRespondedTo, pending.Status = 1, 0xFF00
+    pending.Identifier = io.BytesIO(b"\x08\x00\x52\x00\x06\x00STUDY ")
+    assert commands._encode_simple(pending) is None
+
+
 class _Recorder:
     """Stands in for the DIMSE provider of an association: keeps what would go to the DUL."""
 
     def __init__(self, pdu_handlers: list) -> None:
         self.sent: list[P_DATA] = []
-        self.assoc = SimpleNamespace(get_handlers=lambda event: pdu_handlers)
-        self.dul = SimpleNamespace(send_pdu=self.sent.append)
+        self.assoc = SimpleNamespace(get_handlers=lambda event: pdu_handlers,
+                                     dul=SimpleNamespace(send_pdu=self.sent.append))
 
 
 @pytest.mark.parametrize("data_size", [1, 4089, 4090, 10_000])

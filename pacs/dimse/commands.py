@@ -6,14 +6,16 @@ all the work the server does for a small instance. A command set is a handful of
 Little Endian elements of three VRs, so this module writes them with ``struct``.
 
 ``install()`` makes pynetdicom send this way the messages a PACS sends most: C-STORE responses
-(ingest), and C-STORE requests with their data set plus C-GET/C-MOVE responses without an
-identifier (retrieve) — when nothing unusual is in them (no Offending Element, no handler bound
-to ``EVT_DIMSE_SENT``, a command that fits one PDU). Anything else still goes through
-pynetdicom. ``pacs.dimse.fastfind`` uses the same encoders for
-pending C-FIND responses. Such a message reaches the DUL as its P-DATA-TF PDUs already encoded
-(``EncodedPData``), written to the socket at once: pynetdicom's DUL would build, encode and
-send each PDU in turn, and a CT slice for a peer taking 16 KB PDUs is 32 of them (C-GET and
-C-MOVE of a 300-slice CT: 0.65–0.73 s before, 0.47–0.54 s after).
+(ingest), C-STORE requests with their data set plus C-GET/C-MOVE responses without an
+identifier (retrieve), and the responses that are only a status (C-ECHO, the final C-FIND) —
+when nothing unusual is in them (no Offending Element, no handler bound to ``EVT_DIMSE_SENT``,
+a command that fits one PDU). Anything else still goes through pynetdicom.
+``pacs.dimse.fastfind`` uses the same encoders for pending C-FIND responses.
+
+Such a message reaches the DUL as its P-DATA-TF PDUs already encoded (``EncodedPData``,
+``send_pdvs``), written to the socket at once: pynetdicom's DUL would build, encode and send
+each PDU in turn, and a CT slice for a peer taking 16 KB PDUs is 32 of them (C-GET and C-MOVE
+of a 300-slice CT: 0.65–0.73 s before, 0.47–0.54 s after).
 
 The mirror for the message received most, the C-STORE request: its command set is read with
 ``struct`` and its data set fragments gathered as they come (``_receive_primitive``), instead of
@@ -31,7 +33,7 @@ from io import BytesIO
 from pydicom.uid import UID
 from pynetdicom import _config, evt, fsm
 from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
+from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
@@ -41,6 +43,8 @@ from pacs.dimse.compat import pynetdicom_supported
 C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
 C_GET_RSP = 0x8010
+C_FIND_RSP = 0x8020
+C_ECHO_RSP = 0x8030
 C_MOVE_RSP = 0x8021
 NO_DATA_SET = 0x0101
 DATA_SET_PRESENT = 0x0001
@@ -127,6 +131,16 @@ def retrieve_response(*, command_field: int, sop_class_uid: str | None, message_
     return command_set(*parts)
 
 
+def status_response(*, command_field: int, sop_class_uid: str | None, message_id: int,
+                    status: int) -> bytes:
+    """The encoded command set of a response that is only a status (C-ECHO-RSP, the final
+    C-FIND-RSP)."""
+    parts = [uid_element(0x00000002, sop_class_uid)] if sop_class_uid else []
+    parts += [us_element(0x00000100, command_field), us_element(0x00000120, message_id),
+              us_element(0x00000800, NO_DATA_SET), us_element(0x00000900, status)]
+    return command_set(*parts)
+
+
 def install() -> bool:
     """Send plain C-STORE responses with ``store_response`` (once). Whether it is active."""
     global _installed
@@ -179,6 +193,15 @@ def _encode_simple(primitive) -> tuple[bytes, bytes | None] | None:
             move_originator_ae=primitive.MoveOriginatorApplicationEntityTitle,
             move_originator_id=primitive.MoveOriginatorMessageID), \
             primitive.DataSet.getvalue()
+    if kind in (C_FIND, C_ECHO) and responding is not None:
+        if (primitive.Status is None or getattr(primitive, "Identifier", None) is not None
+                or getattr(primitive, "OffendingElement", None) is not None
+                or primitive.ErrorComment):
+            return None
+        return status_response(
+            command_field=C_FIND_RSP if kind is C_FIND else C_ECHO_RSP,
+            sop_class_uid=primitive.AffectedSOPClassUID, message_id=responding,
+            status=primitive.Status), None
     if kind in (C_GET, C_MOVE) and responding is not None:
         if (primitive.Status is None or primitive.Identifier is not None
                 or primitive.OffendingElement is not None or primitive.ErrorComment):
@@ -206,28 +229,34 @@ class EncodedPData(P_DATA):
 
 def _queue(dimse: DIMSEServiceProvider, context_id: int, command: bytes,
            data_set: bytes | None, room: int) -> None:
-    """Hand the message to the DUL as P-DATA PDUs of one PDV each, as pynetdicom does."""
-    fragments = [
+    """Hand the message to the DUL as P-DATA PDUs of one PDV each, as pynetdicom cuts them."""
+    send_pdvs(dimse.assoc, context_id, [
         (bytes([control | (0x02 if start + size >= len(payload) else 0x00)]),
          view[start:start + size])
         for control, payload in ((0x01, command), (0x00, data_set)) if payload is not None
         for size, view in [(room or len(payload) or 1, memoryview(payload))]
         for start in range(0, max(len(payload), 1), size)
-    ]
-    if dimse.assoc.get_handlers(evt.EVT_PDU_SENT):  # someone looks at each PDU: pynetdicom's
-        for header, fragment in fragments:
+    ])
+
+
+def send_pdvs(assoc, context_id: int, pdvs: list[tuple[bytes, bytes | memoryview]]) -> None:
+    """Send PDVs (message control header, fragment), in order, as P-DATA-TF PDUs of one PDV
+    each: handed to the DUL as one ``EncodedPData``, or as one P-DATA each when a handler is
+    bound to ``EVT_PDU_SENT`` (it expects every PDU)."""
+    if assoc.get_handlers(evt.EVT_PDU_SENT):
+        for header, fragment in pdvs:
             pdata = P_DATA()
-            pdata.presentation_data_value_list = [[context_id, header + fragment.tobytes()]]
-            dimse.dul.send_pdu(pdata)
+            pdata.presentation_data_value_list = [[context_id, header + bytes(fragment)]]
+            assoc.dul.send_pdu(pdata)
         return
     encoded = bytearray()
-    for header, fragment in fragments:
+    for header, fragment in pdvs:
         # P-DATA-TF: type 04, reserved, length; one PDV item: length, context ID, control.
         encoded += _PDATA_HEADER.pack(0x04, 0, len(fragment) + PDV_OVERHEAD,
                                       len(fragment) + 2, context_id)
         encoded += header
         encoded += fragment
-    dimse.dul.send_pdu(EncodedPData(bytes(encoded)))
+    assoc.dul.send_pdu(EncodedPData(bytes(encoded)))
 
 
 def _send_p_data(dul: DULServiceProvider, next_state: str) -> str:

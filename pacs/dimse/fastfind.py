@@ -4,10 +4,11 @@ pynetdicom turns every match into a DIMSE message by building and encoding a com
 identifier with pydicom, then hands it to its network thread one at a time: about 0.5 ms per
 match here, so 759 matches for ``Nguyễn*`` took 0.4 s. The pending C-FIND-RSP command set is the
 same for every match of a request, so this module encodes it once, encodes each identifier
-directly (the handful of simple VRs a C-FIND answer uses), and queues the PDUs of many
-matches for the network thread at once. Each PDU carries one PDV, as pynetdicom and DCMTK send
-them: PS3.8 allows several per PDU, but DCMTK 3.6.7's findscu crashes on C-FIND responses
-packed that way. The final response still goes through pynetdicom. Anything unusual (a
+directly (the handful of simple VRs a C-FIND answer uses), and hands the PDUs of many
+matches to the network thread at once, to be written together. Each PDU carries one PDV, as
+pynetdicom and DCMTK send them: PS3.8 allows several per PDU, but DCMTK 3.6.7's findscu
+crashes on C-FIND responses packed that way. The final response is encoded by
+``pacs.dimse.commands`` like the other status-only responses. Anything unusual (a
 binary value, Big Endian) makes ``encode_identifier`` return None and the caller uses
 pynetdicom for that match.
 """
@@ -20,19 +21,19 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from pynetdicom.pdu_primitives import P_DATA
 
 from pacs.dimse.commands import (
+    C_FIND_RSP,
     DATA_SET_PRESENT,
     PDV_OVERHEAD,
     command_set,
     element,
+    send_pdvs,
     uid_element,
     us_element,
 )
 
 PENDING = 0xFF00
-C_FIND_RSP = 0x8020
 _TEXT_PAD = {"UI": b"\0"}
 _SHORT_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH",
                              "ST", "TM", "UI"})
@@ -128,33 +129,30 @@ class PendingSender:
         peer_max = assoc.requestor.maximum_length or 0  # 0: the peer set no limit
         self.limit = peer_max or 1 << 20
         self.batch = batch
-        self._pdus: list[P_DATA] = []
+        self._pdvs: list[tuple[bytes, bytes]] = []
 
     def add(self, identifier: bytes) -> None:
         """Queue one pending response (its command, then its identifier)."""
         for control, payload in ((b"\x03", self.command), (b"\x02", identifier)):
-            for fragment in self._fragments(control, payload):
-                primitive = P_DATA()
-                primitive.presentation_data_value_list = [[self.context_id, fragment]]
-                self._pdus.append(primitive)
-        if len(self._pdus) >= 2 * self.batch:
+            self._pdvs += self._fragments(control, payload)
+        if len(self._pdvs) >= 2 * self.batch:
             self.flush()
 
-    def _fragments(self, control: bytes, payload: bytes) -> list[bytes]:
-        """``payload`` split into PDV values that fit a PDU, the last one flagged as last."""
+    def _fragments(self, control: bytes, payload: bytes) -> list[tuple[bytes, bytes]]:
+        """``payload`` split into PDVs that fit a PDU, the last one flagged as last."""
         room = max(self.limit - PDV_OVERHEAD, 64)
         if len(payload) <= room:
-            return [control + payload]
+            return [(control, payload)]
         not_last = bytes([control[0] & 0x01])
         chunks = [payload[i:i + room] for i in range(0, len(payload), room)]
-        return [(control if i == len(chunks) - 1 else not_last) + chunk
+        return [(control if i == len(chunks) - 1 else not_last, chunk)
                 for i, chunk in enumerate(chunks)]
 
     def flush(self) -> None:
-        """Hand the queued PDUs to the network thread (which sends them in order)."""
-        for primitive in self._pdus:
-            self.assoc.dul.send_pdu(primitive)
-        self._pdus = []
+        """Hand the queued PDUs to the network thread, to be written at once."""
+        if self._pdvs:
+            send_pdvs(self.assoc, self.context_id, self._pdvs)
+        self._pdvs = []
 
 
 # One match: its (tag, VR, value) elements, whether its text is UTF-8, and how to make it a
