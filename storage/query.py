@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
 import re
 from collections.abc import Iterable
@@ -87,12 +88,7 @@ def find(index: Index, query: Query) -> list[dict[str, Any]]:
 
 def _statement(query: Query) -> sa.Select:
     tables = _LEVEL_TABLES[query.level]
-    joined: sa.FromClause = tables[0]
-    for child, parent in zip(tables, tables[1:], strict=False):
-        key = {series: "study_pk", studies: "patient_pk", instances: "series_pk"}[child]
-        joined = joined.join(parent, child.c[key] == parent.c.pk)
-    columns = [_labelled(table, query.level, with_header=query.with_header) for table in tables]
-    statement = sa.select(*[c for group in columns for c in group]).select_from(joined)
+    statement = _select_level(query.level, query.with_header)
     conditions = [
         condition
         for keyword, value in query.keys.items()
@@ -108,6 +104,19 @@ def _statement(query: Query) -> sa.Select:
     return statement
 
 
+@functools.cache
+def _select_level(level: Level, with_header: bool) -> sa.Select:
+    """The columns and joins of a query at ``level`` (built once: a statement is immutable, and
+    building it took a third of a one-match C-FIND's time in the server)."""
+    tables = _LEVEL_TABLES[level]
+    joined: sa.FromClause = tables[0]
+    for child, parent in zip(tables, tables[1:], strict=False):
+        key = {series: "study_pk", studies: "patient_pk", instances: "series_pk"}[child]
+        joined = joined.join(parent, child.c[key] == parent.c.pk)
+    columns = [_labelled(table, level, with_header=with_header) for table in tables]
+    return sa.select(*[c for group in columns for c in group]).select_from(joined)
+
+
 def _labelled(table: sa.Table, level: Level, *, with_header: bool) -> list[sa.ColumnElement]:
     """The columns of ``table`` a result row needs, labelled ``table.column``."""
     skip = {"created_at"} | ({"frames"} if level is not Level.INSTANCE else set())
@@ -116,16 +125,23 @@ def _labelled(table: sa.Table, level: Level, *, with_header: bool) -> list[sa.Co
     return [c.label(f"{table.name}.{c.name}") for c in table.columns if c.name not in skip]
 
 
-def _row(level: Level, mapping: Any) -> dict[str, Any]:
-    """keyword -> value for each indexed attribute present in a result row."""
-    row: dict[str, Any] = {}
+@functools.cache
+def _row_names(level: Level) -> tuple[tuple[str, str], ...]:
+    """(name in a result row, label of its column) of every indexed attribute at ``level``."""
+    names = []
     for table in _LEVEL_TABLES[level]:
         table_level = next(lv for lv, t in TABLES.items() if t is table)
         for attribute in level_attributes(table_level):
             name = f"{attribute.sequence}.{attribute.keyword}" if attribute.sequence \
                 else attribute.keyword
-            row[name] = mapping[f"{table.name}.{attribute.column}"]
-        row[f"_{table.name}_pk"] = mapping[f"{table.name}.pk"]
+            names.append((name, f"{table.name}.{attribute.column}"))
+        names.append((f"_{table.name}_pk", f"{table.name}.pk"))
+    return tuple(names)
+
+
+def _row(level: Level, mapping: Any) -> dict[str, Any]:
+    """keyword -> value for each indexed attribute present in a result row."""
+    row: dict[str, Any] = {name: mapping[label] for name, label in _row_names(level)}
     if level is Level.INSTANCE:
         for name in ("blob_key", "transfer_syntax_uid", "size", "frames", "sha256"):
             row[f"_{name}"] = mapping[f"instances.{name}"]
