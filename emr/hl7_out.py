@@ -11,7 +11,7 @@ import datetime as dt
 import re
 import secrets
 
-from emr.hl7v2 import DEFAULT_VERSION, ERROR_CODES, UTF8, Header
+from emr.hl7_segments import DEFAULT_VERSION, ERROR_CODES, UTF8, Header
 from emr.model import PatientInfo, StudyResult
 
 __all__ = ["ack", "oru_message"]

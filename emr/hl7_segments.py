@@ -1,0 +1,365 @@
+"""HL7 v2 text, from bytes to unescaped segments: character sets (MSH-18), the checks of MSH-1
+and MSH-2, splitting with ``python-hl7``, unescaping, the header, and the ACKs we receive.
+
+Unescaping is done here, because python-hl7 logs field contents (patient data) when an escape
+sequence is malformed. What inbound messages mean is ``emr.hl7v2``; what we send,
+``emr.hl7_out``.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+from dataclasses import dataclass
+
+import hl7
+
+DEFAULT_VERSION = "2.5.1"
+UTF8 = "UNICODE UTF-8"
+
+# HL7 table 0357 (message error condition codes), used in ERR-3.
+ERROR_CODES = {
+    "100": "Segment sequence error",
+    "101": "Required field missing",
+    "102": "Data type error",
+    "103": "Table value not found",
+    "200": "Unsupported message type",
+    "201": "Unsupported event code",
+    "207": "Application internal error",
+}
+
+
+class Hl7Error(ValueError):
+    """A message we will not accept; ``ack_code`` says how to answer: AE (error) or AR (reject).
+
+    ``error_location`` is ``SEG-n`` (e.g. ``MSH-9``) and goes to ERR-2; ``error_code`` is from
+    HL7 table 0357 and goes to ERR-3. ``header`` is what could be read of the MSH, so that the
+    ACK can carry the original control ID even when parsing failed."""
+
+    def __init__(
+        self,
+        ack_code: str,
+        reason: str,
+        error_location: str = "",
+        *,
+        error_code: str = "",
+        header: Header | None = None,
+    ) -> None:
+        super().__init__(reason)
+        self.ack_code = ack_code
+        self.reason = reason
+        self.error_location = error_location
+        self.error_code = error_code or "207"
+        self.header = header
+
+
+@dataclass(frozen=True)
+class Header:
+    """The MSH of a received message. HD fields keep their components joined by ``^``."""
+
+    control_id: str = ""  # MSH-10
+    message_type: str = ""  # MSH-9.1, e.g. ORM
+    trigger: str = ""  # MSH-9.2, e.g. O01
+    structure: str = ""  # MSH-9.3, e.g. ORM_O01
+    sending_application: str = ""  # MSH-3
+    sending_facility: str = ""  # MSH-4
+    receiving_application: str = ""  # MSH-5
+    receiving_facility: str = ""  # MSH-6
+    version: str = ""  # MSH-12
+    charset: str = ""  # MSH-18
+    processing_id: str = ""  # MSH-11: P, D or T
+
+
+# ------------------------------------------------------------------ bytes to text
+
+# HL7 table 0211, plus labels found in the field. UTF-16/32 are absent on purpose: they are
+# not ASCII-compatible, so neither MLLP framing nor this MSH-18 sniffing can work with them.
+_CHARSETS = {
+    "ASCII": "ascii",
+    "UNICODE UTF-8": "utf-8",
+    **{f"8859/{n}": f"iso8859-{n}" for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 15)},
+    "GB 18030-2000": "gb18030",
+    "KS X 1001": "euc_kr",
+    "BIG-5": "big5",
+    # Not in table 0211, but sent by real systems.
+    "UTF-8": "utf-8",
+    "UTF8": "utf-8",
+    "ISO-8859-1": "iso8859-1",
+    "WINDOWS-1258": "cp1258",
+    "CP1258": "cp1258",
+}
+
+
+def decode(data: bytes) -> str:
+    """Bytes of one message to text, honouring MSH-18; segments end up separated by ``\\r``.
+
+    Without MSH-18 we try UTF-8 first (Vietnamese HIS often send it unlabelled) and fall back to
+    latin-1, which cannot fail. Bytes that are invalid in a declared charset are rejected (AR)
+    rather than guessed, so that names are never silently garbled."""
+    data = data.removeprefix(codecs.BOM_UTF8)
+    label = _raw_msh18(data)
+    if not label:
+        try:
+            return _normalise(data.decode("utf-8"))
+        except UnicodeDecodeError:
+            return _normalise(data.decode("latin-1"))
+    codec = _CHARSETS.get(label)
+    if codec is None:
+        raise Hl7Error(
+            "AR",
+            f"unsupported character set {label!r} in MSH-18; send UNICODE UTF-8"
+            " (bảng mã không hỗ trợ, hãy dùng UNICODE UTF-8)",
+            "MSH-18",
+            error_code="103",
+            header=_scrape_header(data.decode("latin-1")),
+        )
+    try:
+        return _normalise(data.decode(codec))
+    except UnicodeDecodeError as exc:
+        raise Hl7Error(
+            "AR",
+            f"bytes not valid in the declared character set {label} (MSH-18) at byte"
+            f" {exc.start} (dữ liệu không đúng bảng mã khai báo)",
+            "MSH-18",
+            error_code="102",
+            header=_scrape_header(data.decode("latin-1")),
+        ) from None
+
+
+def _raw_msh18(data: bytes) -> str:
+    """MSH-18 read from the raw bytes: the MSH fields are ASCII in every charset we accept."""
+    start = data.find(b"MSH")
+    if start < 0 or len(data) < start + 8:
+        return ""
+    end = min((i for i in (data.find(b"\r", start), data.find(b"\n", start)) if i >= 0),
+              default=len(data))
+    fields = data[start:end].split(data[start + 3 : start + 4])
+    if len(fields) < 18:
+        return ""
+    repetition = fields[1][1:2] or b"~"  # MSH-2 is component, repetition, escape, subcomponent
+    first = fields[17].split(repetition)[0]
+    return first.decode("ascii", "replace").strip().upper()
+
+
+def _normalise(text: str) -> str:
+    """Segments separated by ``\\r`` whatever the sender used (``\\r``, ``\\n``, ``\\r\\n``)."""
+    text = text.lstrip("\ufeff \t\r\n")
+    lines = text.replace("\r\n", "\r").replace("\n", "\r").split("\r")
+    return "".join(line + "\r" for line in lines if line.strip())
+
+
+# ------------------------------------------------------------------ parsing
+
+# One field: repetitions of components of subcomponents, all unescaped.
+Field = list[list[list[str]]]
+
+
+@dataclass
+class Segment:
+    name: str
+    fields: list[Field]  # fields[n] is SEG-n; fields[0] holds the name
+
+    def repetitions(self, field: int) -> Field:
+        return self.fields[field] if 0 < field < len(self.fields) else []
+
+    def value(self, field: int, component: int = 1, subcomponent: int = 1) -> str:
+        reps = self.repetitions(field)
+        return part(reps[0], component, subcomponent) if reps else ""
+
+
+def part(repetition: list[list[str]], component: int, subcomponent: int = 1) -> str:
+    if component > len(repetition) or subcomponent > len(repetition[component - 1]):
+        return ""
+    return repetition[component - 1][subcomponent - 1]
+
+
+def _check_msh(text: str) -> None:
+    if not text.startswith("MSH"):
+        raise Hl7Error(
+            "AR",
+            "message does not start with an MSH segment (bản tin phải bắt đầu bằng MSH)",
+            "MSH",
+            error_code="100",
+        )
+    if len(text) < 9 or text[3] != "|":
+        raise Hl7Error(
+            "AR",
+            "MSH-1 field separator must be '|' (ký tự phân cách trường phải là '|')",
+            "MSH-1",
+            error_code="102",
+            header=_scrape_header(text),
+        )
+    end = text.find("|", 4)
+    encoding = text[4:end] if end > 0 else ""
+    # 4 characters (component, repetition, escape, subcomponent); 2.7 adds a 5th (truncation).
+    if not (
+        4 <= len(encoding) <= 5
+        and len(set(encoding)) == len(encoding)
+        and not any(c.isalnum() or c.isspace() for c in encoding)
+    ):
+        raise Hl7Error(
+            "AR",
+            f"MSH-2 encoding characters {encoding!r} are not 4 distinct separators like"
+            " '^~\\&' (MSH-2 sai)",
+            "MSH-2",
+            error_code="102",
+            header=_scrape_header(text),
+        )
+
+
+def segments_of(text: str) -> list[Segment]:
+    """Split one message into segments with unescaped values; AR when it is not HL7."""
+    text = _normalise(text)
+    _check_msh(text)
+    try:
+        message = hl7.parse(text.rstrip("\r"))
+    except Exception as exc:  # python-hl7 raises assorted errors on malformed input
+        raise Hl7Error(
+            "AR",
+            f"not a parseable HL7 v2 message ({type(exc).__name__})",
+            "MSH",
+            error_code="102",
+            header=_scrape_header(text),
+        ) from None
+    separators = str(message.separators)  # segment, field, repetition, component, subcomponent
+    unescape = _Unescaper(str(message.esc), separators[1], separators[2], separators[3],
+                          separators[4])
+    segments = []
+    for raw in message:
+        name = str(raw[0]).strip().upper()
+        fields: list[Field] = [[[[name]]]]
+        for number, field in enumerate(raw[1:], start=1):
+            if name == "MSH" and number <= 2:  # the separators themselves, never unescaped
+                fields.append([[[str(field)]]])
+            else:
+                fields.append([[[unescape(s) for s in _children(component)]
+                                 for component in _children(repetition)]
+                                for repetition in _children(field)])
+        segments.append(Segment(name, fields))
+    if any(s.name == "MSH" for s in segments[1:]):
+        raise Hl7Error(
+            "AR",
+            "more than one MSH: send one message per MLLP frame, batches are not supported",
+            "MSH",
+            error_code="100",
+            header=header_of(segments[0]),
+        )
+    return segments
+
+
+def _children(node: object) -> list:
+    """python-hl7 stores a part without separators as a plain string one level up."""
+    return [node] if isinstance(node, str) else list(node)
+
+
+class _Unescaper:
+    """HL7 escape sequences (2.5 §2.7) back to text; formatting ones collapse to nothing."""
+
+    def __init__(self, esc: str, field: str, repetition: str, component: str, sub: str) -> None:
+        self.esc = esc
+        self.map = {"F": field, "R": repetition, "S": component, "T": sub, "E": esc,
+                    ".br": "\n", ".sp": "\n"}
+
+    def __call__(self, value: str) -> str:
+        value = value.strip()
+        if value == '""':  # the HL7 null ("delete this value") reads as empty here
+            return ""
+        if self.esc not in value:
+            return value
+        out, i = [], 0
+        while i < len(value):
+            start = value.find(self.esc, i)
+            end = value.find(self.esc, start + 1) if start >= 0 else -1
+            if end < 0:  # no (complete) escape left: keep the rest as it is
+                out.append(value[i:])
+                break
+            out.append(value[i:start])
+            out.append(self._sequence(value[start + 1 : end]))
+            i = end + 1
+        return "".join(out).strip()
+
+    def _sequence(self, code: str) -> str:
+        if code in self.map:
+            return self.map[code]
+        if code[:1] == "X" and re.fullmatch(r"(?:[0-9A-Fa-f]{2})+", code[1:]):
+            raw = bytes.fromhex(code[1:])
+            try:
+                return raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return raw.decode("latin-1")
+        return ""  # highlighting, charset switches (\C..\, \M..\), local \Z..\
+
+
+def header_of(msh: Segment) -> Header:
+    def hd(field: int) -> str:
+        reps = msh.repetitions(field)
+        return "^".join(c[0] if c else "" for c in reps[0]).rstrip("^") if reps else ""
+
+    return Header(
+        control_id=msh.value(10),
+        message_type=msh.value(9, 1).upper(),
+        trigger=msh.value(9, 2).upper(),
+        structure=msh.value(9, 3).upper(),
+        sending_application=hd(3),
+        sending_facility=hd(4),
+        receiving_application=hd(5),
+        receiving_facility=hd(6),
+        version=msh.value(12),
+        charset=msh.value(18),
+        processing_id=msh.value(11),
+    )
+
+
+def _scrape_header(text: str) -> Header | None:
+    """Best effort for a broken MSH: enough to address the ACK and quote MSH-10."""
+    first = text.lstrip("\ufeff \t\r\n").replace("\n", "\r").split("\r", 1)[0]
+    if not first.startswith("MSH") or len(first) < 4:
+        return None
+    fields = first.split(first[3])
+    if len(fields) < 10:
+        return None
+
+    def get(n: int) -> str:  # MSH-n is fields[n - 1]: MSH-1 is the separator itself
+        return fields[n - 1].split("^")[0].strip() if n - 1 < len(fields) else ""
+
+    return Header(
+        control_id=get(10),
+        message_type=get(9),
+        sending_application=get(3),
+        sending_facility=get(4),
+        receiving_application=get(5),
+        receiving_facility=get(6),
+        version=get(12),
+        processing_id=get(11),
+    )
+
+
+def parse_header(text: str) -> Header:
+    """The MSH of ``text``; Hl7Error (AR) when there is no usable one."""
+    return header_of(segments_of(text)[0])
+
+
+def positions(segments: list[Segment], name: str) -> list[int]:
+    """Indexes of the segments called ``name``."""
+    return [i for i, s in enumerate(segments) if s.name == name]
+
+
+def sequence_error(reason: str, location: str) -> Hl7Error:
+    """The AR for a segment missing or out of order."""
+    return Hl7Error("AR", f"{reason} (sai thứ tự hoặc thiếu segment)", location, error_code="100")
+
+
+def parse_ack(text: str) -> tuple[str, str]:
+    """(MSA-1 code, text) of a received ACK; the text is MSA-3, else ERR-8, else ERR-3's text."""
+    segments = segments_of(text)
+    header = header_of(segments[0])
+    msa = next((s for s in segments if s.name == "MSA"), None)
+    if header.message_type != "ACK" or msa is None:
+        raise Hl7Error("AR", f"expected an ACK with an MSA segment, got {header.message_type}"
+                       f"^{header.trigger}", "MSH-9", error_code="200", header=header)
+    code = msa.value(1).upper()
+    if code not in {"AA", "AE", "AR", "CA", "CE", "CR"}:
+        raise Hl7Error("AR", f"MSA-1 acknowledgment code {code!r} is not one of AA/AE/AR/CA/"
+                       "CE/CR", "MSA-1", error_code="103", header=header)
+    err = next((s for s in segments if s.name == "ERR"), Segment("ERR", []))
+    return code, msa.value(3) or err.value(8) or err.value(3, 2) or err.value(1, 4, 2)
