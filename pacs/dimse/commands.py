@@ -222,7 +222,7 @@ class EncodedPData(P_DATA):
     the socket at once (``_send_p_data``) instead of building, encoding and sending each PDU
     (a 512 KB CT slice is 32 PDUs for a peer that takes 16 KB)."""
 
-    def __init__(self, encoded: bytes) -> None:
+    def __init__(self, encoded: bytes | bytearray) -> None:
         super().__init__()
         self.encoded = encoded
 
@@ -256,7 +256,7 @@ def send_pdvs(assoc, context_id: int, pdvs: list[tuple[bytes, bytes | memoryview
                                       len(fragment) + 2, context_id)
         encoded += header
         encoded += fragment
-    assoc.dul.send_pdu(EncodedPData(bytes(encoded)))
+    assoc.dul.send_pdu(EncodedPData(encoded))
 
 
 def _send_p_data(dul: DULServiceProvider, next_state: str) -> str:
@@ -264,8 +264,19 @@ def _send_p_data(dul: DULServiceProvider, next_state: str) -> str:
     primitive = dul.to_provider_queue.get(False)
     if not isinstance(primitive, EncodedPData):
         dul._send(P_DATA_TF(primitive))
-    elif dul.socket is not None:
-        dul.socket.send(primitive.encoded)
+        return next_state
+    transport = dul.socket
+    sock = getattr(transport, "socket", None)
+    if sock is None:
+        return next_state  # closed meanwhile; the state machine hears of it
+    if dul.assoc.get_handlers(evt.EVT_DATA_SENT):
+        transport.send(bytes(primitive.encoded))  # pynetdicom's send, which tells the handlers
+        return next_state
+    try:
+        # One call, no copies: pynetdicom's send slices what is left after each partial write.
+        sock.sendall(primitive.encoded)
+    except OSError:
+        transport.event_queue.put("Evt17")  # transport closed, as pynetdicom's send reports it
     return next_state
 
 
