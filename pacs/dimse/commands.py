@@ -161,14 +161,21 @@ def install() -> bool:
 def _send_msg(self: DIMSEServiceProvider, primitive, context_id: int) -> None:
     if not self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
         encoded = _encode_simple(primitive)
-        if encoded is not None:
-            command, data_set = encoded
-            limit = self.maximum_pdu_size
-            room = (limit - PDV_OVERHEAD) if limit else 0
-            if not room or len(command) <= room:
-                _queue(self, context_id, command, data_set, room)
-                return
+        if encoded is not None and send_message(self, context_id, *encoded):
+            return
     _original_send_msg(self, primitive, context_id)
+
+
+def send_message(dimse: DIMSEServiceProvider, context_id: int, command: bytes,
+                 data_set: bytes | None) -> bool:
+    """Send an encoded DIMSE message, cut to the peer's maximum PDU length; False (nothing
+    sent) when the command set does not fit one PDU."""
+    limit = dimse.maximum_pdu_size
+    room = (limit - PDV_OVERHEAD) if limit else 0
+    if room and len(command) > room:
+        return False
+    _queue(dimse, context_id, command, data_set, room)
+    return True
 
 
 def _encode_simple(primitive) -> tuple[bytes, bytes | None] | None:

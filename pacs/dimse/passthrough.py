@@ -6,11 +6,14 @@ of CPU for a 512 KB CT slice, the larger part of a C-MOVE's time. ``StoredDatase
 stored bytes with just the attributes pynetdicom looks at (SOP Class/Instance UID, the transfer
 syntax); ``install()`` makes pynetdicom's encoder hand those bytes over unchanged when the
 presentation context uses the stored transfer syntax, and decode-and-encode only when it does
-not (e.g. a peer that accepted Implicit VR Little Endian only).
+not (e.g. a peer that accepted Implicit VR Little Endian only). When no conversion is needed,
+``send_c_store`` itself is short-cut: the request's command set is encoded directly
+(``pacs.dimse.commands``) and the stored bytes go out as they are.
 """
 
 from __future__ import annotations
 
+import time
 from io import BytesIO
 
 import pynetdicom
@@ -18,12 +21,16 @@ import pynetdicom.association
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID
+from pynetdicom import evt
+from pynetdicom.association import Association
 
+from pacs.dimse import commands
 from pacs.dimse.compat import pynetdicom_supported
 from storage import rawread
 
 _installed = False
 _original_encode = pynetdicom.association.encode
+_original_send_c_store = Association.send_c_store
 
 
 class StoredDataset(Dataset):
@@ -59,8 +66,49 @@ def install() -> bool:
                                 "C-GET/C-MOVE re-encode every instance"):
         return False
     pynetdicom.association.encode = _encode
+    Association.send_c_store = _send_c_store
     _installed = True
     return True
+
+
+def _send_c_store(self: Association, dataset, msg_id: int = 1, priority: int = 2,
+                  originator_aet: str | None = None, originator_id: int | None = None
+                  ) -> Dataset:
+    """pynetdicom's ``send_c_store``, for a ``StoredDataset`` the peer takes as stored: the
+    command set encoded directly and the stored bytes sent as they are, without the request
+    primitive, its UID checks and the encoder in between (a C-GET or C-MOVE sub-operation).
+    Anything else, or when the stored bytes need converting, is pynetdicom's."""
+    if (isinstance(dataset, StoredDataset) and self.is_established
+            and not self.get_handlers(evt.EVT_DIMSE_SENT)):
+        sop_class, stored = UID(dataset.SOPClassUID), dataset.file_meta.TransferSyntaxUID
+        context = self._get_valid_context(sop_class, stored, "scu", allow_conversion=True)
+        try:
+            body = (dataset.stored_body() if context.transfer_syntax[0] == stored
+                    and not stored.is_deflated else None)
+        except rawread.UnusualEncoding:
+            body = None
+        if body is not None:
+            command = commands.store_request(
+                sop_class_uid=sop_class, message_id=msg_id, priority=priority,
+                sop_instance_uid=str(dataset.SOPInstanceUID), move_originator_ae=originator_aet,
+                move_originator_id=originator_id)
+            # As pynetdicom does: hold the reactor so that the response comes to us.
+            self._reactor_checkpoint.clear()
+            while not self._is_paused:
+                time.sleep(0.0001)
+            try:
+                sent = commands.send_message(self.dimse, context.context_id, command, body)
+                if sent:
+                    _, response = self.dimse.get_msg(block=True)
+            finally:
+                self._reactor_checkpoint.set()
+            if sent:
+                if response is None:
+                    self._handle_no_response()
+                    return Dataset()
+                return self._check_received_status(response)
+    return _original_send_c_store(self, dataset, msg_id, priority, originator_aet,
+                                  originator_id)
 
 
 def _encode(ds: Dataset, is_implicit_vr: bool, is_little_endian: bool,
