@@ -36,6 +36,9 @@ class StagedBlob(Protocol):
 class BlobStore(Protocol):
     """What the archive needs from a place that keeps files."""
 
+    # Whether each read is a network request (worth starting before it is needed).
+    remote: bool
+
     def put(self, key: str, data: bytes) -> None:
         """Store ``data`` under ``key`` durably; return only once it would survive a crash."""
 
@@ -93,6 +96,8 @@ def open_blob_store(url: str) -> BlobStore:
 
 class FileBlobStore:
     """Blobs as files under one folder: temp file, fsync, rename, fsync of the folder."""
+
+    remote = False
 
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
@@ -295,6 +300,8 @@ class S3BlobStore:
 
     A PUT is acknowledged by S3 only once the object is stored, which is the durability point.
     """
+
+    remote = True
 
     def __init__(
         self,
