@@ -19,17 +19,9 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from pacs.dimse import reactor
-
 # Send files byte for byte, as a modality would, instead of re-encoding them with pydicom.
 _config.STORE_SEND_CHUNKED_DATASET = True
 _config.LOG_HANDLER_LEVEL = "none"
-# Stock pynetdicom's requestor now and then hands a response to its reactor thread instead of
-# the caller waiting for it ("Received unexpected C-STORE service message", then a DIMSE
-# timeout): a race in its polling loop, hit more often the faster the server answers and the
-# busier the test process. The reactor this server runs (pacs.dimse.reactor) closes it; any
-# test that already started a DICOM server in this process had installed it anyway.
-reactor.install()
 
 
 def _nodelay(event: evt.Event) -> None:
