@@ -125,7 +125,28 @@ def test_archive_handles_of_several_processes_keep_one_consistent_index(backend,
         second.close()
 
 
-def test_parallel_associations_in_worker_processes(start_server, tmp_path):
+def _storescu_at_once(port: int, folders: list[Path], env: dict) -> list[int]:
+    """One DCMTK storescu per folder, all at once (one association each); their exit codes.
+    DCMTK rather than pynetdicom: stock pynetdicom's requestor now and then hands a response
+    to its own reactor thread and waits out its DIMSE timeout, more often with several
+    associations in one busy process."""
+    senders = [subprocess.Popen(["storescu", "-aec", "PACS", "127.0.0.1", str(port),
+                                 *map(str, sorted(folder.iterdir()))],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+               for folder in folders]
+    for sender in senders:
+        sender.communicate(timeout=120)
+    return [sender.returncode for sender in senders]
+
+
+def _study_folder(folder: Path, specs: list[Spec]) -> Path:
+    folder.mkdir()
+    for number, spec in enumerate(specs):
+        (folder / f"{number:03d}.dcm").write_bytes(instance(spec))
+    return folder
+
+
+def test_parallel_associations_in_worker_processes(start_server, tmp_path, dcmtk_env):
     server = start_server(PACS_DICOM_WORKERS="2")
     health = httpx.get(server.http + "/healthz").json()
     assert health["dicom_workers"] == 2
@@ -134,15 +155,14 @@ def test_parallel_associations_in_worker_processes(start_server, tmp_path):
 
     # Four associations at once, four studies: each stored exactly once, and each study
     # reaches the main process's linker (no order has these accession numbers).
-    batches = []
+    folders = []
     for n in range(4):
         study = Spec(accession=f"W-ACC-{n}", patient_id=f"BN-P{n}")
-        batches.append([dataset(Spec(accession=study.accession, patient_id=study.patient_id,
-                                     study_uid=study.study_uid, series_uid=study.series_uid,
-                                     instance_number=i + 1)) for i in range(15)])
-    with ThreadPoolExecutor(4) as pool:
-        statuses = list(pool.map(lambda batch: _store(server.dicom_port, batch), batches))
-    assert statuses == [[0] * 15] * 4
+        folders.append(_study_folder(tmp_path / f"study{n}", [
+            Spec(accession=study.accession, patient_id=study.patient_id,
+                 study_uid=study.study_uid, series_uid=study.series_uid, instance_number=i + 1)
+            for i in range(15)]))
+    assert _storescu_at_once(server.dicom_port, folders, dcmtk_env) == [0] * 4
     found = httpx.get(server.http + "/dicomweb/studies?AccessionNumber=W-ACC-*").json()
     assert sorted(s["00201208"]["Value"][0] for s in found) == [15] * 4
 
@@ -204,13 +224,9 @@ def test_postgres_connections_stay_within_the_configured_budget(start_server, fr
     folders = []
     for n in range(12):
         study = Spec(patient_id=f"BN-C{n}")
-        folder = tmp_path / f"study{n}"
-        folder.mkdir()
-        for i in range(10):
-            (folder / f"{i}.dcm").write_bytes(instance(Spec(
-                patient_id=study.patient_id, study_uid=study.study_uid,
-                series_uid=study.series_uid, instance_number=i + 1)))
-        folders.append(folder)
+        folders.append(_study_folder(tmp_path / f"study{n}", [
+            Spec(patient_id=study.patient_id, study_uid=study.study_uid,
+                 series_uid=study.series_uid, instance_number=i + 1) for i in range(10)]))
     prefix = f"pacs-{server.proc.pid}"
     admin = sa.create_engine(POSTGRES_ADMIN_URL.replace("postgresql://", "postgresql+psycopg://"))
     seen: dict[str, int] = {}
@@ -230,17 +246,12 @@ def test_postgres_connections_stay_within_the_configured_budget(start_server, fr
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        senders = [subprocess.Popen(
-            ["storescu", "-aec", "PACS", "127.0.0.1", str(server.dicom_port),
-             *map(str, sorted(folder.iterdir()))],
-            env=dcmtk_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            for folder in folders]
-        errors = [sender.communicate(timeout=120)[1] for sender in senders]
+        exit_codes = _storescu_at_once(server.dicom_port, folders, dcmtk_env)
     finally:
         done.set()
         watcher.join()
         admin.dispose()
-    assert [sender.returncode for sender in senders] == [0] * 12, errors
+    assert exit_codes == [0] * 12
     found = httpx.get(server.http + "/dicomweb/studies?PatientID=BN-C*").json()
     assert sorted(s["00201208"]["Value"][0] for s in found) == [10] * 12
     # 16 = 8 for the main process + 4 for each of the two workers.
