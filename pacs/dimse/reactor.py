@@ -12,6 +12,9 @@ close to 1 ms per CT slice of pure sleeping during ingest.
 - the association thread waits on an event the DUL thread sets after each state-machine step
   (which is when DIMSE messages, release and abort requests reach the association's queues).
 Both waits time out after ``IDLE_WAIT`` so the timers (ARTIM, network timeout) still run.
+Unlike pynetdicom's loop, the association thread also stops waiting on a pause another thread
+never lifted once the connection is gone, and leaves the association paused and killed however
+its loop ends, so no sender waits for it forever.
 
 The loops are pynetdicom's own, copied with only the waits changed; ``install`` checks the
 pynetdicom version it was written against and leaves pynetdicom untouched otherwise.
@@ -260,7 +263,41 @@ def _association_kill(self: Association) -> None:
 
 
 def _association_run_reactor(self: Association) -> None:
-    """pynetdicom's Association._run_reactor with the 1 ms sleep replaced by a wait for the DUL."""
+    """pynetdicom's Association._run_reactor with the 1 ms sleep replaced by a wait for the DUL.
+
+    However the loop ends (release, abort, a dead DUL, an exception in a handler), the
+    association is left paused and killed: a thread waiting to send on it (``send_*()``,
+    ``release()``, a Storage Commitment report) waits for ``_is_paused`` and must not wait
+    for a reactor that is gone.
+    """
+    idle = _idle(self)
+    try:
+        _serve_until_closed(self)
+    except Exception:
+        log.exception("association reactor failed: aborting the association")
+        with contextlib.suppress(Exception):
+            self.abort()
+    finally:
+        self._is_paused = True
+        idle.set()
+        if not self._kill:
+            self.kill()
+
+
+def _wait_for_checkpoint(self: Association) -> bool:
+    """Wait while another thread has paused the reactor; False when the DUL ended meanwhile.
+
+    A thread that paused the reactor and then failed before un-pausing it, or whose
+    association the peer or the network ended, would otherwise leave the reactor blocked
+    here for good, holding its thread and never noticing the association is gone.
+    """
+    while not self._reactor_checkpoint.wait(IDLE_WAIT):
+        if self._kill or not self.dul.is_alive() or self.dul.state_machine.current_state == "Sta1":
+            return False  # Sta1: the connection is closed (aborted, or timed out by the DUL)
+    return True
+
+
+def _serve_until_closed(self: Association) -> None:
     activity = _activity(self)
     idle = _idle(self)
     self._is_paused = False
@@ -271,7 +308,8 @@ def _association_run_reactor(self: Association) -> None:
         idle.set()
         activity.wait(IDLE_WAIT)
         activity.clear()
-        self._reactor_checkpoint.wait()
+        if not _wait_for_checkpoint(self):
+            return
         if not self.dimse.msg_queue.empty():
             idle.clear()
         self._is_paused = False
@@ -296,7 +334,6 @@ def _association_run_reactor(self: Association) -> None:
             self.is_released = True
             self.is_established = False
             evt.trigger(self, evt.EVT_RELEASED, {})
-            self.kill()
             return
 
         if self.acse.is_aborted():
@@ -304,21 +341,17 @@ def _association_run_reactor(self: Association) -> None:
             self.is_aborted = True
             self.is_established = False
             evt.trigger(self, evt.EVT_ABORTED, {})
-            self.kill()
             return
 
         if not self.dul.is_alive():
-            self.kill()
             return
 
         if self.dul.idle_timer_expired():
             log.error("Network timeout reached")
             if self.network_timeout_response == "A-RELEASE":
                 self._is_paused = True
-                self._reactor_checkpoint.wait()
-                self.release()
-                self._is_paused = False
+                if _wait_for_checkpoint(self):
+                    self.release()
             else:
                 self.abort()
-            self.kill()
             return
