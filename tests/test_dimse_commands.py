@@ -4,6 +4,8 @@ produce must be what pynetdicom itself would, and odd messages must still be ser
 from __future__ import annotations
 
 import io
+import queue
+import socket
 import subprocess
 import time
 from types import SimpleNamespace
@@ -158,7 +160,7 @@ class _Recorder:
     def __init__(self, pdu_handlers: list) -> None:
         self.sent: list[P_DATA] = []
         self.assoc = SimpleNamespace(get_handlers=lambda event: pdu_handlers,
-                                     dul=SimpleNamespace(send_pdu=self.sent.append))
+                                     dul=SimpleNamespace(send_pdu=self.sent.append, socket=None))
 
 
 @pytest.mark.parametrize("data_size", [1, 4089, 4090, 10_000])
@@ -184,6 +186,40 @@ def test_message_sent_as_one_write_has_the_bytes_pynetdicom_sends(data_size):
     assert len(whole.sent) == 1 and whole.sent[0].encoded == expected
     # With a handler bound to each PDU sent, one P-DATA per PDU, as pynetdicom does.
     assert b"".join(P_DATA_TF(p).encode() for p in per_pdu.sent) == expected
+
+
+def test_message_written_by_the_sender_unless_an_earlier_one_waits_for_the_dul():
+    """Nothing queued for the DUL: the sending thread writes the PDUs itself. Something queued
+    (or the association not in a sending state): the message queues behind it."""
+    command = commands.store_response(sop_class_uid=CT, message_id=3, status=0,
+                                      sop_instance_uid="1.2.3.4")
+    ours, peer = socket.socketpair()
+    try:
+        recorder = _Recorder([])
+        dul = recorder.assoc.dul
+        dul.socket = SimpleNamespace(socket=ours, event_queue=queue.Queue())
+        dul.to_provider_queue = queue.Queue()
+        dul.state_machine = SimpleNamespace(current_state="Sta6")
+        dul.assoc = recorder.assoc
+
+        commands._queue(recorder, 1, command, None, 16_378)
+        expected = commands._PDATA_HEADER.pack(0x04, 0, len(command) + 6, len(command) + 2, 1)
+        expected += b"\x03" + command
+        assert not recorder.sent
+        peer.settimeout(5)
+        assert peer.recv(65536) == expected
+
+        dul.to_provider_queue.put("an earlier message")
+        commands._queue(recorder, 1, command, None, 16_378)
+        assert len(recorder.sent) == 1 and recorder.sent[0].encoded == expected
+        dul.to_provider_queue.get()
+
+        dul.state_machine.current_state = "Sta7"  # release requested by us: the DUL decides
+        commands._queue(recorder, 1, command, None, 16_378)
+        assert len(recorder.sent) == 2
+    finally:
+        ours.close()
+        peer.close()
 
 
 def test_retrieved_instance_in_many_small_pdus_arrives_unchanged(start_server, tmp_path,
