@@ -8,6 +8,7 @@ statuses. Blocking work (index queries, blob reads, parsing) runs in the thread 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import json
 import logging
@@ -270,15 +271,21 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
         study_uid = request.path_params.get("study")
         base = base_url(request)
         outcome = stow.StowOutcome()
-        async for part in read_parts(request.stream(), params.get("boundary", ""),
-                                     max_bytes=settings.stow_max_bytes):
-            part_media, _ = parse_content_type(part.content_type or "application/dicom")
-            if part_media != "application/dicom":
-                stow.fail_part(outcome, part.body, stow.CANNOT_UNDERSTAND,
-                               f"part of type {part_media} is not application/dicom")
-                continue
-            await run_in_threadpool(stow.store_part, archive, part.body, outcome,
-                                    study_uid=study_uid, base=base)
+        window = stow.StoreWindow(outcome)
+        try:
+            async for part in read_parts(request.stream(), params.get("boundary", ""),
+                                         max_bytes=settings.stow_max_bytes):
+                part_media, _ = parse_content_type(part.content_type or "application/dicom")
+                if part_media != "application/dicom":
+                    window.add_result(stow.failed_part(
+                        part.body, stow.CANNOT_UNDERSTAND,
+                        f"part of type {part_media} is not application/dicom"))
+                    continue
+                await window.store(part.body, functools.partial(
+                    run_in_threadpool, stow.store_part, archive, part.body,
+                    study_uid=study_uid, base=base))
+        finally:
+            await window.drain()
         if not outcome.stored and not outcome.failed:
             raise MultipartError("the request holds no DICOM instance")
         study = study_uid or (next(iter(outcome.study_uids))

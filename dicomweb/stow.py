@@ -1,20 +1,25 @@
 """STOW-RS (PS3.18 10.5): a multipart request of DICOM instances into ``Archive.store``.
 
-Parts are read from the request as they arrive and stored one at a time through the archive's
-one ingest path, so a request carrying a whole study needs memory for one instance only. The
-answer lists what was stored (ReferencedSOPSequence, with a WarningReason for duplicates) and
-what failed (FailedSOPSequence with a FailureReason).
+Parts are read from the request as they arrive and stored through the archive's one ingest
+path while the next ones arrive: a few at a time (``StoreWindow``), so a request carrying a
+whole study needs memory for a few instances only, and the fsyncs that make each instance
+durable overlap with each other and with reading the request. The answer lists, in the
+request's order, what was stored (ReferencedSOPSequence, with a WarningReason for duplicates)
+and what failed (FailedSOPSequence with a FailureReason).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from storage.archive import Archive, StoreResult
 from storage.errors import InstanceMismatch, InvalidInstance, StorageUnavailable
-from storage.parsing import parse_instance
+from storage.parsing import announced_sop_instance_uid, parse_instance
 
 log = logging.getLogger("pacs.dicomweb")
 
@@ -62,31 +67,93 @@ class StowOutcome:
         return body
 
 
-def store_part(archive: Archive, data: bytes, outcome: StowOutcome, *, study_uid: str | None,
-               base: str) -> None:
-    """Store one part's instance and record the result (never raises for bad data)."""
+@dataclass(frozen=True)
+class PartResult:
+    """What happened to one part: its item for ReferencedSOPSequence or FailedSOPSequence."""
+
+    item: dict[str, Any]
+    failed: bool
+    warning: bool = False
+    study_uid: str | None = None
+
+    def add_to(self, outcome: StowOutcome) -> None:
+        if self.failed:
+            outcome.failed.append(self.item)
+            return
+        outcome.stored.append(self.item)
+        outcome.warnings += self.warning
+        outcome.study_uids.add(self.study_uid)
+
+
+def store_part(archive: Archive, data: bytes, *, study_uid: str | None,
+               base: str) -> PartResult:
+    """Store one part's instance (never raises for bad data)."""
     try:
         result = archive.store(data, expected_study_instance_uid=study_uid)
     except InstanceMismatch as exc:
-        _fail(outcome, data, DATA_SET_DOES_NOT_MATCH, str(exc))
+        return failed_part(data, DATA_SET_DOES_NOT_MATCH, str(exc))
     except InvalidInstance as exc:
-        _fail(outcome, data, CANNOT_UNDERSTAND, str(exc))
+        return failed_part(data, CANNOT_UNDERSTAND, str(exc))
     except StorageUnavailable as exc:
         log.error("STOW-RS: storage failed: %s", exc)
-        _fail(outcome, data, OUT_OF_RESOURCES, str(exc))
+        return failed_part(data, OUT_OF_RESOURCES, str(exc))
     except Exception:
         log.exception("STOW-RS: unexpected failure while storing an instance")
-        _fail(outcome, data, PROCESSING_FAILURE, "internal error")
-    else:
-        _stored(outcome, result, base)
+        return failed_part(data, PROCESSING_FAILURE, "internal error")
+    return _stored(result, base)
 
 
-def fail_part(outcome: StowOutcome, data: bytes, reason: int, message: str) -> None:
-    """Record a part that was refused before reaching the archive (e.g. not application/dicom)."""
-    _fail(outcome, data, reason, message)
+class StoreWindow:
+    """Parts being stored while the request is read: at most ``parts`` of them and ``size``
+    bytes (a part bigger than that is stored alone); results are added to ``outcome`` in the
+    request's order.
+
+    Two parts of one request with the same SOP Instance UID are stored in the request's order,
+    so the duplicate policy ("keep the first") means the first in the request: a part waits
+    for an earlier one that its File Meta says has the same UID, and a part whose File Meta
+    cannot be read waits for all earlier ones.
+    """
+
+    def __init__(self, outcome: StowOutcome, *, parts: int = 4, size: int = 64 << 20) -> None:
+        self.outcome = outcome
+        self.parts = parts
+        self.size = size
+        self._pending: deque[tuple[asyncio.Future[PartResult], int, str | None]] = deque()
+        self._bytes = 0
+
+    async def store(self, data: bytes, store: Callable[[], Awaitable[PartResult]]) -> None:
+        """Start storing a part (``store()`` does it), after making room for it."""
+        uid = announced_sop_instance_uid(data)
+        while self._pending and (len(self._pending) >= self.parts
+                                 or self._bytes + len(data) > self.size or uid is None
+                                 or any(uid == other for _, _, other in self._pending)):
+            await self._finish_oldest()
+        self._pending.append((asyncio.ensure_future(store()), len(data), uid))
+        self._bytes += len(data)
+
+    def add_result(self, result: PartResult) -> None:
+        """A part decided without storing it (refused before reaching the archive)."""
+        future: asyncio.Future[PartResult] = asyncio.get_running_loop().create_future()
+        future.set_result(result)
+        self._pending.append((future, 0, None))
+
+    async def drain(self) -> None:
+        """Wait for every part still being stored (also when the request turned out bad:
+        what was stored stays stored, and no store is left running unobserved)."""
+        while self._pending:
+            await self._finish_oldest()
+
+    async def _finish_oldest(self) -> None:
+        future, size, _ = self._pending[0]
+        try:
+            result = await future
+        finally:
+            self._pending.popleft()
+            self._bytes -= size
+        result.add_to(self.outcome)
 
 
-def _stored(outcome: StowOutcome, result: StoreResult, base: str) -> None:
+def _stored(result: StoreResult, base: str) -> PartResult:
     url = (f"{base}/studies/{result.study_instance_uid}/series/{result.series_instance_uid}"
            f"/instances/{result.sop_instance_uid}")
     item: dict[str, Any] = {
@@ -96,12 +163,12 @@ def _stored(outcome: StowOutcome, result: StoreResult, base: str) -> None:
     }
     if result.is_warning:
         item[WARNING_REASON] = {"vr": "US", "Value": [DUPLICATE_WARNING]}
-        outcome.warnings += 1
-    outcome.stored.append(dict(sorted(item.items())))
-    outcome.study_uids.add(result.study_instance_uid)
+    return PartResult(dict(sorted(item.items())), failed=False, warning=result.is_warning,
+                      study_uid=result.study_instance_uid)
 
 
-def _fail(outcome: StowOutcome, data: bytes, reason: int, message: str) -> None:
+def failed_part(data: bytes, reason: int, message: str) -> PartResult:
+    """A part that was refused, by the archive or before reaching it."""
     log.warning("STOW-RS: instance refused (0x%04X): %s", reason, message)
     item: dict[str, Any] = {FAILURE_REASON: {"vr": "US", "Value": [reason]}}
     try:  # name the instance when its header can be read at all
@@ -112,4 +179,4 @@ def _fail(outcome: StowOutcome, data: bytes, reason: int, message: str) -> None:
         pass
     # Not a standard attribute of the item: the reason in words, for whoever reads the reply.
     item["00000902"] = {"vr": "LO", "Value": [message[:64]]}
-    outcome.failed.append(dict(sorted(item.items())))
+    return PartResult(dict(sorted(item.items())), failed=True)

@@ -127,6 +127,16 @@ _OTHER_FORMATS = {b"\x1f\x8b": "gzip", b"PK\x03\x04": "ZIP", b"\x89PNG": "PNG",
                   b"\xff\xd8\xff": "JPEG", b"%PDF": "PDF", b"<?xml": "XML", b"{": "JSON"}
 
 
+def announced_sop_instance_uid(data: bytes) -> str | None:
+    """The SOP Instance UID a Part 10 file's File Meta announces (read without parsing the data
+    set), or None when it has no readable File Meta."""
+    try:
+        _, meta, _ = _read_meta(data)
+    except InvalidInstance:
+        return None
+    return meta.get("MediaStorageSOPInstanceUID") or None
+
+
 def _read_meta(data: bytes) -> tuple[bool, dict[str, str], int]:
     """Whether there is a preamble, the File Meta values we use, and where the data set starts."""
     preamble = len(data) >= 132 and data[128:132] == b"DICM"

@@ -231,6 +231,41 @@ def test_stow_duplicate_is_a_warning_and_wrong_study_a_failure(client, http, stu
     assert http.get(f"/studies/{other.StudyInstanceUID}/metadata").status_code == 404
 
 
+def _reference(sop_class: str, sop_instance: str) -> pydicom.Dataset:
+    item = pydicom.Dataset()
+    item.ReferencedSOPClassUID = sop_class
+    item.ReferencedSOPInstanceUID = sop_instance
+    return item
+
+
+def test_stow_keeps_the_first_of_one_uid_and_answers_in_the_request_order(http):
+    """Parts are stored a few at a time, but the answer follows the request, and of two parts
+    with one SOP Instance UID the earlier one is kept (the later is the duplicate warning),
+    also when no part between them would hold the later one back."""
+    spec = Spec(patient_name="Phạm^Minh Đức", patient_id="BN-STOW-ORDER")
+    first = dataset(spec)
+    # A header of thousands of elements: slower to read than the later copy's.
+    first.ReferencedImageSequence = [_reference(spec.sop_class, f"1.2.3.{n}")
+                                     for n in range(10_000)]
+    second = dataset(spec)
+    second.StudyDescription = "the later copy"
+    others = [part10(dataset(Spec(patient_name=spec.patient_name, patient_id=spec.patient_id,
+                                  study_uid=spec.study_uid, series_uid=spec.series_uid)))
+              for _ in range(5)]
+    order = [part10(first), *others[:2], part10(second), *others[2:]]
+    response = http.post("/studies", content=_multipart(
+        [("application/dicom", data) for data in order]), headers={"Content-Type": STOW_TYPE})
+    assert response.status_code == 202  # one warning
+    items = response.json()["00081199"]["Value"]
+    uids = [pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID for data in order]
+    assert [item["00081155"]["Value"][0] for item in items] == uids
+    assert [("00081196" in item) for item in items] == [False, False, False, True, False,
+                                                         False, False]
+    kept = http.get(f"/studies/{spec.study_uid}/series/{spec.series_uid}/instances/"
+                    f"{spec.sop_uid}/metadata").json()[0]
+    assert kept["00081030"]["Value"] == [spec.study_description]
+
+
 def _multipart(parts: list[tuple[str, bytes]], boundary: str = "b0undary") -> bytes:
     body = b""
     for content_type, payload in parts:
