@@ -186,6 +186,51 @@ def test_parallel_associations_in_worker_processes(start_server, tmp_path, dcmtk
     assert httpx.get(server.http + "/healthz").json()["status"] == "ok"
 
 
+def _associations_per_worker(workers: list[int], port: int) -> list[int]:
+    """How many established connections on ``port`` each worker process holds."""
+    established = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port and fields[3] == "01":
+            established.add(f"socket:[{fields[9]}]")
+    counts = []
+    for pid in workers:
+        fds = Path(f"/proc/{pid}/fd")
+        counts.append(sum(os.readlink(fd) in established for fd in fds.iterdir()))
+    return counts
+
+
+def test_associations_go_to_the_least_busy_worker(start_server):
+    """Every worker wakes for a new connection; the one serving fewer associations takes it,
+    whether they arrive one by one or at once."""
+    server = start_server(PACS_DICOM_WORKERS="2")
+    workers = _children(server.proc.pid)
+    _wait(lambda: server.log().count("ready (pid") == 2, what="both workers to accept")
+    opened = []
+    try:
+        for n in range(6):
+            opened.append(client.associate(server.dicom_port, [build_context(CTImageStorage)]))
+            _wait(lambda n=n: sum(_associations_per_worker(workers, server.dicom_port)) == n + 1,
+                  timeout=10, what="the association to be served")
+            counts = _associations_per_worker(workers, server.dicom_port)
+            assert max(counts) - min(counts) <= 1, counts
+        for assoc in opened[:4]:  # the two left may be on one worker
+            assoc.release()
+        opened = opened[4:]
+        _wait(lambda: sum(_associations_per_worker(workers, server.dicom_port)) == 2,
+              timeout=10, what="the releases")
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            opened += pool.map(lambda _: client.associate(
+                server.dicom_port, [build_context(CTImageStorage)]), range(6))
+        _wait(lambda: sum(_associations_per_worker(workers, server.dicom_port)) == 8,
+              timeout=10, what="the associations opened at once")
+        counts = _associations_per_worker(workers, server.dicom_port)
+        assert max(counts) - min(counts) <= 2, counts  # ties are taken by either
+    finally:
+        for assoc in opened:
+            assoc.release()
+
+
 def test_workers_end_with_the_main_process(start_server, tmp_path):
     server = start_server(PACS_DICOM_WORKERS="2")
     workers = _children(server.proc.pid)

@@ -20,11 +20,12 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from pacs.dimse import commands, passthrough, reactor
 from pacs.dimse.commitment import StorageCommitment
 from pacs.dimse.handlers import DimseHandlers
+from pacs.dimse.workers import AcceptLoad
 from pacs.dimse.worklist import WorklistHandlers
 from pacs.settings import Settings
 from storage.archive import Archive
@@ -93,13 +94,33 @@ def build_ae(settings: Settings) -> AE:
     return ae
 
 
+class _ServingHandler(RequestHandler):
+    """pynetdicom's connection handler, returning only once its association has ended, so the
+    server's thread for a connection lives exactly as long as the association."""
+
+    def _create_association(self):
+        self.association = super()._create_association()
+        return self.association
+
+    def handle(self) -> None:
+        super().handle()
+        self.association.join()
+
+
 class SharedSocketServer(ThreadedAssociationServer):
     """A pynetdicom server accepting on a listening socket made by another process and shared
-    by several (``pacs.dimse.workers``): the worker that is free first takes a connection."""
+    by several (``pacs.dimse.workers``); with ``load``, the worker serving the fewest
+    associations takes a new connection."""
 
-    def __init__(self, *args, listener: socket.socket, **kwargs) -> None:
+    daemon_threads = True  # a connection's thread never holds up the process's exit
+
+    def __init__(self, *args, listener: socket.socket, load: AcceptLoad | None = None,
+                 **kwargs) -> None:
         self._listener = listener
+        self._load = load
         super().__init__(*args, **kwargs)
+        if load is not None:
+            self.RequestHandlerClass = _ServingHandler
 
     def server_bind(self) -> None:
         self.socket.close()  # the one socketserver made; the shared one replaces it
@@ -112,7 +133,32 @@ class SharedSocketServer(ThreadedAssociationServer):
     def server_activate(self) -> None:
         pass  # listening already
 
+    def get_request(self):
+        if self._load is not None:
+            self._load.defer(self.socket)
+        return super().get_request()
+
+    def process_request(self, request, client_address) -> None:
+        if self._load is None:
+            super().process_request(request, client_address)
+            return
+        self._load.started()
+        try:
+            super().process_request(request, client_address)  # starts the connection's thread
+        except BaseException:
+            self._load.ended()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            if self._load is not None:
+                self._load.ended()
+
     def server_close(self) -> None:
+        if self._load is not None:
+            self._load.closed()
         # Close this process's handle only: shutdown() would stop the socket for every worker.
         self.socket.close()
 
@@ -128,13 +174,14 @@ class DicomServer:
 
     def __init__(self, settings: Settings, archive: Archive,
                  worklist: WorklistHandlers | None = None, *,
-                 listener: socket.socket | None = None) -> None:
+                 listener: socket.socket | None = None, load: AcceptLoad | None = None) -> None:
         self.settings = settings
         self.archive = archive
         self.ae = build_ae(settings)
         self.handlers = DimseHandlers(archive, settings, worklist)
         self.commitment = StorageCommitment(archive, settings, settings.ae_title)
         self._listener = listener
+        self._load = load
         self._server: ThreadedAssociationServer | None = None
 
     def start(self) -> None:
@@ -148,10 +195,13 @@ class DicomServer:
             log.info("DICOM %s listening on %s:%d", self.settings.ae_title, *self.address)
             return
         server = self.ae.make_server(address, evt_handlers=handlers,
-                                     server_class=SharedSocketServer, listener=self._listener)
+                                     server_class=SharedSocketServer, listener=self._listener,
+                                     load=self._load)
         self.ae._servers.append(server)  # as start_server does: ae.shutdown() stops it
         threading.Thread(target=server.serve_forever, name="dicom-accept", daemon=True).start()
         self._server = server
+        if self._load is not None:
+            self._load.accepting()
 
     @property
     def address(self) -> tuple[str, int]:
