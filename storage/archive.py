@@ -316,7 +316,9 @@ class Archive:
                     use_cache: bool, blob: Future[str] | None) -> None:
         now = dt.datetime.now(dt.UTC)
         stamp = self.index.timestamp(now)
-        with self.index.write() as cursor:
+        # The blob's write must be durable before the rows commit. When another writer holds
+        # the index, wait for it before queueing (a writer holds the index until it commits).
+        with self.index.write(when_busy=blob.exception if blob is not None else None) as cursor:
             if replace:
                 old = cursor.execute(_SQL_INSTANCE_PK, (parsed.sop_instance_uid,)).fetchone()
                 if old is not None:
@@ -329,6 +331,11 @@ class Archive:
             else:
                 patient_pk, new_study, study_pk, new_series, series_pk = self._parents(
                     cursor, parsed, rows, stamp)
+            if blob is not None and not self.index.is_sqlite:
+                # Before the counters: on PostgreSQL their row locks are held until commit and
+                # concurrent writers of the study wait for them. (SQLite's one writer slot is
+                # held from the start anyway: there, the rows are written while the blob is.)
+                rows.instance["sha256"] = blob.result()  # StorageUnavailable rolls back
             # Counters: child levels first, each row locked in the same order by every writer.
             bumped = cursor.execute(_SQL_BUMP_SERIES, (stamp, series_pk, study_pk)).rowcount
             bumped += cursor.execute(_SQL_BUMP_STUDY,
@@ -338,7 +345,7 @@ class Archive:
             if new_series:
                 self._refresh_modalities(cursor, study_pk)
             cursor.execute(_SQL_BUMP_PATIENT, (int(new_series), int(new_study), stamp, patient_pk))
-            if blob is not None:
+            if blob is not None and self.index.is_sqlite:
                 rows.instance["sha256"] = blob.result()  # StorageUnavailable rolls back
             values = {**rows.instance, "series_pk": series_pk, "stored_at": stamp}
             cursor.execute(_insert_sql(instances, tuple(values)), tuple(values.values()))

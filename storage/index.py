@@ -269,14 +269,19 @@ class Index:
         self._sql_cache: dict[str, str] = {}
 
     @contextlib.contextmanager
-    def write(self) -> Iterator[RawCursor]:
+    def write(self, *, when_busy: Callable[[], object] | None = None) -> Iterator[RawCursor]:
         """A write transaction: committed when the block ends, rolled back on error.
 
         Writes are plain SQL on the DBAPI connection (see ``RawCursor``): the ingest path runs
         a handful of one-row statements per instance, and SQLAlchemy's execution layer cost
         several times what the database needs for them.
+
+        ``when_busy`` is called, before waiting, when SQLite's one writer slot is taken: a
+        writer whose transaction would wait for something (the ingest path: its blob's fsync)
+        waits for it there instead, so the slot is not held through that wait while others
+        queue for it.
         """
-        with self._write_lock:
+        with _writer_slot(self._write_lock, when_busy):
             dbapi_connection = self.engine.raw_connection()
             try:
                 cursor = RawCursor(self, dbapi_connection.cursor())
@@ -347,6 +352,22 @@ class Index:
         return native
 
 
+@contextlib.contextmanager
+def _writer_slot(lock: _SqliteWriterLock | contextlib.nullcontext,
+                 when_busy: Callable[[], object] | None) -> Iterator[None]:
+    if when_busy is None or not isinstance(lock, _SqliteWriterLock):
+        with lock:
+            yield
+        return
+    if not lock.try_acquire():
+        when_busy()
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 class _SqliteWriterLock:
     """The right to write to one SQLite database: a lock between this process's threads, and
     an advisory file lock between the processes that share the file (DICOM workers, the CLI).
@@ -359,7 +380,7 @@ class _SqliteWriterLock:
             self._fd = os.open(f"{database}-writer.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
                                0o600)
 
-    def __enter__(self) -> None:
+    def acquire(self) -> None:
         self._threads.acquire()
         if self._fd is not None:
             try:
@@ -368,12 +389,33 @@ class _SqliteWriterLock:
                 self._threads.release()
                 raise
 
-    def __exit__(self, *exc_info: object) -> None:
+    def try_acquire(self) -> bool:
+        """Take the lock if no thread or process holds it; whether it was taken."""
+        if not self._threads.acquire(blocking=False):
+            return False
+        if self._fd is not None:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._threads.release()
+                return False
+            except BaseException:
+                self._threads.release()
+                raise
+        return True
+
+    def release(self) -> None:
         try:
             if self._fd is not None:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
         finally:
             self._threads.release()
+
+    def __enter__(self) -> None:
+        self.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
 
     def close(self) -> None:
         with self._threads:

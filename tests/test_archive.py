@@ -231,3 +231,44 @@ def test_parallel_stores_keep_counts_exact_and_one_row_per_uid(archive):
     assert (row["NumberOfStudyRelatedSeries"], row["NumberOfStudyRelatedInstances"]) == (4, 81)
     series_rows = find(archive.index, Query(Level.SERIES, {"StudyInstanceUID": study}))
     assert sorted(r["NumberOfSeriesRelatedInstances"] for r in series_rows) == [20, 20, 20, 21]
+
+
+def test_a_writer_that_finds_the_index_busy_waits_for_its_own_work_first(tmp_path):
+    """SQLite has one writer at a time. A writer that finds the slot taken, here by another
+    handle on the same file (as a DICOM worker process would hold it), is told so before it
+    queues (the ingest path then waits for its blob's fsync outside the slot); one that finds
+    it free is not."""
+    from storage.index import open_index
+
+    url = f"sqlite:///{tmp_path / 'index.sqlite'}"
+    ours, theirs = open_index(url), open_index(url, migrate=False)
+    events: list[str] = []
+    try:
+        with ours.write(when_busy=lambda: events.append("busy")) as cursor:
+            cursor.execute("SELECT 1")
+        assert events == []
+
+        holding, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with theirs.write():
+                holding.set()
+                release.wait(10)
+                events.append("released")
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        assert holding.wait(10)
+
+        def when_busy() -> None:
+            events.append("busy")
+            release.set()  # our own work is done; the slot is freed meanwhile
+
+        with ours.write(when_busy=when_busy) as cursor:
+            events.append("writing")
+            cursor.execute("SELECT 1")
+        holder.join(10)
+        assert events == ["busy", "released", "writing"]
+    finally:
+        ours.engine.dispose()
+        theirs.engine.dispose()
