@@ -5,7 +5,7 @@ under one interpreter lock, on one core. ``pacs serve`` therefore binds the DICO
 starts ``dicom_workers`` processes that accept on that socket, each with its own DICOM server
 and archive handle on the shared index database and blob store. The worker serving the fewest
 associations takes the next one (``AcceptLoad``): left to whichever wakes first, four
-associations opened at once went three to one worker in about half the runs, and the busy
+associations opened at once went three to one worker in 3 of 10 runs here, and the busy
 worker's core then did three quarters of the work. SQLite writers of all processes take one
 file lock (``storage.index``); the ingest path's memory of series' parents checks itself
 against the index, so moves and deletions made elsewhere need no message.
