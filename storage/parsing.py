@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
 
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, data_element_generator, read_preamble
 from pydicom.uid import (
     UID,
@@ -132,7 +132,7 @@ def announced_sop_instance_uid(data: bytes) -> str | None:
     set), or None when it has no readable File Meta."""
     try:
         _, meta, _ = _read_meta(data)
-    except InvalidInstance:
+    except Exception:  # whatever is wrong with it, parse_instance will say
         return None
     return meta.get("MediaStorageSOPInstanceUID") or None
 
@@ -152,7 +152,7 @@ def _read_meta(data: bytes) -> tuple[bool, dict[str, str], int]:
     try:
         read_preamble(fp, force=True)
         file_meta = _read_file_meta_info(fp)
-    except (InvalidDicomError, struct.error, ValueError, EOFError) as exc:
+    except (InvalidDicomError, BytesLengthException, struct.error, ValueError, EOFError) as exc:
         raise InvalidInstance(f"the File Meta Information cannot be read: {exc}") from None
     meta = {key: str(file_meta.get(key, "") or "").strip("\x00 ")
             for key in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID",
@@ -221,6 +221,8 @@ def _read_elements(buffer: bytes, start: int, implicit: bool, little: bool
     if little and not implicit:
         try:
             return rawread.read_dataset(buffer, start, PIXEL_DATA_TAGS)
+        except rawread.Truncated as exc:
+            raise InvalidInstance(f"the data set is truncated: {exc}") from None
         except rawread.UnusualEncoding:
             pass  # pydicom copes with more (or says precisely what is wrong)
     fp = BytesIO(buffer)
@@ -230,7 +232,31 @@ def _read_elements(buffer: bytes, start: int, implicit: bool, little: bool
         stop_when=lambda tag, vr, length: tag in PIXEL_DATA_TAGS,
         defer_size=BULK_THRESHOLD,
     ))
-    return elements, (fp.tell() if fp.tell() < len(buffer) else None)
+    stopped = fp.tell() < len(buffer)
+    if not stopped:
+        _check_not_truncated(elements, start, len(buffer))
+    return elements, (fp.tell() if stopped else None)
+
+
+def _check_not_truncated(elements: list, start: int, size: int) -> None:
+    """pydicom's reader takes a value cut short by the end of the data as a shorter value, and
+    stops silently inside a last element's header: refuse both."""
+    if not elements:
+        return
+    last = elements[-1]
+    if getattr(last, "value_tell", None) is None or last.length == 0xFFFFFFFF:
+        # A sequence pydicom read whole, or an undefined length, which ends with its
+        # delimiter (pydicom checks that one).
+        return
+    value = last.value
+    got = len(value) if isinstance(value, bytes | bytearray) else size - last.value_tell
+    if got < last.length:
+        raise InvalidInstance(f"the data set is truncated: ({last.tag.group:04X},"
+                              f"{last.tag.element:04X}) has {last.length} bytes, the data only "
+                              f"{got}")
+    if last.value_tell + last.length < size:
+        raise InvalidInstance("the data set is truncated: the data ends inside an element's "
+                              f"header at offset {last.value_tell + last.length}")
 
 
 def _uid(header: dict[str, Any], tag: str, name: str) -> str:

@@ -29,6 +29,10 @@ class UnusualEncoding(Exception):
     """Something this reader does not handle: use pydicom's reader instead."""
 
 
+class Truncated(Exception):
+    """The data set ends inside an element: it was cut short (no other reader does better)."""
+
+
 def read_file_meta(data: bytes, start: int) -> tuple[dict[str, str], int]:
     """Group 0002 elements from ``start`` (just after 'DICM'): keyword-ish dict and end offset."""
     wanted = {0x0002: "MediaStorageSOPClassUID", 0x0003: "MediaStorageSOPInstanceUID",
@@ -42,6 +46,8 @@ def read_file_meta(data: bytes, start: int) -> tuple[dict[str, str], int]:
         if not (vr.isalpha() and vr.isupper()):
             raise UnusualEncoding("File Meta not in Explicit VR")
         if vr in _LONG_VRS:
+            if pos + 12 > end:
+                raise UnusualEncoding("File Meta ends inside an element's header")
             (length,) = _long_length(data, pos + 8)
             value_start = pos + 12
         else:
@@ -71,6 +77,7 @@ def _elements(data: bytes, pos: int, end: int, stop_tags: frozenset[int], *,
     """Elements from ``pos``: up to ``end`` exactly, or (``delimited``) up to an item
     delimiter. Returns them, the offset after them, and whether a stop tag ended the run."""
     elements: list[RawDataElement] = []
+    top_level = end == len(data) and not delimited
     while pos + 8 <= end:
         group, element, vr, length = _short(data, pos)
         tag = group << 16 | element
@@ -84,6 +91,9 @@ def _elements(data: bytes, pos: int, end: int, stop_tags: frozenset[int], *,
             raise UnusualEncoding(f"no explicit VR at offset {pos}")
         if vr in _LONG_VRS:
             if pos + 12 > end:
+                if top_level:
+                    raise Truncated(f"the data ends inside the header of ({group:04X},"
+                                    f"{element:04X})")
                 raise UnusualEncoding("element header cut short")
             (length,) = _long_length(data, pos + 8)
             value_start = pos + 12
@@ -105,6 +115,9 @@ def _elements(data: bytes, pos: int, end: int, stop_tags: frozenset[int], *,
             continue
         value_end = value_start + length
         if value_end > end:
+            if top_level:
+                raise Truncated(f"({group:04X},{element:04X}) has {length} bytes, the data "
+                                f"only {end - value_start} more")
             raise UnusualEncoding("value runs past the end of the data")
         if vr == b"SQ":
             items, _ = _sequence(data, value_start, value_end, delimited=False)
@@ -118,6 +131,8 @@ def _elements(data: bytes, pos: int, end: int, stop_tags: frozenset[int], *,
     if delimited:
         raise UnusualEncoding("item without its delimiter")
     if pos != end:
+        if top_level:
+            raise Truncated(f"the data ends inside an element's header at offset {pos}")
         raise UnusualEncoding("trailing bytes after the last element")
     return elements, pos, False
 

@@ -289,6 +289,11 @@ def test_stow_bad_input_gets_clear_errors_and_stores_nothing_partial(http):
     response = http.post("/studies", content=_multipart([("application/dicom", truncated)]),
                          headers={"Content-Type": STOW_TYPE})
     assert response.status_code == 409
+    in_meta = good[:good.index(b"\x02\x00\x01\x00OB") + 9]  # inside a File Meta header
+    response = http.post("/studies", content=_multipart([("application/dicom", in_meta)]),
+                         headers={"Content-Type": STOW_TYPE})
+    assert response.status_code == 409
+    assert response.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000]
     assert http.post("/studies", content=b"{}",
                      headers={"Content-Type": "application/json"}).status_code == 415
     broken = http.post("/studies", content=b"--b0undary\r\nContent-Type: application/dicom\r\n",

@@ -256,6 +256,10 @@ def test_malformed_stores_fail_with_a_reason_and_the_server_keeps_working(server
     cases = {
         "truncated": (_raw_file(tmp_path, "t.dcm", valid.SOPClassUID, valid.SOPInstanceUID,
                                 complete[:-40]), 0xC000, "truncated"),
+        # Cut inside the Series Instance UID: never stored under a shortened UID.
+        "cut in a uid": (_raw_file(tmp_path, "s.dcm", valid.SOPClassUID, valid.SOPInstanceUID,
+                                   complete[:complete.index(valid.SeriesInstanceUID.encode())
+                                            + 10]), 0xC000, "truncated"),
         "missing uid": (_raw_file(tmp_path, "m.dcm", valid.SOPClassUID, valid.SOPInstanceUID,
                                   _encoded(no_uid)), 0xC000, "missing"),
         "not dicom": (_raw_file(tmp_path, "n.dcm", valid.SOPClassUID, "1.2.3.4",
