@@ -331,11 +331,13 @@ class Archive:
             else:
                 patient_pk, new_study, study_pk, new_series, series_pk = self._parents(
                     cursor, parsed, rows, stamp)
-            if blob is not None and not self.index.is_sqlite:
+            pending = blob
+            if pending is not None and not self.index.is_sqlite:
                 # Before the counters: on PostgreSQL their row locks are held until commit and
                 # concurrent writers of the study wait for them. (SQLite's one writer slot is
                 # held from the start anyway: there, the rows are written while the blob is.)
-                rows.instance["sha256"] = blob.result()  # StorageUnavailable rolls back
+                rows.instance["sha256"] = pending.result()  # StorageUnavailable rolls back
+                pending = None
             # Counters: child levels first, each row locked in the same order by every writer.
             bumped = cursor.execute(_SQL_BUMP_SERIES, (stamp, series_pk, study_pk)).rowcount
             bumped += cursor.execute(_SQL_BUMP_STUDY,
@@ -345,8 +347,8 @@ class Archive:
             if new_series:
                 self._refresh_modalities(cursor, study_pk)
             cursor.execute(_SQL_BUMP_PATIENT, (int(new_series), int(new_study), stamp, patient_pk))
-            if blob is not None and self.index.is_sqlite:
-                rows.instance["sha256"] = blob.result()  # StorageUnavailable rolls back
+            if pending is not None:
+                rows.instance["sha256"] = pending.result()  # StorageUnavailable rolls back
             values = {**rows.instance, "series_pk": series_pk, "stored_at": stamp}
             cursor.execute(_insert_sql(instances, tuple(values)), tuple(values.values()))
         with self._cache_lock:

@@ -306,10 +306,7 @@ def _write_now(dul: DULServiceProvider, encoded: bytearray) -> bool:
         if not dul.to_provider_queue.empty() \
                 or dul.state_machine.current_state not in _SENDING_STATES:
             return False
-        try:
-            sock.sendall(encoded)
-        except OSError:
-            transport.event_queue.put("Evt17")  # transport closed, as pynetdicom reports it
+        _sendall(transport, sock, encoded)
     return True
 
 
@@ -327,12 +324,17 @@ def _send_p_data(dul: DULServiceProvider, next_state: str) -> str:
         if dul.assoc.get_handlers(evt.EVT_DATA_SENT):
             transport.send(bytes(primitive.encoded))  # pynetdicom's send: tells the handlers
             return next_state
-        try:
-            # One call, no copies: pynetdicom's send slices what is left after each write.
-            sock.sendall(primitive.encoded)
-        except OSError:
-            transport.event_queue.put("Evt17")  # transport closed, as pynetdicom's send says
+        _sendall(transport, sock, primitive.encoded)
     return next_state
+
+
+def _sendall(transport: AssociationSocket, sock, encoded: bytearray) -> None:
+    """Write ``encoded`` in one call, without copies (pynetdicom's send slices what is left
+    after each partial write); a failure closes the transport as pynetdicom's send reports it."""
+    try:
+        sock.sendall(encoded)
+    except OSError:
+        transport.event_queue.put("Evt17")
 
 
 def _locked_send(self: AssociationSocket, bytestream: bytes) -> None:
