@@ -148,23 +148,35 @@ class FileBlobStore:
             raise StorageUnavailable(f"cannot write to {self.root}: {exc.strerror}") from exc
         return _StagedFile(self, tmp_name)
 
-    def _make_dirs(self, folder: Path) -> None:
-        """Create ``folder``, fsyncing each new directory's parent so the path itself is durable."""
-        if folder in self._known_dirs:
-            return
-        missing = []
+    def _make_dirs(self, folder: Path) -> list[Path]:
+        """Create ``folder`` and its missing parents under the root; the folders not yet known
+        to be durable, deepest first. The caller fsyncs each one's parent once the blob is in
+        place, then calls ``_known_durable``.
+
+        Those fsyncs come after the blob's rename rather than after each ``mkdir``: nothing is
+        acknowledged before they all return, and on a journalling file system the first one
+        commits the new folders, the rename and the entries together, so the others find
+        nothing left to write (a new study's first instance: one journal commit, not three).
+        A folder that exists but is not known durable (another thread may have just made it,
+        or the server just started) counts as new: its entry is fsynced too.
+        """
+        fresh = []
         current = folder
-        while not current.exists() and current != self.root:
-            missing.append(current)
+        while current != self.root and current not in self._known_dirs:
+            fresh.append(current)
             current = current.parent
-        for new_dir in reversed(missing):
+        for new_dir in reversed(fresh):
             with contextlib.suppress(FileExistsError):
                 new_dir.mkdir()
-            _fsync_dir(new_dir.parent)
+        return fresh
+
+    def _known_durable(self, folders: list[Path]) -> None:
+        if not folders:
+            return
         with self._dirs_lock:
             if len(self._known_dirs) > 100_000:
                 self._known_dirs.clear()
-            self._known_dirs.add(folder)
+            self._known_dirs.update(folders)
 
     def get(self, key: str) -> bytes:
         try:
@@ -230,13 +242,16 @@ class _StagedFile:
     def commit(self, key: str) -> None:
         target = self.store.path(key)
         try:
-            self.store._make_dirs(target.parent)
+            fresh = self.store._make_dirs(target.parent)
             os.replace(self.tmp_name, target)
             _fsync_dir(target.parent)
+            for folder in fresh:  # deepest first: each new folder's entry in its parent
+                _fsync_dir(folder.parent)
         except OSError as exc:
             self.discard()
             raise StorageUnavailable(
                 f"cannot write {key} to {self.store.root}: {exc.strerror}") from exc
+        self.store._known_durable(fresh)
 
     def discard(self) -> None:
         with contextlib.suppress(OSError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from storage.blobs import FileBlobStore, open_blob_store
@@ -51,6 +53,43 @@ def test_file_store_leaves_no_temporary_files_and_refuses_escaping_keys(tmp_path
     assert list((tmp_path / "blobs" / ".tmp").iterdir()) == []
     with pytest.raises(ValueError):
         store.put("../outside.dcm", b"x")
+
+
+def test_file_store_makes_the_blob_and_every_new_folder_durable_before_returning(
+        tmp_path, monkeypatch):
+    # A power cut cannot be staged in a test: record what is fsynced instead. The file's data
+    # before its rename; after the rename, its folder, then each new folder's entry in its
+    # parent, up to the root; a folder already made durable is not fsynced again.
+    store = FileBlobStore(tmp_path / "blobs")
+    root = store.root
+    synced: list[tuple[str, bool]] = []  # (path, whether the blob had its final name)
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        real_fsync(fd)
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        synced.append((path, (root / "1.2/1.2.3/1.2.3.4.dcm").exists()))
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    store.put("1.2/1.2.3/1.2.3.4.dcm", b"first")
+    tmp_file, *folders = synced
+    assert tmp_file[0].startswith(str(root / ".tmp")) and tmp_file[1] is False
+    assert folders == [(str(root / "1.2/1.2.3"), True), (str(root / "1.2"), True),
+                       (str(root), True)]
+
+    synced.clear()
+    store.put("1.2/1.2.3/1.2.3.5.dcm", b"second")  # same series: only its folder
+    assert [path for path, _ in synced[1:]] == [str(root / "1.2/1.2.3")]
+    synced.clear()
+    store.put("1.2/1.2.9/1.2.9.1.dcm", b"third")  # new series of a known study
+    assert [path for path, _ in synced[1:]] == [str(root / "1.2/1.2.9"), str(root / "1.2")]
+
+    # A new store object (the server restarted) does not know the folders are durable.
+    synced.clear()
+    FileBlobStore(root).put("1.2/1.2.3/1.2.3.6.dcm", b"fourth")
+    assert [path for path, _ in synced[1:]] == [str(root / "1.2/1.2.3"), str(root / "1.2"),
+                                                str(root)]
+    assert store.get("1.2/1.2.3/1.2.3.4.dcm") == b"first"
 
 
 def test_file_store_write_failure_is_storage_unavailable(tmp_path):
