@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 TAG="${1:-scale}"
 B="${PACS_SHARED_DIR:-../shared}/bench"
 PY=.bench-venv/bin/python
+PACS_HOME="${PACS_BENCH_HOME:-${TMPDIR:-/tmp}/bench-pacs}"  # as bench/pacs_ctl.sh
 EXTRA=.bench-data/extra48k
 mkdir -p .bench-out
 [ -f "$EXTRA/manifest.json" ] || \
@@ -42,7 +43,7 @@ run orthanc "${O_ARGS[@]}" 50k
 "$B/orthanc/orthanc_ctl.sh" stop
 
 bench/pacs_ctl.sh wipe
-P_ARGS=(14252 PACS http://127.0.0.1:18052/dicomweb .bench-pacs/pacs.pid "bench/pacs_ctl.sh wipe")
+P_ARGS=(14252 PACS http://127.0.0.1:18052/dicomweb "$PACS_HOME/pacs.pid" "bench/pacs_ctl.sh wipe")
 run pacs "${P_ARGS[@]}" 2k
 load_extra 14252 PACS
 run pacs "${P_ARGS[@]}" 50k

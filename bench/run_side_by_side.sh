@@ -17,6 +17,7 @@ TAG="${1:-run}"
 ROUNDS="${ROUNDS:-1}"
 B="${PACS_SHARED_DIR:-../shared}/bench"
 PY=.bench-venv/bin/python
+PACS_HOME="${PACS_BENCH_HOME:-${TMPDIR:-/tmp}/bench-pacs}"  # as bench/pacs_ctl.sh
 TESTS="${BENCH_TESTS:-echo,ingest_ct,ingest_many,find,qido,wado,move,get,stow}"
 mkdir -p .bench-out
 
@@ -39,8 +40,8 @@ pacs_pass() {  # pacs_pass OUT_PREFIX
     --calling-aet BENCHSCU --move-dest-ae BENCHSCU --move-dest-port 14243 \
     --dicomweb-url http://127.0.0.1:18052/dicomweb --wado-uri-url http://127.0.0.1:18052/wado \
     --storescp-preload "${TMPDIR:-/tmp}/bench-orthanc/bind_loopback.so" \
-    --wipe-cmd "bench/pacs_ctl.sh wipe" --server-pidfile .bench-pacs/pacs.pid \
-    --storage-dir .bench-pacs/data --versions-cmd "bench/pacs_ctl.sh versions" \
+    --wipe-cmd "bench/pacs_ctl.sh wipe" --server-pidfile "$PACS_HOME/pacs.pid" \
+    --storage-dir "$PACS_HOME/data" --versions-cmd "bench/pacs_ctl.sh versions" \
     --tests "$TESTS" ${BENCH_ARGS:-} \
     --out-md "$1-pacs.md" --out-json "$1-pacs.json"
   bench/pacs_ctl.sh stop
