@@ -12,12 +12,14 @@ import functools
 import gzip
 import json
 import logging
+import re
 from collections.abc import Iterator
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -43,6 +45,7 @@ from pacs.settings import Settings
 from storage.archive import Archive
 from storage.attributes import Level
 from storage.errors import InvalidQuery, NotFound, StorageUnavailable
+from storage.parsing import require_uid
 from storage.query import NameMatching, find
 
 log = logging.getLogger("pacs.dicomweb")
@@ -203,6 +206,7 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
         else:
             rows = await run_in_threadpool(wado.instance_rows, archive, target)
             if numbers is not None:
+                wado.check_frames_exist(rows[0], numbers)
                 chosen = [(rows[0]["_blob_key"], n - 1) for n in numbers]
             elif not target.instance:
                 chosen = [(row["_blob_key"], 0) for row in wado.image_rows(rows)]
@@ -249,9 +253,13 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
         if media_type is None:
             raise NotAcceptable(f"contentType: {params.get('contentType')!r}; available: "
                                 "application/dicom, image/jpeg, image/png")
+        number = params.get("frameNumber", "1")
+        if not (number.isascii() and number.isdigit() and int(number) >= 1):
+            raise HTTPException(400, f"frameNumber: {number!r} is not a frame number (1, 2...)")
+        wado.check_frames_exist(row, [int(number)])
+        frame = int(number) - 1
         try:
             options = render.parse_options(_wado_uri_render_params(params), media_type)
-            frame = int(params.get("frameNumber", "1")) - 1
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from None
         image = await run_in_threadpool(_rendered_image, row["_blob_key"], frame, options)
@@ -269,6 +277,8 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
         if declared and declared.isdigit() and int(declared) > settings.stow_max_bytes:
             raise BodyTooLarge(settings.stow_max_bytes)
         study_uid = request.path_params.get("study")
+        if study_uid is not None:
+            require_uid(study_uid, "study UID")
         base = base_url(request)
         outcome = stow.StowOutcome()
         window = stow.StoreWindow(outcome)
@@ -338,14 +348,13 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
         Route(instance + "/frames/{frames}/thumbnail", thumbnail, methods=["GET"]),
     ]
     handlers: dict[Any, Any] = {kind: _error_response for kind, _ in _STATUSES}
-    handlers[HTTPException] = _error_response
-    handlers[Exception] = _error_response  # the last resort: 500 with a logged traceback
+    handlers[HTTPException] = _error_response  # and anything else: ContainErrors
     async def openapi(request: Request) -> Response:
         return JSONResponse(openapi_document())
 
     routes += [Route("/wado", wado_uri, methods=["GET"]),
                Route("/openapi.json", openapi, methods=["GET"])]
-    app = Starlette(routes=routes,
+    app = Starlette(routes=routes, middleware=[Middleware(ContainErrors)],
                     exception_handlers=handlers)
     app.state.wado_uri = wado_uri  # also served at /wado, where WADO-URI clients look
     return app
@@ -356,7 +365,8 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
 
 def _path_uids(request: Request) -> dict[str, str]:
     names = {"study": "StudyInstanceUID", "series": "SeriesInstanceUID"}
-    return {names[k]: v for k, v in request.path_params.items() if k in names}
+    return {names[k]: require_uid(v, f"{k} UID") for k, v in request.path_params.items()
+            if k in names}
 
 
 def _target(request: Request) -> wado.Target:
@@ -437,15 +447,15 @@ def _ranged(request: Request, data: bytes) -> Response:
     headers = {"Accept-Ranges": "bytes"}
     header = request.headers.get("range", "")
     if header.startswith("bytes=") and "," not in header:
-        start_text, _, end_text = header[6:].partition("-")
-        try:
-            if start_text:
-                start = int(start_text)
-                end = min(int(end_text), len(data) - 1) if end_text else len(data) - 1
-            else:
-                start, end = max(len(data) - int(end_text), 0), len(data) - 1
-        except ValueError:
-            raise HTTPException(400, f"Range: {header!r} is not a byte range") from None
+        match = re.fullmatch(r"bytes=([0-9]*)-([0-9]*)", header.strip())
+        if match is None or match.group(1) == match.group(2) == "":
+            raise HTTPException(400, f"Range: {header!r} is not a byte range")
+        start_text, end_text = match.groups()
+        if start_text:
+            start = int(start_text)
+            end = min(int(end_text), len(data) - 1) if end_text else len(data) - 1
+        else:
+            start, end = max(len(data) - int(end_text), 0), len(data) - 1
         if start > end or start >= len(data):
             return Response(status_code=416, headers={"Content-Range": f"bytes */{len(data)}"})
         headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
@@ -470,7 +480,55 @@ async def _error_response(request: Request, exc: Exception) -> Response:
         status = next((code for kind, code in _STATUSES if isinstance(exc, kind)), 500)
         message = str(exc) if status != 500 else "internal error; see the server log"
     if status == 500:
-        log.error("DICOMweb %s %s failed", request.method, request.url.path, exc_info=exc)
+        # The exception's own text may quote data (a database error quotes its parameters,
+        # a validation error its input: patient names); at ERROR only what failed and where.
+        log.error("HTTP %s %s failed: %s at %s", request.method, request.url.path,
+                  type(exc).__name__, _where(exc))
+        log.debug("HTTP %s %s failed", request.method, request.url.path, exc_info=exc)
     elif status == 503:
-        log.error("DICOMweb %s %s: %s", request.method, request.url.path, message)
+        log.error("HTTP %s %s: %s", request.method, request.url.path, message)
     return JSONResponse({"status": status, "message": message}, status_code=status)
+
+
+def _where(exc: BaseException) -> str:
+    """File and line where ``exc`` was raised."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return "?"
+    code = tb.tb_frame.f_code
+    return f"{code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno} ({code.co_name})"
+
+
+class ContainErrors:
+    """ASGI middleware: an unexpected exception becomes ``_error_response``'s 500, logged
+    once, and the connection stays open for the client's next request.
+
+    Starlette's own last-resort handler answers too, but then re-raises, so the server logs
+    the traceback again and drops the connection; a client reusing it sees it reset. An
+    exception after the answer has started is re-raised: closing the connection is then the
+    only way to tell the client that the body is cut short.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:
+                raise
+            response = await _error_response(Request(scope), exc)
+            await response(scope, receive, send)

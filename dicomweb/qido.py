@@ -140,13 +140,19 @@ def _name(attribute) -> str:
         else attribute.keyword
 
 
+# Larger than any index holds, small enough for every database's integers.
+_LARGEST = 2**31 - 1
+
+
 def _integer(name: str, value: str, *, minimum: int) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise BadQueryParameter(name, f"{value!r} is not an integer") from None
+    stripped = value.strip()
+    if not (stripped.isascii() and stripped.lstrip("-").isdigit()):
+        raise BadQueryParameter(name, f"{value!r} is not an integer")
+    number = int(stripped)
     if number < minimum:
         raise BadQueryParameter(name, f"{number} is less than {minimum}")
+    if number > _LARGEST:
+        raise BadQueryParameter(name, f"{stripped} is more than {_LARGEST}")
     return number
 
 

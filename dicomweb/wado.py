@@ -28,9 +28,11 @@ from dicomweb.multipart import Part
 from storage.archive import Archive, InstanceLocation
 from storage.attributes import Level
 from storage.errors import NotFound, StorageUnavailable
+from storage.parsing import require_uid
 from storage.query import Query, find, image_instances
 
 _BULK_URI = re.compile(r'"BulkDataURI":"bulk:(?:(\d+):(\d+)|path:([0-9A-Fa-f/]+))"')
+_BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW", "OW or OB"})
 _NATIVE = transcode.UNCOMPRESSED  # frames of these are the same native pixel bytes
 # Instances up to this size are read whole, a few ahead of the one being sent; bigger ones are
 # streamed in chunks (bounded memory whatever the instance).
@@ -50,6 +52,14 @@ class Target:
         if self.instance:
             return Level.INSTANCE
         return Level.SERIES if self.series else Level.STUDY
+
+    def __post_init__(self) -> None:
+        # One UID each: anything else would reach the matching of C-FIND and QIDO-RS, where an
+        # empty value or "*" matches every study and "\\" separates a list.
+        for what, uid in (("study", self.study), ("series", self.series),
+                          ("instance", self.instance)):
+            if uid is not None:
+                require_uid(uid, f"{what} UID")
 
     def keys(self) -> dict[str, str]:
         keys = {"StudyInstanceUID": self.study}
@@ -200,13 +210,22 @@ def read_blob(archive: Archive, key: str) -> bytes:
 
 
 def parse_frame_list(text: str) -> list[int]:
-    """Frame numbers of a frame list (``1``, ``1,3,5``; 1-based, no duplicates removed)."""
-    try:
-        numbers = [int(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise ValueError(f"frame list {text!r} is not comma-separated frame numbers") from None
-    if not numbers or any(n < 1 for n in numbers):
+    """Frame numbers of a frame list (``1``, ``1,3,5``; 1-based, in the order asked).
+
+    Each frame once: a list repeating one frame would make the answer any size a URL can ask
+    for (the frames are gathered in memory), so it is refused rather than served.
+    """
+    items = text.split(",")
+    if not all(item.isascii() and item.isdigit() for item in items):
+        raise ValueError(f"frame list {text!r} is not comma-separated frame numbers")
+    numbers = [int(item) for item in items]
+    if any(n < 1 for n in numbers):
         raise ValueError(f"frame list {text!r}: frame numbers start at 1")
+    seen: set[int] = set()
+    for number in numbers:
+        if number in seen:
+            raise ValueError(f"frame {number} is listed more than once")
+        seen.add(number)
     return numbers
 
 
@@ -238,14 +257,20 @@ def _same(pattern: str, media_type: str) -> bool:
     return pattern == media_type or (sub == "*" and media_type.startswith(kind + "/"))
 
 
-def frame_bytes(archive: Archive, row: dict[str, Any], numbers: list[int],
-                syntax: str) -> list[bytes]:
-    """The bytes of frames ``numbers`` of one instance, in ``syntax``."""
-    stored = row["_transfer_syntax_uid"]
+def check_frames_exist(row: dict[str, Any], numbers: list[int]) -> int:
+    """The instance's number of frames; ``NotFound`` for a frame number past it."""
     count = int(row.get("NumberOfFrames") or 1)
     for number in numbers:
         if number > count:
             raise NotFound(f"frame {number} does not exist: the instance has {count} frame(s)")
+    return count
+
+
+def frame_bytes(archive: Archive, row: dict[str, Any], numbers: list[int],
+                syntax: str) -> list[bytes]:
+    """The bytes of frames ``numbers`` of one instance, in ``syntax``."""
+    stored = row["_transfer_syntax_uid"]
+    count = check_frames_exist(row, numbers)
     ranges = json.loads(row["_frames"]) if row.get("_frames") else None
     same = syntax == stored or (syntax in _NATIVE and stored in _NATIVE)
     if same and ranges is not None and len(ranges) >= count:
@@ -283,7 +308,7 @@ def bulk_bytes(archive: Archive, row: dict[str, Any], spec: str) -> bytes:
 
     A byte range is served only if the instance's metadata names it (``row`` must carry the
     header): ``0-<size>`` would otherwise be the whole stored file, a download by another
-    name."""
+    name. An element path is served when the element is binary (pixel data included)."""
     match = re.fullmatch(r"(\d+)-(\d+)", spec)
     if match:
         offset, length = int(match.group(1)), int(match.group(2))
@@ -298,10 +323,13 @@ def bulk_bytes(archive: Archive, row: dict[str, Any], spec: str) -> bytes:
     try:
         for position in range(0, len(steps) - 1, 2):
             ds = ds[int(steps[position], 16)].value[int(steps[position + 1])]
-        value = ds[int(steps[-1], 16)].value
-    except (KeyError, IndexError):
+        element = ds[int(steps[-1], 16)]
+    except (KeyError, IndexError, TypeError):
         raise NotFound(f"no bulk data {spec!r} in the instance") from None
-    return value if isinstance(value, bytes) else bytes(value)
+    if element.VR not in _BINARY_VRS or not isinstance(element.value, bytes):
+        # A number or a name has no bytes to give (and bytes(n) would be n zero bytes).
+        raise NotFound(f"{spec!r} is not bulk data (VR {element.VR})")
+    return element.value
 
 
 # ---------------------------------------------------------------------------- rendering

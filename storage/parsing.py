@@ -27,7 +27,7 @@ from pydicom.uid import (
 
 from storage import rawread
 from storage.dicomjson import BULK_THRESHOLD, HeaderJSON
-from storage.errors import InvalidInstance
+from storage.errors import InvalidInstance, InvalidQuery
 
 # Derived from pydicom's UID root (for organisations without their own), fixed for this server.
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.97216283310727712364705057509198736575"
@@ -72,6 +72,18 @@ class ParsedInstance:
 def is_known_transfer_syntax(uid: str) -> bool:
     """True for every standard transfer syntax we can read the data set of."""
     return UID(uid).is_transfer_syntax or uid in NEWER_ENCAPSULATED_TRANSFER_SYNTAXES
+
+
+def require_uid(value: str, what: str) -> str:
+    """``value`` if it is one UID, else ``InvalidQuery`` naming ``what``.
+
+    For a path or parameter that names one study, series or instance: passed to the query path
+    unchecked it would be matched as a C-FIND key, where an empty value or ``*`` matches
+    everything and ``\\`` separates a list.
+    """
+    if not is_valid_uid(value):
+        raise InvalidQuery(what, f"{value!r} is not a UID")
+    return value
 
 
 def is_valid_uid(value: Any) -> bool:
@@ -456,6 +468,7 @@ __all__ = [
     "ParsedInstance",
     "is_known_transfer_syntax",
     "is_valid_uid",
+    "require_uid",
     "parse_instance",
     "part10",
 ]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import logging
 
 import httpx
 import numpy as np
@@ -12,7 +14,11 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 from requests.exceptions import HTTPError
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.routing import Route
 
+from dicomweb.app import ContainErrors
 from pacs.settings import Settings
 from tests.conftest import PacsProcess
 from tests.factory import Spec, dataset, part10
@@ -140,6 +146,7 @@ def test_qido_limit_and_offset_page_through_results(http, study):
     ("StudyDate=2024", "StudyDate"), ("limit=many", "limit"), ("offset=-1", "offset"),
     ("NoSuchKeyword=1", "NoSuchKeyword"), ("fuzzymatching=maybe", "fuzzymatching"),
     ("StudyInstanceUID=not-a-uid", "StudyInstanceUID"), ("includefield=Bogus", "includefield"),
+    ("offset=99999999999999999999999", "offset"), ("limit=%EF%BC%91", "limit"),
 ])
 def test_qido_bad_parameters_get_400_naming_the_parameter(http, query, parameter):
     response = http.get("/studies?" + query)
@@ -336,6 +343,29 @@ def test_cors_preflight_for_authorization_and_accept(http):
     assert "Access-Control-Allow-Origin" not in other.headers
 
 
+def test_an_unexpected_error_is_answered_and_logged_once_without_its_message(caplog):
+    # Starlette's last-resort handler answers a 500 and re-raises, so the server dropped the
+    # connection (a client reusing it saw it reset) and logged the traceback twice, with the
+    # exception's message, which can quote a patient's name.
+    async def broken(request):
+        raise RuntimeError("value 'Nguyễn^Văn An' refused")
+
+    app = Starlette(routes=[Route("/x", broken)], middleware=[Middleware(ContainErrors)])
+
+    async def call() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)  # raises what escapes the app
+        async with httpx.AsyncClient(transport=transport, base_url="http://pacs") as client:
+            return await client.get("/x")
+
+    with caplog.at_level(logging.INFO):
+        response = asyncio.run(call())
+    assert response.status_code == 500
+    assert response.json()["message"] == "internal error; see the server log"
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "RuntimeError" in errors[0].getMessage()
+    assert "Nguyễn" not in caplog.text
+
+
 def test_server_keeps_serving_after_bad_requests(server, http):
     http.get("/studies?StudyDate=xx")
     http.post("/studies", content=b"junk", headers={"Content-Type": STOW_TYPE})
@@ -450,6 +480,78 @@ def test_wado_uri_dicom_and_jpeg(server, study):
     assert missing.status_code == 400 and "objectUID" in missing.json()["message"]
     unknown = httpx.get(server.http + "/wado", params={**params, "objectUID": "1.2.3"})
     assert unknown.status_code == 404
+
+
+@pytest.mark.parametrize("path", [
+    "/studies/%20/metadata", "/studies/%2A/metadata", "/studies/%09/metadata", "/studies/%2A",
+    "/studies/1.2.3%5C1.2.4/metadata", "/studies/1..2/metadata", "/studies/%2A/series",
+    "/studies/%2A/instances", "/studies/%2A/rendered", "/studies/%2A/thumbnail",
+])
+def test_a_path_that_is_not_one_uid_is_refused_never_matched(http, study, path):
+    # Matched as a C-FIND key, a blank or "*" study UID would be every study of every patient
+    # (the whole archive in one WADO-RS answer).
+    response = http.get(path)
+    assert response.status_code == 400, (path, response.status_code, len(response.content))
+    assert "is not a UID" in response.json()["message"]
+
+
+def test_launch_links_film_wado_uri_and_stow_refuse_what_is_not_one_study(server, study):
+    spec, ct = study["spec"], study["ct"][0]
+    with httpx.Client(base_url=server.http, timeout=30) as web:
+        for path in ["/studies/%2A", "/studies/%20", "/accession/%2A", "/accession/%20",
+                     "/IHEInvokeImageDisplay?requestType=STUDY&studyUID=,,,",
+                     "/IHEInvokeImageDisplay?requestType=STUDY&studyUID=*",
+                     "/IHEInvokeImageDisplay?requestType=STUDY&accessionNumber=ACC*",
+                     "/IHEInvokeImageDisplay?requestType=PATIENT&patientID=*",
+                     "/api/studies/%2A/film.png", "/api/studies/%20/film.pdf",
+                     "/wado?requestType=WADO&studyUID=%20&seriesUID=%20&objectUID=%20"
+                     "&contentType=application/dicom"]:
+            response = web.get(path)
+            assert response.status_code == 400, (path, response.status_code)
+        film = web.post("/api/studies/%2A/film")  # a film of every patient, stored in none
+        assert film.status_code == 400 and "not a UID" in film.json()["message"]
+        stow_to = web.post("/dicomweb/studies/abc", content=b"x",
+                           headers={"Content-Type": STOW_TYPE})
+        assert stow_to.status_code == 400 and "not a UID" in stow_to.json()["message"]
+        # The study itself still opens, by UID, by accession number and through IID.
+        assert web.get(f"/studies/{spec.study_uid}").status_code == 302
+        assert web.get(f"/accession/{spec.accession}").status_code == 302
+        assert web.get("/IHEInvokeImageDisplay", params={
+            "requestType": "STUDY", "studyUID": spec.study_uid}).status_code == 302
+        assert web.get("/wado", params={
+            "requestType": "WADO", "studyUID": spec.study_uid, "seriesUID":
+            ct.SeriesInstanceUID, "objectUID": ct.SOPInstanceUID, "frameNumber": "0"}
+                       ).status_code == 400
+        assert web.get("/wado", params={
+            "requestType": "WADO", "studyUID": spec.study_uid, "seriesUID":
+            ct.SeriesInstanceUID, "objectUID": ct.SOPInstanceUID, "frameNumber": "2"}
+                       ).status_code == 404  # one frame
+
+
+@pytest.mark.parametrize("frames", ["1,1", "2,1,2", "1,,2", "+1", "%201", "1_0", "%D9%A1"])
+def test_frame_lists_are_plain_numbers_each_once(http, study, frames):
+    # "60" repeated 200 times made a 184 MB answer from a 1 KB URL.
+    spec, mf = study["spec"], study["multiframe"]
+    base = f"/studies/{spec.study_uid}/series/{mf.SeriesInstanceUID}/instances/{mf.SOPInstanceUID}"
+    for path in (f"{base}/frames/{frames}", f"{base}/frames/{frames}/rendered"):
+        response = http.get(path)
+        assert response.status_code == 400, (path, response.status_code)
+        assert "frame" in response.json()["message"]
+    assert http.get(f"{base}/frames/5/rendered").status_code == 404  # 4 frames, as /frames/5
+
+
+def test_bulkdata_by_path_only_for_binary_elements(http, study):
+    spec, mf = study["spec"], study["multiframe"]
+    base = (f"/studies/{spec.study_uid}/series/{mf.SeriesInstanceUID}/instances/"
+            f"{mf.SOPInstanceUID}/bulkdata/path/")
+    # A number would have come back as that many zero bytes, a name as a 500.
+    for path in ("00280010", "00200013", "00100010", "00100010/0/00100010"):
+        response = http.get(base + path)
+        assert response.status_code == 404, (path, response.status_code, len(response.content))
+    pixels = http.get(base + "7FE00010")
+    assert pixels.status_code == 200 and pixels.content == mf.PixelData
+    range_without_dash = http.get(base + "7FE00010", headers={"Range": "bytes=5"})
+    assert range_without_dash.status_code == 400
 
 
 def test_openapi_describes_every_route(server):

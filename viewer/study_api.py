@@ -20,6 +20,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from pacs.access import principal_of
+from storage.parsing import is_valid_uid
 from viewer.export import write_dicom_zip, write_jpeg_zip
 from viewer.film import (
     FilmError,
@@ -63,6 +64,8 @@ def study_api_routes(server) -> list[Route]:
 
     async def film(request: Request) -> Response:
         study_uid = request.path_params["study"]
+        if not is_valid_uid(study_uid):  # "*" or "" would match every study
+            return _error(400, f"study UID: {study_uid!r} is not a UID")
         kind = request.path_params["kind"]
         if kind not in ("pdf", "png"):
             return _error(404, "the film is available as film.pdf and film.png")
@@ -72,7 +75,10 @@ def study_api_routes(server) -> list[Route]:
                 pdf = await run_in_threadpool(render_film_pdf, archive, study_uid, options)
                 body, media_type = pdf, "application/pdf"
             else:
-                sheet = int(request.query_params.get("sheet", "1"))
+                sheet_param = request.query_params.get("sheet", "1")
+                if not (sheet_param.isascii() and sheet_param.isdigit()):
+                    raise FilmError(f"sheet: {sheet_param!r} is not a sheet number")
+                sheet = int(sheet_param)
                 sheets = await run_in_threadpool(render_film_png, archive, study_uid, options)
                 if not 1 <= sheet <= len(sheets):
                     raise FilmError(f"sheet: {sheet} is not between 1 and {len(sheets)}")
@@ -89,6 +95,8 @@ def study_api_routes(server) -> list[Route]:
     async def store(request: Request) -> Response:
         """Make the film and keep it in the study, where viewers and the EMR see it."""
         study_uid = request.path_params["study"]
+        if not is_valid_uid(study_uid):  # "*" or "" would match every study
+            return _error(400, f"study UID: {study_uid!r} is not a UID")
         try:
             options = film_request(request)
             pdf = await run_in_threadpool(render_film_pdf, archive, study_uid, options)
@@ -107,6 +115,8 @@ def study_api_routes(server) -> list[Route]:
 
     async def download(request: Request) -> Response:
         study_uid = request.path_params["study"]
+        if not is_valid_uid(study_uid):  # "*" or "" would match every study
+            return _error(400, f"study UID: {study_uid!r} is not a UID")
         kind = request.query_params.get("format", "dicom")
         if kind not in ("dicom", "jpeg"):
             return _error(400, f"format: {kind!r} must be dicom or jpeg")

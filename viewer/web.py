@@ -25,6 +25,7 @@ from starlette.routing import Route
 from pacs import __version__
 from storage.attributes import Level
 from storage.errors import InvalidQuery
+from storage.parsing import is_valid_uid
 from storage.query import NameMatching, Query, find
 from viewer.ohif import BASE, OHIF_VERSION, app_config_js, installed_version
 
@@ -74,6 +75,8 @@ def viewer_routes(server) -> list[Route]:
                         "<p>Chạy / run: <code>pacs install-ohif</code> "
                         f"(OHIF {OHIF_VERSION}, npm).</p>"), status_code=503)
         relative = request.path_params.get("path", "")
+        if "\0" in relative:
+            return Response("not found", status_code=404, media_type="text/plain")
         path = (ohif_dir / relative).resolve()
         if ohif_dir not in path.parents or not path.is_file() or path.name.endswith(".gz"):
             if "." in relative.rsplit("/", 1)[-1]:
@@ -89,6 +92,8 @@ def viewer_routes(server) -> list[Route]:
             patient_id = params.get("patientID", "")
             if not patient_id:
                 return _not_found("patientID là bắt buộc / patientID is required", 400)
+            if not _names_one(patient_id):
+                return _not_found(_NOT_ONE.format(name="patientID"), 400)
             found = await _find(server, Level.STUDY, {"PatientID": patient_id})
             if not found:
                 return _not_found(f"Không có ca chụp nào của bệnh nhân / no study for patient "
@@ -98,18 +103,29 @@ def viewer_routes(server) -> list[Route]:
             return _not_found(f"requestType {kind!r} không hỗ trợ / not supported "
                               "(STUDY, PATIENT)", 400)
         if params.get("studyUID"):
-            uids = [u for u in re.split(r"[,\\]", params["studyUID"]) if u]
+            uids = [u.strip() for u in re.split(r"[,\\]", params["studyUID"]) if u.strip()]
+            if not uids or not all(is_valid_uid(uid) for uid in uids):
+                return _not_found("studyUID: một hoặc nhiều UID, cách nhau bởi dấu phẩy / one "
+                                  "or more UIDs, separated by commas", 400)
             return await _open_studies(server, {"StudyInstanceUID": "\\".join(uids)})
         if params.get("accessionNumber"):
+            if not _names_one(params["accessionNumber"]):
+                return _not_found(_NOT_ONE.format(name="accessionNumber"), 400)
             return await _open_studies(server, {"AccessionNumber": params["accessionNumber"]})
         return _not_found("studyUID hoặc accessionNumber là bắt buộc / studyUID or "
                           "accessionNumber is required", 400)
 
     async def study_link(request: Request) -> Response:
-        return await _open_studies(server, {"StudyInstanceUID": request.path_params["uid"]})
+        uid = request.path_params["uid"]
+        if not is_valid_uid(uid):
+            return _not_found(f"{uid!r} không phải là UID / is not a UID", 400)
+        return await _open_studies(server, {"StudyInstanceUID": uid})
 
     async def accession_link(request: Request) -> Response:
-        return await _open_studies(server, {"AccessionNumber": request.path_params["number"]})
+        number = request.path_params["number"]
+        if not _names_one(number):
+            return _not_found(_NOT_ONE.format(name="accession number"), 400)
+        return await _open_studies(server, {"AccessionNumber": number})
 
     return [
         Route("/", start_page, name="start_page"),
@@ -120,6 +136,16 @@ def viewer_routes(server) -> list[Route]:
         Route("/studies/{uid}", study_link),
         Route("/accession/{number}", accession_link),
     ]
+
+
+# Launch links name one study or patient, but are looked up through the query path, where an
+# empty value or a wildcard matches many and "\\" separates a list.
+_NOT_ONE = ("{name}: một giá trị, không có * ? \\ / one value, without the characters "
+            "* ? \\")
+
+
+def _names_one(value: str) -> bool:
+    return bool(value.strip()) and not any(c in value for c in "*?\\")
 
 
 async def _find(server, level: Level, keys: dict[str, str]) -> list[dict]:
