@@ -16,6 +16,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
 from starlette.applications import Starlette
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -60,6 +61,10 @@ _PATIENT_RECORD_COUNTS = ("00201200", "00201202", "00201204")
 
 class UnsupportedMediaType(ValueError):
     """The request body is not of a type this route accepts (HTTP 415)."""
+
+
+class BodyTimeout(Exception):
+    """The request body stopped arriving (HTTP 408)."""
 
 
 def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
@@ -468,7 +473,7 @@ _STATUSES: list[tuple[type[BaseException], int]] = [
     (qido.BadQueryParameter, 400), (InvalidQuery, 400), (MultipartError, 400),
     (render.CannotRender, 422),
     (NotFound, 404), (NotAcceptable, 406), (NotTranscodable, 406), (BodyTooLarge, 413),
-    (UnsupportedMediaType, 415), (StorageUnavailable, 503),
+    (UnsupportedMediaType, 415), (StorageUnavailable, 503), (BodyTimeout, 408),
 ]
 
 
@@ -487,7 +492,10 @@ async def _error_response(request: Request, exc: Exception) -> Response:
         log.debug("HTTP %s %s failed", request.method, request.url.path, exc_info=exc)
     elif status == 503:
         log.error("HTTP %s %s: %s", request.method, request.url.path, message)
-    return JSONResponse({"status": status, "message": message}, status_code=status)
+    # The rest of a timed-out body may still come: the connection cannot serve another request.
+    headers = {"Connection": "close"} if status == 408 else None
+    return JSONResponse({"status": status, "message": message}, status_code=status,
+                        headers=headers)
 
 
 def _where(exc: BaseException) -> str:
@@ -499,6 +507,38 @@ def _where(exc: BaseException) -> str:
         return "?"
     code = tb.tb_frame.f_code
     return f"{code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno} ({code.co_name})"
+
+
+class BodyIdleTimeout:
+    """ASGI middleware: while a request's body is arriving, each part of it must come within
+    ``seconds`` of the last, or the request fails with ``BodyTimeout`` (answered 408; the
+    server then closes the connection, the body being unread). Only the body: waiting for
+    the client to disconnect during a long answer is not limited."""
+
+    def __init__(self, app, seconds: float) -> None:
+        self.app = app
+        self.seconds = seconds
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        body_done = False
+
+        async def timed_receive():
+            nonlocal body_done
+            if body_done:
+                return await receive()
+            try:
+                with anyio.fail_after(self.seconds):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyTimeout(f"no part of the request body came for {self.seconds:g} s"
+                                  ) from None
+            body_done = message["type"] != "http.request" or not message.get("more_body")
+            return message
+
+        await self.app(scope, timed_receive, send)
 
 
 class ContainErrors:

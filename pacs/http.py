@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from dicomweb.app import ContainErrors, build_dicomweb
+from dicomweb.app import BodyIdleTimeout, ContainErrors, build_dicomweb
 from emr.http import emr_routes
 from pacs import __version__
 from pacs.access import AccessGate
@@ -37,7 +37,8 @@ def build_app(server) -> Starlette:
         }
         return JSONResponse(body, status_code=200 if dicom_up else 503)
 
-    middleware = [Middleware(ContainErrors)]  # outermost: also an error of the gate
+    middleware = [Middleware(ContainErrors),  # outermost: also an error of the gate
+                  Middleware(BodyIdleTimeout, seconds=server.settings.http_body_idle_timeout)]
     origins = list(server.settings.cors_allowed_origins)
     if origins:
         # Viewers served from another origin; preflight answered for the headers they send.

@@ -108,6 +108,10 @@ class Settings:
     cors_allowed_origins: tuple[str, ...] = ()
     # Largest STOW-RS request body in bytes (HTTP 413 beyond it).
     stow_max_bytes: int = 4 * 1024**3
+    # Seconds a request body may stop arriving before the request is answered 408 and its
+    # connection closed (a client that announces a large upload and sends nothing would hold a
+    # connection, and its request's resources, for ever).
+    http_body_idle_timeout: float = 60.0
     # Hospital or site name shown on pages and in the viewer.
     site_name: str = "PACS"
     # Where `pacs install-ohif` puts the OHIF Viewer; empty: .ohif next to the source tree.
@@ -309,6 +313,8 @@ def _validate(settings: Settings) -> None:
         raise SettingsError("dicom_workers must be between 0 (one per core) and 64")
     if settings.stow_max_bytes < 1:
         raise SettingsError("stow_max_bytes must be at least 1")
+    if settings.http_body_idle_timeout <= 0:
+        raise SettingsError("http_body_idle_timeout must be positive")
     for network in settings.staff_networks:
         try:
             ipaddress.ip_network(network, strict=False)

@@ -6,6 +6,8 @@ import asyncio
 import io
 import json
 import logging
+import socket
+import time
 
 import httpx
 import numpy as np
@@ -364,6 +366,25 @@ def test_an_unexpected_error_is_answered_and_logged_once_without_its_message(cap
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "RuntimeError" in errors[0].getMessage()
     assert "Nguyễn" not in caplog.text
+
+
+def test_an_upload_that_stops_arriving_is_answered_408_and_closed(start_server):
+    # A client announcing a large STOW-RS body and then sending nothing held the connection,
+    # and the request, for as long as it liked.
+    server = start_server(PACS_HTTP_BODY_IDLE_TIMEOUT="1")
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=20) as sock:
+        sock.sendall(b"POST /dicomweb/studies HTTP/1.1\r\nHost: pacs\r\n"
+                     b"Content-Type: " + STOW_TYPE.encode() + b"\r\n"
+                     b"Content-Length: 4000000\r\n\r\n--b0undary\r\n")
+        started = time.monotonic()
+        answer = b""
+        while chunk := sock.recv(65536):  # until the server closes the connection
+            answer += chunk
+        waited = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"request body" in answer
+    assert 0.5 < waited < 15
+    assert httpx.get(server.http + "/healthz").status_code == 200
 
 
 def test_server_keeps_serving_after_bad_requests(server, http):
