@@ -294,7 +294,7 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
                 if part_media != "application/dicom":
                     window.add_result(stow.failed_part(
                         part.body, stow.CANNOT_UNDERSTAND,
-                        f"part of type {part_media} is not application/dicom"))
+                        f"part of type {part_media!r} is not application/dicom"))
                     continue
                 await window.store(part.body, functools.partial(
                     run_in_threadpool, stow.store_part, archive, part.body,

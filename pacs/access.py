@@ -14,8 +14,12 @@ Every HTTP request passes ``AccessGate`` before any route runs. It works out the
 * **anonymous** - anything else: public routes only (the share pages, the viewer's code,
   health).
 
-A credential that is present but not valid (forged, expired, revoked share) is refused with
-401; it never falls back to the network's rights.
+A credential that is present but not valid (forged, expired, revoked share, or empty) is
+refused with 401; it never falls back to the network's rights.
+
+The client's address is the peer's or, from a trusted proxy, the right-most address of
+``X-Forwarded-For`` that is not itself a trusted proxy (``client_address``). An entry there
+that is not an address makes the client unknown: it never gets the proxy's own rights.
 
 Because staff carry no credential, a web page from elsewhere opened on a staff workstation
 could make the browser send requests as staff (cross-site request forgery). Requests that
@@ -220,6 +224,7 @@ class AccessPolicy:
         self.secret = secret
         self.staff_networks = [ipaddress.ip_network(n, strict=False)
                                for n in settings.staff_networks]
+        self.trusted_proxies = _TrustedProxies(settings.trusted_proxies)
         self._cache: dict[int, tuple[float, Share | None]] = {}
         self._recorded: OrderedDict[tuple[str, ...], None] = OrderedDict()
 
@@ -234,10 +239,13 @@ class AccessPolicy:
         """Drop a cached share (revoked, unlocked) so the change applies at once here."""
         self._cache.pop(share_id, None)
 
-    async def principal_for(self, scope: Scope) -> Principal | None:
+    async def principal_for(self, scope: Scope, query: QueryParams | None = None
+                            ) -> Principal | None:
         """The principal of a request; None when it carries a credential that is not valid."""
-        address = (scope.get("client") or ("", 0))[0]
-        credential = _credential(scope)
+        address = self.client_address(scope)
+        if query is None:
+            query = QueryParams(scope.get("query_string", b"").decode("latin-1"))
+        credential = _credential(scope, query)
         if credential is None:
             return Principal(Role.STAFF if self._is_staff(address) else Role.ANONYMOUS, address)
         grant = Grant.decode(credential, self.secret)
@@ -262,6 +270,30 @@ class AccessPolicy:
                                 address=principal.address, detail=detail,
                                 session=principal.session)
 
+    def client_address(self, scope: Scope) -> str:
+        """Who sent the request: "" when a trusted proxy forwarded it for an address that is
+        not one (an empty or garbled ``X-Forwarded-For`` entry).
+
+        uvicorn has already replaced the peer by the forwarded client when it found one; when
+        the address is still a trusted proxy's and the request was forwarded, uvicorn kept the
+        proxy's address for an entry it could not use, and this works the client out again:
+        otherwise a loopback proxy would turn ``X-Forwarded-For: garbage, ,,`` into staff."""
+        address = (scope.get("client") or ("", 0))[0]
+        if address not in self.trusted_proxies:
+            return address
+        forwarded = [v.decode("latin-1") for k, v in scope.get("headers", ())
+                     if k == b"x-forwarded-for"]
+        if not forwarded:
+            return address
+        entries = [entry.strip() for entry in ", ".join(forwarded).split(",")]
+        for entry in reversed(entries):
+            host = _forwarded_host(entry)
+            if host is None:
+                return ""
+            if host not in self.trusted_proxies:
+                return host
+        return _forwarded_host(entries[0]) or ""  # every one a proxy: the first is the client
+
     def _is_staff(self, address: str) -> bool:
         try:
             ip = ipaddress.ip_address(address)
@@ -281,16 +313,56 @@ class AccessPolicy:
         return share
 
 
-def _credential(scope: Scope) -> str | None:
+def _credential(scope: Scope, query: QueryParams) -> str | None:
+    """The share session a request carries, None when it carries none. An empty one
+    (``Bearer `` or ``?access_token=``) is returned as "": present, so refused, not taken
+    for no credential at all."""
     for name, value in scope.get("headers", ()):
         if name == b"authorization":
-            kind, _, token = value.decode("latin-1").partition(" ")
-            if kind.lower() == "bearer" and token.strip():
+            kind, _, token = value.decode("latin-1").strip().partition(" ")
+            if kind.lower() == "bearer":
                 return token.strip()
-    query = scope.get("query_string", b"")
-    if b"access_token=" in query:
-        return QueryParams(query.decode("latin-1")).get("access_token") or None
+    if "access_token" in query:
+        return query["access_token"]
     return None
+
+
+class _TrustedProxies:
+    """``trusted_proxies`` as uvicorn reads it: addresses, networks, other literals, "*"."""
+
+    def __init__(self, entries: tuple[str, ...]) -> None:
+        self.everyone = "*" in entries
+        self.addresses, self.networks, self.literals = set(), [], set()
+        for entry in entries:
+            try:
+                if "/" in entry:
+                    self.networks.append(ipaddress.ip_network(entry, strict=False))
+                else:
+                    self.addresses.add(ipaddress.ip_address(entry))
+            except ValueError:
+                self.literals.add(entry)
+
+    def __contains__(self, host: str) -> bool:
+        if self.everyone:
+            return True
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return host in self.literals
+        return ip in self.addresses or any(ip in network for network in self.networks)
+
+
+def _forwarded_host(entry: str) -> str | None:
+    """The IP address of one ``X-Forwarded-For`` entry (``a.b.c.d``, ``a.b.c.d:port``,
+    ``::1``, ``[::1]:port``), None when it is not one."""
+    if entry.startswith("["):
+        entry = entry[1:].partition("]")[0]
+    elif entry.count(":") == 1:
+        entry = entry.partition(":")[0]
+    try:
+        return str(ipaddress.ip_address(entry))
+    except ValueError:
+        return None
 
 
 # ---------------------------------------------------------------------------- the gate
@@ -310,7 +382,8 @@ class AccessGate:
             await self.app(scope, receive, send)
             return
         path, method = scope["path"], scope["method"]
-        principal = await self.policy.principal_for(scope)
+        query = QueryParams(scope.get("query_string", b"").decode("latin-1"))
+        principal = await self.policy.principal_for(scope, query)
         if principal is None:
             decision = Decision(False, 401, "phiên chia sẻ không hợp lệ hoặc đã hết hạn / the "
                                             "share session is not valid or has expired")
@@ -318,7 +391,6 @@ class AccessGate:
             decision = Decision(False, 403, "yêu cầu từ trang web khác bị từ chối / a request "
                                             "from another site cannot change anything here")
         else:
-            query = QueryParams(scope.get("query_string", b"").decode("latin-1"))
             decision = decide(principal, method, path, query)
         if not decision.allowed:
             if principal is not None and principal.role is Role.SHARE:

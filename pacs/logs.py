@@ -15,3 +15,7 @@ def configure_logging(level: str) -> None:
         # One line per HTTP request the server makes (FHIR results) and per Alembic plug-in.
         logging.getLogger("httpx").setLevel(logging.WARNING)
         logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+        # fontTools.subset: ~25 lines per film PDF (fpdf2 subsets the embedded font);
+        # openjpeg.encode: a line per tile of every JPEG 2000 it encodes.
+        logging.getLogger("fontTools").setLevel(logging.WARNING)
+        logging.getLogger("openjpeg").setLevel(logging.WARNING)

@@ -34,9 +34,12 @@ from storage.index import (
 )
 
 TOKEN_CHARS = 22  # base64url of 16 bytes: 128 bits
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]{22}$")
-_PIN = re.compile(r"^\d{4,8}$")
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{22}")
+# ASCII digits only: ``\d`` (like str.isdigit and int) also takes "１２３４" or "١٢٣٤", which
+# the patient, typing 1234, would then never match.
+_PIN = re.compile(r"[0-9]{4,8}")
 MAX_DAYS = 3650
+MAX_ID = 2**63 - 1  # the largest key an INTEGER column holds (SQLite and PostgreSQL BIGINT)
 PIN_KINDS = ("", "generated", "birth-year", "given")
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
 
@@ -58,6 +61,7 @@ class PinOutcome(enum.Enum):
     WRONG = "wrong"
     WAIT = "wait"  # tried again before the delay after the last miss ran out
     LOCKED = "locked"
+    MALFORMED = "malformed"  # not 4-8 digits 0-9: cannot match, so not counted as a miss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,10 +142,10 @@ class ShareStore:
         """A new share of an archived study; returns it with its token (shown only now).
 
         ``pin``: None or "" for none, ``"generated"`` (6 digits, printable again on the
-        slip), ``"birth-year"`` (the patient's year of birth from the index) or 4-8 digits.
+        slip), ``"birth-year"`` (the patient's year of birth from the index) or 4-8 digits 0-9.
         """
-        if not 0 < days <= MAX_DAYS:
-            raise ShareError(f"days: {days} is not between 1 day and {MAX_DAYS} days")
+        if not 0 < days <= MAX_DAYS:  # (also false for NaN)
+            raise ShareError(f"days: must be more than 0 and at most {MAX_DAYS}, not {days}")
         birth_date = self._study_birth_date(study_uid)
         nonce = secrets.token_hex(16)
         token = self._derive_token(nonce)
@@ -150,14 +154,14 @@ class ShareStore:
             if pin == "generated":
                 pin_kind, pin_value = "generated", self._derive_pin(nonce)
             elif pin == "birth-year":
-                if not re.match(r"^\d{4}", birth_date or ""):
+                if not re.match(r"[0-9]{4}", birth_date or ""):
                     raise ShareError("pin: the patient's birth date is not known; give a PIN "
                                      "or use pin=generated")
                 pin_kind, pin_value = "birth-year", birth_date[:4]
-            elif _PIN.match(pin):
+            elif is_well_formed_pin(pin):
                 pin_kind, pin_value = "given", pin
             else:
-                raise ShareError("pin: use 4 to 8 digits, 'generated' or 'birth-year'")
+                raise ShareError("pin: use 4 to 8 digits (0-9), 'generated' or 'birth-year'")
         now = utc_now()
         values = {
             "study_instance_uid": study_uid, "token_sha256": token_digest(token),
@@ -171,6 +175,8 @@ class ShareStore:
         return self.get(pk), token
 
     def get(self, share_id: int) -> Share:
+        if not 0 < share_id <= MAX_ID:  # (the database would raise OverflowError)
+            raise NotFound(f"no share {share_id}")
         with self.index.read() as conn:
             row = conn.execute(sa.select(shares).where(shares.c.pk == share_id)).first()
         if row is None:
@@ -188,6 +194,11 @@ class ShareStore:
 
     def list(self, *, study_uid: str | None = None, created_by: str | None = None,
              limit: int = 100, offset: int = 0) -> list[Share]:
+        """Shares, newest first. A negative limit would mean "no limit" to SQLite."""
+        if not 0 <= limit <= MAX_ID:
+            raise ShareError(f"limit: must be between 0 and {MAX_ID}")
+        if not 0 <= offset <= MAX_ID:
+            raise ShareError(f"offset: must be between 0 and {MAX_ID}")
         statement = sa.select(shares).order_by(shares.c.pk.desc()).limit(limit).offset(offset)
         if study_uid:
             statement = statement.where(shares.c.study_instance_uid == study_uid)
@@ -206,6 +217,8 @@ class ShareStore:
         return self.get(share_id)
 
     def _update(self, share_id: int, **values: Any) -> None:
+        if not 0 < share_id <= MAX_ID:
+            raise NotFound(f"no share {share_id}")
         with self.index.write_core() as conn:
             count = conn.execute(shares.update().where(shares.c.pk == share_id)
                                  .values(**values)).rowcount
@@ -238,11 +251,16 @@ class ShareStore:
         Each attempt first reserves its turn in one conditional UPDATE (not locked, no wait
         pending, misses below the limit; the reservation counts as a miss and holds the share
         for a second), so guesses sent at once are refused instead of all being tried, and a
-        share can never take more misses than the limit."""
+        share can never take more misses than the limit. An attempt that is not 4-8 digits 0-9
+        (a typing slip, digits of another script) cannot match any PIN and is not counted."""
         if not share.has_pin:
             return PinResult(PinOutcome.OK)
+        pin = (pin or "").strip()
         if not pin:
             return self._pin_state(share)
+        if not is_well_formed_pin(pin):
+            left = max(self.pin_max_attempts - share.pin_failures, 0)
+            return PinResult(PinOutcome.MALFORMED, left)
         now = utc_now()
         with self.index.write_core() as conn:
             failures = conn.execute(
@@ -255,7 +273,7 @@ class ShareStore:
                 .returning(shares.c.pin_failures)).scalar()
         if failures is None:  # locked, waiting, or another attempt holds the turn
             return self._pin_state(self.get(share.id), attempted=True)
-        if _pin_matches(share.pin_hash, pin.strip()):
+        if _pin_matches(share.pin_hash, pin):
             self._update(share.id, pin_failures=0, pin_retry_at=None)
             return PinResult(PinOutcome.OK)
         if failures >= self.pin_max_attempts:
@@ -325,7 +343,12 @@ class ShareStore:
 
 
 def is_well_formed(token: str) -> bool:
-    return bool(_TOKEN.match(token or ""))
+    return bool(_TOKEN.fullmatch(token or ""))
+
+
+def is_well_formed_pin(pin: str) -> bool:
+    """4 to 8 ASCII digits: what a PIN given by staff, generated or a birth year looks like."""
+    return bool(_PIN.fullmatch(pin))
 
 
 def token_digest(token: str) -> str:
@@ -343,19 +366,13 @@ def _pin_matches(stored: str | None, pin: str) -> bool:
         scheme, salt, digest = (stored or "").split("$")
     except ValueError:
         return False
-    if scheme != "scrypt" or not _PIN.match(pin):
+    if scheme != "scrypt" or not is_well_formed_pin(pin):
         return False
     candidate = hashlib.scrypt(pin.encode(), salt=bytes.fromhex(salt), **_SCRYPT)
     return hmac.compare_digest(candidate.hex(), digest)
 
 
 _PIN_HOLD = dt.timedelta(seconds=1)  # how long one PIN attempt holds the share's turn
-
-
-
-
-
-
 
 
 def _share(row: Any) -> Share:
@@ -371,5 +388,5 @@ def _share(row: Any) -> Share:
         last_opened_at=stored_utc(row.last_opened_at))
 
 
-__all__ = ["PinOutcome", "PinResult", "Share", "ShareError", "ShareState", "ShareStore",
-           "is_well_formed", "token_digest"]
+__all__ = ["MAX_ID", "PinOutcome", "PinResult", "Share", "ShareError", "ShareState",
+           "ShareStore", "is_well_formed", "is_well_formed_pin", "token_digest"]

@@ -386,7 +386,8 @@ def test_wado_uri_reads_the_same_study_as_the_gate(site, query):
                           bi=site.b.sop_uid)
     for path in ("/wado", "/dicomweb/wado"):
         response = _wado_uri(site, filled, site.grant_download, path)
-        assert response.status_code in (403, 404), (path, response.status_code)
+        # 400: a UID parameter that is not one UID ("*", a list) is refused before any lookup.
+        assert response.status_code in (400, 403, 404), (path, response.status_code)
         _assert_nothing_of_b(site, response, uids=False)
 
 
@@ -464,6 +465,23 @@ def test_credentials_cannot_be_mixed_to_widen_a_share(site):
     for bad in ({"Authorization": "Bearer x.y.z"}, {"Authorization": "Bearer " + site.grant[:-1]}):
         assert site.get(b_metadata, headers={**STAFF, **bad}).status_code == 401
     assert site.get(b_metadata, headers=STAFF, params={"access_token": "x"}).status_code == 401
+
+
+@pytest.mark.parametrize(("where", "value"), [
+    ("query", "access_token="), ("query", "access_token"), ("query", "a=1&access_token=&b=2"),
+    ("query", "access%5Ftoken="), ("header", "Bearer"), ("header", "BEARER"),
+])
+def test_an_empty_credential_is_refused_not_taken_for_none(site, where, value):
+    # Present but empty is present and not valid: from a staff address it must not fall back
+    # to staff (docs/sharing.md), nor from elsewhere to the public routes' rights.
+    url = f"{site.http}/dicomweb/studies/{site.b.study_uid}/metadata"
+    if where == "query":
+        response = httpx.get(url + "?" + value, headers=STAFF)
+    else:
+        response = httpx.get(url, headers={**STAFF, "Authorization": value})
+
+    assert response.status_code == 401
+    assert B_PATIENT_ID not in response.text
 
 
 def test_forged_grants_are_refused(site):
@@ -575,3 +593,30 @@ def test_share_page_session_names_only_its_own_study(site):
     session = _open(site.http, site.token).json()
     assert session["study"]["study_instance_uid"] == site.a.study_uid
     assert re.search(re.escape(site.b.study_uid), str(session)) is None
+
+
+_UNPARSEABLE_FORWARDED = [
+    [("X-Forwarded-For", "")], [("X-Forwarded-For", "garbage, ,,")],
+    [("X-Forwarded-For", ",")], [("X-Forwarded-For", "203.0.113.9,")],
+    [("X-Forwarded-For", ", 127.0.0.1")], [("X-Forwarded-For", "127.0.0.1, unknown")],
+    [("X-Forwarded-For", "127.0.0.1"), ("X-Forwarded-For", "")],
+    [("X-Forwarded-For", "[::1")], [("X-Forwarded-For", "127.0.0.1:x:y")],
+]
+
+
+def test_an_unparseable_forwarded_address_gets_none_of_the_proxys_rights(start_server):
+    # Loopback is both staff and a trusted proxy by default (the proxy on the same host). A
+    # forwarded address that is not one must make the client unknown, not the proxy itself.
+    server = start_server()
+    studies = server.http + "/api/shares"  # staff only
+    assert httpx.get(studies).status_code == 200  # the control: loopback is staff here
+
+    answers = {str(h): httpx.get(studies, headers=h).status_code for h in _UNPARSEABLE_FORWARDED}
+
+    assert answers == {str(h): 401 for h in _UNPARSEABLE_FORWARDED}
+    # A client the proxy names, even one that is itself a trusted proxy, is still decided
+    # by its address.
+    assert httpx.get(studies, headers={"X-Forwarded-For": "127.0.0.1"}).status_code == 200
+    assert httpx.get(studies, headers={"X-Forwarded-For": "203.0.113.9, 127.0.0.1:5000"}
+                     ).status_code == 401
+    assert httpx.get(studies, headers={"X-Forwarded-For": "::1, [::1]:443"}).status_code == 200

@@ -9,6 +9,7 @@ what a share opens) and requests the "proxy" marks ``X-Forwarded-For: 10.99.0.5`
 from __future__ import annotations
 
 import io
+import json
 import re
 import subprocess
 import sys
@@ -167,6 +168,217 @@ def test_share_creation_rejects_bad_requests(site):
                          headers={**STAFF, "Content-Type": "text/plain"},
                          content=f'{{"study_instance_uid": "{study_a.study_uid}"}}')
     assert as_text.status_code == 415 and "application/json" in as_text.json()["message"]
+
+
+def _shares_of(server, study_uid: str) -> list[dict]:
+    return httpx.get(server.http + "/api/shares", params={"study": study_uid, "limit": "1000"},
+                     headers=STAFF).json()
+
+
+@pytest.mark.parametrize("flag", ["false", "true", 0, 1, "", [], {}])
+def test_share_with_a_download_flag_that_is_not_a_json_boolean_is_refused(site, flag):
+    # bool("false") is True: the share would have allowed downloads.
+    server, study_a, _, _ = site
+    before = len(_shares_of(server, study_a.study_uid))
+
+    response = httpx.post(server.http + "/api/shares", headers=STAFF, json={
+        "study_instance_uid": study_a.study_uid, "allow_download": flag})
+
+    assert response.status_code == 400
+    assert "allow_download" in response.json()["message"]
+    assert len(_shares_of(server, study_a.study_uid)) == before  # no share, so no downloads
+
+
+def test_share_download_flag_false_gives_a_share_without_downloads(site):
+    server, study_a, _, _ = site
+    made = _share(server, study_a.study_uid, allow_download=False)
+    grant = _grant(server, made["token"])
+
+    response = httpx.get(f"{server.http}/api/studies/{study_a.study_uid}/download",
+                         params={"format": "jpeg", "access_token": grant})
+
+    assert made["allow_download"] is False and response.status_code == 403
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("study_instance_uid", 123), ("study_instance_uid", ["1.2.3"]), ("study_instance_uid", ""),
+    ("study_instance_uid", "1.2.3*"), ("study_instance_uid", "1." * 40 + "1"),
+    ("days", True), ("days", "30"), ("days", -1), ("days", 10**400), ("days", 3651),
+    ("pin", 1234), ("pin", True), ("pin", ["1234"]),
+    ("created_by", 5), ("created_by", "x" * 201), ("created_by", {"name": "x"}),
+    ("PIN", "1234"), ("allow_downloads", True),  # misspelt: the share would lack them
+])
+def test_share_creation_names_the_field_that_is_wrong(site, field, value):
+    server, study_a, _, _ = site
+    body = {"study_instance_uid": study_a.study_uid, field: value}
+
+    response = httpx.post(server.http + "/api/shares", headers=STAFF, json=body)
+
+    assert response.status_code == 400, response.text
+    assert response.json()["message"].startswith(field + ":")
+
+
+def test_share_days_that_are_not_finite_are_refused(site):
+    server, study_a, _, _ = site
+    for days in ("NaN", "Infinity", "1e999"):
+        response = httpx.post(server.http + "/api/shares", headers={
+            **STAFF, "Content-Type": "application/json"},
+            content=f'{{"study_instance_uid": "{study_a.study_uid}", "days": {days}}}')
+        assert response.status_code == 400 and "days" in response.json()["message"], days
+
+
+@pytest.mark.parametrize("pin", ["\uff11\uff12\uff13\uff14", "\u0661\u0662\u0663\u0664",
+                                 "12\u00b934", "1234\n", " 1234", "12345678\u0669"])
+def test_pin_with_digits_other_than_0_to_9_is_refused_at_creation(site, pin):
+    # \d, str.isdigit and int() take full-width or Arabic-Indic digits: the patient typing
+    # 1234 would never match "１２３４" and would lock the link trying.
+    server, study_a, _, _ = site
+
+    response = httpx.post(server.http + "/api/shares", headers=STAFF,
+                          json={"study_instance_uid": study_a.study_uid, "pin": pin})
+
+    assert response.status_code == 400 and response.json()["message"].startswith("pin:")
+
+
+def test_pin_attempt_with_other_digits_is_refused_without_using_an_attempt(site):
+    server, study_a, _, _ = site
+    made = _share(server, study_a.study_uid, pin="1234")
+
+    for attempt in ("\uff11\uff12\uff13\uff14", "\u0661\u0662\u0663\u0664", "12a4"):
+        response = _session(server, made["token"], attempt)
+        assert response.status_code == 400, attempt
+        assert response.json()["pin_required"] is True
+    as_number = httpx.post(f"{server.http}/api/s/{made['token']}/session", json={"pin": 1234})
+
+    assert as_number.status_code == 400 and "pin" in as_number.json()["message"]
+    shown = httpx.get(f"{server.http}/api/shares/{made['id']}", headers=STAFF).json()
+    assert shown["pin_failures"] == 0 and shown["state"] == "active"
+    assert _session(server, made["token"], "1234").status_code == 200
+
+
+_NESTED = "[" * 100_000 + "]" * 100_000
+
+
+def test_deeply_nested_json_bodies_are_a_400_not_a_500(site):
+    server, study_a, _, _ = site
+    made = _share(server, study_a.study_uid, pin="generated")
+    json_headers = {"Content-Type": "application/json"}
+
+    create = httpx.post(server.http + "/api/shares", content=_NESTED,
+                        headers={**STAFF, **json_headers})
+    session = httpx.post(f"{server.http}/api/s/{made['token']}/session", content=_NESTED,
+                         headers=json_headers)
+    nested_pin = httpx.post(f"{server.http}/api/s/{made['token']}/session", headers=json_headers,
+                            content='{"pin": ' + _NESTED + "}")
+
+    assert create.status_code == 400
+    assert session.status_code == 400
+    assert nested_pin.status_code == 400
+    assert httpx.get(f"{server.http}/api/shares/{made['id']}",
+                     headers=STAFF).json()["pin_failures"] == 0
+
+
+def test_a_body_larger_than_a_share_needs_is_refused(site):
+    server, study_a, _, _ = site
+    big = json.dumps({"study_instance_uid": study_a.study_uid, "created_by": "x" * 2**21})
+
+    response = httpx.post(server.http + "/api/shares", content=big,
+                          headers={**STAFF, "Content-Type": "application/json"})
+
+    assert response.status_code == 413
+
+
+# ---------------------------------------------------------------------------- ids, paging
+
+
+_FULL_WIDTH = {ord("0") + n: 0xFF10 + n for n in range(10)}  # "1" -> "１"
+
+
+@pytest.mark.parametrize(("method", "suffix"), [
+    ("GET", ""), ("DELETE", ""), ("POST", "/revoke"), ("POST", "/unlock"),
+    ("GET", "/qr.png"), ("GET", "/qr.svg"), ("GET", "/slip"),
+])
+def test_share_ids_that_cannot_exist_are_404(site, method, suffix):
+    server, study_a, _, _ = site
+    made = _share(server, study_a.study_uid)
+    for share_id in ("999999999999999999999999999999", "9223372036854775808", "0", "-1",
+                     "+" + str(made["id"]), str(made["id"]).translate(_FULL_WIDTH),
+                     "\u0661", str(made["id"]) + "\u00b2"):
+        response = httpx.request(method, f"{server.http}/api/shares/{share_id}{suffix}",
+                                 headers=STAFF)
+        assert response.status_code == 404, (share_id, response.text)
+    # The full-width spelling of its id did not touch the share.
+    assert httpx.get(f"{server.http}/api/shares/{made['id']}",
+                     headers=STAFF).json()["state"] == "active"
+
+
+@pytest.mark.parametrize(("params", "named"), [
+    ({"offset": "99999999999999999999999"}, "offset"),
+    ({"offset": "9223372036854775808"}, "offset"),
+    ({"offset": "-1"}, "offset"),
+    ({"limit": "-1"}, "limit"),  # SQLite takes a negative LIMIT as none: every share
+    ({"limit": "0"}, "limit"),
+    ({"limit": "\uff11"}, "limit"),
+    ({"limit": "1e3"}, "limit"),
+    ({"limit": " 5"}, "limit"),
+])
+def test_share_listing_refuses_paging_out_of_range(site, params, named):
+    server = site[0]
+
+    response = httpx.get(server.http + "/api/shares", params=params, headers=STAFF)
+
+    assert response.status_code == 400
+    assert response.json()["message"].startswith(named + ":")
+
+
+def test_share_listing_pages(site):
+    server, study_a, _, _ = site
+    _share(server, study_a.study_uid)
+    _share(server, study_a.study_uid)
+    listing = lambda **p: httpx.get(server.http + "/api/shares", params=p,  # noqa: E731
+                                    headers=STAFF)
+    first_two = listing(limit="2").json()
+    assert len(first_two) == 2 and first_two[0]["id"] > first_two[1]["id"]
+    assert listing(limit="1", offset="1").json()[0]["id"] == first_two[1]["id"]
+    assert len(listing(limit="5000").json()) <= 1000  # at most 1000 at a time
+    assert listing(offset="9223372036854775807").json() == []
+
+
+@pytest.mark.parametrize("kind", ["exe", "pdf", "PNG", "svgz", "png.exe"])
+def test_qr_code_is_only_png_or_svg(site, kind):
+    server, study_a, _, _ = site
+    made = _share(server, study_a.study_uid)
+
+    response = httpx.get(f"{server.http}/api/shares/{made['id']}/qr.{kind}", headers=STAFF)
+
+    assert response.status_code == 404
+    assert "svg" not in response.headers.get("content-type", "")
+
+
+# ---------------------------------------------------------------------------- figures
+
+
+@pytest.mark.parametrize(("params", "named"), [
+    ({"from": "2021-01-01", "to": "2020-01-01"}, "from"),
+    ({"from": "20210101"}, "from"),
+    ({"to": "2021-W01-1"}, "to"),
+    ({"from": "\uff12\uff10\uff12\uff11-01-01"}, "from"),
+    ({"to": "2021-02-30"}, "to"),
+])
+def test_film_figures_refuse_a_reversed_or_malformed_range(site, params, named):
+    server = site[0]
+
+    response = httpx.get(server.http + "/api/stats/film", params=params, headers=STAFF)
+
+    assert response.status_code == 400
+    assert response.json()["message"].startswith(named + ":")
+
+
+def test_film_figures_for_one_day(site):
+    server = site[0]
+    response = httpx.get(server.http + "/api/stats/film", headers=STAFF,
+                         params={"from": "2021-01-01", "to": "2021-01-01"})
+    assert response.status_code == 200 and response.json()["shares_created"] == 0
 
 
 # ---------------------------------------------------------------------------- PIN
@@ -372,3 +584,19 @@ def test_cli_share_prints_a_working_link(site):
     assert httpx.get(url).status_code == 200
     assert httpx.post(url.replace("/s/", "/api/s/") + "/session",
                       json={"pin": "246810"}).status_code == 200
+
+
+def test_film_pdf_and_jpeg_2000_do_not_flood_the_log(site):
+    # fontTools.subset logs ~25 lines at INFO for each film PDF (fpdf2 subsets the font),
+    # openjpeg one per tile it encodes.
+    server, study_a, _, _ = site
+    pdf = httpx.get(f"{server.http}/api/studies/{study_a.study_uid}/film.pdf", headers=STAFF,
+                    timeout=60)
+    j2k = httpx.get(f"{server.http}/dicomweb/studies/{study_a.study_uid}", timeout=60, headers={
+        **STAFF, "Accept": 'multipart/related; type="application/dicom"; '
+                           "transfer-syntax=1.2.840.10008.1.2.4.90"})
+
+    assert pdf.status_code == 200 and pdf.content[:5] == b"%PDF-"
+    assert j2k.status_code == 200 and "1.2.840.10008.1.2.4.90" in j2k.headers["content-type"]
+    log = server.log()
+    assert " fontTools" not in log and " openjpeg" not in log

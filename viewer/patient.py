@@ -25,10 +25,12 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from pacs.access import principal_of
 from storage.attributes import Level
 from storage.names import display_date, display_person_name
 from storage.query import Query, find
 from storage.shares import PinOutcome, Share, ShareState
+from viewer.share_api import BadRequest, json_body
 
 log = logging.getLogger("pacs.viewer")
 
@@ -57,7 +59,7 @@ def patient_routes(server) -> list[Route]:
         refused = _refusal(share)
         if refused:
             return refused
-        address = request.client.host if request.client else ""
+        address = principal_of(request).address
         await run_in_threadpool(shares.record, share.id, "open", address=address)
         initial = None
         if not share.has_pin:
@@ -76,11 +78,13 @@ def patient_routes(server) -> list[Route]:
         if refused:
             return refused
         try:
-            body = await request.json() if await request.body() else {}
-        except ValueError:
-            return _json_error(400, "the body is not JSON")
-        pin = str(body.get("pin") or "") if isinstance(body, dict) else ""
-        address = request.client.host if request.client else ""
+            body = await json_body(request, empty={})
+        except BadRequest as exc:
+            return _json_error(exc.status, str(exc))
+        pin = body.get("pin") if isinstance(body, dict) else None
+        if not isinstance(body, dict) or not isinstance(pin, str | None):
+            return _json_error(400, 'pin: must be a string, in a JSON object {"pin": "1234"}')
+        address = principal_of(request).address
         checked = await run_in_threadpool(shares.check_pin, share, pin)
         if checked.outcome is not PinOutcome.OK:
             if checked.outcome in (PinOutcome.WRONG, PinOutcome.LOCKED):
@@ -179,8 +183,6 @@ def _number(value: Any) -> tuple[int, int]:
         return (1, 0)
 
 
-
-
 # ---------------------------------------------------------------------------- refusals
 
 
@@ -211,6 +213,9 @@ def _refusal(share: Share | None, *, as_json: bool = False) -> Response | None:
 
 
 def _pin_refusal(checked) -> Response:
+    if checked.outcome is PinOutcome.MALFORMED:  # (not counted as a miss)
+        return _json_error(400, "Mã PIN gồm 4 đến 8 chữ số 0-9 / the PIN is 4 to 8 digits "
+                                "0-9", pin_required=True, attempts_left=checked.attempts_left)
     if checked.outcome is PinOutcome.NEEDED:
         return _json_error(401, "Vui lòng nhập mã PIN / a PIN is needed", pin_required=True,
                            attempts_left=checked.attempts_left)

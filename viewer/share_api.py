@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import io
+import json
 from typing import Any
 
 import segno
@@ -18,11 +19,13 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from pacs.access import principal_of
 from storage.attributes import Level
 from storage.errors import NotFound
 from storage.names import display_date, display_person_name
+from storage.parsing import is_valid_uid
 from storage.query import NameMatching, Query, find
-from storage.shares import Share, ShareError, ShareStore
+from storage.shares import MAX_ID, Share, ShareError, ShareStore
 
 
 def share_url(base: str, token: str) -> str:
@@ -61,23 +64,16 @@ def share_api_routes(server) -> list[Route]:
         if media != "application/json":  # (a form or text/plain body is what CSRF sends)
             return _error(415, "the body must be application/json")
         try:
-            body = await request.json()
-        except ValueError:
-            return _error(400, "the body must be JSON: {\"study_instance_uid\": ...}")
-        if not isinstance(body, dict) or not isinstance(body.get("study_instance_uid"), str):
-            return _error(400, "study_instance_uid: required (a string)")
-        days = body.get("days")
-        if days is not None and (isinstance(days, bool) or not isinstance(days, int | float)):
-            return _error(400, "days: must be a number")
-        pin = body.get("pin")
-        if pin is not None and not isinstance(pin, str):
-            return _error(400, "pin: must be a string (digits, 'generated' or 'birth-year')")
-        address = request.client.host if request.client else ""
+            body = await json_body(request)
+            fields = share_fields(body)
+        except BadRequest as exc:
+            return _error(exc.status, str(exc))
+        created_by = fields.get("created_by") or f"api {principal_of(request).address}"
         try:
             answer = await run_in_threadpool(
-                create_share, store, settings, body["study_instance_uid"], days=days, pin=pin,
-                allow_download=bool(body.get("allow_download", False)),
-                created_by=str(body.get("created_by") or f"api {address}"),
+                create_share, store, settings, fields["study_instance_uid"],
+                days=fields.get("days"), pin=fields.get("pin"),
+                allow_download=fields.get("allow_download", False), created_by=created_by,
                 base=public_base(settings, request))
         except ShareError as exc:
             return _error(400, str(exc))
@@ -90,10 +86,10 @@ def share_api_routes(server) -> list[Route]:
     async def listing(request: Request) -> Response:
         params = request.query_params
         try:
-            limit = min(int(params.get("limit", "100")), 1000)
-            offset = int(params.get("offset", "0"))
-        except ValueError:
-            return _error(400, "limit and offset must be integers")
+            limit = _whole_number(params, "limit", default=100, low=1, high=1000, clamp=True)
+            offset = _whole_number(params, "offset", default=0, low=0, high=MAX_ID)
+        except BadRequest as exc:
+            return _error(exc.status, str(exc))
         found = await run_in_threadpool(store.list, study_uid=params.get("study"),
                                         limit=limit, offset=offset)
         return JSONResponse([share.summary() for share in found])
@@ -115,22 +111,27 @@ def share_api_routes(server) -> list[Route]:
         server.access.forget(share.id)
         return JSONResponse(share.summary())
 
-    async def qr(request: Request) -> Response:
+    async def qr_png(request: Request) -> Response:
+        return await _qr(request, "png", "image/png")
+
+    async def qr_svg(request: Request) -> Response:
+        return await _qr(request, "svg", "image/svg+xml")
+
+    async def _qr(request: Request, kind: str, media_type: str) -> Response:
         share = await _share(request)
         url = share_url(public_base(settings, request), _token(store, share))
-        kind = request.path_params["kind"]
         try:
-            scale = max(1, min(int(request.query_params.get("scale", "8")), 40))
-        except ValueError:
-            return _error(400, "scale: must be an integer")
+            scale = _whole_number(request.query_params, "scale", default=8, low=1, high=40,
+                                  clamp=True)
+        except BadRequest as exc:
+            return _error(exc.status, str(exc))
         out = io.BytesIO()
         code = segno.make(url, error="m")
         if kind == "png":
             code.save(out, kind="png", scale=scale, border=4)
-            return Response(out.getvalue(), media_type="image/png",
-                            headers={"Cache-Control": "no-store"})
-        code.save(out, kind="svg", scale=scale, border=4, xmldecl=False)
-        return Response(out.getvalue(), media_type="image/svg+xml",
+        else:
+            code.save(out, kind="svg", scale=scale, border=4, xmldecl=False)
+        return Response(out.getvalue(), media_type=media_type,
                         headers={"Cache-Control": "no-store"})
 
     async def slip(request: Request) -> Response:
@@ -143,11 +144,7 @@ def share_api_routes(server) -> list[Route]:
                             headers={"Cache-Control": "no-store"})
 
     async def _share(request: Request) -> Share:
-        try:
-            share_id = int(request.path_params["id"])
-        except ValueError:
-            raise NotFound(f"no share {request.path_params['id']!r}") from None
-        return await run_in_threadpool(store.get, share_id)
+        return await run_in_threadpool(store.get, share_id(request.path_params["id"]))
 
     return [
         Route("/api/shares", create, methods=["POST"]),
@@ -156,9 +153,103 @@ def share_api_routes(server) -> list[Route]:
         Route("/api/shares/{id}", revoke, methods=["DELETE"]),
         Route("/api/shares/{id}/revoke", revoke, methods=["POST"]),
         Route("/api/shares/{id}/unlock", unlock, methods=["POST"]),
-        Route("/api/shares/{id}/qr.{kind:str}", qr, methods=["GET"]),
+        Route("/api/shares/{id}/qr.png", qr_png, methods=["GET"]),
+        Route("/api/shares/{id}/qr.svg", qr_svg, methods=["GET"]),
         Route("/api/shares/{id}/slip", slip, methods=["GET"]),
     ]
+
+
+# ---------------------------------------------------------------------------- request checks
+
+
+class BadRequest(ValueError):
+    """A request body or parameter that cannot be used; the message names the field."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+MAX_BODY_BYTES = 1 << 20  # a share's body is a few hundred bytes
+_CREATE_FIELDS = ("study_instance_uid", "days", "pin", "allow_download", "created_by")
+
+
+async def json_body(request: Request, *, empty: Any = None) -> Any:
+    """The request's body as JSON (``empty`` for no body at all).
+
+    ``BadRequest`` (413) past ``MAX_BODY_BYTES``, (400) for a body that is not JSON or nests
+    deeper than Python's parser recurses (``[[[[…`` raises RecursionError, not ValueError)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise BadRequest(f"the body is larger than {MAX_BODY_BYTES} bytes", 413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise BadRequest(f"the body is larger than {MAX_BODY_BYTES} bytes", 413)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        if empty is None:
+            raise BadRequest("the body is empty: a JSON object is expected")
+        return empty
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        raise BadRequest("the body is not JSON (or nests too deeply)") from None
+
+
+def share_fields(body: Any) -> dict[str, Any]:
+    """The fields of ``POST /api/shares``, each of the type it must have; absent or null ones
+    left out. ``BadRequest`` names the first field that is wrong or unknown (a misspelt
+    ``"PIN"`` would otherwise make a share without a PIN)."""
+    if not isinstance(body, dict):
+        raise BadRequest('the body must be a JSON object: {"study_instance_uid": ...}')
+    unknown = sorted(set(body) - set(_CREATE_FIELDS))
+    if unknown:
+        raise BadRequest(f"{unknown[0]}: unknown field (known: {', '.join(_CREATE_FIELDS)})")
+    fields = {k: v for k, v in body.items() if v is not None}
+    if not is_valid_uid(fields.get("study_instance_uid")):
+        raise BadRequest("study_instance_uid: required, a UID (digits and dots, at most 64 "
+                         "characters)")
+    days = fields.get("days", 1)  # (its range is the store's to check)
+    if isinstance(days, bool) or not isinstance(days, int | float):  # (true would be 1 day)
+        raise BadRequest("days: must be a number")
+    if not isinstance(fields.get("pin", ""), str):
+        raise BadRequest("pin: must be a string: 4 to 8 digits (0-9), 'generated' or "
+                         "'birth-year'")
+    # A JSON boolean only: bool("false") is True, and a share would allow downloads.
+    if not isinstance(fields.get("allow_download", False), bool):
+        raise BadRequest("allow_download: must be true or false (a JSON boolean)")
+    created_by = fields.get("created_by", "")
+    if not isinstance(created_by, str) or len(created_by) > 200:
+        raise BadRequest("created_by: must be a string of at most 200 characters")
+    return fields
+
+
+def share_id(text: str) -> int:
+    """The share id in a path; ``NotFound`` unless ASCII digits of an id that can exist
+    (``int`` would take "１", and the database overflows past 2^63 - 1)."""
+    if text.isascii() and text.isdigit() and len(text) <= 19 and 0 < int(text) <= MAX_ID:
+        return int(text)
+    raise NotFound(f"no share {text!r}")
+
+
+def _whole_number(params, name: str, *, default: int, low: int, high: int,
+                  clamp: bool = False) -> int:
+    """Query parameter ``name`` as a whole number in [low, high] (above ``high`` taken as
+    ``high`` with ``clamp``); ``BadRequest`` naming it otherwise."""
+    text = params.get(name)
+    if text is None:
+        return default
+    if not (text.isascii() and text.isdigit()):
+        raise BadRequest(f"{name}: must be a whole number (digits 0-9), not {text[:40]!r}")
+    value = int(text) if len(text) <= 40 else high + 1
+    if clamp and value > high:
+        return high
+    if not low <= value <= high:
+        raise BadRequest(f"{name}: must be between {low} and {high}")
+    return value
 
 
 def _token(store: ShareStore, share: Share) -> str:
@@ -176,8 +267,6 @@ def _study_row(index, study_uid: str) -> dict[str, Any]:
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"status": status, "message": message}, status_code=status)
-
-
 
 
 def slip_html(site_name: str, share: Share, url: str, study: dict[str, Any],
@@ -236,4 +325,5 @@ Liên kết có hiệu lực đến hết ngày <b>{expires}</b>. Không chia s�
 </body></html>"""
 
 
-__all__ = ["create_share", "public_base", "share_api_routes", "share_url", "slip_html"]
+__all__ = ["BadRequest", "create_share", "json_body", "public_base", "share_api_routes",
+           "share_fields", "share_id", "share_url", "slip_html"]

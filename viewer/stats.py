@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import html
+import re
 from typing import Any
 
 import sqlalchemy as sa
@@ -118,9 +119,12 @@ def stats_routes(server) -> list[Route]:
 
     async def stats_json(request: Request) -> Response:
         try:
-            since, until = (_day(request.query_params.get(k)) for k in ("from", "to"))
+            since, until = (_day(request.query_params, k) for k in ("from", "to"))
         except ValueError as exc:
             return JSONResponse({"status": 400, "message": str(exc)}, status_code=400)
+        if since and until and since > until:
+            return JSONResponse({"status": 400, "message": f"from: {since} is after to: "
+                                                           f"{until}"}, status_code=400)
         figures = await run_in_threadpool(film_stats, index, settings, since=since,
                                           until=until)
         return JSONResponse(figures.as_json())
@@ -146,13 +150,21 @@ def stats_routes(server) -> list[Route]:
     ]
 
 
-def _day(text: str | None) -> dt.date | None:
+def _day(params, name: str) -> dt.date | None:
+    """Query parameter ``name`` as a date written YYYY-MM-DD (ASCII digits; fromisoformat
+    alone would also take 20210101 or 2021-W01-1)."""
+    text = params.get(name)
     if not text:
         return None
     try:
+        if not _DATE.fullmatch(text):
+            raise ValueError
         return dt.date.fromisoformat(text)
     except ValueError:
-        raise ValueError(f"{text!r} is not a date (YYYY-MM-DD)") from None
+        raise ValueError(f"{name}: {text[:40]!r} is not a date (YYYY-MM-DD)") from None
+
+
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
 class _Collector:
