@@ -19,11 +19,14 @@ times coming in are converted to it and times going out are labelled with it.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
+from datetime import date as Date
 from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import quote, unquote
 
+import pydantic
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.capabilitystatement import CapabilityStatement
 from fhir.resources.R4B.endpoint import Endpoint
@@ -32,12 +35,15 @@ from fhir.resources.R4B.operationoutcome import OperationOutcome
 from fhir.resources.R4B.patient import Patient
 from fhir.resources.R4B.servicerequest import ServiceRequest
 
+from emr.errors import InvalidResource, error_locations
 from emr.model import (
     Order,
     PatientInfo,
     ResultSeries,
     StudyResult,
 )
+
+log = logging.getLogger("pacs.emr.fhir")
 
 FHIR_VERSION = "4.0.1"
 LOCAL_TIMEZONE = timezone(timedelta(hours=7), "ICT")  # Asia/Ho_Chi_Minh, no DST
@@ -150,13 +156,15 @@ def mrn_issuer(system: str, default: str) -> str:
 
 def readable_name(pn: str) -> str:
     """A PN as people write it: ``Nguyễn^Văn An`` is ``Nguyễn Văn An`` (family name first)."""
-    parts = pn.split("=")[0].split("^")
-    return " ".join(p.strip() for p in parts[:3] if p.strip())
+    for group in pn.split("="):  # alphabetic, else ideographic, else phonetic
+        if text := " ".join(" ".join(group.split("^")[:3]).split()):
+            return text
+    return ""
 
 
 def _human_name(pn: str) -> dict:
     parts = (pn.split("=")[0].split("^") + [""] * 5)[:5]
-    family, given, middle, prefix, suffix = (p.strip() for p in parts)
+    family, given, middle, prefix, suffix = (" ".join(p.split()) for p in parts)
     name: dict[str, Any] = {"use": "official", "text": readable_name(pn)}
     if family:
         name["family"] = family
@@ -173,10 +181,41 @@ def _human_name(pn: str) -> dict:
 
 
 def _validated(model: type, data: dict) -> dict:
-    """``data`` checked by the R4B ``model`` and dumped as JSON-able dict without empties.
+    """``data`` without empty elements, checked by the R4B ``model``, as a JSON-able dict.
 
-    A failure here is a bug in this module, not the client's: pydantic's error propagates."""
-    return model.model_validate(data).model_dump(mode="json", exclude_none=True)
+    FHIR has no empty strings: an element whose value is empty (a PN of only ``^``, a blank
+    description) is left out rather than sent. A failure here is a bug in this module, not
+    the client's: :class:`InvalidResource` names the elements; pydantic's own text quotes
+    the values (patient names), so it goes to DEBUG only."""
+    try:
+        return model.model_validate(_pruned(data)).model_dump(mode="json", exclude_none=True)
+    except pydantic.ValidationError as exc:
+        log.debug("%s not valid: %s", model.__name__, exc)
+        raise InvalidResource(model.__name__, error_locations(exc)) from None
+
+
+def _pruned(value: Any) -> Any:
+    """``value`` without empty or blank strings, and without the lists and objects that held
+    nothing else (None if nothing is left)."""
+    if isinstance(value, str):
+        return value if value.strip() else None
+    if isinstance(value, dict):
+        kept = {k: v for k, v in ((k, _pruned(v)) for k, v in value.items()) if v is not None}
+        return kept if set(kept) - {"resourceType"} else None
+    if isinstance(value, list | tuple):
+        items = [v for v in (_pruned(v) for v in value) if v is not None]
+        return items or None
+    return value
+
+
+def _code(value: str) -> str:
+    """A value as a FHIR ``code`` (no leading, trailing or repeated white space)."""
+    return " ".join(value.split())
+
+
+def _unsigned(number: int | None) -> int | None:
+    """A DICOM IS (which may be negative or huge) as a FHIR ``unsignedInt``, if it fits."""
+    return number if isinstance(number, int) and 0 <= number <= 2**31 - 1 else None
 
 
 def _mrn_identifier(patient: PatientInfo, default_system: str) -> dict:
@@ -214,14 +253,13 @@ def patient_resource(patient: PatientInfo, resource_id: str, *, mrn_system: str)
         "meta": {"profile": [VN_CORE_PATIENT_PROFILE]},
         "identifier": identifiers,
     }
-    if patient.name:
+    if readable_name(patient.name):
         data["name"] = [_human_name(patient.name)]
     gender = {"M": "male", "F": "female", "O": "other"}.get(patient.sex.upper())
     if gender:
         data["gender"] = gender
-    if re.fullmatch(r"\d{8}", patient.birth_date):
-        b = patient.birth_date
-        data["birthDate"] = f"{b[:4]}-{b[4:6]}-{b[6:]}"
+    if birth := fhir_date(patient.birth_date):
+        data["birthDate"] = birth
     if patient.phone:
         data["telecom"] = [{"system": "phone", "value": patient.phone}]
     if patient.address:
@@ -266,9 +304,9 @@ def service_request_resource(order: Order, resource_id: str, *, mrn_system: str,
     if order.priority in _REQUEST_PRIORITY:
         data["priority"] = _REQUEST_PRIORITY[order.priority]
     coding = []
-    if order.procedure_code:
-        coding.append({"code": order.procedure_code,
-                       **({"system": order.procedure_code_system}
+    if _code(order.procedure_code):
+        coding.append({"code": _code(order.procedure_code),
+                       **({"system": order.procedure_code_system.strip()}
                           if ":" in order.procedure_code_system else {}),
                        **({"display": order.procedure_description}
                           if order.procedure_description else {})})
@@ -276,8 +314,8 @@ def service_request_resource(order: Order, resource_id: str, *, mrn_system: str,
         data["code"] = {**({"coding": coding} if coding else {}),
                         **({"text": order.procedure_description}
                            if order.procedure_description else {})}
-    if order.modality:
-        data["category"] = [{"coding": [{"system": DCM_SYSTEM, "code": order.modality}]}]
+    if _code(order.modality):
+        data["category"] = [{"coding": [{"system": DCM_SYSTEM, "code": _code(order.modality)}]}]
     started = fhir_date_time(order.scheduled_date, order.scheduled_time)
     if started:
         data["occurrenceDateTime"] = started
@@ -286,17 +324,31 @@ def service_request_resource(order: Order, resource_id: str, *, mrn_system: str,
     return _validated(ServiceRequest, data)
 
 
-def fhir_date_time(date: str, time: str = "") -> str:
-    """DICOM DA and TM (local time) as a FHIR dateTime with the local offset; "" if no date."""
+def fhir_date(date: str) -> str:
+    """A DICOM DA as a FHIR date; "" if it is not a real day (``20201345``, ``00000101``)."""
+    date = date.strip()
     if not re.fullmatch(r"\d{8}", date):
         return ""
-    day = f"{date[:4]}-{date[4:6]}-{date[6:]}"
+    try:
+        return Date(int(date[:4]), int(date[4:6]), int(date[6:])).isoformat()
+    except ValueError:
+        return ""
+
+
+def fhir_date_time(date: str, time: str = "") -> str:
+    """DICOM DA and TM (local time) as a FHIR dateTime with the local offset; "" if no date,
+    the date alone if the time is not a real time of day."""
+    day = fhir_date(date)
+    if not day:
+        return ""
     digits = time.split(".")[0].strip()
     if not re.fullmatch(r"\d{2}(\d{2}(\d{2})?)?", digits):
         return day
-    digits = digits.ljust(6, "0")
-    moment = datetime.strptime(day + digits, "%Y-%m-%d%H%M%S").replace(tzinfo=LOCAL_TIMEZONE)
-    return moment.isoformat()
+    try:
+        moment = datetime.strptime(day + digits.ljust(6, "0"), "%Y-%m-%d%H%M%S")
+    except ValueError:  # 25:99
+        return day
+    return moment.replace(tzinfo=LOCAL_TIMEZONE).isoformat()
 
 
 def endpoint_id(resource_id: str, kind: str) -> str:
@@ -347,10 +399,9 @@ def _body_site(body_part: str) -> dict:
 def _series(series: ResultSeries) -> dict:
     data: dict[str, Any] = {
         "uid": series.series_instance_uid,
-        "modality": {"system": DCM_SYSTEM, "code": series.modality or "OT"},
+        "modality": {"system": DCM_SYSTEM, "code": _code(series.modality) or "OT"},
+        "number": _unsigned(series.number),
     }
-    if series.number is not None:
-        data["number"] = series.number
     if series.description:
         data["description"] = series.description
     if series.instances:
@@ -363,8 +414,8 @@ def _series(series: ResultSeries) -> dict:
             "uid": instance.sop_instance_uid,
             "sopClass": {"system": URI_SYSTEM, "code": f"urn:oid:{instance.sop_class_uid}"},
         }
-        if instance.number is not None:
-            item["number"] = instance.number
+        if (number := _unsigned(instance.number)) is not None:
+            item["number"] = number
         instances.append(item)
     if instances:
         data["instance"] = instances
@@ -393,8 +444,8 @@ def imaging_study(result: StudyResult, *, resource_id: str, mrn_system: str,
     }]
     if result.accession_number:
         identifiers.append(_accession_identifier(result.accession_number, accession_system))
-    modalities = result.modalities or tuple(dict.fromkeys(
-        s.modality for s in result.series if s.modality))
+    modalities = tuple(dict.fromkeys(
+        _code(m) for m in result.modalities or [s.modality for s in result.series] if _code(m)))
     meta: dict[str, Any] = {"profile": [VN_CORE_IMAGING_STUDY_PROFILE]}
     if last_updated:
         meta["lastUpdated"] = last_updated
@@ -416,8 +467,8 @@ def imaging_study(result: StudyResult, *, resource_id: str, mrn_system: str,
         }]
     if started := fhir_date_time(result.study_date, result.study_time):
         data["started"] = started
-    if result.referring_physician:
-        data["referrer"] = {"display": readable_name(result.referring_physician)}
+    if referrer := readable_name(result.referring_physician):
+        data["referrer"] = {"display": referrer}
     if endpoints == "contained":
         contained = endpoint_resources(result)
         if contained:
@@ -433,10 +484,10 @@ def imaging_study(result: StudyResult, *, resource_id: str, mrn_system: str,
     if instance_count:
         data["numberOfInstances"] = instance_count
     order = result.order
-    if order and order.procedure_code:
-        coding = {"code": order.procedure_code}
-        if order.procedure_code_system:
-            coding["system"] = order.procedure_code_system
+    if order and _code(order.procedure_code):
+        coding = {"code": _code(order.procedure_code)}
+        if order.procedure_code_system.strip():
+            coding["system"] = order.procedure_code_system.strip()
         if order.procedure_description:
             coding["display"] = order.procedure_description
         data["procedureCode"] = [{"coding": [coding]}]

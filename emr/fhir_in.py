@@ -298,7 +298,7 @@ def _identifier_value(identifiers: list[dict], type_code: str, system_part: str 
 def _procedure(code: dict) -> tuple[str, str, str]:
     """Code, system and description; the system stays a FHIR URI (the model allows either)."""
     coding = next(iter(code.get("coding") or []), {})
-    description = coding.get("display") or code.get("text") or ""
+    description = _one_line(coding.get("display") or code.get("text") or "")
     return coding.get("code", ""), coding.get("system", ""), description
 
 
@@ -369,7 +369,7 @@ def _reason(concepts: list[dict]) -> str:
         coding = next(iter(concept.get("coding") or []), {})
         text = concept.get("text") or coding.get("display") or coding.get("code")
         if text:
-            texts.append(text)
+            texts.append(_one_line(text))
     return "; ".join(texts)
 
 
@@ -390,12 +390,17 @@ def _body_part(concepts: list[dict]) -> str:
 def _address_text(addresses: list[dict]) -> str:
     for address in addresses:
         if address.get("text"):
-            return address["text"]
+            return _one_line(address["text"])
         parts = [*(address.get("line") or []), address.get("district"), address.get("city"),
                  address.get("state"), address.get("country")]
         if text := ", ".join(p for p in parts if p):
-            return text
+            return _one_line(text)
     return ""
+
+
+def _one_line(text: str) -> str:
+    """Free text as DICOM LO holds it: FHIR strings may hold line breaks and tabs, LO not."""
+    return " ".join(text.split())
 
 
 def _dicom_date(value: str) -> str:
@@ -412,7 +417,8 @@ def _pn_from_names(names: list[dict]) -> str:
         return ""
     ranked = sorted(names, key=lambda n: {"official": 0, "usual": 1}.get(n.get("use", ""), 2))
     name = ranked[0]
-    family, given = name.get("family") or "", " ".join(name.get("given") or [])
+    family = _one_line(name.get("family") or "")
+    given = _one_line(" ".join(name.get("given") or []))
     if family or given:
         return f"{family}^{given}".rstrip("^")
     return _pn_from_text(name.get("text") or "")

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import json
+import logging
 import re
 from typing import Any
 from urllib.parse import urlencode
@@ -18,15 +20,28 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from emr import fhir, fhir_in
+from emr.errors import InvalidResource, loggable
 from emr.model import Order, OrderControl, OrderStatus, PatientInfo, PatientMerge, PatientUpdate
-from emr.orders import InvalidOrder, OrderConflict, UnknownOrder, order_json
+from emr.orders import (
+    InvalidOrder,
+    OrderConflict,
+    UnknownOrder,
+    order_json,
+    valid_date,
+    valid_time,
+)
 from emr.results import study_result
 from emr.service import EmrService
 from storage.errors import NotFound
 from storage.index import iso_seconds, patients, studies, study_links
 
+log = logging.getLogger("pacs.emr.http")
+
 FHIR_JSON = "application/fhir+json"
 _MAX_COUNT = 100
+_MAX_OFFSET = 1_000_000_000
+_MAX_KEY = 2**63 - 1  # the largest row key a database holds (SQLite INTEGER, PostgreSQL BIGINT)
+_API_TEXT_LIMIT = 64  # LO: descriptions, reason and address as the JSON API takes them
 _DATE_PREFIX = re.compile(r"^(eq|ne|gt|lt|ge|le|sa|eb)?(\d{4}(-\d{2}(-\d{2}(T[0-9:.]+"
                           r"(Z|[+-]\d{2}:\d{2})?)?)?)?)$")
 
@@ -57,9 +72,9 @@ def emr_routes(server) -> list[Route]:
 
     async def create_service_request(request: Request) -> Response:
         try:
-            body = json.loads(await request.body())
-        except ValueError:
-            return outcome(400, "structure", "the body is not JSON")
+            body = _parse_json(await request.body())
+        except ValueError as exc:
+            return outcome(400, "structure", str(exc))
         try:
             order = fhir_in.parse_service_request(body, mrn_system=settings.emr_mrn_system)
             stored = await run_in_threadpool(service.apply_order, order)
@@ -75,11 +90,13 @@ def emr_routes(server) -> list[Route]:
                              {"Location": f"{fhir_base(request)}/ServiceRequest/{stored.pk}"})
 
     async def read_service_request(request: Request) -> Response:
-        pk = request.path_params["id"]
+        pk = _row_key(request.path_params["id"])
         try:
-            stored = await run_in_threadpool(service.orders.get_by_pk, int(pk))
-        except (ValueError, UnknownOrder):
-            return outcome(404, "not-found", f"no ServiceRequest {pk}")
+            if pk is None:
+                raise UnknownOrder("not a ServiceRequest id")
+            stored = await run_in_threadpool(service.orders.get_by_pk, pk)
+        except UnknownOrder:
+            return outcome(404, "not-found", f"no ServiceRequest {request.path_params['id']}")
         return fhir_response(_service_request(stored, settings))
 
     async def search_imaging_studies(request: Request) -> Response:
@@ -90,7 +107,8 @@ def emr_routes(server) -> list[Route]:
         except fhir.FhirError as exc:
             return fhir_response(exc.outcome(), exc.status)
         resources = await run_in_threadpool(
-            lambda: [_imaging_study(service, settings, uid, updated) for uid, updated in uids])
+            lambda: [_imaging_study_or_none(service, settings, uid, updated)
+                     for uid, updated in uids])
         base = fhir_base(request)
         next_url = None
         if offset + len(uids) < total:
@@ -125,13 +143,15 @@ def emr_routes(server) -> list[Route]:
                                             base_url=fhir_base(request)))
 
     async def read_patient(request: Request) -> Response:
-        pk = request.path_params["id"]
+        pk = _row_key(request.path_params["id"])
         try:
-            info = await run_in_threadpool(service.orders.patient, int(pk))
-        except (ValueError, NotFound):
-            return outcome(404, "not-found", f"no Patient {pk}")
-        resource = fhir.patient_resource(info, pk, mrn_system=settings.emr_mrn_system)
-        survivor = await run_in_threadpool(service.orders.merged_into, int(pk))
+            if pk is None:
+                raise NotFound("not a Patient id")
+            info = await run_in_threadpool(service.orders.patient, pk)
+        except NotFound:
+            return outcome(404, "not-found", f"no Patient {request.path_params['id']}")
+        resource = fhir.patient_resource(info, str(pk), mrn_system=settings.emr_mrn_system)
+        survivor = await run_in_threadpool(service.orders.merged_into, pk)
         if survivor is not None:  # merged away (ADT^A40): say where the record went
             resource = {**resource, "active": False, "link": [
                 {"other": {"reference": f"Patient/{survivor}"}, "type": "replaced-by"}]}
@@ -144,9 +164,9 @@ def emr_routes(server) -> list[Route]:
         if media != "application/json":
             raise BadRequest("the body must be application/json")
         try:
-            body = json.loads(await request.body())
-        except ValueError:
-            raise BadRequest("the body is not JSON") from None
+            body = _parse_json(await request.body())
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
         if not isinstance(body, dict):
             raise BadRequest("the body must be a JSON object")
         return body
@@ -211,8 +231,15 @@ def emr_routes(server) -> list[Route]:
             prior = body.get("prior_patient_id")
             if not isinstance(prior, str) or not prior.strip():
                 raise BadRequest("prior_patient_id: required (the MRN merged away)")
+            prior_issuer = body.get("prior_issuer") or ""
+            if not isinstance(prior_issuer, str):
+                raise BadRequest("prior_issuer: must be a string")
             merge = PatientMerge(patient_from_json(body.get("patient")), prior.strip(),
-                                 str(body.get("prior_issuer") or ""))
+                                 prior_issuer.strip())
+            if not await run_in_threadpool(service.knows_patient, merge.prior_patient_id,
+                                           merge.prior_issuer):
+                return _error(404, "prior_patient_id: no such patient (neither in the EMR's "
+                                   "records nor in the archive); nothing was merged")
             moved = await run_in_threadpool(service.merge_patients, merge)
         except (BadRequest, InvalidOrder) as exc:
             return _error(415 if "application/json" in str(exc) else 400, str(exc))
@@ -276,21 +303,37 @@ def emr_routes(server) -> list[Route]:
 
     async def delivery(request: Request) -> Response:
         try:
-            found = await run_in_threadpool(service.outbox.get, int(request.path_params["id"]))
+            found = await run_in_threadpool(service.outbox.get, _delivery_id(request))
         except NotFound as exc:
             return _error(404, str(exc))
         return JSONResponse(found.as_json(with_payload=True))
 
     async def retry_delivery(request: Request) -> Response:
         try:
-            found = await run_in_threadpool(service.outbox.retry, int(request.path_params["id"]))
+            found = await run_in_threadpool(service.outbox.retry, _delivery_id(request))
         except NotFound as exc:
             return _error(404, str(exc))
         except ValueError as exc:
             return _error(409, str(exc))
         return JSONResponse(found.as_json())
 
-    return [
+    def guarded(endpoint):
+        """``endpoint``, with an unexpected failure answered 500 and logged without its text
+        (database and validation errors quote values: patient names)."""
+        @functools.wraps(endpoint)
+        async def guarded_endpoint(request: Request) -> Response:
+            try:
+                return await endpoint(request)
+            except Exception as exc:
+                log.error("EMR %s %s failed: %s", request.method, request.url.path,
+                          loggable(exc))
+                log.debug("EMR request failure", exc_info=True)
+                if request.url.path.startswith("/fhir/"):
+                    return outcome(500, "exception", "internal error; see the server log")
+                return _error(500, "internal error; see the server log")
+        return guarded_endpoint
+
+    routes = [
         Route("/fhir/metadata", metadata),
         Route("/fhir/ServiceRequest", create_service_request, methods=["POST"]),
         Route("/fhir/ServiceRequest/{id}", read_service_request),
@@ -312,20 +355,49 @@ def emr_routes(server) -> list[Route]:
         Route("/api/emr/deliveries/{id:int}", delivery),
         Route("/api/emr/deliveries/{id:int}/retry", retry_delivery, methods=["POST"]),
     ]
+    return [Route(r.path, guarded(r.endpoint), methods=r.methods) for r in routes]
 
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"status": status, "message": message}, status_code=status)
 
 
-def _paging(params: Any) -> tuple[int, int]:
+def _number(text: str) -> int | None:
+    """``text`` as a whole number if it is one written in ASCII digits (``int`` and
+    ``str.isdigit`` take other scripts' digits too: full-width ``１``), at most 19 of them."""
+    return int(text) if re.fullmatch(r"[0-9]{1,19}", text) else None
+
+
+def _row_key(text: str) -> int | None:
+    """A resource id that can be a row key, else None (no such resource)."""
+    number = _number(text)
+    return number if number is not None and number <= _MAX_KEY else None
+
+
+def _delivery_id(request: Request) -> int:
+    delivery_id = request.path_params["id"]
+    if not 0 <= delivery_id <= _MAX_KEY:
+        raise NotFound(f"no delivery {delivery_id}")
+    return delivery_id
+
+
+def _parse_json(raw: bytes) -> Any:
+    """A request body as JSON; ``ValueError`` with the reason if it is not JSON we take."""
     try:
-        limit = int(params.get("limit", 100))
-        offset = int(params.get("offset", 0))
-    except ValueError:
-        raise BadRequest("limit and offset must be integers") from None
-    if not 1 <= limit <= 1000 or offset < 0:
-        raise BadRequest("limit must be 1-1000 and offset at least 0")
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("the body is not valid JSON: nested too deeply") from None
+    except ValueError:  # UnicodeDecodeError too
+        raise ValueError("the body is not valid JSON") from None
+
+
+def _paging(params: Any) -> tuple[int, int]:
+    limit = _number(params.get("limit", "100"))
+    if limit is None or not 1 <= limit <= 1000:
+        raise BadRequest("limit: a whole number 1-1000")
+    offset = _number(params.get("offset", "0"))
+    if offset is None or offset > _MAX_OFFSET:
+        raise BadRequest(f"offset: a whole number 0-{_MAX_OFFSET}")
     return limit, offset
 
 
@@ -359,8 +431,12 @@ def patient_from_json(body: Any) -> PatientInfo:
     if values["birth_date"] and not _DICOM_DATE.match(values["birth_date"].replace("-", "")):
         raise BadRequest("patient.birth_date: YYYYMMDD or YYYY-MM-DD")
     values["birth_date"] = values["birth_date"].replace("-", "")
+    if values["birth_date"] and not valid_date(values["birth_date"]):
+        raise BadRequest("patient.birth_date: not a real date")
     if values["sex"] not in ("", "M", "F", "O"):
         raise BadRequest("patient.sex: M, F or O")
+    if len(values["address"]) > _API_TEXT_LIMIT:
+        raise BadRequest(f"patient.address: at most {_API_TEXT_LIMIT} characters (DICOM LO)")
     return PatientInfo(**values)
 
 
@@ -377,8 +453,15 @@ def order_from_json(body: dict[str, Any]) -> Order:
     values["scheduled_time"] = values["scheduled_time"].replace(":", "")
     if values["scheduled_date"] and not _DICOM_DATE.match(values["scheduled_date"]):
         raise BadRequest("scheduled_date: YYYYMMDD or YYYY-MM-DD")
+    if values["scheduled_date"] and not valid_date(values["scheduled_date"]):
+        raise BadRequest("scheduled_date: not a real date")
     if values["scheduled_time"] and not _DICOM_TIME.match(values["scheduled_time"]):
         raise BadRequest("scheduled_time: HHMMSS or HH:MM:SS")
+    if values["scheduled_time"] and not valid_time(values["scheduled_time"]):
+        raise BadRequest("scheduled_time: not a real time of day")
+    for name in ("procedure_description", "reason"):
+        if len(values[name]) > _API_TEXT_LIMIT:
+            raise BadRequest(f"{name}: at most {_API_TEXT_LIMIT} characters (DICOM LO)")
     try:
         control = OrderControl(body.get("control", "new"))
         status = OrderStatus(body.get("status", "SCHEDULED"))
@@ -401,6 +484,17 @@ def _study_updated(service: EmrService, uid: str) -> dt.datetime | None:
     with service.archive.index.read() as conn:
         return conn.execute(sa.select(studies.c.updated_at).where(
             studies.c.study_instance_uid == uid)).scalar()
+
+
+def _imaging_study_or_none(service: EmrService, settings, uid: str,
+                           updated: dt.datetime) -> dict | None:
+    """One study of a search; one that cannot be shown is left out (and logged) rather than
+    failing the patient's whole search."""
+    try:
+        return _imaging_study(service, settings, uid, updated)
+    except InvalidResource as exc:
+        log.error("ImagingStudy %s left out of a search: %s", uid, loggable(exc))
+        return None
 
 
 def _imaging_study(service: EmrService, settings, uid: str,
@@ -485,13 +579,16 @@ def _find_studies(service: EmrService, settings, params: list[tuple[str, str]]
         elif name == "_lastUpdated":
             conditions.append(_date_condition(studies.c.updated_at, value))
         elif name == "_count":
-            if not value.isdigit() or not 0 < int(value) <= _MAX_COUNT:
+            number = _number(value)
+            if number is None or not 0 < number <= _MAX_COUNT:
                 raise fhir.FhirError(400, "value", f"_count must be 1-{_MAX_COUNT}", "_count")
-            count = int(value)
+            count = number
         elif name == "_offset":  # what the next links say (not a standard parameter)
-            if not value.isdigit():
-                raise fhir.FhirError(400, "value", "_offset must be a number", "_offset")
-            offset = int(value)
+            number = _number(value)
+            if number is None or number > _MAX_OFFSET:
+                raise fhir.FhirError(400, "value", f"_offset must be a number 0-{_MAX_OFFSET}",
+                                     "_offset")
+            offset = number
         elif name != "_format":
             raise fhir.FhirError(400, "not-supported", f"search parameter {name!r} is not "
                                  "supported (patient.identifier, identifier, _lastUpdated, "
@@ -513,7 +610,11 @@ def _date_condition(column: Any, value: str) -> Any:
         raise fhir.FhirError(400, "value", f"_lastUpdated {value!r} is not [prefix]date",
                              "_lastUpdated")
     prefix, text = match.group(1) or "eq", match.group(2)
-    start, end = _period(text)
+    try:
+        start, end = _period(text)
+    except ValueError:
+        raise fhir.FhirError(400, "value", f"_lastUpdated {value!r}: not a real date or time",
+                             "_lastUpdated") from None
     if prefix in ("gt", "sa"):
         return column >= end
     if prefix == "ge":
@@ -528,24 +629,38 @@ def _date_condition(column: Any, value: str) -> Any:
 
 
 def _period(text: str) -> tuple[dt.datetime, dt.datetime]:
-    """The instants a FHIR date or dateTime of any precision covers, in UTC."""
+    """The instants a FHIR date or dateTime of any precision covers, in UTC (``ValueError``
+    for a day or time that does not exist: ``2020-13-45``, ``T25:00``, year 0)."""
     zone = fhir.LOCAL_TIMEZONE
     if "T" in text:
         moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=zone)
-        moment = moment.astimezone(dt.UTC)
-        return moment, moment + dt.timedelta(seconds=1)
+        return _utc(moment), _utc(moment, dt.timedelta(seconds=1))
     parts = [int(p) for p in text.split("-")]
     start = dt.datetime(parts[0], parts[1] if len(parts) > 1 else 1,
                         parts[2] if len(parts) > 2 else 1, tzinfo=zone)
     if len(parts) == 3:
-        end = start + dt.timedelta(days=1)
+        end = _utc(start, dt.timedelta(days=1))
     elif len(parts) == 2:
-        end = (start + dt.timedelta(days=32)).replace(day=1)
+        end = _utc(start, dt.timedelta(days=32), to_first_day=True)
     else:
-        end = start.replace(year=start.year + 1)
-    return start.astimezone(dt.UTC), end.astimezone(dt.UTC)
+        end = _utc(start, dt.timedelta(days=366), to_first_day=True, to_first_month=True)
+    return _utc(start), end
+
+
+def _utc(moment: dt.datetime, later: dt.timedelta = dt.timedelta(0), *,
+         to_first_day: bool = False, to_first_month: bool = False) -> dt.datetime:
+    """``moment + later`` in UTC (the start of its month or year if asked), kept within what
+    ``datetime`` holds: the ends of year 9999 and the start of year 1 are open."""
+    try:
+        moved = moment + later
+        if to_first_day:
+            moved = moved.replace(day=1, month=1 if to_first_month else moved.month)
+        return moved.astimezone(dt.UTC)
+    except OverflowError:
+        edge = dt.datetime.max if later or moment.year > 1 else dt.datetime.min
+        return edge.replace(tzinfo=dt.UTC)
 
 
 def _linked_studies(service: EmrService, order_pk: int) -> list[str]:

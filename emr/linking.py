@@ -24,6 +24,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from emr.errors import loggable
 from emr.model import OrderStatus, PatientInfo
 from emr.orders import OrderStore, StoredOrder
 from storage.archive import Archive, StoreOutcome, StoreResult
@@ -133,8 +134,10 @@ class StudyLinker:
             try:
                 if uids:
                     self.link_studies(uids)
-            except Exception:
-                log.exception("linking %d study(ies) failed", len(uids))
+            except Exception as exc:
+                # The text may quote values (patient names): the kind only, above DEBUG.
+                log.error("linking %d study(ies) failed: %s", len(uids), loggable(exc))
+                log.debug("linking failure", exc_info=True)
                 with self._lock:
                     for uid in uids:
                         self._seen.pop(uid, None)  # tried again with their next instance
@@ -221,8 +224,9 @@ class StudyLinker:
         for listener in self._listeners:
             try:
                 listener(link, order)
-            except Exception:
-                log.exception("link listener %r failed", listener)
+            except Exception as exc:
+                log.error("link listener %r failed: %s", listener, loggable(exc))
+                log.debug("link listener failure", exc_info=True)
         return link
 
     def _match(self, facts: dict[str, Any], ordered: dict[str, StoredOrder]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import re
 from typing import Any
 
 import sqlalchemy as sa
@@ -27,6 +28,7 @@ from storage.index import (
     utc_now,
 )
 from storage.names import casefold_person_name, fold_person_name
+from storage.parsing import is_valid_uid
 from storage.query import (
     NameMatching,
     date_condition,
@@ -69,32 +71,96 @@ class OrderConflict(ValueError):
 
 
 # Longest values DICOM can carry (PS3.5 VRs) for what goes to the worklist, and column sizes.
+# Free text (descriptions, reason, address: LO) has no limit here: the worklist cuts it to 64,
+# as HIS procedure names and reasons are often longer (the JSON API takes 64).
 _ORDER_LIMITS = {"accession_number": 16, "requested_procedure_id": 16,
-                 "scheduled_step_id": 16, "station_ae_title": 16, "modality": 16,
-                 "priority": 16, "study_instance_uid": 64, "placer_order_number": 64,
-                 "filler_order_number": 64, "procedure_code": 64}
+                 "scheduled_step_id": 16, "station_ae_title": 16, "station_name": 16,
+                 "modality": 16, "priority": 16, "body_part": 16, "study_instance_uid": 64,
+                 "placer_order_number": 64, "filler_order_number": 64, "procedure_code": 64,
+                 "procedure_code_system": 256}
 _PATIENT_LIMITS = {"patient_id": 64, "issuer": 64, "birth_date": 8, "sex": 4, "cccd": 32,
-                   "bhyt": 32, "phone": 64, "name": 324}
+                   "bhyt": 32, "phone": 64}
+# Values the worklist matches on: a wildcard in them could never be asked for exactly.
+_ORDER_KEYS = ("accession_number", "requested_procedure_id", "scheduled_step_id",
+               "station_ae_title")
+_ORDER_NAMES = ("referring_physician", "performing_physician")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
-def _check_lengths(values: object, limits: dict[str, int], message: str) -> None:
-    for name, limit in limits.items():
-        if len(getattr(values, name)) > limit:
-            raise InvalidOrder(message.format(name=name, limit=limit))
+def _check_text(name: str, value: str, limit: int | None, *, key: bool = False) -> None:
+    """Refuse what no DICOM string can hold: control characters, the value delimiter ``\\``,
+    more than ``limit`` characters; for a key also the wildcards ``*`` and ``?``."""
+    if _CONTROL.search(value):
+        raise InvalidOrder(f"{name}: must not contain control characters")
+    if "\\" in value:
+        raise InvalidOrder(f"{name}: must not contain a backslash (the DICOM value delimiter)")
+    if key and ("*" in value or "?" in value):
+        raise InvalidOrder(f"{name}: must not contain * or ? (wildcards in DICOM queries)")
+    if limit is not None and len(value) > limit:
+        raise InvalidOrder(f"{name}: at most {limit} characters (DICOM)")
+
+
+def _check_person_name(name: str, value: str) -> None:
+    """PN: at most three component groups (``=``) of at most 64 characters each."""
+    _check_text(name, value, None)
+    groups = value.split("=")
+    if len(groups) > 3:
+        raise InvalidOrder(f"{name}: at most three component groups (DICOM PN)")
+    if any(len(group) > 64 for group in groups):
+        raise InvalidOrder(f"{name}: at most 64 characters per component group (DICOM PN)")
+
+
+def valid_date(value: str) -> bool:
+    """Whether ``value`` is a DICOM DA that is a real day (``19880230`` is not)."""
+    if not re.fullmatch(r"[0-9]{8}", value):
+        return False
+    try:
+        dt.date(int(value[:4]), int(value[4:6]), int(value[6:]))
+    except ValueError:
+        return False
+    return True
+
+
+def valid_time(value: str) -> bool:
+    """Whether ``value`` is a DICOM TM (HH[MM[SS[.F]]]) that is a real time of day."""
+    match = re.fullmatch(r"([0-9]{2})(([0-9]{2})(([0-9]{2})(\.[0-9]{1,6})?)?)?", value)
+    return bool(match) and int(match.group(1)) <= 23 and int(match.group(3) or 0) <= 59 \
+        and int(match.group(5) or 0) <= 60  # 60: a leap second
 
 
 def check_patient(patient: PatientInfo) -> None:
     """Refuse a patient whose values do not fit (``InvalidOrder``, naming the field)."""
     if not patient.patient_id.strip():
         raise InvalidOrder("patient_id: required (the hospital's MRN)")
-    _check_lengths(patient, _PATIENT_LIMITS, "patient {name}: at most {limit} characters")
+    for name, value in dataclasses.asdict(patient).items():
+        if name == "name":
+            _check_person_name("patient name", value)
+        else:
+            _check_text(f"patient {name}", value, _PATIENT_LIMITS.get(name),
+                        key=name == "patient_id")
+    if patient.birth_date and not valid_date(patient.birth_date):
+        raise InvalidOrder("patient birth_date: not a real date (YYYYMMDD)")
 
 
 def check_order(order: Order) -> None:
     """Refuse an order whose values do not fit what the worklist must send."""
     if not order.accession_number.strip():
         raise InvalidOrder("accession_number: required")
-    _check_lengths(order, _ORDER_LIMITS, "{name}: at most {limit} characters (DICOM)")
+    for field in dataclasses.fields(Order):
+        value = getattr(order, field.name)
+        if not isinstance(value, str) or field.name == "source":
+            continue
+        if field.name in _ORDER_NAMES:
+            _check_person_name(field.name, value)
+        else:
+            _check_text(field.name, value, _ORDER_LIMITS.get(field.name),
+                        key=field.name in _ORDER_KEYS)
+    if order.scheduled_date and not valid_date(order.scheduled_date):
+        raise InvalidOrder("scheduled_date: not a real date (YYYYMMDD)")
+    if order.scheduled_time and not valid_time(order.scheduled_time):
+        raise InvalidOrder("scheduled_time: not a real time of day (HHMMSS)")
+    if order.study_instance_uid and not is_valid_uid(order.study_instance_uid):
+        raise InvalidOrder("study_instance_uid: not a DICOM UID (digits and dots, at most 64)")
     check_patient(order.patient)
 
 
@@ -132,6 +198,11 @@ class OrderStore:
             conn.execute(emr_patients.update().where(emr_patients.c.pk == prior)
                          .values(merged_into_pk=target, updated_at=utc_now()))
             return moved
+
+    def knows_patient(self, patient_id: str, issuer: str = "") -> bool:
+        """Whether the EMR ever sent this patient (merged away or not)."""
+        with self.index.read() as conn:
+            return _find_patient(conn, patient_id, issuer) is not None
 
     def patient(self, pk: int) -> PatientInfo:
         with self.index.read() as conn:
@@ -350,9 +421,11 @@ def _save_patient(conn: Connection, patient: PatientInfo) -> int:
             created_at=now, updated_at=now).returning(emr_patients.c.pk)).scalar_one()
     if patient.issuer:
         values["issuer"] = patient.issuer
+    if not values:  # only the MRN: nothing to change
+        return pk
     current = conn.execute(sa.select(*[emr_patients.c[k] for k in values])
                            .where(emr_patients.c.pk == pk)).one()
-    if values and tuple(current) != tuple(values.values()):
+    if tuple(current) != tuple(values.values()):
         conn.execute(emr_patients.update().where(emr_patients.c.pk == pk)
                      .values(**values, updated_at=now))
     return pk

@@ -25,6 +25,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from emr.errors import loggable
 from storage.errors import NotFound
 from storage.index import Index, deliveries, iso_seconds, stored_utc, utc_now
 
@@ -154,8 +155,10 @@ class Outbox:
         while not self._stop.is_set():
             try:
                 delay = self.deliver_due()
-            except Exception:
-                log.exception("the outbox failed; trying again shortly")
+            except Exception as exc:
+                # The text may quote values (patient names): the kind only, above DEBUG.
+                log.error("the outbox failed (%s); trying again shortly", loggable(exc))
+                log.debug("outbox failure", exc_info=True)
                 delay = self.retry_seconds
             self._wake.wait(delay)
             self._wake.clear()

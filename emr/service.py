@@ -15,6 +15,7 @@ import httpx
 import sqlalchemy as sa
 
 from emr import fhir, hl7_out, hl7v2, mllp
+from emr.errors import loggable
 from emr.linking import LINKED, StudyLink, StudyLinker, demographics
 from emr.model import Order, PatientMerge, PatientUpdate
 from emr.orders import InvalidOrder, OrderConflict, OrderStore, StoredOrder
@@ -26,7 +27,7 @@ from pacs.settings import Settings
 from storage.archive import Archive
 from storage.completion import StudyCompletion
 from storage.errors import NotFound
-from storage.index import Index, deliveries, orders, study_links
+from storage.index import Index, deliveries, orders, patients, study_links
 from storage.patients import correct_patient, merge_patient
 from storage.query import NameMatching
 from viewer.share_api import public_base
@@ -96,6 +97,17 @@ class EmrService:
         correct_patient(self.archive, demographics(merge.patient))
         return moved
 
+    def knows_patient(self, patient_id: str, issuer: str = "") -> bool:
+        """Whether the EMR sent this patient or the archive has images of them."""
+        if self.orders.knows_patient(patient_id, issuer):
+            return True
+        condition = patients.c.patient_id == patient_id
+        if issuer:
+            condition = sa.and_(condition, patients.c.issuer_of_patient_id.in_((issuer, "")))
+        with self.archive.index.read() as conn:
+            return conn.execute(sa.select(patients.c.pk).where(condition).limit(1)
+                                ).first() is not None
+
     def handle_hl7(self, data: bytes) -> bytes:
         """One HL7 message in, its ACK out. Never raises: every failure is an AE/AR ACK."""
         header = None
@@ -123,7 +135,7 @@ class EmrService:
             # Database errors quote their parameters (patient names): the type only, above
             # DEBUG.
             log.error("HL7 message %s failed: %s", header.control_id if header else "?",
-                      type(exc).__name__)
+                      loggable(exc))
             log.debug("HL7 failure", exc_info=True)
             answer = self._ack(header, "AE", "internal error; the message was not applied")
         return answer.encode("utf-8")

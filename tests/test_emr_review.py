@@ -1036,3 +1036,177 @@ def test_postgres_over_long_patient_fields_are_refused_cleanly(pg_site):
         problems.append(f"HTTP {response.status_code}: {response.text[:100]}")
     problems += [line[:300] for line in site.server.log().splitlines() if "Ích Khiêm" in line]
     assert problems == [], "\n".join(problems)
+
+
+# ============================================================================ fuzzing findings
+
+
+def test_imaging_study_of_a_study_without_a_referring_physician_is_served(site):
+    # Fuzzing: ReferringPhysicianName '^^^^' gave referrer.display "" (invalid FHIR): the
+    # study and every search that held it answered 500.
+    specs = [Spec(patient_id=unique("BNR"), accession=unique("RF"), referring=referring)
+             for referring in ("", "^^^^")]
+    for spec in specs:
+        stow_study(site, spec)
+
+    for spec in specs:
+        read = api(site, "GET", f"/fhir/ImagingStudy/{spec.study_uid}")
+        assert read.status_code == 200, read.text[:300]
+        assert "referrer" not in read.json()
+        found = api(site, "GET", "/fhir/ImagingStudy",
+                    params={"patient.identifier": f"|{spec.patient_id}"})
+        assert found.status_code == 200 and found.json()["total"] == 1
+    assert api(site, "GET", "/fhir/ImagingStudy").status_code == 200
+    assert api(site, "GET", "/fhir/ImagingStudy",
+               params={"_lastUpdated": f"ge{dt.date.today().isoformat()}"}).status_code == 200
+    assert "input_value" not in site.server.log()
+
+
+@pytest.mark.parametrize(("changes", "field"), [
+    ({"scheduled_date": "2020-13-45"}, "scheduled_date"),
+    ({"scheduled_date": "20240230"}, "scheduled_date"),
+    ({"scheduled_time": "25:99"}, "scheduled_time"),
+    ({"scheduled_time": "1260"}, "scheduled_time"),
+    ({"study_instance_uid": "abc"}, "study_instance_uid"),
+    ({"study_instance_uid": "1." + "2" * 70}, "study_instance_uid"),
+    ({"accession_number": "A\\B"}, "accession_number"),
+    ({"accession_number": "A*"}, "accession_number"),
+    ({"accession_number": "A?"}, "accession_number"),
+    ({"requested_procedure_id": "RP\x07"}, "requested_procedure_id"),
+    ({"procedure_description": "x" * 100_000}, "procedure_description"),
+    ({"procedure_description": "x" * 65}, "procedure_description"),
+    ({"reason": "Đau\x00bụng"}, "reason"),
+    ({"referring_physician": "Trần^" + "T" * 70}, "referring_physician"),
+    ({"patient": {"name": "Nguyễn\x00^Văn An"}}, "name"),
+    ({"patient": {"name": "A" * 65}}, "name"),
+    ({"patient": {"birth_date": "1988-02-30"}}, "birth_date"),
+    ({"patient": {"patient_id": "BN*1"}}, "patient_id"),
+    ({"patient": {"address": "x" * 65}}, "address"),
+])
+def test_json_order_with_a_value_dicom_cannot_carry_is_refused_and_not_stored(site, changes,
+                                                                             field):
+    # Fuzzing: these were all stored (201) and handed to modalities by the worklist; the
+    # impossible date then made GET /fhir/ServiceRequest/{id} answer 500.
+    accession = changes.get("accession_number", unique("FV"))
+    body = {"accession_number": accession, "modality": "CT",
+            "patient": {"patient_id": unique("BNV"), **changes.pop("patient", {})}}
+    body.update({k: v for k, v in changes.items() if k != "accession_number"})
+
+    refused = api(site, "POST", "/api/orders", json=body)
+
+    assert refused.status_code == 400, refused.text[:200]
+    assert field in refused.json()["message"]
+    assert api(site, "GET", "/api/orders",
+               params={"patient_id": body["patient"]["patient_id"]}).json() == []
+
+
+def test_hl7_and_fhir_orders_share_the_json_apis_checks(site):
+    accession, patient = unique("HV"), unique("BNH")
+    ack = send_hl7(site.server, orm(accession, patient_id=patient, when="202013450900"))
+    request = _service_request(unique("FV"))
+    request["identifier"].append({"system": "urn:dicom:uid", "value": "urn:oid:1.2.abc"})
+
+    created = api(site, "POST", "/fhir/ServiceRequest", json=request)
+
+    assert ack_code(ack) == "AE" and "scheduled_date" in str(ack.segment("MSA")[3])
+    assert api(site, "GET", f"/api/orders/{accession}").status_code == 404
+    assert created.status_code == 422 and "study_instance_uid" in created.text
+
+
+def test_fhir_service_request_of_a_good_order_renders(site):
+    created = api(site, "POST", "/api/orders", json={
+        "accession_number": unique("SR"), "scheduled_date": "2026-12-05",
+        "scheduled_time": "23:59:60", "patient": {"patient_id": unique("BNS"), "name": "^^"}})
+    assert created.status_code == 201, created.text
+
+    read = api(site, "GET", f"/fhir/ServiceRequest/{created.json()['id']}")
+
+    assert read.status_code == 200, read.text[:300]
+    assert read.json()["occurrenceDateTime"].startswith("2026-12-05")
+
+
+def test_updating_a_patient_with_nothing_new_answers_normally(site):
+    # Fuzzing: an update with only the MRN built "SELECT FROM emr_patients ..." (500).
+    patient = unique("BNU")
+    first = api(site, "POST", "/api/patients", json={"patient_id": patient, "name": "Lê^Văn"})
+    assert first.status_code == 200
+
+    again = api(site, "POST", "/api/patients", json={"patient_id": patient})
+    merged = api(site, "POST", "/api/patients/merge",
+                 json={"prior_patient_id": patient, "patient": {"patient_id": patient}})
+
+    assert again.status_code == 200 and again.json()["name"] == "Lê^Văn"
+    assert again.json()["id"] == first.json()["id"]
+    assert merged.status_code == 200 and merged.json() == {"studies_moved": 0}
+
+
+def test_merging_a_prior_patient_nobody_knows_is_404_and_changes_nothing(site):
+    survivor = unique("BNM")
+    assert api(site, "POST", "/api/patients", json={"patient_id": survivor}).status_code == 200
+
+    refused = api(site, "POST", "/api/patients/merge",
+                  json={"prior_patient_id": unique("NOPE"), "patient": {"patient_id": survivor,
+                                                                       "name": "Mới^Tên"}})
+
+    assert refused.status_code == 404 and "prior_patient_id" in refused.json()["message"]
+    found = api(site, "GET", "/fhir/Patient",
+                params={"identifier": f"|{survivor}"}).json()["entry"][0]["resource"]
+    assert "name" not in found
+
+
+BIG = "9" * 23
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [
+    ("GET", f"/api/orders?offset={BIG}", 400),
+    ("GET", "/api/orders?limit=%EF%BC%91", 400),
+    ("GET", f"/api/emr/unmatched?offset={BIG}", 400),
+    ("GET", f"/api/emr/deliveries?offset={BIG}", 400),
+    ("GET", f"/api/emr/deliveries/{BIG}", 404),
+    ("POST", f"/api/emr/deliveries/{BIG}/retry", 404),
+    ("GET", f"/fhir/ServiceRequest/{BIG}", 404),
+    ("GET", f"/fhir/Patient/{BIG}", 404),
+    ("GET", f"/fhir/ImagingStudy?_offset={BIG}", 400),
+    ("GET", "/fhir/ImagingStudy?_count=%EF%BC%91", 400),
+    ("GET", "/fhir/Patient/%EF%BC%91", 404),
+    ("GET", "/fhir/ServiceRequest/%EF%BC%91", 404),
+    ("GET", "/fhir/Patient/-1", 404),
+])
+def test_huge_and_non_ascii_numbers_are_refused_not_crashed_on(site, method, path, status):
+    # Fuzzing: OverflowError (SQLite INTEGER) and pydantic errors on id='１' gave 500.
+    answer = api(site, method, path)
+
+    assert answer.status_code == status, answer.text[:200]
+    if status == 400:
+        assert any(name in answer.text for name in ("offset", "limit", "_count"))
+    assert api(site, "GET", "/fhir/metadata").status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/api/orders", "/api/patients", "/api/patients/merge",
+                                  "/api/emr/unmatched/1.2.3/link", "/fhir/ServiceRequest"])
+def test_a_deeply_nested_json_body_is_400(site, path):
+    # Fuzzing: RecursionError in json.loads gave 500.
+    answer = api(site, "POST", path, content=b"[" * 100_000 + b"]" * 100_000,
+                 headers={"Content-Type": "application/json"})
+
+    assert answer.status_code == 400, answer.text[:200]
+    assert "not valid JSON" in answer.text
+    assert api(site, "GET", "/api/orders?limit=1").status_code == 200
+
+
+@pytest.mark.parametrize("value", ["ge2020-13-45", "ge2026-12-01T25:00:00", "ge0000-01-01",
+                                   "ge2024-02-30", "lt2026-12-01T10:61"])
+def test_an_impossible_last_updated_is_400_naming_the_parameter(site, value):
+    answer = api(site, "GET", "/fhir/ImagingStudy", params={"_lastUpdated": value})
+
+    assert answer.status_code == 400, answer.text[:200]
+    issue = answer.json()["issue"][0]
+    assert answer.json()["resourceType"] == "OperationOutcome"
+    assert issue["expression"] == ["_lastUpdated"]
+
+
+@pytest.mark.parametrize("value", ["le9999-12-31", "ge0001-01-01", "lt9999", "gt9999-12"])
+def test_last_updated_at_the_ends_of_the_calendar_is_answered(site, value):
+    answer = api(site, "GET", "/fhir/ImagingStudy", params={"_lastUpdated": value})
+
+    assert answer.status_code == 200, answer.text[:200]

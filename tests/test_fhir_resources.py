@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 from fhir.resources.R4B.bundle import Bundle
@@ -11,6 +12,7 @@ from fhir.resources.R4B.imagingstudy import ImagingStudy
 from fhir.resources.R4B.operationoutcome import OperationOutcome
 from fhir.resources.R4B.patient import Patient
 
+from emr.errors import InvalidResource, loggable
 from emr.fhir import (
     BHYT_SYSTEM,
     CCCD_SYSTEM,
@@ -31,6 +33,7 @@ from emr.fhir import (
     operation_outcome,
     patient_resource,
     searchset,
+    service_request_resource,
 )
 from emr.fhir_in import parse_service_request
 from emr.model import (
@@ -455,6 +458,65 @@ def test_imaging_study_without_time_or_accession_stays_valid():
     assert study["started"] == "2024-05-02"
     assert "basedOn" not in study
     assert len(study["identifier"]) == 1
+
+
+# Fuzzing: a study whose ReferringPhysicianName is '^^^^' made referrer.display "", which
+# fhir.resources refuses: GET /fhir/ImagingStudy/{uid} and every search holding it were 500.
+@pytest.mark.parametrize("blank", ["", "^^^^", " ^ ", "=^^"])
+def test_imaging_study_leaves_out_elements_that_would_be_empty(blank):
+    study = dataclasses.replace(
+        ct_study(), referring_physician=blank, description="  ",
+        patient=PatientInfo(patient_id="BN0001", name=blank),
+        series=(ResultSeries(f"{STUDY_UID}.1", modality=" CT ", number=-1, description=" ",
+                             body_part=" ",
+                             instances=(ResultInstance(CT_IMAGE, f"{STUDY_UID}.1.1", 2**40),)),))
+
+    resource = imaging_study(study, resource_id="is-1", mrn_system=MRN_SYSTEM)
+
+    ImagingStudy.model_validate(copy.deepcopy(resource))
+    assert "referrer" not in resource and "description" not in resource
+    assert "display" not in resource["subject"]
+    series = resource["series"][0]
+    assert series["modality"]["code"] == "CT"
+    assert "number" not in series and "description" not in series
+    assert "number" not in series["instance"][0]
+
+
+def test_stored_values_fhir_cannot_carry_are_left_out_of_service_request_and_patient():
+    patient = PatientInfo(patient_id="BN0002", name="^^", birth_date="19880230",
+                          address=" ")
+    order = Order(accession_number="ACC1", patient=patient, scheduled_date="20201345",
+                  scheduled_time="2599", modality="C  T", procedure_code=" CT001 ",
+                  procedure_description=" ")
+
+    request = service_request_resource(order, "7", mrn_system=MRN_SYSTEM)
+    person = patient_resource(patient, "8", mrn_system=MRN_SYSTEM)
+
+    assert "occurrenceDateTime" not in request
+    assert request["category"][0]["coding"][0]["code"] == "C T"
+    assert request["code"] == {"coding": [{"code": "CT001"}]}
+    assert "birthDate" not in person and "name" not in person and "address" not in person
+    good_day = Order(accession_number="ACC1", patient=patient, scheduled_date="20261205",
+                     scheduled_time="2599")
+    assert service_request_resource(good_day, "7", mrn_system=MRN_SYSTEM)[
+        "occurrenceDateTime"] == "2026-12-05"
+
+
+def test_a_resource_that_cannot_be_built_names_the_element_but_never_the_value():
+    study = dataclasses.replace(ct_study(), patient=PatientInfo(
+        patient_id="BN0003", name="Quách^Thị Diễm"))
+
+    with pytest.raises(InvalidResource) as refused:
+        imaging_study(study, resource_id="Quách Thị Diễm", mrn_system=MRN_SYSTEM)
+
+    assert "id" in str(refused.value)
+    assert "Quách" not in str(refused.value) and "Quách" not in loggable(refused.value)
+    assert refused.value.__suppress_context__  # pydantic's text is not in the traceback
+    try:
+        Patient.model_validate({"resourceType": "Patient", "birthDate": "Quách"})
+    except Exception as exc:  # pydantic's own error: its text quotes the value
+        assert "Quách" in str(exc) and "Quách" not in loggable(exc)
+        assert "birthDate" in loggable(exc)
 
 
 def test_patient_resource_uses_vn_core_identifiers_and_name_parts():
