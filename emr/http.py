@@ -15,10 +15,12 @@ from urllib.parse import urlencode
 
 import sqlalchemy as sa
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from dicomweb.app import BodyTimeout
 from emr import fhir, fhir_in
 from emr.errors import InvalidResource, loggable
 from emr.model import Order, OrderControl, OrderStatus, PatientInfo, PatientMerge, PatientUpdate
@@ -32,7 +34,7 @@ from emr.orders import (
 )
 from emr.results import study_result
 from emr.service import EmrService
-from storage.errors import NotFound
+from storage.errors import ArchiveError, InvalidQuery, NotFound
 from storage.index import iso_seconds, patients, studies, study_links
 
 log = logging.getLogger("pacs.emr.http")
@@ -186,13 +188,16 @@ def emr_routes(server) -> list[Route]:
 
     async def list_orders(request: Request) -> Response:
         params = request.query_params
+        date = params.get("date", "")
+        if re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", date):  # as orders are written
+            date = date.replace("-", "")
         try:
             limit, offset = _paging(params)
             found = await run_in_threadpool(
                 service.orders.list, status=params.get("status", ""),
-                patient_id=params.get("patient_id", ""), date=params.get("date", ""),
+                patient_id=params.get("patient_id", ""), date=date,
                 limit=limit, offset=offset)
-        except (BadRequest, ValueError) as exc:
+        except (BadRequest, ValueError, InvalidQuery) as exc:
             return _error(400, str(exc))
         return JSONResponse([order_json(o) for o in found])
 
@@ -324,6 +329,8 @@ def emr_routes(server) -> list[Route]:
         async def guarded_endpoint(request: Request) -> Response:
             try:
                 return await endpoint(request)
+            except (HTTPException, ArchiveError, BodyTimeout):
+                raise  # answered by the app's handlers (4xx, 503), as on every other route
             except Exception as exc:
                 log.error("EMR %s %s failed: %s", request.method, request.url.path,
                           loggable(exc))

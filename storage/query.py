@@ -236,11 +236,14 @@ def _uid_list(column: sa.ColumnElement, keyword: str, value: str) -> sa.ColumnEl
     return column == uids[0] if len(uids) == 1 else column.in_(uids)
 
 
+_INTEGER = re.compile(r"[+-]?[0-9]{1,18}")  # IS: within every database's 64-bit integers
+
+
 def _integers(column: sa.ColumnElement, keyword: str, value: str) -> sa.ColumnElement:
-    try:
-        numbers = [int(v) for v in value.split("\\")]
-    except ValueError:
-        raise InvalidQuery(keyword, f"{value!r} is not an integer") from None
+    items = [v.strip() for v in value.split("\\")]
+    if not all(_INTEGER.fullmatch(item) for item in items):
+        raise InvalidQuery(keyword, f"{value!r} is not an integer (or a \\-separated list)")
+    numbers = [int(item) for item in items]
     return column == numbers[0] if len(numbers) == 1 else column.in_(numbers)
 
 

@@ -372,18 +372,21 @@ def test_an_upload_that_stops_arriving_is_answered_408_and_closed(start_server):
     # A client announcing a large STOW-RS body and then sending nothing held the connection,
     # and the request, for as long as it liked.
     server = start_server(PACS_HTTP_BODY_IDLE_TIMEOUT="1")
-    with socket.create_connection(("127.0.0.1", server.http_port), timeout=20) as sock:
-        sock.sendall(b"POST /dicomweb/studies HTTP/1.1\r\nHost: pacs\r\n"
-                     b"Content-Type: " + STOW_TYPE.encode() + b"\r\n"
-                     b"Content-Length: 4000000\r\n\r\n--b0undary\r\n")
-        started = time.monotonic()
-        answer = b""
-        while chunk := sock.recv(65536):  # until the server closes the connection
-            answer += chunk
-        waited = time.monotonic() - started
-    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
-    assert b"request body" in answer
-    assert 0.5 < waited < 15
+    for path, content_type, start in (
+            ("/dicomweb/studies", STOW_TYPE, b"--b0undary\r\n"),
+            ("/api/orders", "application/json", b'{"accession_number": "A'),
+            ("/fhir/ServiceRequest", "application/fhir+json", b"{")):
+        with socket.create_connection(("127.0.0.1", server.http_port), timeout=20) as sock:
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: pacs\r\nContent-Type: "
+                         f"{content_type}\r\nContent-Length: 4000000\r\n\r\n".encode() + start)
+            started = time.monotonic()
+            answer = b""
+            while chunk := sock.recv(65536):  # until the server closes the connection
+                answer += chunk
+            waited = time.monotonic() - started
+        assert answer.startswith(b"HTTP/1.1 408"), (path, answer[:200])
+        assert b"request body" in answer
+        assert 0.5 < waited < 15
     assert httpx.get(server.http + "/healthz").status_code == 200
 
 
@@ -501,6 +504,16 @@ def test_wado_uri_dicom_and_jpeg(server, study):
     assert missing.status_code == 400 and "objectUID" in missing.json()["message"]
     unknown = httpx.get(server.http + "/wado", params={**params, "objectUID": "1.2.3"})
     assert unknown.status_code == 404
+
+
+@pytest.mark.parametrize("query", [
+    "/instances?InstanceNumber=99999999999999999999", "/series?SeriesNumber=-99999999999999999999",
+    "/instances?InstanceNumber=1%5C99999999999999999999", "/instances?InstanceNumber=%EF%BC%91",
+])
+def test_qido_integer_values_beyond_64_bits_are_400(http, study, query):
+    response = http.get(query)  # the database's integers overflowed: a 500
+    assert response.status_code == 400, response.text
+    assert "is not an integer" in response.json()["message"]
 
 
 @pytest.mark.parametrize("path", [

@@ -1182,6 +1182,16 @@ def test_huge_and_non_ascii_numbers_are_refused_not_crashed_on(site, method, pat
     assert api(site, "GET", "/fhir/metadata").status_code == 200
 
 
+def test_orders_listed_by_a_date_as_orders_are_written_and_bad_dates_refused(site):
+    # Fuzzing: a date the list could not match (even YYYY-MM-DD, the form orders are created
+    # with) was a 500.
+    for date in ("2026-12-05", "20261205", "20261201-20261205"):
+        assert api(site, "GET", "/api/orders", params={"date": date}).status_code == 200, date
+    for date in ("abc", "2020-13-45", "20201212-20201201", "1" * 50):
+        answer = api(site, "GET", "/api/orders", params={"date": date})
+        assert answer.status_code == 400 and "date" in answer.json()["message"], date
+
+
 @pytest.mark.parametrize("path", ["/api/orders", "/api/patients", "/api/patients/merge",
                                   "/api/emr/unmatched/1.2.3/link", "/fhir/ServiceRequest"])
 def test_a_deeply_nested_json_body_is_400(site, path):

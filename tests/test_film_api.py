@@ -91,11 +91,13 @@ def test_film_requests_with_bad_parameters_get_clear_errors(site):
     server, ct, _ = site
     base = f"{server.http}/api/studies/{ct.study_uid}"
     for params in ({"layout": "big"}, {"layout": "40x40"}, {"window": "x"},
-                   {"per_series": "0"}):
+                   {"per_series": "0"}, {"per_series": "1000"}, {"per_series": "１"}):
         response = httpx.get(base + "/film.pdf", params=params)
         assert response.status_code == 400, params
         assert response.json()["message"]
     assert httpx.get(base + "/film.png", params={"sheet": "9"}).status_code == 400
+    bad_sheet = httpx.get(base + "/film.png", params={"sheet": "abc"})
+    assert bad_sheet.status_code == 400 and "sheet" in bad_sheet.json()["message"]
     assert httpx.get(base + "/film.gif").status_code == 404
     assert httpx.get(f"{server.http}/api/studies/1.2.3.4/film.pdf").status_code == 404
 

@@ -33,6 +33,9 @@ from viewer.film import (
 )
 from viewer.film_canvas import FilmFontMissing
 
+# Images per series on a film (a sheet of a 300-slice series at 1,000 was 19 MB of PDF).
+MAX_PER_SERIES = 100
+
 
 def study_api_routes(server) -> list[Route]:
     archive = server.archive
@@ -55,10 +58,14 @@ def study_api_routes(server) -> list[Route]:
             except ValueError:
                 raise FilmError(f"window: {params['window']!r} is not center,width") from None
             window = (center, width)
-        try:
-            per_series = int(params.get("per_series", settings.film_images_per_series))
-        except ValueError:
-            raise FilmError("per_series: must be an integer") from None
+        per_series_param = params.get("per_series")
+        per_series = settings.film_images_per_series
+        if per_series_param is not None:
+            if not (per_series_param.isascii() and per_series_param.isdigit()
+                    and 1 <= int(per_series_param) <= MAX_PER_SERIES):
+                raise FilmError(f"per_series: {per_series_param!r} is not a number of images "
+                                f"from 1 to {MAX_PER_SERIES}")
+            per_series = int(per_series_param)
         return FilmRequest(site_name=settings.site_name, columns=columns, rows=rows,
                            per_series=per_series, window=window)
 
