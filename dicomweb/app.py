@@ -21,7 +21,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -567,6 +567,9 @@ class ContainErrors:
 
         try:
             await self.app(scope, receive, tracking_send)
+        except ClientDisconnect:
+            log.info("HTTP %s %s: the client went away while sending its request",
+                     scope.get("method"), scope.get("path"))
         except Exception as exc:
             if started:
                 raise

@@ -16,7 +16,7 @@ from urllib.parse import urlencode
 import sqlalchemy as sa
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -329,8 +329,8 @@ def emr_routes(server) -> list[Route]:
         async def guarded_endpoint(request: Request) -> Response:
             try:
                 return await endpoint(request)
-            except (HTTPException, ArchiveError, BodyTimeout):
-                raise  # answered by the app's handlers (4xx, 503), as on every other route
+            except (HTTPException, ArchiveError, BodyTimeout, ClientDisconnect):
+                raise  # answered (or not: nobody to answer) as on every other route
             except Exception as exc:
                 log.error("EMR %s %s failed: %s", request.method, request.url.path,
                           loggable(exc))

@@ -387,6 +387,18 @@ def test_an_upload_that_stops_arriving_is_answered_408_and_closed(start_server):
         assert answer.startswith(b"HTTP/1.1 408"), (path, answer[:200])
         assert b"request body" in answer
         assert 0.5 < waited < 15
+    # A client that gives up half-way is nobody's error: no ERROR line for it.
+    for path, content_type in (("/dicomweb/studies", STOW_TYPE),
+                               ("/api/orders", "application/json")):
+        with socket.create_connection(("127.0.0.1", server.http_port), timeout=20) as sock:
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: pacs\r\nContent-Type: "
+                         f"{content_type}\r\nContent-Length: 4000\r\n\r\n{{".encode())
+            time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while server.log().count("went away") < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.log().count("went away") == 2
+    assert " ERROR " not in server.log(), server.log()[-2000:]
     assert httpx.get(server.http + "/healthz").status_code == 200
 
 
