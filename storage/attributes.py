@@ -194,7 +194,9 @@ def column_value(attribute: IndexedAttribute, header: dict[str, Any]) -> Any:
         return None
     if attribute.vr in INTEGER_VRS:
         first = values[0]
-        return first if isinstance(first, int) else None
+        # Beyond the database's 64-bit integers the value stays in the header JSON only (an
+        # InstanceNumber of 10^20 made the index write fail, and the store with it).
+        return first if isinstance(first, int) and -(2**63) <= first < 2**63 else None
     if attribute.vr == "PN":
         text = "\\".join(pn_to_text(v) for v in values)
     else:

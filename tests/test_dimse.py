@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import socket
+import struct
 import subprocess
+import time
 
 import pydicom
 import pytest
@@ -13,7 +16,7 @@ from pydicom.filewriter import write_dataset
 
 from tests import dimse_client as client
 from tests.conftest import free_port
-from tests.factory import Spec, dataset, instance
+from tests.factory import Spec, dataset, instance, part10
 
 
 @pytest.fixture
@@ -206,6 +209,76 @@ def test_retrieve_without_any_unique_key_is_refused(server):
                                     [("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")])
     assert status.Status == 0xA900
     assert received == []
+
+
+@pytest.mark.parametrize("keys", [{"StudyInstanceUID": "*"}, {"StudyInstanceUID": "1.2*"},
+                                  {"PatientID": "*"}, {"PatientID": "?*"}])
+def test_a_retrieve_with_a_wildcard_in_a_unique_key_is_refused_and_sends_nothing(
+        server, tmp_path, move_destination, keys):
+    # PS3.4 C.4.2.2.1: no wildcards in a retrieve's unique keys. Matched as C-FIND keys, "*"
+    # moved every instance of the archive.
+    _, received = move_destination
+    client.store_files(server.dicom_port, write_instances(tmp_path, [Spec(patient_id="WILD1")]))
+    status, got = client.c_get(server.dicom_port, client.identifier("STUDY", **keys),
+                               [("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")])
+    assert status.Status == 0xA900 and got == []
+    moved = client.c_move(server.dicom_port, client.identifier("STUDY", **keys), "STORESCP")
+    assert moved.Status == 0xA900
+    assert list(received.iterdir()) == []
+
+
+def test_c_find_returns_a_requested_sequence_that_the_stored_file_holds(server, tmp_path):
+    # The fast encoder took the stored header's sequence for a list of items: 0xC311 and no
+    # answer at all for a query asking for OtherPatientIDsSequence.
+    other = Dataset()
+    other.PatientID = "079203001234"
+    other.IssuerOfPatientID = "CCCD"
+    spec = Spec(patient_id="SEQ1", extra={"OtherPatientIDsSequence": [other]})
+    client.store_files(server.dicom_port, write_instances(tmp_path, [spec]))
+    found = client.c_find(server.dicom_port, client.identifier(
+        "STUDY", PatientID="SEQ1", StudyInstanceUID="", OtherPatientIDsSequence=[]))
+    assert len(found) == 1
+    assert found[0].OtherPatientIDsSequence[0].PatientID == "079203001234"
+
+
+def test_an_instance_number_beyond_64_bits_is_stored(server, tmp_path):
+    # The index column overflowed and the store failed with 0xA700 "Internal error".
+    spec = Spec(patient_id="BIGNUM")
+    ds = dataset(spec)
+    ds.add_new(0x00200013, "IS", "99999999999999999999")
+    path = tmp_path / "big.dcm"
+    path.write_bytes(part10(ds))
+    assert client.store_files(server.dicom_port, [path])[path].Status == 0x0000
+    found = client.c_find(server.dicom_port, client.identifier(
+        "IMAGE", StudyInstanceUID=spec.study_uid, SeriesInstanceUID=spec.series_uid,
+        SOPInstanceUID=""))
+    assert [f.SOPInstanceUID for f in found] == [spec.sop_uid]
+
+
+def _item(kind: int, body: bytes) -> bytes:
+    return struct.pack(">BBH", kind, 0, len(body)) + body
+
+
+def test_an_association_request_pynetdicom_cannot_act_on_is_aborted_at_once(server):
+    # An even presentation context ID made pynetdicom's state machine raise in the network
+    # thread: no answer for 30 s while the request held an association slot, and a few dozen
+    # of them locked every modality out.
+    context = _item(0x20, bytes([2, 0, 0, 0]) + _item(0x30, b"1.2.840.10008.1.1")
+                    + _item(0x40, b"1.2.840.10008.1.2"))
+    body = (struct.pack(">HH", 1, 0) + b"PACS".ljust(16) + b"FUZZ".ljust(16) + bytes(32)
+            + _item(0x10, b"1.2.840.10008.3.1.1.1") + context
+            + _item(0x50, _item(0x51, struct.pack(">I", 16384))))
+    request = struct.pack(">BBI", 1, 0, len(body)) + body
+    with socket.create_connection(("127.0.0.1", server.dicom_port), timeout=10) as sock:
+        started = time.monotonic()
+        sock.sendall(request)
+        answer = sock.recv(64)
+        assert answer[:1] == b"\x07", answer  # A-ABORT
+        assert time.monotonic() - started < 5
+    for _ in range(80):
+        with socket.create_connection(("127.0.0.1", server.dicom_port), timeout=10) as sock:
+            sock.sendall(request)
+    assert client.echo(server.dicom_port) == 0
 
 
 def test_duplicate_store_is_a_warning_and_keeps_the_first(server, tmp_path):

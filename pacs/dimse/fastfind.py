@@ -64,6 +64,8 @@ def encode_identifier(elements: Iterable[tuple[int, str, Any]], *, implicit: boo
     codec = "utf-8" if utf8 else "ascii"
     for tag, vr, value in sorted(elements, key=lambda e: e[0]):
         if vr == "SQ":  # value: a list of items, each a list of (tag, VR, value)
+            if isinstance(value, dict):  # a sequence from the stored header (DICOM JSON)
+                return None
             encoded = _sequence(tag, value or [], implicit=implicit, utf8=utf8)
             if encoded is None:
                 return None

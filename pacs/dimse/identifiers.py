@@ -12,6 +12,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from storage.attributes import BY_KEYWORD, Level
+from storage.parsing import is_valid_uid
 from storage.query import NameMatching, Query
 
 QUERY_RETRIEVE_LEVEL = 0x00080052
@@ -183,5 +184,13 @@ def retrieve_keys(identifier: Dataset) -> tuple[Level, dict[str, str]]:
     if not unique:
         raise IdentifierError("the identifier names no patient, study, series or instance "
                               "(PatientID, StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID)")
+    # PS3.4 C.4.2.2.1: a retrieve's unique keys hold a single value or a list of UIDs, never
+    # wildcards; matched as C-FIND keys, "*" would name the whole archive.
+    for keyword, value in unique.items():
+        if keyword == "PatientID":
+            if any(c in value for c in "*?\\"):
+                raise IdentifierError(f"PatientID {value[:32]!r}: one value, without wildcards")
+        elif not all(is_valid_uid(uid.strip()) for uid in value.split("\\")):
+            raise IdentifierError(f"{keyword}: not a UID or a list of UIDs (no wildcards)")
     return level, unique
 

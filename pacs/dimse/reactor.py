@@ -171,28 +171,53 @@ def _dul_run_reactor(self: DULServiceProvider) -> None:
             except Exception as exc:
                 log.error("Exception in DUL.run(), aborting association")
                 log.exception(exc)
-                abort_pdu = A_ABORT_RQ()
-                abort_pdu.source = 0x02
-                abort_pdu.reason_diagnostic = 0x00
-                self.socket.send(abort_pdu.encode())
-                self.assoc.is_aborted = True
-                self.assoc.is_established = False
-                self.assoc._kill = True
-                self._kill_thread = True
-                _signal_association(self.assoc)
+                _abort_broken(self)
                 return
             try:
                 event = self.event_queue.get(block=False)
             except queue.Empty:
                 idle = True
                 continue
-            self.state_machine.do_action(event)
+            try:
+                self.state_machine.do_action(event)
+            except Exception as exc:
+                # What the peer sent cannot be acted on (an A-ASSOCIATE-RQ with an even
+                # presentation context ID...). pynetdicom let the DUL thread die here and the
+                # association thread wait for the request until its ACSE timeout: 30 s of no
+                # answer, holding one of the association slots (a few dozen such requests
+                # locked every modality out).
+                log.warning("association with %s aborted: %s", _peer_of(self), exc)
+                _abort_broken(self)
+                return
             _signal_association(self.assoc)
             idle = False
     finally:
         _signal_association(self.assoc)
         for end in getattr(self, "_pacs_wake", ()):
             end.close()
+
+
+def _abort_broken(self: DULServiceProvider) -> None:
+    """Abort after a failure in the DUL thread: A-ABORT to the peer, the association marked
+    aborted, and a thread waiting for the peer's request woken (as if it had timed out)."""
+    abort_pdu = A_ABORT_RQ()
+    abort_pdu.source = 0x02
+    abort_pdu.reason_diagnostic = 0x00
+    with contextlib.suppress(Exception):  # the socket may be gone already
+        self.socket.send(abort_pdu.encode())
+    self.assoc.is_aborted = True
+    self.assoc.is_established = False
+    self.assoc._kill = True
+    self._kill_thread = True
+    self.to_user_queue.put(None)
+    _signal_association(self.assoc)
+
+
+def _peer_of(self: DULServiceProvider) -> str:
+    with contextlib.suppress(Exception):
+        host, port = self.socket.socket.getpeername()[:2]
+        return f"{host}:{port}"
+    return "a peer"
 
 
 # ---------------------------------------------------------------- association thread
