@@ -42,6 +42,7 @@ from dicomweb.multipart import (
 from dicomweb.openapi import openapi_document
 from dicomweb.transcode import NotTranscodable
 from pacs.access import study_scope
+from pacs.http_input import whole_number
 from pacs.settings import Settings
 from storage.archive import Archive
 from storage.attributes import Level
@@ -258,11 +259,12 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
         if media_type is None:
             raise NotAcceptable(f"contentType: {params.get('contentType')!r}; available: "
                                 "application/dicom, image/jpeg, image/png")
-        number = params.get("frameNumber", "1")
-        if not (number.isascii() and number.isdigit() and int(number) >= 1):
-            raise HTTPException(400, f"frameNumber: {number!r} is not a frame number (1, 2...)")
-        wado.check_frames_exist(row, [int(number)])
-        frame = int(number) - 1
+        number = whole_number(params.get("frameNumber", "1"))
+        if not number:
+            raise HTTPException(400, f"frameNumber: {params['frameNumber']!r} is not a frame "
+                                     "number (1, 2...)")
+        wado.check_frames_exist(row, [number])
+        frame = number - 1
         try:
             options = render.parse_options(_wado_uri_render_params(params), media_type)
         except ValueError as exc:

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
+from pacs.http_input import whole_number
 from storage.attributes import BY_KEYWORD, INTEGER_VRS, Level, level_attributes
 from storage.query import NameMatching, Query
 
@@ -145,14 +146,13 @@ _LARGEST = 2**31 - 1
 
 
 def _integer(name: str, value: str, *, minimum: int) -> int:
-    stripped = value.strip()
-    if not (stripped.isascii() and stripped.lstrip("-").isdigit()):
-        raise BadQueryParameter(name, f"{value!r} is not an integer")
-    number = int(stripped)
+    number = whole_number(value.strip())
+    if number is None:
+        raise BadQueryParameter(name, f"{value!r} is not a whole number")
     if number < minimum:
         raise BadQueryParameter(name, f"{number} is less than {minimum}")
     if number > _LARGEST:
-        raise BadQueryParameter(name, f"{stripped} is more than {_LARGEST}")
+        raise BadQueryParameter(name, f"{number} is more than {_LARGEST}")
     return number
 
 

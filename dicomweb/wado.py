@@ -25,6 +25,7 @@ from dicomweb.media import (
     NotAcceptable,
 )
 from dicomweb.multipart import Part
+from pacs.http_input import whole_number
 from storage.archive import Archive, InstanceLocation
 from storage.attributes import Level
 from storage.errors import NotFound, StorageUnavailable
@@ -215,10 +216,9 @@ def parse_frame_list(text: str) -> list[int]:
     Each frame once: a list repeating one frame would make the answer any size a URL can ask
     for (the frames are gathered in memory), so it is refused rather than served.
     """
-    items = text.split(",")
-    if not all(item.isascii() and item.isdigit() for item in items):
+    numbers = [whole_number(item) for item in text.split(",")]
+    if None in numbers:
         raise ValueError(f"frame list {text!r} is not comma-separated frame numbers")
-    numbers = [int(item) for item in items]
     if any(n < 1 for n in numbers):
         raise ValueError(f"frame list {text!r}: frame numbers start at 1")
     seen: set[int] = set()

@@ -34,6 +34,7 @@ from emr.orders import (
 )
 from emr.results import study_result
 from emr.service import EmrService
+from pacs.http_input import parse_json, whole_number
 from storage.errors import ArchiveError, InvalidQuery, NotFound
 from storage.index import iso_seconds, patients, studies, study_links
 
@@ -74,7 +75,7 @@ def emr_routes(server) -> list[Route]:
 
     async def create_service_request(request: Request) -> Response:
         try:
-            body = _parse_json(await request.body())
+            body = parse_json(await request.body())
         except ValueError as exc:
             return outcome(400, "structure", str(exc))
         try:
@@ -166,7 +167,7 @@ def emr_routes(server) -> list[Route]:
         if media != "application/json":
             raise BadRequest("the body must be application/json")
         try:
-            body = _parse_json(await request.body())
+            body = parse_json(await request.body())
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
         if not isinstance(body, dict):
@@ -369,15 +370,9 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"status": status, "message": message}, status_code=status)
 
 
-def _number(text: str) -> int | None:
-    """``text`` as a whole number if it is one written in ASCII digits (``int`` and
-    ``str.isdigit`` take other scripts' digits too: full-width ``１``), at most 19 of them."""
-    return int(text) if re.fullmatch(r"[0-9]{1,19}", text) else None
-
-
 def _row_key(text: str) -> int | None:
     """A resource id that can be a row key, else None (no such resource)."""
-    number = _number(text)
+    number = whole_number(text)
     return number if number is not None and number <= _MAX_KEY else None
 
 
@@ -388,21 +383,11 @@ def _delivery_id(request: Request) -> int:
     return delivery_id
 
 
-def _parse_json(raw: bytes) -> Any:
-    """A request body as JSON; ``ValueError`` with the reason if it is not JSON we take."""
-    try:
-        return json.loads(raw)
-    except RecursionError:
-        raise ValueError("the body is not valid JSON: nested too deeply") from None
-    except ValueError:  # UnicodeDecodeError too
-        raise ValueError("the body is not valid JSON") from None
-
-
 def _paging(params: Any) -> tuple[int, int]:
-    limit = _number(params.get("limit", "100"))
+    limit = whole_number(params.get("limit", "100"))
     if limit is None or not 1 <= limit <= 1000:
         raise BadRequest("limit: a whole number 1-1000")
-    offset = _number(params.get("offset", "0"))
+    offset = whole_number(params.get("offset", "0"))
     if offset is None or offset > _MAX_OFFSET:
         raise BadRequest(f"offset: a whole number 0-{_MAX_OFFSET}")
     return limit, offset
@@ -586,12 +571,12 @@ def _find_studies(service: EmrService, settings, params: list[tuple[str, str]]
         elif name == "_lastUpdated":
             conditions.append(_date_condition(studies.c.updated_at, value))
         elif name == "_count":
-            number = _number(value)
+            number = whole_number(value)
             if number is None or not 0 < number <= _MAX_COUNT:
                 raise fhir.FhirError(400, "value", f"_count must be 1-{_MAX_COUNT}", "_count")
             count = number
         elif name == "_offset":  # what the next links say (not a standard parameter)
-            number = _number(value)
+            number = whole_number(value)
             if number is None or number > _MAX_OFFSET:
                 raise fhir.FhirError(400, "value", f"_offset must be a number 0-{_MAX_OFFSET}",
                                      "_offset")

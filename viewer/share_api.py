@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import html
 import io
-import json
 from typing import Any
 
 import segno
@@ -20,6 +19,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from pacs.access import principal_of
+from pacs.http_input import parse_json, whole_number
 from storage.attributes import Level
 from storage.errors import NotFound
 from storage.names import display_date, display_person_name
@@ -194,9 +194,9 @@ async def json_body(request: Request, *, empty: Any = None) -> Any:
             raise BadRequest("the body is empty: a JSON object is expected")
         return empty
     try:
-        return json.loads(raw)
-    except (ValueError, RecursionError):
-        raise BadRequest("the body is not JSON (or nests too deeply)") from None
+        return parse_json(raw)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
 
 
 def share_fields(body: Any) -> dict[str, Any]:
@@ -242,9 +242,11 @@ def _whole_number(params, name: str, *, default: int, low: int, high: int,
     text = params.get(name)
     if text is None:
         return default
-    if not (text.isascii() and text.isdigit()):
-        raise BadRequest(f"{name}: must be a whole number (digits 0-9), not {text[:40]!r}")
-    value = int(text) if len(text) <= 40 else high + 1
+    value = whole_number(text)
+    if value is None:
+        if not (text.isascii() and text.isdigit()):
+            raise BadRequest(f"{name}: must be a whole number (digits 0-9), not {text[:40]!r}")
+        value = high + 1  # more than 19 digits
     if clamp and value > high:
         return high
     if not low <= value <= high:

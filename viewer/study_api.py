@@ -20,6 +20,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from pacs.access import principal_of
+from pacs.http_input import whole_number
 from storage.parsing import is_valid_uid
 from viewer.export import write_dicom_zip, write_jpeg_zip
 from viewer.film import (
@@ -58,14 +59,12 @@ def study_api_routes(server) -> list[Route]:
             except ValueError:
                 raise FilmError(f"window: {params['window']!r} is not center,width") from None
             window = (center, width)
-        per_series_param = params.get("per_series")
         per_series = settings.film_images_per_series
-        if per_series_param is not None:
-            if not (per_series_param.isascii() and per_series_param.isdigit()
-                    and 1 <= int(per_series_param) <= MAX_PER_SERIES):
-                raise FilmError(f"per_series: {per_series_param!r} is not a number of images "
-                                f"from 1 to {MAX_PER_SERIES}")
-            per_series = int(per_series_param)
+        if "per_series" in params:
+            per_series = whole_number(params["per_series"]) or 0
+            if not 1 <= per_series <= MAX_PER_SERIES:
+                raise FilmError(f"per_series: {params['per_series']!r} is not a number of "
+                                f"images from 1 to {MAX_PER_SERIES}")
         return FilmRequest(site_name=settings.site_name, columns=columns, rows=rows,
                            per_series=per_series, window=window)
 
@@ -82,10 +81,10 @@ def study_api_routes(server) -> list[Route]:
                 pdf = await run_in_threadpool(render_film_pdf, archive, study_uid, options)
                 body, media_type = pdf, "application/pdf"
             else:
-                sheet_param = request.query_params.get("sheet", "1")
-                if not (sheet_param.isascii() and sheet_param.isdigit()):
-                    raise FilmError(f"sheet: {sheet_param!r} is not a sheet number")
-                sheet = int(sheet_param)
+                sheet = whole_number(request.query_params.get("sheet", "1"))
+                if sheet is None:
+                    raise FilmError(f"sheet: {request.query_params['sheet']!r} is not a "
+                                    "sheet number")
                 sheets = await run_in_threadpool(render_film_png, archive, study_uid, options)
                 if not 1 <= sheet <= len(sheets):
                     raise FilmError(f"sheet: {sheet} is not between 1 and {len(sheets)}")
