@@ -69,8 +69,17 @@ def postgres_schema() -> Iterator[str]:
     try:
         yield f"{POSTGRES_ADMIN_URL}?options=-csearch_path%3D{schema}"
     finally:
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+        # A server process the test stopped may still be ending its last transaction: the drop
+        # can then lose a deadlock against it (seen once in CI). Try again, a few times.
+        for attempt in range(5):
+            try:
+                with admin.begin() as conn:
+                    conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+                break
+            except sa.exc.OperationalError:
+                if attempt == 4:
+                    raise
+                time.sleep(1)
         admin.dispose()
 
 
