@@ -45,6 +45,10 @@ NEWER_ENCAPSULATED_TRANSFER_SYNTAXES = frozenset({
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+# A deflated data set is refused when it inflates past this: a few kilobytes of zlib can
+# stand for gigabytes, which the parser (and later pydicom, to serve it) would hold in memory.
+MAX_INFLATED_BYTES = 512 * 1024**2
+_INFLATE_STEP = 16 * 1024**2
 _ITEM, _SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE0DD
 # VRs whose explicit-VR header has 2 reserved bytes and a 4-byte length.
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR",
@@ -196,11 +200,7 @@ def _parse_dataset(data: bytes, start: int, syntax: str) -> dict[str, Any]:
     uid = UID(syntax)
     deflated = uid == DeflatedExplicitVRLittleEndian
     if deflated:
-        try:
-            buffer = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data[start:])
-        except zlib.error as exc:
-            raise InvalidInstance(f"the deflated data set cannot be inflated: {exc}") from None
-        start = 0
+        buffer, start = _inflate(memoryview(data)[start:]), 0
     else:
         buffer = data
     implicit = uid == ImplicitVRLittleEndian
@@ -222,9 +222,34 @@ def _parse_dataset(data: bytes, start: int, syntax: str) -> dict[str, Any]:
         "frames": None,
     }
     if pixel_start is not None:
-        frames = _frame_ranges(buffer, pixel_start, implicit, little, header, elements)
+        encapsulated = uid in NEWER_ENCAPSULATED_TRANSFER_SYNTAXES or uid.is_encapsulated
+        frames = _frame_ranges(buffer, pixel_start, implicit, little, header, elements,
+                               encapsulated=encapsulated, syntax_name=uid.name)
         found["frames"] = None if deflated else frames
     return found
+
+
+def _inflate(compressed: memoryview) -> bytes:
+    """The inflated data set, in steps so that a bomb is refused before it fills memory."""
+    limit = MAX_INFLATED_BYTES
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    parts, size, pending = [], 0, compressed
+    try:
+        while not inflater.eof:
+            part = inflater.decompress(pending, _INFLATE_STEP)
+            if not part and not inflater.unconsumed_tail:
+                break  # all input used and nothing more to come: the stream stops short
+            size += len(part)
+            if size > limit:
+                raise InvalidInstance(f"the deflated data set inflates to more than "
+                                      f"{limit // 1024**2} MiB, the most this server accepts")
+            parts.append(part)
+            pending = inflater.unconsumed_tail
+    except zlib.error as exc:
+        raise InvalidInstance(f"the deflated data set cannot be inflated: {exc}") from None
+    if not inflater.eof:
+        raise InvalidInstance("the deflated data set is truncated (its zlib stream does not end)")
+    return b"".join(parts)
 
 
 def _read_elements(buffer: bytes, start: int, implicit: bool, little: bool
@@ -296,9 +321,13 @@ def _int_value(header: dict[str, Any], tag: str, name: str, default: int | None)
 
 def _frame_ranges(
     buffer: bytes, pos: int, implicit: bool, little: bool, header: dict[str, Any],
-    elements: list,
+    elements: list, *, encapsulated: bool, syntax_name: str,
 ) -> list[list[int]] | None:
-    """Byte ranges of each frame in the pixel data element that starts at ``pos``."""
+    """Byte ranges of each frame in the pixel data element that starts at ``pos``.
+
+    Pixel data that disagrees with the transfer syntax (compressed fragments under an
+    uncompressed syntax, or the reverse) is refused: stored, it could never be displayed.
+    """
     endian = "<" if little else ">"
     if len(buffer) < pos + 8:
         raise InvalidInstance("the file ends inside the Pixel Data element header")
@@ -306,6 +335,9 @@ def _frame_ranges(
         f"{endian}H", buffer, pos + 2)[0]
     if implicit:
         (length,), value_start = struct.unpack_from("<I", buffer, pos + 4), pos + 8
+    elif not buffer[pos + 4 : pos + 6].isupper():
+        raise InvalidInstance(f"the transfer syntax is {syntax_name}, with explicit VRs, but "
+                              "the Pixel Data element has none: the data set is implicit VR")
     elif buffer[pos + 4 : pos + 6] in _LONG_VRS:
         if len(buffer) < pos + 12:
             raise InvalidInstance("the file ends inside the Pixel Data element header")
@@ -313,6 +345,15 @@ def _frame_ranges(
     else:
         (length,), value_start = struct.unpack_from(f"{endian}H", buffer, pos + 6), pos + 8
     frame_count = _int_value(header, "00280008", "Number of Frames", 1)
+    if tag == 0x7FE00010 and (length == 0xFFFFFFFF) != encapsulated:
+        if encapsulated:
+            raise InvalidInstance(f"the transfer syntax is {syntax_name}, whose Pixel Data is "
+                                  "encapsulated (compressed fragments), but this Pixel Data is "
+                                  "uncompressed (it has a defined length)")
+        raise InvalidInstance(f"the transfer syntax is {syntax_name}, whose Pixel Data is "
+                              "uncompressed, but this Pixel Data is encapsulated (compressed "
+                              "fragments of undefined length): the sender declared the wrong "
+                              "transfer syntax")
     if length == 0xFFFFFFFF:
         return _encapsulated_frames(buffer, value_start, frame_count, elements)
     if value_start + length > len(buffer):

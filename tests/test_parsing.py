@@ -10,9 +10,10 @@ import warnings
 
 import pydicom
 import pytest
-from pydicom.encaps import generate_frames
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from storage import parsing
 from storage.errors import InvalidInstance
 from storage.parsing import parse_instance
 from tests.conftest import corpus_files
@@ -54,7 +55,7 @@ def test_every_corpus_file_is_parsed_or_refused_with_a_reason(parsed_corpus):
     ("rtplan_truncated.dcm", "truncated"),
     ("emri_small_jpeg_2k_lossless_too_short.dcm", "truncated"),
     ("badVR.dcm", "Number of Frames"),
-    ("SC_rgb_jpeg.dcm", "truncated"),
+    ("SC_rgb_jpeg.dcm", "the data set is implicit VR"),
     ("DICOMDIR", "DICOMDIR"),
     ("UN_sequence.dcm", "SOP"),
     ("JLSL_RGB_ILV0.dcm", "SOP Instance UID"),
@@ -164,6 +165,50 @@ def test_deflated_data_set_is_indexed_without_frame_ranges(parsed_corpus):
     for parsed in deflated:
         assert parsed.frames is None
         assert parsed.header["00080018"]["Value"] == [parsed.sop_instance_uid]
+
+
+def _deflated(pixel_bytes: int) -> bytes:
+    ds = dataset()
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 1024, 512, pixel_bytes // (1024 * 1024)
+    ds.PixelData = bytes(pixel_bytes)  # zeros: a few kilobytes once deflated
+    return part10(ds, transfer_syntax="1.2.840.10008.1.2.1.99")
+
+
+def test_deflated_data_set_that_inflates_past_the_limit_is_refused(monkeypatch):
+    data = _deflated(8 * 1024**2)
+    assert len(data) < 64 * 1024
+    monkeypatch.setattr(parsing, "MAX_INFLATED_BYTES", 4 * 1024**2)
+    with pytest.raises(InvalidInstance, match="inflates to more than 4 MiB"):
+        parse_instance(data)
+    monkeypatch.setattr(parsing, "MAX_INFLATED_BYTES", 16 * 1024**2)
+    assert parse_instance(data).header["00280008"]["Value"] == [8]
+
+
+def test_deflated_data_set_cut_short_is_refused():
+    data = _deflated(2 * 1024**2)
+    with pytest.raises(InvalidInstance, match="deflated data set is truncated"):
+        parse_instance(data[:-200])
+
+
+def test_pixel_data_that_disagrees_with_the_transfer_syntax_is_refused():
+    """A modality that declares one syntax and sends the other kind of pixel data: stored, the
+    image could never be shown, so the sender is told at once."""
+    native = dataset()
+    raw = part10(native)
+    bare = raw[144 + int.from_bytes(raw[140:144], "little"):]  # no preamble, no File Meta
+    assert parse_instance(bare, transfer_syntax="1.2.840.10008.1.2.1").frames
+    with pytest.raises(InvalidInstance, match="JPEG Baseline.*this Pixel Data is uncompressed"):
+        parse_instance(bare, transfer_syntax="1.2.840.10008.1.2.4.50")  # as over C-STORE
+    relabelled = raw.replace(b"1.2.840.10008.1.2.1\0", b"1.2.840.10008.1.2.5\0")  # RLE
+    with pytest.raises(InvalidInstance, match="RLE Lossless.*this Pixel Data is uncompressed"):
+        parse_instance(relabelled)
+    compressed = dataset()
+    compressed.PixelData = encapsulate([bytes(64)])
+    rle = part10(compressed, transfer_syntax="1.2.840.10008.1.2.5")
+    assert parse_instance(rle).frames
+    mislabelled = rle.replace(b"1.2.840.10008.1.2.5\0", b"1.2.840.10008.1.2.1\0")
+    with pytest.raises(InvalidInstance, match="Explicit VR Little Endian.*encapsulated"):
+        parse_instance(mislabelled)
 
 
 def test_vietnamese_text_is_decoded_as_unicode():
