@@ -133,10 +133,14 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
 
     async def retrieve(request: Request) -> Response:
         target = _target(request)
-        syntax = wado.choose_instance_syntax(parse_accept(request.headers.get("accept")))
+        media = wado.choose_instance_media(parse_accept(request.headers.get("accept")),
+                                           target.level)
+        syntax = media.syntax
         rows = await run_in_threadpool(wado.instance_rows, archive, target)
         wado.check_transcodable(rows, syntax)
         parts = wado.instance_parts(archive, rows, syntax)
+        if media.single_part:  # 406 (a failed conversion) before any byte
+            return _single_part(await run_in_threadpool(next, parts))
         if syntax == "*" or all(row["_transfer_syntax_uid"] == syntax for row in rows):
             parts = list(parts)  # lazily opened as stored: the length is known up front
         elif target.instance:
@@ -447,6 +451,13 @@ def _multipart(parts: Iterator[Part] | list[Part], media_type: str,
     return StreamingResponse(iterate_in_threadpool(coalesce(write_parts(parts, boundary))),
                              media_type=content_type(media_type, boundary,
                                                      transfer_syntax=syntax), headers=headers)
+
+
+def _single_part(part: Part) -> Response:
+    """One part as the whole body (a single part media type), streamed, with its length."""
+    return StreamingResponse(iterate_in_threadpool(coalesce(part.chunks)),
+                             media_type=part.content_type,
+                             headers={"Content-Length": part.headers["Content-Length"]})
 
 
 def _ranged(request: Request, data: bytes) -> Response:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from dicomweb.multipart import parse_content_type, split_outside_quotes
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
+DICOM = "application/dicom"  # a PS3.10 file; alone (single part) only for one instance
 
 # Media type of a frame (or of bulk pixel data) in each compressed transfer syntax
 # (PS3.18 Table 8.7.3-2), for labelling parts and for matching Accept.

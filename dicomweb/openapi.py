@@ -54,15 +54,22 @@ def _search(level: str) -> dict[str, Any]:
 
 
 def _retrieve(what: str) -> dict[str, Any]:
+    one = what == "instance"  # single part application/dicom: one instance only
+    content: dict[str, Any] = {"multipart/related": {}}
+    if one:
+        content["application/dicom"] = {}
     return {"get": {
         "summary": f"WADO-RS: retrieve the {what}",
         "description": 'multipart/related; type="application/dicom"; transfer-syntax=* '
                        "returns instances as stored; without transfer-syntax they are converted "
-                       "to Explicit VR Little Endian; other lossless syntaxes on request.",
-        "responses": {"200": {"description": "The instances, streamed",
-                              "content": {"multipart/related": {}}},
+                       "to Explicit VR Little Endian; other lossless syntaxes on request."
+                       + (" Accept: application/dicom (same parameters) returns the one "
+                          "Part 10 file as the whole body." if one else ""),
+        "responses": {"200": {"description": "The instances, streamed", "content": content},
                       "404": {"description": "Unknown UID"},
-                      "406": {"description": "The transfer syntax cannot be produced"}},
+                      "406": {"description": "The transfer syntax cannot be produced"
+                                             + ("" if one else ", or only application/dicom "
+                                                "(one instance) was asked for")}},
     }, "delete": {
         "summary": f"Delete the {what}",
         "responses": {"204": {"description": "Deleted"}, "404": {"description": "Unknown UID"}},

@@ -19,6 +19,7 @@ import pydicom
 
 from dicomweb import transcode
 from dicomweb.media import (
+    DICOM,
     EXPLICIT_LE,
     FRAME_MEDIA_TYPES,
     Accepted,
@@ -124,16 +125,38 @@ def metadata_etag(rows: list[dict[str, Any]]) -> str:
 # ---------------------------------------------------------------------------- instances
 
 
-def choose_instance_syntax(accept: list[Accepted]) -> str:
-    """Transfer syntax for retrieving instances: ``*`` (as stored) or a UID."""
+@dataclass(frozen=True)
+class InstanceMedia:
+    """How instances are sent: one multipart/related part each, or (one instance) a single
+    Part 10 body; in transfer syntax ``syntax`` (``*``: as stored)."""
+
+    syntax: str
+    single_part: bool
+
+
+def choose_instance_media(accept: list[Accepted], level: Level) -> InstanceMedia:
+    """The representation of the instances at ``level`` that ``accept`` prefers (PS3.18 10.4.4).
+
+    ``multipart/related; type="application/dicom"`` is the default, for any level; a single
+    part ``application/dicom`` is only for one instance, so for a study or series it is passed
+    over, and 406 if nothing else is acceptable (Table 10.4.4-1, note 3)."""
+    passed_over = False
     for entry in accept:
         if entry.media_type in ("*/*", "*") or (
-                entry.is_multipart and entry.part_type in (None, "application/dicom", "*/*")):
-            return entry.transfer_syntax or EXPLICIT_LE
-        if entry.media_type == "application/dicom":
-            return entry.transfer_syntax or EXPLICIT_LE
+                entry.is_multipart and entry.part_type in (None, DICOM, "*/*")):
+            return InstanceMedia(entry.transfer_syntax or EXPLICIT_LE, single_part=False)
+        if entry.media_type == DICOM:
+            if level is Level.INSTANCE:
+                return InstanceMedia(entry.transfer_syntax or EXPLICIT_LE, single_part=True)
+            passed_over = True
+    if passed_over:
+        raise NotAcceptable(
+            f"application/dicom is one DICOM file, for an instance only; for a "
+            f'{level.name.lower()} ask for multipart/related; type="application/dicom" '
+            "(optionally with transfer-syntax=UID or transfer-syntax=*)")
     raise NotAcceptable('instances are available as multipart/related; type="application/dicom"'
-                        " (optionally with transfer-syntax=UID or transfer-syntax=*)")
+                        " (optionally with transfer-syntax=UID or transfer-syntax=*), and one "
+                        "instance also as application/dicom")
 
 
 def check_transcodable(rows: list[dict[str, Any]], syntax: str) -> None:

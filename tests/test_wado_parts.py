@@ -1,15 +1,45 @@
-"""WADO-RS instance parts (``dicomweb.wado.instance_parts``) from each blob store: from S3 the
-instances are read a few ahead, from files streamed; either way every part carries its own
-instance, whatever the writer skips."""
+"""WADO-RS instances without a server: the representation an Accept header chooses
+(``dicomweb.wado.choose_instance_media``), and the parts (``instance_parts``) from each blob
+store: from S3 the instances are read a few ahead, from files streamed; either way every part
+carries its own instance, whatever the writer skips."""
 
 from __future__ import annotations
 
 import pytest
 
 from dicomweb import wado
+from dicomweb.media import NotAcceptable, parse_accept
 from storage.attributes import Level
 from storage.query import Query, find
 from tests.factory import Spec, instance
+
+DICOM_PARTS = 'multipart/related; type="application/dicom"'
+RLE = "1.2.840.10008.1.2.5"
+
+
+@pytest.mark.parametrize(("accept", "level", "syntax", "single_part"), [
+    ("application/dicom", Level.INSTANCE, "1.2.840.10008.1.2.1", True),
+    (f"application/dicom; transfer-syntax={RLE}", Level.INSTANCE, RLE, True),
+    ("application/dicom; transfer-syntax=*", Level.INSTANCE, "*", True),
+    (f"{DICOM_PARTS}; transfer-syntax=*", Level.INSTANCE, "*", False),
+    (f"{DICOM_PARTS}, application/dicom;q=0.5", Level.INSTANCE, "1.2.840.10008.1.2.1", False),
+    (f"{DICOM_PARTS};q=0.5, application/dicom; transfer-syntax=*", Level.INSTANCE, "*", True),
+    # A single part entry is passed over for a study or series, not refused.
+    (f"application/dicom, {DICOM_PARTS}; transfer-syntax={RLE};q=0.2", Level.SERIES, RLE,
+     False),
+    ("application/dicom, */*;q=0.1", Level.STUDY, "1.2.840.10008.1.2.1", False),
+    (None, Level.STUDY, "1.2.840.10008.1.2.1", False),
+])
+def test_accept_chooses_single_part_only_for_an_instance(accept, level, syntax, single_part):
+    chosen = wado.choose_instance_media(parse_accept(accept), level)
+    assert chosen == wado.InstanceMedia(syntax, single_part)
+
+
+@pytest.mark.parametrize("level", [Level.STUDY, Level.SERIES])
+def test_only_single_part_for_a_study_or_series_is_not_acceptable(level):
+    with pytest.raises(NotAcceptable, match=f'for a {level.name.lower()} ask for '
+                                            'multipart/related; type="application/dicom"'):
+        wado.choose_instance_media(parse_accept("application/dicom;q=0.9"), level)
 
 
 @pytest.mark.parametrize("backend_name", ["sqlite-files", "sqlite-s3"])
