@@ -18,7 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from storage.archive import Archive, StoreResult
-from storage.errors import InstanceMismatch, InvalidInstance, StorageUnavailable
+from storage.errors import (
+    InstanceMismatch,
+    InvalidInstance,
+    PatientConflict,
+    StorageUnavailable,
+)
 from storage.parsing import announced_sop_instance_uid, parse_instance
 
 log = logging.getLogger("pacs.dicomweb")
@@ -28,6 +33,7 @@ PROCESSING_FAILURE = 0x0110
 OUT_OF_RESOURCES = 0xA700
 DATA_SET_DOES_NOT_MATCH = 0xA900  # also: not in the study the request targets
 CANNOT_UNDERSTAND = 0xC000
+PATIENT_CONFLICT = 0xC001  # as over C-STORE: the Patient ID is not the study's
 DUPLICATE_WARNING = 0xB007  # the same as the C-STORE warning for a duplicate
 
 REFERENCED_SOP_SEQUENCE = "00081199"
@@ -92,6 +98,8 @@ def store_part(archive: Archive, data: bytes, *, study_uid: str | None,
         result = archive.store(data, expected_study_instance_uid=study_uid)
     except InstanceMismatch as exc:
         return failed_part(data, DATA_SET_DOES_NOT_MATCH, str(exc))
+    except PatientConflict as exc:
+        return failed_part(data, PATIENT_CONFLICT, str(exc))
     except InvalidInstance as exc:
         return failed_part(data, CANNOT_UNDERSTAND, str(exc))
     except StorageUnavailable as exc:

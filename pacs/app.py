@@ -29,6 +29,7 @@ def archive_for(settings: Settings) -> Archive:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     return open_archive(settings.resolved_database_url, settings.resolved_storage_url,
                         duplicate_policy=settings.duplicate_policy,
+                        accept_conflicting_patient_id=settings.accept_conflicting_patient_id,
                         connections=settings.database_connection_shares()[0],
                         name=f"pacs-{os.getpid()}")
 

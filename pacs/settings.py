@@ -83,6 +83,9 @@ class Settings:
     accept_unknown_sop_classes: bool = False
     # Same SOP Instance UID stored again: keep the first copy or replace it (both warn).
     duplicate_policy: str = "keep"
+    # An instance whose Patient ID is not that of its study's patient (nor the one the study
+    # arrived with) is refused; true files it under the study's patient, with a warning.
+    accept_conflicting_patient_id: bool = False
     # PN matching in C-FIND/QIDO: "auto" folds case and accents when the query has no
     # diacritics (so "nguyen van an" finds "Nguyễn^Văn An"), "fuzzy" always folds,
     # "exact" is case-insensitive but accent-sensitive.

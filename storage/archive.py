@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from storage import upkeep
 from storage.attributes import Level, index_values
 from storage.blobs import BlobStore, StagedBlob
-from storage.errors import InstanceMismatch, NotFound, StorageUnavailable
+from storage.errors import InstanceMismatch, NotFound, PatientConflict, StorageUnavailable
 from storage.index import Index, RawCursor, instances, patients, series, studies
 from storage.parsing import ParsedInstance, parse_instance
 from storage.upkeep import CheckReport, ReconcileReport
@@ -114,8 +114,27 @@ def _rows(parsed: ParsedInstance, key: str, digest: str) -> _Rows:
                                                               separators=(",", ":")),
         "header": json.dumps(header, ensure_ascii=False, separators=(",", ":")),
     }
-    return _Rows(patient, index_values(Level.STUDY, header), index_values(Level.SERIES, header),
-                 instance)
+    study = {**index_values(Level.STUDY, header),
+             "received_patient_id": patient["patient_id"],
+             "received_issuer_of_patient_id": patient["issuer_of_patient_id"]}
+    return _Rows(patient, study, index_values(Level.SERIES, header), instance)
+
+
+# (Patient ID, issuer) pairs.
+_Identity = tuple[str, str]
+
+
+def _same_patient(identity: _Identity, study_identities: tuple[_Identity, ...]) -> bool:
+    """Whether an instance's patient may be filed in a study known under ``study_identities``
+    (the patient it is filed under now, and the one its first instance carried).
+
+    An ID that is empty on either side cannot conflict; an issuer only when both sides give
+    one (most modalities send none)."""
+    patient_id, issuer = identity
+    known = [(i, s) for i, s in study_identities if i]
+    if not patient_id or not known:
+        return True
+    return any(patient_id == i and (not issuer or not s or issuer == s) for i, s in known)
 
 
 # The per-instance statements, as plain SQL run on the DBAPI cursor (``Index.raw``).
@@ -134,6 +153,10 @@ _SQL_FIND_SERIES = "SELECT pk, study_pk FROM series WHERE series_instance_uid = 
 _SQL_FIND_STUDY = "SELECT pk, patient_pk FROM studies WHERE study_instance_uid = ?"
 _SQL_FIND_PATIENT = "SELECT pk FROM patients WHERE patient_id = ? AND issuer_of_patient_id = ?"
 _SQL_STUDY_PATIENT = "SELECT patient_pk FROM studies WHERE pk = ?"
+_SQL_STUDY_IDENTITIES = ("SELECT patients.patient_id, patients.issuer_of_patient_id,"
+                         " studies.received_patient_id, studies.received_issuer_of_patient_id"
+                         " FROM studies JOIN patients ON studies.patient_pk = patients.pk"
+                         " WHERE studies.pk = ?")
 _SQL_SERIES_STUDY = "SELECT study_pk FROM series WHERE pk = ?"
 _SQL_STUDY_MODALITIES = ("SELECT DISTINCT modality FROM series"
                          " WHERE study_pk = ? AND modality IS NOT NULL")
@@ -169,18 +192,23 @@ def _insert_sql(table: sa.Table, columns: tuple[str, ...], *, unless_exists: boo
 class Archive:
     """The archive: blob store plus index, and the rules that keep them consistent."""
 
-    def __init__(self, index: Index, blobs: BlobStore, *, duplicate_policy: str = "keep") -> None:
+    def __init__(self, index: Index, blobs: BlobStore, *, duplicate_policy: str = "keep",
+                 accept_conflicting_patient_id: bool = False) -> None:
         if duplicate_policy not in DUPLICATE_POLICIES:
             raise ValueError(f"duplicate_policy must be one of {DUPLICATE_POLICIES}")
         self.index = index
         self.blobs = blobs
         self.duplicate_policy = duplicate_policy
+        # An instance whose Patient ID is not its study's: refused (PatientConflict), or filed
+        # under the study's patient anyway.
+        self.accept_conflicting_patient_id = accept_conflicting_patient_id
         self._listeners: list[StoreListener] = []
         self._deletion_listeners: list[DeletionListener] = []
         # Stores of the same SOP Instance UID are serialised so the policy is applied once.
         self._uid_locks = [threading.Lock() for _ in range(64)]
-        # series UID -> (patient pk, study pk, series pk): saves three lookups per instance.
-        self._series_cache: dict[str, tuple[int, int, int]] = {}
+        # series UID -> (patient pk, study pk, series pk, the study's patient identities):
+        # saves four lookups per instance.
+        self._series_cache: dict[str, tuple[int, int, int, tuple[_Identity, ...]]] = {}
         self._cache_lock = threading.Lock()
         # Blob writes (hash, write, fsync) run here while the calling thread prepares the
         # index rows: the fsync waits then overlap with Python work.
@@ -325,12 +353,20 @@ class Archive:
                     self._delete_instance_rows(cursor, old[0], stamp)
             cached = (self._series_cache.get(parsed.series_instance_uid)
                       if use_cache and not replace else None)
+            identity = (rows.patient["patient_id"], rows.patient["issuer_of_patient_id"])
             if cached is not None:
-                patient_pk, study_pk, series_pk = cached
+                patient_pk, study_pk, series_pk, study_identities = cached
                 new_study = new_series = False
             else:
                 patient_pk, new_study, study_pk, new_series, series_pk = self._parents(
                     cursor, parsed, rows, stamp)
+                if new_study:
+                    study_identities = (identity,)
+                else:
+                    row = cursor.execute(_SQL_STUDY_IDENTITIES, (study_pk,)).fetchone()
+                    study_identities = ((row[0] or "", row[1] or ""), (row[2] or "", row[3] or ""))
+            if not _same_patient(identity, study_identities):
+                self._patient_conflict(parsed)
             pending = blob
             if pending is not None and not self.index.is_sqlite:
                 # Before the counters: on PostgreSQL their row locks are held until commit and
@@ -354,7 +390,21 @@ class Archive:
         with self._cache_lock:
             if len(self._series_cache) > 10_000:
                 self._series_cache.clear()
-            self._series_cache[parsed.series_instance_uid] = (patient_pk, study_pk, series_pk)
+            self._series_cache[parsed.series_instance_uid] = (patient_pk, study_pk, series_pk,
+                                                              study_identities)
+
+    def _patient_conflict(self, parsed: ParsedInstance) -> None:
+        """An instance whose Patient ID is not its study's: refused, unless configured to be
+        filed under the study's patient. (Two patients in one study is how a study UID reused by
+        a modality, or a patient picked wrongly and corrected half-way, shows itself.)"""
+        where = f"instance {parsed.sop_instance_uid} of study {parsed.study_instance_uid}"
+        if not self.accept_conflicting_patient_id:
+            # The gist first: a C-STORE ErrorComment keeps 64 characters.
+            raise PatientConflict(
+                f"Patient ID differs from the study's patient: not stored ({where}). Correct "
+                "the Patient ID at the sender, or move the study to this patient first")
+        log.warning("%s carries another Patient ID than its study: filed under the study's "
+                    "patient (accept_conflicting_patient_id)", where)
 
     def _parents(self, cursor: RawCursor, parsed: ParsedInstance, rows: _Rows,
                  stamp: Any) -> tuple[int, bool, int, bool, int]:
@@ -564,11 +614,13 @@ def _db_error(exc: sa.exc.SQLAlchemyError) -> str:
 
 
 def open_archive(database_url: str, storage_url: str, *, duplicate_policy: str = "keep",
-                 migrate: bool = True, connections: int = 16, name: str = "pacs") -> Archive:
+                 accept_conflicting_patient_id: bool = False, migrate: bool = True,
+                 connections: int = 16, name: str = "pacs") -> Archive:
     """An archive over the index at ``database_url`` and the blob store at ``storage_url``
     (``connections``, ``name``: the index's, see ``storage.index.create_engine``)."""
     from storage.blobs import open_blob_store
     from storage.index import open_index
 
     index = open_index(database_url, migrate=migrate, connections=connections, name=name)
-    return Archive(index, open_blob_store(storage_url), duplicate_policy=duplicate_policy)
+    return Archive(index, open_blob_store(storage_url), duplicate_policy=duplicate_policy,
+                   accept_conflicting_patient_id=accept_conflicting_patient_id)

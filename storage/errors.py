@@ -27,3 +27,7 @@ class NotFound(ArchiveError):
 
 class InstanceMismatch(InvalidInstance):
     """The data set's SOP Class or Instance UID differs from what the request announced."""
+
+
+class PatientConflict(InvalidInstance):
+    """The instance's Patient ID is not that of the patient its study is archived under."""

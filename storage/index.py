@@ -77,6 +77,11 @@ studies = sa.Table(
               nullable=False, index=True),
     sa.Column("study_instance_uid", sa.String(64), nullable=False, unique=True),
     *_attribute_columns(Level.STUDY),
+    # The Patient ID and issuer the study's first instance carried. The EMR may since have put
+    # the study under another patient; later instances carrying this one still belong to it.
+    # NULL for studies archived before this was kept.
+    sa.Column("received_patient_id", sa.Text),
+    sa.Column("received_issuer_of_patient_id", sa.Text),
     _counter("num_series"), _counter("num_instances"),
     *_timestamps(),
 )

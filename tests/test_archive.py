@@ -10,8 +10,9 @@ import sqlalchemy as sa
 
 from storage.archive import StoreOutcome
 from storage.attributes import Level
-from storage.errors import InvalidInstance, NotFound, StorageUnavailable
+from storage.errors import InvalidInstance, NotFound, PatientConflict, StorageUnavailable
 from storage.parsing import parse_instance
+from storage.patients import Demographics, reassign_study
 from storage.query import Query, find
 from tests.factory import Spec, instance
 
@@ -126,14 +127,51 @@ def test_aggregates_follow_ingest_and_deletion(archive):
         archive.delete(Level.STUDY, study)
 
 
-def test_study_stays_with_the_patient_it_was_first_stored_under(archive):
+def _patients(archive):
+    return [(r["PatientID"], r["NumberOfPatientRelatedInstances"])
+            for r in find(archive.index, Query(Level.PATIENT, {}))]
+
+
+def test_an_instance_of_another_patient_is_refused_from_the_study(archive):
+    """Two patients in one study (a study UID reused by a modality, a patient corrected
+    half-way): the second patient's images must not be shown as the first one's."""
+    spec = Spec()
+    archive.store(instance(spec))
+    other = dict(study_uid=spec.study_uid, patient_id="OTHER", patient_name="Lê^Văn Tám")
+    for series_uid in (spec.series_uid, None):  # the same series (remembered), a new one
+        with pytest.raises(PatientConflict, match="differs from the study's patient") as refused:
+            archive.store(instance(**other, **({"series_uid": series_uid} if series_uid else {})))
+        assert "OTHER" not in str(refused.value) and "BN0001" not in str(refused.value)
+    assert _patients(archive) == [("BN0001", 1)]
+    assert len(list(archive.blobs.iterate())) == 1
+    # The same patient, with or without an issuer, or with no Patient ID at all: accepted.
+    archive.store(instance(study_uid=spec.study_uid, extra={"IssuerOfPatientID": "BV-HN"}))
+    archive.store(instance(study_uid=spec.study_uid, series_uid=spec.series_uid, patient_id=""))
+    assert _patients(archive) == [("BN0001", 3)]
+
+
+def test_a_conflicting_patient_id_is_filed_under_the_study_when_configured(archive):
+    archive.accept_conflicting_patient_id = True
     spec = Spec()
     archive.store(instance(spec))
     archive.store(instance(study_uid=spec.study_uid, series_uid=spec.series_uid,
                            patient_id="OTHER", patient_name="Lê^Văn Tám"))
-    rows = find(archive.index, Query(Level.PATIENT, {}))
-    assert [r["PatientID"] for r in rows] == ["BN0001"]
-    assert rows[0]["NumberOfPatientRelatedInstances"] == 2
+    assert _patients(archive) == [("BN0001", 2)]
+
+
+def test_a_study_the_emr_moved_takes_instances_with_the_id_it_arrived_with(archive):
+    """An emergency patient scanned as UNKNOWN-7, put under the real patient while the exam
+    goes on: the modality's later images still say UNKNOWN-7."""
+    spec = Spec(patient_id="UNKNOWN-7", patient_name="UNKNOWN^PATIENT")
+    archive.store(instance(spec))
+    reassign_study(archive, spec.study_uid, Demographics("BN0042", name="Vũ^Thị Lan"))
+    archive.store(instance(study_uid=spec.study_uid, series_uid=spec.series_uid,
+                           patient_id="UNKNOWN-7", patient_name="UNKNOWN^PATIENT"))
+    archive.store(instance(study_uid=spec.study_uid, patient_id="UNKNOWN-7"))
+    archive.store(instance(study_uid=spec.study_uid, patient_id="BN0042"))
+    with pytest.raises(PatientConflict):
+        archive.store(instance(study_uid=spec.study_uid, patient_id="BN0099"))
+    assert _patients(archive) == [("BN0042", 4)]
 
 
 def test_invalid_instance_writes_nothing(archive):

@@ -240,6 +240,20 @@ def test_stow_duplicate_is_a_warning_and_wrong_study_a_failure(client, http, stu
     assert http.get(f"/studies/{other.StudyInstanceUID}/metadata").status_code == 404
 
 
+def test_stow_of_another_patients_instance_into_a_study_fails_with_its_reason(client, http,
+                                                                            study):
+    spec = study["spec"]
+    intruder = dataset(Spec(study_uid=spec.study_uid, patient_id="BN-KHAC",
+                            patient_name="Đỗ^Văn Khác"))
+    with pytest.raises(HTTPError) as error:
+        client.store_instances([as_file(intruder)])
+    assert error.value.response.status_code == 409
+    failed = error.value.response.json()["00081198"]["Value"][0]
+    assert failed["00081197"]["Value"] == [0xC001]
+    assert http.get(f"/studies/{spec.study_uid}/series/{intruder.SeriesInstanceUID}"
+                    "/metadata").status_code == 404
+
+
 def _reference(sop_class: str, sop_instance: str) -> pydicom.Dataset:
     item = pydicom.Dataset()
     item.ReferencedSOPClassUID = sop_class

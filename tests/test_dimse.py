@@ -281,6 +281,22 @@ def test_an_association_request_pynetdicom_cannot_act_on_is_aborted_at_once(serv
     assert client.echo(server.dicom_port) == 0
 
 
+def test_an_instance_of_another_patient_is_refused_from_a_study(server, tmp_path):
+    spec = Spec(patient_id="BN-C1", patient_name="Hà^Văn Một")
+    first, intruder = tmp_path / "first.dcm", tmp_path / "intruder.dcm"
+    first.write_bytes(instance(spec))
+    intruder.write_bytes(instance(study_uid=spec.study_uid, series_uid=spec.series_uid,
+                                  patient_id="BN-C2", patient_name="Hà^Văn Hai"))
+    assert client.store_files(server.dicom_port, [first])[first].Status == 0x0000
+    refused = client.store_files(server.dicom_port, [intruder])[intruder]
+    assert refused.Status == 0xC001
+    assert refused.ErrorComment.startswith("Patient ID differs from the study's patient")
+    found = client.c_find(server.dicom_port, client.identifier(
+        "STUDY", StudyInstanceUID=spec.study_uid, PatientID="",
+        NumberOfStudyRelatedInstances=""))
+    assert [(f.PatientID, f.NumberOfStudyRelatedInstances) for f in found] == [("BN-C1", 1)]
+
+
 def test_duplicate_store_is_a_warning_and_keeps_the_first(server, tmp_path):
     spec = Spec(patient_id="DUP")
     first = tmp_path / "first.dcm"

@@ -42,6 +42,7 @@ from storage.errors import (
     InstanceMismatch,
     InvalidInstance,
     InvalidQuery,
+    PatientConflict,
     StorageUnavailable,
 )
 from storage.parsing import part10
@@ -121,6 +122,9 @@ class DimseHandlers:
         except InstanceMismatch as exc:
             log.warning("C-STORE from %s refused: %s", _peer(event), exc)
             return status_dataset(status.DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc))
+        except PatientConflict as exc:
+            log.warning("C-STORE from %s refused: %s", _peer(event), exc)
+            return status_dataset(status.PATIENT_CONFLICT, str(exc))
         except InvalidInstance as exc:
             log.warning("C-STORE from %s refused: %s", _peer(event), exc)
             return status_dataset(status.CANNOT_UNDERSTAND, str(exc))

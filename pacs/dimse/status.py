@@ -16,6 +16,9 @@ MISSING_ATTRIBUTE = 0x0120
 OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
+# Failure (in PS3.4's "cannot understand" range, so not retried) documented by this server: the
+# instance's Patient ID is not its study's (storage.errors.PatientConflict).
+PATIENT_CONFLICT = 0xC001
 # Warning sent when the SOP Instance UID is already archived. PS3.4 has no dedicated code; this
 # server documents 0xB007 for it in its conformance statement: the instance is safe (the stored
 # copy is kept, or replaced by policy) and a warning, unlike a failure, stops modalities retrying.

@@ -325,6 +325,7 @@ def _worker_main(number: int, settings: Settings, listener: socket.socket, load_
 
     archive = open_archive(settings.resolved_database_url, settings.resolved_storage_url,
                            duplicate_policy=settings.duplicate_policy, migrate=False,
+                           accept_conflicting_patient_id=settings.accept_conflicting_patient_id,
                            connections=settings.database_connection_shares()[1],
                            name=f"pacs-{parent_pid}-dicom-{number}")
     archive.subscribe(lambda result: send("stored", result))
