@@ -225,6 +225,7 @@ class AccessPolicy:
         self.staff_networks = [ipaddress.ip_network(n, strict=False)
                                for n in settings.staff_networks]
         self.trusted_proxies = _TrustedProxies(settings.trusted_proxies)
+        self._warned_forwarders: set[str] = set()
         self._cache: dict[int, tuple[float, Share | None]] = {}
         self._recorded: OrderedDict[tuple[str, ...], None] = OrderedDict()
 
@@ -247,7 +248,8 @@ class AccessPolicy:
             query = QueryParams(scope.get("query_string", b"").decode("latin-1"))
         credential = _credential(scope, query)
         if credential is None:
-            return Principal(Role.STAFF if self._is_staff(address) else Role.ANONYMOUS, address)
+            staff = self._is_staff(address) and not self._forwarded_by_stranger(scope, address)
+            return Principal(Role.STAFF if staff else Role.ANONYMOUS, address)
         grant = Grant.decode(credential, self.secret)
         if grant is None:
             return None
@@ -281,10 +283,16 @@ class AccessPolicy:
         address = (scope.get("client") or ("", 0))[0]
         if address not in self.trusted_proxies:
             return address
+        named = self._forwarded_client(scope)
+        return address if named is None else named
+
+    def _forwarded_client(self, scope: Scope) -> str | None:
+        """The client ``X-Forwarded-For`` names, as uvicorn picks it (the right-most entry
+        that is not a trusted proxy); None without the header, "" when an entry is garbled."""
         forwarded = [v.decode("latin-1") for k, v in scope.get("headers", ())
                      if k == b"x-forwarded-for"]
         if not forwarded:
-            return address
+            return None
         entries = [entry.strip() for entry in ", ".join(forwarded).split(",")]
         for entry in reversed(entries):
             host = _forwarded_host(entry)
@@ -293,6 +301,25 @@ class AccessPolicy:
             if host not in self.trusted_proxies:
                 return host
         return _forwarded_host(entries[0]) or ""  # every one a proxy: the first is the client
+
+    def _forwarded_by_stranger(self, scope: Scope, address: str) -> bool:
+        """Whether a peer that is not a trusted proxy says it forwards someone else's request.
+
+        Such a peer is a proxy missing from ``trusted_proxies`` (or a client forging the
+        header): its own address, often inside the hospital, must not make everyone it
+        forwards staff. uvicorn has replaced a trusted proxy's address by the client's, which
+        is then the one ``X-Forwarded-For`` names; here it names another."""
+        if address in self.trusted_proxies:
+            return False
+        named = self._forwarded_client(scope)
+        if named is None or named == address:
+            return False
+        if address not in self._warned_forwarders:
+            self._warned_forwarders.add(address)
+            log.warning("%s sends X-Forwarded-For but is not in trusted_proxies: the requests "
+                        "it forwards get no staff rights (add the proxy to trusted_proxies)",
+                        address)
+        return True
 
     def _is_staff(self, address: str) -> bool:
         try:
@@ -328,28 +355,17 @@ def _credential(scope: Scope, query: QueryParams) -> str | None:
 
 
 class _TrustedProxies:
-    """``trusted_proxies`` as uvicorn reads it: addresses, networks, other literals, "*"."""
+    """``trusted_proxies``: addresses and networks (the settings refuse anything else)."""
 
     def __init__(self, entries: tuple[str, ...]) -> None:
-        self.everyone = "*" in entries
-        self.addresses, self.networks, self.literals = set(), [], set()
-        for entry in entries:
-            try:
-                if "/" in entry:
-                    self.networks.append(ipaddress.ip_network(entry, strict=False))
-                else:
-                    self.addresses.add(ipaddress.ip_address(entry))
-            except ValueError:
-                self.literals.add(entry)
+        self.networks = [ipaddress.ip_network(entry, strict=False) for entry in entries]
 
     def __contains__(self, host: str) -> bool:
-        if self.everyone:
-            return True
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
-            return host in self.literals
-        return ip in self.addresses or any(ip in network for network in self.networks)
+            return False
+        return any(ip in network for network in self.networks)
 
 
 def _forwarded_host(entry: str) -> str | None:

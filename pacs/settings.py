@@ -323,6 +323,14 @@ def _validate(settings: Settings) -> None:
             ipaddress.ip_network(network, strict=False)
         except ValueError:
             raise SettingsError(f"staff_networks: {network!r} is not a network (CIDR)") from None
+    for proxy in settings.trusted_proxies:
+        # "*" (which uvicorn knows) would let any client name a staff address in
+        # X-Forwarded-For; a mistyped address would silently trust nobody.
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise SettingsError(f"trusted_proxies: {proxy!r} is not an address or a network; "
+                                "list the reverse proxies' own addresses") from None
     if settings.share_on_complete_pin not in ("", "generated", "birth-year"):
         raise SettingsError("share_on_complete_pin must be empty, generated or birth-year")
     if settings.study_complete_seconds <= 0:

@@ -604,6 +604,19 @@ _UNPARSEABLE_FORWARDED = [
 ]
 
 
+def test_a_proxy_missing_from_trusted_proxies_makes_nobody_staff(start_server):
+    # A reverse proxy inside the hospital that nobody listed: its address is staff, and every
+    # request it forwarded from the internet was staff too.
+    server = start_server(PACS_TRUSTED_PROXIES="192.0.2.10")
+    staff_only = server.http + "/api/shares"
+    assert httpx.get(staff_only).status_code == 200  # loopback, not forwarded: staff
+    for forwarded in ("203.0.113.9", "127.0.0.1, 203.0.113.9", "garbage"):
+        response = httpx.get(staff_only, headers={"X-Forwarded-For": forwarded})
+        assert response.status_code == 401, forwarded
+    assert httpx.get(staff_only, headers={"X-Forwarded-For": "127.0.0.1"}).status_code == 200
+    assert server.log().count("is not in trusted_proxies") == 1
+
+
 def test_an_unparseable_forwarded_address_gets_none_of_the_proxys_rights(start_server):
     # Loopback is both staff and a trusted proxy by default (the proxy on the same host). A
     # forwarded address that is not one must make the client unknown, not the proxy itself.

@@ -70,6 +70,8 @@ def test_database_connections_are_split_between_the_processes(workers, total, sh
     ({"PACS_RECONCILE_ON_START": "maybe"}, "boolean"),
     ({"PACS_DICOM_WORKERS": "-1"}, "dicom_workers"),
     ({"PACS_DATABASE_CONNECTIONS": "3"}, "database_connections"),
+    ({"PACS_TRUSTED_PROXIES": "*"}, "trusted_proxies: '\\*' is not an address"),
+    ({"PACS_TRUSTED_PROXIES": "10.0.0.5,10.0.0.300"}, "trusted_proxies: '10.0.0.300'"),
 ])
 def test_invalid_settings_are_refused_with_the_name(env, message):
     with pytest.raises(SettingsError, match=message):
