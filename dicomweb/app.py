@@ -500,15 +500,29 @@ async def _error_response(request: Request, exc: Exception) -> Response:
     if status == 500:
         # The exception's own text may quote data (a database error quotes its parameters,
         # a validation error its input: patient names); at ERROR only what failed and where.
-        log.error("HTTP %s %s failed: %s at %s", request.method, request.url.path,
+        log.error("HTTP %s %s failed: %s at %s", request.method, loggable_path(request.scope),
                   type(exc).__name__, _where(exc))
         log.debug("HTTP %s %s failed", request.method, request.url.path, exc_info=exc)
     elif status == 503:
-        log.error("HTTP %s %s: %s", request.method, request.url.path, message)
+        log.error("HTTP %s %s: %s", request.method, loggable_path(request.scope), message)
     # The rest of a timed-out body may still come: the connection cannot serve another request.
     headers = {"Connection": "close"} if status == 408 else None
     return JSONResponse({"status": status, "message": message}, status_code=status,
                         headers=headers)
+
+
+# Path parameters whose values may be logged: UIDs and formats. The others (an accession
+# number, a share link's token, a FHIR id) identify a patient or unlock a study.
+_LOGGABLE_PARAMETERS = frozenset({"study", "series", "instance", "frames", "uid", "kind"})
+
+
+def loggable_path(scope) -> str:
+    """The request's path for the log: parameters other than UIDs named, not given."""
+    path = scope.get("path", "")
+    for name, value in (scope.get("path_params") or {}).items():
+        if name not in _LOGGABLE_PARAMETERS and str(value):
+            path = path.replace(f"/{value}", f"/{{{name}}}")
+    return path
 
 
 def _where(exc: BaseException) -> str:
@@ -582,7 +596,7 @@ class ContainErrors:
             await self.app(scope, receive, tracking_send)
         except ClientDisconnect:
             log.info("HTTP %s %s: the client went away while sending its request",
-                     scope.get("method"), scope.get("path"))
+                     scope.get("method"), loggable_path(scope))
         except Exception as exc:
             if started:
                 raise

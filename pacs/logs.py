@@ -18,4 +18,7 @@ def configure_logging(level: str) -> None:
         # fontTools.subset: ~25 lines per film PDF (fpdf2 subsets the embedded font);
         # openjpeg.encode: a line per tile of every JPEG 2000 it encodes.
         logging.getLogger("fontTools").setLevel(logging.WARNING)
+        # fpdf2 warns of characters its font lacks, quoting them: from a film sheet's header,
+        # that can be most of a patient's name (CJK, Thai...).
+        logging.getLogger("fpdf").setLevel(logging.ERROR)
         logging.getLogger("openjpeg").setLevel(logging.WARNING)
