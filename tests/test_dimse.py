@@ -13,6 +13,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
+from pynetdicom import build_context
 
 from tests import dimse_client as client
 from tests.conftest import free_port
@@ -398,3 +399,19 @@ def test_compressed_instance_is_decompressed_for_a_peer_that_accepts_only_uncomp
     moved = pydicom.dcmread(next(received.iterdir()))
     assert not moved.file_meta.TransferSyntaxUID.is_compressed
     assert (moved.pixel_array == original.pixel_array).all()
+
+
+def test_an_idle_association_is_ended_without_an_error_in_the_log(start_server):
+    # Modalities leave associations open when they are done: routine, not an error (it was
+    # logged at ERROR, which paged whoever watches the errors).
+    server = start_server(PACS_DICOM_NETWORK_TIMEOUT="1", PACS_DICOM_WORKERS="1")
+    assoc = client.associate(server.dicom_port, [build_context("1.2.840.10008.1.1")])
+    assert assoc.is_established
+    for _ in range(50):
+        if not assoc.is_alive():
+            break
+        time.sleep(0.1)
+    assert assoc.is_aborted
+    log = server.log()
+    assert "idle for 1 s: aborting" in log
+    assert " ERROR " not in log

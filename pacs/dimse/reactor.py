@@ -372,7 +372,10 @@ def _serve_until_closed(self: Association) -> None:
             return
 
         if self.dul.idle_timer_expired():
-            log.error("Network timeout reached")
+            # Routine: modalities often leave an association open when they are done.
+            log.info("association with %s idle for %g s: %s", _peer_of(self.dul),
+                     self.network_timeout or 0, "releasing" if
+                     self.network_timeout_response == "A-RELEASE" else "aborting")
             if self.network_timeout_response == "A-RELEASE":
                 self._is_paused = True
                 if _wait_for_checkpoint(self):
