@@ -25,6 +25,7 @@ ERROR_CODES = {
     "103": "Table value not found",
     "200": "Unsupported message type",
     "201": "Unsupported event code",
+    "204": "Unknown key identifier",
     "207": "Application internal error",
 }
 

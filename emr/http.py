@@ -1,6 +1,11 @@
 """HTTP routes of the EMR side: the FHIR R4 API (``/fhir``) and the JSON API (``/api/orders``,
 ``/api/patients``, ``/api/emr/...``). Staff only (``pacs.access``): EMR systems call from the
-hospital's networks."""
+hospital's networks.
+
+Errors: each handler answers the refusals it knows of; FHIR routes answer theirs and the
+archive's as OperationOutcomes (``fhir_endpoint``); anything unexpected is the app's to answer
+(``dicomweb.app.ContainErrors``: a 500 logged without the exception's text, which may quote
+patient data)."""
 
 from __future__ import annotations
 
@@ -10,24 +15,26 @@ import functools
 import json
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlencode
 
 import sqlalchemy as sa
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from dicomweb.app import BodyTimeout
+from dicomweb.app import loggable_path
 from emr import fhir, fhir_in
 from emr.errors import InvalidResource, loggable
+from emr.fhir_format import FHIR_JSON, check_body_format, check_response_format
 from emr.model import Order, OrderControl, OrderStatus, PatientInfo, PatientMerge, PatientUpdate
 from emr.orders import (
     InvalidOrder,
     OrderConflict,
     UnknownOrder,
+    UnknownPatient,
     order_json,
     valid_date,
     valid_time,
@@ -35,18 +42,26 @@ from emr.orders import (
 from emr.results import study_result
 from emr.service import EmrService
 from pacs.http_input import parse_json, whole_number
-from storage.errors import ArchiveError, InvalidQuery, NotFound
+from storage.errors import ArchiveError, InvalidQuery, NotFound, StorageUnavailable
 from storage.index import iso_seconds, patients, studies, study_links
 
 log = logging.getLogger("pacs.emr.http")
 
-FHIR_JSON = "application/fhir+json"
 _MAX_COUNT = 100
 _MAX_OFFSET = 1_000_000_000
 _MAX_KEY = 2**63 - 1  # the largest row key a database holds (SQLite INTEGER, PostgreSQL BIGINT)
 _API_TEXT_LIMIT = 64  # LO: descriptions, reason and address as the JSON API takes them
 _DATE_PREFIX = re.compile(r"^(eq|ne|gt|lt|ge|le|sa|eb)?(\d{4}(-\d{2}(-\d{2}(T[0-9:.]+"
                           r"(Z|[+-]\d{2}:\d{2})?)?)?)?)$")
+
+
+# The archive's errors as a FHIR client gets them: HTTP status (as on every other route) and
+# OperationOutcome issue type.
+_ARCHIVE_OUTCOMES: tuple[tuple[type[ArchiveError], int, str], ...] = (
+    (NotFound, 404, "not-found"), (InvalidQuery, 400, "invalid"),
+    (StorageUnavailable, 503, "transient"))
+
+Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 class BadRequest(ValueError):
@@ -81,8 +96,6 @@ def emr_routes(server) -> list[Route]:
         try:
             order = fhir_in.parse_service_request(body, mrn_system=settings.emr_mrn_system)
             stored = await run_in_threadpool(service.apply_order, order)
-        except fhir.FhirError as exc:
-            return fhir_response(exc.outcome(), exc.status)
         except UnknownOrder as exc:
             return outcome(422, "not-found", str(exc), "ServiceRequest.identifier")
         except InvalidOrder as exc:
@@ -104,11 +117,7 @@ def emr_routes(server) -> list[Route]:
 
     async def search_imaging_studies(request: Request) -> Response:
         params = request.query_params.multi_items()
-        try:
-            uids, total, offset = await run_in_threadpool(_find_studies, service, settings,
-                                                          params)
-        except fhir.FhirError as exc:
-            return fhir_response(exc.outcome(), exc.status)
+        uids, total, offset = await run_in_threadpool(_find_studies, service, settings, params)
         resources = await run_in_threadpool(
             lambda: [_imaging_study_or_none(service, settings, uid, updated)
                      for uid, updated in uids])
@@ -242,13 +251,12 @@ def emr_routes(server) -> list[Route]:
                 raise BadRequest("prior_issuer: must be a string")
             merge = PatientMerge(patient_from_json(body.get("patient")), prior.strip(),
                                  prior_issuer.strip())
-            if not await run_in_threadpool(service.knows_patient, merge.prior_patient_id,
-                                           merge.prior_issuer):
-                return _error(404, "prior_patient_id: no such patient (neither in the EMR's "
-                                   "records nor in the archive); nothing was merged")
             moved = await run_in_threadpool(service.merge_patients, merge)
         except (BadRequest, InvalidOrder) as exc:
             return _error(415 if "application/json" in str(exc) else 400, str(exc))
+        except UnknownPatient:
+            return _error(404, "prior_patient_id: no such patient (neither in the EMR's "
+                               "records nor in the archive); nothing was merged")
         return JSONResponse({"studies_moved": moved})
 
     async def unmatched(request: Request) -> Response:
@@ -323,25 +331,37 @@ def emr_routes(server) -> list[Route]:
             return _error(409, str(exc))
         return JSONResponse(found.as_json())
 
-    def guarded(endpoint):
-        """``endpoint``, with an unexpected failure answered 500 and logged without its text
-        (database and validation errors quote values: patient names)."""
+    def fhir_endpoint(endpoint: Endpoint) -> Endpoint:
+        """``endpoint`` of the FHIR API, behind the checks of the formats the request asks
+        for and sends (JSON only: 406, 415), with FHIR refusals and the archive's errors
+        answered as OperationOutcomes."""
         @functools.wraps(endpoint)
-        async def guarded_endpoint(request: Request) -> Response:
+        async def answer_in_fhir(request: Request) -> Response:
             try:
+                if request.method in ("POST", "PUT", "PATCH"):
+                    check_body_format(request.headers.get("content-type"))
+                check_response_format(request.query_params.getlist("_format"),
+                                      request.headers.get("accept"))
                 return await endpoint(request)
-            except (HTTPException, ArchiveError, BodyTimeout, ClientDisconnect):
-                raise  # answered (or not: nobody to answer) as on every other route
-            except Exception as exc:
-                log.error("EMR %s %s failed: %s", request.method, request.url.path,
-                          loggable(exc))
-                log.debug("EMR request failure", exc_info=True)
-                if request.url.path.startswith("/fhir/"):
-                    return outcome(500, "exception", "internal error; see the server log")
-                return _error(500, "internal error; see the server log")
-        return guarded_endpoint
+            except fhir.FhirError as exc:
+                return fhir_response(exc.outcome(), exc.status)
+            except InvalidResource as exc:  # a bug or a stored value FHIR cannot carry
+                log.error("FHIR %s %s failed: %s", request.method,
+                          loggable_path(request.scope), loggable(exc))
+                return outcome(500, "exception", "internal error; see the server log")
+            except ArchiveError as exc:
+                known = _archive_outcome(exc)
+                if known is None:
+                    raise  # not the client's doing: the app's logged 500
+                status, code = known
+                if status == 503:  # the database's own text, which may quote values: DEBUG
+                    log.error("FHIR %s %s: the archive is unavailable (%s)", request.method,
+                              loggable_path(request.scope), loggable(exc))
+                    log.debug("FHIR %s %s: %s", request.method, request.url.path, exc)
+                return outcome(status, code, str(exc))
+        return answer_in_fhir
 
-    routes = [
+    fhir_routes = [
         Route("/fhir/metadata", metadata),
         Route("/fhir/ServiceRequest", create_service_request, methods=["POST"]),
         Route("/fhir/ServiceRequest/{id}", read_service_request),
@@ -349,6 +369,8 @@ def emr_routes(server) -> list[Route]:
         Route("/fhir/ImagingStudy/{id}", read_imaging_study),
         Route("/fhir/Patient", search_patients),
         Route("/fhir/Patient/{id}", read_patient),
+    ]
+    api_routes = [
         Route("/api/orders", create_order, methods=["POST"]),
         Route("/api/orders", list_orders),
         Route("/api/orders/{accession}", get_order),
@@ -363,7 +385,15 @@ def emr_routes(server) -> list[Route]:
         Route("/api/emr/deliveries/{id:int}", delivery),
         Route("/api/emr/deliveries/{id:int}/retry", retry_delivery, methods=["POST"]),
     ]
-    return [Route(r.path, guarded(r.endpoint), methods=r.methods) for r in routes]
+    return [Route(r.path, fhir_endpoint(r.endpoint), methods=r.methods) for r in fhir_routes
+            ] + api_routes
+
+
+def _archive_outcome(exc: ArchiveError) -> tuple[int, str] | None:
+    """HTTP status and OperationOutcome issue type of an archive error a FHIR client is told
+    about; None for the others (failures of the server)."""
+    return next(((status, code) for kind, status, code in _ARCHIVE_OUTCOMES
+                 if isinstance(exc, kind)), None)
 
 
 def _error(status: int, message: str) -> JSONResponse:

@@ -62,6 +62,10 @@ class UnknownOrder(NotFound):
     """A message refers to an order this server never received."""
 
 
+class UnknownPatient(NotFound):
+    """A merge names a prior patient that neither the EMR sent nor the archive has images of."""
+
+
 class InvalidOrder(ValueError):
     """An order or patient that cannot be kept as it is (a value too long for DICOM...)."""
 
@@ -191,7 +195,15 @@ class OrderStore:
         with self.index.write_core() as conn:
             target = _save_patient(conn, into)
             prior = _find_patient(conn, prior_id, prior_issuer)
-            if prior is None or prior == target:
+            if prior is None:
+                # Known from the archive's images only: recorded as merged all the same, so
+                # the A40 sent again (its ACK lost) finds it and is answered AA again.
+                now = utc_now()
+                conn.execute(emr_patients.insert().values(
+                    patient_id=prior_id, issuer=prior_issuer, merged_into_pk=target,
+                    created_at=now, updated_at=now))
+                return 0
+            if prior == target:
                 return 0
             moved = conn.execute(orders.update().where(orders.c.patient_pk == prior)
                                  .values(patient_pk=target, updated_at=utc_now())).rowcount

@@ -18,7 +18,7 @@ from emr import fhir, hl7_out, hl7v2, mllp
 from emr.errors import loggable
 from emr.linking import LINKED, StudyLink, StudyLinker, demographics
 from emr.model import Order, PatientMerge, PatientUpdate
-from emr.orders import InvalidOrder, OrderConflict, OrderStore, StoredOrder
+from emr.orders import InvalidOrder, OrderConflict, OrderStore, StoredOrder, UnknownPatient
 from emr.outbox import DeliveryRefused, Outbox
 from emr.performed import COMPLETED, PerformedSteps
 from emr.results import study_result
@@ -90,7 +90,12 @@ class EmrService:
         return pk
 
     def merge_patients(self, merge: PatientMerge) -> int:
-        """Merge the prior patient into the surviving one, in orders and in the index."""
+        """Merge the prior patient into the surviving one, in orders and in the index; studies
+        moved. ``UnknownPatient`` (nothing changed, not even the surviving patient's record)
+        when the prior patient is unknown: a mistyped MRN must not pass for a merge done."""
+        if not self.knows_patient(merge.prior_patient_id, merge.prior_issuer):
+            raise UnknownPatient("the prior patient is neither in the EMR's records nor in the "
+                                 "archive; nothing was merged")
         self.orders.merge_patient(merge.prior_patient_id, merge.prior_issuer, merge.patient)
         moved = merge_patient(self.archive, merge.prior_patient_id, merge.prior_issuer,
                               demographics(merge.patient))
@@ -127,6 +132,12 @@ class EmrService:
                         else "?", exc.ack_code, exc.error_location or "?")
             answer = self._ack(header, exc.ack_code, exc.reason, exc.error_location,
                                exc.error_code)
+        except UnknownPatient:
+            log.warning("HL7 message %s not applied: unknown prior patient (MRG-1)",
+                        header.control_id if header else "?")
+            answer = self._ack(header, "AE", "MRG-1 prior patient unknown: neither sent by the"
+                               " HIS nor in the archive; nothing was merged (không tìm thấy"
+                               " bệnh nhân cũ)", "MRG-1", "204")
         except (NotFound, InvalidOrder, OrderConflict) as exc:
             log.warning("HL7 message %s not applied: %s", header.control_id if header else "?",
                         type(exc).__name__)

@@ -10,15 +10,18 @@ review found, now fixed; the comment says what went wrong.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import datetime as dt
 import json
+import logging
 import socket
 import threading
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import hl7
 import httpx
@@ -28,7 +31,14 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, build_context
 from pynetdicom.sop_class import ModalityWorklistInformationFind
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
 
+from dicomweb.app import ContainErrors
+from emr.errors import InvalidResource
+from emr.http import emr_routes
+from pacs.settings import Settings
+from storage.errors import InvalidQuery, StorageUnavailable
 from tests import dimse_client as client
 from tests.conftest import PacsProcess, postgres_schema, stow
 from tests.emr_peers import ProgrammableFhir, ProgrammableMllp
@@ -433,6 +443,21 @@ def test_a40_moves_orders_and_studies_and_keeps_the_counters_right(site, tmp_pat
     assert studies["total"] == 2
 
 
+def test_a40_sent_again_is_answered_aa_again(site, tmp_path, dcmtk_env):
+    # A HIS whose ACK was lost sends the merge again. The prior patient here is known only
+    # from the images (the HIS never sent it): after the first merge nothing of it is left in
+    # the archive, and the second was refused as naming an unknown patient.
+    prior, surviving = unique("BNX"), unique("BNY")
+    spec = Spec(patient_id=prior, patient_name="Tạ^Văn Cũ", accession="")
+    stow_study(site, spec, 2)
+    for _ in range(2):
+        assert ack_code(send_hl7(site.server, adt("A40", surviving, "Tạ^Văn Mới",
+                                                  prior=prior))) == "AA"
+    assert qido_patient_id(site, spec.study_uid) == surviving
+    assert _patient_level(site, tmp_path, dcmtk_env, prior) == []
+    assert api(site, "GET", "/fhir/Patient", params={"identifier": prior}).json()["total"] == 0
+
+
 def test_a40_naming_the_surviving_patient_as_prior_changes_nothing(site, tmp_path, dcmtk_env):
     patient = unique("BNM")
     spec = Spec(patient_id=patient, patient_name="Mai^Anh", accession="")
@@ -470,6 +495,33 @@ def test_fhir_read_of_a_merged_away_patient_says_where_it_went(site):
             f"merged-away Patient/{prior_id} reads as an ordinary patient: {resource}"
     else:
         assert read.status_code in (404, 410)
+
+
+def test_a40_naming_a_prior_patient_nobody_knows_is_ae_204_and_changes_nothing(site):
+    # Review: an A40 whose MRG-1 matched no patient was answered AA (and the surviving
+    # patient's details taken): a mistyped MRN passed for a merge done, while the JSON API
+    # answered the same merge 404.
+    survivor, unregistered, prior = unique("BNK"), unique("BNL"), unique("NOPE")
+    assert ack_code(send_hl7(site.server, adt("A08", survivor, "Cũ^Văn Tên"))) == "AA"
+
+    acks = [send_hl7(site.server, adt("A40", surviving, "Mới^Văn Tên", prior=prior))
+            for surviving in (survivor, unregistered)]
+    merged = api(site, "POST", "/api/patients/merge",
+                 json={"prior_patient_id": prior, "patient": {"patient_id": survivor}})
+
+    for ack in acks:
+        assert ack_code(ack) == "AE"
+        assert "MRG-1" in str(ack.segment("MSA")[3])
+        err = ack.segment("ERR")
+        assert str(err[2]) == "MRG^1^1"
+        assert str(err[3]) == "204^Unknown key identifier^HL70357"
+    assert merged.status_code == 404
+    [kept] = api(site, "GET", "/fhir/Patient", params={"identifier": survivor}).json()["entry"]
+    assert kept["resource"]["name"][0]["family"] == "Cũ"
+    for nobody in (unregistered, prior):
+        assert api(site, "GET", "/fhir/Patient", params={"identifier": nobody}
+                   ).json()["total"] == 0
+    assert prior not in site.server.log()
 
 
 # ============================================================================ worklist
@@ -870,6 +922,117 @@ def test_fhir_api_edge_requests(site):
     assert api(site, "GET", "/fhir/Patient/99999999").status_code == 404
 
 
+FHIR_READS = ["/fhir/metadata", "/fhir/ImagingStudy", "/fhir/ImagingStudy/1.2.3",
+              "/fhir/Patient?identifier=BN0", "/fhir/Patient/1", "/fhir/ServiceRequest/1"]
+
+
+def _without_accept(site: Site, path: str) -> httpx.Response:
+    """GET with no Accept header at all (httpx sends ``*/*`` unless told otherwise)."""
+    with httpx.Client(timeout=30) as http:
+        request = http.build_request("GET", site.http + path)
+        del request.headers["accept"]
+        return http.send(request)
+
+
+@pytest.mark.parametrize("path", FHIR_READS)
+@pytest.mark.parametrize(("query", "accept"), [
+    ("_format=xml", "*/*"),
+    ("_format=application/fhir%2Bxml", "*/*"),
+    ("_format=text/xml", "application/fhir+json"),  # _format overrides Accept
+    ("", "application/fhir+xml"),
+    ("", "application/xml"),
+    ("", "application/fhir+xml, application/xml;q=0.9, application/fhir+json;q=0"),
+])
+def test_fhir_asked_for_xml_only_is_406_with_an_operation_outcome_in_json(site, path, query,
+                                                                           accept):
+    # Review: XML requests were answered 200 in JSON, which an XML-only client cannot read
+    # (FHIR R4 http.html#mime-type: 406 for a format the server does not support).
+    url = f"{path}{'&' if '?' in path else '?'}{query}" if query else path
+
+    answer = api(site, "GET", url, headers={"Accept": accept})
+
+    assert answer.status_code == 406, answer.text[:200]
+    assert answer.headers["content-type"].startswith("application/fhir+json")
+    assert answer.json()["resourceType"] == "OperationOutcome"
+    assert answer.json()["issue"][0]["code"] == "not-supported"
+
+
+@pytest.mark.parametrize(("query", "accept"), [
+    ("_format=json", "*/*"),
+    ("_format=application/fhir%2Bjson", "*/*"),
+    ("_format=application/fhir+json", "*/*"),  # the + unencoded: a space once decoded
+    ("_format=application/json", "*/*"),
+    ("_format=json", "application/fhir+xml"),  # _format overrides Accept
+    ("", "application/fhir+json"),
+    ("", "application/fhir+json; fhirVersion=4.0"),
+    ("", "application/json"),
+    ("", "*/*"),
+    ("", "application/fhir+xml;q=1.0, application/fhir+json;q=0.9"),  # HAPI's client
+    ("", "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"),  # a browser
+])
+def test_fhir_asked_for_json_in_any_usual_way_is_answered_in_json(site, query, accept):
+    for path in ("/fhir/metadata", "/fhir/ImagingStudy?_count=1"):
+        url = f"{path}{'&' if '?' in path else '?'}{query}" if query else path
+
+        answer = api(site, "GET", url, headers={"Accept": accept})
+
+        assert answer.status_code == 200, (url, answer.text[:200])
+        assert answer.headers["content-type"].startswith("application/fhir+json")
+        assert answer.json()["resourceType"] in ("CapabilityStatement", "Bundle")
+
+
+def test_fhir_without_an_accept_header_is_answered_in_json(site):
+    for path in ("/fhir/metadata", "/fhir/ImagingStudy?_count=1"):
+        answer = _without_accept(site, path)
+
+        assert answer.status_code == 200, answer.text[:200]
+        assert answer.headers["content-type"].startswith("application/fhir+json")
+
+
+@pytest.mark.parametrize("content_type", ["application/fhir+xml", "application/xml",
+                                          "text/xml; charset=utf-8"])
+def test_a_service_request_sent_as_xml_is_415_and_not_applied(site, content_type):
+    accession = unique("FX")
+    body = json.dumps(_service_request(accession)).encode()  # what it says it is decides
+
+    refused = api(site, "POST", "/fhir/ServiceRequest", content=body,
+                  headers={"Content-Type": content_type})
+
+    assert refused.status_code == 415, refused.text[:200]
+    assert refused.headers["content-type"].startswith("application/fhir+json")
+    assert refused.json()["resourceType"] == "OperationOutcome"
+    assert api(site, "GET", f"/api/orders/{accession}").status_code == 404
+
+
+def test_a_service_request_whose_answer_must_be_xml_is_406_and_not_applied(site):
+    accession = unique("FY")
+
+    refused = api(site, "POST", "/fhir/ServiceRequest?_format=xml",
+                  json=_service_request(accession),
+                  headers={"Content-Type": "application/fhir+json"})
+
+    assert refused.status_code == 406, refused.text[:200]
+    assert refused.json()["resourceType"] == "OperationOutcome"
+    assert api(site, "GET", f"/api/orders/{accession}").status_code == 404
+
+
+def test_a_service_request_in_json_by_any_of_its_names_is_taken(site):
+    for content_type in ("application/fhir+json; charset=utf-8", "application/json",
+                         "application/json+fhir", None):
+        accession = unique("FJ")
+        headers = {"Content-Type": content_type} if content_type else {}
+        with httpx.Client(timeout=30) as http:
+            request = http.build_request("POST", site.http + "/fhir/ServiceRequest",
+                                         content=json.dumps(_service_request(accession)),
+                                         headers=headers)
+            if content_type is None:
+                request.headers.pop("content-type", None)
+            created = http.send(request)
+
+        assert created.status_code == 201, (content_type, created.text[:200])
+        assert api(site, "GET", f"/api/orders/{accession}").status_code == 200
+
+
 # ============================================================================ JSON API
 
 
@@ -1220,3 +1383,67 @@ def test_last_updated_at_the_ends_of_the_calendar_is_answered(site, value):
     answer = api(site, "GET", "/fhir/ImagingStudy", params={"_lastUpdated": value})
 
     assert answer.status_code == 200, answer.text[:200]
+
+
+# ============================================================================ errors
+
+
+def _get_failing(path: str, failure: BaseException) -> httpx.Response:
+    """GET ``path`` of the EMR routes, mounted as ``pacs.http`` mounts them (``ContainErrors``
+    outermost), over a service whose patient and order reads fail with ``failure``."""
+    def fail(*args, **kwargs):
+        raise failure
+
+    orders = SimpleNamespace(patient=fail, list=fail)
+    server = SimpleNamespace(emr=SimpleNamespace(orders=orders), settings=Settings())
+    app = Starlette(routes=emr_routes(server), middleware=[Middleware(ContainErrors)])
+
+    async def get() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)  # raises what escapes the app
+        async with httpx.AsyncClient(transport=transport, base_url="http://pacs") as http:
+            return await http.get(path)
+
+    return asyncio.run(get())
+
+
+@pytest.mark.parametrize(("failure", "status", "code"), [
+    (StorageUnavailable("the index database failed: database is locked"), 503, "transient"),
+    (InvalidQuery("identifier", "cannot be matched"), 400, "invalid"),
+])
+def test_an_archive_error_on_a_fhir_route_is_an_operation_outcome_with_its_status(
+        failure, status, code):
+    # Review: the archive's errors on FHIR routes were answered by the app in its own JSON
+    # ({"status", "message"}), which a FHIR client does not read as an OperationOutcome.
+    answer = _get_failing("/fhir/Patient/1", failure)
+
+    assert answer.status_code == status
+    assert answer.json()["resourceType"] == "OperationOutcome"
+    assert answer.json()["issue"][0]["code"] == code
+
+
+@pytest.mark.parametrize("path", ["/fhir/Patient/1", "/api/orders"])
+def test_an_unexpected_failure_on_an_emr_route_is_one_500_logged_without_its_text(
+        caplog, path):
+    caplog.set_level(logging.INFO)
+
+    answer = _get_failing(path, RuntimeError("Nguyễn^Văn An"))
+
+    assert answer.status_code == 500
+    assert "Nguyễn" not in answer.text and "see the server log" in answer.text
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    assert "RuntimeError" in errors[0].getMessage()
+    assert not any("Nguyễn" in r.getMessage() for r in caplog.records
+                   if r.levelno >= logging.INFO)
+
+
+def test_a_fhir_resource_that_cannot_be_built_is_a_500_naming_the_elements_at_fault(caplog):
+    caplog.set_level(logging.INFO)
+
+    answer = _get_failing("/fhir/Patient/1",
+                          InvalidResource("Patient", ["name.0.family (string_type)"]))
+
+    assert answer.status_code == 500
+    assert answer.json()["resourceType"] == "OperationOutcome"
+    [error] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "Patient would not be valid FHIR at name.0.family" in error.getMessage()
