@@ -258,7 +258,7 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
             syntax = params.get("transferSyntax") or row["_transfer_syntax_uid"]
             wado.check_transcodable(rows, syntax)
             part = await run_in_threadpool(next, wado.instance_parts(archive, rows, syntax))
-            return Response(b"".join(part.chunks), media_type="application/dicom")
+            return _single_part(part, media_type="application/dicom")
         media_type = next((t for t in wanted if t in render.RENDERED_TYPES), None)
         if media_type is None:
             raise NotAcceptable(f"contentType: {params.get('contentType')!r}; available: "
@@ -453,10 +453,10 @@ def _multipart(parts: Iterator[Part] | list[Part], media_type: str,
                                                      transfer_syntax=syntax), headers=headers)
 
 
-def _single_part(part: Part) -> Response:
+def _single_part(part: Part, media_type: str | None = None) -> Response:
     """One part as the whole body (a single part media type), streamed, with its length."""
     return StreamingResponse(iterate_in_threadpool(coalesce(part.chunks)),
-                             media_type=part.content_type,
+                             media_type=media_type or part.content_type,
                              headers={"Content-Length": part.headers["Content-Length"]})
 
 

@@ -530,6 +530,7 @@ def test_wado_uri_dicom_and_jpeg(server, study):
     for base in (server.http + "/wado", server.http + "/dicomweb/wado"):
         dicom = httpx.get(base, params={**params, "contentType": "application/dicom"})
         assert dicom.headers["content-type"] == "application/dicom"
+        assert int(dicom.headers["content-length"]) == len(dicom.content)
         assert pydicom.dcmread(io.BytesIO(dicom.content)).SOPInstanceUID == ct.SOPInstanceUID
         jpeg = httpx.get(base, params=params)
         assert jpeg.headers["content-type"] == "image/jpeg"
