@@ -54,6 +54,7 @@ log = logging.getLogger("pacs.dicomweb")
 
 DICOM_JSON = "application/dicom+json"
 GZIP_MIN_BYTES = 1024
+STOW_THREADS = 8  # parts stored at once, all STOW-RS requests together
 
 
 # NumberOfPatientRelatedStudies/Series/Instances: they count the patient's whole record.
@@ -71,6 +72,10 @@ class BodyTimeout(Exception):
 def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
     """The DICOMweb ASGI app over ``archive``."""
     default_matching = NameMatching(settings.person_name_matching)
+    # Threads storing STOW-RS parts, all requests together. Without a limit of their own they
+    # took the threads every request shares (40): a few large uploads and searches, metadata
+    # and frames waited for a store to finish.
+    stow_threads = anyio.CapacityLimiter(STOW_THREADS)
 
     public_url = settings.public_url.rstrip("/")
 
@@ -303,8 +308,9 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
                         f"part of type {part_media!r} is not application/dicom"))
                     continue
                 await window.store(part.body, functools.partial(
-                    run_in_threadpool, stow.store_part, archive, part.body,
-                    study_uid=study_uid, base=base))
+                    anyio.to_thread.run_sync, functools.partial(
+                        stow.store_part, archive, part.body, study_uid=study_uid, base=base),
+                    limiter=stow_threads))
         finally:
             await window.drain()
         if not outcome.stored and not outcome.failed:

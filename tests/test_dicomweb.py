@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import socket
+import threading
 import time
 
 import httpx
@@ -20,8 +21,9 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
-from dicomweb.app import ContainErrors
+from dicomweb.app import ContainErrors, build_dicomweb
 from pacs.settings import Settings
+from storage.archive import open_archive
 from tests.conftest import PacsProcess
 from tests.factory import Spec, dataset, part10
 
@@ -259,6 +261,37 @@ def _reference(sop_class: str, sop_instance: str) -> pydicom.Dataset:
     item.ReferencedSOPClassUID = sop_class
     item.ReferencedSOPInstanceUID = sop_instance
     return item
+
+
+def test_searches_are_answered_while_many_uploads_are_being_stored(tmp_path):
+    """STOW-RS stores on threads of its own: with every store stuck (a slow disk, a locked
+    database), uploads wait, and searches still answer."""
+    archive = open_archive(f"sqlite:///{tmp_path / 'index.sqlite'}", str(tmp_path / "blobs"))
+    archive.store(part10(dataset(Spec(patient_id="BN-SEARCH"))))
+    app = build_dicomweb(archive, Settings(data_dir=tmp_path))
+    stuck, store = threading.Event(), archive.store
+    archive.store = lambda *args, **kwargs: stuck.wait(60) and store(*args, **kwargs)
+    uploads = 12  # four parts at a time each: more than all the threads requests share
+
+    async def run() -> tuple[httpx.Response, list[httpx.Response]]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://pacs",
+                                     timeout=90) as client:
+            posts = [asyncio.create_task(client.post("/studies", headers={
+                "Content-Type": STOW_TYPE}, content=_multipart(
+                    [("application/dicom", part10(dataset(Spec()))) for _ in range(4)])))
+                for _ in range(uploads)]
+            await asyncio.sleep(1)  # every upload read, its stores started
+            try:
+                search = await asyncio.wait_for(
+                    client.get("/studies", params={"PatientID": "BN-SEARCH"}), 20)
+            finally:
+                stuck.set()
+            return search, await asyncio.gather(*posts)
+
+    search, posts = asyncio.run(run())
+    assert search.status_code == 200 and len(search.json()) == 1
+    assert [post.status_code for post in posts] == [200] * uploads
 
 
 def test_stow_keeps_the_first_of_one_uid_and_answers_in_the_request_order(http):
