@@ -15,7 +15,8 @@ Every HTTP request passes ``AccessGate`` before any route runs. It works out the
   health).
 
 A credential that is present but not valid (forged, expired, revoked share, or empty) is
-refused with 401; it never falls back to the network's rights.
+refused with 401; it never falls back to the network's rights. Other ``Authorization`` schemes
+(``Basic`` from a reverse proxy's own log-in) are not this server's credentials: ignored.
 
 The client's address is the peer's or, from a trusted proxy, the right-most address of
 ``X-Forwarded-For`` that is not itself a trusted proxy (``client_address``). An entry there
