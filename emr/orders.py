@@ -410,6 +410,17 @@ def _find_patient(conn: Connection, patient_id: str, issuer: str) -> int | None:
         .order_by((emr_patients.c.issuer == issuer).desc(), emr_patients.c.pk)).scalar()
 
 
+def _surviving(conn: Connection, pk: int) -> int:
+    """The record ``pk`` was merged into, through successive merges; ``pk`` if none."""
+    for _ in range(32):  # merges never loop, but a bound costs nothing
+        merged_into = conn.execute(sa.select(emr_patients.c.merged_into_pk)
+                                   .where(emr_patients.c.pk == pk)).scalar()
+        if merged_into is None:
+            break
+        pk = merged_into
+    return pk
+
+
 def _patient_values(patient: PatientInfo) -> dict[str, Any]:
     """The non-empty fields of ``patient`` as column values."""
     values = {name: getattr(patient, name) for name in
@@ -426,6 +437,12 @@ def _save_patient(conn: Connection, patient: PatientInfo) -> int:
         raise ValueError("a patient needs an ID (the MRN)")
     now = utc_now()
     pk = _find_patient(conn, patient.patient_id, patient.issuer)
+    if pk is not None:
+        survivor = _surviving(conn, pk)
+        if survivor != pk:
+            # A record merged away (ADT^A40) that the HIS still names: what comes for it goes
+            # to the surviving patient, whose details this message does not describe.
+            return survivor
     values = _patient_values(patient)
     if pk is None:
         return conn.execute(emr_patients.insert().values(

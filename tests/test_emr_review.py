@@ -443,6 +443,23 @@ def test_a40_moves_orders_and_studies_and_keeps_the_counters_right(site, tmp_pat
     assert studies["total"] == 2
 
 
+def test_an_order_for_a_merged_away_patient_goes_to_the_surviving_one(site):
+    # The HIS merged two records and then ordered under the retired MRN: the order went to the
+    # hidden record, and the worklist gave the modality the retired ID and name.
+    prior, surviving, accession = unique("BNV"), unique("BNU"), unique("MV")
+    assert ack_code(send_hl7(site.server, adt("A08", prior, "Lâm^Văn Cũ"))) == "AA"
+    assert ack_code(send_hl7(site.server, adt("A40", surviving, "Lâm^Văn Mới",
+                                              prior=prior))) == "AA"
+
+    assert ack_code(send_hl7(site.server, orm(accession, patient_id=prior,
+                                              name="Lâm^Văn Cũ"))) == "AA"
+
+    orders = api(site, "GET", "/api/orders", params={"patient_id": surviving}).json()
+    assert [o["accession_number"] for o in orders] == [accession]
+    statuses, [item] = mwl_find(site, mwl_identifier(AccessionNumber=accession))
+    assert (item.PatientID, str(item.PatientName)) == (surviving, "Lâm^Văn Mới")
+
+
 def test_a40_sent_again_is_answered_aa_again(site, tmp_path, dcmtk_env):
     # A HIS whose ACK was lost sends the merge again. The prior patient here is known only
     # from the images (the HIS never sent it): after the first merge nothing of it is left in
