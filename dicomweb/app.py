@@ -13,7 +13,7 @@ import gzip
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import anyio
@@ -364,8 +364,8 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
         Route(instance + "/thumbnail", thumbnail, methods=["GET"]),
         Route(instance + "/frames/{frames}/thumbnail", thumbnail, methods=["GET"]),
     ]
-    handlers: dict[Any, Any] = {kind: _error_response for kind, _ in _STATUSES}
-    handlers[HTTPException] = _error_response  # and anything else: ContainErrors
+    handlers = error_handlers()  # and anything else: ContainErrors
+
     async def openapi(request: Request) -> Response:
         return JSONResponse(openapi_document())
 
@@ -496,10 +496,26 @@ _STATUSES: list[tuple[type[BaseException], int]] = [
 ]
 
 
-async def _error_response(request: Request, exc: Exception) -> Response:
-    """Every failure as a JSON body with a message; never a crash, never a stack trace."""
+# How an error is told (status, message) under a path prefix whose clients expect their own
+# format: ``{"/fhir": OperationOutcome}``. Elsewhere: ``{"status": ..., "message": ...}``.
+ErrorBodies = Mapping[str, Callable[[int, str], Response]]
+
+
+def error_handlers(bodies: ErrorBodies | None = None) -> dict[Any, Any]:
+    """Starlette ``exception_handlers`` answering the archive's errors and HTTPExceptions (an
+    unknown path, a wrong method) with their status, in the format of ``bodies``."""
+    async def handler(request: Request, exc: Exception) -> Response:
+        return await _error_response(request, exc, bodies)
+    return {**{kind: handler for kind, _ in _STATUSES}, HTTPException: handler}
+
+
+async def _error_response(request: Request, exc: Exception,
+                          bodies: ErrorBodies | None = None) -> Response:
+    """Every failure as a body with a message; never a crash, never a stack trace."""
+    headers = {}
     if isinstance(exc, HTTPException):
         status, message = exc.status_code, exc.detail
+        headers.update(exc.headers or {})  # Allow, for a 405
     else:
         status = next((code for kind, code in _STATUSES if isinstance(exc, kind)), 500)
         message = str(exc) if status != 500 else "internal error; see the server log"
@@ -511,10 +527,15 @@ async def _error_response(request: Request, exc: Exception) -> Response:
         log.debug("HTTP %s %s failed", request.method, request.url.path, exc_info=exc)
     elif status == 503:
         log.error("HTTP %s %s: %s", request.method, loggable_path(request.scope), message)
-    # The rest of a timed-out body may still come: the connection cannot serve another request.
-    headers = {"Connection": "close"} if status == 408 else None
-    return JSONResponse({"status": status, "message": message}, status_code=status,
-                        headers=headers)
+    if status == 408:  # the rest of the body may still come: the connection cannot go on
+        headers["Connection"] = "close"
+    path = request.scope.get("path", "")
+    body = next((make for prefix, make in (bodies or {}).items()
+                 if path == prefix or path.startswith(prefix + "/")), None)
+    response = (body(status, message) if body is not None else
+                JSONResponse({"status": status, "message": message}, status_code=status))
+    response.headers.update(headers)
+    return response
 
 
 # Path parameters whose values may be logged: UIDs and formats. The others (an accession
@@ -584,8 +605,9 @@ class ContainErrors:
     only way to tell the client that the body is cut short.
     """
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, bodies: ErrorBodies | None = None) -> None:
         self.app = app
+        self.bodies = bodies
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -606,5 +628,5 @@ class ContainErrors:
         except Exception as exc:
             if started:
                 raise
-            response = await _error_response(Request(scope), exc)
+            response = await _error_response(Request(scope), exc, self.bodies)
             await response(scope, receive, send)

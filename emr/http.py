@@ -2,10 +2,11 @@
 ``/api/patients``, ``/api/emr/...``). Staff only (``pacs.access``): EMR systems call from the
 hospital's networks.
 
-Errors: each handler answers the refusals it knows of; FHIR routes answer theirs and the
-archive's as OperationOutcomes (``fhir_endpoint``); anything unexpected is the app's to answer
-(``dicomweb.app.ContainErrors``: a 500 logged without the exception's text, which may quote
-patient data)."""
+Errors: each handler answers the refusals it knows of; FHIR routes answer theirs as
+OperationOutcomes (``fhir_endpoint``); the archive's errors, unknown paths, wrong methods and
+anything unexpected are the app's to answer (``dicomweb.app.ContainErrors`` and
+``error_handlers``: an unexpected failure is a 500 logged without the exception's text, which may
+quote patient data), in FHIR's form under /fhir (``ERROR_BODIES``)."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ from emr.orders import (
 from emr.results import study_result
 from emr.service import EmrService
 from pacs.http_input import parse_json, whole_number
-from storage.errors import ArchiveError, InvalidQuery, NotFound, StorageUnavailable
+from storage.errors import InvalidQuery, NotFound
 from storage.index import iso_seconds, patients, studies, study_links
 
 log = logging.getLogger("pacs.emr.http")
@@ -55,11 +56,10 @@ _DATE_PREFIX = re.compile(r"^(eq|ne|gt|lt|ge|le|sa|eb)?(\d{4}(-\d{2}(-\d{2}(T[0-
                           r"(Z|[+-]\d{2}:\d{2})?)?)?)?)$")
 
 
-# The archive's errors as a FHIR client gets them: HTTP status (as on every other route) and
-# OperationOutcome issue type.
-_ARCHIVE_OUTCOMES: tuple[tuple[type[ArchiveError], int, str], ...] = (
-    (NotFound, 404, "not-found"), (InvalidQuery, 400, "invalid"),
-    (StorageUnavailable, 503, "transient"))
+# OperationOutcome issue type (FHIR R4 valueset issue-type) of an error answered with a status.
+_ISSUE_TYPES = {400: "invalid", 401: "login", 403: "forbidden", 404: "not-found",
+                405: "not-supported", 406: "not-supported", 408: "timeout", 409: "conflict",
+                413: "too-long", 415: "not-supported", 422: "processing", 503: "transient"}
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -73,13 +73,6 @@ def emr_routes(server) -> list[Route]:
     settings = server.settings
 
     # ------------------------------------------------------------------ FHIR
-
-    def fhir_response(body: dict, status: int = 200, headers: dict | None = None) -> Response:
-        return Response(json.dumps(body, ensure_ascii=False), status_code=status,
-                        media_type=FHIR_JSON + "; charset=utf-8", headers=headers)
-
-    def outcome(status: int, code: str, text: str, expression: str | None = None) -> Response:
-        return fhir_response(fhir.operation_outcome("error", code, text, expression), status)
 
     def fhir_base(request: Request) -> str:
         return f"{service.base_url()}/fhir" if settings.public_url else \
@@ -333,8 +326,8 @@ def emr_routes(server) -> list[Route]:
 
     def fhir_endpoint(endpoint: Endpoint) -> Endpoint:
         """``endpoint`` of the FHIR API, behind the checks of the formats the request asks
-        for and sends (JSON only: 406, 415), with FHIR refusals and the archive's errors
-        answered as OperationOutcomes."""
+        for and sends (JSON only: 406, 415), with FHIR refusals answered as OperationOutcomes.
+        Other errors are the app's (``ERROR_BODIES`` gives them the same form)."""
         @functools.wraps(endpoint)
         async def answer_in_fhir(request: Request) -> Response:
             try:
@@ -349,16 +342,6 @@ def emr_routes(server) -> list[Route]:
                 log.error("FHIR %s %s failed: %s", request.method,
                           loggable_path(request.scope), loggable(exc))
                 return outcome(500, "exception", "internal error; see the server log")
-            except ArchiveError as exc:
-                known = _archive_outcome(exc)
-                if known is None:
-                    raise  # not the client's doing: the app's logged 500
-                status, code = known
-                if status == 503:  # the database's own text, which may quote values: DEBUG
-                    log.error("FHIR %s %s: the archive is unavailable (%s)", request.method,
-                              loggable_path(request.scope), loggable(exc))
-                    log.debug("FHIR %s %s: %s", request.method, request.url.path, exc)
-                return outcome(status, code, str(exc))
         return answer_in_fhir
 
     fhir_routes = [
@@ -389,11 +372,23 @@ def emr_routes(server) -> list[Route]:
             ] + api_routes
 
 
-def _archive_outcome(exc: ArchiveError) -> tuple[int, str] | None:
-    """HTTP status and OperationOutcome issue type of an archive error a FHIR client is told
-    about; None for the others (failures of the server)."""
-    return next(((status, code) for kind, status, code in _ARCHIVE_OUTCOMES
-                 if isinstance(exc, kind)), None)
+def fhir_response(body: dict, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(json.dumps(body, ensure_ascii=False), status_code=status,
+                    media_type=FHIR_JSON + "; charset=utf-8", headers=headers)
+
+
+def outcome(status: int, code: str, text: str, expression: str | None = None) -> Response:
+    return fhir_response(fhir.operation_outcome("error", code, text, expression), status)
+
+
+def fhir_error(status: int, message: str) -> Response:
+    """An error the app answers on a FHIR path (an unknown path, a wrong method, the archive's
+    errors, an unexpected failure) as the OperationOutcome a FHIR client reads."""
+    return outcome(status, _ISSUE_TYPES.get(status, "exception"), message)
+
+
+# For ``dicomweb.app.ContainErrors`` and ``error_handlers``: errors under /fhir in FHIR's form.
+ERROR_BODIES = {"/fhir": fhir_error}
 
 
 def _error(status: int, message: str) -> JSONResponse:

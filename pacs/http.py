@@ -11,8 +11,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from dicomweb.app import BodyIdleTimeout, ContainErrors, build_dicomweb
-from emr.http import emr_routes
+from dicomweb.app import BodyIdleTimeout, ContainErrors, build_dicomweb, error_handlers
+from emr.http import ERROR_BODIES, emr_routes
 from pacs import __version__
 from pacs.access import AccessGate
 from viewer.patient import patient_routes
@@ -37,7 +37,7 @@ def build_app(server) -> Starlette:
         }
         return JSONResponse(body, status_code=200 if dicom_up else 503)
 
-    middleware = [Middleware(ContainErrors),  # outermost: also an error of the gate
+    middleware = [Middleware(ContainErrors, bodies=ERROR_BODIES),  # outermost: the gate's too
                   Middleware(BodyIdleTimeout, seconds=server.settings.http_body_idle_timeout)]
     origins = list(server.settings.cors_allowed_origins)
     if origins:
@@ -63,4 +63,4 @@ def build_app(server) -> Starlette:
         *emr_routes(server),
         Mount("/static", GZipMiddleware(StaticFiles(directory=STATIC_DIR), minimum_size=500),
               name="static"),
-    ], middleware=middleware, exception_handlers=dicomweb.exception_handlers)
+    ], middleware=middleware, exception_handlers=error_handlers(ERROR_BODIES))

@@ -34,9 +34,9 @@ from pynetdicom.sop_class import ModalityWorklistInformationFind
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
-from dicomweb.app import ContainErrors
+from dicomweb.app import ContainErrors, error_handlers
 from emr.errors import InvalidResource
-from emr.http import emr_routes
+from emr.http import ERROR_BODIES, emr_routes
 from pacs.settings import Settings
 from storage.errors import InvalidQuery, StorageUnavailable
 from tests import dimse_client as client
@@ -1405,7 +1405,7 @@ def test_last_updated_at_the_ends_of_the_calendar_is_answered(site, value):
 # ============================================================================ errors
 
 
-def _get_failing(path: str, failure: BaseException) -> httpx.Response:
+def _get_failing(path: str, failure: BaseException, method: str = "GET") -> httpx.Response:
     """GET ``path`` of the EMR routes, mounted as ``pacs.http`` mounts them (``ContainErrors``
     outermost), over a service whose patient and order reads fail with ``failure``."""
     def fail(*args, **kwargs):
@@ -1413,12 +1413,14 @@ def _get_failing(path: str, failure: BaseException) -> httpx.Response:
 
     orders = SimpleNamespace(patient=fail, list=fail)
     server = SimpleNamespace(emr=SimpleNamespace(orders=orders), settings=Settings())
-    app = Starlette(routes=emr_routes(server), middleware=[Middleware(ContainErrors)])
+    app = Starlette(routes=emr_routes(server),
+                    middleware=[Middleware(ContainErrors, bodies=ERROR_BODIES)],
+                    exception_handlers=error_handlers(ERROR_BODIES))
 
     async def get() -> httpx.Response:
         transport = httpx.ASGITransport(app=app)  # raises what escapes the app
         async with httpx.AsyncClient(transport=transport, base_url="http://pacs") as http:
-            return await http.get(path)
+            return await http.request(method, path)
 
     return asyncio.run(get())
 
@@ -1438,6 +1440,20 @@ def test_an_archive_error_on_a_fhir_route_is_an_operation_outcome_with_its_statu
     assert answer.json()["issue"][0]["code"] == code
 
 
+@pytest.mark.parametrize(("method", "path", "status", "code"), [
+    ("GET", "/fhir/Procedure", 404, "not-found"),
+    ("DELETE", "/fhir/Patient/1", 405, "not-supported"),
+])
+def test_an_unknown_fhir_path_or_method_is_an_operation_outcome(method, path, status, code):
+    answer = _get_failing(path, AssertionError("not reached"), method)
+
+    assert answer.status_code == status
+    assert answer.json()["resourceType"] == "OperationOutcome"
+    assert answer.json()["issue"][0]["code"] == code
+    if status == 405:
+        assert "GET" in answer.headers["allow"]
+
+
 @pytest.mark.parametrize("path", ["/fhir/Patient/1", "/api/orders"])
 def test_an_unexpected_failure_on_an_emr_route_is_one_500_logged_without_its_text(
         caplog, path):
@@ -1447,6 +1463,10 @@ def test_an_unexpected_failure_on_an_emr_route_is_one_500_logged_without_its_tex
 
     assert answer.status_code == 500
     assert "Nguyễn" not in answer.text and "see the server log" in answer.text
+    fhir = path.startswith("/fhir/")
+    assert (answer.json().get("resourceType") == "OperationOutcome") is fhir
+    assert answer.headers["content-type"].startswith(
+        "application/fhir+json" if fhir else "application/json")
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1, [r.getMessage() for r in errors]
     assert "RuntimeError" in errors[0].getMessage()
