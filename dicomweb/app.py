@@ -97,7 +97,7 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
     # ------------------------------------------------------------------ QIDO-RS
 
     async def search(request: Request, level: Level, scope: dict[str, str]) -> Response:
-        accept = parse_accept(request.headers.get("accept"))
+        accept = parse_accept(_accept(request))
         if not wants_json(accept):
             raise NotAcceptable(f"search results are available as {DICOM_JSON}")
         parsed = qido.parse_qido(level, request.query_params.multi_items(), scope=scope,
@@ -138,7 +138,7 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
 
     async def retrieve(request: Request) -> Response:
         target = _target(request)
-        media = wado.choose_instance_media(parse_accept(request.headers.get("accept")),
+        media = wado.choose_instance_media(parse_accept(_accept(request)),
                                            target.level)
         syntax = media.syntax
         rows = await run_in_threadpool(wado.instance_rows, archive, target)
@@ -154,7 +154,7 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
                           None if syntax == "*" else syntax)
 
     async def metadata(request: Request) -> Response:
-        accept = parse_accept(request.headers.get("accept"))
+        accept = parse_accept(_accept(request))
         if not wants_json(accept):
             raise NotAcceptable(f"metadata is available as {DICOM_JSON}")
         target = _target(request)
@@ -174,7 +174,7 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
             raise HTTPException(400, f"frames: {exc}") from None
         rows = await run_in_threadpool(wado.instance_rows, archive, target)
         row = rows[0]
-        media, syntax = wado.choose_frame_syntax(parse_accept(request.headers.get("accept")),
+        media, syntax = wado.choose_frame_syntax(parse_accept(_accept(request)),
                                                  row["_transfer_syntax_uid"])
         data = await run_in_threadpool(wado.frame_bytes, archive, row, numbers, syntax)
         part_type = f"{media}; transfer-syntax={syntax}"
@@ -188,7 +188,7 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
                                        with_header=True)
         data = await run_in_threadpool(wado.bulk_bytes, archive, rows[0],
                                        request.path_params["spec"])
-        accept = parse_accept(request.headers.get("accept"))
+        accept = parse_accept(_accept(request))
         if any(a.is_multipart for a in accept) and not any(
                 a.matches("application/octet-stream") for a in accept):
             return _multipart(iter([Part("application/octet-stream", [data])]),
@@ -404,14 +404,19 @@ def _wado_uri_render_params(params) -> dict[str, str]:
     return out
 
 
+def _accept(request: Request) -> str | None:
+    """What the request accepts: the ``accept`` query parameter, which wins over the header
+    (PS3.18 8.3.3.1: a link or an ``<img>`` cannot set headers), else the Accept header."""
+    return request.query_params.get("accept") or request.headers.get("accept")
+
+
 def _rendered_type(request: Request) -> tuple[str, bool]:
     """(image media type, whether a multipart answer was asked for) for /rendered requests.
 
     The ``accept`` query parameter (PS3.18 8.3.3.1) wins over the header, so a plain
     ``<img src=...>`` can choose PNG; a browser's ``image/avif,image/webp,*/*`` gets JPEG.
     """
-    wanted = request.query_params.get("accept") or request.headers.get("accept")
-    for entry in parse_accept(wanted):
+    for entry in parse_accept(_accept(request)):
         inner = entry.part_type if entry.is_multipart else entry.media_type
         for media_type in render.RENDERED_TYPES:
             if inner == media_type:

@@ -94,6 +94,8 @@ def parse_qido(level: Level, params: Iterable[tuple[str, str]], *, scope: dict[s
                         extra.add(tag)
         elif lowered in ("orderby", "_", "callback"):
             continue  # cache busters and the like: ignored
+        elif lowered == "accept":
+            continue  # the media type asked for (PS3.18 8.3.3.1), negotiated by the app
         else:
             keyword, tag = _attribute(name, name)
             if value == "":

@@ -716,6 +716,25 @@ def test_instance_asked_as_application_dicom_is_one_part10_file(http, study):
     assert _first_part(multipart) == response.content
 
 
+def test_the_accept_query_parameter_wins_over_the_header(http, study):
+    """PS3.18 8.3.3.1: a link (a download button, an <img>) cannot set Accept."""
+    spec, ct = study["spec"], study["ct"][0]
+    url = f"/studies/{spec.study_uid}/series/{ct.SeriesInstanceUID}/instances/{ct.SOPInstanceUID}"
+    browser = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+
+    file = http.get(url, params={"accept": "application/dicom"}, headers=browser)
+    assert file.headers["content-type"].startswith("application/dicom;")
+    assert pydicom.dcmread(io.BytesIO(file.content)).SOPInstanceUID == ct.SOPInstanceUID
+    found = http.get("/studies", params={"StudyInstanceUID": spec.study_uid,
+                                         "accept": "application/dicom+json"}, headers=browser)
+    assert found.status_code == 200 and len(found.json()) == 1
+    refused = http.get("/studies", params={"accept": "application/xml"})
+    assert refused.status_code == 406
+    metadata = http.get(f"/studies/{spec.study_uid}/metadata",
+                        params={"accept": "image/png"})
+    assert metadata.status_code == 406
+
+
 def test_single_part_instance_honours_transfer_syntax_like_multipart(client, http):
     original = pydicom.dcmread(io.BytesIO(part10(dataset(Spec(rows=16, columns=16)))))
     original.compress(pydicom.uid.RLELossless)
