@@ -347,10 +347,14 @@ class Archive:
         # The blob's write must be durable before the rows commit. When another writer holds
         # the index, wait for it before queueing (a writer holds the index until it commits).
         with self.index.write(when_busy=blob.exception if blob is not None else None) as cursor:
+            # The copy replaced is counted out, but its parents stay until the new one is in:
+            # in the same study (the usual case), the study keeps its patient (the EMR's,
+            # perhaps) and the new copy is checked against it.
+            replaced = None
             if replace:
                 old = cursor.execute(_SQL_INSTANCE_PK, (parsed.sop_instance_uid,)).fetchone()
                 if old is not None:
-                    self._delete_instance_rows(cursor, old[0], stamp)
+                    replaced = self._remove_instance_row(cursor, old[0], stamp)
             cached = (self._series_cache.get(parsed.series_instance_uid)
                       if use_cache and not replace else None)
             identity = (rows.patient["patient_id"], rows.patient["issuer_of_patient_id"])
@@ -366,6 +370,8 @@ class Archive:
                     row = cursor.execute(_SQL_STUDY_IDENTITIES, (study_pk,)).fetchone()
                     study_identities = ((row[0] or "", row[1] or ""), (row[2] or "", row[3] or ""))
             if not _same_patient(identity, study_identities):
+                if cached is not None:  # the study may have moved since: ask the database
+                    raise _StaleParents(parsed.series_instance_uid)
                 self._patient_conflict(parsed)
             pending = blob
             if pending is not None and not self.index.is_sqlite:
@@ -387,6 +393,8 @@ class Archive:
                 rows.instance["sha256"] = pending.result()  # StorageUnavailable rolls back
             values = {**rows.instance, "series_pk": series_pk, "stored_at": stamp}
             cursor.execute(_insert_sql(instances, tuple(values)), tuple(values.values()))
+            if replaced is not None:  # the new copy went elsewhere: the old parents may be empty
+                self._drop_empty_parents(cursor, *replaced, stamp)
         with self._cache_lock:
             if len(self._series_cache) > 10_000:
                 self._series_cache.clear()
@@ -550,29 +558,43 @@ class Archive:
 
     def _delete_instance_rows(self, cursor: RawCursor, instance_pk: int, stamp: Any) -> None:
         """Remove one instance row, fix the counters, and drop parents left empty."""
-        series_pk, study_pk, patient_pk = cursor.execute(
-            _SQL_INSTANCE_PARENTS, (instance_pk,)).fetchone()
+        self._drop_empty_parents(cursor, *self._remove_instance_row(cursor, instance_pk, stamp),
+                                 stamp)
+
+    @staticmethod
+    def _remove_instance_row(cursor: RawCursor, instance_pk: int, stamp: Any
+                             ) -> tuple[int, int, int]:
+        """Remove one instance row and count it out of its series, study and patient, which
+        stay even if empty; their keys."""
+        parents = cursor.execute(_SQL_INSTANCE_PARENTS, (instance_pk,)).fetchone()
         cursor.execute("DELETE FROM instances WHERE pk = ?", (instance_pk,))
-        left = cursor.execute(
-            "UPDATE series SET num_instances = num_instances - 1, updated_at = ?"
-            " WHERE pk = ? RETURNING num_instances", (stamp, series_pk)).fetchone()[0]
-        series_gone = left <= 0
+        for table, pk in zip(("series", "studies", "patients"), parents, strict=True):
+            cursor.execute(f"UPDATE {table} SET num_instances = num_instances - 1,"
+                           " updated_at = ? WHERE pk = ?", (stamp, pk))
+        return parents
+
+    def _drop_empty_parents(self, cursor: RawCursor, series_pk: int, study_pk: int,
+                            patient_pk: int, stamp: Any) -> None:
+        """Delete the series, study and patient left without instances, fixing the counters
+        of those that stay."""
+        left = cursor.execute("SELECT num_instances FROM series WHERE pk = ?",
+                              (series_pk,)).fetchone()
+        series_gone = left is not None and left[0] <= 0
         if series_gone:
             cursor.execute("DELETE FROM series WHERE pk = ?", (series_pk,))
         study_series = cursor.execute(
-            "UPDATE studies SET num_instances = num_instances - 1, num_series = num_series - ?,"
-            " updated_at = ? WHERE pk = ? RETURNING num_series",
-            (int(series_gone), stamp, study_pk)).fetchone()[0]
-        study_gone = study_series <= 0
+            "UPDATE studies SET num_series = num_series - ?, updated_at = ? WHERE pk = ?"
+            " RETURNING num_series", (int(series_gone), stamp, study_pk)).fetchone()
+        study_gone = study_series is not None and study_series[0] <= 0
         if study_gone:
             cursor.execute("DELETE FROM studies WHERE pk = ?", (study_pk,))
         elif series_gone:
             self._refresh_modalities(cursor, study_pk)
         patient_studies = cursor.execute(
-            "UPDATE patients SET num_instances = num_instances - 1, num_series = num_series - ?,"
-            " num_studies = num_studies - ?, updated_at = ? WHERE pk = ? RETURNING num_studies",
-            (int(series_gone), int(study_gone), stamp, patient_pk)).fetchone()[0]
-        if patient_studies <= 0:
+            "UPDATE patients SET num_series = num_series - ?, num_studies = num_studies - ?,"
+            " updated_at = ? WHERE pk = ? RETURNING num_studies",
+            (int(series_gone), int(study_gone), stamp, patient_pk)).fetchone()
+        if patient_studies is not None and patient_studies[0] <= 0:
             cursor.execute("DELETE FROM patients WHERE pk = ?", (patient_pk,))
 
     # ------------------------------------------------------------------ upkeep

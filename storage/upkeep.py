@@ -30,6 +30,9 @@ class ReconcileReport:
     reindexed: int = 0
     superseded: list[str] = dataclasses.field(default_factory=list)  # UID indexed elsewhere
     unreadable: dict[str, str] = dataclasses.field(default_factory=dict)  # key -> reason
+    # Readable but refused by the ingest rules (a Patient ID its study does not have): key ->
+    # reason. Left as they are, for a person to look at.
+    refused: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -80,11 +83,16 @@ def reconcile(archive: Archive) -> ReconcileReport:
         if archive.find_location(parsed.sop_instance_uid) is not None:
             report.superseded.append(key)  # a replace or a race that lost; the row is elsewhere
             continue
-        archive.index_stored_blob(key, parsed)
+        try:
+            archive.index_stored_blob(key, parsed)
+        except InvalidInstance as exc:  # one blob the rules refuse must not stop the others
+            report.refused[key] = str(exc)
+            continue
         report.reindexed += 1
-    if report.reindexed or report.superseded or report.unreadable:
-        log.warning("reconciliation: %d blob(s) re-indexed, %d superseded, %d unreadable",
-                    report.reindexed, len(report.superseded), len(report.unreadable))
+    if report.reindexed or report.superseded or report.unreadable or report.refused:
+        log.warning("reconciliation: %d blob(s) re-indexed, %d superseded, %d unreadable, "
+                    "%d refused", report.reindexed, len(report.superseded),
+                    len(report.unreadable), len(report.refused))
     return report
 
 

@@ -174,6 +174,46 @@ def test_a_study_the_emr_moved_takes_instances_with_the_id_it_arrived_with(archi
     assert _patients(archive) == [("BN0042", 4)]
 
 
+def test_a_study_moved_by_another_process_is_not_refused_from_memory(backend):
+    """A DICOM worker process remembers the study's patient for each series; the EMR's move
+    happens in the main process. What the worker remembers must not refuse the images that
+    now belong, and must not take those that no longer do."""
+    worker, main = backend.open(), backend.open()
+    try:
+        spec = Spec(patient_id="UNKNOWN-8", patient_name="UNKNOWN^PATIENT")
+        worker.store(instance(spec))  # the worker now remembers the series' parents
+        reassign_study(main, spec.study_uid, Demographics("BN0043", name="Vũ^Văn Hải"))
+        series = dict(study_uid=spec.study_uid, series_uid=spec.series_uid)
+        for patient_id in ("BN0043", "UNKNOWN-8"):
+            worker.store(instance(**series, patient_id=patient_id))
+        with pytest.raises(PatientConflict):
+            worker.store(instance(**series, patient_id="BN0099"))
+        assert _patients(main) == [("BN0043", 3)]
+    finally:
+        worker.close()
+        main.close()
+
+
+def test_replacing_a_studys_only_instance_keeps_its_patient_and_the_check(backend):
+    archive = backend.open(duplicate_policy="replace")
+    try:
+        spec = Spec(patient_id="UNKNOWN-9")
+        archive.store(instance(spec))
+        with pytest.raises(PatientConflict):  # the only instance, re-sent as another patient
+            archive.store(instance(Spec(**{**spec.__dict__, "patient_id": "BN-KHAC"})))
+        reassign_study(archive, spec.study_uid, Demographics("BN0044"))
+        assert archive.store(instance(spec)).outcome is StoreOutcome.REPLACED  # sent again
+        assert _patients(archive) == [("BN0044", 1)]  # the EMR's move stands
+        moved = Spec(**{**spec.__dict__, "series_uid": Spec().series_uid})
+        archive.store(instance(moved))  # the same instance, now in another series
+        study = _study(archive, spec.study_uid)
+        assert (study["NumberOfStudyRelatedInstances"], study["NumberOfStudyRelatedSeries"]) \
+            == (1, 1)
+        assert _patients(archive) == [("BN0044", 1)]
+    finally:
+        archive.close()
+
+
 def test_invalid_instance_writes_nothing(archive):
     with pytest.raises(InvalidInstance):
         archive.store(b"not dicom at all, just text" * 10)
@@ -192,6 +232,19 @@ def test_reconcile_indexes_blobs_left_without_rows(archive):
     assert list(report.unreadable) == ["9.9/9.9/9.9.dcm"]
     assert archive.read(archive.location(spec.sop_uid)) == parsed.data
     assert archive.reconcile().reindexed == 0  # idempotent
+
+
+def test_reconcile_goes_on_past_a_blob_the_rules_refuse(archive):
+    spec = Spec()
+    archive.store(instance(spec))
+    intruder, other = Spec(study_uid=spec.study_uid, patient_id="BN-KHAC"), Spec()
+    for orphan in (intruder, other):
+        archive.blobs.put(f"{orphan.study_uid}/{orphan.series_uid}/{orphan.sop_uid}.dcm",
+                          parse_instance(instance(orphan)).data)
+    report = archive.reconcile()
+    assert report.reindexed == 1 and archive.location(other.sop_uid) is not None
+    assert "differs from the study's patient" in report.refused[
+        f"{intruder.study_uid}/{intruder.series_uid}/{intruder.sop_uid}.dcm"]
 
 
 def test_check_finds_missing_corrupt_and_orphan_blobs(archive):
