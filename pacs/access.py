@@ -281,7 +281,10 @@ class AccessPolicy:
         the address is still a trusted proxy's and the request was forwarded, uvicorn kept the
         proxy's address for an entry it could not use, and this works the client out again:
         otherwise a loopback proxy would turn ``X-Forwarded-For: garbage, ,,`` into staff."""
-        address = (scope.get("client") or ("", 0))[0]
+        peer = (scope.get("client") or ("", 0))[0]
+        # uvicorn passes a forwarded address as it was written (2001:DB8::7, ::ffff:...):
+        # one spelling for each address, for comparisons and the access log.
+        address = _forwarded_host(peer) or peer
         if address not in self.trusted_proxies:
             return address
         named = self._forwarded_client(scope)
@@ -310,8 +313,8 @@ class AccessPolicy:
         header): its own address, often inside the hospital, must not make everyone it
         forwards staff. uvicorn has replaced a trusted proxy's address by the client's, which
         is then the one ``X-Forwarded-For`` names; here it names another."""
-        if address in self.trusted_proxies:
-            return False
+        if address in self.trusted_proxies or _forwarded_host(address) is None:
+            return False  # a proxy we trust, or not an address at all (no staff rights anyway)
         named = self._forwarded_client(scope)
         if named is None or named == address:
             return False
@@ -373,9 +376,13 @@ def _forwarded_host(entry: str) -> str | None:
     """The IP address of one ``X-Forwarded-For`` entry (``a.b.c.d``, ``a.b.c.d:port``,
     ``::1``, ``[::1]:port``), None when it is not one."""
     if entry.startswith("["):
-        entry = entry[1:].partition("]")[0]
+        entry, closed, port = entry[1:].partition("]")
+        if not closed or (port and not (port[:1] == ":" and port[1:].isdigit())):
+            return None
     elif entry.count(":") == 1:
-        entry = entry.partition(":")[0]
+        entry, _, port = entry.partition(":")
+        if not port.isdigit():
+            return None
     try:
         return str(ipaddress.ip_address(entry))
     except ValueError:

@@ -107,7 +107,7 @@ class PacsServer:
         config = uvicorn.Config(build_app(self), host=self.settings.http_host,
                                 port=self.settings.http_port, log_level="warning",
                                 access_log=False, lifespan="off", proxy_headers=True,
-                                forwarded_allow_ips=list(self.settings.trusted_proxies))
+                                forwarded_allow_ips=self.settings.trusted_proxy_networks())
         http = _HttpServer(config)
         log.info("HTTP listening on http://%s:%d", self.settings.http_host,
                  self.settings.http_port)

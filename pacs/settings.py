@@ -178,6 +178,11 @@ class Settings:
             return self.dicom_workers
         return max(1, min(4, len(os.sched_getaffinity(0))))
 
+    def trusted_proxy_networks(self) -> list[str]:
+        """``trusted_proxies`` as networks in their one spelling (10.0.0.5/24 is 10.0.0.0/24),
+        which is how uvicorn needs them: it reads a network with host bits as no network."""
+        return [str(ipaddress.ip_network(proxy, strict=False)) for proxy in self.trusted_proxies]
+
     def database_connection_shares(self) -> tuple[int, int]:
         """(main process, each DICOM worker process): how ``database_connections`` is split.
         Each process gets at least ``MIN_PROCESS_CONNECTIONS``."""

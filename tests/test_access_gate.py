@@ -617,6 +617,25 @@ def test_a_proxy_missing_from_trusted_proxies_makes_nobody_staff(start_server):
     assert server.log().count("is not in trusted_proxies") == 1
 
 
+def test_a_proxy_given_as_a_network_and_ipv6_clients_behind_it(start_server):
+    # A network written with host bits (127.0.0.5/8) was no network at all to uvicorn, which
+    # then ignored X-Forwarded-Proto; an IPv6 client spelled in capitals behind a trusted
+    # proxy was taken for a stranger forwarding requests.
+    server = start_server(PACS_TRUSTED_PROXIES="127.0.0.5/8",
+                          PACS_STAFF_NETWORKS="2001:db8:1::/64")
+    spec = Spec(patient_id="BN-V6")
+    assert stow(server.http, [instance(spec)], headers={
+        "X-Forwarded-For": "2001:db8:1::7"}).status_code == 200
+    for client in ("2001:DB8:1::7", "2001:db8:1:0:0:0:0:7", "[2001:db8:1::7]:51234"):
+        found = httpx.get(server.http + "/dicomweb/studies", params={"PatientID": "BN-V6"},
+                          headers={"X-Forwarded-For": client, "X-Forwarded-Proto": "https"})
+        assert found.status_code == 200, client
+        assert found.json()[0]["00081190"]["Value"][0].startswith("https://"), client
+    assert "not in trusted_proxies" not in server.log()
+    assert httpx.get(server.http + "/dicomweb/studies", headers={
+        "X-Forwarded-For": "2001:db8:2::7"}).status_code == 401  # outside the staff network
+
+
 def test_an_unparseable_forwarded_address_gets_none_of_the_proxys_rights(start_server):
     # Loopback is both staff and a trusted proxy by default (the proxy on the same host). A
     # forwarded address that is not one must make the client unknown, not the proxy itself.
