@@ -223,6 +223,17 @@ class OrderStore:
             raise NotFound(f"no patient {pk}")
         return _patient_info(row)
 
+    def surviving_patient(self, patient: PatientInfo) -> PatientInfo:
+        """The record ``patient`` was merged into (ADT^A40), through successive merges, as
+        stored; ``patient`` itself when it was never merged away."""
+        with self.index.read() as conn:
+            pk = _find_patient(conn, patient.patient_id, patient.issuer)
+            survivor = _surviving(conn, pk) if pk is not None else None
+            if survivor is None or survivor == pk:
+                return patient
+            return _patient_info(conn.execute(sa.select(emr_patients).where(
+                emr_patients.c.pk == survivor)).one())
+
     def merged_into(self, pk: int) -> int | None:
         """The patient a merged-away record now belongs to (None if it was not merged)."""
         with self.index.read() as conn:

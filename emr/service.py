@@ -97,9 +97,11 @@ class EmrService:
             raise UnknownPatient("the prior patient is neither in the EMR's records nor in the "
                                  "archive; nothing was merged")
         self.orders.merge_patient(merge.prior_patient_id, merge.prior_issuer, merge.patient)
-        moved = merge_patient(self.archive, merge.prior_patient_id, merge.prior_issuer,
-                              demographics(merge.patient))
-        correct_patient(self.archive, demographics(merge.patient))
+        # A survivor the HIS names that was itself merged away: the images go where its
+        # orders went, to the record it became part of.
+        survivor = demographics(self.orders.surviving_patient(merge.patient))
+        moved = merge_patient(self.archive, merge.prior_patient_id, merge.prior_issuer, survivor)
+        correct_patient(self.archive, survivor)
         return moved
 
     def knows_patient(self, patient_id: str, issuer: str = "") -> bool:

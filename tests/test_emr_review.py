@@ -460,6 +460,21 @@ def test_an_order_for_a_merged_away_patient_goes_to_the_surviving_one(site):
     assert (item.PatientID, str(item.PatientName)) == (surviving, "Lâm^Văn Mới")
 
 
+def test_a40_into_a_patient_merged_away_puts_the_images_with_the_final_survivor(site):
+    # A HIS still naming as survivor a record it merged away before: the orders went to the
+    # final survivor, the images to the retired ID.
+    a, c, d = unique("BNA"), unique("BNC"), unique("BND")
+    for patient, name in ((a, "Phan^Văn A"), (c, "Phan^Văn C")):
+        assert ack_code(send_hl7(site.server, adt("A08", patient, name))) == "AA"
+    assert ack_code(send_hl7(site.server, adt("A40", c, "Phan^Văn C", prior=a))) == "AA"
+    spec = Spec(patient_id=d, patient_name="Phan^Văn D", accession="")
+    stow_study(site, spec, 1)
+
+    assert ack_code(send_hl7(site.server, adt("A40", a, "Phan^Văn A", prior=d))) == "AA"
+
+    assert qido_patient_id(site, spec.study_uid) == c
+
+
 def test_a40_sent_again_is_answered_aa_again(site, tmp_path, dcmtk_env):
     # A HIS whose ACK was lost sends the merge again. The prior patient here is known only
     # from the images (the HIS never sent it): after the first merge nothing of it is left in
