@@ -372,6 +372,28 @@ class _TrustedProxies:
         return any(ip in network for network in self.networks)
 
 
+_DOTTED_UID = re.compile(r"[0-9]+(\.[0-9]+)+")
+
+
+def _route_words(app: object) -> frozenset[str]:
+    """The fixed segments of ``app``'s route paths (``dicomweb``, ``studies``, ``fhir``...)."""
+    words: set[str] = set()
+    routes = list(getattr(app, "routes", []))
+    while routes:
+        route = routes.pop()
+        words.update(part for part in getattr(route, "path", "").split("/")
+                     if part and "{" not in part)
+        routes.extend(getattr(route, "routes", None) or [])  # a Mount's own routes
+    return frozenset(words)
+
+
+def _loggable_path(path: str, words: frozenset[str]) -> str:
+    """``path`` for the log before any route has read it: the words of routes and UIDs kept,
+    anything else (an accession number, a patient ID, a share token) replaced by ``…``."""
+    return "/".join(part if not part or part in words or _DOTTED_UID.fullmatch(part) else "…"
+                    for part in path.split("/"))
+
+
 def _forwarded_host(entry: str) -> str | None:
     """The IP address of one ``X-Forwarded-For`` entry (``a.b.c.d``, ``a.b.c.d:port``,
     ``::1``, ``[::1]:port``), None when it is not one."""
@@ -400,6 +422,7 @@ class AccessGate:
         self.policy = policy
         self.allowed_origins = {o.rstrip("/").lower()
                                 for o in policy.settings.cors_allowed_origins}
+        self._route_words: frozenset[str] | None = None  # known at the first request
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -418,7 +441,10 @@ class AccessGate:
             decision = decide(principal, method, path, query)
         if not decision.allowed:
             if principal is not None and principal.role is Role.SHARE:
-                log.warning("share %d refused: %s %s", principal.share.id, method, path)
+                if self._route_words is None:
+                    self._route_words = _route_words(scope.get("app"))
+                log.warning("share %d refused: %s %s", principal.share.id, method,
+                            _loggable_path(path, self._route_words))
             await _denied(scope, decision)(scope, receive, send)
             return
         scope[SCOPE_KEY] = principal

@@ -583,7 +583,15 @@ def test_every_share_request_is_logged_with_the_proxied_address(site):
     httpx.get(f"{site.http}/s/{made['token']}", headers={"X-Forwarded-For": "203.0.113.77"})
     refused = site.get(f"/dicomweb/studies/{site.b.study_uid}/metadata", site.grant)
     assert refused.status_code == 403
-    assert f"share {site.share_id} refused" in site.server.log()
+    assert f"share {site.share_id} refused: GET /dicomweb/studies/{site.b.study_uid}/metadata" \
+        in site.server.log()
+    # Paths naming a patient or an order are logged without the name (no route has read them
+    # yet, so the gate cannot know which segment is which).
+    for path in (f"/fhir/Patient/{A_PATIENT_ID}", "/api/orders/ACC-A", "/accession/ACC-A"):
+        assert site.get(path, site.grant).status_code == 403
+    log = site.server.log()
+    assert A_PATIENT_ID not in log and "ACC-A" not in log
+    assert f"share {site.share_id} refused: GET /fhir/Patient/…" in log
     shown = httpx.get(f"{site.http}/api/shares/{made['id']}", headers=STAFF).json()
     assert {a["address"] for a in shown["accesses"] if a["action"] == "open"} == \
         {"203.0.113.77"}
