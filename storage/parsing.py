@@ -233,23 +233,24 @@ def _inflate(compressed: memoryview) -> bytes:
     """The inflated data set, in steps so that a bomb is refused before it fills memory."""
     limit = MAX_INFLATED_BYTES
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    parts, size, pending = [], 0, compressed
+    # BytesIO, not a list joined at the end: its value is handed over without a copy, so the
+    # peak is the data set once, not twice.
+    out, pending = BytesIO(), compressed
     try:
         while not inflater.eof:
             part = inflater.decompress(pending, _INFLATE_STEP)
             if not part and not inflater.unconsumed_tail:
                 break  # all input used and nothing more to come: the stream stops short
-            size += len(part)
-            if size > limit:
+            if out.tell() + len(part) > limit:
                 raise InvalidInstance(f"the deflated data set inflates to more than "
                                       f"{limit // 1024**2} MiB, the most this server accepts")
-            parts.append(part)
+            out.write(part)
             pending = inflater.unconsumed_tail
     except zlib.error as exc:
         raise InvalidInstance(f"the deflated data set cannot be inflated: {exc}") from None
     if not inflater.eof:
         raise InvalidInstance("the deflated data set is truncated (its zlib stream does not end)")
-    return b"".join(parts)
+    return out.getvalue()
 
 
 def _read_elements(buffer: bytes, start: int, implicit: bool, little: bool
