@@ -153,6 +153,9 @@ _SQL_FIND_SERIES = "SELECT pk, study_pk FROM series WHERE series_instance_uid = 
 _SQL_FIND_STUDY = "SELECT pk, patient_pk FROM studies WHERE study_instance_uid = ?"
 _SQL_FIND_PATIENT = "SELECT pk FROM patients WHERE patient_id = ? AND issuer_of_patient_id = ?"
 _SQL_STUDY_PATIENT = "SELECT patient_pk FROM studies WHERE pk = ?"
+_SQL_FIRST_PATIENT_ID = ("UPDATE studies SET received_patient_id = ?,"
+                         " received_issuer_of_patient_id = ? WHERE pk = ?"
+                         " AND COALESCE(received_patient_id, '') = ''")
 _SQL_STUDY_IDENTITIES = ("SELECT patients.patient_id, patients.issuer_of_patient_id,"
                          " studies.received_patient_id, studies.received_issuer_of_patient_id"
                          " FROM studies JOIN patients ON studies.patient_pk = patients.pk"
@@ -373,6 +376,12 @@ class Archive:
                 if cached is not None:  # the study may have moved since: ask the database
                     raise _StaleParents(parsed.series_instance_uid)
                 self._patient_conflict(parsed)
+            if identity[0] and not any(i for i, _ in study_identities):
+                # The study's first Patient ID (its instances so far had none): from now on,
+                # the study's. A concurrent writer that gave it another first: check again.
+                if cursor.execute(_SQL_FIRST_PATIENT_ID, (*identity, study_pk)).rowcount != 1:
+                    raise _StaleParents(parsed.series_instance_uid)
+                study_identities = (*study_identities, identity)
             pending = blob
             if pending is not None and not self.index.is_sqlite:
                 # Before the counters: on PostgreSQL their row locks are held until commit and

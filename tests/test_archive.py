@@ -150,6 +150,20 @@ def test_an_instance_of_another_patient_is_refused_from_the_study(archive):
     assert _patients(archive) == [("BN0001", 3)]
 
 
+def test_a_study_begun_without_a_patient_id_takes_one_patient_only(archive):
+    spec = Spec(patient_id="")
+    archive.store(instance(spec))
+    archive.store(instance(study_uid=spec.study_uid, series_uid=spec.series_uid,
+                           patient_id="BN-REPA"))
+    for series_uid in (spec.series_uid, Spec().series_uid):
+        with pytest.raises(PatientConflict):
+            archive.store(instance(study_uid=spec.study_uid, series_uid=series_uid,
+                                   patient_id="BN-REPB"))
+    archive.store(instance(study_uid=spec.study_uid, patient_id="BN-REPA"))
+    archive.store(instance(study_uid=spec.study_uid, patient_id=""))
+    assert _study(archive, spec.study_uid)["NumberOfStudyRelatedInstances"] == 4
+
+
 def test_a_conflicting_patient_id_is_filed_under_the_study_when_configured(archive):
     archive.accept_conflicting_patient_id = True
     spec = Spec()
