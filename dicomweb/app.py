@@ -240,7 +240,9 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
         cache_key = (blob_key, frame, options)
         image = cache.get(cache_key)
         if image is None:
-            image = render.render_frame(wado.read_blob(archive, blob_key), frame, options)
+            data = wado.read_blob(archive, blob_key)
+            with wado.DECODE_SLOTS:
+                image = render.render_frame(data, frame, options)
             cache.put(cache_key, image)
         return image
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from io import BytesIO
@@ -36,6 +38,11 @@ from storage.query import Query, find, image_instances
 _BULK_URI = re.compile(r'"BulkDataURI":"bulk:(?:(\d+):(\d+)|path:([0-9A-Fa-f/]+))"')
 _BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW", "OW or OB"})
 _NATIVE = transcode.UNCOMPRESSED  # frames of these are the same native pixel bytes
+# Instances decoded whole at once (converted, rendered, frames found by pydicom, nested bulk
+# data): each is held in memory decoded, a deflated one inflated (up to 256 MiB, which pydicom
+# then copies), so a few requests at once could take gigabytes. On more, requests wait; the
+# work is CPU-bound, so more at once than cores would not be faster anyway.
+DECODE_SLOTS = threading.BoundedSemaphore(max(2, len(os.sched_getaffinity(0))))
 # Instances up to this size are read whole, a few ahead of the one being sent; bigger ones are
 # streamed in chunks (bounded memory whatever the instance).
 READ_AHEAD_LIMIT = 16 * 1024 * 1024
@@ -191,7 +198,9 @@ def instance_parts(archive: Archive, rows: list[dict[str, Any]], syntax: str
             yield Part(f"application/dicom; transfer-syntax={stored}", chunks,
                        {"Content-Length": str(row["_size"])})
             continue
-        data = transcode.transcode(read_blob(archive, row["_blob_key"]), syntax)
+        data = read_blob(archive, row["_blob_key"])
+        with DECODE_SLOTS:
+            data = transcode.transcode(data, syntax)
         yield Part(f"application/dicom; transfer-syntax={syntax}", [data],
                    {"Content-Length": str(len(data))})
 
@@ -299,9 +308,10 @@ def frame_bytes(archive: Archive, row: dict[str, Any], numbers: list[int],
     if same and ranges is not None and len(ranges) >= count:
         return [_read_ranges(archive, row["_blob_key"], ranges[n - 1]) for n in numbers]
     data = read_blob(archive, row["_blob_key"])
-    if same:  # no usable offsets (e.g. deflated): let pydicom find the frames
-        return [_frame_from_dataset(data, n - 1) for n in numbers]
-    return [transcode.native_frame(data, n - 1) for n in numbers]
+    with DECODE_SLOTS:
+        if same:  # no usable offsets (e.g. deflated): let pydicom find the frames
+            return [_frame_from_dataset(data, n - 1) for n in numbers]
+        return [transcode.native_frame(data, n - 1) for n in numbers]
 
 
 def _read_ranges(archive: Archive, key: str, ranges: list[int]) -> bytes:
@@ -341,7 +351,9 @@ def bulk_bytes(archive: Archive, row: dict[str, Any], spec: str) -> bytes:
     match = re.fullmatch(r"path/([0-9A-Fa-f]{8}(?:/\d+/[0-9A-Fa-f]{8})*)", spec)
     if not match:
         raise NotFound(f"no bulk data {spec!r}")
-    ds: Any = pydicom.dcmread(BytesIO(read_blob(archive, row["_blob_key"])))
+    data = read_blob(archive, row["_blob_key"])
+    with DECODE_SLOTS:
+        ds: Any = pydicom.dcmread(BytesIO(data))
     steps = match.group(1).split("/")
     try:
         for position in range(0, len(steps) - 1, 2):

@@ -47,7 +47,7 @@ PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 # A deflated data set is refused when it inflates past this: a few kilobytes of zlib can
 # stand for gigabytes, which the parser (and later pydicom, to serve it) would hold in memory.
-MAX_INFLATED_BYTES = 512 * 1024**2
+MAX_INFLATED_BYTES = 256 * 1024**2
 _INFLATE_STEP = 16 * 1024**2
 _ITEM, _SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE0DD
 # VRs whose explicit-VR header has 2 reserved bytes and a 4-byte length.

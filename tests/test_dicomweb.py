@@ -21,6 +21,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
+from dicomweb import render, wado
 from dicomweb.app import ContainErrors, build_dicomweb
 from pacs.settings import Settings
 from storage.archive import open_archive
@@ -292,6 +293,50 @@ def test_searches_are_answered_while_many_uploads_are_being_stored(tmp_path):
     search, posts = asyncio.run(run())
     assert search.status_code == 200 and len(search.json()) == 1
     assert [post.status_code for post in posts] == [200] * uploads
+
+
+def test_instances_are_decoded_a_few_at_a_time(tmp_path, monkeypatch):
+    """A converted or rendered instance is held in memory decoded (a small deflated file can
+    inflate to hundreds of MB): requests beyond a few at once wait instead of adding up."""
+    archive = open_archive(f"sqlite:///{tmp_path / 'index.sqlite'}", str(tmp_path / "blobs"))
+    spec = Spec(patient_id="BN-DECODE")
+    archive.store(part10(dataset(spec)))
+    app = build_dicomweb(archive, Settings(data_dir=tmp_path))
+    busy, most, lock = 0, 0, threading.Lock()
+    real_transcode, real_render = wado.transcode.transcode, render.render_frame
+
+    def counted(work):
+        def run(*args, **kwargs):
+            nonlocal busy, most
+            with lock:
+                busy += 1
+                most = max(most, busy)
+            try:
+                time.sleep(0.2)
+                return work(*args, **kwargs)
+            finally:
+                with lock:
+                    busy -= 1
+        return run
+
+    monkeypatch.setattr(wado.transcode, "transcode", counted(real_transcode))
+    monkeypatch.setattr(render, "render_frame", counted(real_render))
+    base = f"/studies/{spec.study_uid}/series/{spec.series_uid}/instances/{spec.sop_uid}"
+
+    async def run() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://pacs",
+                                     timeout=60) as client:
+            asks = [client.get(base, headers={"Accept": f"{DICOM_PARTS}; transfer-syntax="
+                                                        "1.2.840.10008.1.2.5"})
+                    for _ in range(6)]
+            asks += [client.get(f"{base}/rendered", params={"window": f"{n},400"})
+                     for n in range(6)]
+            return await asyncio.gather(*asks)
+
+    answers = asyncio.run(run())
+    assert [a.status_code for a in answers] == [200] * 12
+    assert most == wado.DECODE_SLOTS._initial_value
 
 
 def test_stow_keeps_the_first_of_one_uid_and_answers_in_the_request_order(http):
