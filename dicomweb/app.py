@@ -138,11 +138,9 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
 
     async def retrieve(request: Request) -> Response:
         target = _target(request)
-        media = wado.choose_instance_media(parse_accept(_accept(request)),
-                                           target.level)
-        syntax = media.syntax
         rows = await run_in_threadpool(wado.instance_rows, archive, target)
-        wado.check_transcodable(rows, syntax)
+        media = wado.choose_instance_media(parse_accept(_accept(request)), target.level, rows)
+        syntax = media.syntax
         parts = wado.instance_parts(archive, rows, syntax)
         if media.single_part:  # 406 (a failed conversion) before any byte
             return _single_part(await run_in_threadpool(next, parts))

@@ -141,21 +141,34 @@ class InstanceMedia:
     single_part: bool
 
 
-def choose_instance_media(accept: list[Accepted], level: Level) -> InstanceMedia:
-    """The representation of the instances at ``level`` that ``accept`` prefers (PS3.18 10.4.4).
+def choose_instance_media(accept: list[Accepted], level: Level,
+                          rows: list[dict[str, Any]]) -> InstanceMedia:
+    """The representation of the instances ``rows`` (at ``level``) that ``accept`` prefers
+    and this server can produce (PS3.18 10.4.4, 8.7.3).
 
     ``multipart/related; type="application/dicom"`` is the default, for any level; a single
     part ``application/dicom`` is only for one instance, so for a study or series it is passed
-    over, and 406 if nothing else is acceptable (Table 10.4.4-1, note 3)."""
+    over, and 406 if nothing else is acceptable (Table 10.4.4-1, note 3). An entry in a
+    transfer syntax the instances cannot be converted to is passed over for the next one."""
     passed_over = False
+    unproducible: NotAcceptable | None = None
     for entry in accept:
         if entry.media_type in ("*/*", "*") or (
                 entry.is_multipart and entry.part_type in (None, DICOM, "*/*")):
-            return InstanceMedia(entry.transfer_syntax or EXPLICIT_LE, single_part=False)
-        if entry.media_type == DICOM:
-            if level is Level.INSTANCE:
-                return InstanceMedia(entry.transfer_syntax or EXPLICIT_LE, single_part=True)
-            passed_over = True
+            media = InstanceMedia(entry.transfer_syntax or EXPLICIT_LE, single_part=False)
+        elif entry.media_type == DICOM and level is Level.INSTANCE:
+            media = InstanceMedia(entry.transfer_syntax or EXPLICIT_LE, single_part=True)
+        else:
+            passed_over = passed_over or entry.media_type == DICOM
+            continue
+        try:
+            check_transcodable(rows, media.syntax)
+        except NotAcceptable as exc:
+            unproducible = unproducible or exc
+            continue
+        return media
+    if unproducible is not None:
+        raise unproducible
     if passed_over:
         raise NotAcceptable(
             f"application/dicom is one DICOM file, for an instance only; for a "

@@ -15,6 +15,9 @@ from tests.factory import Spec, instance
 
 DICOM_PARTS = 'multipart/related; type="application/dicom"'
 RLE = "1.2.840.10008.1.2.5"
+JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+# An uncompressed instance: convertible to RLE, not to lossy JPEG.
+ROWS = [{"SOPInstanceUID": "1.2.3", "_transfer_syntax_uid": "1.2.840.10008.1.2.1"}]
 
 
 @pytest.mark.parametrize(("accept", "level", "syntax", "single_part"), [
@@ -31,15 +34,29 @@ RLE = "1.2.840.10008.1.2.5"
     (None, Level.STUDY, "1.2.840.10008.1.2.1", False),
 ])
 def test_accept_chooses_single_part_only_for_an_instance(accept, level, syntax, single_part):
-    chosen = wado.choose_instance_media(parse_accept(accept), level)
+    chosen = wado.choose_instance_media(parse_accept(accept), level, ROWS)
     assert chosen == wado.InstanceMedia(syntax, single_part)
+
+
+@pytest.mark.parametrize(("accept", "syntax", "single_part"), [
+    (f"application/dicom; transfer-syntax={JPEG_BASELINE}, "
+     "application/dicom; transfer-syntax=*;q=0.5", "*", True),
+    (f"{DICOM_PARTS}; transfer-syntax={JPEG_BASELINE}, {DICOM_PARTS}; transfer-syntax={RLE};"
+     "q=0.3", RLE, False),
+])
+def test_an_entry_that_cannot_be_produced_gives_way_to_the_next(accept, syntax, single_part):
+    chosen = wado.choose_instance_media(parse_accept(accept), Level.INSTANCE, ROWS)
+    assert chosen == wado.InstanceMedia(syntax, single_part)
+    with pytest.raises(NotAcceptable, match="cannot be converted"):
+        wado.choose_instance_media(parse_accept(f"{DICOM_PARTS}; transfer-syntax="
+                                                f"{JPEG_BASELINE}"), Level.INSTANCE, ROWS)
 
 
 @pytest.mark.parametrize("level", [Level.STUDY, Level.SERIES])
 def test_only_single_part_for_a_study_or_series_is_not_acceptable(level):
     with pytest.raises(NotAcceptable, match=f'for a {level.name.lower()} ask for '
                                             'multipart/related; type="application/dicom"'):
-        wado.choose_instance_media(parse_accept("application/dicom;q=0.9"), level)
+        wado.choose_instance_media(parse_accept("application/dicom;q=0.9"), level, ROWS)
 
 
 @pytest.mark.parametrize("backend_name", ["sqlite-files", "sqlite-s3"])
