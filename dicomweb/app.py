@@ -605,9 +605,10 @@ class ContainErrors:
     once, and the connection stays open for the client's next request.
 
     Starlette's own last-resort handler answers too, but then re-raises, so the server logs
-    the traceback again and drops the connection; a client reusing it sees it reset. An
-    exception after the answer has started is re-raised: closing the connection is then the
-    only way to tell the client that the body is cut short.
+    the traceback again and drops the connection; a client reusing it sees it reset. After
+    the answer has started, closing the connection is the only way to tell the client that
+    the body is cut short: the exception is logged in one line and the answer left unfinished,
+    which the server then closes.
     """
 
     def __init__(self, app, bodies: ErrorBodies | None = None) -> None:
@@ -632,6 +633,16 @@ class ContainErrors:
                      scope.get("method"), loggable_path(scope))
         except Exception as exc:
             if started:
-                raise
+                # The answer is under way: all that is left is to cut it short, which the server
+                # does (closing the connection) when the app returns without finishing it. One
+                # line, where re-raising logged a traceback. (Starlette wraps an exception it
+                # has a handler for, but too late to use, in a RuntimeError.)
+                if isinstance(exc, RuntimeError) and exc.__cause__ is not None:
+                    exc = exc.__cause__
+                log.warning("HTTP %s %s cut short: %s at %s", scope.get("method"),
+                            loggable_path(scope), type(exc).__name__, _where(exc))
+                log.debug("HTTP %s %s cut short", scope.get("method"), scope.get("path"),
+                          exc_info=exc)
+                return
             response = await _error_response(Request(scope), exc, self.bodies)
             await response(scope, receive, send)

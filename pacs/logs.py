@@ -21,4 +21,7 @@ def configure_logging(level: str) -> None:
         # fpdf2 warns of characters its font lacks, quoting them: from a film sheet's header,
         # that can be most of a patient's name (CJK, Thai...).
         logging.getLogger("fpdf").setLevel(logging.ERROR)
+        # pydicom's codecs log a traceback at ERROR for each plugin that fails on corrupt pixel
+        # data, then raise; the server answers that failure itself (406, 422, a refusal).
+        logging.getLogger("pydicom.pixels").setLevel(logging.CRITICAL)
         logging.getLogger("openjpeg").setLevel(logging.WARNING)

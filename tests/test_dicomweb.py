@@ -25,7 +25,7 @@ from dicomweb import render, wado
 from dicomweb.app import ContainErrors, build_dicomweb
 from pacs.settings import Settings
 from storage.archive import open_archive
-from tests.conftest import PacsProcess
+from tests.conftest import PacsProcess, stow
 from tests.factory import Spec, dataset, part10
 
 STOW_LIMIT = 8 * 1024 * 1024
@@ -465,6 +465,24 @@ def test_an_unexpected_error_is_answered_and_logged_once_without_its_message(cap
     assert "/accession/{number}" in errors[0] and "/studies/1.2.3.4/x" in errors[1]
     ours = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("pacs"))
     assert "Nguyễn" not in ours and "ACC-2024-0077" not in ours
+
+
+def test_corrupt_pixel_data_is_refused_or_cut_short_without_tracebacks(server, http):
+    # pydicom logged a traceback per codec plugin, and the server one more for the cut stream.
+    ds = dataset(Spec(patient_id="BN-CORRUPT"))
+    ds.PixelData = pydicom.encaps.encapsulate([b"\x00" * 64])  # no valid RLE header
+    stored = part10(ds, pydicom.uid.RLELossless)
+    assert stow(server.http, [stored]).status_code == 200
+    series = f"/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+
+    one = http.get(f"{series}/instances/{ds.SOPInstanceUID}",
+                   headers={"Accept": "application/dicom"})
+    assert one.status_code == 406 and "cannot convert" in one.json()["message"]
+    with pytest.raises(httpx.RemoteProtocolError):  # the body stops short: the client knows
+        http.get(series)
+    assert http.get(f"{series}/metadata").status_code == 200  # the server goes on
+    log = server.log()
+    assert "Traceback" not in log and "cut short: NotTranscodable" in log
 
 
 def test_an_upload_that_stops_arriving_is_answered_408_and_closed(start_server):
