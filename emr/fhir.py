@@ -510,10 +510,11 @@ def _patient_reference(patient: PatientInfo, default_system: str) -> dict:
     return reference
 
 
-def searchset(entries: list[dict], *, self_url: str, total: int | None = None,
+def searchset(entries: list[dict], *, self_url: str, total: int | None,
               base_url: str, next_url: str | None = None) -> dict:
     """A searchset Bundle of ``entries`` (resources with ids), each with its fullUrl; a
-    ``next`` link when there are more pages."""
+    ``next`` link when there are more pages. ``total``: the matches on all pages, None when
+    not known (left out: Bundle.total is optional)."""
     base = base_url.rstrip("/")
     links = [{"relation": "self", "url": self_url}]
     if next_url:
@@ -521,7 +522,7 @@ def searchset(entries: list[dict], *, self_url: str, total: int | None = None,
     data = {
         "resourceType": "Bundle",
         "type": "searchset",
-        "total": len(entries) if total is None else total,
+        **({"total": total} if total is not None else {}),
         "link": links,
         "entry": [{
             "fullUrl": f"{base}/{resource['resourceType']}/{resource['id']}",

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from dicomweb.media import parse_accept
-from dicomweb.multipart import parse_content_type
+from dicomweb.multipart import parse_content_type, split_outside_quotes
 from emr.fhir import FhirError
 
 FHIR_JSON = "application/fhir+json"
@@ -24,7 +23,11 @@ _ONLY_JSON = f"this server reads and writes FHIR JSON only ({FHIR_JSON})"
 def check_response_format(formats: Iterable[str], accept: str | None) -> None:
     """``FhirError`` 406 unless the request accepts FHIR JSON: every ``_format`` given names
     JSON, or (without ``_format``, which overrides Accept) the Accept header allows it. A
-    blank ``_format`` is no ``_format``; no Accept header is ``*/*``."""
+    blank ``_format`` is no ``_format``; no Accept header is ``*/*``.
+
+    The Accept header allows FHIR JSON when the most specific range matching one of its names
+    weighs it above 0 (RFC 9110 12.5.1: ``application/fhir+json;q=0, */*`` refuses it), unless
+    a range names ``application/fhir+json``, the type of every answer, with q=0."""
     formats = [value for value in formats if value.strip()]
     if formats:
         refused = [value for value in formats if _format_media_type(value) not in _JSON_FORMATS]
@@ -32,8 +35,12 @@ def check_response_format(formats: Iterable[str], accept: str | None) -> None:
             raise FhirError(406, "not-supported", f"{_ONLY_JSON}; _format={refused[0][:64]} "
                             "cannot be answered (use _format=json)", "_format")
         return
-    if not any(entry.matches(media_type) for entry in parse_accept(accept)
-               for media_type in JSON_MEDIA_TYPES):
+    ranges = _media_ranges(accept)
+    answered, specific = _quality(ranges, FHIR_JSON)
+    if specific and not answered > 0:  # the type of every answer, refused by its own name
+        raise FhirError(406, "not-supported", f"{_ONLY_JSON}; the Accept header refuses "
+                        f"{FHIR_JSON} (q=0)")
+    if not any(_quality(ranges, media_type)[0] > 0 for media_type in JSON_MEDIA_TYPES):
         raise FhirError(406, "not-supported", f"{_ONLY_JSON}; the Accept header allows none "
                         f"of {', '.join(JSON_MEDIA_TYPES)}")
 
@@ -47,6 +54,38 @@ def check_body_format(content_type: str | None) -> None:
     if media_type not in JSON_MEDIA_TYPES:
         raise FhirError(415, "not-supported", f"{_ONLY_JSON}; a body of type "
                         f"{media_type[:64]} cannot be read (send Content-Type: {FHIR_JSON})")
+
+
+def _media_ranges(accept: str | None) -> list[tuple[str, float]]:
+    """The media ranges of an Accept header with their weights, q=0 included (no header is
+    ``*/*``; an unreadable weight counts as 1, as ``dicomweb.media.parse_accept`` reads it).
+
+    Not ``parse_accept``: it drops the ranges weighted 0, which RFC 9110 12.5.1 reads as a
+    refusal that a less specific range (``*/*``) does not override."""
+    ranges = []
+    for item in split_outside_quotes(accept or "*/*", ","):
+        media_type, params = parse_content_type(item)
+        if not media_type:
+            continue
+        try:
+            quality = float(params.get("q", "1"))
+        except ValueError:
+            quality = 1.0
+        ranges.append(("*/*" if media_type == "*" else media_type, quality))
+    return ranges
+
+
+def _quality(ranges: list[tuple[str, float]], media_type: str) -> tuple[float, bool]:
+    """The weight the most specific matching range gives ``media_type`` (0 when none
+    matches; the highest of equally specific ones), and whether that range names it."""
+    kind = media_type.split("/")[0]
+    specificity = {media_type: 3, f"{kind}/*": 2, "*/*": 1}
+    matching = [(specificity[pattern], quality) for pattern, quality in ranges
+                if pattern in specificity]
+    if not matching:
+        return 0.0, False
+    best, quality = max(matching)
+    return quality, best == 3
 
 
 def _format_media_type(value: str) -> str:

@@ -40,6 +40,39 @@ from emr.model import (
     OrderStatus,
     PatientInfo,
 )
+from pacs.http_input import JsonNestedTooDeep, TooManyJsonValues, check_json_size, parse_json
+
+# What a body may hold before the models see it. Validating costs time and memory per value
+# (pydantic keeps an error per bad array item: 2 MiB of ``"note": [1,1,...]`` took 2 GB), and
+# the models recurse once per level. A ServiceRequest with its Patient holds a few hundred
+# values nested at most ~20 deep; a body at these limits validates in about a quarter second.
+MAX_VALUES = 10_000
+MAX_DEPTH = 64
+
+
+def read_json(raw: bytes) -> Any:
+    """A request body as JSON for :func:`parse_service_request`; :class:`FhirError` 400 when
+    it is not JSON or nests deeper than ``MAX_DEPTH``, 413 when it holds more than
+    ``MAX_VALUES`` values."""
+    try:
+        body = parse_json(raw)
+    except ValueError as exc:
+        raise FhirError(400, "structure", str(exc)) from None
+    kind = body.get("resourceType") if isinstance(body, dict) else None
+    kind = kind if isinstance(kind, str) else ""
+    try:
+        check_json_size(body, max_values=MAX_VALUES, max_depth=MAX_DEPTH)
+    except TooManyJsonValues as exc:
+        where = _fhirpath(kind, exc.location) or "the body"
+        raise FhirError(413, "too-long", f"The body holds more than {MAX_VALUES} JSON values "
+                        f"(the limit was passed in {where}); a ServiceRequest with its Patient "
+                        "holds a few hundred.", where) from None
+    except JsonNestedTooDeep as exc:
+        where = _fhirpath(kind, exc.location)
+        shown = _fhirpath(kind, exc.location[:4]) + ("…" if len(exc.location) > 4 else "")
+        raise FhirError(400, "structure", f"The body nests values more than {MAX_DEPTH} deep "
+                        f"(in {shown}); FHIR resources nest a few levels.", where) from None
+    return body
 
 
 def parse_service_request(body: Any, *, mrn_system: str) -> Order:
@@ -66,8 +99,10 @@ def parse_service_request(body: Any, *, mrn_system: str) -> Order:
     return _order(request, patient)
 
 
-def _check_resource_types(resource: dict, path: str) -> None:
-    """Refuse resources without a known resourceType, which the models would let through."""
+def _check_resource_types(resource: dict, path: str, *, contained: bool = False) -> None:
+    """Refuse resources without a known resourceType, which the models would let through,
+    and contained resources that contain others (FHIR dom-2, which the models do not check:
+    unchecked, they nest as deep as a body goes)."""
     kind = resource.get("resourceType")
     where = path or "resourceType"
     if not isinstance(kind, str) or not kind:
@@ -78,11 +113,15 @@ def _check_resource_types(resource: dict, path: str) -> None:
         raise FhirError(400, "structure", f"Unknown resourceType {kind!r}.",
                         f"{path}.resourceType" if path else "resourceType") from None
     path = path or kind
-    contained = resource.get("contained")
-    if isinstance(contained, list):
-        for i, item in enumerate(contained):
+    inner = resource.get("contained")
+    if contained and inner is not None:
+        raise FhirError(400, "invariant", f"{path} is a contained resource and cannot contain "
+                        "resources itself (FHIR dom-2): contain them all in the "
+                        "ServiceRequest.", f"{path}.contained")
+    if isinstance(inner, list):
+        for i, item in enumerate(inner):
             if isinstance(item, dict):
-                _check_resource_types(item, f"{path}.contained[{i}]")
+                _check_resource_types(item, f"{path}.contained[{i}]", contained=True)
     entries = resource.get("entry") if kind == "Bundle" else None
     if isinstance(entries, list):
         for i, entry in enumerate(entries):
@@ -314,13 +353,15 @@ def _modality(request: dict) -> str:
 
 
 def _scheduled(request: dict) -> tuple[str, str]:
-    value = request.get("occurrenceDateTime") or (request.get("occurrencePeriod") or {}).get(
-        "start") or ""
-    return _dicom_date_time(value)
+    if request.get("occurrenceDateTime"):
+        return _dicom_date_time(request["occurrenceDateTime"], "ServiceRequest.occurrenceDateTime")
+    start = (request.get("occurrencePeriod") or {}).get("start") or ""
+    return _dicom_date_time(start, "ServiceRequest.occurrencePeriod.start")
 
 
-def _dicom_date_time(value: str) -> tuple[str, str]:
-    """A FHIR dateTime as local DICOM date and time; a partial date gives nothing."""
+def _dicom_date_time(value: str, element: str) -> tuple[str, str]:
+    """A FHIR dateTime as local DICOM date and time; a partial date gives nothing.
+    :class:`FhirError` 400 for a moment whose local day is outside the years 1-9999."""
     if len(value) == 10:
         return value.replace("-", ""), ""
     if len(value) < 10:
@@ -330,8 +371,13 @@ def _dicom_date_time(value: str) -> tuple[str, str]:
     except ValueError:  # the model's regex allows what Python cannot read (24:00:00)
         return "", ""
     if moment.tzinfo is not None:
-        moment = moment.astimezone(LOCAL_TIMEZONE)
-    return moment.strftime("%Y%m%d"), moment.strftime("%H%M%S")
+        try:
+            moment = moment.astimezone(LOCAL_TIMEZONE)
+        except OverflowError:  # 0001-01-01T00:00:00+14:00 is in year 0 anywhere else
+            raise FhirError(400, "value", f"{element} {value!r} is outside the years 1-9999 "
+                            f"in local time ({LOCAL_TIMEZONE}).", element) from None
+    # Not strftime: its %Y writes year 1 as "1" on Linux, not the "0001" of DICOM DA.
+    return f"{moment.year:04d}{moment:%m%d}", f"{moment:%H%M%S}"
 
 
 def _station(request: dict) -> tuple[str, str]:

@@ -42,16 +42,19 @@ from emr.orders import (
 )
 from emr.results import study_result
 from emr.service import EmrService
-from pacs.http_input import parse_json, whole_number
+from pacs.http_input import BodyTooLarge, parse_json, read_body, whole_number
 from storage.errors import InvalidQuery, NotFound
 from storage.index import iso_seconds, patients, studies, study_links
 
 log = logging.getLogger("pacs.emr.http")
 
 _MAX_COUNT = 100
+_DEFAULT_COUNT = 20  # a FHIR search's page when _count is not given
 _MAX_OFFSET = 1_000_000_000
 _MAX_KEY = 2**63 - 1  # the largest row key a database holds (SQLite INTEGER, PostgreSQL BIGINT)
 _API_TEXT_LIMIT = 64  # LO: descriptions, reason and address as the JSON API takes them
+# A ServiceRequest with a contained Patient is a few KB, a Bundle with its Patient not much more.
+MAX_FHIR_BODY = 1024 * 1024
 _DATE_PREFIX = re.compile(r"^(eq|ne|gt|lt|ge|le|sa|eb)?(\d{4}(-\d{2}(-\d{2}(T[0-9:.]+"
                           r"(Z|[+-]\d{2}:\d{2})?)?)?)?)$")
 
@@ -83,12 +86,12 @@ def emr_routes(server) -> list[Route]:
 
     async def create_service_request(request: Request) -> Response:
         try:
-            body = parse_json(await request.body())
-        except ValueError as exc:
-            return outcome(400, "structure", str(exc))
+            raw = await read_body(request, MAX_FHIR_BODY)
+        except BodyTooLarge:
+            return outcome(413, "too-long", f"The body is larger than {MAX_FHIR_BODY} bytes "
+                           "(1 MiB); a ServiceRequest with its Patient is a few KB.")
         try:
-            order = fhir_in.parse_service_request(body, mrn_system=settings.emr_mrn_system)
-            stored = await run_in_threadpool(service.apply_order, order)
+            stored = await run_in_threadpool(_apply_service_request, service, settings, raw)
         except UnknownOrder as exc:
             return outcome(422, "not-found", str(exc), "ServiceRequest.identifier")
         except InvalidOrder as exc:
@@ -110,19 +113,17 @@ def emr_routes(server) -> list[Route]:
 
     async def search_imaging_studies(request: Request) -> Response:
         params = request.query_params.multi_items()
-        uids, total, offset = await run_in_threadpool(_find_studies, service, settings, params)
+        count, offset = _search_page(params)
+        uids, total = await run_in_threadpool(_find_studies, service, settings, params,
+                                              count, offset)
         resources = await run_in_threadpool(
             lambda: [_imaging_study_or_none(service, settings, uid, updated)
                      for uid, updated in uids])
-        base = fhir_base(request)
-        next_url = None
-        if offset + len(uids) < total:
-            kept = [(k, v) for k, v in params if k != "_offset"]
-            next_url = f"{str(request.url).split('?', 1)[0]}?" + urlencode(
-                [*kept, ("_offset", str(offset + len(uids)))])
-        return fhir_response(fhir.searchset([r for r in resources if r], total=total,
-                                            self_url=str(request.url), base_url=base,
-                                            next_url=next_url))
+        more = offset + len(uids) < total
+        return fhir_response(fhir.searchset(
+            [r for r in resources if r], total=total, self_url=str(request.url),
+            base_url=fhir_base(request),
+            next_url=_next_page_url(request, params, offset + len(uids)) if more else None))
 
     async def read_imaging_study(request: Request) -> Response:
         uid = request.path_params["id"]
@@ -133,19 +134,26 @@ def emr_routes(server) -> list[Route]:
         return fhir_response(resource)
 
     async def search_patients(request: Request) -> Response:
-        params = request.query_params
-        unknown = set(params) - {"identifier", "_count", "_format"}
+        params = request.query_params.multi_items()
+        unknown = {name for name, _ in params} - {"identifier", "_count", "_offset", "_format"}
         if unknown:
             return outcome(400, "not-supported",
                            f"search parameter(s) not supported: {', '.join(sorted(unknown))}")
-        token = params.get("identifier", "")
+        token = request.query_params.get("identifier", "")
         if not token:
             return outcome(400, "required", "identifier is required (SYSTEM|VALUE)")
-        found = await run_in_threadpool(_patients_by_identifier, service, settings, token)
+        if not _token(token)[1]:  # find_patients without a value finds every patient
+            return outcome(400, "value", "identifier needs a value (SYSTEM|VALUE)",
+                           "identifier")
+        count, offset = _search_page(params)
+        found, total = await run_in_threadpool(_patients_by_identifier, service, settings,
+                                               token, count, offset)
         entries = [fhir.patient_resource(info, str(pk), mrn_system=settings.emr_mrn_system)
                    for pk, info in found]
-        return fhir_response(fhir.searchset(entries, total=len(entries), self_url=str(request.url),
-                                            base_url=fhir_base(request)))
+        more = total is None
+        return fhir_response(fhir.searchset(
+            entries, total=total, self_url=str(request.url), base_url=fhir_base(request),
+            next_url=_next_page_url(request, params, offset + len(found)) if more else None))
 
     async def read_patient(request: Request) -> Response:
         pk = _row_key(request.path_params["id"])
@@ -491,6 +499,14 @@ def order_from_json(body: dict[str, Any]) -> Order:
 # ---------------------------------------------------------------------------- FHIR searches
 
 
+def _apply_service_request(service: EmrService, settings, raw: bytes):
+    """Read, validate and apply a ServiceRequest body; run in a worker thread (a body at the
+    limits of ``fhir_in.read_json`` takes a quarter second to validate)."""
+    body = fhir_in.read_json(raw)
+    order = fhir_in.parse_service_request(body, mrn_system=settings.emr_mrn_system)
+    return service.apply_order(order)
+
+
 def _service_request(stored, settings) -> dict:
     return fhir.service_request_resource(
         stored.order, str(stored.pk), mrn_system=settings.emr_mrn_system,
@@ -564,26 +580,56 @@ def _patient_condition(service: EmrService, settings, token: str) -> Any:
                    patients.c.issuer_of_patient_id.in_(issuers))
 
 
-def _patients_by_identifier(service: EmrService, settings, token: str
-                            ) -> list[tuple[int, PatientInfo]]:
+def _patients_by_identifier(service: EmrService, settings, token: str, count: int,
+                            offset: int) -> tuple[list[tuple[int, PatientInfo]], int | None]:
+    """One page of the EMR patients an identifier token (with a value) names, and how many
+    there are: None when more follow this page (``find_patients`` neither skips nor counts,
+    so the rows up to the end of the page, and one more, are read to know)."""
     system, value = _token(token)
     if system == fhir.CCCD_SYSTEM:
-        return service.orders.find_patients(cccd=value)
-    if system in (fhir.BHYT_SYSTEM, fhir.LEGACY_BHYT_SYSTEM):
-        return service.orders.find_patients(bhyt=value)
-    issuer = fhir.mrn_issuer(system, settings.emr_mrn_system) if system else None
-    found = service.orders.find_patients(patient_id=value, issuer=issuer)
-    if not found and issuer:  # the EMR sent no issuer for this patient
-        found = service.orders.find_patients(patient_id=value, issuer="")
-    return found
+        query: dict[str, Any] = {"cccd": value}
+    elif system in (fhir.BHYT_SYSTEM, fhir.LEGACY_BHYT_SYSTEM):
+        query = {"bhyt": value}
+    else:
+        issuer = fhir.mrn_issuer(system, settings.emr_mrn_system) if system else None
+        if issuer and not service.orders.find_patients(patient_id=value, issuer=issuer,
+                                                       limit=1):
+            issuer = ""  # the EMR sent no issuer for this patient
+        query = {"patient_id": value, "issuer": issuer}
+    found = service.orders.find_patients(**query, limit=offset + count + 1)
+    return found[offset:offset + count], len(found) if len(found) <= offset + count else None
 
 
-def _find_studies(service: EmrService, settings, params: list[tuple[str, str]]
-                  ) -> tuple[list[tuple[str, dt.datetime]], int, int]:
-    """(study UID, last updated) of one page of the studies an ImagingStudy search names, the
-    total, and the page's offset."""
+def _search_page(params: list[tuple[str, str]]) -> tuple[int, int]:
+    """``_count`` and ``_offset`` of a search (the latter is what the next links say, not a
+    standard parameter); ``FhirError`` 400 for values out of bounds."""
+    count, offset = _DEFAULT_COUNT, 0
+    for name, value in params:
+        if name == "_count":
+            number = whole_number(value)
+            if number is None or not 0 < number <= _MAX_COUNT:
+                raise fhir.FhirError(400, "value", f"_count must be 1-{_MAX_COUNT}", "_count")
+            count = number
+        elif name == "_offset":
+            number = whole_number(value)
+            if number is None or number > _MAX_OFFSET:
+                raise fhir.FhirError(400, "value", f"_offset must be a number 0-{_MAX_OFFSET}",
+                                     "_offset")
+            offset = number
+    return count, offset
+
+
+def _next_page_url(request: Request, params: list[tuple[str, str]], offset: int) -> str:
+    """The search ``request`` again, from ``offset`` on."""
+    kept = [(name, value) for name, value in params if name != "_offset"]
+    return f"{str(request.url).split('?', 1)[0]}?" + urlencode([*kept, ("_offset", str(offset))])
+
+
+def _find_studies(service: EmrService, settings, params: list[tuple[str, str]], count: int,
+                  offset: int) -> tuple[list[tuple[str, dt.datetime]], int]:
+    """(study UID, last updated) of one page of the studies an ImagingStudy search names, and
+    the total."""
     conditions: list[Any] = []
-    count, offset = 20, 0
     for name, value in params:
         if name == "patient.identifier":
             conditions.append(_patient_condition(service, settings, value))
@@ -595,18 +641,7 @@ def _find_studies(service: EmrService, settings, params: list[tuple[str, str]]
                 conditions.append(studies.c.accession_number == code)
         elif name == "_lastUpdated":
             conditions.append(_date_condition(studies.c.updated_at, value))
-        elif name == "_count":
-            number = whole_number(value)
-            if number is None or not 0 < number <= _MAX_COUNT:
-                raise fhir.FhirError(400, "value", f"_count must be 1-{_MAX_COUNT}", "_count")
-            count = number
-        elif name == "_offset":  # what the next links say (not a standard parameter)
-            number = whole_number(value)
-            if number is None or number > _MAX_OFFSET:
-                raise fhir.FhirError(400, "value", f"_offset must be a number 0-{_MAX_OFFSET}",
-                                     "_offset")
-            offset = number
-        elif name != "_format":
+        elif name not in ("_count", "_offset", "_format"):  # _search_page reads the first two
             raise fhir.FhirError(400, "not-supported", f"search parameter {name!r} is not "
                                  "supported (patient.identifier, identifier, _lastUpdated, "
                                  "_count, _offset)", name)
@@ -617,7 +652,7 @@ def _find_studies(service: EmrService, settings, params: list[tuple[str, str]]
                              ).scalar_one()
         rows = conn.execute(statement.order_by(studies.c.updated_at.desc(), studies.c.pk)
                             .limit(count).offset(offset)).all()
-    return [(uid, updated) for uid, updated in rows], total, offset
+    return [(uid, updated) for uid, updated in rows], total
 
 
 def _date_condition(column: Any, value: str) -> Any:

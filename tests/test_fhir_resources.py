@@ -549,7 +549,7 @@ def test_searchset_bundle_validates_with_full_urls_and_match_mode():
     patient = patient_resource(ct_study().patient, "p1", mrn_system=MRN_SYSTEM)
 
     bundle = searchset([study, patient], self_url="https://pacs.example/fhir/ImagingStudy?x=1",
-                       base_url="https://pacs.example/fhir/")
+                       base_url="https://pacs.example/fhir/", total=2)
 
     Bundle.model_validate(bundle)
     assert bundle["type"] == "searchset"

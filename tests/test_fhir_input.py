@@ -1,0 +1,346 @@
+"""What the FHIR API takes in: request bodies too large or too deep, values it cannot schedule,
+searches with empty or paged identifiers, Accept headers that refuse FHIR JSON.
+
+Each test runs against the EMR routes mounted as ``pacs.http`` mounts them, in this process,
+over an archive of its own (SQLite); every refusal is an OperationOutcome and writes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from types import SimpleNamespace
+
+import httpx
+import pytest
+from fhir.resources.R4B.operationoutcome import OperationOutcome
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+
+from dicomweb.app import ContainErrors, error_handlers
+from emr.fhir import CCCD_SYSTEM
+from emr.fhir_in import MAX_DEPTH, MAX_VALUES
+from emr.http import ERROR_BODIES, MAX_FHIR_BODY, emr_routes
+from emr.model import PatientInfo
+from emr.orders import UnknownOrder
+from emr.service import EmrService
+from pacs.app import archive_for
+from pacs.settings import Settings
+from tests.test_fhir_resources import MRN_SYSTEM, contained_request
+
+FHIR_JSON = {"Content-Type": "application/fhir+json"}
+
+
+class Client:
+    """An ASGI app asked one request at a time, through httpx's ASGI transport."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    def request(self, method: str, url: str, **kwargs) -> httpx.Response:
+        async def send() -> httpx.Response:
+            transport = httpx.ASGITransport(app=self.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://pacs") as http:
+                return await http.request(method, url, **kwargs)
+        return asyncio.run(send())
+
+    def get(self, url: str, **kwargs) -> httpx.Response:
+        return self.request("GET", url, **kwargs)
+
+    def post(self, url: str, **kwargs) -> httpx.Response:
+        return self.request("POST", url, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def emr(tmp_path_factory):
+    """The EMR routes and their service, over a fresh archive."""
+    settings = Settings(data_dir=tmp_path_factory.mktemp("fhir-input") / "pacs-data",
+                        hl7_port=0, emr_mrn_system=MRN_SYSTEM)
+    archive = archive_for(settings)
+    service = EmrService(archive, settings)
+    app = Starlette(routes=emr_routes(SimpleNamespace(emr=service, settings=settings)),
+                    middleware=[Middleware(ContainErrors, bodies=ERROR_BODIES)],
+                    exception_handlers=error_handlers(ERROR_BODIES))
+    yield SimpleNamespace(http=Client(app), service=service)
+    archive.close()
+
+
+def service_request(accession: str, **changes) -> dict:
+    request = contained_request(**changes)
+    request["identifier"][0]["value"] = accession
+    return request
+
+
+def post(emr, body, headers: dict | None = None):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return emr.http.post("/fhir/ServiceRequest", content=content,
+                         headers={**FHIR_JSON, **(headers or {})})
+
+
+def issue(answer) -> dict:
+    """The one issue of an OperationOutcome answer (which must validate)."""
+    assert answer.headers["content-type"].startswith("application/fhir+json")
+    body = answer.json()
+    OperationOutcome.model_validate(body)
+    [only] = body["issue"]
+    return only
+
+
+def ordered(emr, accession: str) -> bool:
+    try:
+        emr.service.orders.get(accession)
+    except UnknownOrder:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------- body size
+
+
+def test_a_body_larger_than_1_mib_is_413_before_it_is_read(emr):
+    # Fuzzing: no limit on FHIR bodies; 6 MiB of JSON took 6 GB and 48 s to refuse.
+    body = json.dumps(service_request("BIG1")).encode()
+    body += b" " * (MAX_FHIR_BODY + 1 - len(body))
+
+    answer = post(emr, body)
+
+    assert answer.status_code == 413
+    assert issue(answer)["code"] == "too-long"
+    assert "1 MiB" in issue(answer)["diagnostics"]
+    assert not ordered(emr, "BIG1")
+
+
+def test_a_body_sent_without_its_length_is_cut_off_at_1_mib(emr):
+    chunk = b" " * 65536
+
+    async def chunks():  # chunked: no Content-Length to refuse it by
+        yield json.dumps(service_request("BIG2")).encode()
+        for _ in range(MAX_FHIR_BODY // len(chunk) + 1):
+            yield chunk
+
+    answer = emr.http.post("/fhir/ServiceRequest", content=chunks(), headers=FHIR_JSON)
+
+    assert answer.status_code == 413
+    assert issue(answer)["code"] == "too-long"
+    assert not ordered(emr, "BIG2")
+
+
+def test_a_body_of_almost_1_mib_is_read(emr):
+    body = json.dumps(service_request("BIG3")).encode()
+    body += b" " * (MAX_FHIR_BODY - len(body))
+
+    answer = post(emr, body)
+
+    assert answer.status_code == 201, answer.text[:300]
+    assert ordered(emr, "BIG3")
+
+
+# ---------------------------------------------------------------------------- JSON values
+
+
+def test_an_array_of_more_values_than_the_limit_is_413_naming_the_element(emr):
+    # Fuzzing: the models keep an error per bad array item; 2 MiB of "note": [1,1,...] took
+    # 2 GB and 11 s. This body is 30 KB.
+    answer = post(emr, service_request("AMP1", note=[1] * MAX_VALUES))
+
+    assert answer.status_code == 413
+    assert issue(answer)["code"] == "too-long"
+    assert issue(answer)["expression"] == ["ServiceRequest.note"]
+    assert f"more than {MAX_VALUES} JSON values" in issue(answer)["diagnostics"]
+    assert not ordered(emr, "AMP1")
+
+
+def test_too_many_values_inside_a_bundle_are_named_by_their_path_in_it(emr):
+    request = service_request("AMP2")
+    patient = request.pop("contained")[0]
+    request["subject"] = {"reference": "urn:uuid:p1"}
+    patient["name"][0]["given"] = ["An"] * MAX_VALUES
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": "urn:uuid:p1", "resource": patient}, {"resource": request}]}
+
+    answer = post(emr, bundle)
+
+    assert answer.status_code == 413
+    assert issue(answer)["expression"] == ["Bundle.entry[0].resource.name[0].given"]
+
+
+def test_a_body_within_the_value_limit_gets_the_models_400(emr):
+    answer = post(emr, service_request("AMP3", note=[1] * (MAX_VALUES // 2)))
+
+    assert answer.status_code == 400
+    assert issue(answer)["expression"][0].startswith("ServiceRequest.note[0]")
+    assert not ordered(emr, "AMP3")
+
+
+# ---------------------------------------------------------------------------- nesting
+
+
+def nested_extension(levels: int) -> dict:
+    extension = {"url": "http://example.org/e", "valueString": "v"}
+    for level in range(levels):
+        extension = {"url": f"http://example.org/e{level}", "extension": [extension]}
+    return extension
+
+
+def test_extensions_nested_300_deep_are_400_naming_the_element(emr):
+    # Fuzzing: RecursionError in the models, answered 500.
+    answer = post(emr, service_request("DEEP1", extension=[nested_extension(300)]))
+
+    assert answer.status_code == 400
+    assert issue(answer)["code"] == "structure"
+    assert issue(answer)["expression"][0].startswith(
+        "ServiceRequest.extension[0].extension[0].extension[0]")
+    assert f"more than {MAX_DEPTH} deep" in issue(answer)["diagnostics"]
+    assert not ordered(emr, "DEEP1")
+
+
+def test_extensions_nested_as_deep_as_the_limit_allows_are_read(emr):
+    # ServiceRequest, extension[], {}: 3 levels; each nested extension adds 2.
+    levels = (MAX_DEPTH - 3) // 2
+
+    answer = post(emr, service_request("DEEP2", extension=[nested_extension(levels)]))
+
+    assert answer.status_code == 201, answer.text[:300]
+
+
+def test_contained_resources_nested_200_deep_are_400_naming_the_element(emr):
+    # Fuzzing: RecursionError, answered 500.
+    request = service_request("DEEP3")
+    inner = request["contained"][0]
+    for level in range(200):
+        inner["contained"] = [{"resourceType": "Patient", "id": f"n{level}"}]
+        inner = inner["contained"][0]
+
+    answer = post(emr, request)
+
+    assert answer.status_code == 400
+    assert issue(answer)["expression"][0].startswith("ServiceRequest.contained[0].contained[0]")
+    assert not ordered(emr, "DEEP3")
+
+
+def test_a_contained_resource_that_contains_another_is_400_by_dom_2(emr):
+    request = service_request("DEEP4")
+    request["contained"][0]["contained"] = [{"resourceType": "Patient", "id": "other"}]
+
+    answer = post(emr, request)
+
+    assert answer.status_code == 400
+    assert issue(answer)["code"] == "invariant"
+    assert issue(answer)["expression"] == ["ServiceRequest.contained[0].contained"]
+    assert not ordered(emr, "DEEP4")
+
+
+# ---------------------------------------------------------------------------- dates
+
+
+@pytest.mark.parametrize("moment", ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-12:00"])
+@pytest.mark.parametrize("element", ["occurrenceDateTime", "occurrencePeriod.start"])
+def test_a_scheduled_time_outside_the_calendar_in_local_time_is_400(emr, moment, element):
+    # Fuzzing: OverflowError converting to local time, answered 500.
+    accession = f"CAL{moment[:2]}{len(element)}"
+    occurrence = ({"occurrenceDateTime": moment} if element == "occurrenceDateTime" else
+                  {"occurrenceDateTime": None, "occurrencePeriod": {"start": moment}})
+    request = {k: v for k, v in service_request(accession, **occurrence).items()
+               if v is not None}
+
+    answer = post(emr, request)
+
+    assert answer.status_code == 400, answer.text[:300]
+    assert issue(answer)["code"] == "value"
+    assert issue(answer)["expression"] == [f"ServiceRequest.{element}"]
+    assert "years 1-9999" in issue(answer)["diagnostics"]
+    assert not ordered(emr, accession)
+
+
+def test_a_scheduled_time_before_year_1000_keeps_four_digits_of_year(emr):
+    # strftime wrote year 999 as "999": the order was refused as "not a real date".
+    answer = post(emr, service_request("CAL999", occurrenceDateTime="0999-01-02T10:00:00+07:00"))
+
+    assert answer.status_code == 201, answer.text[:300]
+    assert emr.service.orders.get("CAL999").order.scheduled_date == "09990102"
+
+
+# ---------------------------------------------------------------------------- Patient search
+
+
+@pytest.fixture(scope="module")
+def five_with_one_cccd(emr) -> str:
+    """Five EMR patients sharing one CCCD (records the hospital has not merged yet)."""
+    cccd = "079099000555"
+    for number in range(5):
+        emr.service.orders.save_patient(PatientInfo(patient_id=f"BNC{number}", cccd=cccd))
+    return cccd
+
+
+@pytest.mark.parametrize("token", ["|", f"{CCCD_SYSTEM}|", f"{MRN_SYSTEM}|"])
+def test_a_patient_search_with_an_empty_identifier_value_is_400(emr, five_with_one_cccd, token):
+    # Fuzzing: an empty value matched every patient.
+    answer = emr.http.get("/fhir/Patient", params={"identifier": token})
+
+    assert answer.status_code == 400
+    assert issue(answer)["expression"] == ["identifier"]
+
+
+@pytest.mark.parametrize("count", ["abc", "0", "101", "-1", "２"])
+def test_a_patient_search_count_out_of_bounds_is_400(emr, count):
+    answer = emr.http.get("/fhir/Patient", params={"identifier": "BNC0", "_count": count})
+
+    assert answer.status_code == 400
+    assert issue(answer)["expression"] == ["_count"]
+
+
+def test_a_patient_search_pages_by_count_with_next_links(emr, five_with_one_cccd):
+    # Fuzzing: _count was neither checked nor applied, and there was no next link.
+    page = emr.http.get("/fhir/Patient", params={
+        "identifier": f"{CCCD_SYSTEM}|{five_with_one_cccd}", "_count": "2"}).json()
+    pages = [page]
+    while following := [link["url"] for link in page["link"] if link["relation"] == "next"]:
+        page = emr.http.get(following[0]).json()
+        pages.append(page)
+
+    assert [len(p["entry"]) for p in pages] == [2, 2, 1]
+    assert [p.get("total") for p in pages] == [None, None, 5]  # known once the last is read
+    ids = [e["resource"]["identifier"][0]["value"] for p in pages for e in p["entry"]]
+    assert sorted(ids) == [f"BNC{number}" for number in range(5)]
+
+
+def test_a_patient_search_gives_its_total_when_all_fits_in_one_page(emr, five_with_one_cccd):
+    page = emr.http.get("/fhir/Patient", params={
+        "identifier": f"{CCCD_SYSTEM}|{five_with_one_cccd}"}).json()
+
+    assert page["total"] == 5 and len(page["entry"]) == 5
+    assert [link["relation"] for link in page["link"]] == ["self"]
+
+
+def test_a_patient_search_by_mrn_of_the_default_system_still_finds_a_patient_without_issuer(
+        emr, five_with_one_cccd):
+    page = emr.http.get("/fhir/Patient", params={"identifier": f"{MRN_SYSTEM}|BNC3"}).json()
+
+    assert page["total"] == 1
+    assert page["entry"][0]["resource"]["identifier"][0]["value"] == "BNC3"
+
+
+# ---------------------------------------------------------------------------- Accept
+
+
+@pytest.mark.parametrize("accept", ["application/fhir+json;q=0, */*",
+                                    "*/*, application/fhir+json; q=0.000",
+                                    "application/fhir+json;q=0, application/json"])
+def test_an_accept_header_refusing_fhir_json_by_name_is_406_and_nothing_is_applied(emr, accept):
+    # Fuzzing: a range with q=0 was dropped, and */* then let the request through.
+    answer = post(emr, service_request("ACC1"), headers={"Accept": accept})
+
+    assert answer.status_code == 406
+    assert issue(answer)["code"] == "not-supported"
+    assert not ordered(emr, "ACC1")
+    assert emr.http.get("/fhir/metadata", headers={"Accept": accept}).status_code == 406
+
+
+@pytest.mark.parametrize("accept", ["application/json;q=0, */*",
+                                    "*/*;q=0, application/json",
+                                    "application/fhir+json;q=0.1, */*;q=0"])
+def test_an_accept_header_allowing_one_of_fhir_jsons_names_is_answered(emr, accept):
+    answer = emr.http.get("/fhir/metadata", headers={"Accept": accept})
+
+    assert answer.status_code == 200, answer.text[:300]
+    assert answer.json()["resourceType"] == "CapabilityStatement"
