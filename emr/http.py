@@ -54,7 +54,7 @@ _MAX_OFFSET = 1_000_000_000
 _MAX_KEY = 2**63 - 1  # the largest row key a database holds (SQLite INTEGER, PostgreSQL BIGINT)
 _API_TEXT_LIMIT = 64  # LO: descriptions, reason and address as the JSON API takes them
 # A ServiceRequest with a contained Patient is a few KB, a Bundle with its Patient not much more.
-MAX_FHIR_BODY = 1024 * 1024
+MAX_BODY_BYTES = 1024 * 1024
 _DATE_PREFIX = re.compile(r"^(eq|ne|gt|lt|ge|le|sa|eb)?(\d{4}(-\d{2}(-\d{2}(T[0-9:.]+"
                           r"(Z|[+-]\d{2}:\d{2})?)?)?)?)$")
 
@@ -86,9 +86,9 @@ def emr_routes(server) -> list[Route]:
 
     async def create_service_request(request: Request) -> Response:
         try:
-            raw = await read_body(request, MAX_FHIR_BODY)
+            raw = await read_body(request, MAX_BODY_BYTES)
         except BodyTooLarge:
-            return outcome(413, "too-long", f"The body is larger than {MAX_FHIR_BODY} bytes "
+            return outcome(413, "too-long", f"The body is larger than {MAX_BODY_BYTES} bytes "
                            "(1 MiB); a ServiceRequest with its Patient is a few KB.")
         try:
             stored = await run_in_threadpool(_apply_service_request, service, settings, raw)
@@ -177,7 +177,7 @@ def emr_routes(server) -> list[Route]:
         if media != "application/json":
             raise BadRequest("the body must be application/json")
         try:
-            body = parse_json(await request.body())
+            body = parse_json(await read_body(request, MAX_BODY_BYTES))  # 413 past it
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
         if not isinstance(body, dict):

@@ -20,7 +20,7 @@ from starlette.middleware import Middleware
 from dicomweb.app import ContainErrors, error_handlers
 from emr.fhir import CCCD_SYSTEM
 from emr.fhir_in import MAX_DEPTH, MAX_VALUES
-from emr.http import ERROR_BODIES, MAX_FHIR_BODY, emr_routes
+from emr.http import ERROR_BODIES, MAX_BODY_BYTES, emr_routes
 from emr.model import PatientInfo
 from emr.orders import UnknownOrder
 from emr.service import EmrService
@@ -100,7 +100,7 @@ def ordered(emr, accession: str) -> bool:
 def test_a_body_larger_than_1_mib_is_413_before_it_is_read(emr):
     # Fuzzing: no limit on FHIR bodies; 6 MiB of JSON took 6 GB and 48 s to refuse.
     body = json.dumps(service_request("BIG1")).encode()
-    body += b" " * (MAX_FHIR_BODY + 1 - len(body))
+    body += b" " * (MAX_BODY_BYTES + 1 - len(body))
 
     answer = post(emr, body)
 
@@ -110,12 +110,20 @@ def test_a_body_larger_than_1_mib_is_413_before_it_is_read(emr):
     assert not ordered(emr, "BIG1")
 
 
+def test_a_json_api_order_larger_than_1_mib_is_413(emr):
+    order = {"accession_number": "BIG3", "modality": "CT", "patient": {"patient_id": "BN-BIG"},
+             "procedure_description": "x" * (MAX_BODY_BYTES + 1)}
+    answer = emr.http.post("/api/orders", json=order)
+    assert answer.status_code == 413 and answer.json()["status"] == 413
+    assert not ordered(emr, "BIG3")
+
+
 def test_a_body_sent_without_its_length_is_cut_off_at_1_mib(emr):
     chunk = b" " * 65536
 
     async def chunks():  # chunked: no Content-Length to refuse it by
         yield json.dumps(service_request("BIG2")).encode()
-        for _ in range(MAX_FHIR_BODY // len(chunk) + 1):
+        for _ in range(MAX_BODY_BYTES // len(chunk) + 1):
             yield chunk
 
     answer = emr.http.post("/fhir/ServiceRequest", content=chunks(), headers=FHIR_JSON)
@@ -127,7 +135,7 @@ def test_a_body_sent_without_its_length_is_cut_off_at_1_mib(emr):
 
 def test_a_body_of_almost_1_mib_is_read(emr):
     body = json.dumps(service_request("BIG3")).encode()
-    body += b" " * (MAX_FHIR_BODY - len(body))
+    body += b" " * (MAX_BODY_BYTES - len(body))
 
     answer = post(emr, body)
 

@@ -19,7 +19,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from pacs.access import principal_of
-from pacs.http_input import parse_json, whole_number
+from pacs.http_input import BodyTooLarge, parse_json, read_body, whole_number
 from storage.attributes import Level
 from storage.errors import NotFound
 from storage.names import display_date, display_person_name
@@ -179,16 +179,10 @@ async def json_body(request: Request, *, empty: Any = None) -> Any:
 
     ``BadRequest`` (413) past ``MAX_BODY_BYTES``, (400) for a body that is not JSON or nests
     deeper than Python's parser recurses (``[[[[…`` raises RecursionError, not ValueError)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isascii() and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise BadRequest(f"the body is larger than {MAX_BODY_BYTES} bytes", 413)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise BadRequest(f"the body is larger than {MAX_BODY_BYTES} bytes", 413)
-        chunks.append(chunk)
-    raw = b"".join(chunks)
+    try:
+        raw = await read_body(request, MAX_BODY_BYTES)
+    except BodyTooLarge:
+        raise BadRequest(f"the body is larger than {MAX_BODY_BYTES} bytes", 413) from None
     if not raw.strip():
         if empty is None:
             raise BadRequest("the body is empty: a JSON object is expected")
