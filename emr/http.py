@@ -141,7 +141,8 @@ def emr_routes(server) -> list[Route]:
                            f"search parameter(s) not supported: {', '.join(sorted(unknown))}")
         token = request.query_params.get("identifier", "")
         if not token:
-            return outcome(400, "required", "identifier is required (SYSTEM|VALUE)")
+            return outcome(400, "required", "identifier is required (SYSTEM|VALUE)",
+                           "identifier")
         if not _token(token)[1]:  # find_patients without a value finds every patient
             return outcome(400, "value", "identifier needs a value (SYSTEM|VALUE)",
                            "identifier")
@@ -635,6 +636,8 @@ def _find_studies(service: EmrService, settings, params: list[tuple[str, str]], 
             conditions.append(_patient_condition(service, settings, value))
         elif name == "identifier":
             system, code = _token(value)
+            if not code.strip():  # it matched every study without an accession number
+                raise fhir.FhirError(400, "value", "identifier needs a value", "identifier")
             if system == fhir.DICOM_UID_SYSTEM or code.startswith("urn:oid:"):
                 conditions.append(studies.c.study_instance_uid == code.removeprefix("urn:oid:"))
             else:

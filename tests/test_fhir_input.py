@@ -280,10 +280,12 @@ def five_with_one_cccd(emr) -> str:
     return cccd
 
 
-@pytest.mark.parametrize("token", ["|", f"{CCCD_SYSTEM}|", f"{MRN_SYSTEM}|"])
-def test_a_patient_search_with_an_empty_identifier_value_is_400(emr, five_with_one_cccd, token):
-    # Fuzzing: an empty value matched every patient.
-    answer = emr.http.get("/fhir/Patient", params={"identifier": token})
+@pytest.mark.parametrize("token", ["|", f"{CCCD_SYSTEM}|", f"{MRN_SYSTEM}|", ""])
+@pytest.mark.parametrize("resource", ["Patient", "ImagingStudy"])
+def test_a_search_with_an_empty_identifier_value_is_400(emr, five_with_one_cccd, token,
+                                                       resource):
+    # Fuzzing: an empty value matched every patient, and every study without an accession.
+    answer = emr.http.get(f"/fhir/{resource}", params={"identifier": token})
 
     assert answer.status_code == 400
     assert issue(answer)["expression"] == ["identifier"]
