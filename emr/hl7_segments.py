@@ -4,6 +4,11 @@ and MSH-2, splitting with ``python-hl7``, unescaping, the header, and the ACKs w
 Unescaping is done here, because python-hl7 logs field contents (patient data) when an escape
 sequence is malformed. What inbound messages mean is ``emr.hl7v2``; what we send,
 ``emr.hl7_out``.
+
+The HL7 port takes messages from anyone on the network, and splitting builds Python objects
+for every separator (python-hl7's and ours: 500-700 bytes and 5-10 µs each, 2 KB and 30 µs a
+segment). A message is therefore counted before it is split (``MAX_SEGMENTS``,
+``MAX_SEPARATORS``, ``MAX_ESCAPES``): a 1 MiB frame of ``~`` took 833 MB and 11 s.
 """
 
 from __future__ import annotations
@@ -16,6 +21,13 @@ import hl7
 
 DEFAULT_VERSION = "2.5.1"
 UTF8 = "UNICODE UTF-8"
+
+# What a message may hold: real ORM/OMI/ADT have tens of segments and a few hundred separators;
+# these leave room for long NTE/OBX lists. The worst message within them (a 4 MiB frame at every
+# limit) took the server about 1 s and 90 MiB at peak (docs/emr.md, Size limits).
+MAX_SEGMENTS = 5_000
+MAX_SEPARATORS = 50_000  # field, repetition, component and subcomponent separators together
+MAX_ESCAPES = 100_000  # escape characters (two per escape sequence)
 
 # HL7 table 0357 (message error condition codes), used in ERR-3.
 ERROR_CODES = {
@@ -101,9 +113,11 @@ def decode(data: bytes) -> str:
     label = _raw_msh18(data)
     if not label:
         try:
-            return _normalise(data.decode("utf-8"))
+            text = data.decode("utf-8")
         except UnicodeDecodeError:
-            return _normalise(data.decode("latin-1"))
+            text = data.decode("latin-1")
+        _check_size(text)
+        return _normalise(text)
     codec = _CHARSETS.get(label)
     if codec is None:
         raise Hl7Error(
@@ -115,7 +129,7 @@ def decode(data: bytes) -> str:
             header=_scrape_header(data.decode("latin-1")),
         )
     try:
-        return _normalise(data.decode(codec))
+        text = data.decode(codec)
     except UnicodeDecodeError as exc:
         raise Hl7Error(
             "AR",
@@ -125,21 +139,58 @@ def decode(data: bytes) -> str:
             error_code="102",
             header=_scrape_header(data.decode("latin-1")),
         ) from None
+    _check_size(text)
+    return _normalise(text)
 
 
 def _raw_msh18(data: bytes) -> str:
     """MSH-18 read from the raw bytes: the MSH fields are ASCII in every charset we accept."""
     start = data.find(b"MSH")
-    if start < 0 or len(data) < start + 8:
+    if start < 0:
         return ""
     end = min((i for i in (data.find(b"\r", start), data.find(b"\n", start)) if i >= 0),
               default=len(data))
-    fields = data[start:end].split(data[start + 3 : start + 4])
+    return _msh18(data[start:end].decode("ascii", "replace"))
+
+
+def _msh18(line: str) -> str:
+    """The first repetition of MSH-18 in an MSH line, upper case; empty if there is none."""
+    if not line.startswith("MSH") or len(line) < 8:
+        return ""
+    fields = line.split(line[3])
     if len(fields) < 18:
         return ""
-    repetition = fields[1][1:2] or b"~"  # MSH-2 is component, repetition, escape, subcomponent
-    first = fields[17].split(repetition)[0]
-    return first.decode("ascii", "replace").strip().upper()
+    repetition = fields[1][1:2] or "~"  # MSH-2 is component, repetition, escape, subcomponent
+    return fields[17].split(repetition)[0].strip().upper()
+
+
+def _check_size(text: str) -> None:
+    """Refuse (AR) a message with more segments, separators or escapes than the limits allow.
+
+    Counted on the text as it came, before anything is split: counting is cheap at any size,
+    splitting is what costs."""
+    segments = text.count("\r") + text.count("\n") - text.count("\r\n")
+    start = text.lstrip("\ufeff \t\r\n")[:8]
+    separators = escapes = 0
+    if start.startswith("MSH") and len(start) == 8:
+        # MSH-1 and MSH-2: field, component, repetition, escape, subcomponent.
+        marks = {c for c in start[3:8] if not (c.isalnum() or c.isspace())}
+        escape = start[6]
+        separators = sum(text.count(c) for c in marks - {escape})
+        escapes = text.count(escape) if escape in marks else 0
+    for count, limit, what in ((segments, MAX_SEGMENTS, "segments"),
+                               (separators, MAX_SEPARATORS, "separators (field, repetition,"
+                                " component, subcomponent)"),
+                               (escapes, MAX_ESCAPES, "escape characters")):
+        if count > limit:
+            raise Hl7Error(
+                "AR",
+                f"message too large to process: {count} {what}, at most {limit} are accepted;"
+                " nothing was applied (bản tin quá lớn)",
+                "",
+                error_code="207",
+                header=_scrape_header(text[:4096]),
+            )
 
 
 def _normalise(text: str) -> str:
@@ -209,7 +260,9 @@ def _check_msh(text: str) -> None:
 
 
 def segments_of(text: str) -> list[Segment]:
-    """Split one message into segments with unescaped values; AR when it is not HL7."""
+    """Split one message into segments with unescaped values; AR when it is not HL7 or larger
+    than the limits (``check_size``)."""
+    _check_size(text)
     text = _normalise(text)
     _check_msh(text)
     try:
@@ -223,19 +276,31 @@ def segments_of(text: str) -> list[Segment]:
             header=_scrape_header(text),
         ) from None
     separators = str(message.separators)  # segment, field, repetition, component, subcomponent
+    label = _msh18(text.split("\r", 1)[0])
     unescape = _Unescaper(str(message.esc), separators[1], separators[2], separators[3],
-                          separators[4])
-    segments = []
+                          separators[4], _CHARSETS.get(label))
+    segments: list[Segment] = []
     for raw in message:
         name = str(raw[0]).strip().upper()
         fields: list[Field] = [[[[name]]]]
         for number, field in enumerate(raw[1:], start=1):
             if name == "MSH" and number <= 2:  # the separators themselves, never unescaped
                 fields.append([[[str(field)]]])
-            else:
+                continue
+            try:
                 fields.append([[[unescape(s) for s in _children(component)]
                                  for component in _children(repetition)]
                                 for repetition in _children(field)])
+            except UnicodeDecodeError:
+                raise Hl7Error(
+                    "AR",
+                    f"a hex escape (\\X..\\) in {name}-{number} holds bytes not valid in the"
+                    f" declared character set {label} (MSH-18) (dữ liệu"
+                    " không đúng bảng mã khai báo)",
+                    f"{name}-{number}",
+                    error_code="102",
+                    header=header_of(segments[0]) if segments else _scrape_header(text),
+                ) from None
         segments.append(Segment(name, fields))
     if any(s.name == "MSH" for s in segments[1:]):
         raise Hl7Error(
@@ -254,10 +319,16 @@ def _children(node: object) -> list:
 
 
 class _Unescaper:
-    """HL7 escape sequences (2.5 §2.7) back to text; formatting ones collapse to nothing."""
+    """HL7 escape sequences (2.5 §2.7) back to text; formatting ones collapse to nothing.
 
-    def __init__(self, esc: str, field: str, repetition: str, component: str, sub: str) -> None:
+    Hex escapes (``\\Xhh..\\``) are bytes in the message's character set (``codec``): bytes
+    not valid in it raise UnicodeDecodeError, as they would in plain text. Without MSH-18 they
+    are read like the text: UTF-8, else Latin-1."""
+
+    def __init__(self, esc: str, field: str, repetition: str, component: str, sub: str,
+                 codec: str | None = None) -> None:
         self.esc = esc
+        self.codec = codec
         self.map = {"F": field, "R": repetition, "S": component, "T": sub, "E": esc,
                     ".br": "\n", ".sp": "\n"}
 
@@ -284,6 +355,8 @@ class _Unescaper:
             return self.map[code]
         if code[:1] == "X" and re.fullmatch(r"(?:[0-9A-Fa-f]{2})+", code[1:]):
             raw = bytes.fromhex(code[1:])
+            if self.codec is not None:
+                return raw.decode(self.codec)
             try:
                 return raw.decode("utf-8")
             except UnicodeDecodeError:

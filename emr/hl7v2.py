@@ -435,8 +435,7 @@ def _merge(segments: list[Segment]) -> PatientMerge:
     if prior is None:
         raise Hl7Error("AE", "MRG-1 prior patient identifier is empty (thiếu mã bệnh nhân cũ)",
                        "MRG-1", error_code="101")
-    patient = _patient(pid)
-    if (prior.id, prior.authority) == (patient.patient_id, patient.issuer):
-        raise Hl7Error("AE", "MRG-1 names the surviving patient itself (gộp bệnh nhân vào chính"
-                       " nó)", "MRG-1", error_code="207")
-    return PatientMerge(patient=patient, prior_patient_id=prior.id, prior_issuer=prior.authority)
+    # A prior that is the surviving patient itself is refused by EmrService.merge_patients,
+    # for every way a merge comes in.
+    return PatientMerge(patient=_patient(pid), prior_patient_id=prior.id,
+                        prior_issuer=prior.authority)

@@ -16,8 +16,8 @@ import time
 import traceback
 from collections.abc import Callable
 
-__all__ = ["FrameReader", "FrameTooLarge", "MllpError", "MllpServer", "NotMllp", "frame",
-           "send"]
+__all__ = ["MAX_MESSAGE_BYTES", "FrameReader", "FrameTooLarge", "MllpError", "MllpServer",
+           "NotMllp", "frame", "send"]
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,9 @@ START_BLOCK = b"\x0b"
 END_BLOCK = b"\x1c"
 CARRIAGE_RETURN = b"\x0d"
 MIB = 1024 * 1024
+# Orders and ADT are a few kB; 4 MiB leaves room for long free text. Each connection may hold
+# this much while its frame arrives, and the port takes connections from anyone.
+MAX_MESSAGE_BYTES = 4 * MIB
 
 
 class MllpError(OSError):
@@ -190,7 +193,7 @@ class MllpServer:
         port: int,
         handle: Callable[[bytes], bytes],
         *,
-        max_message_bytes: int = 16 * MIB,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
         idle_timeout: float = 300.0,
     ) -> None:
         self.host = host
@@ -250,7 +253,7 @@ def send(host: str, port: int, message: str, *, timeout: float = 10.0) -> str:
     ``timeout`` bounds the whole exchange. MllpError on connection failure, timeout, or a
     connection closed before a complete answer."""
     deadline = time.monotonic() + timeout
-    reader = FrameReader(16 * MIB)
+    reader = FrameReader(MAX_MESSAGE_BYTES)
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
             sock.sendall(frame(message.encode("utf-8")))

@@ -74,6 +74,11 @@ class OrderConflict(ValueError):
     """A change that would attribute images already linked to the order to someone else."""
 
 
+class InvalidMerge(InvalidOrder):
+    """A merge that cannot be done as asked: the prior and surviving patient are one patient,
+    or the surviving patient was merged into the prior one before (an unmerge)."""
+
+
 # Longest values DICOM can carry (PS3.5 VRs) for what goes to the worklist, and column sizes.
 # Free text (descriptions, reason, address: LO) has no limit here: the worklist cuts it to 64,
 # as HIS procedure names and reasons are often longer (the JSON API takes 64).
@@ -193,8 +198,16 @@ class OrderStore:
 
     def _merge_patient(self, prior_id: str, prior_issuer: str, into: PatientInfo) -> int:
         with self.index.write_core() as conn:
-            target = _save_patient(conn, into)
             prior = _find_patient(conn, prior_id, prior_issuer)
+            named = _find_patient(conn, into.patient_id, into.issuer)
+            if prior is not None and named is not None and prior in _merges(conn, named)[1:]:
+                # Merging back would leave the first merge's orders and images where they
+                # are, under a patient now marked merged away: refused rather than half done.
+                raise InvalidMerge(
+                    "the surviving patient was itself merged into the prior patient before;"
+                    " undoing a merge is not supported: correct the records in the HIS and"
+                    " the studies by hand; nothing was merged")
+            target = _save_patient(conn, into)
             if prior is None:
                 # Known from the archive's images only: recorded as merged all the same, so
                 # the A40 sent again (its ACK lost) finds it and is answered AA again.
@@ -421,15 +434,21 @@ def _find_patient(conn: Connection, patient_id: str, issuer: str) -> int | None:
         .order_by((emr_patients.c.issuer == issuer).desc(), emr_patients.c.pk)).scalar()
 
 
-def _surviving(conn: Connection, pk: int) -> int:
-    """The record ``pk`` was merged into, through successive merges; ``pk`` if none."""
+def _merges(conn: Connection, pk: int) -> list[int]:
+    """``pk`` and the records it was merged into, in turn, up to the one that survives."""
+    chain = [pk]
     for _ in range(32):  # merges never loop, but a bound costs nothing
         merged_into = conn.execute(sa.select(emr_patients.c.merged_into_pk)
-                                   .where(emr_patients.c.pk == pk)).scalar()
-        if merged_into is None:
+                                   .where(emr_patients.c.pk == chain[-1])).scalar()
+        if merged_into is None or merged_into in chain:
             break
-        pk = merged_into
-    return pk
+        chain.append(merged_into)
+    return chain
+
+
+def _surviving(conn: Connection, pk: int) -> int:
+    """The record ``pk`` was merged into, through successive merges; ``pk`` if none."""
+    return _merges(conn, pk)[-1]
 
 
 def _patient_values(patient: PatientInfo) -> dict[str, Any]:

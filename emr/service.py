@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from urllib.parse import urlsplit
 
 import httpx
@@ -18,7 +19,14 @@ from emr import fhir, hl7_out, hl7v2, mllp
 from emr.errors import loggable
 from emr.linking import LINKED, StudyLink, StudyLinker, demographics
 from emr.model import Order, PatientMerge, PatientUpdate
-from emr.orders import InvalidOrder, OrderConflict, OrderStore, StoredOrder, UnknownPatient
+from emr.orders import (
+    InvalidMerge,
+    InvalidOrder,
+    OrderConflict,
+    OrderStore,
+    StoredOrder,
+    UnknownPatient,
+)
 from emr.outbox import DeliveryRefused, Outbox
 from emr.performed import COMPLETED, PerformedSteps
 from emr.results import study_result
@@ -28,13 +36,17 @@ from storage.archive import Archive
 from storage.completion import StudyCompletion
 from storage.errors import NotFound
 from storage.index import Index, deliveries, orders, patients, study_links
-from storage.patients import correct_patient, merge_patient
+from storage.patients import correct_patient, merge_patient, same_patient
 from storage.query import NameMatching
 from viewer.share_api import public_base
 
 log = logging.getLogger("pacs.emr")
 
 _HTTP_TIMEOUT = 15.0
+# HL7 messages split at the same time. A message within the limits of emr.hl7_segments takes up
+# to ~90 MB and a second to split; under the GIL more at once are no faster, only bigger (eight
+# took 550 MB), and each MLLP connection has a thread of its own.
+_HL7_PARSING = 2
 
 
 class EmrService:
@@ -56,6 +68,7 @@ class EmrService:
                                          on_performed=self._performed)
         self.hl7_server = mllp.MllpServer(settings.hl7_host, settings.hl7_port,
                                           self.handle_hl7) if settings.hl7_port else None
+        self._hl7_parsing = threading.BoundedSemaphore(_HL7_PARSING)
         if completion is not None:
             completion.subscribe(self.study_complete)
 
@@ -91,8 +104,19 @@ class EmrService:
 
     def merge_patients(self, merge: PatientMerge) -> int:
         """Merge the prior patient into the surviving one, in orders and in the index; studies
-        moved. ``UnknownPatient`` (nothing changed, not even the surviving patient's record)
-        when the prior patient is unknown: a mistyped MRN must not pass for a merge done."""
+        moved.
+
+        Nothing changes, not even the surviving patient's record, when the merge cannot be
+        done as asked: ``UnknownPatient`` when the prior patient is unknown (a mistyped MRN
+        must not pass for a merge done), ``InvalidMerge`` when prior and survivor are one
+        patient (the same ID, an issuer on one side only: the other issuer's patients with
+        that ID would be taken along) or when it would undo an earlier merge."""
+        survivor = merge.patient
+        if same_patient(merge.prior_patient_id, merge.prior_issuer, survivor.patient_id,
+                        survivor.issuer):
+            raise InvalidMerge("the prior patient is the surviving patient itself (the same"
+                               " ID, and the same issuer or none on one side); nothing was"
+                               " merged")
         if not self.knows_patient(merge.prior_patient_id, merge.prior_issuer):
             raise UnknownPatient("the prior patient is neither in the EMR's records nor in the "
                                  "archive; nothing was merged")
@@ -119,7 +143,8 @@ class EmrService:
         """One HL7 message in, its ACK out. Never raises: every failure is an AE/AR ACK."""
         header = None
         try:
-            header, message = hl7v2.parse_inbound(hl7v2.decode(data))
+            with self._hl7_parsing:
+                header, message = hl7v2.parse_inbound(hl7v2.decode(data))
             if isinstance(message, Order):
                 self.apply_order(message)
             elif isinstance(message, PatientMerge):
@@ -140,6 +165,11 @@ class EmrService:
             answer = self._ack(header, "AE", "MRG-1 prior patient unknown: neither sent by the"
                                " HIS nor in the archive; nothing was merged (không tìm thấy"
                                " bệnh nhân cũ)", "MRG-1", "204")
+        except InvalidMerge as exc:
+            log.warning("HL7 message %s not applied: merge refused (MRG-1)",
+                        header.control_id if header else "?")
+            answer = self._ack(header, "AE", f"MRG-1: {exc} (không gộp được bệnh nhân)",
+                               "MRG-1", "207")
         except (NotFound, InvalidOrder, OrderConflict) as exc:
             log.warning("HL7 message %s not applied: %s", header.control_id if header else "?",
                         type(exc).__name__)

@@ -44,6 +44,12 @@ class Demographics:
     sex: str = ""
 
 
+def same_patient(patient_id: str, issuer: str, other_id: str, other_issuer: str) -> bool:
+    """Whether two PatientID/issuer pairs name one patient: the same ID, and the same issuer
+    or none on one side (the rule of this module)."""
+    return patient_id == other_id and (issuer == other_issuer or not issuer or not other_issuer)
+
+
 def correct_patient(archive: Archive, who: Demographics, *, study_uid: str | None = None
                     ) -> int:
     """Copy the EMR's demographics onto the index patient(s) with this ID, and into the stored

@@ -324,6 +324,67 @@ def test_latin1_order_reaches_the_worklist_and_a_latin1_query_finds_it(site):
     assert str(answer.PatientName) == "Lê^Bá Tín"
 
 
+def msa_text(ack: str) -> str:
+    """MSA-3, the reason of an AE or AR."""
+    return str(hl7.parse(ack).segment("MSA")[3])
+
+
+def peak_rss_mib(site: Site) -> float:
+    """The most memory the server process has held since it started (VmHWM)."""
+    status = Path(f"/proc/{site.server.proc.pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines()
+                    if line.startswith("VmHWM:"))) / 1024
+
+
+# Review (fuzzing): one MLLP frame of 1 MiB whose PID-3 was mostly "~" (or ~100k NTE segments)
+# took 833 MB and 11 s of the server's main process, 4 MiB 2.9 GB and 43 s: python-hl7 builds
+# objects for every separator, and the port has no authentication.
+@pytest.mark.parametrize("flood", ["repetitions", "segments", "escapes"])
+def test_a_frame_full_of_separators_is_refused_at_once_and_the_listener_carries_on(site, flood):
+    accession, follow = unique("BOM"), unique("BOM")
+    message = orm(accession)
+    if flood == "repetitions":
+        message = message.replace("^^^BVDK^MR", "^^^BVDK^MR" + "~" * (1 << 20), 1)
+    elif flood == "segments":
+        message += "NTE|1\r" * ((1 << 20) // 6)
+    else:
+        message += "NTE|1||" + "\\.br\\" * ((1 << 20) // 5) + "\r"
+    before = peak_rss_mib(site)
+
+    started = time.monotonic()
+    acks = mllp_exchange(site.server.hl7_port, [b"\x0b" + message.encode() + b"\x1c\r",
+                                                b"\x0b" + orm(follow).encode() + b"\x1c\r"],
+                         answers=2, timeout=60)
+    elapsed = time.monotonic() - started
+
+    assert [msa(a) for a in acks] == [("AR", f"MSG{accession}NW"), ("AA", f"MSG{follow}NW")]
+    assert "too large" in msa_text(acks[0])
+    assert elapsed < 5, f"{elapsed:.1f}s to refuse a 1 MiB message"
+    assert peak_rss_mib(site) - before < 100
+    assert api(site, "GET", f"/api/orders/{accession}").status_code == 404
+
+
+# Review (fuzzing): hex escapes were read as UTF-8, else Latin-1, whatever MSH-18 said: a
+# Cyrillic name in an 8859/5 message was stored as Latin-1 letters, and \XFF\ in a UTF-8
+# message silently as "ÿ".
+def test_hex_escapes_are_read_in_the_declared_character_set_and_invalid_ones_refused(site):
+    cyrillic, invalid = unique("HEX"), unique("HEX")
+    ivanov = "Иванов".encode("iso8859-5").hex().upper()
+    text = latin1_orm(cyrillic, unique("BNH"), f"\\X{ivanov}\\^Ivan", "8859/5")
+    bad = orm(invalid, patient_id=unique("BNH"), name="A\\XFF\\B^C")
+
+    acks = mllp_exchange(site.server.hl7_port,
+                         [b"\x0b" + text.encode("iso8859-5") + b"\x1c\r",
+                          b"\x0b" + bad.encode() + b"\x1c\r"], answers=2)
+
+    assert msa(acks[0])[0] == "AA", acks[0]
+    assert api(site, "GET", f"/api/orders/{cyrillic}").json()["patient"]["name"] == \
+        "Иванов^Ivan"
+    assert msa(acks[1]) == ("AR", f"MSG{invalid}NW")
+    assert "PID^1^5" in acks[1] and "UNICODE UTF-8" in msa_text(acks[1])
+    assert api(site, "GET", f"/api/orders/{invalid}").status_code == 404
+
+
 # ============================================================================ orders
 
 
@@ -502,6 +563,63 @@ def test_a40_naming_the_surviving_patient_as_prior_changes_nothing(site, tmp_pat
     [found] = _patient_level(site, tmp_path, dcmtk_env, patient)
     assert found.NumberOfPatientRelatedStudies == 1
     assert qido_patient_id(site, spec.study_uid) == patient
+
+
+def study_issuer(site: Site, study_uid: str) -> str:
+    """IssuerOfPatientID of a study, as WADO-RS metadata gives it."""
+    [first, *_] = api(site, "GET", f"/dicomweb/studies/{study_uid}/metadata").json()
+    return first["00100021"]["Value"][0]
+
+
+# Review (fuzzing): an A40 whose MRG-1 had no issuer and the ID of the surviving PID-3 (which
+# had one) was AA and moved the study another hospital's patient with that ID had here to ours:
+# the prior matched every issuer, the survivor excluded only its own.
+def test_a40_whose_prior_is_the_survivor_without_its_issuer_is_ae_and_moves_nothing(site):
+    patient = unique("BNW")
+    ours = Spec(patient_id=patient, patient_name="Chu^Văn Ta", accession="",
+                extra={"IssuerOfPatientID": "BVDK"})
+    theirs = Spec(patient_id=patient, patient_name="Khac^Văn Ho", accession="",
+                  extra={"IssuerOfPatientID": "OTHER"})
+    for spec in (ours, theirs):
+        stow_study(site, spec)
+
+    ack = send_hl7(site.server, adt("A40", patient, "Chu^Văn Ta") + f"MRG|{patient}\r")
+    merged = api(site, "POST", "/api/patients/merge",
+                 json={"prior_patient_id": patient,
+                       "patient": {"patient_id": patient, "issuer": "BVDK"}})
+
+    assert ack_code(ack) == "AE"
+    assert "MRG-1" in str(ack.segment("MSA")[3]) and str(ack.segment("ERR")[2]) == "MRG^1^1"
+    assert merged.status_code == 400, merged.text
+    assert (study_issuer(site, ours.study_uid), study_issuer(site, theirs.study_uid)) \
+        == ("BVDK", "OTHER")
+
+
+# Review (fuzzing): A merged into B, then B into A: AA, and nothing changed (the EMR kept A
+# merged into B, the studies stayed with B). AA must mean applied.
+def test_a40_undoing_an_earlier_merge_is_ae_and_changes_nothing(site):
+    a, b, accession = unique("BNA"), unique("BNB"), unique("UM")
+    assert ack_code(send_hl7(site.server, adt("A08", a, "Hồ^Văn A"))) == "AA"
+    assert ack_code(send_hl7(site.server, orm(accession, patient_id=b, name="Hồ^Văn B"))) == "AA"
+    spec_a = Spec(patient_id=a, patient_name="Hồ^Văn A", accession="")
+    spec_b = Spec(patient_id=b, patient_name="Hồ^Văn B", accession=accession)
+    for spec in (spec_a, spec_b):
+        stow_study(site, spec)
+    assert ack_code(send_hl7(site.server, adt("A40", b, "Hồ^Văn B", prior=a))) == "AA"
+
+    back = send_hl7(site.server, adt("A40", a, "Hồ^Văn A", prior=b))
+    merged = api(site, "POST", "/api/patients/merge",
+                 json={"prior_patient_id": b, "patient": {"patient_id": a}})
+
+    assert ack_code(back) == "AE"
+    assert "merged into the prior patient" in str(back.segment("MSA")[3])
+    assert str(back.segment("ERR")[2]) == "MRG^1^1"
+    assert merged.status_code == 400 and "merged into the prior" in merged.json()["message"]
+    assert [qido_patient_id(site, s.study_uid) for s in (spec_a, spec_b)] == [b, b]
+    assert api(site, "GET", f"/api/orders/{accession}").json()["patient"]["patient_id"] == b
+    assert api(site, "GET", "/fhir/Patient", params={"identifier": a}).json()["total"] == 0
+    [entry] = api(site, "GET", "/fhir/Patient", params={"identifier": b}).json()["entry"]
+    assert entry["resource"]["name"][0]["family"] == "Hồ"
 
 
 # Review: after ADT^A40 the prior patient's FHIR resource (emr/http.py:read_patient) still
@@ -1332,7 +1450,8 @@ def test_updating_a_patient_with_nothing_new_answers_normally(site):
 
     assert again.status_code == 200 and again.json()["name"] == "Lê^Văn"
     assert again.json()["id"] == first.json()["id"]
-    assert merged.status_code == 200 and merged.json() == {"studies_moved": 0}
+    # A patient merged into itself is refused, as ADT^A40 is (AE).
+    assert merged.status_code == 400 and "itself" in merged.json()["message"]
 
 
 def test_merging_a_prior_patient_nobody_knows_is_404_and_changes_nothing(site):

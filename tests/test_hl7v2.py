@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import hl7
 import pytest
 
 from emr import hl7_out, hl7v2
+from emr.hl7_segments import MAX_ESCAPES, MAX_SEGMENTS, MAX_SEPARATORS
 from emr.hl7v2 import Header, Hl7Error
 from emr.model import (
     Order,
@@ -489,6 +492,96 @@ def test_decode_accepts_any_line_ending_between_segments(separator: str) -> None
 
     assert decoded.count("\r") == 4 and "\n" not in decoded
     assert parse_order(decoded).accession_number == "ACC0001"
+
+
+# Fuzzing: python-hl7 builds objects for every separator and segment (about 800 bytes each):
+# one 1 MiB frame of "~" in PID-3 took 833 MB and 11 s, 4 MiB 2.9 GB and 43 s.
+def at_limits() -> str:
+    """An order with as many segments, separators and escape characters as the limits allow."""
+    head = [msh("ORM^O01^ORM_O01", "BIG1"), PID, ORC_NW, OBR]
+    separators = sum(sum(s.count(c) for c in "|^~&") for s in head)
+    notes = ["NTE|1"] * (MAX_SEGMENTS - len(head) - 1)
+    separators += len(notes)
+    escapes = MAX_ESCAPES - sum(s.count("\\") for s in head)
+    text = "\\.br\\" * (escapes // 2) + "\\" * (escapes % 2)  # a lone one is kept as text
+    last = "NTE|2||" + text + "|" * (MAX_SEPARATORS - separators - 3)
+    return message(*head, *notes, last)
+
+
+def test_a_message_at_every_limit_is_taken() -> None:
+    text = at_limits()
+    assert (text.count("\r"), sum(text.count(c) for c in "|^~&"), text.count("\\")) \
+        == (MAX_SEGMENTS, MAX_SEPARATORS, MAX_ESCAPES)
+
+    order = parse_order(hl7v2.decode(text.encode()))
+
+    assert order.accession_number == "ACC0001"
+
+
+@pytest.mark.parametrize(("flood", "what"), [
+    ("NTE|1\r", "segments"),
+    ("NTE|1\n", "segments"),
+    ("|", "separators"),
+    ("~", "separators"),
+    ("^", "separators"),
+    ("&", "separators"),
+    ("\\.br\\", "escape characters"),
+])
+def test_a_message_past_a_limit_is_rejected_before_it_is_split(flood: str, what: str) -> None:
+    text = at_limits().replace("NTE|2||", "NTE|2||" + flood, 1)
+
+    for read in (lambda: hl7v2.decode(text.encode()), lambda: hl7v2.parse_inbound(text)):
+        with pytest.raises(Hl7Error) as caught:
+            read()
+        assert caught.value.ack_code == "AR" and what in caught.value.reason
+        assert caught.value.header is not None and caught.value.header.control_id == "BIG1"
+
+
+def test_a_megabyte_of_repetitions_is_rejected_in_a_fraction_of_a_second() -> None:
+    raw = orm(PID.replace("BVDK^MR", "BVDK^MR" + "~" * (1 << 20), 1), ORC_NW, OBR).encode()
+
+    started = time.monotonic()
+    with pytest.raises(Hl7Error) as caught:
+        hl7v2.parse_inbound(hl7v2.decode(raw))
+
+    assert caught.value.ack_code == "AR" and time.monotonic() - started < 0.5
+
+
+# Fuzzing: hex escapes were read as UTF-8, else Latin-1, whatever MSH-18 declared.
+def test_hex_escapes_are_bytes_in_the_declared_character_set() -> None:
+    # Иванов in ISO 8859-5 (the fuzzer's C8E2E0EDEEE2 is its windows-1251 form).
+    text = message(msh("ADT^A08", charset="8859/5"),
+                   "PID|1||BN7^^^BVDK^MR||\\XB8D2D0DDDED2\\^Ivan")
+
+    _, body = hl7v2.parse_inbound(hl7v2.decode(text.encode("iso8859-5")))
+
+    assert isinstance(body, PatientUpdate) and body.patient.name == "Иванов^Ivan"
+
+
+@pytest.mark.parametrize(("charset", "escape"), [
+    ("UNICODE UTF-8", "\\XFF\\"),
+    ("UNICODE UTF-8", "\\XC3\\"),  # half a character
+    ("ASCII", "\\XC3A1\\"),
+])
+def test_hex_escapes_invalid_in_the_declared_character_set_are_rejected(
+    charset: str, escape: str,
+) -> None:
+    text = message(msh("ADT^A08", control_id="HEX1", charset=charset),
+                   f"PID|1||BN7^^^BVDK^MR||A{escape}B^C")
+
+    error = rejected(hl7v2.decode(text.encode()))
+
+    assert (error.ack_code, error.error_location) == ("AR", "PID-5")
+    assert charset in error.reason
+    assert error.header is not None and error.header.control_id == "HEX1"
+
+
+def test_hex_escapes_in_an_unlabelled_message_are_utf8_else_latin1() -> None:
+    text = message(msh("ADT^A08"), "PID|1||BN7^^^BVDK^MR||L\\XC3AA\\^H\\XE0\\")
+
+    _, body = hl7v2.parse_inbound(hl7v2.decode(text.encode()))
+
+    assert isinstance(body, PatientUpdate) and body.patient.name == "Lê^Hà"
 
 
 # ------------------------------------------------------------------ ACK

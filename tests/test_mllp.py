@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -10,7 +11,16 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from emr.mllp import FrameReader, FrameTooLarge, MllpError, MllpServer, frame, send
+from emr.mllp import (
+    MAX_MESSAGE_BYTES,
+    MIB,
+    FrameReader,
+    FrameTooLarge,
+    MllpError,
+    MllpServer,
+    frame,
+    send,
+)
 
 VT, FS, CR = b"\x0b", b"\x1c", b"\r"
 TIMEOUT = 2.0
@@ -156,6 +166,24 @@ def test_oversized_message_closes_its_connection_and_server_keeps_serving(
     with connect(server) as other:
         other.sendall(frame(hl7_message("SMALL")))
         assert b"MSA|AA|SMALL" in read_answers(other, 1)[0]
+
+
+def test_by_default_a_frame_over_4_mib_closes_its_connection_and_one_just_under_is_answered(
+    serve: Callable[..., MllpServer],
+) -> None:
+    # Fuzzing: frames up to 16 MiB were taken, from anyone on the network; real orders and ADT
+    # are a few kB.
+    server = serve()
+    fits = hl7_message("FITS") + b"NTE|1||" + b"x" * (MAX_MESSAGE_BYTES - 1024) + b"\r"
+
+    with connect(server) as big:
+        with contextlib.suppress(OSError):  # the server may close while we still write
+            big.sendall(VT + hl7_message("BIG") + b"x" * (4 * MIB))
+        assert is_closed(big)
+
+    with connect(server) as other:
+        other.sendall(frame(fits))
+        assert b"MSA|AA|FITS" in read_answers(other, 1)[0]
 
 
 def test_handler_exception_closes_the_connection_and_server_survives(
