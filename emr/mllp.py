@@ -167,11 +167,27 @@ class _TcpServer(socketserver.ThreadingTCPServer):
         self.owner = owner
         self.connections: set[socket.socket] = set()
         self.lock = threading.Lock()
+        self._refused_logged = -60.0  # when a refusal was last logged (monotonic seconds)
         super().__init__(address, _Connection)
 
-    def process_request_thread(self, request: socket.socket, client_address: object) -> None:
+    def verify_request(self, request: socket.socket, client_address: object) -> bool:
+        """Take the connection if a place is free (it is then counted, in the accepting
+        thread, so a burst of connections cannot all pass the check at once)."""
         with self.lock:
-            self.connections.add(request)
+            if len(self.connections) < self.owner.max_connections:
+                self.connections.add(request)
+                return True
+            now = time.monotonic()
+            speak = now - self._refused_logged > 60  # a flood must not flood the log too
+            if speak:
+                self._refused_logged = now
+        if speak:
+            log.warning("HL7 connection from %s refused: %d connections are open already "
+                        "(hl7_max_connections)", client_address[0],  # type: ignore[index]
+                        self.owner.max_connections)
+        return False
+
+    def process_request_thread(self, request: socket.socket, client_address: object) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
@@ -185,7 +201,9 @@ class MllpServer:
     One thread per connection; messages on a connection are handled one at a time, in order.
     ``handle`` should always return an answer; if it raises, the connection is closed (the
     sender will resend) and the server carries on. A message over ``max_message_bytes`` closes
-    its connection; a connection silent for ``idle_timeout`` seconds is closed."""
+    its connection; a connection silent for ``idle_timeout`` seconds is closed. Beyond
+    ``max_connections`` open at once a new connection is closed at once: each may hold a
+    frame of up to ``max_message_bytes`` while it arrives, and the port takes anyone's."""
 
     def __init__(
         self,
@@ -195,12 +213,14 @@ class MllpServer:
         *,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         idle_timeout: float = 300.0,
+        max_connections: int = 64,
     ) -> None:
         self.host = host
         self.port = port
         self.handle = handle
         self.max_message_bytes = max_message_bytes
         self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
         self._server: _TcpServer | None = None
         self._thread: threading.Thread | None = None
 

@@ -66,8 +66,9 @@ class EmrService:
         self.worklist = WorklistHandlers(self.orders, self.steps,
                                          NameMatching(settings.person_name_matching),
                                          on_performed=self._performed)
-        self.hl7_server = mllp.MllpServer(settings.hl7_host, settings.hl7_port,
-                                          self.handle_hl7) if settings.hl7_port else None
+        self.hl7_server = mllp.MllpServer(
+            settings.hl7_host, settings.hl7_port, self.handle_hl7,
+            max_connections=settings.hl7_max_connections) if settings.hl7_port else None
         self._hl7_parsing = threading.BoundedSemaphore(_HL7_PARSING)
         if completion is not None:
             completion.subscribe(self.study_complete)

@@ -150,6 +150,8 @@ class Settings:
     # EMR links (emr/). HL7 v2 orders and ADT arrive over MLLP on this port (0: no listener).
     hl7_host: str = "0.0.0.0"
     hl7_port: int = 2575
+    # HL7 connections open at once (a HIS keeps one or two); beyond, new ones are closed.
+    hl7_max_connections: int = 64
     # MSH-3 / MSH-4 of the messages this server sends (ACKs, ORU results).
     hl7_application: str = "PACS"
     hl7_facility: str = ""
@@ -341,7 +343,7 @@ def _validate(settings: Settings) -> None:
     if settings.study_complete_seconds <= 0:
         raise SettingsError("study_complete_seconds must be positive")
     for name in ("share_days", "share_session_hours", "share_pin_max_attempts",
-                 "film_images_per_series"):
+                 "film_images_per_series", "hl7_max_connections"):
         if getattr(settings, name) < 1:
             raise SettingsError(f"{name} must be at least 1")
     if not re.fullmatch(r"\s*\d{1,2}\s*[xX]\s*\d{1,2}\s*", settings.film_layout) or \

@@ -212,6 +212,33 @@ def test_server_closes_idle_connections(serve: Callable[..., MllpServer]) -> Non
     assert time.monotonic() - started < TIMEOUT
 
 
+def test_connections_beyond_the_limit_are_closed_and_a_freed_place_serves_again(
+        serve: Callable[..., MllpServer], caplog: pytest.LogCaptureFixture) -> None:
+    # Each connection may hold a 4 MiB frame while it arrives: 200 idle connections with a
+    # frame begun held 2.4 GB.
+    server = serve(max_connections=2)
+    first, second = connect(server), connect(server)
+    first.sendall(VT + b"MSH|")  # a frame begun, never ended
+    with caplog.at_level(logging.WARNING, logger="emr.mllp"):
+        for _ in range(3):
+            with connect(server) as refused:
+                assert is_closed(refused)
+    assert sum("refused" in r.getMessage() for r in caplog.records) == 1  # once, not a flood
+    with second:
+        second.sendall(frame(hl7_message("KEPT")))
+        assert b"MSA|AA|KEPT" in read_answers(second, 1)[0]
+    first.close()
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:  # the server notices the closed ones, then takes more
+        with contextlib.suppress(MllpError):
+            if "MSA|AA|AGAIN" in send(*server.address, hl7_message("AGAIN").decode(),
+                                      timeout=TIMEOUT):
+                break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("no place freed")
+
+
 def test_stop_closes_open_connections(serve: Callable[..., MllpServer]) -> None:
     server = serve()
     sock = connect(server)
