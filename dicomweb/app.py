@@ -13,7 +13,7 @@ import gzip
 import json
 import logging
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -41,8 +41,8 @@ from dicomweb.multipart import (
 )
 from dicomweb.openapi import openapi_document
 from dicomweb.transcode import NotTranscodable
-from pacs.access import study_scope
-from pacs.http_input import whole_number
+from pacs.access import ErrorBodies, study_scope
+from pacs.http_input import under_prefix, whole_number
 from pacs.settings import Settings
 from storage.archive import Archive
 from storage.attributes import Level
@@ -501,9 +501,6 @@ _STATUSES: list[tuple[type[BaseException], int]] = [
 ]
 
 
-# How an error is told (status, message) under a path prefix whose clients expect their own
-# format: ``{"/fhir": OperationOutcome}``. Elsewhere: ``{"status": ..., "message": ...}``.
-ErrorBodies = Mapping[str, Callable[[int, str], Response]]
 
 
 def error_handlers(bodies: ErrorBodies | None = None) -> dict[Any, Any]:
@@ -534,9 +531,7 @@ async def _error_response(request: Request, exc: Exception,
         log.error("HTTP %s %s: %s", request.method, loggable_path(request.scope), message)
     if status == 408:  # the rest of the body may still come: the connection cannot go on
         headers["Connection"] = "close"
-    path = request.scope.get("path", "")
-    body = next((make for prefix, make in (bodies or {}).items()
-                 if path == prefix or path.startswith(prefix + "/")), None)
+    body = under_prefix(bodies or {}, request.scope.get("path", ""))
     response = (body(status, message) if body is not None else
                 JSONResponse({"status": status, "message": message}, status_code=status))
     response.headers.update(headers)

@@ -45,6 +45,7 @@ import re
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from starlette.concurrency import run_in_threadpool
@@ -53,6 +54,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from pacs.http_input import under_prefix
 from pacs.settings import Settings
 from storage.errors import NotFound
 from storage.shares import Share, ShareState, ShareStore
@@ -60,6 +62,10 @@ from storage.shares import Share, ShareState, ShareStore
 log = logging.getLogger("pacs.access")
 
 SCOPE_KEY = "pacs.principal"
+# How an error or a refusal is told under a path prefix whose clients expect their own format
+# (``{"/fhir": OperationOutcome}``): (status, message) -> response. Elsewhere the server's
+# JSON (``{"status": ..., "message": ...}``) or, for pages, HTML.
+ErrorBodies = Mapping[str, Callable[[int, str], Response]]
 _SHARE_CACHE_SECONDS = 3.0
 
 
@@ -417,9 +423,11 @@ def _forwarded_host(entry: str) -> str | None:
 class AccessGate:
     """ASGI middleware: every HTTP request is decided here before it reaches a route."""
 
-    def __init__(self, app: ASGIApp, policy: AccessPolicy) -> None:
+    def __init__(self, app: ASGIApp, policy: AccessPolicy,
+                 bodies: ErrorBodies | None = None) -> None:
         self.app = app
         self.policy = policy
+        self.bodies = bodies or {}  # refusals under these path prefixes in their clients' form
         self.allowed_origins = {o.rstrip("/").lower()
                                 for o in policy.settings.cors_allowed_origins}
         self._route_words: frozenset[str] | None = None  # known at the first request
@@ -445,7 +453,7 @@ class AccessGate:
                     self._route_words = _route_words(scope.get("app"))
                 log.warning("share %d refused: %s %s", principal.share.id, method,
                             _loggable_path(path, self._route_words))
-            await _denied(scope, decision)(scope, receive, send)
+            await _denied(scope, decision, self.bodies)(scope, receive, send)
             return
         scope[SCOPE_KEY] = principal
         if principal.role is Role.SHARE:
@@ -487,9 +495,14 @@ def _use_of(path: str) -> tuple[str, str]:
     return "", ""
 
 
-def _denied(scope: Scope, decision: Decision) -> Response:
+def _denied(scope: Scope, decision: Decision, bodies: ErrorBodies) -> Response:
     headers = {"WWW-Authenticate": 'Bearer realm="pacs"'} if decision.status == 401 else {}
     path = scope["path"]
+    body = under_prefix(bodies, path)  # clients with a format of their own (FHIR)
+    if body is not None:
+        response = body(decision.status, decision.message)
+        response.headers.update(headers)
+        return response
     if path.startswith(("/dicomweb", "/api", "/wado", "/metrics")):
         return JSONResponse({"status": decision.status, "message": decision.message},
                             status_code=decision.status, headers=headers)

@@ -49,7 +49,7 @@ def build_app(server) -> Starlette:
             expose_headers=["ETag", "Content-Length", "Content-Range", "Warning"],
             max_age=600))
     # After CORS (preflights carry no credentials), before every route.
-    middleware.append(Middleware(AccessGate, policy=server.access))
+    middleware.append(Middleware(AccessGate, policy=server.access, bodies=ERROR_BODIES))
     dicomweb = build_dicomweb(server.archive, server.settings)
     return Starlette(routes=[
         Route("/healthz", healthz),

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 
 from dicomweb.multipart import BodyTooLarge
+
+T = TypeVar("T")
 
 _WHOLE_NUMBER = re.compile(r"[0-9]{1,19}")
 
@@ -86,3 +89,10 @@ def check_json_size(value: Any, *, max_values: int | None = None,
         items = container.items() if isinstance(container, dict) else enumerate(container)
         pending.extend((item, (*location, key)) for key, item in items
                        if isinstance(item, dict | list))
+
+
+def under_prefix(table: Mapping[str, T], path: str) -> T | None:
+    """The value of ``table`` (path prefix -> value) whose prefix ``path`` is under, if any:
+    ``/fhir`` takes ``/fhir`` and ``/fhir/Patient``, not ``/fhirx``."""
+    return next((value for prefix, value in table.items()
+                 if path == prefix or path.startswith(prefix + "/")), None)

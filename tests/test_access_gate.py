@@ -562,6 +562,18 @@ def test_strangers_reach_no_study_route(site):
         assert "Bí Mật" not in response.text and A_PATIENT_ID not in response.text
 
 
+def test_a_fhir_client_outside_the_staff_networks_is_refused_in_fhir(site):
+    # It got the sign-in HTML page meant for browsers.
+    for path in ("/fhir/Patient?identifier=BN-A-0001", "/fhir/metadata"):
+        refused = site.get(path)
+        assert refused.status_code == 401, path
+        assert refused.headers["content-type"].startswith("application/fhir+json")
+        assert refused.json()["resourceType"] == "OperationOutcome"
+        assert refused.json()["issue"][0]["code"] == "login"
+        assert refused.headers["www-authenticate"].startswith("Bearer")
+    assert site.get("/fhir/metadata", site.grant).json()["issue"][0]["code"] == "forbidden"
+
+
 # ---------------------------------------------------------------------------- the proxy
 
 
