@@ -51,10 +51,11 @@ class Accepted:
         return _matches(self.media_type, media_type)
 
 
-def parse_accept(header: str | None) -> list[Accepted]:
-    """Entries of an Accept header, best first (no header means ``*/*``)."""
+def accept_ranges(header: str | None) -> list[Accepted]:
+    """Every entry of an Accept header in its order, those weighted 0 (refusals) included; no
+    header means ``*/*``, an unreadable weight counts as 1."""
     entries = []
-    for position, item in enumerate(split_outside_quotes(header or "*/*", ",")):
+    for item in split_outside_quotes(header or "*/*", ","):
         media_type, params = parse_content_type(item)
         if not media_type:
             continue
@@ -63,11 +64,15 @@ def parse_accept(header: str | None) -> list[Accepted]:
         except ValueError:
             quality = 1.0
         part_type = params.get("type")
-        entries.append((-quality, position, Accepted(
-            media_type, part_type.lower() if part_type else None,
-            params.get("transfer-syntax"), quality)))
-    entries.sort(key=lambda e: (e[0], e[1]))
-    return [entry for _, _, entry in entries if entry.quality > 0]
+        entries.append(Accepted(media_type, part_type.lower() if part_type else None,
+                                params.get("transfer-syntax"), quality))
+    return entries
+
+
+def parse_accept(header: str | None) -> list[Accepted]:
+    """The acceptable entries of an Accept header, best first (no header means ``*/*``)."""
+    ranked = sorted(enumerate(accept_ranges(header)), key=lambda e: (-e[1].quality, e[0]))
+    return [entry for _, entry in ranked if entry.quality > 0]
 
 
 def _matches(pattern: str, media_type: str) -> bool:

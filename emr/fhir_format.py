@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from dicomweb.multipart import parse_content_type, split_outside_quotes
+from dicomweb.media import accept_ranges
+from dicomweb.multipart import parse_content_type
 from emr.fhir import FhirError
 
 FHIR_JSON = "application/fhir+json"
@@ -57,22 +58,11 @@ def check_body_format(content_type: str | None) -> None:
 
 
 def _media_ranges(accept: str | None) -> list[tuple[str, float]]:
-    """The media ranges of an Accept header with their weights, q=0 included (no header is
-    ``*/*``; an unreadable weight counts as 1, as ``dicomweb.media.parse_accept`` reads it).
-
-    Not ``parse_accept``: it drops the ranges weighted 0, which RFC 9110 12.5.1 reads as a
-    refusal that a less specific range (``*/*``) does not override."""
-    ranges = []
-    for item in split_outside_quotes(accept or "*/*", ","):
-        media_type, params = parse_content_type(item)
-        if not media_type:
-            continue
-        try:
-            quality = float(params.get("q", "1"))
-        except ValueError:
-            quality = 1.0
-        ranges.append(("*/*" if media_type == "*" else media_type, quality))
-    return ranges
+    """The media ranges of an Accept header with their weights, q=0 included: RFC 9110 12.5.1
+    reads those as refusals that a less specific range (``*/*``) does not override, so not
+    ``parse_accept``, which drops them."""
+    return [("*/*" if entry.media_type == "*" else entry.media_type, entry.quality)
+            for entry in accept_ranges(accept)]
 
 
 def _quality(ranges: list[tuple[str, float]], media_type: str) -> tuple[float, bool]:
