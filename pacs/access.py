@@ -229,9 +229,8 @@ class AccessPolicy:
         self.settings = settings
         self.shares = shares
         self.secret = secret
-        self.staff_networks = [ipaddress.ip_network(n, strict=False)
-                               for n in settings.staff_networks]
-        self.trusted_proxies = _TrustedProxies(settings.trusted_proxies)
+        self.staff_networks = _Networks(settings.staff_networks)
+        self.trusted_proxies = _Networks(settings.trusted_proxies)
         self._warned_forwarders: set[str] = set()
         self._cache: dict[int, tuple[float, Share | None]] = {}
         self._recorded: OrderedDict[tuple[str, ...], None] = OrderedDict()
@@ -255,7 +254,8 @@ class AccessPolicy:
             query = QueryParams(scope.get("query_string", b"").decode("latin-1"))
         credential = _credential(scope, query)
         if credential is None:
-            staff = self._is_staff(address) and not self._forwarded_by_stranger(scope, address)
+            staff = (address in self.staff_networks
+                     and not self._forwarded_by_stranger(scope, address))
             return Principal(Role.STAFF if staff else Role.ANONYMOUS, address)
         grant = Grant.decode(credential, self.secret)
         if grant is None:
@@ -331,13 +331,6 @@ class AccessPolicy:
                         address)
         return True
 
-    def _is_staff(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in network for network in self.staff_networks)
-
     async def _share(self, share_id: int) -> Share | None:
         cached = self._cache.get(share_id)
         if cached is not None and cached[0] > time.monotonic():
@@ -364,8 +357,9 @@ def _credential(scope: Scope, query: QueryParams) -> str | None:
     return None
 
 
-class _TrustedProxies:
-    """``trusted_proxies``: addresses and networks (the settings refuse anything else)."""
+class _Networks:
+    """``staff_networks`` or ``trusted_proxies``: addresses and networks (the settings refuse
+    anything else); ``host in networks`` for an address, False for anything else."""
 
     def __init__(self, entries: tuple[str, ...]) -> None:
         self.networks = [ipaddress.ip_network(entry, strict=False) for entry in entries]
