@@ -327,7 +327,8 @@ def _frame_ranges(
     """Byte ranges of each frame in the pixel data element that starts at ``pos``.
 
     Pixel data that disagrees with the transfer syntax (compressed fragments under an
-    uncompressed syntax, or the reverse) is refused: stored, it could never be displayed.
+    uncompressed syntax, or the reverse) is refused: stored, it could never be displayed; so is
+    float pixel data in fragments, which no syntax allows.
     """
     endian = "<" if little else ">"
     if len(buffer) < pos + 8:
@@ -346,6 +347,11 @@ def _frame_ranges(
     else:
         (length,), value_start = struct.unpack_from(f"{endian}H", buffer, pos + 6), pos + 8
     frame_count = _int_value(header, "00280008", "Number of Frames", 1)
+    if tag != 0x7FE00010 and length == 0xFFFFFFFF:
+        name = "Float Pixel Data (7FE0,0008)" if tag == 0x7FE00008 else \
+            "Double Float Pixel Data (7FE0,0009)"
+        raise InvalidInstance(f"{name} has an undefined length (compressed fragments): it is "
+                              "never encapsulated (PS3.5 A.4), only Pixel Data (7FE0,0010) is")
     if tag == 0x7FE00010 and (length == 0xFFFFFFFF) != encapsulated:
         if encapsulated:
             raise InvalidInstance(f"the transfer syntax is {syntax_name}, whose Pixel Data is "

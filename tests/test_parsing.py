@@ -10,6 +10,7 @@ import warnings
 
 import pydicom
 import pytest
+from pydicom.dataelem import DataElement
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -209,6 +210,25 @@ def test_pixel_data_that_disagrees_with_the_transfer_syntax_is_refused():
     mislabelled = rle.replace(b"1.2.840.10008.1.2.5\0", b"1.2.840.10008.1.2.1\0")
     with pytest.raises(InvalidInstance, match="Explicit VR Little Endian.*encapsulated"):
         parse_instance(mislabelled)
+
+
+@pytest.mark.parametrize(("tag", "name"), [(0x7FE00008, "Float Pixel Data"),
+                                           (0x7FE00009, "Double Float Pixel Data")])
+def test_float_pixel_data_in_fragments_is_refused(tag, name):
+    """Float pixel data is always native (PS3.5 A.4): fragments of it, under any syntax,
+    could be neither displayed nor converted."""
+    vr, size = ("OF", 4) if tag == 0x7FE00008 else ("OD", 8)
+    floats = dataset()
+    del floats.PixelData
+    floats.add(DataElement(tag, vr, bytes(size * floats.Rows * floats.Columns)))
+    (native_frame,) = parse_instance(part10(floats)).frames
+    assert native_frame[1] == size * floats.Rows * floats.Columns
+    fragments = DataElement(tag, vr, encapsulate([bytes(64)]))
+    fragments.is_undefined_length = True
+    floats.add(fragments)
+    for syntax in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2.5"):
+        with pytest.raises(InvalidInstance, match=f"{name} .* undefined length"):
+            parse_instance(part10(floats, transfer_syntax=syntax))
 
 
 def test_vietnamese_text_is_decoded_as_unicode():
