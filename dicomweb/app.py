@@ -43,6 +43,7 @@ from dicomweb.openapi import openapi_document
 from dicomweb.transcode import NotTranscodable
 from pacs.access import ErrorBodies, study_scope
 from pacs.http_input import under_prefix, whole_number
+from pacs.logs import ANSWER_CUT_SHORT
 from pacs.settings import Settings
 from storage.archive import Archive
 from storage.attributes import Level
@@ -638,6 +639,7 @@ class ContainErrors:
                             loggable_path(scope), type(exc).__name__, _where(exc))
                 log.debug("HTTP %s %s cut short", scope.get("method"), scope.get("path"),
                           exc_info=exc)
+                ANSWER_CUT_SHORT.set(True)  # so uvicorn's line without a cause is left out
                 return
             response = await _error_response(Request(scope), exc, self.bodies)
             await response(scope, receive, send)

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
+
+# Set by ``dicomweb.app.ContainErrors`` when it leaves an answer unfinished, having logged why:
+# uvicorn's own line for it ("ASGI callable returned without completing response", at ERROR,
+# with neither path nor cause) then says nothing more and is left out.
+ANSWER_CUT_SHORT: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "pacs_answer_cut_short", default=False)
+_UNFINISHED_ANSWER = "ASGI callable returned without completing response."
+
+
+def _not_told_before(record: logging.LogRecord) -> bool:
+    return not (record.msg == _UNFINISHED_ANSWER and ANSWER_CUT_SHORT.get())
 
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("uvicorn.error").addFilter(_not_told_before)
     # pynetdicom logs every association and message at INFO (and data sets at DEBUG, which
     # would put patient data in the log): keep it to warnings unless debugging.
     if level.upper() != "DEBUG":
