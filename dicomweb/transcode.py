@@ -2,8 +2,10 @@
 
 Instances are archived as received. A client that asks for another transfer syntax gets the
 instance (or frame) converted here: decompressed to Explicit VR Little Endian, or compressed to
-one of the lossless syntaxes the installed encoders produce. What cannot be produced raises
-``NotTranscodable`` (HTTP 406 at the edge).
+one of the lossless syntaxes the installed encoders produce. It is the same instance in another
+encoding: its SOP Instance UID stays (pydicom's ``compress`` and ``decompress`` would make up a
+new one unless told not to). What cannot be produced raises ``NotTranscodable`` (HTTP 406 at
+the edge).
 """
 
 from __future__ import annotations
@@ -48,11 +50,11 @@ def transcode(data: bytes, target: str) -> bytes:
     if not can_produce(source, target):
         raise NotTranscodable(f"cannot convert {_name(source)} to {_name(target)}")
     try:
-        _to_native(ds, source)
+        to_native(ds)
         if target in ENCODABLE:
             if "PixelData" not in ds:
                 raise NotTranscodable(f"{_name(target)} needs pixel data; the instance has none")
-            ds.compress(target)
+            ds.compress(target, generate_instance_uid=False)
         else:
             ds.file_meta.TransferSyntaxUID = UID(target)
         out = BytesIO()
@@ -66,15 +68,21 @@ def transcode(data: bytes, target: str) -> bytes:
             f"cannot convert {_name(source)} to {_name(target)}: {exc}") from exc
 
 
-def _to_native(ds: Dataset, source: str) -> None:
-    """Make ``ds`` an Explicit VR Little Endian data set with native pixel data."""
+def to_native(ds: Dataset) -> None:
+    """Make ``ds`` (read from a Part 10 file) an Explicit VR Little Endian data set with native
+    pixel data, the same instance: for WADO-RS, and for C-MOVE / C-GET peers that take no
+    compressed syntax. Raises what pydicom's codecs raise."""
+    source = str(ds.file_meta.TransferSyntaxUID)
     if "PixelData" in ds and UID(source).is_compressed:
-        ds.decompress()  # sets Explicit VR Little Endian
+        ds.decompress(generate_instance_uid=False)  # sets Explicit VR Little Endian
         if ds.get("BitsAllocated") == 1:
             _pack_single_bits(ds)
         return
     if source == str(ExplicitVRBigEndian):
-        _swap_binary_values(ds)
+        _swap_binary_values(ds)  # which decodes every element: none is left raw, big endian
+        # pynetdicom refuses to send a data set read as big endian under a little-endian
+        # syntax. (Raw elements of an Implicit VR source must keep theirs, to be decoded.)
+        ds.set_original_encoding(False, True, ds.original_character_set)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
 
 

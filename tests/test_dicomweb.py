@@ -746,6 +746,8 @@ def test_retrieve_transcodes_to_lossless_syntaxes_and_refuses_lossy(http, study)
         assert f"transfer-syntax={syntax}" in response.headers["content-type"]
         received = pydicom.dcmread(io.BytesIO(_first_part(response)))
         assert received.file_meta.TransferSyntaxUID == syntax
+        assert received.SOPInstanceUID == ct.SOPInstanceUID  # the same instance, re-encoded
+        assert received.file_meta.MediaStorageSOPInstanceUID == ct.SOPInstanceUID
         expected = np.frombuffer(ct.PixelData, np.uint16).reshape(ct.Rows, ct.Columns)
         assert np.array_equal(received.pixel_array, expected), syntax
     lossy = http.get(url, headers={

@@ -19,7 +19,7 @@ import pytest
 
 from storage.errors import InvalidInstance
 from storage.parsing import parse_instance
-from tests.compare import assert_same_data_set
+from tests.compare import DECOMPRESSED_PIXEL_MODULE, assert_same_data_set
 from tests.conftest import corpus_files
 
 LOSSLESS = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2",
@@ -103,5 +103,9 @@ def test_corpus_stow_then_wado_round_trip(corpus, start_server, tmp_path):
                 explicit = pydicom.dcmread(io.BytesIO(_parts(default)[0]))
                 assert explicit.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
                 assert np.array_equal(explicit.pixel_array, expected), uid
+                # The same instance, only decompressed: pydicom's decompress made up a new SOP
+                # Instance UID, so a client pulling a study got copies it could not match.
+                assert explicit.file_meta.MediaStorageSOPInstanceUID == uid
+                assert_same_data_set(explicit, original, uid, ignore=DECOMPRESSED_PIXEL_MODULE)
                 transcoded += 1
             assert transcoded > 20

@@ -8,6 +8,7 @@ import struct
 import subprocess
 import time
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
@@ -16,6 +17,7 @@ from pydicom.filewriter import write_dataset
 from pynetdicom import build_context
 
 from tests import dimse_client as client
+from tests.compare import DECOMPRESSED_PIXEL_MODULE, assert_same_data_set
 from tests.conftest import free_port
 from tests.factory import Spec, dataset, instance, part10
 
@@ -399,6 +401,35 @@ def test_compressed_instance_is_decompressed_for_a_peer_that_accepts_only_uncomp
     moved = pydicom.dcmread(next(received.iterdir()))
     assert not moved.file_meta.TransferSyntaxUID.is_compressed
     assert (moved.pixel_array == original.pixel_array).all()
+    # The same instance, only decompressed (pydicom's decompress made up a new SOP Instance UID).
+    assert moved.file_meta.MediaStorageSOPInstanceUID == original.SOPInstanceUID
+    assert_same_data_set(moved, original, "5.dcm", ignore=DECOMPRESSED_PIXEL_MODULE)
+
+
+def test_c_get_converts_what_the_requester_cannot_take_to_explicit_little_endian(
+        server, corpus):
+    """A requester that offers only Explicit VR Little Endian gets a JPEG-compressed and a Big
+    Endian instance converted, each the same instance (UIDs, attributes, pixels). Big Endian
+    was refused outright ('not compressed'), as a failed sub-operation."""
+    folder = corpus / "github-neurolabusc+dcm_qa_ts" / "In"
+    originals = {name: pydicom.dcmread(folder / name) for name in ("3.dcm", "5.dcm")}
+    assert originals["3.dcm"].file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRBigEndian
+    assert originals["5.dcm"].file_meta.TransferSyntaxUID.is_compressed
+    for name in originals:
+        assert client.store_files(server.dicom_port, [folder / name])[folder / name].Status \
+            in (0x0000, 0xB007)
+    for name, original in originals.items():
+        final, received = client.c_get(server.dicom_port, client.identifier(
+            "IMAGE", StudyInstanceUID=original.StudyInstanceUID,
+            SeriesInstanceUID=original.SeriesInstanceUID,
+            SOPInstanceUID=original.SOPInstanceUID),
+            [(original.SOPClassUID, pydicom.uid.ExplicitVRLittleEndian)])
+        assert final.Status == 0x0000, name
+        (got,) = received
+        assert got.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian, name
+        assert got.SOPInstanceUID == original.SOPInstanceUID, name
+        assert_same_data_set(got, original, name, ignore=DECOMPRESSED_PIXEL_MODULE)
+        assert np.array_equal(got.pixel_array, original.pixel_array), name
 
 
 def test_an_idle_association_is_ended_without_an_error_in_the_log(start_server):

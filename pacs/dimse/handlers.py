@@ -23,6 +23,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
 )
 
+from dicomweb.transcode import to_native
 from pacs.dimse import fastfind, status
 from pacs.dimse.identifiers import (
     IdentifierError,
@@ -270,7 +271,7 @@ class DimseHandlers:
         if not _accepted_any(assoc, location.sop_class_uid, _UNCOMPRESSED):
             return dataset  # nothing better to offer; the sub-operation reports the failure
         try:
-            dataset.decompress()
+            to_native(dataset)
         except Exception as exc:
             raise StorageUnavailable(f"cannot decompress {stored.name} for the peer: {exc}") \
                 from exc
