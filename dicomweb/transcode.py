@@ -10,12 +10,19 @@ the edge).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import struct
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from io import BytesIO
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.pixels import pack_bits
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.pixels import get_decoder, pack_bits
 from pydicom.uid import (
     UID,
     ExplicitVRBigEndian,
@@ -41,26 +48,42 @@ def can_produce(source: str, target: str) -> bool:
     return source == target or target in UNCOMPRESSED or target in ENCODABLE
 
 
+@dataclasses.dataclass(frozen=True)
+class Converted:
+    """An instance in another transfer syntax: its length, and its bytes as they are made."""
+
+    length: int
+    chunks: Iterable[bytes]
+
+
 def transcode(data: bytes, target: str) -> bytes:
     """The Part 10 ``data`` re-encoded in transfer syntax ``target``."""
+    return b"".join(convert(data, target).chunks)
+
+
+def convert(data: bytes, target: str,
+            slot: Callable[[], AbstractContextManager] = contextlib.nullcontext) -> Converted:
+    """The Part 10 ``data`` in transfer syntax ``target``, each decode inside a ``slot()``.
+
+    Compressed pixel data going to Explicit VR Little Endian (the DICOMweb default, and what
+    C-MOVE peers that take nothing compressed get) is decoded a frame at a time as the chunks
+    are read: a 300-frame instance took 2.5 times its decoded size in memory at once. The first
+    frame is decoded here, so an instance that cannot be decoded at all raises
+    ``NotTranscodable`` before anything is sent; a later frame that fails raises it from the
+    chunks."""
     ds = pydicom.dcmread(BytesIO(data))
     source = str(ds.file_meta.TransferSyntaxUID)
     if source == target:
-        return data
+        return Converted(len(data), [data])
     if not can_produce(source, target):
         raise NotTranscodable(f"cannot convert {_name(source)} to {_name(target)}")
     try:
-        to_native(ds)
-        if target in ENCODABLE:
-            if "PixelData" not in ds:
-                raise NotTranscodable(f"{_name(target)} needs pixel data; the instance has none")
-            ds.compress(target, generate_instance_uid=False)
-        else:
-            ds.file_meta.TransferSyntaxUID = UID(target)
-        out = BytesIO()
-        pydicom.dcmwrite(out, ds, enforce_file_format=True,
-                         implicit_vr=target == str(ImplicitVRLittleEndian), little_endian=True)
-        return out.getvalue()
+        if (target == str(ExplicitVRLittleEndian) and "PixelData" in ds
+                and UID(source).is_compressed and ds.get("BitsAllocated") != 1):
+            return _decoded_frame_by_frame(ds, slot)
+        with slot():
+            whole = _whole(ds, target)
+        return Converted(len(whole), [whole])
     except NotTranscodable:
         raise
     except Exception as exc:  # codec missing, corrupt pixel data, unsupported photometric...
@@ -68,10 +91,93 @@ def transcode(data: bytes, target: str) -> bytes:
             f"cannot convert {_name(source)} to {_name(target)}: {exc}") from exc
 
 
-def to_native(ds: Dataset) -> None:
+def _whole(ds: Dataset, target: str) -> bytes:
+    """``ds`` converted in memory, all frames at once."""
+    _to_native(ds)
+    if target in ENCODABLE:
+        if "PixelData" not in ds:
+            raise NotTranscodable(f"{_name(target)} needs pixel data; the instance has none")
+        ds.compress(target, generate_instance_uid=False)
+    else:
+        ds.file_meta.TransferSyntaxUID = UID(target)
+    out = BytesIO()
+    pydicom.dcmwrite(out, ds, enforce_file_format=True,
+                     implicit_vr=target == str(ImplicitVRLittleEndian), little_endian=True)
+    return out.getvalue()
+
+
+def _decoded_frame_by_frame(ds: Dataset, slot: Callable[[], AbstractContextManager]
+                            ) -> Converted:
+    """Compressed ``ds`` as Explicit VR Little Endian, its frames decoded as they are sent:
+    the data set as pydicom's ``decompress`` leaves it, then the Pixel Data element's header,
+    the frames, and the elements that followed the pixel data (padding, signatures)."""
+    source = _name(str(ds.file_meta.TransferSyntaxUID))
+    frame_count = int(ds.get("NumberOfFrames") or 1)
+    frames = get_decoder(ds.file_meta.TransferSyntaxUID).iter_array(ds, as_rgb=True)
+    with slot():
+        first, image_pixel = next(frames)
+    frame_size = first.nbytes
+    value_length = frame_size * frame_count
+    if value_length + 1 >= 2**32 - 1:
+        raise NotTranscodable(f"cannot convert {source}: decoded, the pixel data would be "
+                              f"{value_length} bytes, more than a DICOM value can hold")
+    trailing = Dataset()
+    for tag in [tag for tag in sorted(ds.keys()) if tag > 0x7FE00010]:  # as read, not decoded
+        trailing[tag] = ds.get_item(tag)
+        del ds[tag]
+    bits_allocated = int(ds.BitsAllocated)
+    del ds.PixelData
+    # What ``decompress`` changes besides the pixels (pydicom.pixels.utils.decompress).
+    ds.PhotometricInterpretation = image_pixel["photometric_interpretation"]
+    if int(image_pixel["samples_per_pixel"]) > 1:
+        ds.PlanarConfiguration = int(image_pixel["planar_configuration"])
+    if "NumberOfFrames" in ds or frame_count > 1:
+        ds.NumberOfFrames = frame_count
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    head = BytesIO()
+    pydicom.dcmwrite(head, ds, enforce_file_format=True, implicit_vr=False, little_endian=True)
+    padding = b"\0" * (value_length % 2)
+    head.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB" if bits_allocated <= 8 else b"OW",
+                           0, value_length + len(padding)))
+    tail = DicomBytesIO()
+    tail.is_little_endian, tail.is_implicit_VR = True, False
+    write_dataset(tail, trailing)
+
+    def chunks() -> Iterator[bytes]:
+        yield head.getvalue()
+        yield _little_endian(first)
+        sent = 1
+        while True:
+            with slot():
+                try:
+                    frame, _ = next(frames)
+                except StopIteration:
+                    break
+                except Exception as exc:
+                    raise NotTranscodable(
+                        f"cannot convert {source}: frame {sent + 1}: {exc}") from exc
+            if frame.nbytes != frame_size:
+                raise NotTranscodable(f"cannot convert {source}: frame {sent + 1} decodes to "
+                                      f"{frame.nbytes} bytes, frame 1 to {frame_size}")
+            yield _little_endian(frame)
+            sent += 1
+        if sent != frame_count:
+            raise NotTranscodable(f"cannot convert {source}: {sent} frames decoded of the "
+                                  f"{frame_count} declared")
+        yield padding + tail.getvalue()
+
+    length = len(head.getvalue()) + value_length + len(padding) + len(tail.getvalue())
+    return Converted(length, chunks())
+
+
+def _little_endian(frame: np.ndarray) -> bytes:
+    return np.ascontiguousarray(frame).astype(frame.dtype.newbyteorder("<"),
+                                              copy=False).tobytes()
+
+
+def _to_native(ds: Dataset) -> None:
     """Make ``ds`` (read from a Part 10 file) an Explicit VR Little Endian data set with native
-    pixel data, the same instance: for WADO-RS, and for C-MOVE / C-GET peers that take no
-    compressed syntax. Raises what pydicom's codecs raise."""
+    pixel data, all frames at once; the same instance. Raises what pydicom's codecs raise."""
     source = str(ds.file_meta.TransferSyntaxUID)
     if "PixelData" in ds and UID(source).is_compressed:
         ds.decompress(generate_instance_uid=False)  # sets Explicit VR Little Endian

@@ -38,10 +38,11 @@ from storage.query import Query, find, image_instances
 _BULK_URI = re.compile(r'"BulkDataURI":"bulk:(?:(\d+):(\d+)|path:([0-9A-Fa-f/]+))"')
 _BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW", "OW or OB"})
 _NATIVE = transcode.UNCOMPRESSED  # frames of these are the same native pixel bytes
-# Instances decoded whole at once (converted, rendered, frames found by pydicom, nested bulk
-# data): each is held in memory decoded, a deflated one inflated (up to 256 MiB, which pydicom
-# then copies), so a few requests at once could take gigabytes. On more, requests wait; the
-# work is CPU-bound, so more at once than cores would not be faster anyway.
+# Decoding at once: a frame of an instance being decompressed, or an instance converted,
+# rendered, searched for frames or nested bulk data by pydicom, which holds it decoded (a
+# deflated one inflated, up to 256 MiB, which pydicom then copies), so a few at once could take
+# gigabytes. On more, requests wait; the work is CPU-bound, so more at once than cores would not
+# be faster anyway.
 DECODE_SLOTS = threading.BoundedSemaphore(max(2, len(os.sched_getaffinity(0))))
 # Instances up to this size are read whole, a few ahead of the one being sent; bigger ones are
 # streamed in chunks (bounded memory whatever the instance).
@@ -211,11 +212,10 @@ def instance_parts(archive: Archive, rows: list[dict[str, Any]], syntax: str
             yield Part(f"application/dicom; transfer-syntax={stored}", chunks,
                        {"Content-Length": str(row["_size"])})
             continue
-        data = read_blob(archive, row["_blob_key"])
-        with DECODE_SLOTS:
-            data = transcode.transcode(data, syntax)
-        yield Part(f"application/dicom; transfer-syntax={syntax}", [data],
-                   {"Content-Length": str(len(data))})
+        converted = transcode.convert(read_blob(archive, row["_blob_key"]), syntax,
+                                      slot=lambda: DECODE_SLOTS)
+        yield Part(f"application/dicom; transfer-syntax={syntax}", converted.chunks,
+                   {"Content-Length": str(converted.length)})
 
 
 class _ReadAhead:

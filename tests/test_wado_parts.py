@@ -5,17 +5,25 @@ carries its own instance, whatever the writer skips."""
 
 from __future__ import annotations
 
-import pytest
+import io
 
-from dicomweb import wado
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.encaps import encapsulate, generate_frames
+
+from dicomweb import transcode, wado
 from dicomweb.media import NotAcceptable, parse_accept
 from storage.attributes import Level
 from storage.query import Query, find
-from tests.factory import Spec, instance
+from tests.compare import DECOMPRESSED_PIXEL_MODULE, assert_same_data_set
+from tests.factory import Spec, dataset, instance, part10
 
 DICOM_PARTS = 'multipart/related; type="application/dicom"'
 RLE = "1.2.840.10008.1.2.5"
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
 # An uncompressed instance: convertible to RLE, not to lossy JPEG.
 ROWS = [{"SOPInstanceUID": "1.2.3", "_transfer_syntax_uid": "1.2.840.10008.1.2.1"}]
 
@@ -81,3 +89,65 @@ def test_each_part_carries_its_own_instance(backend_name, make_backend):
             assert parts[index].headers["Content-Length"] == str(len(sent))
     finally:
         archive.close()
+
+
+def _rle_frames(frames: list[bytes]) -> tuple[bytes, np.ndarray]:
+    """A 6-frame 8x8 16-bit RLE Lossless instance with Data Set Trailing Padding after its
+    pixel data, and its pixels; ``frames`` replaces the encoded fragments when given."""
+    ds = dataset()
+    pixels = (np.arange(6 * 64, dtype=np.uint16) * 7).reshape(6, 8, 8)
+    ds.NumberOfFrames = 6
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = EXPLICIT_LE
+    ds.compress(RLE, pixels, generate_instance_uid=False)
+    if frames:
+        ds.PixelData = encapsulate(frames)
+    ds.add_new(0xFFFCFFFC, "OB", b"\0" * 16)
+    return part10(ds, RLE), pixels
+
+
+def test_decompressing_decodes_a_frame_at_a_time_as_it_is_sent():
+    """Explicit VR Little Endian from compressed (the DICOMweb default) held every frame
+    decoded at once, 2.5 times the decoded size; now one frame, decoded as the writer asks."""
+    data, pixels = _rle_frames([])
+    decodes = []
+    converted = transcode.convert(data, EXPLICIT_LE, slot=lambda: _Counting(decodes))
+    assert len(decodes) == 1  # the first frame, so an undecodable instance fails up front
+    chunks = iter(converted.chunks)
+    sent = next(chunks) + next(chunks)  # header, frame 1
+    assert len(decodes) == 1
+    sent += b"".join(chunks)
+    assert len(decodes) == 1 + 6  # the end is found by asking for one more
+    assert len(sent) == converted.length
+    received = pydicom.dcmread(io.BytesIO(sent))
+    original = pydicom.dcmread(io.BytesIO(data))
+    assert received.file_meta.TransferSyntaxUID == EXPLICIT_LE
+    assert np.array_equal(received.pixel_array, pixels)
+    assert_same_data_set(received, original, "rle", ignore=DECOMPRESSED_PIXEL_MODULE)
+    assert received[0xFFFCFFFC].value == b"\0" * 16  # what followed the pixels still does
+    assert sent == transcode.transcode(data, EXPLICIT_LE)
+
+
+def test_a_frame_that_cannot_be_decoded_stops_the_conversion_there():
+    good, _ = _rle_frames([])
+    fragments = [fragment for fragment in generate_frames(
+        pydicom.dcmread(io.BytesIO(good)).PixelData, number_of_frames=6)]
+    fragments[3] = b"\x07" + bytes(63)  # an RLE header claiming 7 segments of nothing
+    data, _ = _rle_frames(fragments)
+    converted = transcode.convert(data, EXPLICIT_LE)
+    with pytest.raises(transcode.NotTranscodable, match="frame 4"):
+        b"".join(converted.chunks)
+    broken_first, _ = _rle_frames([fragments[3], *fragments[1:]])
+    with pytest.raises(transcode.NotTranscodable, match="RLE Lossless"):
+        transcode.convert(broken_first, EXPLICIT_LE)  # before anything is sent
+
+
+class _Counting:
+    def __init__(self, entered: list) -> None:
+        self.entered = entered
+
+    def __enter__(self) -> None:
+        self.entered.append(1)
+
+    def __exit__(self, *exc) -> None:
+        return None

@@ -23,7 +23,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
 )
 
-from dicomweb.transcode import to_native
+from dicomweb.transcode import NotTranscodable, transcode
 from pacs.dimse import fastfind, status
 from pacs.dimse.identifiers import (
     IdentifierError,
@@ -267,15 +267,16 @@ class DimseHandlers:
         if assoc is None or stored in _UNCOMPRESSED or _accepted(assoc, location.sop_class_uid,
                                                                    stored):
             return StoredDataset(data, location.sop_class_uid, location.sop_instance_uid, stored)
-        dataset = dcmread(BytesIO(data))
         if not _accepted_any(assoc, location.sop_class_uid, _UNCOMPRESSED):
-            return dataset  # nothing better to offer; the sub-operation reports the failure
+            # Nothing better to offer; the sub-operation reports the failure.
+            return dcmread(BytesIO(data))
         try:
-            to_native(dataset)
-        except Exception as exc:
+            native = transcode(data, ExplicitVRLittleEndian)
+        except NotTranscodable as exc:
             raise StorageUnavailable(f"cannot decompress {stored.name} for the peer: {exc}") \
                 from exc
-        return dataset
+        return StoredDataset(native, location.sop_class_uid, location.sop_instance_uid,
+                             ExplicitVRLittleEndian)
 
 
 def _failed_placeholder(location: InstanceLocation) -> Dataset:
