@@ -62,9 +62,9 @@ _LEVEL_TABLES = {
     Level.SERIES: (series, studies, patients),
     Level.INSTANCE: (instances, series, studies, patients),
 }
-_UID_COLUMNS = {"StudyInstanceUID": studies.c.study_instance_uid,
-                "SeriesInstanceUID": series.c.series_instance_uid,
-                "SOPInstanceUID": instances.c.sop_instance_uid}
+_UID_COLUMNS = {"StudyInstanceUID": (Level.STUDY, studies.c.study_instance_uid),
+                "SeriesInstanceUID": (Level.SERIES, series.c.series_instance_uid),
+                "SOPInstanceUID": (Level.INSTANCE, instances.c.sop_instance_uid)}
 _DATE = re.compile(r"^\d{8}$")
 _TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
 _LIKE_ESCAPE = "\\"
@@ -164,7 +164,10 @@ def _condition(keyword: str, value: str | None, query: Query) -> sa.ColumnElemen
     if keyword == "ModalitiesInStudy":
         return _modalities_in_study(value) if query.level is not Level.PATIENT else None
     if keyword in _UID_COLUMNS:
-        return _uid_list(_UID_COLUMNS[keyword], keyword, value)
+        level, column = _UID_COLUMNS[keyword]
+        # Below the level asked for, a UID matches nothing of it (the table is not even
+        # joined): ignored, as C-FIND ignores other keys of lower levels. QIDO-RS refuses it.
+        return None if level.value > query.level.value else _uid_list(column, keyword, value)
     attribute = BY_KEYWORD.get(keyword)
     if attribute is None or attribute.aggregate or attribute.level.value > query.level.value:
         return None  # not matchable here: a return key only

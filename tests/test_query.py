@@ -132,6 +132,19 @@ def test_uid_lists(index):
     assert study_ids(index, {"StudyInstanceUID": comma}) == ["P003", "P004"]
 
 
+def test_uids_of_lower_levels_are_ignored_not_multiplied(index):
+    """A STUDY query carrying a series UID, or a PATIENT query carrying study UIDs, matched on a
+    table that was not joined: every study for each series row, every patient twice. Keys
+    below the level match nothing there; like other such C-FIND keys, they are ignored."""
+    specs = index.specs
+    assert len(study_ids(index, {"SeriesInstanceUID": specs["P003"].series_uid})) == 7
+    assert len(study_ids(index, {"SOPInstanceUID": specs["P003"].sop_uid})) == 7
+    two = "\\".join(specs[p].study_uid for p in ("P002", "P005"))
+    patients = find(index.index, Query(Level.PATIENT, {"StudyInstanceUID": two}))
+    assert ids(patients) == [f"P00{n}" for n in range(1, 8)]  # each patient once
+    assert study_ids(index, {"StudyInstanceUID": two}) == ["P002", "P005"]
+
+
 def test_modalities_in_study_matches_any_series(index):
     assert study_ids(index, {"ModalitiesInStudy": "SR"}) == ["P001"]
     assert study_ids(index, {"ModalitiesInStudy": "US\\CR"}) == ["P004", "P005"]
