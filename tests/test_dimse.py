@@ -345,6 +345,9 @@ def test_malformed_stores_fail_with_a_reason_and_the_server_keeps_working(server
     del no_uid.SOPInstanceUID
     unknown_class = copy.deepcopy(valid)
     unknown_class.SOPClassUID = "1.2.826.0.1.3680043.8.498.999.1"
+    # A known class that holds no image: stored with 0x0000 because its name has "Storage".
+    commitment = copy.deepcopy(valid)
+    commitment.SOPClassUID = "1.2.840.10008.1.20.1"
     cases = {
         "truncated": (_raw_file(tmp_path, "t.dcm", valid.SOPClassUID, valid.SOPInstanceUID,
                                 complete[:-40]), 0xC000, "truncated"),
@@ -361,6 +364,9 @@ def test_malformed_stores_fail_with_a_reason_and_the_server_keeps_working(server
         "unknown sop class": (_raw_file(tmp_path, "c.dcm", unknown_class.SOPClassUID,
                                         valid.SOPInstanceUID, _encoded(unknown_class)),
                               0x0122, "not supported"),
+        "storage commitment class": (_raw_file(tmp_path, "k.dcm", commitment.SOPClassUID,
+                                               valid.SOPInstanceUID, _encoded(commitment)),
+                                     0x0122, "not supported"),
     }
     for name, (path, expected, reason) in cases.items():
         status = client.store_files(server.dicom_port, [path])[path]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import socket
 from collections.abc import Iterator
 from io import BytesIO
@@ -52,6 +53,10 @@ from storage.query import NameMatching, Query, find
 log = logging.getLogger("pacs.dimse")
 
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+# A storage SOP class pynetdicom does not list yet, by its name in pydicom's (newer) dictionary:
+# "... Storage", "... Storage - For Presentation", "... Storage - Trial". Not Storage Commitment,
+# Stored Print or the Hardcopy classes, whose names end "SOP Class": they hold no images.
+_STORAGE_NAME = re.compile(r"\bStorage( - (For Presentation|For Processing|Trial))?$")
 _MAX_SUBOPERATIONS = 65535  # Number of ... Suboperations is US
 
 
@@ -142,9 +147,11 @@ class DimseHandlers:
     def _accepts_sop_class(self, sop_class: str) -> bool:
         from pynetdicom.sop_class import _STORAGE_CLASSES
 
-        if sop_class in _STORAGE_CLASSES.values() or "Storage" in UID(sop_class).name:
+        if sop_class in _STORAGE_CLASSES.values() or _is_storage_class(UID(sop_class)):
             return True
-        return self.settings.accept_unknown_sop_classes
+        # Private classes (unknown to pydicom) when configured; a known class that is not a
+        # storage class (Storage Commitment, a worklist...) never: it holds no image.
+        return self.settings.accept_unknown_sop_classes and not UID(sop_class).type
 
     # ------------------------------------------------------------------ C-FIND
 
@@ -312,3 +319,7 @@ def _store_contexts(locations: list[InstanceLocation]) -> list:
             syntaxes = list(_UNCOMPRESSED) if pair[1] == "uncompressed" else [pair[1]]
             contexts.append(build_context(pair[0], syntaxes))
     return contexts
+
+
+def _is_storage_class(uid: UID) -> bool:
+    return uid.type == "SOP Class" and bool(_STORAGE_NAME.search(uid.name))
