@@ -14,7 +14,9 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
-from pynetdicom import build_context
+from pydicom.uid import ImplicitVRLittleEndian
+from pynetdicom import AE, build_context, evt
+from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelMove
 
 from tests import dimse_client as client
 from tests.compare import DECOMPRESSED_PIXEL_MODULE, assert_same_data_set
@@ -452,3 +454,46 @@ def test_an_idle_association_is_ended_without_an_error_in_the_log(start_server):
     log = server.log()
     assert "idle for 1 s: aborting" in log
     assert " ERROR " not in log
+
+
+def test_c_move_sub_operations_name_the_requester_as_move_originator(start_server, tmp_path):
+    """PS3.7 9.3.1.1: the destination learns which AE asked for the C-MOVE (and its message)
+    from each C-STORE; pynetdicom named our own AE. Both ways out: stored bytes as they are
+    (Implicit VR instance) and re-encoded by pynetdicom (Explicit VR, for a destination that
+    takes Implicit VR only)."""
+    seen = []
+
+    def on_store(event):
+        request = event.request
+        seen.append((request.MoveOriginatorApplicationEntityTitle,
+                     request.MoveOriginatorMessageID, request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    destination = AE(ae_title="DEST")
+    destination.supported_contexts = [build_context(CTImageStorage, ImplicitVRLittleEndian)]
+    port = free_port()
+    scp = destination.start_server(("127.0.0.1", port), block=False,
+                                   evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        server = start_server(tmp_path / "pacs", PACS_PEERS=f"DEST@127.0.0.1:{port}")
+        spec = Spec()
+        implicit = dataset(Spec(study_uid=spec.study_uid, series_uid=spec.series_uid,
+                                instance_number=2))
+        files = write_instances(tmp_path / "in", [spec])
+        (tmp_path / "in" / "implicit.dcm").write_bytes(part10(implicit, ImplicitVRLittleEndian))
+        files.append(tmp_path / "in" / "implicit.dcm")
+        assert all(s.Status == 0 for s in client.store_files(server.dicom_port, files).values())
+        assoc = client.associate(server.dicom_port, [build_context(
+            StudyRootQueryRetrieveInformationModelMove)], calling="WORKSTATION7")
+        try:
+            statuses = [s.Status for s, _ in assoc.send_c_move(
+                client.identifier("STUDY", StudyInstanceUID=spec.study_uid), "DEST",
+                StudyRootQueryRetrieveInformationModelMove, msg_id=42) if s is not None]
+        finally:
+            assoc.release()
+        assert statuses[-1] == 0x0000
+        assert sorted(seen, key=lambda s: s[2]) == sorted(
+            [("WORKSTATION7", 42, spec.sop_uid), ("WORKSTATION7", 42, implicit.SOPInstanceUID)],
+            key=lambda s: s[2])
+    finally:
+        scp.shutdown()

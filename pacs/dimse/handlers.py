@@ -34,7 +34,7 @@ from pacs.dimse.identifiers import (
     response_dataset,
     retrieve_keys,
 )
-from pacs.dimse.passthrough import StoredDataset
+from pacs.dimse.passthrough import StoredDataset, set_move_originator
 from pacs.dimse.worklist import WorklistHandlers
 from pacs.settings import Settings
 from storage.archive import Archive, InstanceLocation
@@ -235,6 +235,7 @@ class DimseHandlers:
         def remember(sub_event: evt.Event) -> None:
             set_tcp_nodelay(sub_event)
             sub_association["assoc"] = sub_event.assoc
+            set_move_originator(sub_event.assoc, event.assoc.requestor.ae_title)
 
         yield destination.host, destination.port, {
             "contexts": _store_contexts(locations) or [build_context("1.2.840.10008.1.1")],

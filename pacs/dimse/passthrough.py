@@ -31,6 +31,7 @@ from storage import rawread
 _installed = False
 _original_encode = pynetdicom.association.encode
 _original_send_c_store = Association.send_c_store
+_MOVE_ORIGINATOR = "_pacs_move_originator"
 
 
 class StoredDataset(Dataset):
@@ -57,6 +58,12 @@ class StoredDataset(Dataset):
         return dcmread(BytesIO(self._pacs_data))
 
 
+def set_move_originator(sub_association: Association, ae_title: str) -> None:
+    """Name ``ae_title``, the AE that asked for a C-MOVE, as the originator of the C-STOREs
+    sent over its ``sub_association``."""
+    setattr(sub_association, _MOVE_ORIGINATOR, ae_title)
+
+
 def install() -> bool:
     """Let pynetdicom send ``StoredDataset`` bytes as they are (once). Whether it is active."""
     global _installed
@@ -77,7 +84,12 @@ def _send_c_store(self: Association, dataset, msg_id: int = 1, priority: int = 2
     """pynetdicom's ``send_c_store``, for a ``StoredDataset`` the peer takes as stored: the
     command set encoded directly and the stored bytes sent as they are, without the request
     primitive, its UID checks and the encoder in between (a C-GET or C-MOVE sub-operation).
-    Anything else, or when the stored bytes need converting, is pynetdicom's."""
+    Anything else, or when the stored bytes need converting, is pynetdicom's.
+
+    Either way the Move Originator AE Title is the C-MOVE requester's (``set_move_originator``):
+    pynetdicom names our own AE there, which a destination matching incoming images to the
+    C-MOVE it asked for (PS3.7 9.3.1.1) cannot use."""
+    originator_aet = getattr(self, _MOVE_ORIGINATOR, originator_aet)
     if (isinstance(dataset, StoredDataset) and self.is_established
             and not self.get_handlers(evt.EVT_DIMSE_SENT)):
         sop_class, stored = UID(dataset.SOPClassUID), dataset.file_meta.TransferSyntaxUID
