@@ -15,8 +15,12 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import ImplicitVRLittleEndian
-from pynetdicom import AE, build_context, evt
-from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelMove
+from pynetdicom import AE, build_context, build_role, evt
+from pynetdicom.sop_class import (
+    CTImageStorage,
+    PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
 
 from tests import dimse_client as client
 from tests.compare import DECOMPRESSED_PIXEL_MODULE, assert_same_data_set
@@ -230,6 +234,46 @@ def test_a_retrieve_with_a_wildcard_in_a_unique_key_is_refused_and_sends_nothing
     moved = client.c_move(server.dicom_port, client.identifier("STUDY", **keys), "STORESCP")
     assert moved.Status == 0xA900
     assert list(received.iterdir()) == []
+
+
+@pytest.mark.parametrize(("level", "keys", "reason"), [
+    ("PATIENT", {"PatientID": "LEVEL1"}, "not in the Study Root"),  # whole patient sent
+    ("IMAGE", {"PatientID": "LEVEL1"}, "SOPInstanceUID is missing"),  # whole patient sent
+    ("SERIES", {"StudyInstanceUID": "study"}, "SeriesInstanceUID is missing"),
+    ("SERIES", {"SeriesInstanceUID": "series", "SOPInstanceUID": "sop"},
+     "SOPInstanceUID is below the SERIES level"),  # whole series sent for one image
+])
+def test_a_retrieve_must_name_what_its_level_retrieves(
+        start_server, tmp_path, level, keys, reason):
+    """PS3.4 C.4.2.2.1: the level's unique key says what is retrieved, and the Study Root has
+    no PATIENT level. C-MOVE is refused before the destination is contacted: it was answered
+    0xA801 (destination unknown) when the destination was down."""
+    down = free_port()  # nothing listens there
+    server = start_server(tmp_path / "pacs", PACS_PEERS=f"DOWN@127.0.0.1:{down}")
+    spec = Spec(patient_id="LEVEL1")
+    client.store_files(server.dicom_port, write_instances(tmp_path / "in", [spec]))
+    uids = {"study": spec.study_uid, "series": spec.series_uid, "sop": spec.sop_uid}
+    keys = {k: uids.get(v, v) for k, v in keys.items()}
+    status, got = client.c_get(server.dicom_port, client.identifier(level, **keys),
+                               [(CTImageStorage, "1.2.840.10008.1.2.1")])
+    assert status.Status == 0xA900 and reason in status.ErrorComment and got == []
+    moved = client.c_move(server.dicom_port, client.identifier(level, **keys), "DOWN")
+    assert moved.Status == 0xA900 and reason in moved.ErrorComment
+    assert not moved.get("NumberOfFailedSuboperations")  # no sub-operation ever was
+    # The same patient through the Patient Root model, where PATIENT is a level.
+    assoc = client.associate(server.dicom_port, [
+        build_context(PatientRootQueryRetrieveInformationModelGet),
+        build_context(CTImageStorage, "1.2.840.10008.1.2.1")],
+        roles=[build_role(CTImageStorage, scp_role=True)],
+        handlers=[(evt.EVT_C_STORE, lambda event: 0x0000)])
+    try:
+        statuses = [s for s, _ in assoc.send_c_get(client.identifier(
+            "PATIENT", PatientID="LEVEL1"), PatientRootQueryRetrieveInformationModelGet)
+            if s is not None]
+    finally:
+        assoc.release()
+    assert statuses[-1].Status == 0x0000
+    assert statuses[-1].NumberOfCompletedSuboperations == 1
 
 
 def test_c_find_returns_a_requested_sequence_that_the_stored_file_holds(server, tmp_path):

@@ -18,9 +18,14 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context, evt
+from pynetdicom.dimse_primitives import C_MOVE
+from pynetdicom.dsutils import decode
+from pynetdicom.service_class import QueryRetrieveServiceClass
 from pynetdicom.sop_class import (
     ModalityWorklistInformationFind,
     PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelFind,
 )
 
@@ -53,6 +58,8 @@ from storage.query import NameMatching, Query, find
 log = logging.getLogger("pacs.dimse")
 
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+_PATIENT_ROOT_RETRIEVE = frozenset({PatientRootQueryRetrieveInformationModelMove,
+                                    PatientRootQueryRetrieveInformationModelGet})
 # A storage SOP class pynetdicom does not list yet, by its name in pydicom's (newer) dictionary:
 # "... Storage", "... Storage - For Presentation", "... Storage - Trial". Not Storage Commitment,
 # Stored Print or the Hardcopy classes, whose names end "SOP Class": they hold no images.
@@ -205,10 +212,11 @@ class DimseHandlers:
 
     # ------------------------------------------------------------------ C-MOVE / C-GET
 
-    def _locations(self, identifier: Dataset) -> tuple[list[InstanceLocation], Dataset | None]:
+    def _locations(self, event: evt.Event) -> tuple[list[InstanceLocation], Dataset | None]:
         """The instances a retrieve identifier names, or a failure status saying why not."""
         try:
-            _, unique = retrieve_keys(identifier)
+            _, unique = retrieve_keys(event.identifier, patient_root=str(
+                event.request.AffectedSOPClassUID) in _PATIENT_ROOT_RETRIEVE)
             rows = find(self.archive.index, Query(Level.INSTANCE, unique, NameMatching.EXACT,
                                                   limit=_MAX_SUBOPERATIONS + 1))
         except (IdentifierError, InvalidQuery) as exc:
@@ -229,7 +237,7 @@ class DimseHandlers:
                         _peer(event), event.move_destination)
             yield None, None
             return
-        locations, failure = self._locations(event.identifier)
+        locations, failure = self._locations(event)
         sub_association: dict[str, Any] = {}
 
         def remember(sub_event: evt.Event) -> None:
@@ -244,7 +252,7 @@ class DimseHandlers:
         yield from self._send(event, locations, failure, lambda: sub_association.get("assoc"))
 
     def on_get(self, event: evt.Event) -> Iterator[Any]:
-        locations, failure = self._locations(event.identifier)
+        locations, failure = self._locations(event)
         yield from self._send(event, locations, failure, lambda: event.assoc)
 
     def _send(self, event: evt.Event, locations: list[InstanceLocation],
@@ -324,3 +332,39 @@ def _store_contexts(locations: list[InstanceLocation]) -> list:
 
 def _is_storage_class(uid: UID) -> bool:
     return uid.type == "SOP Class" and bool(_STORAGE_NAME.search(uid.name))
+
+
+def refuse_bad_move_identifiers_first() -> None:
+    """Check C-MOVE identifiers before pynetdicom contacts the destination (once per process).
+
+    pynetdicom asks the C-MOVE handler for the destination, associates with it, and only then
+    for the instances, so a refused identifier cost an association to the destination, was
+    answered 0xA801 (destination unknown) when that was down, and counted a failed sub-operation
+    that never was. Now it is answered 0xA900 with the reason before anything else."""
+    if QueryRetrieveServiceClass._move_scp is _original_move_scp:
+        QueryRetrieveServiceClass._move_scp = _move_scp_checking_first
+
+
+_original_move_scp = QueryRetrieveServiceClass._move_scp
+
+
+def _move_scp_checking_first(self: QueryRetrieveServiceClass, req: C_MOVE, context) -> None:
+    syntax = context.transfer_syntax[0]
+    try:
+        identifier = decode(req.Identifier, syntax.is_implicit_VR, syntax.is_little_endian,
+                            syntax.is_deflated)
+        retrieve_keys(identifier, patient_root=str(req.AffectedSOPClassUID)
+                      in _PATIENT_ROOT_RETRIEVE)
+    except IdentifierError as exc:
+        response = C_MOVE()
+        response.MessageIDBeingRespondedTo = req.MessageID
+        response.AffectedSOPClassUID = req.AffectedSOPClassUID
+        response = self.validate_status(
+            status_dataset(status.QR_IDENTIFIER_DOES_NOT_MATCH, str(exc)), response)
+        self.dimse.send_msg(response, context.context_id)
+        return
+    except Exception:  # undecodable: pynetdicom answers that itself
+        pass
+    finally:
+        req.Identifier.seek(0)
+    _original_move_scp(self, req, context)

@@ -175,22 +175,37 @@ def response_dataset(response: Response) -> Dataset:
     return ds
 
 
-def retrieve_keys(identifier: Dataset) -> tuple[Level, dict[str, str]]:
-    """Level and unique keys of a C-MOVE/C-GET identifier (at least one must be given)."""
+# The unique key of each level (PS3.4 C.6.1.1 / C.6.2.1).
+_UNIQUE_KEYS = {Level.PATIENT: "PatientID", Level.STUDY: "StudyInstanceUID",
+                Level.SERIES: "SeriesInstanceUID", Level.INSTANCE: "SOPInstanceUID"}
+
+
+def retrieve_keys(identifier: Dataset, *, patient_root: bool) -> tuple[Level, dict[str, str]]:
+    """Level and unique keys of a C-MOVE/C-GET identifier (PS3.4 C.4.2.2.1, hierarchical).
+
+    The level must belong to the model (the Study Root has no PATIENT level) and its unique key
+    must be given: the instances are those it names. Unique keys of the levels above narrow it
+    when given (many requesters leave them out). A unique key of a level below is refused:
+    ignored, it would send more than was asked for (a whole series for one instance). The
+    messages fit an Error Comment (64 characters)."""
     level, keys = parse_identifier(identifier)
-    unique = {k.keyword: k.value for k in keys
-              if k.keyword in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID",
-                               "SOPInstanceUID") and k.value}
-    if not unique:
-        raise IdentifierError("the identifier names no patient, study, series or instance "
-                              "(PatientID, StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID)")
+    if level is Level.PATIENT and not patient_root:
+        raise IdentifierError("PATIENT level is not in the Study Root model; use STUDY")
+    given = {k.keyword: k.value for k in keys if k.keyword in _UNIQUE_KEYS.values() and k.value}
+    own = _UNIQUE_KEYS[level]
+    if own not in given:
+        raise IdentifierError(f"{own} is missing or empty ({level.dicom} level)")
+    for below, keyword in _UNIQUE_KEYS.items():
+        if below.value > level.value and keyword in given:
+            raise IdentifierError(f"{keyword} is below the {level.dicom} level; retrieve at "
+                                  f"{below.dicom}")
     # PS3.4 C.4.2.2.1: a retrieve's unique keys hold a single value or a list of UIDs, never
     # wildcards; matched as C-FIND keys, "*" would name the whole archive.
-    for keyword, value in unique.items():
+    for keyword, value in given.items():
         if keyword == "PatientID":
             if any(c in value for c in "*?\\"):
                 raise IdentifierError(f"PatientID {value[:32]!r}: one value, without wildcards")
         elif not all(is_valid_uid(uid.strip()) for uid in value.split("\\")):
             raise IdentifierError(f"{keyword}: not a UID or a list of UIDs (no wildcards)")
-    return level, unique
+    return level, given
 

@@ -24,7 +24,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from pacs.dimse import commands, passthrough, reactor
 from pacs.dimse.commitment import StorageCommitment
-from pacs.dimse.handlers import DimseHandlers
+from pacs.dimse.handlers import DimseHandlers, refuse_bad_move_identifiers_first
 from pacs.dimse.workers import AcceptLoad
 from pacs.dimse.worklist import WorklistHandlers
 from pacs.settings import Settings
@@ -67,6 +67,7 @@ def configure_libraries() -> None:
     reactor.install()
     commands.install()
     passthrough.install()
+    refuse_bad_move_identifiers_first()
 
 
 def build_ae(settings: Settings) -> AE:
