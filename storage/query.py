@@ -198,11 +198,27 @@ def match_person_name(attribute: IndexedAttribute, value: str,
 
 def name_condition(casefolded: sa.ColumnElement, folded: sa.ColumnElement, value: str,
                    mode: NameMatching) -> sa.ColumnElement:
-    """A PN match on a name's case-folded and accent-folded columns."""
+    """A PN match on a name's case-folded and accent-folded columns: one name, or a list
+    (``\\``-separated) of names any of which may match, each folded on its own terms."""
+    names = [name for name in value.split("\\") if name.strip()]
+    if not names:
+        return sa.true()
+    return sa.or_(*(_one_name(casefolded, folded, name, mode) for name in names))
+
+
+def _one_name(casefolded: sa.ColumnElement, folded: sa.ColumnElement, value: str,
+              mode: NameMatching) -> sa.ColumnElement:
     fuzzy = mode is NameMatching.FUZZY or (mode is NameMatching.AUTO and not has_diacritics(value))
-    if fuzzy:
+    if fuzzy:  # components become spaces: empty trailing ones vanish
         return _string(folded, fold_person_name(value))
-    return _string(casefolded, casefold_person_name(value))
+    # Empty trailing components say nothing ("Trần^Thị Bình^^^" is "Trần^Thị Bình"), on
+    # either side: the query's are dropped, and a stored name may have up to four.
+    name = casefold_person_name(value).rstrip("^=")
+    if name.endswith("*"):
+        return _string(casefolded, name)
+    if "*" not in name and "?" not in name:
+        return casefolded.in_([name + "^" * n for n in range(5)])
+    return sa.or_(*(_string(casefolded, name + "^" * n) for n in range(5)))
 
 
 def text_condition(column: sa.ColumnElement, value: str) -> sa.ColumnElement:

@@ -97,6 +97,27 @@ def test_name_without_diacritics_finds_the_accented_names(index):
     assert study_ids(index, {"PatientName": "tran*"}) == ["P004", "P006"]
 
 
+def test_person_name_lists_and_empty_trailing_components(index):
+    """PS3.4 C.2.2.2.1: a list of names matches any of them, each folded on its own terms
+    (a list matched nothing); empty trailing components are no part of a name."""
+    assert study_ids(index, {"PatientName": "Nguyễn^Văn An\\Trần^Đức Dũng"}) == ["P001", "P004"]
+    assert study_ids(index, {"PatientName": "nguyen^van an\\lý*"}) == ["P001", "P005"]
+    assert study_ids(index, {"PatientName": "dang*\\tran*"}) == ["P004", "P006", "P007"]
+    assert study_ids(index, {"PatientName": "Trần^Đức Dũng^^^"}) == ["P004"]
+    assert study_ids(index, {"PatientName": "Tr?n^Đức Dũng^"}) == ["P004"]
+
+
+def test_stored_names_with_empty_trailing_components_are_found(tmp_path):
+    archive = open_archive(f"sqlite:///{tmp_path / 'i.sqlite'}", f"file://{tmp_path / 'b'}")
+    try:
+        archive.store(instance(patient_name="Lê^Văn Tám^^^", patient_id="P9"))
+        for query in ("Lê^Văn Tám", "lê^văn tám^", "Lê^Văn Tám^^^^", "le van tam", "Lê^V?n Tám"):
+            assert study_ids(archive, {"PatientName": query}) == ["P9"], query
+        assert study_ids(archive, {"PatientName": "Lê^Văn"}) == []  # still the whole name
+    finally:
+        archive.close()
+
+
 def test_person_name_matching_ignores_case(index):
     assert study_ids(index, {"PatientName": "trần^văn em"}) == ["P006"]
     assert study_ids(index, {"PatientName": "LÝ^THỊ*"}) == ["P005"]
