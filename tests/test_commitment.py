@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import queue
 import time
+from types import SimpleNamespace
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_context, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel, StorageCommitmentPushModelInstance
 
+from pacs.dimse.commitment import StorageCommitment
+from pacs.settings import Peer, Settings
+from storage.archive import open_archive
 from tests import dimse_client as client
 from tests.conftest import free_port
 from tests.factory import Spec, instance
@@ -110,12 +114,71 @@ def test_malformed_commitment_request_is_refused(start_server):
     try:
         no_references = Dataset()
         no_references.TransactionUID = "1.2.826.0.1.3680043.8.498.79"
-        status, _ = assoc.send_n_action(no_references, 1, StorageCommitmentPushModel,
-                                        StorageCommitmentPushModelInstance)
-        assert status.Status == 0x0110
-        assert "ReferencedSOPSequence" in status.ErrorComment
+        no_transaction = _request("", [("1.2.840.10008.5.1.4.1.1.2", "1.2.3")])
+        del no_transaction.TransactionUID
+        lacking_item = _request("1.2.826.0.1.3680043.8.498.80", [("", "1.2.3")])
+        for request, expected, named in (
+                (no_references, 0x0120, "ReferencedSOPSequence is missing"),
+                (no_transaction, 0x0120, "TransactionUID is missing"),
+                (_request("1.2.826.0.1.3680043.8.498.81", []), 0x0121,
+                 "ReferencedSOPSequence is empty"),  # was accepted, reported with no items
+                (lacking_item, 0x0121, "item 1")):
+            status, _ = assoc.send_n_action(request, 1, StorageCommitmentPushModel,
+                                            StorageCommitmentPushModelInstance)
+            assert status.Status == expected and named in status.ErrorComment, named
         status, _ = assoc.send_n_action(_request("1.2.3", []), 7, StorageCommitmentPushModel,
                                         StorageCommitmentPushModelInstance)
         assert status.Status == 0x0123
     finally:
         assoc.release()
+
+
+def test_commitment_result_falls_back_to_the_open_association(start_server, tmp_path):
+    """The requester is in PACS_PEERS but nothing listens on its port, while it keeps its own
+    association open waiting: the answer comes there (it was lost)."""
+    server = start_server(PACS_PEERS=f"CT02@127.0.0.1:{free_port()}")
+    specs = _stored(server, tmp_path, n=1)
+    reports: queue.Queue = queue.Queue()
+
+    def on_report(event):
+        reports.put(event.event_type)
+        return 0x0000, None
+
+    assoc = client.associate(server.dicom_port, [build_context(StorageCommitmentPushModel)],
+                             calling="CT02", handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+    try:
+        status, _ = assoc.send_n_action(
+            _request("1.2.826.0.1.3680043.8.498.82", [(specs[0].sop_class, specs[0].sop_uid)]),
+            1, StorageCommitmentPushModel, StorageCommitmentPushModelInstance)
+        assert status.Status == 0x0000
+        assert reports.get(timeout=30) == 1
+    finally:
+        assoc.release()
+
+
+def test_an_undelivered_commitment_result_is_tried_again(tmp_path):
+    """The modality left, and its commitment port was down at the first attempt: the answer
+    comes once the port is up (attempts after 10 s, 1 min, 5 min; shortened here)."""
+    archive = open_archive(f"sqlite:///{tmp_path / 'i.sqlite'}", f"file://{tmp_path / 'b'}")
+    spec = Spec()
+    archive.store(instance(spec))
+    port = free_port()
+    commitment = StorageCommitment(archive, Settings(peers=(Peer("US01", "127.0.0.1", port),)),
+                                   "PACS")
+    commitment.retry_delays = (1.0, 1.0)
+    reports: queue.Queue = queue.Queue()
+    left = SimpleNamespace(is_established=False)  # the modality's association, closed
+    try:
+        commitment._answer(left, "US01", "1.2.826.0.1.3680043.8.498.83",
+                           [(spec.sop_class, spec.sop_uid)])  # port down: nothing
+        modality = AE("US01")
+        modality.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
+        listener = modality.start_server(("127.0.0.1", port), block=False, evt_handlers=[(
+            evt.EVT_N_EVENT_REPORT, lambda event: (reports.put(event.event_type), 0)[1])])
+        try:
+            assert reports.get(timeout=20) == 1
+        finally:
+            listener.shutdown()
+    finally:
+        commitment.close()
+        archive.close()

@@ -3,14 +3,18 @@
 A modality asks (N-ACTION) whether the archive has safely taken a list of instances before it
 deletes its local copies. The request is acknowledged at once; the answer follows as an
 N-EVENT-REPORT: on a new association when the requester is in ``PACS_PEERS`` (modalities that
-list a commitment port usually release at once and wait there), otherwise on the requester's
-own association, which it must keep open. An instance counts as committed when its index row
-exists with the same SOP class and its blob is present with the recorded size.
+list a commitment port usually release at once and wait there), otherwise, or when that fails,
+on the requester's own association while it stays open. An answer that could not be given is
+tried again after 10 s, 1 min and 5 min (``RETRY_DELAYS``), while there is a way to give it: a
+modality deletes nothing it has no answer for, so a lost answer only costs it a new request,
+but its operator a worry. An instance counts as committed when its index row exists with the
+same SOP class and its blob is present with the recorded size.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from pydicom.dataset import Dataset
@@ -30,6 +34,8 @@ ALL_COMMITTED, SOME_FAILED = 1, 2  # Event Type IDs
 NO_SUCH_OBJECT_INSTANCE = 0x0112  # Failure Reasons (PS3.4 J.3.2.1.1)
 CLASS_INSTANCE_CONFLICT = 0x0119
 PROCESSING_FAILURE = 0x0110
+MISSING_ATTRIBUTE, MISSING_ATTRIBUTE_VALUE = 0x0120, 0x0121  # N-ACTION statuses (PS3.7 C.2)
+RETRY_DELAYS = (10.0, 60.0, 300.0)  # seconds before the second, third and fourth attempt
 
 
 class StorageCommitment:
@@ -40,6 +46,9 @@ class StorageCommitment:
         self.settings = settings
         self.ae_title = ae_title
         self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="commitment")
+        self._retries: set[threading.Timer] = set()
+        self._closed = False
+        self.retry_delays = RETRY_DELAYS
 
     def on_n_action(self, event: evt.Event) -> tuple[Dataset, Dataset | None]:
         request = event.request
@@ -51,10 +60,9 @@ class StorageCommitment:
         if request.ActionTypeID != REQUEST_STORAGE_COMMITMENT:
             return status_dataset(0x0123, f"no such action {request.ActionTypeID}"), None
         try:
-            info = event.action_information
-            transaction = str(info.TransactionUID)
-            references = [(str(item.ReferencedSOPClassUID), str(item.ReferencedSOPInstanceUID))
-                          for item in info.ReferencedSOPSequence]
+            transaction, references = _request_of(event.action_information)
+        except _MissingAttribute as exc:
+            return status_dataset(exc.status, str(exc)), None
         except (AttributeError, TypeError, ValueError) as exc:
             return status_dataset(PROCESSING_FAILURE,
                                   f"needs TransactionUID and ReferencedSOPSequence: {exc}"), None
@@ -103,26 +111,55 @@ class StorageCommitment:
         event_type, info = self.report(transaction, references)
         log.info("storage commitment %s for %s: %d instance(s), event type %d", transaction,
                  requester, len(references), event_type)
-        if self.settings.peer(requester) is not None:
-            self._deliver_on_new_association(requester, event_type, info)
-            return
-        if assoc.is_established and reactor.wait_until_idle(assoc, timeout=10):
-            try:
-                # send_n_event_report pauses this association's reactor first, so the
-                # N-ACTION response has already gone out.
-                answer, _ = assoc.send_n_event_report(
-                    info, event_type, StorageCommitmentPushModel,
-                    StorageCommitmentPushModelInstance)
-                if "Status" in answer:
-                    return
-            except (RuntimeError, ValueError) as exc:
-                log.info("commitment report on the open association failed: %s", exc)
-        log.warning("storage commitment result for %s not delivered: its association closed "
-                    "and %s is not in PACS_PEERS", requester, requester)
+        self._deliver(assoc, requester, event_type, info, attempt=1)
 
-    def _deliver_on_new_association(self, requester: str, event_type: int,
-                                    info: Dataset) -> None:
+    def _deliver(self, assoc, requester: str, event_type: int, info: Dataset,
+                 attempt: int) -> None:
+        """One attempt at giving the answer; the next one scheduled if it failed."""
+        if self._closed:
+            return
         peer = self.settings.peer(requester)
+        if peer is not None and self._deliver_on_new_association(peer, event_type, info):
+            return
+        if self._deliver_on_open_association(assoc, event_type, info):
+            return
+        if attempt > len(self.retry_delays) or (peer is None and not assoc.is_established):
+            log.warning("storage commitment result %s for %s not delivered (%d attempt(s)): %s",
+                        info.TransactionUID, requester, attempt,
+                        "its association closed and it is not in PACS_PEERS" if peer is None
+                        else f"{peer} cannot be reached and its association closed")
+            return
+        delay = self.retry_delays[attempt - 1]
+        log.info("storage commitment result %s for %s not delivered yet; again in %.0f s",
+                 info.TransactionUID, requester, delay)
+        self._later(delay, self._deliver, assoc, requester, event_type, info, attempt + 1)
+
+    def _later(self, delay: float, function, *args) -> None:
+        timer = threading.Timer(delay, self._run_retry, args=(function, args))
+        timer.daemon = True
+        self._retries.add(timer)
+        timer.start()
+
+    def _run_retry(self, function, args) -> None:
+        self._retries.discard(threading.current_thread())  # type: ignore[arg-type]
+        if not self._closed:
+            self._workers.submit(function, *args)
+
+    @staticmethod
+    def _deliver_on_open_association(assoc, event_type: int, info: Dataset) -> bool:
+        if not (assoc.is_established and reactor.wait_until_idle(assoc, timeout=10)):
+            return False
+        try:
+            # send_n_event_report pauses this association's reactor first, so the N-ACTION
+            # response has already gone out.
+            answer, _ = assoc.send_n_event_report(info, event_type, StorageCommitmentPushModel,
+                                                  StorageCommitmentPushModelInstance)
+            return "Status" in answer
+        except (RuntimeError, ValueError) as exc:
+            log.info("commitment report on the open association failed: %s", exc)
+            return False
+
+    def _deliver_on_new_association(self, peer, event_type: int, info: Dataset) -> bool:
         ae = AE(self.ae_title)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
         assoc = ae.associate(peer.host, peer.port,
@@ -131,16 +168,47 @@ class StorageCommitment:
                              ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)],
                              evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)])
         if not assoc.is_established:
-            log.warning("storage commitment result not delivered: %s refused the association",
-                        peer)
-            return
+            log.info("storage commitment result: %s refused or did not answer the association",
+                     peer)
+            return False
         try:
             answer, _ = assoc.send_n_event_report(info, event_type, StorageCommitmentPushModel,
                                                   StorageCommitmentPushModelInstance)
             if "Status" not in answer:
-                log.warning("storage commitment result to %s got no response", peer)
+                log.info("storage commitment result to %s got no response", peer)
+                return False
+            return True
         finally:
             assoc.release()
 
     def close(self) -> None:
+        self._closed = True
+        for timer in list(self._retries):
+            timer.cancel()
         self._workers.shutdown(wait=False, cancel_futures=True)
+
+
+class _MissingAttribute(ValueError):
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status_code
+
+
+def _request_of(info: Dataset | None) -> tuple[str, list[tuple[str, str]]]:
+    """Transaction UID and (SOP class, SOP instance) references of an N-ACTION's information
+    (PS3.4 Table J.3-1: both Type 1); ``_MissingAttribute`` with the status saying what lacks."""
+    info = info if info is not None else Dataset()
+    for keyword in ("TransactionUID", "ReferencedSOPSequence"):
+        if keyword not in info:
+            raise _MissingAttribute(MISSING_ATTRIBUTE, f"{keyword} is missing")
+        if not info.get(keyword):
+            raise _MissingAttribute(MISSING_ATTRIBUTE_VALUE, f"{keyword} is empty")
+    references = []
+    for n, item in enumerate(info.ReferencedSOPSequence, start=1):
+        sop_class, sop_instance = (str(item.get(k) or "") for k in (
+            "ReferencedSOPClassUID", "ReferencedSOPInstanceUID"))
+        if not (sop_class and sop_instance):
+            raise _MissingAttribute(MISSING_ATTRIBUTE_VALUE,
+                                    f"ReferencedSOPSequence item {n} lacks its SOP class/instance")
+        references.append((sop_class, sop_instance))
+    return str(info.TransactionUID), references
