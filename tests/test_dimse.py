@@ -19,6 +19,7 @@ from pynetdicom import AE, build_context, build_role, evt
 from pynetdicom.sop_class import (
     CTImageStorage,
     PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelMove,
 )
 
@@ -171,6 +172,29 @@ def test_bad_c_find_identifiers_get_a_failure_status(server):
     with pytest.raises(client.C_FindFailed):
         client.c_find(port, client.identifier("PATIENT", PatientID="*"))  # Study Root model
     assert client.echo(port) == 0
+
+
+def test_keys_the_archive_cannot_match_on_are_answered_pending_ff01(server, tmp_path):
+    """PS3.4 C.4.1.1.4: matches go on, with a warning that an optional key given a value was not
+    matched on (all answers were 0xFF00, as if the filter had been applied)."""
+    spec = Spec(patient_id="FF01")
+    client.store_files(server.dicom_port, write_instances(tmp_path, [spec]))
+
+    def pending(**keys):
+        assoc = client.associate(server.dicom_port, [build_context(
+            StudyRootQueryRetrieveInformationModelFind)])
+        try:
+            return {s.Status for s, _ in assoc.send_c_find(
+                client.identifier("STUDY", PatientID="FF01", **keys),
+                StudyRootQueryRetrieveInformationModelFind) if s and s.Status in (
+                0xFF00, 0xFF01)}
+        finally:
+            assoc.release()
+
+    assert pending(PatientName="*", StudyDescription="") == {0xFF00}
+    assert pending(OperatorsName="NGUYEN*") == {0xFF01}  # not indexed
+    assert pending(SeriesInstanceUID=spec.series_uid) == {0xFF01}  # a lower level's key
+    assert pending(NumberOfStudyRelatedInstances="1") == {0xFF01}  # a count
 
 
 def test_c_move_sends_identical_data_sets_and_unknown_destination_is_a801(

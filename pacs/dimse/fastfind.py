@@ -41,14 +41,14 @@ _LONG_TEXT_VRS = frozenset({"UC", "UR", "UT"})
 _US = struct.Struct("<H")
 
 
-def pending_command(sop_class_uid: str, message_id: int) -> bytes:
+def pending_command(sop_class_uid: str, message_id: int, pending: int = PENDING) -> bytes:
     """The encoded command set of a pending C-FIND-RSP (Implicit VR Little Endian)."""
     return command_set(
         uid_element(0x00000002, sop_class_uid),
         us_element(0x00000100, C_FIND_RSP),
         us_element(0x00000120, message_id),
         us_element(0x00000800, DATA_SET_PRESENT),
-        us_element(0x00000900, PENDING),
+        us_element(0x00000900, pending),
     )
 
 
@@ -162,17 +162,17 @@ class PendingSender:
 Answer = tuple[Iterable[tuple[int, str, Any]], bool, Callable[[], Dataset]]
 
 
-def answer_find(event: Any, answers: Iterable[Answer], *, cancel: int, success: int
-                ) -> Iterator[tuple[int, Dataset | None]]:
-    """A C-FIND handler's yields for ``answers``: pending responses (queued in bulk when the
-    transfer syntax allows), then ``success``, or ``cancel`` once the peer cancels."""
+def answer_find(event: Any, answers: Iterable[Answer], *, cancel: int, success: int,
+                pending: int = PENDING) -> Iterator[tuple[int, Dataset | None]]:
+    """A C-FIND handler's yields for ``answers``: ``pending`` responses (queued in bulk when
+    the transfer syntax allows), then ``success``, or ``cancel`` once the peer cancels."""
     syntax = UID(event.context.transfer_syntax)
     sender = None
     if syntax.is_little_endian and not syntax.is_deflated:
         request = event.request
         sender = PendingSender(event.assoc, event.context.context_id,
                                pending_command(str(request.AffectedSOPClassUID),
-                                               request.MessageID))
+                                               request.MessageID, pending))
     for elements, utf8, as_dataset in answers:
         if event.is_cancelled:
             if sender:
@@ -186,7 +186,7 @@ def answer_find(event: Any, answers: Iterable[Answer], *, cancel: int, success: 
             continue
         if sender:
             sender.flush()  # keep the order: earlier matches go out first
-        yield PENDING, as_dataset()
+        yield pending, as_dataset()
     if sender:
         sender.flush()
     yield success, None

@@ -38,6 +38,7 @@ from pacs.dimse.identifiers import (
     parse_identifier,
     response_dataset,
     retrieve_keys,
+    unmatched_keys,
 )
 from pacs.dimse.passthrough import StoredDataset, set_move_originator
 from pacs.dimse.worklist import WorklistHandlers
@@ -204,11 +205,14 @@ class DimseHandlers:
         yield from self._answer_find(event, level, keys, rows)
 
     def _answer_find(self, event: evt.Event, level: Level, keys, rows) -> Iterator[Any]:
-        """Pending responses for ``rows``, then success (or cancel)."""
+        """Pending responses for ``rows`` (0xFF01 when a key could not be matched on), then
+        success (or cancel)."""
         responses = (build_response(level, keys, row, self.settings.ae_title) for row in rows)
         yield from fastfind.answer_find(
             event, ((r.elements, r.utf8, lambda r=r: response_dataset(r)) for r in responses),
-            cancel=status.CANCEL, success=status.SUCCESS)
+            cancel=status.CANCEL, success=status.SUCCESS,
+            pending=status.PENDING_KEYS_NOT_SUPPORTED if unmatched_keys(level, keys)
+            else status.PENDING)
 
     # ------------------------------------------------------------------ C-MOVE / C-GET
 

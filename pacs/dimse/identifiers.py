@@ -96,6 +96,26 @@ def build_query(level: Level, keys: Iterable[RequestedKey], name_matching: NameM
     return Query(level, matching, name_matching, limit=limit, extra_tags=frozenset(extra))
 
 
+def unmatched_keys(level: Level, keys: Iterable[RequestedKey]) -> list[str]:
+    """Keys given a value that the archive does not match on at ``level`` (not indexed, of a
+    lower level, or counts), which C-FIND answers with pending status 0xFF01 (PS3.4 C.4.1.1.4:
+    optional keys not supported for matching), so the requester knows its filter was not
+    applied."""
+    unmatched = []
+    for key in keys:
+        if key.tag in (RETRIEVE_AE_TITLE, INSTANCE_AVAILABILITY):
+            continue
+        items = [(f"{key.keyword}.{item.keyword}", item.value) for item in key.item_keys] \
+            if key.vr == "SQ" else [(key.keyword, key.value)]
+        for name, value in items:
+            attribute = BY_KEYWORD.get(name)
+            if value and (attribute is None or attribute.level.value > level.value
+                          or attribute.aggregate and name != "ModalitiesInStudy"
+                          or name == "ModalitiesInStudy" and level is Level.PATIENT):
+                unmatched.append(name)
+    return unmatched
+
+
 @dataclass(frozen=True)
 class Response:
     """One C-FIND answer: (tag, VR, value) elements, plain values or DICOM JSON objects."""

@@ -2,6 +2,8 @@
 
 SUCCESS = 0x0000
 PENDING = 0xFF00
+# Matches continue, but an optional key given a value was not matched on (PS3.4 C.4.1.1.4).
+PENDING_KEYS_NOT_SUPPORTED = 0xFF01
 CANCEL = 0xFE00
 
 # General (PS3.7 C)
