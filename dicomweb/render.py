@@ -9,6 +9,7 @@ MONOCHROME1 is inverted so that what a radiologist expects to be dark is dark. C
 from __future__ import annotations
 
 import io
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from threading import Lock
@@ -55,6 +56,9 @@ def parse_options(params, media_type: str, *, thumbnail: bool = False) -> Render
         except (ValueError, IndexError):
             raise ValueError(f"window: {params['window']!r} is not center,width[,function]") \
                 from None
+        if not (math.isfinite(center) and math.isfinite(width)):
+            raise ValueError(f"window: {params['window']!r}: center and width must be numbers "
+                             "(not nan or inf)")  # NaN passed the check below: blank images
         if width <= 0:
             raise ValueError("window: the width must be positive")
         window = (center, width)
