@@ -22,6 +22,8 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 RENDERED_TYPES = ("image/jpeg", "image/png")
 THUMBNAIL_SIZE = 200  # pixels on the longer side, unless the request gives a viewport
 _MAX_SIDE = 8192
+# A window beyond this is no window of any real image (and 1e308 overflows the arithmetic).
+MAX_WINDOW = 1e9
 
 
 class CannotRender(ValueError):
@@ -56,11 +58,7 @@ def parse_options(params, media_type: str, *, thumbnail: bool = False) -> Render
         except (ValueError, IndexError):
             raise ValueError(f"window: {params['window']!r} is not center,width[,function]") \
                 from None
-        if not (math.isfinite(center) and math.isfinite(width)):
-            raise ValueError(f"window: {params['window']!r}: center and width must be numbers "
-                             "(not nan or inf)")  # NaN passed the check below: blank images
-        if width <= 0:
-            raise ValueError("window: the width must be positive")
+        check_window(center, width)
         window = (center, width)
     viewport = (THUMBNAIL_SIZE, THUMBNAIL_SIZE) if thumbnail else None
     if "viewport" in params:
@@ -73,6 +71,19 @@ def parse_options(params, media_type: str, *, thumbnail: bool = False) -> Render
             raise ValueError(f"viewport: each side must be between 1 and {_MAX_SIDE}")
         viewport = (columns, rows)
     return RenderOptions(media_type, quality, window, viewport)
+
+
+def check_window(center: float, width: float) -> None:
+    """``ValueError`` naming ``window`` unless (center, width) is a usable window: finite
+    numbers (NaN passed a width check and made every image blank), a positive width, both
+    within ``MAX_WINDOW``. The film takes the same windows."""
+    if not (math.isfinite(center) and math.isfinite(width)):
+        raise ValueError(f"window: {center:g},{width:g}: center and width must be numbers, "
+                         "not nan or inf")
+    if width <= 0:
+        raise ValueError("window: the width must be positive")
+    if abs(center) > MAX_WINDOW or width > MAX_WINDOW:
+        raise ValueError(f"window: center and width must be within ±{MAX_WINDOW:g}")
 
 
 def render_frame(data: bytes, index: int, options: RenderOptions) -> bytes:
@@ -88,10 +99,18 @@ def render_frame(data: bytes, index: int, options: RenderOptions) -> bytes:
         raise CannotRender(f"frame {index + 1} does not exist ({frames} frames)")
     try:
         pixels = pydicom.pixels.pixel_array(ds, index=index)
+    except Exception as exc:
+        raise CannotRender(f"the pixel data cannot be decoded: {exc}") from exc
+    return picture_of(ds, pixels, options)
+
+
+def picture_of(ds, pixels: np.ndarray, options: RenderOptions) -> bytes:
+    """One decoded frame (``pixels``) of ``ds`` as the encoded image ``options`` ask for."""
+    try:
         image = _to_8bit(ds, pixels, options.window)
     except CannotRender:
         raise
-    except Exception as exc:
+    except Exception as exc:  # a value the LUTs cannot take, a missing attribute...
         raise CannotRender(f"the pixel data cannot be decoded: {exc}") from exc
     picture = Image.fromarray(image)
     if options.viewport:

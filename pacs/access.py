@@ -26,8 +26,11 @@ Because staff carry no credential, a web page from elsewhere opened on a staff w
 could make the browser send requests as staff (cross-site request forgery). Requests that
 change something (any method but GET/HEAD/OPTIONS) are therefore refused when the browser
 says they come from another site: ``Sec-Fetch-Site: cross-site``, or an ``Origin`` that is
-neither this server nor one of ``cors_allowed_origins``. Tools that are not browsers send
-neither header and are not affected.
+neither this server nor one of ``cors_allowed_origins``. "This server" is the ``Host`` the
+request names, the origin of ``public_url``, and, from a trusted proxy, ``X-Forwarded-Proto``
+with ``X-Forwarded-Host`` (a TLS proxy that sends its upstream's name as ``Host`` would make
+every PIN entry on the public page cross-site). Tools that are not browsers send neither
+header and are not affected.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import QueryParams
@@ -104,7 +108,7 @@ RULES: list[tuple[frozenset[str], re.Pattern[str], Rule]] = [
     (frozenset({"GET", "HEAD", "OPTIONS"}), re.compile(r"/healthz"), Rule.PUBLIC),
     (_READ, re.compile(r"/static/[^/]+"), Rule.PUBLIC),
     (_READ, re.compile(r"/favicon\.ico"), Rule.PUBLIC),
-    (_READ, re.compile(r"/s/[^/]+"), Rule.PUBLIC),  # the share page checks its token
+    (_READ, re.compile(r"/s/[^/]+/?"), Rule.PUBLIC),  # the share page checks its token
     (frozenset({"POST"}), re.compile(r"/api/s/[^/]+/session"), Rule.PUBLIC),
     # The viewer's code and generated configuration; its data comes through /dicomweb.
     (_READ, re.compile(r"/ohif(/.*)?"), Rule.PUBLIC),
@@ -241,6 +245,28 @@ class AccessPolicy:
         until = min(dt.datetime.now(dt.UTC) + hours, share.expires_at)
         grant = Grant(share.id, secrets.token_hex(6), int(until.timestamp()))
         return grant.encode(self.secret), until
+
+    def reusable_session(self, credential: str, share: Share) -> tuple[str, dt.datetime] | None:
+        """``credential`` again, with its end, if it is a valid session of ``share`` (a
+        reload of the page keeps its session instead of opening the share again)."""
+        grant = Grant.decode(credential, self.secret)
+        if grant is None or grant.share_id != share.id:
+            return None
+        return credential, dt.datetime.fromtimestamp(grant.expires, dt.UTC)
+
+    def forwarded_by_trusted_proxy(self, scope: Scope) -> bool:
+        """Whether a proxy in ``trusted_proxies`` forwarded the request (``X-Forwarded-For``
+        present, and uvicorn took the client from it or kept the proxy's own address), so that
+        its ``X-Forwarded-Host`` and ``X-Forwarded-Proto`` are believed.
+
+        Like the staff decision, this cannot tell a client that names itself in
+        ``X-Forwarded-For`` from a proxy's client; a browser cannot send these headers to
+        another site without a CORS preflight, which this server does not grant."""
+        if _header(scope, b"x-forwarded-for") is None:
+            return False
+        peer = (scope.get("client") or ("", 0))[0]
+        address = _forwarded_host(peer) or peer
+        return address in self.trusted_proxies or self._forwarded_client(scope) == address
 
     def forget(self, share_id: int) -> None:
         """Drop a cached share (revoked, unlocked) so the change applies at once here."""
@@ -424,6 +450,8 @@ class AccessGate:
         self.bodies = bodies or {}  # refusals under these path prefixes in their clients' form
         self.allowed_origins = {o.rstrip("/").lower()
                                 for o in policy.settings.cors_allowed_origins}
+        public = policy.settings.public_url
+        self.public_origin = _origin(public) if public else None
         self._route_words: frozenset[str] | None = None  # known at the first request
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -436,7 +464,7 @@ class AccessGate:
         if principal is None:
             decision = Decision(False, 401, "phiên chia sẻ không hợp lệ hoặc đã hết hạn / the "
                                             "share session is not valid or has expired")
-        elif method not in _SAFE_METHODS and _cross_site(scope, self.allowed_origins):
+        elif method not in _SAFE_METHODS and self._cross_site(scope):
             decision = Decision(False, 403, "yêu cầu từ trang web khác bị từ chối / a request "
                                             "from another site cannot change anything here")
         else:
@@ -451,30 +479,70 @@ class AccessGate:
             return
         scope[SCOPE_KEY] = principal
         if principal.role is Role.SHARE:
-            action, detail = _use_of(path)
+            action, detail = _use_of(path, query)
             if action:
                 await self.policy.record_use(principal, action, detail)
         await self.app(scope, receive, send)
 
+    def _cross_site(self, scope: Scope) -> bool:
+        """Whether a browser marked the request as sent by a page of another site."""
+        origin = (_header(scope, b"origin") or "").rstrip("/").lower()
+        if origin in self.allowed_origins:  # a viewer this server was told to trust
+            return False
+        if (_header(scope, b"sec-fetch-site") or "").lower() == "cross-site":
+            return True
+        if not origin:
+            return False
+        if origin == "null":
+            return True
+        if origin.split("://", 1)[-1] == (_header(scope, b"host") or "").lower():
+            return False
+        named = _origin(origin)
+        return not named or named not in self._own_origins(scope)
+
+    def _own_origins(self, scope: Scope) -> set[str]:
+        """The origins this server has besides its ``Host``: ``public_url``'s, and the one a
+        trusted proxy names (``X-Forwarded-Proto``://``X-Forwarded-Host``)."""
+        own = {self.public_origin} if self.public_origin else set()
+        forwarded_host = _header(scope, b"x-forwarded-host")
+        if forwarded_host and self.policy.forwarded_by_trusted_proxy(scope):
+            # Proxies one behind another append: the first is the name the browser used.
+            host = forwarded_host.split(",")[0].strip()
+            proto = (_header(scope, b"x-forwarded-proto") or scope.get("scheme", "http"))
+            own.add(_origin(f"{proto.split(',')[0].strip()}://{host}"))
+        return own - {""}
+
 
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-def _cross_site(scope: Scope, allowed_origins: set[str]) -> bool:
-    """Whether a browser marked the request as sent by a page of another site."""
-    headers = {k: v.decode("latin-1") for k, v in scope.get("headers", ())
-               if k in (b"origin", b"sec-fetch-site", b"host")}
-    origin = headers.get(b"origin", "").rstrip("/").lower()
-    if origin in allowed_origins:  # a viewer this server was told to trust
-        return False
-    if headers.get(b"sec-fetch-site", "").lower() == "cross-site":
-        return True
-    if not origin:
-        return False
-    return origin == "null" or origin.split("://", 1)[-1] != headers.get(b"host", "").lower()
+def _header(scope: Scope, name: bytes) -> str | None:
+    """The first value of header ``name`` (lower case), None when absent."""
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")
+    return None
 
 
-def _use_of(path: str) -> tuple[str, str]:
+def _origin(url: str) -> str:
+    """``scheme://host[:port]`` of a URL as browsers write an ``Origin`` (lower case, no
+    default port, no path); "" for something that is not a URL."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return ""
+    scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
+    if not scheme or not host:
+        return ""
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    return f"{scheme}://{host}" + (f":{port}" if port and port != _DEFAULT_PORTS.get(scheme)
+                                   else "")
+
+
+def _use_of(path: str, query: QueryParams) -> tuple[str, str]:
     """What a share's request is, for its access log: (action, detail)."""
     parts = path.strip("/").split("/")
     if parts[:2] == ["dicomweb", "studies"] and len(parts) > 2:
@@ -482,10 +550,15 @@ def _use_of(path: str) -> tuple[str, str]:
         last = parts[-1]
         if last in ("rendered", "thumbnail"):
             return "view", series
-        if last == "metadata" or "frames" in parts:
+        if last == "metadata" or "frames" in parts or "bulkdata" in parts:
             return "viewer", series
         if len(parts) <= 7 and last not in ("series", "instances"):
             return "retrieve-dicom", series
+    if parts in (["wado"], ["dicomweb", "wado"]):  # WADO-URI: the same uses, by parameters
+        series = query.get("seriesUID", "")
+        if "application/dicom" in query.get("contentType", ""):  # as ``decide`` reads it
+            return "retrieve-dicom", series
+        return "view", series
     return "", ""
 
 

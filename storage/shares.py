@@ -39,6 +39,9 @@ _TOKEN = re.compile(r"[A-Za-z0-9_-]{22}")
 # the patient, typing 1234, would then never match.
 _PIN = re.compile(r"[0-9]{4,8}")
 MAX_DAYS = 3650
+# A share must outlive its own creation: shorter ones (1e-12 days) expired before anyone could
+# open them. One hour is enough to show a study to someone sitting next to you.
+MIN_DAYS = 1 / 24
 MAX_ID = 2**63 - 1  # the largest key an INTEGER column holds (SQLite and PostgreSQL BIGINT)
 PIN_KINDS = ("", "generated", "birth-year", "given")
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
@@ -144,8 +147,9 @@ class ShareStore:
         ``pin``: None or "" for none, ``"generated"`` (6 digits, printable again on the
         slip), ``"birth-year"`` (the patient's year of birth from the index) or 4-8 digits 0-9.
         """
-        if not 0 < days <= MAX_DAYS:  # (also false for NaN)
-            raise ShareError(f"days: must be more than 0 and at most {MAX_DAYS}, not {days}")
+        if not MIN_DAYS <= days <= MAX_DAYS:  # (also false for NaN)
+            raise ShareError(f"days: must be at least 1/24 (one hour) and at most {MAX_DAYS}, "
+                             f"not {days}")
         birth_date = self._study_birth_date(study_uid)
         nonce = secrets.token_hex(16)
         token = self._derive_token(nonce)
@@ -388,5 +392,5 @@ def _share(row: Any) -> Share:
         last_opened_at=stored_utc(row.last_opened_at))
 
 
-__all__ = ["MAX_ID", "PinOutcome", "PinResult", "Share", "ShareError", "ShareState",
-           "ShareStore", "is_well_formed", "is_well_formed_pin", "token_digest"]
+__all__ = ["MAX_DAYS", "MAX_ID", "MIN_DAYS", "PinOutcome", "PinResult", "Share", "ShareError",
+           "ShareState", "ShareStore", "is_well_formed", "is_well_formed_pin", "token_digest"]

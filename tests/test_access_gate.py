@@ -11,7 +11,9 @@ its staff network is 10.99.0.0/16: plain loopback requests are strangers, reques
 
 from __future__ import annotations
 
+import datetime as dt
 import re
+import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -65,6 +67,15 @@ def _share(http: str, study_uid: str, **body) -> dict:
                           headers=STAFF, timeout=30)
     assert response.status_code == 201, response.text
     return response.json()
+
+
+def _set_share_time(server: PacsProcess, share_id: int, column: str,
+                    moment: dt.datetime) -> None:
+    """Move a share's ``created_at`` or ``expires_at`` in the server's SQLite index (shares
+    last at least an hour, and a test cannot wait for one to expire)."""
+    with sqlite3.connect(server.data_dir / "index.sqlite", timeout=30) as db:
+        db.execute(f"UPDATE shares SET {column} = ? WHERE pk = ?",
+                   (moment.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f"), share_id))
 
 
 def _open(http: str, token: str, pin: str | None = None) -> httpx.Response:
@@ -216,6 +227,52 @@ def test_cross_site_post_from_a_staff_browser_is_refused(site):
                       json={"study_instance_uid": site.a.study_uid}).status_code == 201
     assert httpx.post(f"{site.http}/api/shares/{victim['id']}/revoke",
                       headers=STAFF).status_code == 200
+
+
+# A TLS proxy in front (nginx's default ``proxy_set_header Host $proxy_host``): the browser's
+# Origin is the public name, the Host the server sees is the upstream's address.
+_PUBLIC = "https://anh.benhvien.vn"
+_FROM_THE_PUBLIC_PAGE = {"X-Forwarded-For": "203.0.113.9", "Origin": _PUBLIC,
+                         "Sec-Fetch-Site": "same-origin"}
+
+
+def _enter_pin(http: str, token: str, headers: dict[str, str]) -> httpx.Response:
+    return httpx.post(f"{http}/api/s/{token}/session", json={"pin": "2468"}, headers=headers,
+                      timeout=30)
+
+
+def test_pin_entry_through_a_tls_proxy_that_names_the_public_host(site):
+    # Every PIN POST behind such a proxy was 403 "from another site".
+    made = _share(site.http, site.a.study_uid, pin="2468")
+    forwarded = {**_FROM_THE_PUBLIC_PAGE, "X-Forwarded-Host": "anh.benhvien.vn",
+                 "X-Forwarded-Proto": "https"}
+
+    entered = _enter_pin(site.http, made["token"], forwarded)
+    other_site = _enter_pin(site.http, made["token"], {
+        **forwarded, "Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"})
+    other_origin = _enter_pin(site.http, made["token"], {
+        **forwarded, "Origin": "https://evil.example", "Sec-Fetch-Site": "same-site"})
+
+    assert entered.status_code == 200, entered.text
+    assert other_site.status_code == 403 and other_origin.status_code == 403
+
+
+def test_pin_entry_from_the_public_url_and_forwarded_names_only_from_trusted_proxies(
+        start_server):
+    server = start_server(PACS_PUBLIC_URL=_PUBLIC + "/", PACS_TRUSTED_PROXIES="192.0.2.10")
+    spec = Spec(patient_id="BN-PROXY")
+    assert stow(server.http, [instance(spec)]).status_code == 200  # loopback: staff here
+    made = httpx.post(server.http + "/api/shares", json={
+        "study_instance_uid": spec.study_uid, "pin": "2468"}).json()
+
+    from_public = _enter_pin(server.http, made["token"], _FROM_THE_PUBLIC_PAGE)
+    # Loopback is no trusted proxy here: the names it forwards are not this server's.
+    claimed = _enter_pin(server.http, made["token"], {
+        **_FROM_THE_PUBLIC_PAGE, "Origin": "https://evil.example",
+        "X-Forwarded-Host": "evil.example", "X-Forwarded-Proto": "https"})
+
+    assert from_public.status_code == 200, from_public.text
+    assert claimed.status_code == 403
 
 
 # ---------------------------------------------------------------------------- paths
@@ -405,6 +462,22 @@ def test_wado_uri_dicom_needs_downloads_however_it_is_spelled(site, content_type
         assert b"DICM" not in response.content
 
 
+def test_wado_uri_use_is_in_the_shares_access_log(site):
+    # WADO-RS left an entry in the share's access log; the same reads through WADO-URI none.
+    made = _share(site.http, site.a.study_uid, allow_download=True)
+    grant = _grant(site.http, made["token"])
+    query = (f"studyUID={site.a.study_uid}&seriesUID={site.a.series_uid}"
+             f"&objectUID={site.a_instances[0]}")
+
+    picture = _wado_uri(site, query, grant, "/wado")
+    whole = _wado_uri(site, query + "&contentType=application/dicom", grant, "/dicomweb/wado")
+
+    assert picture.status_code == 200 and whole.status_code == 200
+    log = httpx.get(f"{site.http}/api/shares/{made['id']}", headers=STAFF).json()["accesses"]
+    assert {(a["action"], a["detail"]) for a in log} >= {
+        ("view", site.a.series_uid), ("retrieve-dicom", site.a.series_uid)}
+
+
 def test_wado_uri_renders_the_own_study(site):
     query = (f"studyUID={site.a.study_uid}&seriesUID={site.a.series_uid}"
              f"&objectUID={site.a_instances[0]}")
@@ -507,8 +580,10 @@ def test_forged_grants_are_refused(site):
 def test_revoked_and_expired_share_sessions_are_refused_at_once(site):
     revoked = _share(site.http, site.a.study_uid)
     revoked_grant = _grant(site.http, revoked["token"])
-    expiring = _share(site.http, site.a.study_uid, days=1.5 / 86400)
-    expiring_grant = _grant(site.http, expiring["token"])
+    expiring = _share(site.http, site.a.study_uid)
+    _set_share_time(site.server, expiring["id"], "expires_at",
+                    dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1.5))
+    expiring_grant = _grant(site.http, expiring["token"])  # its session ends with the share
     url = f"/dicomweb/studies/{site.a.study_uid}/metadata"
     assert site.get(url, revoked_grant).status_code == 200  # now in the policy's cache
 
@@ -539,6 +614,25 @@ def test_public_routes_reveal_no_patient_data(site, path):
     body = response.content.decode("utf-8", errors="replace")
     for secret in (*B_TEXT, A_PATIENT_ID, "Lê Văn An", "Lê^Văn An", site.a.study_uid):
         assert secret not in body, (path, secret)
+
+
+def test_a_share_link_with_a_slash_added_leads_to_the_page(site):
+    # /s/TOKEN/ (a slash added by a messaging app) was a 401 "sign in" page.
+    slashed = httpx.get(f"{site.http}/s/{site.token}/", headers={"X-Forwarded-For":
+                                                                 "203.0.113.9"})
+
+    assert slashed.status_code == 308
+    assert slashed.headers["location"] == f"/s/{site.token}"
+    assert httpx.get(site.http + slashed.headers["location"]).status_code == 200
+    assert httpx.get(f"{site.http}/s/{'A' * 22}/").status_code in (308, 404)
+    assert httpx.get(f"{site.http}/s/not-a-token/").status_code == 404
+
+
+def test_the_favicon_browsers_ask_for_is_there(site):
+    icon = httpx.get(site.http + "/favicon.ico")
+
+    assert icon.status_code == 200 and icon.headers["content-type"] == "image/x-icon"
+    assert icon.content[:4] == b"\x00\x00\x01\x00"  # an ICO file
 
 
 @pytest.mark.parametrize("token", ["{token}%0A", "{token}=", "{token}.", "%20{token}",

@@ -5,10 +5,12 @@ from __future__ import annotations
 import io
 import shutil
 import subprocess
+import threading
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
+import pydicom
 import pytest
 from PIL import Image
 from pydicom import dcmread
@@ -16,11 +18,13 @@ from pydicom.dataset import Dataset
 from pydicom.fileset import FileSet
 from pydicom.uid import BasicTextSRStorage, generate_uid
 
+from dicomweb.wado import DECODE_SLOTS
 from storage.archive import Archive, open_archive
 from storage.attributes import Level
 from storage.errors import NotFound
 from storage.query import Query, find
 from tests.factory import TEST_ROOT, Spec, dataset, instance, part10
+from viewer import export
 from viewer.export import ExportSummary, safe_name, write_dicom_zip, write_jpeg_zip
 
 PATIENT = "Nguyễn^Văn An"
@@ -81,8 +85,8 @@ def _file_id(item) -> str:
     return "/".join(item.ReferencedFileID)
 
 
-def _report(study_uid: str) -> bytes:
-    """A Basic Text SR (no pixels) in the study."""
+def _report(study_uid: str, *, leave_out: tuple[str, ...] = ()) -> bytes:
+    """A Basic Text SR (no pixels) in the study, without the attributes ``leave_out`` names."""
     ds = dataset(Spec(study_uid=study_uid, sop_class=BasicTextSRStorage, modality="SR",
                       series_number=9, series_description="Kết quả"))
     for keyword in ("SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns",
@@ -94,7 +98,24 @@ def _report(study_uid: str) -> bytes:
     code = Dataset()
     code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "18748-4", "LN", "Kết luận"
     ds.ConceptNameCodeSequence = [code]
+    for keyword in leave_out:
+        delattr(ds, keyword)
     return part10(ds)
+
+
+class _CountingBlobs:
+    """The archive's blob store, counting the blobs opened for reading."""
+
+    def __init__(self, blobs) -> None:
+        self._blobs = blobs
+        self.opened: list[str] = []
+
+    def open_chunks(self, key: str, *args, **kwargs):
+        self.opened.append(key)
+        return self._blobs.open_chunks(key, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._blobs, name)
 
 
 # ---------------------------------------------------------------------------- DICOM media
@@ -146,16 +167,17 @@ def test_dicom_zip_holds_the_stored_files_byte_for_byte_in_display_order(
     file_set = FileSet(_unzipped(out.getvalue(), tmp_path / "media") / "DICOMDIR")
     with zipfile.ZipFile(out) as zf:
         names = zf.namelist()
-        assert names[:2] == ["DICOMDIR", "README.txt"]
+        # The files first, as they are read; the DICOMDIR, which needs them all, last.
+        assert names[-2:] == ["README.txt", "DICOMDIR"]
         files = {item.SOPInstanceUID: zf.read(_file_id(item)) for item in file_set}
         assert files == stored
         assert len(names) == 2 + len(stored)  # nothing else in the ZIP
-    assert names[2:] == [f"DICOM/PT000000/ST000000/SE00000{series}/IM00000{image}"
-                         for series, image in ((0, 0), (0, 1), (0, 2), (1, 0))]
+    assert names[:-2] == [f"DICOM/PT000000/ST000000/SE00000{series}/IM00000{image}"
+                          for series, image in ((0, 0), (0, 1), (0, 2), (1, 0))]
     # Series 1 before series 2, its slices by Instance Number, whatever the order of arrival.
     by_file = {_file_id(item): item.SOPInstanceUID for item in file_set}
     slices = sorted(specs[1:], key=lambda s: s.instance_number)
-    assert [by_file[name] for name in names[2:]] == [s.sop_uid for s in [*slices, specs[0]]]
+    assert [by_file[name] for name in names[:-2]] == [s.sop_uid for s in [*slices, specs[0]]]
 
 
 def test_dicom_zip_streams_into_a_write_only_stream(archive, study):
@@ -200,6 +222,54 @@ def test_dicom_zip_to_a_path_streams_and_survives_empty_type2_attributes(archive
         Path(item.path).read_bytes() for item in file_set}
 
 
+def test_dicom_zip_is_made_as_it_is_read_and_stops_when_abandoned(archive, study,
+                                                                  monkeypatch):
+    # The whole ZIP used to be written to /tmp before its first byte was sent, and a client
+    # that left did not stop the work.
+    uid, _ = study
+    monkeypatch.setattr(export, "_PIECE", 1)  # hand on every write, however small
+    counting = _CountingBlobs(archive.blobs)
+    monkeypatch.setattr(archive, "blobs", counting)
+
+    chunks = export.dicom_zip_chunks(archive, uid)
+    first = next(chunks)
+
+    assert first.startswith(b"PK\x03\x04")  # a local file header: a file is on its way
+    assert len(counting.opened) == 1  # before the other instances are read
+    chunks.close()  # the client left
+    assert len(counting.opened) == 1
+
+
+def test_an_instance_without_a_dicomdir_record_stays_in_the_zip_and_the_readme_says_so(
+        archive, tmp_path):
+    # A report without Completion Flag (or another record key) was left out of the ZIP,
+    # silently: "the instances as stored" were not all there.
+    uid = generate_uid(TEST_ROOT)
+    archive.store(instance(Spec(study_uid=uid)))
+    archive.store(_report(uid, leave_out=("CompletionFlag", "VerificationFlag")))
+    archive.store(_report(uid, leave_out=("ConceptNameCodeSequence",)))  # no record possible
+    out = io.BytesIO()
+
+    summary = write_dicom_zip(archive, uid, out)
+
+    stored = _stored(archive, uid)
+    assert summary.files == 3 and not summary.skipped
+    [unlisted] = summary.unlisted
+    root = _unzipped(out.getvalue(), tmp_path / "media")
+    with zipfile.ZipFile(out) as zf:
+        in_zip = {zf.read(n) for n in zf.namelist() if n.startswith("DICOM/")}
+        readme = zf.read("README.txt").decode("utf-8-sig")
+    assert in_zip == set(stored.values())  # every instance, as stored
+    file_set = FileSet(root / "DICOMDIR")
+    records = {item.SOPInstanceUID: item for item in file_set}
+    assert len(records) == 2 and unlisted.sop_instance_uid not in records
+    report = next(item for item in records.values() if item.DirectoryRecordType == "SR DOCUMENT")
+    assert report.CompletionFlag == "PARTIAL" and report.VerificationFlag == "UNVERIFIED"
+    assert unlisted.file_id in readme and unlisted.sop_instance_uid in readme
+    assert "Not listed in the DICOMDIR" in readme
+    assert (root / unlisted.file_id).read_bytes() == stored[unlisted.sop_instance_uid]
+
+
 @pytest.mark.skipif(shutil.which("dcmdump") is None, reason="DCMTK's dcmdump is not installed")
 def test_dcmtk_reads_the_dicomdir_and_every_file(archive, study, tmp_path):
     uid, _ = study
@@ -241,6 +311,34 @@ def test_jpeg_zip_has_one_picture_per_frame_named_in_display_order(archive, stud
         picture.load()  # decodes the whole image
     assert summary.files == 6
     assert [s.reason for s in summary.skipped] == ["not an image"]  # the report
+
+
+def test_jpeg_zip_reads_a_multiframe_instance_once_and_decodes_in_the_shared_slots(
+        archive, monkeypatch):
+    # Each frame used to parse the whole instance again (300 frames of 157 MB: 40 s,
+    # +250 MB), outside the decode slots that bound the server's decoding.
+    uid = generate_uid(TEST_ROOT)
+    archive.store(instance(Spec(study_uid=uid, frames=30, rows=16, columns=16)))
+    parses = []
+    real_read_partial = pydicom.filereader.read_partial
+    monkeypatch.setattr(pydicom.filereader, "read_partial",
+                        lambda *a, **k: parses.append(1) or real_read_partial(*a, **k))
+    for _ in range(DECODE_SLOTS._initial_value):  # every slot taken by other requests
+        DECODE_SLOTS.acquire()
+    done = threading.Event()
+    out = io.BytesIO()
+    worker = threading.Thread(target=lambda: (write_jpeg_zip(archive, uid, out), done.set()))
+    try:
+        worker.start()
+        assert not done.wait(1.0), "the export decoded without a decode slot"
+    finally:
+        for _ in range(DECODE_SLOTS._initial_value):
+            DECODE_SLOTS.release()
+    worker.join(30)
+
+    assert done.is_set()
+    assert len(zipfile.ZipFile(out).namelist()) == 30
+    assert len(parses) == 1  # one reading of the instance for its 30 frames
 
 
 def test_series_description_cannot_leave_its_folder(archive, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -123,6 +124,84 @@ def test_shares_without_downloads_cannot_retrieve_dicom_files(site):
     assert "DICOMDIR" in names and sum(n.startswith("DICOM/") for n in names) >= 16
     log = httpx.get(f"{server.http}/api/shares/{allowed['id']}").json()["accesses"]
     assert "download-dicom" in {a["action"] for a in log}
+
+
+@pytest.mark.parametrize("params, named", [
+    ({"window": "nan,nan"}, "window"), ({"window": "40,nan"}, "window"),
+    ({"window": "nan,400"}, "window"), ({"window": "40,inf"}, "window"),
+    ({"window": "-inf,400"}, "window"), ({"window": "1e308,1e308"}, "window"),
+    ({"layout": "\uff14x\uff15"}, "layout"), ({"per_series": "101"}, "per_series"),
+])
+def test_film_parameters_that_are_not_usable_numbers_are_400_naming_them(site, params, named):
+    # float() takes "nan" and "inf": such windows made blank films, and POST stored one.
+    server, ct, _ = site
+    base = f"{server.http}/api/studies/{ct.study_uid}"
+
+    answers = [httpx.get(base + "/film.pdf", params=params), httpx.get(base + "/film.png",
+                                                                       params=params),
+               httpx.post(base + "/film", params=params)]
+
+    for answer in answers:
+        assert answer.status_code == 400, (answer.request.url, answer.text)
+        assert answer.json()["message"].startswith(named + ":")
+
+
+def test_storing_the_same_film_again_answers_the_instance_already_stored(site):
+    server, ct, _ = site
+    url = f"{server.http}/api/studies/{ct.study_uid}/film"
+
+    first = httpx.post(url, params={"window": "60,360"}, timeout=60)
+    again = httpx.post(url, params={"window": "60,360"}, timeout=60)
+
+    assert first.status_code == 201 and first.json()["stored"] is True
+    assert again.status_code == 200 and again.json()["stored"] is False
+    assert again.json()["sop_instance_uid"] == first.json()["sop_instance_uid"]
+    found = httpx.get(f"{server.http}/dicomweb/studies/{ct.study_uid}/instances",
+                      params={"SOPInstanceUID": first.json()["sop_instance_uid"]}).json()
+    assert len(found) == 1
+
+
+def test_films_stored_at_once_get_distinct_instance_numbers(site):
+    server, ct, _ = site
+    url = f"{server.http}/api/studies/{ct.study_uid}/film"
+    windows = ["70,700", "80,800", "90,900"]
+
+    with ThreadPoolExecutor(len(windows)) as pool:
+        answers = list(pool.map(lambda w: httpx.post(url, params={"window": w}, timeout=60),
+                                windows))
+
+    assert [a.status_code for a in answers] == [201] * len(windows)
+    films = httpx.get(f"{server.http}/dicomweb/studies/{ct.study_uid}/instances",
+                      params={"SOPClassUID": ENCAPSULATED_PDF, "includefield": "00200013"}
+                      ).json()
+    numbers = [f["00200013"]["Value"][0] for f in films]
+    assert len(numbers) == len(set(numbers)) >= len(windows)
+
+
+def test_a_zip_is_sent_as_it_is_made_and_head_makes_none(site):
+    # The whole ZIP was written to /tmp before its first byte, and HEAD built it too.
+    server, ct, _ = site
+    made = httpx.post(server.http + "/api/shares", json={
+        "study_instance_uid": ct.study_uid, "allow_download": True}).json()
+    grant = httpx.post(f"{server.http}/api/s/{made['token']}/session").json()["access_token"]
+    url = f"{server.http}/api/studies/{ct.study_uid}/download"
+    log = lambda: {a["action"] for a in httpx.get(  # noqa: E731
+        f"{server.http}/api/shares/{made['id']}").json()["accesses"]}
+
+    head = httpx.head(url, params={"format": "dicom", "access_token": grant})
+
+    assert head.status_code == 200 and head.headers["content-type"] == "application/zip"
+    assert "attachment" in head.headers["content-disposition"]
+    assert "download-dicom" not in log()  # nothing was made, nothing downloaded
+    with httpx.stream("GET", url, params={"format": "dicom", "access_token": grant},
+                      timeout=60) as response:
+        assert response.status_code == 200
+        assert "content-length" not in response.headers  # sent as it is made
+        assert response.headers.get("transfer-encoding") == "chunked"
+        body = response.read()
+    names = zipfile.ZipFile(io.BytesIO(body)).namelist()
+    assert names[-1] == "DICOMDIR" and sum(n.startswith("DICOM/") for n in names) >= 16
+    assert "download-dicom" in log()
 
 
 def test_statistics_count_studies_delivered_and_the_saving(site):

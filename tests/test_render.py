@@ -12,6 +12,7 @@ from dicomweb.render import parse_options
     ({"window": "40,nan"}, "window"),
     ({"window": "40,inf"}, "window"),
     ({"window": "-inf,400"}, "window"),
+    ({"window": "1e308,1e308"}, "window"),  # overflowed the arithmetic
     ({"window": "40"}, "window"),
     ({"window": "40,0"}, "window"),
     ({"quality": "0"}, "quality"),

@@ -8,9 +8,11 @@ what a share opens) and requests the "proxy" marks ``X-Forwarded-For: 10.99.0.5`
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import re
+import sqlite3
 import subprocess
 import sys
 import time
@@ -23,10 +25,13 @@ from PIL import Image
 from starlette.routing import Mount
 
 from pacs.settings import load_settings
+from storage.shares import Share
 from tests.conftest import PacsProcess, stow
 from tests.factory import Spec, ct_series, instance
+from viewer.share_api import slip_html
 
 STAFF = {"X-Forwarded-For": "10.99.0.5"}
+STRANGER = {"X-Forwarded-For": "203.0.113.7"}  # a phone on the internet, through the proxy
 PATIENT = "Nguyễn^Thị Hồng Nhung"
 PATIENT_ID = "BN-SHARE-01"
 
@@ -38,6 +43,7 @@ def site(tmp_path_factory):
         "PACS_SHARE_PIN_MAX_ATTEMPTS": "3",
         "PACS_SITE_NAME": "Bệnh viện Đa khoa Tỉnh",
         "PACS_PUBLIC_URL": "",
+        "TZ": "ICT-7",  # Vietnam (UTC+7), written the POSIX way: no time zone data needed
     })
     server.start()
     study_a = Spec(patient_name=PATIENT, patient_id=PATIENT_ID, birth_date="19870412",
@@ -61,6 +67,15 @@ def _share(server, study_uid: str, **body) -> dict:
                                                             **body}, headers=STAFF)
     assert response.status_code == 201, response.text
     return response.json()
+
+
+def _set_share_time(server: PacsProcess, share_id: int, column: str,
+                    moment: dt.datetime) -> None:
+    """Move a share's ``created_at`` or ``expires_at`` in the server's SQLite index (shares
+    last at least an hour, and a test cannot wait for one to expire)."""
+    with sqlite3.connect(server.data_dir / "index.sqlite", timeout=30) as db:
+        db.execute(f"UPDATE shares SET {column} = ? WHERE pk = ?",
+                   (moment.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f"), share_id))
 
 
 def _session(server, token: str, pin: str | None = None) -> httpx.Response:
@@ -121,9 +136,9 @@ def test_revoked_share_closes_the_page_and_its_sessions(site):
 
 def test_expired_share_shows_a_vietnamese_page_and_no_data(site):
     server, study_a, _, _ = site
-    made = _share(server, study_a.study_uid, days=1.5 / 86400)  # 1.5 seconds
+    made = _share(server, study_a.study_uid)
     assert httpx.get(made["url"]).status_code == 200
-    time.sleep(2)
+    _set_share_time(server, made["id"], "expires_at", dt.datetime.now(dt.UTC))
     page = httpx.get(made["url"])
     assert page.status_code == 410 and "hết hạn" in page.text
     assert "Nguyễn" not in page.text and study_a.study_uid not in page.text
@@ -204,6 +219,7 @@ def test_share_download_flag_false_gives_a_share_without_downloads(site):
     ("study_instance_uid", 123), ("study_instance_uid", ["1.2.3"]), ("study_instance_uid", ""),
     ("study_instance_uid", "1.2.3*"), ("study_instance_uid", "1." * 40 + "1"),
     ("days", True), ("days", "30"), ("days", -1), ("days", 10**400), ("days", 3651),
+    ("days", 1e-12), ("days", 0.04),  # expired, or nearly, before anyone could open it
     ("pin", 1234), ("pin", True), ("pin", ["1234"]),
     ("created_by", 5), ("created_by", "x" * 201), ("created_by", {"name": "x"}),
     ("PIN", "1234"), ("allow_downloads", True),  # misspelt: the share would lack them
@@ -213,6 +229,19 @@ def test_share_creation_names_the_field_that_is_wrong(site, field, value):
     body = {"study_instance_uid": study_a.study_uid, field: value}
 
     response = httpx.post(server.http + "/api/shares", headers=STAFF, json=body)
+
+    assert response.status_code == 400, response.text
+    assert response.json()["message"].startswith(field + ":")
+
+
+@pytest.mark.parametrize("field", ["created_by", "pin"])
+def test_text_with_a_lone_surrogate_is_a_400_naming_the_field(site, field):
+    # JSON's "\\ud800" escape makes a string no database takes: it was a 500.
+    server, study_a, _, _ = site
+    body = f'{{"study_instance_uid": "{study_a.study_uid}", "{field}": "\\ud800"}}'
+
+    response = httpx.post(server.http + "/api/shares", content=body.encode(),
+                          headers={**STAFF, "Content-Type": "application/json"})
 
     assert response.status_code == 400, response.text
     assert response.json()["message"].startswith(field + ":")
@@ -369,6 +398,94 @@ def test_film_figures_for_one_day(site):
     response = httpx.get(server.http + "/api/stats/film", headers=STAFF,
                          params={"from": "2021-01-01", "to": "2021-01-01"})
     assert response.status_code == 200 and response.json()["shares_created"] == 0
+
+
+def _figures(server, **params) -> dict:
+    response = httpx.get(server.http + "/api/stats/film", params=params, headers=STAFF)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_a_revoked_share_delivers_no_study_and_saves_no_film(site):
+    # A share made by mistake and revoked at once counted as a study delivered digitally.
+    server, _, _, _ = site
+    study = Spec(patient_name="Lý^Thị Thu", patient_id="BN-REVOKED", modality="DX")
+    assert stow(server.http, [instance(study)], STAFF).status_code == 200
+    before = _figures(server)
+
+    made = _share(server, study.study_uid)
+    httpx.delete(f"{server.http}/api/shares/{made['id']}", headers=STAFF)
+    after = _figures(server)
+
+    for figure in ("studies_delivered", "studies_opened", "sheets_avoided", "saving_vnd"):
+        assert after[figure] == before[figure], figure
+    assert after["shares_created"] == before["shares_created"] + 1
+    assert after["shares_revoked"] == before["shares_revoked"] + 1
+
+
+def test_figures_for_a_day_are_for_that_day_in_the_servers_time_zone(site):
+    # A share made at 03:00 on 14 June in Vietnam (20:00 UTC on the 13th) was counted on
+    # the 13th; and the studies archived ignored the days asked for.
+    server, study_a, _, _ = site
+    made = _share(server, study_a.study_uid)
+    _set_share_time(server, made["id"], "created_at",
+                    dt.datetime(2020, 6, 13, 20, 0, tzinfo=dt.UTC))
+
+    on_the_14th = _figures(server, **{"from": "2020-06-14", "to": "2020-06-14"})
+    on_the_13th = _figures(server, **{"from": "2020-06-13", "to": "2020-06-13"})
+
+    assert on_the_14th["shares_created"] == 1 and on_the_14th["timezone"] == "+07:00"
+    assert on_the_13th["shares_created"] == 0
+    assert on_the_14th["studies_archived"] == 0  # archived today, not in 2020
+    assert _figures(server, **{"from": dt.date.today().isoformat()})["studies_archived"] >= 2
+
+
+# ---------------------------------------------------------------------------- opening
+
+
+def _opens(server, share_id: int) -> tuple[int, int]:
+    """(opened_count, "open" entries of the access log) of a share."""
+    shown = httpx.get(f"{server.http}/api/shares/{share_id}", headers=STAFF).json()
+    return shown["opened_count"], sum(a["action"] == "open" for a in shown["accesses"])
+
+
+def test_a_pin_share_is_opened_by_its_pin_not_by_loading_or_previewing_its_page(site):
+    # Every GET or HEAD of /s/TOKEN counted as an open, also on a PIN share whose PIN was
+    # never entered (a chat app's link preview is a HEAD).
+    server, study_a, _, _ = site
+    made = _share(server, study_a.study_uid, pin="generated")
+
+    assert httpx.head(made["url"], headers=STRANGER).status_code == 200
+    for _ in range(3):
+        assert httpx.get(made["url"], headers=STRANGER).status_code == 200
+    unopened = _opens(server, made["id"])
+    _grant(server, made["token"], made["pin_value"])
+
+    assert unopened == (0, 0)
+    assert _opens(server, made["id"]) == (1, 1)
+
+
+def test_a_page_reload_keeps_its_session_and_is_not_a_new_open(site):
+    server, study_a, _, _ = site
+    made = _share(server, study_a.study_uid)
+    session_of = lambda page: json.loads(re.search(  # noqa: E731
+        r'<script id="share-data" type="application/json">(.*?)</script>', page.text
+    ).group(1))["session"]["access_token"]
+
+    assert httpx.head(made["url"], headers=STRANGER).status_code == 200
+    previewed = _opens(server, made["id"])
+    with httpx.Client(headers=STRANGER) as phone:
+        first = phone.get(made["url"])
+        reloaded = phone.get(made["url"])
+    with httpx.Client(headers=STRANGER) as other_phone:
+        elsewhere = other_phone.get(made["url"])
+
+    assert previewed == (0, 0)
+    assert session_of(reloaded) == session_of(first)
+    assert session_of(elsewhere) != session_of(first)
+    assert _opens(server, made["id"]) == (2, 2)
+    cookie = first.headers["set-cookie"]
+    assert f"Path=/s/{made['token']}" in cookie and "HttpOnly" in cookie
 
 
 # ---------------------------------------------------------------------------- PIN
@@ -549,6 +666,24 @@ def test_result_slip_has_what_the_patient_needs(site):
         assert expected in text, expected
 
 
+def test_result_slip_gives_the_moment_the_link_ends_and_only_imaging_modalities():
+    # The slip promised "until the end of the day" of a share that ends at the time of day
+    # it was made, and listed the film (DOC) and key-object (KO) documents as examinations.
+    ends = dt.datetime(2027, 1, 5, 7, 30, tzinfo=dt.UTC)
+    share = Share(id=1, study_instance_uid="1.2.3", token_sha256="", nonce="", pin_kind="",
+                  pin_hash=None, pin_failures=0, pin_retry_at=None, locked_at=None,
+                  allow_download=False, created_by="", created_at=ends, expires_at=ends,
+                  revoked_at=None, opened_count=0, first_opened_at=None, last_opened_at=None)
+
+    slip = slip_html("Bệnh viện", share, "https://anh.benhvien.vn/s/x", {
+        "ModalitiesInStudy": "CT\\SR\\KO\\DOC\\PR"}, None)
+
+    local = ends.astimezone()
+    assert f"đến <b>{local:%H:%M} ngày {local:%d/%m/%Y}</b>" in slip
+    assert "hết ngày" not in slip
+    assert "<th>Loại chụp</th><td>CT</td>" in slip
+
+
 def test_every_use_is_logged_and_names_stay_out_of_the_log(site):
     server, study_a, _, _ = site
     made = _share(server, study_a.study_uid)
@@ -557,8 +692,10 @@ def test_every_use_is_logged_and_names_stay_out_of_the_log(site):
     httpx.get(server.http + first.replace("&amp;", "&"))
     shown = httpx.get(f"{server.http}/api/shares/{made['id']}", headers=STAFF).json()
     actions = {a["action"] for a in shown["accesses"]}
-    assert {"open", "session", "view"} <= actions
-    assert {a["address"] for a in shown["accesses"] if a["action"] == "open"} == {"203.0.113.9"}
+    assert {"open", "view"} <= actions
+    opens = [a for a in shown["accesses"] if a["action"] == "open"]
+    assert [a["address"] for a in opens] == ["203.0.113.9"]
+    assert opens[0]["session"]  # the opening is the session it granted
     assert shown["opened_count"] == 1
     log = server.log()
     assert "Nguyễn" not in log and PATIENT_ID not in log

@@ -1,43 +1,57 @@
 """Study exports people take away: a DICOM media ZIP with a DICOMDIR, or a ZIP of JPEGs.
 
-* ``write_dicom_zip``: the study's instances exactly as stored (bytes unchanged), laid out as
-  PS3.10/PS3.11 General Purpose media (``DICOMDIR`` at the root, files under
-  ``DICOM/PT000000/ST000000/SE000000/IM000000``) plus a bilingual ``README.txt``. Unzipped, it
-  can be burnt to a CD or opened by any DICOM viewer. The DICOMDIR comes from pydicom's
-  ``FileSet``, built from the headers only; its records carry each instance's Specific
-  Character Set, so Vietnamese names read correctly.
-* ``write_jpeg_zip``: every frame of every image instance as a JPEG with the file's default
-  window, in display order: ``S001 Bụng 5mm/IM0001.jpg`` (series number and description,
-  instance number), for patients who have no DICOM viewer.
+* ``dicom_zip_chunks`` / ``write_dicom_zip``: the study's instances exactly as stored (bytes
+  unchanged), laid out as PS3.10/PS3.11 General Purpose media (files under
+  ``DICOM/PT000000/ST000000/SE000000/IM000000``, ``DICOMDIR`` at the root) plus a bilingual
+  ``README.txt``. Unzipped, it can be burnt to a CD or opened by any DICOM viewer. The
+  DICOMDIR records come from each instance's header (pydicom's record makers); they carry its
+  Specific Character Set, so Vietnamese names read correctly. An instance no record can be
+  made for stays in the ZIP and the README lists it.
+* ``jpeg_zip_chunks`` / ``write_jpeg_zip``: every frame of every image instance as a JPEG with
+  the file's default window, in display order: ``S001 Bụng 5mm/IM0001.jpg`` (series number
+  and description, instance number), for patients who have no DICOM viewer.
 
-Both run in bounded memory whatever the study size: instances go through one at a time (the
-DICOM export spools them to a temporary folder, the JPEG export holds one instance while it
-renders its frames). Entry names never come from patient data unchecked, so a crafted series
-description cannot write outside the ZIP's folders. Auditing the export is the caller's job.
+Both are made as they are sent: the ZIP is written to a stream that cannot seek (entries with
+data descriptors), instance by instance, and handed on in pieces, so the first byte leaves at
+once, memory stays bounded whatever the study's size (about one chunk of a blob, the
+directory records, and instances up to ``SPOOL_IN_MEMORY``; bigger ones pass through one
+temporary file at a time), and a client that leaves stops the work at the next piece. The
+DICOMDIR needs every record, so it comes last, after the files and the README: readers find
+entries through the ZIP's central directory, wherever they are. Entry names never come from
+patient data unchecked, so a crafted series description cannot write outside the ZIP's
+folders. Auditing the export is the caller's job.
+
+``render_frames`` renders frames of one instance from one reading of it, a frame at a time,
+each in a ``DECODE_SLOTS`` slot: the JPEG export and the film sheets use it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import logging
 import os
 import re
 import tempfile
+import time
 import unicodedata
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomFileLike
-from pydicom.fileset import FileInstance, FileSet, RecordNode
+from pydicom.fileset import FileSet, RecordNode
+from pydicom.pixels import iter_pixels
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from dicomweb.render import CannotRender, RenderOptions, render_frame
+from dicomweb import render
+from dicomweb.render import CannotRender, RenderOptions
 from dicomweb.transcode import UNCOMPRESSED
-from dicomweb.wado import read_blob
+from dicomweb.wado import DECODE_SLOTS
 from storage.archive import Archive
 from storage.attributes import Level
 from storage.errors import NotFound, StorageUnavailable
@@ -48,6 +62,11 @@ from storage.query import Query, find
 log = logging.getLogger(__name__)
 
 MEDIA_FOLDER = "DICOM"  # File IDs are DICOM\PT000000\ST000000\SE000000\IM000000
+# An instance up to this size is held in memory while it is exported; a bigger one goes
+# through a temporary file (its header is read from it, or its frames decoded one by one).
+SPOOL_IN_MEMORY = 16 * 1024 * 1024
+# Bytes gathered before a piece of the ZIP is handed on (fewer, larger writes to the client).
+_PIECE = 256 * 1024
 _NAME_LIMIT = 60  # characters of a series description kept in a folder name
 _NOT_IN_NAMES = re.compile(r'[\\/:*?"<>|]')  # forbidden on Windows, or path separators
 # Invented values for directory-record keys the instance leaves empty (the DICOMDIR needs them
@@ -55,16 +74,22 @@ _NOT_IN_NAMES = re.compile(r'[\\/:*?"<>|]')  # forbidden on Windows, or path sep
 # gets them; the stored files are never changed.
 _INVENTED = {"PatientID": "UNKNOWN", "StudyDate": "19000101", "StudyTime": "000000",
              "StudyID": "1", "Modality": "OT"}
+# Keys of the document records (SR, key objects, presentation states) an instance may lack:
+# an unknown completion is not a complete report, an unknown verification not a verified one.
+_INVENTED_DOCUMENT = {"CompletionFlag": "PARTIAL", "VerificationFlag": "UNVERIFIED",
+                      "ContentLabel": "UNNAMED"}
 
 Output = BinaryIO | str | os.PathLike[str]
 
 
 @dataclasses.dataclass(frozen=True)
 class SkippedInstance:
-    """An instance left out of an export, and why (safe to log: no patient data)."""
+    """An instance left out of an export (or of its DICOMDIR), and why (safe to log: no
+    patient data)."""
 
     sop_instance_uid: str
     reason: str
+    file_id: str = ""  # where it is in the ZIP, when it is there
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,85 +99,126 @@ class ExportSummary:
     study_instance_uid: str
     files: int  # DICOM instances, or JPEG images (one per frame)
     bytes: int  # total size of those files before ZIP compression
-    skipped: tuple[SkippedInstance, ...] = ()
+    skipped: tuple[SkippedInstance, ...] = ()  # left out of the ZIP
+    unlisted: tuple[SkippedInstance, ...] = ()  # in the ZIP, but without a DICOMDIR record
 
 
 # ---------------------------------------------------------------------------- DICOM media
 
 
 def write_dicom_zip(archive: Archive, study_uid: str, out: Output) -> ExportSummary:
-    """Write the study as a ZIP of DICOM media (DICOMDIR, stored files unchanged, README).
+    """Write the study as a ZIP of DICOM media (stored files unchanged, README, DICOMDIR).
 
-    Raises ``NotFound`` for an unknown study (before anything is written to ``out``) and
-    ``StorageUnavailable`` when a blob cannot be read. Instances that cannot get a directory
-    record are left out and listed in the summary.
-    """
-    rows = _study_instances(archive, study_uid)
-    skipped: list[SkippedInstance] = []
-    with tempfile.TemporaryDirectory(prefix="pacs-export-") as work:
-        spool = Path(work) / "instances"
-        spool.mkdir()
-        directory = _Directory()
-        spooled: dict[str, tuple[Path, str]] = {}  # SOP Instance UID -> (file, transfer syntax)
-        for position, row in enumerate(rows):
-            uid = row["SOPInstanceUID"]
-            path = spool / f"{position:06d}.dcm"
-            _spool_blob(archive, row["_blob_key"], path)
-            try:
-                header = dcmread(path, stop_before_pixels=True)
-                _invent_record_keys(header)
-                directory.add(header)
-            except Exception as exc:  # unreadable header, or no record type fits
-                log.warning("export of study %s: instance %s left out of the DICOMDIR: %s",
-                            study_uid, uid, exc)
-                skipped.append(SkippedInstance(uid, f"no DICOMDIR record: {exc}"))
-                path.unlink()
-                continue
-            spooled[uid] = (path, row["_transfer_syntax_uid"] or "")
-        media = Path(work) / "media"
-        entries: list[tuple[str, str]] = []  # (File ID with "/", SOP Instance UID)
-        if spooled:
-            directory.file_set.write(media)
-            entries = _put_under_media_folder(directory.file_set, media / "DICOMDIR")
-        total = 0
-        with _opened(out) as target, zipfile.ZipFile(target, "w", allowZip64=True) as zf:
-            if entries:
-                zf.write(media / "DICOMDIR", "DICOMDIR", zipfile.ZIP_DEFLATED, 6)
-            zf.writestr("README.txt", _readme(rows[0], len(entries)), zipfile.ZIP_DEFLATED)
-            for file_id, uid in entries:
-                path, syntax = spooled[uid]
-                total += path.stat().st_size
-                # Pixel data already compressed gains nothing from deflate; native pixels do.
-                if syntax in UNCOMPRESSED:
-                    zf.write(path, file_id, zipfile.ZIP_DEFLATED, 1)
-                else:
-                    zf.write(path, file_id, zipfile.ZIP_STORED)
-                path.unlink()  # disk use: about one copy of the study, plus the ZIP
-    return ExportSummary(study_uid, len(entries), total, tuple(skipped))
+    Raises ``NotFound`` for an unknown study (a file at ``out`` is then removed) and
+    ``StorageUnavailable`` when a blob cannot be read."""
+    return _write(dicom_zip_chunks(archive, study_uid), out)
+
+
+def dicom_zip_chunks(archive: Archive, study_uid: str,
+                     rows: list[dict[str, Any]] | None = None
+                     ) -> Generator[bytes, None, ExportSummary]:
+    """The DICOM media ZIP of a study, piece by piece, as it is made (see the module).
+
+    ``rows``: the study's instances (``study_instances``), when the caller has them already.
+    Raises ``NotFound`` for an unknown study before the first piece."""
+    rows = study_instances(archive, study_uid) if rows is None else rows
+    sink = _Sink()
+    directory = _Directory()
+    unlisted: list[SkippedInstance] = []
+    total = 0
+    with zipfile.ZipFile(sink, "w", allowZip64=True) as zf:
+        for file_id, row in _media_layout(rows):
+            header = yield from _stream_instance(archive, row, zf, file_id, sink)
+            total += row["_size"] or 0
+            reason = directory.add(header, file_id)
+            if reason:
+                log.warning("export of study %s: instance %s has no DICOMDIR record: %s",
+                            study_uid, row["SOPInstanceUID"], reason)
+                unlisted.append(SkippedInstance(row["SOPInstanceUID"], reason, file_id))
+        zf.writestr("README.txt", _readme(rows[0], len(rows), unlisted), zipfile.ZIP_DEFLATED)
+        if directory.records:
+            zf.writestr("DICOMDIR", directory.encode(), zipfile.ZIP_DEFLATED, 6)
+    yield from sink.pieces(0)  # the central directory
+    return ExportSummary(study_uid, len(rows), total, (), tuple(unlisted))
+
+
+def _media_layout(rows: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(File ID with "/", row) of each instance: series by series in display order, as
+    pydicom would number them (one patient and one study)."""
+    series_index = -1
+    image_index = 0
+    previous = None
+    for row in rows:
+        if row["SeriesInstanceUID"] != previous:
+            previous, series_index, image_index = row["SeriesInstanceUID"], series_index + 1, 0
+        yield (f"{MEDIA_FOLDER}/PT000000/ST000000/SE{series_index:06d}/IM{image_index:06d}",
+               row)
+        image_index += 1
+
+
+def _stream_instance(archive: Archive, row: dict[str, Any], zf: zipfile.ZipFile, name: str,
+                     sink: _Sink) -> Generator[bytes, None, Dataset | Exception]:
+    """Copy one stored instance into the ZIP entry ``name`` as it is read; its header (or why
+    it could not be read) for the DICOMDIR."""
+    native = (row["_transfer_syntax_uid"] or "") in UNCOMPRESSED
+    # Pixel data already compressed gains nothing from deflate; native pixels do.
+    info = _entry(name, zipfile.ZIP_DEFLATED if native else zipfile.ZIP_STORED, row["_size"])
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as copy:
+        with zf.open(info, "w") as entry:
+            for chunk in blob_chunks(archive, row["_blob_key"]):
+                entry.write(chunk)
+                copy.write(chunk)
+                yield from sink.pieces(_PIECE)
+        copy.seek(0)
+        try:
+            return dcmread(copy, stop_before_pixels=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable header: the file stays
+            return exc
+
+
+def _entry(name: str, compression: int, size: int | None) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name, time.localtime()[:6])
+    info.compress_type = compression
+    info.file_size = size or 0  # so that zipfile knows whether the entry needs ZIP64
+    if compression == zipfile.ZIP_DEFLATED:
+        # Level 1: nearly all of deflate's gain on pixel data, several times faster. (The
+        # attribute is ``compress_level`` from Python 3.13.)
+        setattr(info, "compress_level" if hasattr(info, "compress_level") else
+                "_compresslevel", 1)
+    return info
 
 
 class _Directory:
-    """The DICOMDIR of an export: pydicom's ``FileSet``, with instances added in linear time.
+    """The DICOMDIR of an export: pydicom's record tree, written without pydicom's staging.
 
     ``FileSet.add`` compares a new instance with every instance already added, and its record
-    tree compares it with every image of its series: O(n²) over a study, 7 s for 1,000 small
-    instances here and about 80 s for 3,000 (pydicom 3.0). An export adds each SOP Instance UID
-    once (they come from the index), so ``add`` makes the records with pydicom's own record
-    makers and hangs each image record under its series' record, remembered by Series Instance
-    UID; File IDs and writing are pydicom's. Uses pydicom internals (``_recordify``, ``_tree``,
-    ``_stage``, ``_instances``, pydicom 3.0), like ``_put_under_media_folder``; tests/test_export.py
-    reads the result back with pydicom and DCMTK.
+    tree compares it with every image of its series: O(n²) over a study (80 s for 3,000
+    instances, pydicom 3.0), and it stages a copy of each header on disk. ``add`` makes the
+    records with pydicom's own record makers, hangs each image record under its series'
+    record, remembered by Series Instance UID, and sets its File ID to where the export put
+    the file; ``encode`` is pydicom's DICOMDIR writer, which computes the record offsets. Uses
+    pydicom internals (``_recordify``, ``_tree``, ``_write_dicomdir``, pydicom 3.0);
+    tests/test_export.py reads the result back with pydicom and DCMTK.
     """
 
     def __init__(self) -> None:
         self.file_set = FileSet()
+        self.records = 0
         self._series: dict[str, RecordNode] = {}
 
-    def add(self, header: Dataset) -> None:
-        """Stage one instance (given by its header) not added before."""
-        records = list(self.file_set._recordify(header))  # highest level first
-        nodes = [RecordNode(record) for record in records]
+    def add(self, header: Dataset | Exception, file_id: str) -> str:
+        """Give one instance (by its header) a record pointing at ``file_id``; "" when done,
+        else why it has none."""
+        if isinstance(header, Exception):
+            return f"the header cannot be read: {header}"[:300]
+        _invent_record_keys(header)
+        try:
+            records = list(self.file_set._recordify(header))  # highest level first
+            nodes = [RecordNode(record) for record in records]
+        except Exception as exc:  # noqa: BLE001 - no record type fits: the file stays
+            return str(exc)[:300]
         leaf = nodes[-1]
+        leaf._record.ReferencedFileID = file_id.split("/")
         series_uid = str(header.get("SeriesInstanceUID", ""))
         series = self._series.get(series_uid) if len(nodes) == 4 else None
         if series is not None:
@@ -164,23 +230,14 @@ class _Directory:
             self.file_set._tree.add(leaf)  # under the existing patient and study, if any
             if len(nodes) == 4 and records[2].DirectoryRecordType == "SERIES":
                 self._series[series_uid] = leaf.parent
-        instance = FileInstance(leaf)
-        leaf.instance = instance
-        self.file_set._stage["+"][instance.SOPInstanceUID] = instance
-        self.file_set._instances.append(instance)
-        instance._apply_stage("+")
-        header.save_as(instance.path, enforce_file_format=True)
+        self.records += 1
+        return ""
 
-
-def _spool_blob(archive: Archive, key: str, path: Path) -> None:
-    """Copy one blob to ``path`` in chunks."""
-    try:
-        chunks = archive.blobs.open_chunks(key)
-    except KeyError:
-        raise StorageUnavailable(f"the blob {key} is missing; run `pacs check`") from None
-    with path.open("wb") as f:
-        for chunk in chunks:
-            f.write(chunk)
+    def encode(self) -> bytes:
+        """The DICOMDIR file (small: a few hundred bytes per instance)."""
+        out = io.BytesIO()
+        self.file_set._write_dicomdir(DicomFileLike(out))
+        return out.getvalue()
 
 
 def _invent_record_keys(header: Any) -> None:
@@ -192,29 +249,20 @@ def _invent_record_keys(header: Any) -> None:
     for keyword in ("SeriesNumber", "InstanceNumber"):
         if header.get(keyword) in (None, ""):
             setattr(header, keyword, 0)
+    if "Rows" in header:  # an image: its record needs nothing more
+        return
+    for keyword, value in _INVENTED_DOCUMENT.items():
+        if not header.get(keyword):
+            setattr(header, keyword, value)
+    # A document without its own dates is dated by its creation, else by the study.
+    for prefix in ("Content", "PresentationCreation"):
+        for part, invented in (("Date", "19000101"), ("Time", "000000")):
+            if not header.get(prefix + part):
+                setattr(header, prefix + part, header.get("InstanceCreation" + part)
+                        or header.get("Study" + part) or invented)
 
 
-def _put_under_media_folder(file_set: FileSet, dicomdir: Path) -> list[tuple[str, str]]:
-    """Rewrite ``dicomdir`` so its File IDs start with ``DICOM\\``; the (File ID, SOP Instance
-    UID) of each instance, in DICOMDIR order.
-
-    pydicom writes File IDs relative to the root (``PT000000\\...``) and has no option for a
-    folder above them, so the records are changed and the DICOMDIR encoded again: that step
-    recomputes the record offsets, which a patched copy of the file would get wrong. It uses
-    pydicom internals (``RecordNode._record``, ``FileSet._write_dicomdir``, pydicom 3.0);
-    tests/test_export.py reads the result back with pydicom and DCMTK.
-    """
-    entries = []
-    for instance in file_set:
-        parts = [MEDIA_FOLDER, *Path(instance.FileID).parts]
-        instance.node._record.ReferencedFileID = parts
-        entries.append(("/".join(parts), instance.SOPInstanceUID))
-    with dicomdir.open("wb") as f:
-        file_set._write_dicomdir(DicomFileLike(f))
-    return entries
-
-
-def _readme(row: dict[str, Any], count: int) -> str:
+def _readme(row: dict[str, Any], count: int, unlisted: Sequence[SkippedInstance] = ()) -> str:
     patient = display_person_name(row.get("PatientName"))
     date = display_date(row.get("StudyDate"))
     description = row.get("StudyDescription") or ""
@@ -239,12 +287,19 @@ def _readme(row: dict[str, Any], count: int) -> str:
         "burnt as it is to a CD/DVD for another hospital.",
         "",
     ]
+    if unlisted:
+        lines += [
+            "Không có trong DICOMDIR / Not listed in the DICOMDIR",
+            "Các tệp sau có trong thư mục DICOM nhưng không có trong DICOMDIR; phần mềm xem ảnh",
+            "mở được chúng khi mở trực tiếp từng tệp.",
+            "These files are in the DICOM folder but not in the DICOMDIR; DICOM viewers open",
+            "them when each file is opened directly.",
+            *(f"- {item.file_id} (SOP Instance UID {item.sop_instance_uid}): {item.reason}"
+              for item in unlisted),
+            "",
+        ]
     # A BOM and CRLF so that Notepad on older Windows shows the Vietnamese text correctly.
     return "\ufeff" + "\r\n".join(lines)
-
-
-
-
 
 
 # ---------------------------------------------------------------------------- JPEG pictures
@@ -259,28 +314,35 @@ def write_jpeg_zip(archive: Archive, study_uid: str, out: Output, *,
     Instances without pixels (reports, presentation states...) and images that cannot be
     decoded are left out and listed in the summary. Raises ``NotFound`` for an unknown study.
     """
+    return _write(jpeg_zip_chunks(archive, study_uid, quality=quality), out)
+
+
+def jpeg_zip_chunks(archive: Archive, study_uid: str, rows: list[dict[str, Any]] | None = None,
+                    *, quality: int = 90) -> Generator[bytes, None, ExportSummary]:
+    """The JPEG ZIP of a study, piece by piece, as it is made (see ``write_jpeg_zip``)."""
     if not 1 <= quality <= 100:
         raise ValueError(f"quality: {quality} is not between 1 and 100")
-    rows = _study_instances(archive, study_uid)
+    rows = study_instances(archive, study_uid) if rows is None else rows
     options = RenderOptions(media_type="image/jpeg", quality=quality)
+    sink = _Sink()
     skipped: list[SkippedInstance] = []
     files = total = 0
-    with _opened(out) as target, zipfile.ZipFile(target, "w", allowZip64=True) as zf:
+    with zipfile.ZipFile(sink, "w", allowZip64=True) as zf:
         for folder, named in _jpeg_layout(rows, skipped):
             for name, row in named:
-                data = read_blob(archive, row["_blob_key"])
                 frames = row.get("NumberOfFrames") or 1
+                wanted = [(index, options) for index in range(frames)]
                 try:
-                    for index in range(frames):
-                        picture = render_frame(data, index, options)
+                    for index, picture in render_frames(archive, row["_blob_key"], wanted):
                         entry = f"{name}.jpg" if frames == 1 else f"{name}-F{index + 1:04d}.jpg"
                         # JPEG does not deflate: stored entries are as small and much faster.
                         zf.writestr(f"{folder}/{entry}", picture, zipfile.ZIP_STORED)
                         files += 1
                         total += len(picture)
+                        yield from sink.pieces(_PIECE)
                 except CannotRender as exc:
                     skipped.append(SkippedInstance(row["SOPInstanceUID"], str(exc)))
-                del data  # before the next read: one instance in memory, not two
+    yield from sink.pieces(0)
     return ExportSummary(study_uid, files, total, tuple(skipped))
 
 
@@ -324,10 +386,58 @@ def safe_name(text: str, limit: int = _NAME_LIMIT) -> str:
     return text[:limit].strip(" .")
 
 
+# ---------------------------------------------------------------------------- frames
+
+
+def render_frames(archive: Archive, blob_key: str,
+                  wanted: Sequence[tuple[int, RenderOptions]]) -> Iterator[tuple[int, bytes]]:
+    """(frame index, encoded picture) for each (0-based frame index, options) of ``wanted``,
+    in that order, from one reading of the stored instance.
+
+    The instance is read once (in memory up to ``SPOOL_IN_MEMORY``, else through a temporary
+    file) and its frames decoded one at a time, each in a ``DECODE_SLOTS`` slot: rendering
+    each frame with ``render.render_frame`` parsed the whole instance again per frame (a
+    300-frame instance: 300 parses of 157 MB) outside the slots. ``CannotRender`` when the
+    instance or a frame cannot be shown (the frames before it have been yielded)."""
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as copy:
+        for chunk in blob_chunks(archive, blob_key):
+            copy.write(chunk)
+        copy.seek(0)
+        try:
+            header = dcmread(copy, stop_before_pixels=True)
+            frames = int(header.get("NumberOfFrames") or 1)
+        except Exception as exc:
+            raise CannotRender(f"the instance cannot be read: {exc}") from exc
+        for index, _ in wanted:
+            if not 0 <= index < frames:
+                raise CannotRender(f"frame {index + 1} does not exist ({frames} frames)")
+        indices = [index for index, _ in wanted]
+        everything = indices == list(range(frames))  # (compressed: decoded in one pass)
+        copy.seek(0)
+        if header.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+            source: Any = dcmread(copy)  # pydicom reads frames from a file only if inflated
+        else:
+            source = copy
+        pixels = iter_pixels(source, indices=None if everything else indices)
+        with contextlib.closing(pixels):  # (it seeks its source back when closed)
+            for index, options in wanted:
+                yield index, _frame_picture(header, pixels, options)
+
+
+def _frame_picture(header: Dataset, pixels: Iterator[Any], options: RenderOptions) -> bytes:
+    """The next frame of ``pixels`` rendered as ``render.render_frame`` renders one."""
+    with DECODE_SLOTS:
+        try:
+            frame = next(pixels)
+        except Exception as exc:  # a codec's own errors, a missing pixel data element...
+            raise CannotRender(f"the pixel data cannot be decoded: {exc}") from exc
+        return render.picture_of(header, frame, options)
+
+
 # ---------------------------------------------------------------------------- shared
 
 
-def _study_instances(archive: Archive, study_uid: str) -> list[dict[str, Any]]:
+def study_instances(archive: Archive, study_uid: str) -> list[dict[str, Any]]:
     """The study's instance rows in display order; ``NotFound`` when there are none."""
     # A wildcard or a list of UIDs would match other studies: only a plain UID is looked up.
     if not is_valid_uid(study_uid):
@@ -355,6 +465,50 @@ def _by_series(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
 
 def _number_order(number: int | None, pk: int) -> tuple:
     return (number is None, number or 0, pk)
+
+
+def blob_chunks(archive: Archive, key: str) -> Iterator[bytes]:
+    """A stored instance in chunks; ``StorageUnavailable`` when its blob is missing."""
+    try:
+        yield from archive.blobs.open_chunks(key)
+    except KeyError:
+        raise StorageUnavailable(f"the blob {key} is missing; run `pacs check`") from None
+
+
+class _Sink(io.RawIOBase):
+    """Where ``zipfile`` writes a ZIP that is sent as it is made: it cannot seek (so the
+    entries get data descriptors), and what was written is taken out in pieces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self._parts.append(bytes(data))
+        self._size += len(data)
+        return len(data)
+
+    def pieces(self, at_least: int) -> Iterator[bytes]:
+        """What was written since the last piece, once there is ``at_least`` bytes of it."""
+        if self._size and self._size >= at_least:
+            piece = b"".join(self._parts)
+            self._parts.clear()
+            self._size = 0
+            yield piece
+
+
+def _write(chunks: Generator[bytes, None, ExportSummary], out: Output) -> ExportSummary:
+    """Drain an export's pieces into ``out``; its summary."""
+    with _opened(out) as target:
+        while True:
+            try:
+                target.write(next(chunks))
+            except StopIteration as done:
+                return done.value
 
 
 @contextlib.contextmanager

@@ -8,21 +8,31 @@ window and orientation letters.
 
 The same drawing code feeds two canvases: Pillow (one PNG per sheet, ``dpi`` pixels per inch)
 and fpdf2 (one PDF page per sheet, 350 x 430 mm, each tile its own JPEG image, text as text).
-Tiles are read and rendered one at a time at their size on the sheet, so a film never holds
-more than one instance's bytes. Text is set in DejaVu Sans (Debian ``fonts-dejavu-core``), which
-has every Vietnamese glyph.
+Tiles are rendered at their size on the sheet, a sheet at a time, by ``export.render_frames``:
+each instance is read once for all its tiles on the sheet (frames of a multi-frame one), and
+decoded a frame at a time in the server's decode slots, so a film never holds more than one
+instance's bytes. A PNG is one sheet: only that sheet is drawn. Text is set in DejaVu Sans
+(Debian ``fonts-dejavu-core``), which has every Vietnamese glyph.
 
 ``store_film`` archives a PDF as an Encapsulated PDF instance of the study, in a series of its
-own whose UID follows from the study UID, so every film of a study lands in one series.
+own whose UID follows from the study UID, so every film of a study lands in one series. The
+instance's UID follows from the study and the PDF's content, so storing the same film twice
+keeps one instance.
+
+A film request is bounded (``MAX_PER_SERIES``, ``MAX_SHEETS``, ``MAX_IMAGES``, 12 x 12 tiles):
+its work grows with the sheets and tiles it asks for, and anyone holding a share may ask.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import io
 import json
 import logging
 import math
+import re
+import threading
 import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -33,15 +43,16 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from dicomweb.render import CannotRender, RenderOptions, render_frame
-from dicomweb.wado import read_blob
+from dicomweb.render import CannotRender, RenderOptions
+from dicomweb.render import check_window as render_check_window
 from pacs import __version__
-from storage.archive import Archive, StoreResult
+from storage.archive import Archive, StoreOutcome, StoreResult
 from storage.attributes import Level
 from storage.errors import NotFound
 from storage.index import Index
 from storage.names import display_date, display_person_name
 from storage.query import Query, find
+from viewer.export import render_frames
 from viewer.film_canvas import (
     FILM_HEIGHT_MM,
     FILM_WIDTH_MM,
@@ -57,6 +68,12 @@ log = logging.getLogger(__name__)
 ENCAPSULATED_PDF_STORAGE = "1.2.840.10008.5.1.4.1.1.104.1"
 FILM_TITLE = "Phim số / Digital film"
 FILM_SERIES_NUMBER = 9900
+# Bounds of one film: images per series, sheets, images in all (a 1x1 layout of a 600-slice
+# study was 600 sheets; the PDF takes them all). A default film (4x5, 20 per series) of a
+# study with 40 image series still fits.
+MAX_PER_SERIES = 100
+MAX_SHEETS = 40
+MAX_IMAGES = 800
 
 _MARGIN, _HEADER, _GAP = 8.0, 34.0, 1.5  # mm
 
@@ -82,13 +99,15 @@ class FilmRequest:
 
     def __post_init__(self) -> None:
         if not (1 <= self.columns <= 12 and 1 <= self.rows <= 12):
-            raise FilmError(f"layout {self.columns}x{self.rows}: columns and rows must be 1 to 12")
-        if self.per_series < 1:
-            raise FilmError("per_series must be at least 1")
+            raise FilmError(f"layout: {self.columns}x{self.rows}: columns and rows must be "
+                            "1 to 12")
+        if not 1 <= self.per_series <= MAX_PER_SERIES:
+            raise FilmError(f"per_series: {self.per_series} is not a number of images from 1 "
+                            f"to {MAX_PER_SERIES}")
         if not 30 <= self.dpi <= 600:
-            raise FilmError(f"dpi {self.dpi} must be between 30 and 600")
-        if self.window is not None and self.window[1] <= 0:
-            raise FilmError("the window width must be positive")
+            raise FilmError(f"dpi: {self.dpi} must be between 30 and 600")
+        if self.window is not None:
+            check_window(*self.window)
 
     @property
     def tiles_per_sheet(self) -> int:
@@ -115,6 +134,15 @@ class FilmImage:
     sop_class_uid: str = ""
 
 
+def check_window(center: float, width: float) -> None:
+    """``FilmError`` naming ``window`` unless (center, width) is a window ``/rendered`` would
+    take (``dicomweb.render.check_window``)."""
+    try:
+        render_check_window(center, width)
+    except ValueError as exc:
+        raise FilmError(str(exc)) from None
+
+
 # ---------------------------------------------------------------------------- choosing
 
 
@@ -129,8 +157,9 @@ def choose_images(index: Index, study_uid: str, per_series: int = 20) -> list[Fi
 
 
 def _choose(index: Index, study_uid: str, per_series: int
-            ) -> tuple[list[FilmImage], dict[str, Any]]:
-    """The film's images and one index row of the study (for the patient and study header)."""
+            ) -> tuple[list[FilmImage], dict[str, Any], bool]:
+    """The film's images, one index row of the study (for the patient and study header) and
+    whether the images are the study's key images."""
     rows = find(index, Query(Level.INSTANCE, {"StudyInstanceUID": study_uid}))
     if not rows:
         raise NotFound(f"no study {study_uid} in the archive")
@@ -148,11 +177,11 @@ def _choose(index: Index, study_uid: str, per_series: int
             frame = key.frame or (1 if (row["NumberOfFrames"] or 1) > 1 else None)
             chosen.append(_film_image(row, frame))
     if chosen:
-        return list(dict.fromkeys(chosen)), rows[0]
+        return list(dict.fromkeys(chosen)), rows[0], True
     for series_rows in _image_series(images):
         slices = [(row, frame) for row in series_rows for frame in _frames(row)]
         chosen.extend(_film_image(*slices[i]) for i in evenly_spaced(len(slices), per_series))
-    return chosen, rows[0]
+    return chosen, rows[0], False
 
 
 def evenly_spaced(total: int, count: int) -> list[int]:
@@ -203,6 +232,16 @@ def render_film_png(archive: Archive, study_uid: str,
     return canvas.finish()
 
 
+def render_film_sheet_png(archive: Archive, study_uid: str, request: FilmRequest,
+                          sheet: int) -> bytes:
+    """Sheet ``sheet`` (1-based) of the film as a PNG; only that sheet is drawn.
+
+    ``FilmError`` naming ``sheet`` when the film has no such sheet."""
+    canvas = PngCanvas(request.dpi)
+    _draw_film(archive, study_uid, request, canvas, only_sheet=sheet)
+    return canvas.finish()[0]
+
+
 def render_film_pdf(archive: Archive, study_uid: str,
                     request: FilmRequest = FilmRequest()) -> bytes:
     """The film of a study as a PDF, one 350 x 430 mm page per sheet."""
@@ -211,18 +250,67 @@ def render_film_pdf(archive: Archive, study_uid: str,
     return canvas.finish()
 
 
-def _draw_film(archive: Archive, study_uid: str, request: FilmRequest, canvas: Canvas) -> None:
-    images, study = _choose(archive.index, study_uid, request.per_series)
+def film_size(images: Sequence[FilmImage], request: FilmRequest, *,
+              key_images_chosen: bool = False) -> int:
+    """The number of sheets ``images`` take; ``FilmError`` naming the parameters when the film
+    would be larger than ``MAX_SHEETS`` sheets or ``MAX_IMAGES`` images."""
+    sheets = math.ceil(len(images) / request.tiles_per_sheet)
+    if sheets <= MAX_SHEETS and len(images) <= MAX_IMAGES:
+        return sheets
+    names = "layout" if key_images_chosen else "layout, per_series"
+    fewer = "" if key_images_chosen else " or fewer images per series (per_series)"
+    raise FilmError(f"{names}: this film would have {len(images)} images on {sheets} sheets "
+                    f"of {request.columns}x{request.rows}; a film has at most {MAX_IMAGES} "
+                    f"images and {MAX_SHEETS} sheets: ask for a larger layout{fewer}")
+
+
+def _draw_film(archive: Archive, study_uid: str, request: FilmRequest, canvas: Canvas, *,
+               only_sheet: int | None = None) -> None:
+    images, study, from_key_images = _choose(archive.index, study_uid, request.per_series)
+    sheets = film_size(images, request, key_images_chosen=from_key_images)
+    if only_sheet is not None and not 1 <= only_sheet <= sheets:
+        raise FilmError(f"sheet: {only_sheet} is not between 1 and {sheets}")
     per_sheet = request.tiles_per_sheet
-    sheets = math.ceil(len(images) / per_sheet)
-    for number in range(sheets):
+    numbers = range(sheets) if only_sheet is None else [only_sheet - 1]
+    for number in numbers:
         tiles = images[number * per_sheet:(number + 1) * per_sheet]
         headers = _headers(archive.index, study_uid, [t.sop_instance_uid for t in tiles])
+        boxes = [_tile_box(request, position) for position in range(len(tiles))]
+        windows = [request.window or file_window(headers.get(t.sop_instance_uid, {}), t.frame)
+                   for t in tiles]
+        pictures = _render_tiles(archive, canvas, tiles, windows, boxes)
         canvas.new_sheet()
         _draw_header(canvas, request, study, number + 1, sheets)
-        for position, tile in enumerate(tiles):
-            box = _tile_box(request, position)
-            _draw_tile(archive, canvas, request, tile, headers.get(tile.sop_instance_uid, {}), box)
+        for tile, window, box, picture in zip(tiles, windows, boxes, pictures, strict=True):
+            _draw_tile(canvas, tile, headers.get(tile.sop_instance_uid, {}), window, box,
+                       picture)
+
+
+def _render_tiles(archive: Archive, canvas: Canvas, tiles: list[FilmImage],
+                  windows: list[tuple[float, float] | None],
+                  boxes: list[tuple[float, float, float, float]]) -> list[bytes | None]:
+    """Each tile's picture at its size on the sheet (None: it cannot be shown). The tiles of
+    one instance are rendered from one reading of it (frames of a multi-frame instance)."""
+    pictures: list[bytes | None] = [None] * len(tiles)
+    by_blob: dict[str, list[int]] = {}
+    for position, tile in enumerate(tiles):
+        by_blob.setdefault(tile.blob_key, []).append(position)
+    for blob_key, positions in by_blob.items():
+        wanted = []
+        for position in positions:
+            _, _, w, h = boxes[position]
+            viewport = (px(w - 1, canvas.dpi), px(h - 1, canvas.dpi))
+            options = RenderOptions(canvas.media_type, 90, windows[position], viewport)
+            wanted.append(((tiles[position].frame or 1) - 1, options))
+        try:
+            for position, (_, picture) in zip(positions, render_frames(archive, blob_key,
+                                                                       wanted), strict=False):
+                pictures[position] = picture
+        except CannotRender as exc:
+            tile = tiles[positions[0]]
+            log.warning("film: %s frame %s not shown: %s", tile.sop_instance_uid, tile.frame,
+                        exc)
+    return pictures
 
 
 def _headers(index: Index, study_uid: str, sop_uids: list[str]) -> dict[str, dict[str, Any]]:
@@ -274,23 +362,18 @@ def _tile_box(request: FilmRequest, position: int) -> tuple[float, float, float,
     return _MARGIN + column * (width + _GAP), top + row * (height + _GAP), width, height
 
 
-def _draw_tile(archive: Archive, canvas: Canvas, request: FilmRequest, tile: FilmImage,
-               header: dict[str, Any], box: tuple[float, float, float, float]) -> None:
+def _draw_tile(canvas: Canvas, tile: FilmImage, header: dict[str, Any],
+               window: tuple[float, float] | None, box: tuple[float, float, float, float],
+               picture: bytes | None) -> None:
     x, y, w, h = box
     canvas.frame(x, y, w, h, 60)
-    window = request.window or file_window(header, tile.frame)
-    viewport = (px(w - 1, canvas.dpi), px(h - 1, canvas.dpi))
-    try:
-        data = render_frame(read_blob(archive, tile.blob_key), (tile.frame or 1) - 1,
-                            RenderOptions(canvas.media_type, 90, window, viewport))
-    except CannotRender as exc:
-        log.warning("film: %s frame %s not shown: %s", tile.sop_instance_uid, tile.frame, exc)
+    if picture is None:
         canvas.text(x + w / 2, y + h / 2, "Không hiển thị được / cannot display", 3.0,
                     anchor="mm", grey=180)
     else:
-        with Image.open(io.BytesIO(data)) as picture:
-            iw, ih = (side * 25.4 / canvas.dpi for side in picture.size)
-        canvas.image(x + (w - iw) / 2, y + (h - ih) / 2, iw, ih, data,
+        with Image.open(io.BytesIO(picture)) as opened:
+            iw, ih = (side * 25.4 / canvas.dpi for side in opened.size)
+        canvas.image(x + (w - iw) / 2, y + (h - ih) / 2, iw, ih, picture,
                      f"{tile.sop_instance_uid}/{tile.frame or 1}")
 
     size = min(max(min(w, h) * 0.05, 2.0), 4.5)
@@ -422,7 +505,8 @@ _REQUIRED_EMPTY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
 
 def film_dataset(index: Index, study_uid: str, pdf: bytes, *, site_name: str = "PACS",
                  title: str = FILM_TITLE, sources: list[FilmImage] | None = None) -> Dataset:
-    """An Encapsulated PDF instance of ``pdf`` in the study's film series (new SOP UID);
+    """An Encapsulated PDF instance of ``pdf`` in the study's film series; its SOP Instance
+    UID is ``film_instance_uid`` and its Instance Number follows the films already stored.
     ``sources``, the images on the film, go in its Source Instance Sequence."""
     if not pdf.startswith(b"%PDF-"):
         raise FilmError("the film document is not a PDF (it does not start with %PDF-)")
@@ -446,7 +530,7 @@ def film_dataset(index: Index, study_uid: str, pdf: bytes, *, site_name: str = "
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.SOPClassUID = ENCAPSULATED_PDF_STORAGE
-    ds.SOPInstanceUID = generate_uid()
+    ds.SOPInstanceUID = film_instance_uid(study_uid, pdf)
     ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
     ds.Modality = "DOC"
     ds.SeriesInstanceUID = series_uid
@@ -456,7 +540,9 @@ def film_dataset(index: Index, study_uid: str, pdf: bytes, *, site_name: str = "
     ds.SoftwareVersions = __version__
     ds.InstitutionName = site_name
     ds.ConversionType = "WSD"  # workstation
-    ds.InstanceNumber = len(earlier) + 1
+    # The highest number so far, not the count: a film deleted from the series would make the
+    # count give the number of a film still there.
+    ds.InstanceNumber = max((r["InstanceNumber"] or 0 for r in earlier), default=0) + 1
     ds.ContentDate, ds.ContentTime = date, time
     ds.AcquisitionDateTime = date + time
     ds.BurnedInAnnotation = "YES"  # the sheets show the patient's name and ID
@@ -475,16 +561,47 @@ def film_dataset(index: Index, study_uid: str, pdf: bytes, *, site_name: str = "
     return ds
 
 
+# Parts of a PDF fpdf2 takes from the clock: the creation date and the file ID made from it.
+_CLOCK_PARTS = re.compile(rb"/CreationDate \(D:[0-9Z+'-]*\)"
+                          rb"|/ID \[<[0-9A-Fa-f]*><[0-9A-Fa-f]*>\]")
+# Films are numbered and stored one at a time in this process, so that two stored at once
+# get distinct Instance Numbers (one node; several nodes could still give a number twice).
+_FILM_STORES = threading.Lock()
+
+
+def film_fingerprint(pdf: bytes) -> str:
+    """SHA-256 of a film's content: the PDF without the parts that change with the clock
+    alone, so the same film made again has the same fingerprint."""
+    return hashlib.sha256(_CLOCK_PARTS.sub(b"", pdf)).hexdigest()
+
+
+def film_instance_uid(study_uid: str, pdf: bytes) -> str:
+    """The SOP Instance UID of a stored film: the same study and film content, the same UID."""
+    return generate_uid(entropy_srcs=[study_uid, "digital film", film_fingerprint(pdf)])
+
+
 def store_film(archive: Archive, study_uid: str, pdf: bytes, *, site_name: str = "PACS",
                title: str = FILM_TITLE, sources: list[FilmImage] | None = None) -> StoreResult:
-    """Archive a film PDF as a new Encapsulated PDF instance of the study (``Archive.store``)."""
-    ds = film_dataset(archive.index, study_uid, pdf, site_name=site_name, title=title,
-                      sources=sources)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta = meta
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return archive.store(out.getvalue())
+    """Archive a film PDF as an Encapsulated PDF instance of the study (``Archive.store``).
+
+    Storing the same film again (a second click, a retry) stores nothing: the answer is the
+    instance already there, with the outcome ``DUPLICATE_KEPT``."""
+    with _FILM_STORES:
+        existing = find(archive.index, Query(Level.INSTANCE, {
+            "StudyInstanceUID": study_uid,
+            "SOPInstanceUID": film_instance_uid(study_uid, pdf)}, limit=1))
+        if existing:
+            row = existing[0]
+            return StoreResult(StoreOutcome.DUPLICATE_KEPT, row["SOPClassUID"],
+                               row["SOPInstanceUID"], study_uid, row["SeriesInstanceUID"],
+                               row["_transfer_syntax_uid"])
+        ds = film_dataset(archive.index, study_uid, pdf, site_name=site_name, title=title,
+                          sources=sources)
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta = meta
+        out = io.BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+        return archive.store(out.getvalue())

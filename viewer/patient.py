@@ -9,6 +9,12 @@ image's URL in an ``<img>``; with a PIN, the page asks for it and ``POST
 
 Everything here reads the index only. Access rules are not decided here but in
 ``pacs.access``; this module turns a token (and PIN) into a share session.
+
+A share counts as *opened* (``Share.opened_count``, the "open" entries of its access log)
+when a session is granted: on the page of a share without a PIN, after the PIN with one. A
+HEAD (a chat app's link preview) or a page still asking for the PIN opens nothing, and a
+reload keeps its session: the page's session comes back in a cookie limited to the page's
+path, and the script keeps a PIN session in ``sessionStorage``.
 """
 
 from __future__ import annotations
@@ -22,14 +28,14 @@ from urllib.parse import quote
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from pacs.access import principal_of
 from storage.attributes import Level
 from storage.names import display_date, display_person_name
 from storage.query import Query, find
-from storage.shares import PinOutcome, Share, ShareState
+from storage.shares import PinOutcome, Share, ShareState, is_well_formed
 from viewer.share_api import BadRequest, json_body
 
 log = logging.getLogger("pacs.viewer")
@@ -45,6 +51,8 @@ CT_PRESETS = [
 ]
 _PAGE_HEADERS = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer",
                  "X-Robots-Tag": "noindex, nofollow", "X-Content-Type-Options": "nosniff"}
+# The page's session, sent back on a reload of that page only (Path=/s/TOKEN).
+SESSION_COOKIE = "pacs_share_session"
 
 
 def patient_routes(server) -> list[Route]:
@@ -59,17 +67,28 @@ def patient_routes(server) -> list[Route]:
         refused = _refusal(share)
         if refused:
             return refused
-        address = principal_of(request).address
-        await run_in_threadpool(shares.record, share.id, "open", address=address)
-        initial = None
-        if not share.has_pin:
-            initial = await _session(share, address)
-            if initial is None:
-                return _error_page(404, "Ca chụp không còn trong hệ thống",
-                                   "Ca chụp của liên kết này không còn được lưu. Vui lòng "
-                                   "liên hệ bệnh viện.")
-        return HTMLResponse(_page_html(settings.site_name, token, initial),
-                            headers=_PAGE_HEADERS)
+        if request.method == "HEAD" or share.has_pin:
+            # A link preview, or a page that asks for the PIN first: nothing opened yet.
+            return HTMLResponse(_page_html(settings.site_name, token, None),
+                                headers=_PAGE_HEADERS)
+        reused = policy.reusable_session(request.cookies.get(SESSION_COOKIE, ""), share)
+        initial = await _session(share, principal_of(request).address, reused)
+        if initial is None:
+            return _error_page(404, "Ca chụp không còn trong hệ thống",
+                               "Ca chụp của liên kết này không còn được lưu. Vui lòng "
+                               "liên hệ bệnh viện.")
+        response = HTMLResponse(_page_html(settings.site_name, token, initial),
+                                headers=_PAGE_HEADERS)
+        if reused is None:
+            _keep_session(response, request, token, initial)
+        return response
+
+    async def page_with_slash(request: Request) -> Response:
+        """``/s/TOKEN/`` (a slash added by hand or by a messaging app): the page."""
+        token = request.path_params["token"]
+        if not is_well_formed(token):
+            return _refusal(None)
+        return RedirectResponse(f"/s/{token}", status_code=308, headers=_PAGE_HEADERS)
 
     async def open_session(request: Request) -> Response:
         token = request.path_params["token"]
@@ -98,14 +117,20 @@ def patient_routes(server) -> list[Route]:
                                     "longer archived")
         return JSONResponse(session, headers=_PAGE_HEADERS)
 
-    async def _session(share: Share, address: str) -> dict[str, Any] | None:
+    async def _session(share: Share, address: str,
+                       reused: tuple[str, dt.datetime] | None = None) -> dict[str, Any] | None:
+        """The page's data with a session: ``reused``, else a new one, which counts as an
+        opening of the share."""
         study = await run_in_threadpool(study_summary, server.archive.index,
                                         share.study_instance_uid)
         if study is None:
             return None
-        grant, until = policy.open_session(share)
-        await run_in_threadpool(shares.record, share.id, "session", address=address,
-                                session=grant.split(".")[1])
+        if reused is not None:
+            grant, until = reused
+        else:
+            grant, until = policy.open_session(share)
+            await run_in_threadpool(shares.record, share.id, "open", address=address,
+                                    session=grant.split(".")[1])
         study["site_name"] = settings.site_name
         return {
             "access_token": grant,
@@ -119,8 +144,19 @@ def patient_routes(server) -> list[Route]:
 
     return [
         Route("/s/{token}", page, methods=["GET"]),
+        Route("/s/{token}/", page_with_slash, methods=["GET"]),
         Route("/api/s/{token}/session", open_session, methods=["POST"]),
     ]
+
+
+def _keep_session(response: Response, request: Request, token: str,
+                  session: dict[str, Any]) -> None:
+    """Send the page's session back as a cookie of that page alone, so a reload reuses it."""
+    until = dt.datetime.fromisoformat(session["session_expires_at"])
+    seconds = int((until - dt.datetime.now(dt.UTC)).total_seconds())
+    response.set_cookie(SESSION_COOKIE, session["access_token"], max_age=max(seconds, 0),
+                        path=f"/s/{token}", secure=request.url.scheme == "https",
+                        httponly=True, samesite="lax")
 
 
 # ---------------------------------------------------------------------------- the study

@@ -27,6 +27,16 @@ from storage.parsing import is_valid_uid
 from storage.query import NameMatching, Query, find
 from storage.shares import MAX_ID, Share, ShareError, ShareStore
 
+# Modalities of objects that are not pictures: reports, key object selections, presentation
+# states, documents (the stored films among them), registrations, segmentations, RT plans.
+NOT_IMAGING = frozenset({"SR", "KO", "PR", "DOC", "REG", "SEG", "FID", "RTSTRUCT", "RTPLAN",
+                         "RTRECORD", "PLAN", "AU"})
+
+
+def imaging_modalities(modalities_in_study: str | None) -> list[str]:
+    """The modalities of a study's pictures, from its Modalities in Study (``CT\\SR\\KO``)."""
+    return [m for m in (modalities_in_study or "").split("\\") if m and m not in NOT_IMAGING]
+
 
 def share_url(base: str, token: str) -> str:
     """The link printed on the slip and in the QR code."""
@@ -216,9 +226,21 @@ def share_fields(body: Any) -> dict[str, Any]:
     if not isinstance(fields.get("allow_download", False), bool):
         raise BadRequest("allow_download: must be true or false (a JSON boolean)")
     created_by = fields.get("created_by", "")
-    if not isinstance(created_by, str) or len(created_by) > 200:
-        raise BadRequest("created_by: must be a string of at most 200 characters")
+    if not isinstance(created_by, str) or len(created_by) > 200 \
+            or not _is_unicode_text(created_by):
+        raise BadRequest("created_by: must be a string of at most 200 characters (Unicode "
+                         "text: no lone surrogates such as \\ud800)")
     return fields
+
+
+def _is_unicode_text(text: str) -> bool:
+    """Whether ``text`` can be stored: JSON's ``\\ud800`` escapes make strings with lone
+    surrogates, which no database encoding takes (a 500 when the share was written)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def share_id(text: str) -> int:
@@ -282,14 +304,15 @@ def slip_html(site_name: str, share: Share, url: str, study: dict[str, Any],
         ("Ngày sinh", display_date(study.get("PatientBirthDate")) or "—"),
         ("Mã người bệnh", study.get("PatientID") or "—"),
         ("Ngày chụp", display_date(study.get("StudyDate")) or "—"),
-        ("Loại chụp", ", ".join(filter(None, (study.get("ModalitiesInStudy") or "")
-                                           .split("\\"))) or "—"),
+        ("Loại chụp", ", ".join(imaging_modalities(study.get("ModalitiesInStudy"))) or "—"),
         ("Mô tả", study.get("StudyDescription") or "—"),
         ("Mã chỉ định", study.get("AccessionNumber") or "—"),
     ]
     table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
                     for k, v in rows)
-    expires = share.expires_at.astimezone().strftime("%d/%m/%Y")
+    # The moment the link stops working, to the minute, in the server's time zone: "đến hết
+    # ngày" (to the end of the day) promised hours the share does not have.
+    expires = share.expires_at.astimezone().strftime("%H:%M ngày %d/%m/%Y")
     return f"""<!doctype html><html lang="vi"><head><meta charset="utf-8">
 <title>Phiếu xem ảnh – {html.escape(site_name)}</title>
 <style>
@@ -317,9 +340,9 @@ td {{ font-weight: bold; padding: 1mm 0 }}
 <p class="pin">Mã PIN: <b>{html.escape(pin_text)}</b></p>
 <p class="note">Quét mã QR bằng camera điện thoại, hoặc nhập đường dẫn trên vào trình duyệt, để
 xem ảnh chụp. Có thể đưa mã này cho bác sĩ ở cơ sở y tế khác khi được chuyển tuyến.
-Liên kết có hiệu lực đến hết ngày <b>{expires}</b>. Không chia sẻ phiếu này với người khác.</p>
+Liên kết có hiệu lực đến <b>{expires}</b>. Không chia sẻ phiếu này với người khác.</p>
 </body></html>"""
 
 
-__all__ = ["BadRequest", "create_share", "json_body", "public_base", "share_api_routes",
-           "share_fields", "share_id", "share_url", "slip_html"]
+__all__ = ["NOT_IMAGING", "BadRequest", "create_share", "imaging_modalities", "json_body",
+           "public_base", "share_api_routes", "share_fields", "share_id", "share_url", "slip_html"]

@@ -1,9 +1,14 @@
 """Film avoided: what going paperless saved, as JSON, a small admin page and Prometheus metrics.
 
-A study counts as *delivered digitally* once it has a share link (the patient left with a QR
-code instead of an envelope of film); *opened* once that link was opened. Each delivered
-study stands for the film sheets printing it would have taken (``film_sheets_per_study``, by
+A study counts as *delivered digitally* once it has a share link that was not revoked (the
+patient left with a QR code instead of an envelope of film; a link revoked because it was made
+by mistake delivered nothing); *opened* once such a link was opened. Each delivered study
+stands for the film sheets printing it would have taken (``film_sheets_per_study``, by
 modality: the most sheets among the study's modalities), priced at ``film_sheet_price_vnd``.
+
+``from`` and ``to`` are days of the server's time zone (``TZ``, e.g. ``Asia/Ho_Chi_Minh``):
+a share made at 03:00 in Hà Nội belongs to that day, not to the UTC day before. They bound
+when shares were created and when studies were archived.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ from starlette.routing import Route
 
 from emr.service import emr_counts
 from storage.index import Index, instances, shares, studies
+from viewer.share_api import NOT_IMAGING
 
-# Objects that are not images a film would show.
-_NOT_FILMED = {"SR", "KO", "PR", "DOC", "OT", "REG", "SEG", "RTSTRUCT", "RTPLAN"}
+# Objects that are not images a film would show ("OT": mostly secondary captures of screens).
+_NOT_FILMED = NOT_IMAGING | {"OT"}
 
 
 @dataclasses.dataclass
@@ -41,7 +47,7 @@ class FilmStats:
     studies_archived: int
     studies_delivered: int  # with a share link
     studies_opened: int  # whose link was opened at least once
-    shares_created: int
+    shares_created: int  # revoked ones included
     shares_opened: int
     share_opens: int
     sheets_avoided: int
@@ -50,6 +56,8 @@ class FilmStats:
     by_modality: dict[str, ModalityFigures]
     since: str | None = None
     until: str | None = None
+    shares_revoked: int = 0
+    timezone: str = ""  # of the days since and until, as an offset from UTC (+07:00)
 
     def as_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -57,30 +65,34 @@ class FilmStats:
 
 def film_stats(index: Index, settings, *, since: dt.date | None = None,
                until: dt.date | None = None) -> FilmStats:
-    """The figures for shares created in [since, until] (whole days, UTC; open-ended if None)."""
+    """The figures for shares created, and studies archived, in [since, until] (whole days of
+    the server's time zone; open-ended if None)."""
     statement = (
-        sa.select(shares.c.study_instance_uid, shares.c.opened_count,
+        sa.select(shares.c.study_instance_uid, shares.c.opened_count, shares.c.revoked_at,
                   studies.c.modalities_in_study)
         .select_from(shares.outerjoin(
             studies, studies.c.study_instance_uid == shares.c.study_instance_uid)))
-    if since:
-        statement = statement.where(shares.c.created_at >= _start(since))
-    if until:
-        statement = statement.where(shares.c.created_at < _start(until + dt.timedelta(days=1)))
+    statement = statement.where(*_within(shares.c.created_at, since, until))
+    archived_statement = (sa.select(sa.func.count()).select_from(studies)
+                          .where(*_within(studies.c.created_at, since, until)))
     sheets_for = settings.film_sheets
     price = settings.film_sheet_price_vnd
     delivered: dict[str, str] = {}
     opened: set[str] = set()
-    created = opened_shares = opens = 0
+    created = opened_shares = opens = revoked = 0
     with index.read() as conn:
-        for study_uid, opened_count, modalities in conn.execute(statement):
+        for study_uid, opened_count, revoked_at, modalities in conn.execute(statement):
             created += 1
             opens += opened_count
             if opened_count:
                 opened_shares += 1
+            if revoked_at is not None:
+                revoked += 1
+                continue
+            if opened_count:
                 opened.add(study_uid)
             delivered.setdefault(study_uid, modalities or "")
-        archived = conn.execute(sa.select(sa.func.count()).select_from(studies)).scalar()
+        archived = conn.execute(archived_statement).scalar()
     by_modality: dict[str, ModalityFigures] = {}
     for modalities in delivered.values():
         modality, sheets = _sheets(modalities, sheets_for)
@@ -94,7 +106,18 @@ def film_stats(index: Index, settings, *, since: dt.date | None = None,
         studies_opened=len(opened), shares_created=created, shares_opened=opened_shares,
         share_opens=opens, sheets_avoided=total_sheets, saving_vnd=total_sheets * price,
         sheet_price_vnd=price, by_modality=dict(sorted(by_modality.items())),
-        since=since.isoformat() if since else None, until=until.isoformat() if until else None)
+        since=since.isoformat() if since else None, until=until.isoformat() if until else None,
+        shares_revoked=revoked, timezone=_utc_offset(since or until or dt.date.today()))
+
+
+def _within(column: sa.Column, since: dt.date | None, until: dt.date | None) -> list:
+    """Conditions keeping ``column`` (a UTC moment) within whole local days [since, until]."""
+    conditions = []
+    if since:
+        conditions.append(column >= _start(since))
+    if until:
+        conditions.append(column < _start(until + dt.timedelta(days=1)))
+    return conditions
 
 
 def _sheets(modalities: str, sheets_for: dict[str, int]) -> tuple[str, int]:
@@ -107,7 +130,17 @@ def _sheets(modalities: str, sheets_for: dict[str, int]) -> tuple[str, int]:
 
 
 def _start(day: dt.date) -> dt.datetime:
-    return dt.datetime.combine(day, dt.time(), dt.UTC)
+    """Midnight starting ``day`` in the server's time zone, as a UTC moment (what the index
+    holds; SQLite would compare a local time's digits as they are)."""
+    return dt.datetime.combine(day, dt.time()).astimezone().astimezone(dt.UTC)
+
+
+def _utc_offset(day: dt.date) -> str:
+    """The server's offset from UTC on ``day``, as ``+07:00``."""
+    offset = dt.datetime.combine(day, dt.time(12)).astimezone().utcoffset() or dt.timedelta()
+    sign = "-" if offset < dt.timedelta() else "+"
+    minutes = abs(int(offset.total_seconds())) // 60
+    return f"{sign}{minutes // 60:02d}:{minutes % 60:02d}"
 
 
 # ---------------------------------------------------------------------------- HTTP
@@ -190,6 +223,8 @@ class _Collector:
             ("pacs_film_studies_opened", "Studies whose share link was opened",
              figures.studies_opened),
             ("pacs_shares_created", "Share links created", figures.shares_created),
+            ("pacs_shares_revoked", "Share links revoked (not counted as delivered)",
+             figures.shares_revoked),
             ("pacs_share_opens", "Times share links were opened", figures.share_opens),
         ]
         for name, text, value in simple:
@@ -230,6 +265,7 @@ def admin_html(site_name: str, figures: FilmStats, recent,
          f"{figures.studies_delivered:,}"),
         ("Ca đã được mở xem / Studies opened", f"{figures.studies_opened:,}"),
         ("Liên kết đã tạo / Share links", f"{figures.shares_created:,}"),
+        ("Liên kết đã thu hồi / Share links revoked", f"{figures.shares_revoked:,}"),
         ("Lượt mở / Opens", f"{figures.share_opens:,}"),
         ("Tờ phim không phải in / Film sheets avoided", f"{figures.sheets_avoided:,}"),
         ("Ước tính tiết kiệm / Estimated saving", _vnd(figures.saving_vnd)),

@@ -3,39 +3,38 @@ as an Encapsulated PDF) and the downloads (a DICOM media ZIP with a DICOMDIR, a 
 
 Staff reach all of it; a share reaches its own study's film and, when it allows downloads,
 the ZIPs (``pacs.access`` decides). Uses by a share go to its access log.
+
+A ZIP is sent as it is made (``viewer.export``): its first bytes leave at once, and a client
+that leaves stops the work. HEAD answers from the index alone.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import re
-import shutil
-import tempfile
-from pathlib import Path
+from collections.abc import AsyncIterator, Generator
 
-from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from pacs.access import principal_of
 from pacs.http_input import whole_number
+from storage.archive import StoreOutcome
 from storage.parsing import is_valid_uid
-from viewer.export import write_dicom_zip, write_jpeg_zip
+from viewer.export import dicom_zip_chunks, jpeg_zip_chunks, study_instances
 from viewer.film import (
     FilmError,
     FilmRequest,
     NoImagesToFilm,
+    check_window,
     choose_images,
     render_film_pdf,
-    render_film_png,
+    render_film_sheet_png,
     store_film,
 )
 from viewer.film_canvas import FilmFontMissing
-
-# Images per series on a film (a sheet of a 300-slice series at 1,000 was 19 MB of PDF).
-MAX_PER_SERIES = 100
 
 
 def study_api_routes(server) -> list[Route]:
@@ -44,27 +43,24 @@ def study_api_routes(server) -> list[Route]:
     policy = server.access
 
     def film_request(request: Request) -> FilmRequest:
+        """The film a request asks for; ``FilmError`` naming the parameter that is wrong."""
         params = request.query_params
         columns, rows = settings.film_grid
         layout = params.get("layout")
         if layout:
             match = re.fullmatch(r"(\d{1,2})x(\d{1,2})", layout.lower())
-            if not match:
+            if not match or not layout.isascii():
                 raise FilmError(f"layout: {layout!r} is not COLUMNSxROWS, e.g. 4x5")
             columns, rows = int(match.group(1)), int(match.group(2))
         window = None
         if params.get("window"):
-            try:
-                center, width = (float(v) for v in params["window"].split(",")[:2])
-            except ValueError:
-                raise FilmError(f"window: {params['window']!r} is not center,width") from None
-            window = (center, width)
+            window = _window(params["window"])
         per_series = settings.film_images_per_series
         if "per_series" in params:
             per_series = whole_number(params["per_series"]) or 0
-            if not 1 <= per_series <= MAX_PER_SERIES:
+            if per_series < 1:
                 raise FilmError(f"per_series: {params['per_series']!r} is not a number of "
-                                f"images from 1 to {MAX_PER_SERIES}")
+                                "images (1, 2, 3...)")
         return FilmRequest(site_name=settings.site_name, columns=columns, rows=rows,
                            per_series=per_series, window=window)
 
@@ -85,10 +81,10 @@ def study_api_routes(server) -> list[Route]:
                 if sheet is None:
                     raise FilmError(f"sheet: {request.query_params['sheet']!r} is not a "
                                     "sheet number")
-                sheets = await run_in_threadpool(render_film_png, archive, study_uid, options)
-                if not 1 <= sheet <= len(sheets):
-                    raise FilmError(f"sheet: {sheet} is not between 1 and {len(sheets)}")
-                body, media_type = sheets[sheet - 1], "image/png"
+                # Only the sheet asked for is drawn (a sheet is 15 MB of pixels at 150 dpi).
+                body = await run_in_threadpool(render_film_sheet_png, archive, study_uid,
+                                               options, sheet)
+                media_type = "image/png"
         except ValueError as exc:
             return _film_error(exc)
         except FilmFontMissing as exc:
@@ -99,7 +95,8 @@ def study_api_routes(server) -> list[Route]:
             "Content-Disposition": f'inline; filename="phim-so.{kind}"'})
 
     async def store(request: Request) -> Response:
-        """Make the film and keep it in the study, where viewers and the EMR see it."""
+        """Make the film and keep it in the study, where viewers and the EMR see it; the same
+        film asked for again is the instance already stored (200 instead of 201)."""
         study_uid = request.path_params["study"]
         if not is_valid_uid(study_uid):  # "*" or "" would match every study
             return _error(400, f"study UID: {study_uid!r} is not a UID")
@@ -114,10 +111,12 @@ def study_api_routes(server) -> list[Route]:
                                         options.per_series)
         result = await run_in_threadpool(lambda: store_film(
             archive, study_uid, pdf, site_name=settings.site_name, sources=shown))
+        stored = result.outcome is not StoreOutcome.DUPLICATE_KEPT
         return JSONResponse({"study_instance_uid": study_uid,
                              "series_instance_uid": result.series_instance_uid,
                              "sop_instance_uid": result.sop_instance_uid,
-                             "bytes": len(pdf)}, status_code=201)
+                             "stored": stored, "bytes": len(pdf)},
+                            status_code=201 if stored else 200)
 
     async def download(request: Request) -> Response:
         study_uid = request.path_params["study"]
@@ -126,25 +125,51 @@ def study_api_routes(server) -> list[Route]:
         kind = request.query_params.get("format", "dicom")
         if kind not in ("dicom", "jpeg"):
             return _error(400, f"format: {kind!r} must be dicom or jpeg")
-        folder = Path(tempfile.mkdtemp(prefix="pacs-export-"))
-        path = folder / "study.zip"
-        writer = write_dicom_zip if kind == "dicom" else write_jpeg_zip
-        try:
-            await run_in_threadpool(writer, archive, study_uid, path)
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
+        rows = await run_in_threadpool(study_instances, archive, study_uid)  # 404 first
+        name = f"anh-chup-{kind}-{dt.date.today():%Y%m%d}.zip"
+        headers = {"Cache-Control": "no-store",
+                   "Content-Disposition": f'attachment; filename="{name}"'}
+        if request.method == "HEAD":  # (a link checker, a download manager): nothing made
+            # No body and no Content-Length, as the GET: its length is known once it is made.
+            return StreamingResponse(iter(()), media_type="application/zip", headers=headers)
         await policy.record_use(principal_of(request), f"download-{kind}")
-        name = f"anh-chup-{'dicom' if kind == 'dicom' else 'jpeg'}-{dt.date.today():%Y%m%d}.zip"
-        return FileResponse(path, media_type="application/zip", filename=name,
-                            headers={"Cache-Control": "no-store"},
-                            background=BackgroundTask(shutil.rmtree, folder, True))
+        chunks = (dicom_zip_chunks if kind == "dicom" else jpeg_zip_chunks)(
+            archive, study_uid, rows)
+        return StreamingResponse(_as_made(chunks), media_type="application/zip",
+                                 headers=headers)
 
     return [
         Route("/api/studies/{study}/film.{kind:str}", film, methods=["GET"]),
         Route("/api/studies/{study}/film", store, methods=["POST"]),
         Route("/api/studies/{study}/download", download, methods=["GET"]),
     ]
+
+
+async def _as_made(chunks: Generator[bytes, None, object]) -> AsyncIterator[bytes]:
+    """The pieces of an export, each made in a worker thread when the client can take it.
+
+    Nothing is made ahead: when the client leaves, Starlette stops asking (cancelling this
+    generator) and ``close`` ends the export where it stands, its temporary file included."""
+    try:
+        while True:
+            piece = await run_in_threadpool(next, chunks, None)
+            if piece is None:
+                return
+            yield piece
+    finally:
+        chunks.close()
+
+
+def _window(text: str) -> tuple[float, float]:
+    """``window=CENTER,WIDTH[,FUNCTION]`` as numbers (the function, as in WADO-RS, ignored);
+    ``FilmError`` naming ``window`` otherwise, also for NaN and infinity, which ``float``
+    takes."""
+    try:
+        center, width = (float(v) for v in text.split(",")[:2])
+    except ValueError:
+        raise FilmError(f"window: {text[:40]!r} is not center,width (e.g. 40,400)") from None
+    check_window(center, width)
+    return center, width
 
 
 def _film_error(exc: ValueError) -> Response:

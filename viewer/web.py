@@ -7,6 +7,8 @@
 * ``/IHEInvokeImageDisplay`` (IHE Invoke Image Display), ``/studies/{uid}`` and
   ``/accession/{number}`` — redirect to the viewer for that study, or a clear page when there
   is no such study.
+* ``/favicon.ico`` — the icon browsers ask every page for (public), so that each visit to a
+  share page does not end in a 404 in the log.
 """
 
 from __future__ import annotations
@@ -84,6 +86,10 @@ def viewer_routes(server) -> list[Route]:
             path = ohif_dir / "index.html"  # a route of the viewer itself
         return _static(request, path)
 
+    async def favicon(request: Request) -> Response:
+        return FileResponse(STATIC_DIR / "favicon.ico", media_type="image/x-icon",
+                            headers={"Cache-Control": "public, max-age=86400"})
+
     async def invoke_image_display(request: Request) -> Response:
         """IHE Invoke Image Display (ITI/RAD-106): requestType=STUDY or PATIENT."""
         params = request.query_params
@@ -132,6 +138,7 @@ def viewer_routes(server) -> list[Route]:
         Route(BASE + "app-config.js", ohif_config),
         Route(BASE.rstrip("/"), ohif_file),
         Route(BASE + "{path:path}", ohif_file),
+        Route("/favicon.ico", favicon, methods=["GET"]),
         Route("/IHEInvokeImageDisplay", invoke_image_display),
         Route("/studies/{uid}", study_link),
         Route("/accession/{number}", accession_link),

@@ -248,7 +248,10 @@
     }
     actions.append(el("a", {class: "button doctor", href: session.viewer_url, target: "_blank",
                             rel: "noopener"}, "Trình xem chuyên sâu (bác sĩ)"));
-    const expires = new Date(session.share_expires_at).toLocaleDateString("vi-VN");
+    // The moment the link ends, as the slip gives it: to the minute, not "to the end of the day".
+    const end = new Date(session.share_expires_at);
+    const expires = end.toLocaleTimeString("vi-VN", {hour: "2-digit", minute: "2-digit"}) +
+      " ngày " + end.toLocaleDateString("vi-VN");
 
     app.replaceChildren(header(study), stage,
       el("div", {class: "controls"}, prev, slider, next), presetBar, ...sections, actions,
