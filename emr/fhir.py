@@ -35,6 +35,7 @@ from fhir.resources.R4B.operationoutcome import OperationOutcome
 from fhir.resources.R4B.patient import Patient
 from fhir.resources.R4B.servicerequest import ServiceRequest
 
+from emr.coding import fhir_system
 from emr.errors import InvalidResource, error_locations
 from emr.model import (
     Order,
@@ -95,6 +96,7 @@ BODY_PARTS_SNOMED = {
     "TSPINE": ("122495006", "Thoracic spine"),
 }
 BODY_PARTS_BY_SNOMED = {code: part for part, (code, _) in BODY_PARTS_SNOMED.items()}
+CONTAINED_PATIENT_ID = "patient"  # the id of the Patient an ImagingStudy result contains
 MODALITY_CODE = re.compile(r"^[A-Z][A-Z0-9]{1,15}$")  # DCM modality codes, not numeric concepts
 
 
@@ -303,13 +305,7 @@ def service_request_resource(order: Order, resource_id: str, *, mrn_system: str,
         data["meta"]["lastUpdated"] = last_updated
     if order.priority in _REQUEST_PRIORITY:
         data["priority"] = _REQUEST_PRIORITY[order.priority]
-    coding = []
-    if _code(order.procedure_code):
-        coding.append({"code": _code(order.procedure_code),
-                       **({"system": order.procedure_code_system.strip()}
-                          if ":" in order.procedure_code_system else {}),
-                       **({"display": order.procedure_description}
-                          if order.procedure_description else {})})
+    coding = [_procedure_coding(order)] if _code(order.procedure_code) else []
     if coding or order.procedure_description:
         data["code"] = {**({"coding": coding} if coding else {}),
                         **({"text": order.procedure_description}
@@ -425,11 +421,14 @@ def _series(series: ResultSeries) -> dict:
 def imaging_study(result: StudyResult, *, resource_id: str, mrn_system: str,
                   subject: dict | None = None, based_on: list[dict] | None = None,
                   endpoints: str = "contained", last_updated: str | None = None,
-                  accession_system: str | None = None) -> dict:
+                  accession_system: str | None = None, contain_patient: bool = False) -> dict:
     """The study as a VN Core ImagingStudy.
 
-    ``subject`` defaults to a logical reference (MRN identifier and the readable name),
-    ``based_on`` to a logical reference to the ServiceRequest by accession number.
+    ``subject`` defaults to a logical reference (MRN identifier and the readable name); with
+    ``contain_patient`` it also points to the patient contained as a VN Core Patient
+    (``#patient``: MRN, CCCD and BHYT identifiers, name, gender, birth date), as the results
+    sent to an EMR do: the reference can carry one identifier, the EMR wants all three.
+    ``based_on`` defaults to a logical reference to the ServiceRequest by accession number.
     ``endpoints``: ``"contained"`` (Endpoints ``#wado`` and ``#iid`` inside), ``"separate"``
     (references to ``Endpoint/<endpoint_id(...)>``, see :func:`endpoint_resources`) or
     ``"none"``."""
@@ -456,8 +455,15 @@ def imaging_study(result: StudyResult, *, resource_id: str, mrn_system: str,
         "identifier": identifiers,
         "status": result.status or "available",
         "modality": [{"system": DCM_SYSTEM, "code": m} for m in modalities],
-        "subject": subject or _patient_reference(result.patient, mrn_system),
     }
+    contained: list[dict] = []
+    if subject is None:
+        subject = _patient_reference(result.patient, mrn_system)
+        if contain_patient:
+            contained.append(patient_resource(result.patient, CONTAINED_PATIENT_ID,
+                                              mrn_system=mrn_system))
+            subject = {"reference": f"#{CONTAINED_PATIENT_ID}", **subject}
+    data["subject"] = subject
     if based_on is not None:
         data["basedOn"] = based_on
     elif result.accession_number:
@@ -470,10 +476,10 @@ def imaging_study(result: StudyResult, *, resource_id: str, mrn_system: str,
     if referrer := readable_name(result.referring_physician):
         data["referrer"] = {"display": referrer}
     if endpoints == "contained":
-        contained = endpoint_resources(result)
-        if contained:
-            data["contained"] = contained
-            data["endpoint"] = [{"reference": f"#{e['id']}"} for e in contained]
+        inside = endpoint_resources(result)
+        contained.extend(inside)
+        if inside:
+            data["endpoint"] = [{"reference": f"#{e['id']}"} for e in inside]
     elif endpoints == "separate":
         data["endpoint"] = [{"reference": f"Endpoint/{e['id']}"}
                             for e in endpoint_resources(result, resource_id=resource_id)]
@@ -485,19 +491,27 @@ def imaging_study(result: StudyResult, *, resource_id: str, mrn_system: str,
         data["numberOfInstances"] = instance_count
     order = result.order
     if order and _code(order.procedure_code):
-        coding = {"code": _code(order.procedure_code)}
-        if order.procedure_code_system.strip():
-            coding["system"] = order.procedure_code_system.strip()
-        if order.procedure_description:
-            coding["display"] = order.procedure_description
-        data["procedureCode"] = [{"coding": [coding]}]
+        data["procedureCode"] = [{"coding": [_procedure_coding(order)]}]
     if order and order.reason:
         data["reasonCode"] = [{"text": order.reason}]
     if result.description:
         data["description"] = result.description
     if result.series:
         data["series"] = [_series(s) for s in result.series]
+    if contained:
+        data["contained"] = contained
     return _validated(ImagingStudy, data)
+
+
+def _procedure_coding(order: Order) -> dict:
+    """The order's procedure as a Coding: ``system`` only when it is (or maps to) a URI, as
+    FHIR requires; an HL7 mnemonic such as ``LN`` becomes ``http://loinc.org``."""
+    coding = {"code": _code(order.procedure_code)}
+    if system := fhir_system(order.procedure_code_system):
+        coding["system"] = system
+    if order.procedure_description:
+        coding["display"] = order.procedure_description
+    return coding
 
 
 def _patient_reference(patient: PatientInfo, default_system: str) -> dict:

@@ -11,10 +11,11 @@ import datetime as dt
 import re
 import secrets
 
+from emr.coding import v2_system
 from emr.hl7_segments import DEFAULT_VERSION, ERROR_CODES, UTF8, Header
 from emr.model import PatientInfo, StudyResult
 
-__all__ = ["ack", "oru_message"]
+__all__ = ["ack", "control_id_of", "oru_content", "oru_message"]
 
 # ------------------------------------------------------------------ building messages
 
@@ -267,8 +268,35 @@ def _result_procedure(result: StudyResult) -> tuple[str, str, str]:
     """OBR-4 is required: the order's procedure, else the study description as text only."""
     order = result.order
     if order and (order.procedure_code or order.procedure_description):
-        return order.procedure_code, order.procedure_description, order.procedure_code_system
+        system = v2_system(order.procedure_code_system) if order.procedure_code else ""
+        return order.procedure_code, order.procedure_description, system
     return "", result.description or " ".join(result.modalities) or "Imaging study", ""
+
+
+# Where a message we build says when it was made, by (segment, field number): MSH-7 and
+# MSH-10 (the control ID holds the time), ORC-9 and OBR-22. Everything else is what it says.
+_MOMENT_FIELDS = {"MSH": (7, 10), "ORC": (9,), "OBR": (22,)}
+
+
+def oru_content(message: str) -> str:
+    """What an ORU built here says about its study, without when it was built: two results
+    of a study are the same result when this is equal (the outbox sends it once)."""
+    segments = []
+    for segment in message.split("\r"):
+        fields = segment.split("|")
+        # MSH-1 is the separator itself, so MSH-n is fields[n - 1]; elsewhere fields[n].
+        shift = 1 if fields[0] == "MSH" else 0
+        for number in _MOMENT_FIELDS.get(fields[0], ()):
+            if number - shift < len(fields):
+                fields[number - shift] = ""
+        segments.append("|".join(fields))
+    return "\r".join(segments)
+
+
+def control_id_of(message: str) -> str:
+    """MSH-10 of a message built here (what the receiver's ACK must quote in MSA-2)."""
+    fields = message.split("\r", 1)[0].split("|")
+    return fields[9] if len(fields) > 9 else ""
 
 
 def _result_modality(result: StudyResult) -> str:

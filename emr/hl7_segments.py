@@ -423,8 +423,17 @@ def sequence_error(reason: str, location: str) -> Hl7Error:
     return Hl7Error("AR", f"{reason} (sai thứ tự hoặc thiếu segment)", location, error_code="100")
 
 
-def parse_ack(text: str) -> tuple[str, str]:
-    """(MSA-1 code, text) of a received ACK; the text is MSA-3, else ERR-8, else ERR-3's text."""
+@dataclass(frozen=True)
+class Ack:
+    """A received ACK: MSA-1 code, MSA-2 (the control ID of the message it answers), text."""
+
+    code: str
+    control_id: str
+    text: str
+
+
+def read_ack(text: str) -> Ack:
+    """A received ACK; its text is MSA-3, else ERR-8, else ERR-3's text."""
     segments = segments_of(text)
     header = header_of(segments[0])
     msa = next((s for s in segments if s.name == "MSA"), None)
@@ -436,4 +445,11 @@ def parse_ack(text: str) -> tuple[str, str]:
         raise Hl7Error("AR", f"MSA-1 acknowledgment code {code!r} is not one of AA/AE/AR/CA/"
                        "CE/CR", "MSA-1", error_code="103", header=header)
     err = next((s for s in segments if s.name == "ERR"), Segment("ERR", []))
-    return code, msa.value(3) or err.value(8) or err.value(3, 2) or err.value(1, 4, 2)
+    return Ack(code, msa.value(2),
+               msa.value(3) or err.value(8) or err.value(3, 2) or err.value(1, 4, 2))
+
+
+def parse_ack(text: str) -> tuple[str, str]:
+    """(MSA-1 code, text) of a received ACK (see :func:`read_ack`)."""
+    ack = read_ack(text)
+    return ack.code, ack.text

@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass
 
 from emr.hl7_segments import (
+    Ack,
     Field,
     Header,
     Hl7Error,
@@ -29,6 +30,7 @@ from emr.hl7_segments import (
     parse_header,
     part,
     positions,
+    read_ack,
     segments_of,
     sequence_error,
 )
@@ -42,12 +44,14 @@ from emr.model import (
 )
 
 __all__ = [
+    "Ack",
     "Header",
     "Hl7Error",
     "decode",
     "parse_ack",
     "parse_header",
     "parse_inbound",
+    "read_ack",
 ]
 
 
@@ -179,7 +183,26 @@ def _patient(pid: Segment) -> PatientInfo:
     )
 
 
-def _pn(family: str, given: str, middle: str, prefix: str, suffix: str) -> str:
+# What DICOM person names use to separate their parts (^) and groups (=). HL7 carries a ^
+# inside a name part escaped (\S\) and = as it is; in a PN either would split the name.
+_PN_SEPARATORS = ("^", "=")
+
+
+def _pn(where: str, family: str, given: str, middle: str, prefix: str, suffix: str) -> str:
+    r"""The parts of an HL7 name as a DICOM PN; AE when a part holds ``^`` or ``=``, which
+    would move the rest of the name into another part (``Trần\S\X^Thị`` is not
+    ``Trần^X^Thị``), as a backslash is refused for the DICOM value delimiter."""
+    for value in (family, given, middle, prefix, suffix):
+        separator = next((c for c in _PN_SEPARATORS if c in value), None)
+        if separator is not None:
+            sent = " (sent escaped as \\S\\)" if separator == "^" else ""
+            raise Hl7Error(
+                "AE",
+                f"{where}: a name part contains {separator!r}{sent}, which separates the parts"
+                " of a DICOM person name; send the name without it (tên chứa ký tự phân cách)",
+                where,
+                error_code="102",
+            )
     return "^".join((family, given, middle, prefix, suffix)).rstrip("^")
 
 
@@ -189,7 +212,7 @@ def _xpn_to_pn(pid: Segment) -> str:
     if not reps:
         return ""
     rep = next((r for r in reps if part(r, 7).upper() == "L"), reps[0])
-    return _pn(part(rep, 1), part(rep, 2), part(rep, 3), part(rep, 5), part(rep, 4))
+    return _pn("PID-5", part(rep, 1), part(rep, 2), part(rep, 3), part(rep, 5), part(rep, 4))
 
 
 def _xcn_to_pn(segment: Segment, field: int) -> str:
@@ -198,7 +221,8 @@ def _xcn_to_pn(segment: Segment, field: int) -> str:
     if not reps:
         return ""
     r = reps[0]
-    return _pn(part(r, 2), part(r, 3), part(r, 4), part(r, 6), part(r, 5))
+    return _pn(f"{segment.name}-{field}", part(r, 2), part(r, 3), part(r, 4), part(r, 6),
+               part(r, 5))
 
 
 def _ndl_to_pn(segment: Segment, field: int) -> str:
@@ -207,7 +231,8 @@ def _ndl_to_pn(segment: Segment, field: int) -> str:
     if not reps:
         return ""
     r = reps[0]
-    return _pn(part(r, 1, 2), part(r, 1, 3), part(r, 1, 4), part(r, 1, 6), part(r, 1, 5))
+    return _pn(f"{segment.name}-{field}", part(r, 1, 2), part(r, 1, 3), part(r, 1, 4),
+               part(r, 1, 6), part(r, 1, 5))
 
 
 def _date(value: str) -> str:

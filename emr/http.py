@@ -33,10 +33,12 @@ from emr.errors import InvalidResource, loggable
 from emr.fhir_format import FHIR_JSON, check_body_format, check_response_format
 from emr.model import Order, OrderControl, OrderStatus, PatientInfo, PatientMerge, PatientUpdate
 from emr.orders import (
+    CancelRefused,
     InvalidOrder,
     OrderConflict,
     UnknownOrder,
     UnknownPatient,
+    hhmmss,
     order_json,
     valid_date,
     valid_time,
@@ -103,6 +105,8 @@ def emr_routes(server) -> list[Route]:
             return outcome(422, "not-found", str(exc), "ServiceRequest.identifier")
         except InvalidOrder as exc:
             return outcome(422, "value", str(exc))
+        except CancelRefused as exc:
+            return outcome(409, "conflict", str(exc), "ServiceRequest.status")
         except OrderConflict as exc:
             return outcome(409, "conflict", str(exc), "ServiceRequest.subject")
         return fhir_response(_service_request(stored, settings), 201,
@@ -238,6 +242,8 @@ def emr_routes(server) -> list[Route]:
                 stored.order, control=OrderControl.CANCEL, status=OrderStatus.CANCELLED))
         except UnknownOrder as exc:
             return _error(404, str(exc))
+        except OrderConflict as exc:
+            return _error(409, str(exc))
         return JSONResponse(order_json(cancelled))
 
     async def save_patient(request: Request) -> Response:
@@ -489,9 +495,10 @@ def order_from_json(body: dict[str, Any]) -> Order:
     if values["scheduled_date"] and not valid_date(values["scheduled_date"]):
         raise BadRequest("scheduled_date: not a real date")
     if values["scheduled_time"] and not _DICOM_TIME.match(values["scheduled_time"]):
-        raise BadRequest("scheduled_time: HHMMSS or HH:MM:SS")
+        raise BadRequest("scheduled_time: HHMMSS, HHMM, HH:MM:SS or HH:MM")
     if values["scheduled_time"] and not valid_time(values["scheduled_time"]):
         raise BadRequest("scheduled_time: not a real time of day")
+    values["scheduled_time"] = hhmmss(values["scheduled_time"])  # 08:30 is 083000
     for name in ("procedure_description", "reason"):
         if len(values[name]) > _API_TEXT_LIMIT:
             raise BadRequest(f"{name}: at most {_API_TEXT_LIMIT} characters (DICOM LO)")

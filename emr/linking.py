@@ -1,11 +1,13 @@
 """Study-to-order links, made as studies arrive (the archive's ingest events, not polling).
 
 A new study is linked to its order by AccessionNumber, or by PatientID plus Requested
-Procedure ID when the modality sent no accession number. An accession number that matches an
-order of another patient is not trusted: that study, like one with no order at all, goes to
-the *unmatched* queue, which staff resolve through the API (link to an order, optionally moving
-the study to the order's patient) or dismiss. An order that arrives after its images links
-them then.
+Procedure ID when the modality sent no accession number. The PatientID of the images may be
+one the EMR has since merged into the order's patient (ADT^A40): it is that patient, and the
+study moves to them when linked. An accession number that matches an order of another
+patient is not trusted: that study, like one with no order at all, goes to the *unmatched*
+queue, which staff resolve through the API (link to an order, optionally moving the study to
+the order's patient) or dismiss. An order that arrives after its images links them then, by
+either rule.
 
 When a study is linked, the index takes the EMR's demographics for its patient (the EMR is the
 authority on names and birth dates; see ``storage.patients``).
@@ -170,7 +172,8 @@ class StudyLinker:
         for uid, study in facts.items():
             order, reason = self._match(study, ordered)
             if order is not None:
-                result[uid] = self._link(uid, order, reason)
+                merged = not _same_patient(order.order.patient, study)
+                result[uid] = self._link(uid, order, reason, move=merged)
                 continue
             link = result[uid] = StudyLink(uid, UNMATCHED, reason)
             if current.get(uid) != link:
@@ -180,13 +183,22 @@ class StudyLinker:
         self._save(*unmatched)
         return result
 
-    def link_waiting(self, accession_number: str) -> list[StudyLink]:
-        """Link unmatched studies that carry this accession number (its order just came)."""
+    def link_waiting(self, order: StoredOrder) -> list[StudyLink]:
+        """Link the unmatched studies this order (just come) is for: those carrying its
+        accession number, and those without one carrying its Requested Procedure ID (whose
+        patient ``_match`` then checks)."""
+        waiting_for = studies.c.accession_number == order.order.accession_number
+        procedure = order.order.requested_procedure_id
+        if procedure:
+            with_procedure = sa.select(series.c.study_pk).where(
+                series.c.request_requested_procedure_id == procedure)
+            waiting_for = sa.or_(waiting_for, sa.and_(
+                sa.func.coalesce(studies.c.accession_number, "") == "",
+                studies.c.pk.in_(with_procedure)))
         statement = (sa.select(studies.c.study_instance_uid)
                      .join(study_links, study_links.c.study_instance_uid
                            == studies.c.study_instance_uid)
-                     .where(study_links.c.state == UNMATCHED,
-                            studies.c.accession_number == accession_number))
+                     .where(study_links.c.state == UNMATCHED, waiting_for))
         with self.archive.index.read() as conn:
             waiting = [uid for (uid,) in conn.execute(statement)]
         links = [self.link_study(uid) for uid in waiting]
@@ -212,9 +224,14 @@ class StudyLinker:
         return link
 
     def _link(self, study_uid: str, order: StoredOrder, reason: str, *,
-              correct: bool = True) -> StudyLink:
+              correct: bool = True, move: bool = False) -> StudyLink:
+        """Link a study to its order; its index patient takes the EMR's demographics
+        (``correct``), or the study moves to the order's patient (``move``: its images carry
+        an ID merged into that patient's)."""
         link = StudyLink(study_uid, LINKED, reason, order.pk)
-        if correct:
+        if move:
+            reassign_study(self.archive, study_uid, demographics(order.order.patient))
+        elif correct:
             correct_patient(self.archive, demographics(order.order.patient),
                             study_uid=study_uid)
         self._save(link)
@@ -236,16 +253,38 @@ class StudyLinker:
             order = ordered.get(facts["accession_number"])
             if order is None:
                 return None, "no order has this accession number"
-            if not _same_patient(order.order.patient, facts):
+            if not self._is_patient_of(order, facts):
                 return None, "the order with this accession number is for another patient"
             if order.status is OrderStatus.CANCELLED:
                 return None, "the order with this accession number was cancelled"
             return order, "accession number"
-        for procedure_id in facts["requested_procedure_ids"]:
-            order = self.orders.find_for_procedure(facts["patient_id"], procedure_id)
-            if order is not None and order.status is not OrderStatus.CANCELLED:
-                return order, "patient and requested procedure"
+        for patient_id in self._patient_ids(facts):
+            for procedure_id in facts["requested_procedure_ids"]:
+                order = self.orders.find_for_procedure(patient_id, procedure_id)
+                if order is not None and order.status is not OrderStatus.CANCELLED:
+                    return order, "patient and requested procedure"
         return None, "no accession number, and no order of the patient for its procedure"
+
+    def _is_patient_of(self, order: StoredOrder, facts: dict[str, Any]) -> bool:
+        """Whether the study's images name the order's patient: by their ID, or by an ID the
+        EMR merged into the order's patient (ADT^A40) before or after they came."""
+        if _same_patient(order.order.patient, facts):
+            return True
+        survivor = self._survivor(facts)
+        return survivor is not None and _same_patient(
+            order.order.patient, {"patient_id": survivor.patient_id, "issuer": survivor.issuer})
+
+    def _patient_ids(self, facts: dict[str, Any]) -> list[str]:
+        """The MRNs an order of the study's patient may be under: the images' own, and the
+        one it was merged into."""
+        survivor = self._survivor(facts)
+        return [facts["patient_id"], *([survivor.patient_id] if survivor is not None else [])]
+
+    def _survivor(self, facts: dict[str, Any]) -> PatientInfo | None:
+        """The EMR patient the images' patient was merged into (None if it was not)."""
+        named = PatientInfo(patient_id=facts["patient_id"], issuer=facts["issuer"] or "")
+        survivor = self.orders.surviving_patient(named)
+        return None if survivor is named else survivor
 
     def _study_facts(self, study_uid: str) -> dict[str, Any] | None:
         return self._facts_of([study_uid]).get(study_uid)

@@ -74,6 +74,10 @@ class OrderConflict(ValueError):
     """A change that would attribute images already linked to the order to someone else."""
 
 
+class CancelRefused(OrderConflict):
+    """A cancel of an order whose images are linked already: the procedure was done."""
+
+
 class InvalidMerge(InvalidOrder):
     """A merge that cannot be done as asked: the prior and surviving patient are one patient,
     or the surviving patient was merged into the prior one before (an unmerge)."""
@@ -135,6 +139,15 @@ def valid_time(value: str) -> bool:
     match = re.fullmatch(r"([0-9]{2})(([0-9]{2})(([0-9]{2})(\.[0-9]{1,6})?)?)?", value)
     return bool(match) and int(match.group(1)) <= 23 and int(match.group(3) or 0) <= 59 \
         and int(match.group(5) or 0) <= 60  # 60: a leap second
+
+
+def hhmmss(value: str) -> str:
+    """A DICOM TM of hours or hours and minutes as HHMMSS (``0830`` is ``083000``): the
+    worklist compares times as text, so every stored time has seconds."""
+    whole, dot, fraction = value.partition(".")
+    if re.fullmatch(r"[0-9]{2}|[0-9]{4}", whole):
+        whole = whole.ljust(6, "0")
+    return whole + dot + fraction
 
 
 def check_patient(patient: PatientInfo) -> None:
@@ -290,6 +303,7 @@ class OrderStore:
                 if existing is None:
                     raise UnknownOrder(f"no order with accession number "
                                        f"{order.accession_number} to cancel")
+                _check_cancellable(conn, existing)
                 conn.execute(orders.update().where(orders.c.pk == existing.pk).values(
                     status=OrderStatus.CANCELLED.value, updated_at=utc_now()))
             else:
@@ -303,7 +317,23 @@ class OrderStore:
                 if existing is None:
                     _insert_order(conn, order, patient_pk)
                 else:
+                    if order.control is OrderControl.UPDATE \
+                            and order.status is OrderStatus.CANCELLED:
+                        _check_cancellable(conn, existing)  # XO with ORC-5 CA cancels too
                     _update_order(conn, existing, order, patient_pk)
+
+    def normalise_scheduled_times(self) -> int:
+        """Give seconds to stored scheduled times without them (``0830``, kept so before
+        times were normalised on input), which worklist time matching could not find; how
+        many orders changed."""
+        with self.index.write_core() as conn:
+            changed = 0
+            for width in (2, 4):
+                changed += conn.execute(
+                    orders.update().where(sa.func.length(orders.c.scheduled_time) == width)
+                    .values(scheduled_time=orders.c.scheduled_time + "0" * (6 - width))
+                ).rowcount
+        return changed
 
     def set_status(self, accession_number: str, status: OrderStatus) -> StoredOrder:
         with self.index.write_core() as conn:
@@ -418,6 +448,18 @@ _WORKLIST_TEXT_KEYS = {
 
 
 
+def _check_cancellable(conn: Connection, existing: Any) -> None:
+    """``CancelRefused`` for an order with linked images: the procedure was done, and the
+    results already sent (or owed) name it; a cancel would leave them pointing at nothing."""
+    if OrderStatus(existing.status) is OrderStatus.CANCELLED:
+        return  # the same cancel again
+    if _has_linked_studies(conn, existing.pk):
+        raise CancelRefused(
+            f"order {existing.accession_number} cannot be cancelled: its images are in the "
+            "PACS and linked to it (the procedure was done); correct the order (XO) instead,"
+            " or have staff link the study to the right order first")
+
+
 def _has_linked_studies(conn: Connection, order_pk: int) -> bool:
     return conn.execute(sa.select(study_links.c.pk).where(
         study_links.c.order_pk == order_pk, study_links.c.state == "linked").limit(1)
@@ -495,6 +537,7 @@ def _insert_order(conn: Connection, order: Order, patient_pk: int) -> None:
     values = {name: getattr(order, name) for name in _ORDER_FIELDS}
     # The worklist hands these to the modality, which copies them into the images: a study
     # made from this order then carries them and links by itself.
+    values["scheduled_time"] = hhmmss(order.scheduled_time)
     values["study_instance_uid"] = order.study_instance_uid or generate_uid()
     values["requested_procedure_id"] = order.requested_procedure_id or order.accession_number
     values["scheduled_step_id"] = order.scheduled_step_id or order.accession_number
@@ -508,6 +551,8 @@ def _update_order(conn: Connection, existing: Any, order: Order, patient_pk: int
     """Apply a repeated NEW or an UPDATE: given fields replace stored ones."""
     values: dict[str, Any] = {name: getattr(order, name) for name in _ORDER_FIELDS
                               if getattr(order, name)}
+    if "scheduled_time" in values:
+        values["scheduled_time"] = hhmmss(values["scheduled_time"])
     values["patient_pk"] = patient_pk
     status = OrderStatus(existing.status)
     if order.control is OrderControl.NEW:

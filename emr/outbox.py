@@ -1,13 +1,17 @@
 """The outbox: result messages owed to EMR destinations, kept in the database until delivered.
 
 A message is written in the same place the archive's data lives, then delivered by a worker
-thread (each destination on a thread of its own, so one that hangs does not hold up the
-others); a destination that is down is retried with exponential back-off (capped), for as long
-as it takes, so an EMR that is down for an hour (or a PACS restart) loses nothing. A newer
-message for the same study and destination supersedes one still waiting or failed, and an old
-failed one cannot be sent again over a newer one. A destination that *refuses* a message (HL7
-AR, HTTP 4xx) is not retried: the delivery is marked failed, visible through the API, and can
-be retried by hand.
+thread of its destination: each destination has its own, so one that is slow or hangs does
+not hold up the others, and a destination's messages go out one at a time in the order they
+were written (one waiting for a retry lets the others by).
+A destination that is down is retried with exponential back-off (capped), for as long as it
+takes, so an EMR that is down for an hour (or a PACS restart) loses nothing. A newer message
+for the same study and destination supersedes one still waiting or failed, and an old failed
+one cannot be sent again over a newer one; a message with the same content as the study's
+last one for that destination (the same result made again: MPPS COMPLETED then the quiet
+period, a restart) is not written again. A destination that *refuses* a message (HL7 AR,
+HTTP 4xx) is not retried: the delivery is marked failed, visible through the API, and can be
+retried by hand.
 
 Logs name deliveries and destinations, never what the destination answered: error texts of
 EMRs quote patient names. The full text is kept with the delivery (``last_error``).
@@ -20,10 +24,10 @@ import datetime as dt
 import logging
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
 from emr.errors import loggable
 from storage.errors import NotFound
@@ -32,6 +36,7 @@ from storage.index import Index, deliveries, iso_seconds, stored_utc, utc_now
 log = logging.getLogger("pacs.emr.outbox")
 
 PENDING, DELIVERED, FAILED, SUPERSEDED = "pending", "delivered", "failed", "superseded"
+_IDLE_SECONDS = 60.0  # a worker with nothing due looks again after this long at the latest
 
 
 class DeliveryRefused(Exception):
@@ -40,6 +45,8 @@ class DeliveryRefused(Exception):
 
 # destination, payload -> None; raises DeliveryRefused, or anything else for "try later".
 Sender = Callable[[str, str], None]
+# payload -> what it says, without when it was made (two payloads saying the same are equal).
+Content = Callable[[str], str]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,35 +75,52 @@ class Delivery:
 
 
 class Outbox:
-    """Durable deliveries with retries; ``senders`` maps a kind (hl7, fhir) to its sender."""
+    """Durable deliveries with retries; ``senders`` maps a kind (hl7, fhir) to its sender,
+    ``contents`` a kind to what of a payload is its content (all of it when not given)."""
 
     def __init__(self, index: Index, senders: dict[str, Sender], *,
-                 retry_seconds: float = 5.0, max_retry_seconds: float = 300.0) -> None:
+                 retry_seconds: float = 5.0, max_retry_seconds: float = 300.0,
+                 contents: dict[str, Content] | None = None) -> None:
         self.index = index
         self.senders = senders
+        self.contents = contents or {}
         self.retry_seconds = retry_seconds
         self.max_retry_seconds = max_retry_seconds
-        self._wake = threading.Event()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._started = False
+        self._workers: dict[str, _DestinationWorker] = {}
+        self._lock = threading.Lock()
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="emr-outbox", daemon=True)
-        self._thread.start()
+        """Serve every destination that has deliveries waiting (others start when written)."""
+        self._started = True
+        with self.index.read() as conn:
+            waiting = [d for (d,) in conn.execute(
+                sa.select(deliveries.c.destination).distinct()
+                .where(deliveries.c.state == PENDING))]
+        for destination in waiting:
+            self._wake(destination)
 
     def stop(self) -> None:
         self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(15)
+        with self._lock:
+            workers = list(self._workers.values())
+        for worker in workers:
+            worker.wake()
+        for worker in workers:
+            worker.join(15)
 
     def enqueue(self, destination: str, kind: str, study_uid: str, payload: str) -> int:
         """Owe ``payload`` to ``destination``; what was still waiting for the same study there
-        is superseded. The delivery's id."""
+        is superseded. The delivery's id: the study's last one for this destination, without
+        writing anything, when that one says the same (it is owed or was sent already)."""
         if kind not in self.senders:
             raise ValueError(f"no sender for {kind!r} deliveries")
-        now = utc_now()
         with self.index.write_core() as conn:
+            same = self._same_result(conn, destination, kind, study_uid, payload)
+            if same is not None:
+                return same
+            now = utc_now()
             conn.execute(deliveries.update().where(
                 deliveries.c.destination == destination,
                 deliveries.c.study_instance_uid == study_uid,
@@ -106,8 +130,23 @@ class Outbox:
                 destination=destination, kind=kind, study_instance_uid=study_uid,
                 payload=payload, state=PENDING, next_attempt_at=now, created_at=now,
                 updated_at=now).returning(deliveries.c.pk)).scalar_one()
-        self._wake.set()
+        self._wake(destination)
         return pk
+
+    def _same_result(self, conn: Connection, destination: str, kind: str, study_uid: str,
+                     payload: str) -> int | None:
+        """The study's latest delivery to ``destination`` (pending, delivered or failed) if
+        it says what ``payload`` says."""
+        latest = conn.execute(
+            sa.select(deliveries.c.pk, deliveries.c.kind, deliveries.c.payload)
+            .where(deliveries.c.destination == destination,
+                   deliveries.c.study_instance_uid == study_uid,
+                   deliveries.c.state != SUPERSEDED)
+            .order_by(deliveries.c.pk.desc()).limit(1)).first()
+        if latest is None or latest.kind != kind:
+            return None
+        content = self.contents.get(kind, _whole)
+        return latest.pk if content(latest.payload) == content(payload) else None
 
     def retry(self, delivery_id: int) -> Delivery:
         """Send a failed (or waiting) delivery again now; ``ValueError`` if it is neither."""
@@ -122,8 +161,9 @@ class Outbox:
                 raise ValueError(f"delivery {delivery_id} was superseded by a newer result of "
                                  "the same study; retry that one")
             raise ValueError(f"delivery {delivery_id} is {state}, not pending or failed")
-        self._wake.set()
-        return self.get(delivery_id)
+        delivery = self.get(delivery_id)
+        self._wake(delivery.destination)
+        return delivery
 
     def get(self, delivery_id: int) -> Delivery:
         with self.index.read() as conn:
@@ -149,49 +189,50 @@ class Outbox:
         with self.index.read() as conn:
             return {state: count for state, count in conn.execute(statement)}
 
-    # ------------------------------------------------------------------ the worker
+    # ------------------------------------------------------------------ the workers
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                delay = self.deliver_due()
-            except Exception as exc:
-                # The text may quote values (patient names): the kind only, above DEBUG.
-                log.error("the outbox failed (%s); trying again shortly", loggable(exc))
-                log.debug("outbox failure", exc_info=True)
-                delay = self.retry_seconds
-            self._wake.wait(delay)
-            self._wake.clear()
-
-    def deliver_due(self) -> float:
-        """Try every delivery that is due; seconds until the next one is."""
-        now = utc_now()
-        with self.index.read() as conn:
-            due = conn.execute(
-                sa.select(deliveries).where(deliveries.c.state == PENDING,
-                                            deliveries.c.next_attempt_at <= now)
-                .order_by(deliveries.c.next_attempt_at, deliveries.c.pk).limit(200)).all()
-        by_destination: dict[str, list[Delivery]] = {}
-        for row in due:
-            by_destination.setdefault(row.destination, []).append(_delivery(row))
-        if len(by_destination) == 1:
-            self._deliver_in_order(next(iter(by_destination.values())))
-        elif by_destination:
-            with ThreadPoolExecutor(min(len(by_destination), 8),
-                                    thread_name_prefix="emr-outbox") as pool:
-                list(pool.map(self._deliver_in_order, by_destination.values()))
-        with self.index.read() as conn:
-            following = conn.execute(sa.select(sa.func.min(deliveries.c.next_attempt_at))
-                                     .where(deliveries.c.state == PENDING)).scalar()
-        if following is None:
-            return 60.0
-        return min(max((stored_utc(following) - utc_now()).total_seconds(), 0.05), 60.0)
-
-    def _deliver_in_order(self, due: list[Delivery]) -> None:
-        """One destination's due deliveries, oldest first, until it fails to answer."""
-        for delivery in due:
-            if self._stop.is_set() or not self._attempt(delivery):
+    def _wake(self, destination: str) -> None:
+        """Have ``destination``'s worker look at its deliveries now (started on first use)."""
+        if not self._started or self._stop.is_set():
+            return
+        with self._lock:
+            worker = self._workers.get(destination)
+            if worker is None:
+                worker = self._workers[destination] = _DestinationWorker(self, destination)
+                worker.start()  # which begins with a round
                 return
+        worker.wake()
+
+    def deliver_due(self, destination: str) -> float:
+        """Send ``destination``'s due deliveries one at a time, the first due first (new ones
+        in the order they were written); seconds until the next one is due.
+
+        Each is read afresh before its attempt (one superseded meanwhile is not sent), and one
+        waiting for its retry does not hold up the others: an EMR that refuses one message for
+        now (AE) still gets the results of other studies. Two failures in a row end the round
+        until ``retry_seconds`` later: the destination itself is down, and trying each of a
+        backlog in turn (each up to its 15 s deadline) would only keep the worker waiting."""
+        failures = 0
+        while not self._stop.is_set():
+            delivery = self._first_due(destination)
+            if delivery is None:
+                return _IDLE_SECONDS
+            due = delivery.next_attempt_at or utc_now()
+            wait = (due - utc_now()).total_seconds()
+            if wait > 0:
+                return min(max(wait, 0.05), _IDLE_SECONDS)
+            if failures >= 2:
+                return self.retry_seconds
+            failures = 0 if self._attempt(delivery) else failures + 1
+        return _IDLE_SECONDS
+
+    def _first_due(self, destination: str) -> Delivery | None:
+        with self.index.read() as conn:
+            row = conn.execute(
+                sa.select(deliveries).where(deliveries.c.destination == destination,
+                                            deliveries.c.state == PENDING)
+                .order_by(deliveries.c.next_attempt_at, deliveries.c.pk).limit(1)).first()
+        return _delivery(row) if row is not None else None
 
     def _attempt(self, delivery: Delivery) -> bool:
         """One try; whether the destination answered (delivered or refused)."""
@@ -213,18 +254,64 @@ class Outbox:
                     attempts=attempts, last_error=str(exc)[:500], updated_at=utc_now(),
                     next_attempt_at=utc_now() + dt.timedelta(seconds=wait)))
             return False
-        self._finish(delivery, DELIVERED, "")
-        log.info("delivery %d of study %s to %s done", delivery.id,
-                 delivery.study_instance_uid, delivery.destination)
+        if self._finish(delivery, DELIVERED, ""):
+            log.info("delivery %d of study %s to %s done", delivery.id,
+                     delivery.study_instance_uid, delivery.destination)
         return True
 
-    def _finish(self, delivery: Delivery, state: str, error: str) -> None:
+    def _finish(self, delivery: Delivery, state: str, error: str) -> bool:
+        """Record how an attempt ended; only a delivery still pending changes. One superseded
+        while its attempt was under way stays superseded (False): marked failed, it could be
+        retried and sent after the newer result."""
         now = utc_now()
         with self.index.write_core() as conn:
-            conn.execute(deliveries.update().where(deliveries.c.pk == delivery.id).values(
+            changed = conn.execute(deliveries.update().where(
+                deliveries.c.pk == delivery.id, deliveries.c.state == PENDING).values(
                 state=state, attempts=delivery.attempts + 1, last_error=error[:500],
                 next_attempt_at=None, updated_at=now,
-                delivered_at=now if state == DELIVERED else None))
+                delivered_at=now if state == DELIVERED else None)).rowcount
+        if not changed:
+            log.info("delivery %d to %s was superseded during its attempt; it stays superseded",
+                     delivery.id, delivery.destination)
+        return bool(changed)
+
+
+class _DestinationWorker:
+    """The thread that sends one destination's deliveries, one at a time, in order."""
+
+    def __init__(self, outbox: Outbox, destination: str) -> None:
+        self.outbox = outbox
+        self.destination = destination
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"emr-outbox {destination}",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        stop = self.outbox._stop
+        while not stop.is_set():
+            self._wake.clear()
+            try:
+                delay = self.outbox.deliver_due(self.destination)
+            except Exception as exc:
+                # The text may quote values (patient names): the kind only, above DEBUG.
+                log.error("the outbox for %s failed (%s); trying again shortly",
+                          self.destination, loggable(exc))
+                log.debug("outbox failure", exc_info=True)
+                delay = self.outbox.retry_seconds
+            self._wake.wait(delay)
+
+
+def _whole(payload: str) -> str:
+    return payload
 
 
 def _gist(exc: Exception) -> str:
@@ -235,12 +322,6 @@ def _gist(exc: Exception) -> str:
     if isinstance(exc, OSError):
         return f"{type(exc).__name__}: {exc}"[:200]
     return str(exc).split(":", 1)[0][:40] or type(exc).__name__
-
-
-
-
-
-
 
 
 def _delivery(row: Any) -> Delivery:

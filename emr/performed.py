@@ -1,4 +1,10 @@
-"""Modality Performed Procedure Steps: what the modality says it did (N-CREATE, N-SET)."""
+"""Modality Performed Procedure Steps: what the modality says it did (N-CREATE, N-SET).
+
+What a request must and must not hold follows PS3.4 Table F.7.2-1: an N-CREATE carries every
+Type 1 attribute with a value and the status IN PROGRESS; an N-SET changes only attributes the
+table allows in N-SET (the patient, the scheduled step and the start are the N-CREATE's), and
+only while the step is IN PROGRESS.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,8 @@ import json
 from typing import Any
 
 import sqlalchemy as sa
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset
 
 from storage.index import Index, performed_steps
 
@@ -17,14 +25,87 @@ STATUSES = (IN_PROGRESS, COMPLETED, DISCONTINUED)
 
 class StepError(ValueError):
     """An MPPS request that cannot be applied; ``kind`` says why (one of the constants below,
-    which the DIMSE side turns into its status)."""
+    which the DIMSE side turns into its status), ``attributes`` the tags at fault."""
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: str, message: str, attributes: tuple[int, ...] = ()) -> None:
         super().__init__(message)
         self.kind = kind
+        self.attributes = attributes
 
 
 DUPLICATE, UNKNOWN, FINAL, INVALID = "duplicate", "unknown", "final", "invalid"
+MISSING, MISSING_VALUE, NOT_SETTABLE = "missing", "missing value", "not settable"
+# PS3.4 F.7.2.2.2: the words of a failure to update a step that is no longer IN PROGRESS.
+NO_LONGER_UPDATABLE = "Performed Procedure Step Object may no longer be updated"
+
+# PS3.4 Table F.7.2-1: Type 1 in N-CREATE (1/1), at the top level and in each Scheduled Step
+# Attributes item.
+_CREATE_REQUIRED = ("ScheduledStepAttributesSequence", "PerformedProcedureStepID",
+                    "PerformedStationAETitle", "PerformedProcedureStepStartDate",
+                    "PerformedProcedureStepStartTime", "PerformedProcedureStepStatus",
+                    "Modality")
+_SCHEDULED_STEP_REQUIRED = ("StudyInstanceUID",)
+# PS3.4 Table F.7.2-1: "Not allowed" in N-SET (everything of the scheduled step, the patient,
+# the visit, where and when the step started, and the modality).
+_NOT_SETTABLE = frozenset({
+    "ScheduledStepAttributesSequence", "PatientName", "PatientID", "IssuerOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence", "OtherPatientIDsSequence", "PatientBirthDate",
+    "PatientSex", "ReferencedPatientSequence", "AdmissionID", "IssuerOfAdmissionIDSequence",
+    "ServiceEpisodeID", "IssuerOfServiceEpisodeIDSequence", "ServiceEpisodeDescription",
+    "PerformedProcedureStepID", "PerformedStationAETitle", "PerformedStationName",
+    "PerformedLocation", "PerformedProcedureStepStartDate", "PerformedProcedureStepStartTime",
+    "Modality", "StudyID",
+})
+STATUS_TAG = 0x00400252  # Performed Procedure Step Status
+
+
+def check_create(attributes: Dataset) -> None:
+    """Refuse an N-CREATE without a Type 1 attribute (``MISSING``), with one empty
+    (``MISSING_VALUE``), or whose status is not IN PROGRESS (``INVALID``), naming them."""
+    absent, empty = _required(attributes, _CREATE_REQUIRED)
+    for item in attributes.get("ScheduledStepAttributesSequence") or []:
+        item_absent, item_empty = _required(item, _SCHEDULED_STEP_REQUIRED)
+        absent += [k for k in item_absent if k not in absent]
+        empty += [k for k in item_empty if k not in empty]
+    if absent:
+        raise StepError(MISSING, "missing Type 1 attribute(s): " + ", ".join(absent),
+                        _tags(absent))
+    if empty:
+        raise StepError(MISSING_VALUE, "Type 1 attribute(s) without a value: "
+                        + ", ".join(empty), _tags(empty))
+    status = str(attributes.PerformedProcedureStepStatus).strip().upper()
+    if status != IN_PROGRESS:
+        raise StepError(INVALID, f"a new performed procedure step must be IN PROGRESS, not "
+                        f"{status[:16]!r}", (STATUS_TAG,))
+
+
+def check_set(changes: Dataset) -> None:
+    """Refuse an N-SET of attributes PS3.4 does not allow in N-SET (``NOT_SETTABLE``: they
+    stay as the N-CREATE gave them) or of an unknown status (``INVALID``)."""
+    refused = [e.keyword for e in changes if e.keyword in _NOT_SETTABLE]
+    if refused:
+        raise StepError(NOT_SETTABLE, "not allowed in N-SET: " + ", ".join(refused),
+                        _tags(refused))
+    if "PerformedProcedureStepStatus" in changes:
+        status = str(changes.PerformedProcedureStepStatus or "").strip().upper()
+        if status not in STATUSES:
+            raise StepError(INVALID, f"unknown step status {status[:16]!r}", (STATUS_TAG,))
+
+
+def _required(attributes: Dataset, keywords: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """(absent, present without a value) among ``keywords``."""
+    absent = [k for k in keywords if k not in attributes]
+    empty = [k for k in keywords if k in attributes and _empty(attributes[k].value)]
+    return absent, empty
+
+
+def _empty(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip()) or \
+        (not isinstance(value, str) and hasattr(value, "__len__") and len(value) == 0)
+
+
+def _tags(keywords: list[str]) -> tuple[int, ...]:
+    return tuple(int(tag_for_keyword(k)) for k in keywords)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,11 +141,9 @@ class PerformedSteps:
                 updated_at=now))
         return PerformedStep(sop_uid, status, study_uid, order_pk, attributes)
 
-    def update(self, sop_uid: str, changes: dict[str, Any], *, status: str | None
-               ) -> PerformedStep:
-        """Apply an N-SET; only a step still IN PROGRESS may change (PS3.4 F.7.2.2)."""
-        if status is not None and status not in STATUSES:
-            raise StepError(INVALID, f"unknown step status {status!r}")
+    def update(self, sop_uid: str, changes: Dataset) -> PerformedStep:
+        """Apply an N-SET: ``UNKNOWN`` for a step never created, ``FINAL`` for one no longer
+        IN PROGRESS (PS3.4 F.7.2.2), then :func:`check_set` for what it may change."""
         with self.index.write_core() as conn:
             row = conn.execute(sa.select(performed_steps).where(
                 performed_steps.c.sop_instance_uid == sop_uid)).first()
@@ -72,10 +151,11 @@ class PerformedSteps:
                 raise StepError(UNKNOWN,
                                 f"no performed procedure step {sop_uid}")
             if row.status != IN_PROGRESS:
-                raise StepError(FINAL,
-                                f"the step is {row.status} already and cannot change")
-            attributes = {**_loads(row.attributes), **changes}
-            new_status = status or row.status
+                raise StepError(FINAL, NO_LONGER_UPDATABLE)
+            check_set(changes)
+            attributes = {**_loads(row.attributes), **changes.to_json_dict()}
+            new_status = str(changes.get("PerformedProcedureStepStatus") or "").strip().upper() \
+                or row.status
             conn.execute(performed_steps.update().where(performed_steps.c.pk == row.pk)
                          .values(status=new_status, attributes=_dumps(attributes),
                                  updated_at=dt.datetime.now(dt.UTC)))

@@ -7,19 +7,20 @@ Every way in ends in the same few methods (``apply_order``, ``apply_patient``,
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import threading
 from urllib.parse import urlsplit
 
-import httpx
 import sqlalchemy as sa
 
-from emr import fhir, hl7_out, hl7v2, mllp
+from emr import deadline_http, fhir, hl7_out, hl7v2, mllp
 from emr.errors import loggable
 from emr.linking import LINKED, StudyLink, StudyLinker, demographics
-from emr.model import Order, PatientMerge, PatientUpdate
+from emr.model import Order, OrderStatus, PatientMerge, PatientUpdate, StudyResult
 from emr.orders import (
+    CancelRefused,
     InvalidMerge,
     InvalidOrder,
     OrderConflict,
@@ -35,14 +36,25 @@ from pacs.settings import Settings
 from storage.archive import Archive
 from storage.completion import StudyCompletion
 from storage.errors import NotFound
-from storage.index import Index, deliveries, orders, patients, study_links
+from storage.index import (
+    Index,
+    deliveries,
+    orders,
+    patients,
+    studies,
+    study_links,
+    utc_now,
+)
 from storage.patients import correct_patient, merge_patient, same_patient
 from storage.query import NameMatching
 from viewer.share_api import public_base
 
 log = logging.getLogger("pacs.emr")
 
-_HTTP_TIMEOUT = 15.0
+_SEND_TIMEOUT = 15.0  # seconds one attempt to deliver a result may take, all in all
+# How far back a linked study that never had a result is owed one at start-up (a stop during
+# its quiet period); older ones were there before results were turned on.
+UNREPORTED_LOOKBACK = dt.timedelta(days=7)
 # HL7 messages split at the same time. A message within the limits of emr.hl7_segments takes up
 # to ~90 MB and a second to split; under the GIL more at once are no faster, only bigger (eight
 # took 550 MB), and each MLLP connection has a thread of its own.
@@ -61,7 +73,8 @@ class EmrService:
         self.linker = StudyLinker(archive, self.orders)
         self.outbox = Outbox(archive.index, {"hl7": self._send_hl7, "fhir": self._send_fhir},
                              retry_seconds=settings.emr_retry_seconds,
-                             max_retry_seconds=settings.emr_retry_max_seconds)
+                             max_retry_seconds=settings.emr_retry_max_seconds,
+                             contents={"hl7": hl7_out.oru_content})
         self.completion = completion
         self.worklist = WorklistHandlers(self.orders, self.steps,
                                          NameMatching(settings.person_name_matching),
@@ -71,9 +84,10 @@ class EmrService:
             max_connections=settings.hl7_max_connections) if settings.hl7_port else None
         self._hl7_parsing = threading.BoundedSemaphore(_HL7_PARSING)
         if completion is not None:
-            completion.subscribe(self.study_complete)
+            completion.subscribe(self.study_complete, owed=self.unreported_studies)
 
     def start(self) -> None:
+        self.orders.normalise_scheduled_times()
         self.linker.start()
         self.outbox.start()
         if self.hl7_server is not None:
@@ -90,7 +104,7 @@ class EmrService:
     def apply_order(self, order: Order) -> StoredOrder:
         """Create, update or cancel an order, then link studies that were waiting for it."""
         stored = self.orders.apply(order)
-        for link in self.linker.link_waiting(order.accession_number):
+        for link in self.linker.link_waiting(stored):
             study = link.study_instance_uid
             log.info("study %s was waiting for its order", study)
             if self.completion is None or not self.completion.is_pending(study):
@@ -171,6 +185,11 @@ class EmrService:
                         header.control_id if header else "?")
             answer = self._ack(header, "AE", f"MRG-1: {exc} (không gộp được bệnh nhân)",
                                "MRG-1", "207")
+        except CancelRefused as exc:
+            log.warning("HL7 message %s not applied: the order has images, cancel refused",
+                        header.control_id if header else "?")
+            answer = self._ack(header, "AE", f"{exc} (không hủy được chỉ định đã chụp)",
+                               "ORC-1")
         except (NotFound, InvalidOrder, OrderConflict) as exc:
             log.warning("HL7 message %s not applied: %s", header.control_id if header else "?",
                         type(exc).__name__)
@@ -213,30 +232,62 @@ class EmrService:
 
     def report_study(self, study_uid: str) -> list[int]:
         """Owe every destination the result of a (complete) study linked to an order; the
-        ids of the deliveries. Studies without an order are reported once they are linked."""
-        if not self.settings.emr_results_to:
-            return []
+        ids of the deliveries. Studies without an order are reported once they are linked.
+
+        The order is done once its study is (the result says so: ORC-5 CM). A result that
+        says what the study's last one said is not sent again (``Outbox.enqueue``)."""
         order = self.order_of(study_uid)
         if order is None:
+            return []
+        self._order_done(order)
+        if not self.settings.emr_results_to:
             return []
         try:
             result = study_result(self.archive, study_uid, base=self.base_url(), order=order)
         except NotFound:
             return []
-        ids = []
-        for destination in self.settings.emr_results_to:
-            if destination.startswith("mllp://"):
-                payload = hl7_out.oru_message(result,
-                                            sending_application=self.settings.hl7_application,
-                                            sending_facility=self.settings.hl7_facility)
-                ids.append(self.outbox.enqueue(destination, "hl7", study_uid, payload))
-            else:
-                resource = fhir.imaging_study(result, resource_id=_fhir_id(study_uid),
-                                              mrn_system=self.settings.emr_mrn_system)
-                ids.append(self.outbox.enqueue(destination, "fhir", study_uid,
-                                               json.dumps(resource, ensure_ascii=False)))
+        ids = [self.outbox.enqueue(destination, *self._result_message(destination, result))
+               for destination in self.settings.emr_results_to]
         log.info("study %s: result owed to %d destination(s)", study_uid, len(ids))
         return ids
+
+    def _result_message(self, destination: str, result: StudyResult) -> tuple[str, str, str]:
+        """(kind, study UID, payload) of the result for one destination."""
+        if destination.startswith("mllp://"):
+            return "hl7", result.study_instance_uid, hl7_out.oru_message(
+                result, sending_application=self.settings.hl7_application,
+                sending_facility=self.settings.hl7_facility)
+        resource = fhir.imaging_study(result, resource_id=_fhir_id(result.study_instance_uid),
+                                      mrn_system=self.settings.emr_mrn_system,
+                                      contain_patient=True)
+        return "fhir", result.study_instance_uid, json.dumps(resource, ensure_ascii=False)
+
+    def _order_done(self, order: StoredOrder) -> None:
+        """A study of the order is complete: the order is COMPLETED (unless the modality
+        said DISCONTINUED, or it is done already)."""
+        if order.status in (OrderStatus.SCHEDULED, OrderStatus.IN_PROGRESS):
+            self.orders.set_status(order.order.accession_number, OrderStatus.COMPLETED)
+
+    def unreported_studies(self) -> list[str]:
+        """Linked studies whose images changed after their last result was written, or that
+        have none and changed within ``UNREPORTED_LOOKBACK``: their completion was pending
+        when the server stopped. Read at start-up from the database, which keeps what the
+        memory of pending completions loses. (Without the look-back, turning results on for
+        an archive of a year's linked studies sent all of them at the next start.)"""
+        if not self.settings.emr_results_to:
+            return []
+        reported = (sa.select(sa.func.max(deliveries.c.created_at))
+                    .where(deliveries.c.study_instance_uid == studies.c.study_instance_uid)
+                    .scalar_subquery())
+        since = utc_now() - UNREPORTED_LOOKBACK
+        statement = (sa.select(studies.c.study_instance_uid)
+                     .join(study_links, study_links.c.study_instance_uid
+                           == studies.c.study_instance_uid)
+                     .where(study_links.c.state == LINKED,
+                            sa.or_(sa.and_(reported.is_(None), studies.c.updated_at >= since),
+                                   reported < studies.c.updated_at)))
+        with self.archive.index.read() as conn:
+            return [uid for (uid,) in conn.execute(statement)]
 
     def resolve(self, study_uid: str, accession_number: str, *,
                 move_to_order_patient: bool = True) -> StudyLink:
@@ -257,25 +308,33 @@ class EmrService:
             self.study_complete(study_uid)
 
     def _send_hl7(self, destination: str, payload: str) -> None:
+        """One ORU over MLLP. Delivered only on AA/CA quoting our message in MSA-2 (HL7 v2.5
+        2.9, 2.14): an ACK for another message says nothing about this one."""
         address = urlsplit(destination)
         answer = mllp.send(address.hostname or "", address.port or 2575, payload,
-                           timeout=_HTTP_TIMEOUT)
-        code, text = hl7v2.parse_ack(answer)
-        if code in ("AR", "CR"):
-            raise DeliveryRefused(f"{code}: {text}")
-        if code not in ("AA", "CA"):
-            raise RuntimeError(f"{code}: {text}")  # AE: the receiver may manage later
+                           timeout=_SEND_TIMEOUT)
+        ack = hl7v2.read_ack(answer)
+        if ack.code in ("AR", "CR"):
+            raise DeliveryRefused(f"{ack.code}: {ack.text}")
+        if ack.code not in ("AA", "CA"):
+            raise RuntimeError(f"{ack.code}: {ack.text}")  # AE: the receiver may manage later
+        sent = hl7_out.control_id_of(payload)
+        if ack.control_id != sent:
+            raise RuntimeError(f"MSA-2: the {ack.code} names message {ack.control_id[:40]!r},"
+                               f" not {sent!r}; not counted as delivered")
 
     def _send_fhir(self, destination: str, payload: str) -> None:
+        """One ImagingStudy PUT, the whole exchange within ``_SEND_TIMEOUT``."""
         resource_id = json.loads(payload)["id"]
         url = f"{destination.rstrip('/')}/ImagingStudy/{resource_id}"
-        response = httpx.put(url, content=payload.encode("utf-8"), timeout=_HTTP_TIMEOUT,
-                             headers={"Content-Type": "application/fhir+json; charset=utf-8",
-                                      "Accept": "application/fhir+json"})
-        if response.is_success:
+        answer = deadline_http.request(
+            "PUT", url, payload.encode("utf-8"), timeout=_SEND_TIMEOUT,
+            headers={"Content-Type": "application/fhir+json; charset=utf-8",
+                     "Accept": "application/fhir+json"})
+        if answer.is_success:
             return
-        message = f"HTTP {response.status_code}: {response.text[:300]}"
-        if 400 <= response.status_code < 500 and response.status_code not in (408, 429):
+        message = f"HTTP {answer.status}: {answer.text[:300]}"
+        if 400 <= answer.status < 500 and answer.status not in (408, 429):
             raise DeliveryRefused(message)
         raise RuntimeError(message)
 

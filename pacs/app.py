@@ -3,11 +3,13 @@ cores, see ``pacs.dimse.workers``), the HTTP server and the EMR links."""
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import threading
 from types import FrameType
 
+import sqlalchemy as sa
 import uvicorn
 
 from emr.service import EmrService
@@ -18,10 +20,13 @@ from pacs.http import build_app
 from pacs.settings import Settings
 from storage.archive import Archive, open_archive
 from storage.completion import StudyCompletion
+from storage.index import shares, studies
 from storage.shares import ShareError, ShareStore
+from viewer.share_api import public_base
 
 log = logging.getLogger("pacs")
 AUTO_SHARE = "auto"  # created_by of the shares made when a study is complete
+AUTO_SHARE_LOOKBACK = dt.timedelta(days=7)
 
 
 def archive_for(settings: Settings) -> Archive:
@@ -32,6 +37,17 @@ def archive_for(settings: Settings) -> Archive:
                         accept_conflicting_patient_id=settings.accept_conflicting_patient_id,
                         connections=settings.database_connection_shares()[0],
                         name=f"pacs-{os.getpid()}")
+
+
+def warn_without_public_url(settings: Settings) -> None:
+    """A WARNING when results go to the EMR but ``public_url`` is not set: their viewer and
+    DICOMweb links are then built from the listen address (``http://0.0.0.0:8042``), which
+    no doctor's browser reaches."""
+    if settings.emr_results_to and not settings.public_url:
+        log.warning("PACS_PUBLIC_URL is not set: the links in results sent to the EMR "
+                    "(PACS_EMR_RESULTS_TO) will point to %s, the listen address; set "
+                    "PACS_PUBLIC_URL to the address doctors use (e.g. https://pacs.benhvien.vn)",
+                    public_base(settings))
 
 
 class _HttpServer(uvicorn.Server):
@@ -63,7 +79,8 @@ class PacsServer:
                                  pin_max_attempts=settings.share_pin_max_attempts)
         self.access = AccessPolicy(settings, self.shares, server_secret(settings))
         if settings.share_on_complete:
-            self.completion.subscribe(self._share_completed_study)
+            self.completion.subscribe(self._share_completed_study,
+                                      owed=self._studies_without_auto_share)
         self.reconcile_state = "pending" if settings.reconcile_on_start else "disabled"
 
     def _reconcile(self) -> None:
@@ -77,6 +94,19 @@ class PacsServer:
         log.info("reconciliation done: %d orphan blob(s), %d re-indexed", report.blobs_seen,
                  report.reindexed)
         self.reconcile_state = "done"
+
+    def _studies_without_auto_share(self) -> list[str]:
+        """Studies of the last ``AUTO_SHARE_LOOKBACK`` with no automatic share: a stop during
+        their quiet period, however long, still shares them (older ones were there before the
+        feature was turned on)."""
+        since = dt.datetime.now(dt.UTC) - AUTO_SHARE_LOOKBACK
+        shared = sa.select(shares.c.pk).where(
+            shares.c.study_instance_uid == studies.c.study_instance_uid,
+            shares.c.created_by == AUTO_SHARE)
+        with self.archive.index.read() as conn:
+            return [uid for (uid,) in conn.execute(
+                sa.select(studies.c.study_instance_uid).where(
+                    studies.c.updated_at >= since, ~sa.exists(shared)))]
 
     def _share_completed_study(self, study_uid: str) -> None:
         """The automatic share of a complete study (one per study, whatever arrives later)."""
@@ -96,6 +126,7 @@ class PacsServer:
         log.info("study %s complete: share %d created", study_uid, share.id)
 
     def run(self) -> None:
+        warn_without_public_url(self.settings)
         log.info("archive: index %s, blobs %s",
                  self.archive.index.engine.url.render_as_string(hide_password=True),
                  self.archive.blobs.describe())

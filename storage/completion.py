@@ -2,10 +2,13 @@
 
 The watcher learns of arrivals from the archive's ingest events (``Archive.subscribe``), not
 by polling the index, and calls its listeners once per study when the quiet period has
-passed. Pending studies live in memory; at start-up the studies updated within the last few
-quiet periods are taken as pending again, so a restart during the quiet period loses
-nothing. Listeners must therefore be idempotent (the auto-share checks for its own share).
-A study that receives more instances after completing completes again later.
+passed. Pending studies live in memory, so at start-up they are found again from what the
+database keeps: a listener may say which studies it still owes something for (``owed``:
+the EMR results, from the outbox, however long the server was stopped), and the studies
+updated within the last few quiet periods are taken as pending too, for listeners that keep
+no record of their own. Listeners must therefore be idempotent (the auto-share checks for its
+own share, the outbox for a result it has already). A study that receives more instances
+after completing completes again later.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import datetime as dt
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import sqlalchemy as sa
 
@@ -24,6 +27,8 @@ from storage.index import studies
 log = logging.getLogger("pacs.completion")
 
 CompletionListener = Callable[[str], None]
+# The studies a listener still owes its work for, from durable state (read at start-up).
+OwedStudies = Callable[[], Iterable[str]]
 
 
 class StudyCompletion:
@@ -33,14 +38,20 @@ class StudyCompletion:
         self.archive = archive
         self.quiet_seconds = quiet_seconds
         self._listeners: list[CompletionListener] = []
+        self._owed: list[OwedStudies] = []
         self._pending: dict[str, float] = {}  # study UID -> monotonic time of its last instance
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         archive.subscribe(self._stored)
 
-    def subscribe(self, listener: CompletionListener) -> None:
+    def subscribe(self, listener: CompletionListener, *,
+                  owed: OwedStudies | None = None) -> None:
+        """Call ``listener(study_uid)`` when a study is complete; ``owed`` names the studies
+        it has not done its work for yet, which are watched again at start-up."""
         self._listeners.append(listener)
+        if owed is not None:
+            self._owed.append(owed)
 
     def start(self) -> None:
         self._recover()
@@ -68,18 +79,32 @@ class StudyCompletion:
             self._pending[result.study_instance_uid] = time.monotonic()
 
     def _recover(self) -> None:
-        """Studies that changed shortly before start-up may not have completed yet."""
+        """Watch again the studies whose completion may have been pending at the last stop:
+        those listeners still owe their work for, and those changed in the last few quiet
+        periods. Each completes after a quiet period from now."""
+        found = self._owed_studies() | self._recent_studies()
+        now = time.monotonic()
+        with self._lock:
+            for uid in found:
+                self._pending.setdefault(uid, now)
+        if found:
+            log.info("%d study(ies) watched for completion again after the start", len(found))
+
+    def _owed_studies(self) -> set[str]:
+        found: set[str] = set()
+        for owed in self._owed:
+            try:
+                found.update(owed())
+            except Exception:
+                log.exception("finding the studies %r still owes failed", owed)
+        return found
+
+    def _recent_studies(self) -> set[str]:
         since = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=3 * self.quiet_seconds)
         statement = sa.select(studies.c.study_instance_uid).where(
             studies.c.updated_at >= since)
         with self.archive.index.read() as conn:
-            recent = [uid for (uid,) in conn.execute(statement)]
-        now = time.monotonic()
-        with self._lock:
-            for uid in recent:
-                self._pending.setdefault(uid, now)
-        if recent:
-            log.info("%d recently changed study(ies) watched for completion", len(recent))
+            return {uid for (uid,) in conn.execute(statement)}
 
     def _run(self) -> None:
         tick = max(0.2, min(self.quiet_seconds / 4, 5.0))
@@ -102,4 +127,4 @@ class StudyCompletion:
         return done
 
 
-__all__ = ["CompletionListener", "StudyCompletion"]
+__all__ = ["CompletionListener", "OwedStudies", "StudyCompletion"]

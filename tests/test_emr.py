@@ -118,6 +118,45 @@ def findscu_worklist(server: PacsProcess, tmp_path: Path, env, *keys: str) -> li
     return [dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
 
 
+def mpps_created(accession: str, study_uid: str, patient_id: str) -> Dataset:
+    """An MPPS N-CREATE as a modality sends it: every attribute PS3.4 Table F.7.2-1 makes
+    Type 1 or 2 in N-CREATE (Type 2 empty where a modality knows nothing)."""
+    scheduled = Dataset()
+    scheduled.StudyInstanceUID = study_uid
+    scheduled.ReferencedStudySequence = []
+    scheduled.AccessionNumber = accession
+    scheduled.RequestedProcedureID = f"RP{accession}"
+    scheduled.RequestedProcedureDescription = ""
+    scheduled.ScheduledProcedureStepID = f"SPS{accession}"
+    scheduled.ScheduledProcedureStepDescription = ""
+    scheduled.ScheduledProtocolCodeSequence = []
+    created = Dataset()
+    created.SpecificCharacterSet = "ISO_IR 192"
+    created.ScheduledStepAttributesSequence = [scheduled]
+    created.PatientName = "Nguyễn^Văn An"
+    created.PatientID = patient_id
+    created.PatientBirthDate = ""
+    created.PatientSex = ""
+    created.ReferencedPatientSequence = []
+    created.PerformedProcedureStepID = f"PPS{accession}"
+    created.PerformedStationAETitle = "CT01"
+    created.PerformedStationName = ""
+    created.PerformedLocation = ""
+    created.PerformedProcedureStepStartDate = TODAY
+    created.PerformedProcedureStepStartTime = "090000"
+    created.PerformedProcedureStepStatus = "IN PROGRESS"
+    created.PerformedProcedureStepDescription = ""
+    created.PerformedProcedureTypeDescription = ""
+    created.ProcedureCodeSequence = []
+    created.PerformedProcedureStepEndDate = ""
+    created.PerformedProcedureStepEndTime = ""
+    created.Modality = "CT"
+    created.StudyID = ""
+    created.PerformedProtocolCodeSequence = []
+    created.PerformedSeriesSequence = []
+    return created
+
+
 # ---------------------------------------------------------------------------- fixtures
 
 
@@ -270,7 +309,12 @@ def test_study_with_the_orders_accession_is_linked_and_results_reach_the_emr(emr
     values = {i.value for i in study.identifier}
     assert f"urn:oid:{spec.study_uid}" in values and "L1001" in values
     assert study.numberOfInstances == 3
-    assert {e.connectionType.code for e in study.contained} == {"dicom-wado-rs", "ihe-iid"}
+    endpoints = [r for r in study.contained if r.get_resource_type() == "Endpoint"]
+    assert {e.connectionType.code for e in endpoints} == {"dicom-wado-rs", "ihe-iid"}
+    [patient] = [r for r in study.contained if r.get_resource_type() == "Patient"]
+    assert study.subject.reference == f"#{patient.id}"
+    assert {i.value for i in patient.identifier} == {"BN1001", "079088001234",
+                                                     "DN4797912345678"}
     # The receiver has the message before its answer reaches the outbox: wait for the state.
     wait_for(lambda: {d["state"] for d in httpx.get(
         server.http + "/api/emr/deliveries", params={"study": spec.study_uid}
@@ -410,12 +454,7 @@ def test_mpps_moves_the_order_along_and_completion_reports_the_study(emr, tmp_pa
     assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title=server.ae_title)
     assert assoc.is_established
     try:
-        created = Dataset()
-        created.PerformedProcedureStepStatus = "IN PROGRESS"
-        scheduled = Dataset()
-        scheduled.AccessionNumber = "M1001"
-        scheduled.StudyInstanceUID = spec.study_uid
-        created.ScheduledStepAttributesSequence = [scheduled]
+        created = mpps_created("M1001", spec.study_uid, "BN1001")
         status, _ = assoc.send_n_create(created, ModalityPerformedProcedureStep, mpps_uid)
         assert status.Status == 0x0000
         again, _ = assoc.send_n_create(created, ModalityPerformedProcedureStep, mpps_uid)

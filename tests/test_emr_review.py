@@ -29,8 +29,8 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from pynetdicom import AE, build_context
-from pynetdicom.sop_class import ModalityWorklistInformationFind
+from pynetdicom import AE, build_context, evt
+from pynetdicom.sop_class import ModalityPerformedProcedureStep, ModalityWorklistInformationFind
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
@@ -50,6 +50,7 @@ from tests.test_emr import (
     ack_code,
     adt,
     findscu_worklist,
+    mpps_created,
     orm,
     send_hl7,
     storescu,
@@ -714,6 +715,108 @@ def test_worklist_answers_odd_but_valid_queries_and_refuses_a_reversed_range(sit
     assert found == [] and statuses[0] == 0xA900 and "range" in statuses[1]
 
 
+# Review: "scheduled_time": "08:30" was stored as 0830, and the worklist, which pads the
+# query to HHMMSS and compares text, found it by neither 0830, 083000 nor 0830-0900.
+def test_a_json_order_at_hh_colon_mm_is_found_by_every_way_of_asking_for_its_time(site):
+    accession, patient = unique("TM"), unique("BNT")
+    created = api(site, "POST", "/api/orders", json={
+        "accession_number": accession, "modality": "US", "scheduled_date": TOMORROW,
+        "scheduled_time": "08:30", "patient": {"patient_id": patient, "name": "Phạm^Văn Cường"}})
+    assert created.status_code == 201, created.text
+    assert created.json()["scheduled_time"] == "083000"
+
+    for asked in ("0830", "083000", "0830-0900", "08", "0800-0900"):
+        step = Dataset()
+        step.ScheduledProcedureStepStartDate = TOMORROW
+        step.ScheduledProcedureStepStartTime = asked
+        statuses, found = mwl_find(site, mwl_identifier(step=step, PatientID=patient))
+        assert [ds.AccessionNumber for ds in found] == [accession], asked
+    step = Dataset()
+    step.ScheduledProcedureStepStartTime = "0831-0900"
+    assert mwl_find(site, mwl_identifier(step=step, PatientID=patient))[1] == []
+
+
+@contextlib.contextmanager
+def mpps_association(site: Site):
+    """An MPPS association, with the command sets of the answers as they came (pynetdicom's
+    SCU reads no Attribute Identifier List from an N-CREATE answer)."""
+    answers: list[Dataset] = []
+    ae = AE("CT01")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(ModalityPerformedProcedureStep)
+    assoc = ae.associate("127.0.0.1", site.server.dicom_port, ae_title=site.server.ae_title,
+                         evt_handlers=[(evt.EVT_DIMSE_RECV,
+                                        lambda event: answers.append(event.message.command_set))])
+    assert assoc.is_established
+    try:
+        yield assoc, answers
+    finally:
+        assoc.release()
+
+
+def _attribute_list(command_set: Dataset) -> set[int]:
+    value = command_set.get("AttributeIdentifierList")
+    values = value if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue" \
+        else [value] if value is not None else []
+    return {int(tag) for tag in values}
+
+
+# Review: an N-CREATE without its Type 1 attributes (PS3.4 Table F.7.2-1) was taken; one
+# with a status other than IN PROGRESS got 0x0106 without the Attribute List naming (0040,0252)
+# (F.7.2.1.3); an N-SET after COMPLETED lacked the Error Comment and Error ID A710 of
+# F.7.2.2.2; and an N-SET of attributes not allowed in N-SET (PatientID...) overwrote them.
+def test_mpps_is_answered_as_ps3_4_annex_f_says(site):
+    accession, patient = unique("PP"), unique("BNP")
+    assert ack_code(send_hl7(site.server, orm(accession, patient_id=patient))) == "AA"
+    study_uid = api(site, "GET", f"/api/orders/{accession}").json()["study_instance_uid"]
+    with mpps_association(site) as (assoc, answers):
+        bare = Dataset()
+        bare.PerformedProcedureStepStatus = "IN PROGRESS"
+        status, _ = assoc.send_n_create(bare, ModalityPerformedProcedureStep,
+                                        generate_uid(TEST_ROOT))
+        assert status.Status == 0x0120
+        assert _attribute_list(answers[-1]) == {0x00400270, 0x00400253, 0x00400241, 0x00400244,
+                                                0x00400245, 0x00080060}
+
+        empty = mpps_created(accession, study_uid, patient)
+        empty.PerformedStationAETitle = ""
+        status, _ = assoc.send_n_create(empty, ModalityPerformedProcedureStep,
+                                        generate_uid(TEST_ROOT))
+        assert status.Status == 0x0121 and _attribute_list(answers[-1]) == {0x00400241}
+
+        finished = mpps_created(accession, study_uid, patient)
+        finished.PerformedProcedureStepStatus = "COMPLETED"
+        status, _ = assoc.send_n_create(finished, ModalityPerformedProcedureStep,
+                                        generate_uid(TEST_ROOT))
+        assert status.Status == 0x0106 and _attribute_list(answers[-1]) == {0x00400252}
+        assert api(site, "GET", f"/api/orders/{accession}").json()["status"] == "SCHEDULED"
+
+        step = generate_uid(TEST_ROOT)
+        status, _ = assoc.send_n_create(mpps_created(accession, study_uid, patient),
+                                        ModalityPerformedProcedureStep, step)
+        assert status.Status == 0x0000
+        other = Dataset()
+        other.SpecificCharacterSet = "ISO_IR 192"
+        other.PatientID = "SOMEONE-ELSE"
+        other.PerformedProcedureStepDescription = "CT bụng"
+        status, _ = assoc.send_n_set(other, ModalityPerformedProcedureStep, step)
+        assert status.Status == 0x0106 and _attribute_list(answers[-1]) == {0x00100020}
+
+        done = Dataset()
+        done.PerformedProcedureStepStatus = "COMPLETED"
+        done.PerformedProcedureStepEndDate = TODAY
+        done.PerformedProcedureStepEndTime = "093000"
+        status, _ = assoc.send_n_set(done, ModalityPerformedProcedureStep, step)
+        assert status.Status == 0x0000
+        late = Dataset()
+        late.PerformedProcedureStepDescription = "changed afterwards"
+        status, _ = assoc.send_n_set(late, ModalityPerformedProcedureStep, step)
+        assert status.Status == 0x0110
+        assert status.ErrorComment == "Performed Procedure Step Object may no longer be updated"
+        assert status.ErrorID == 0xA710
+    assert api(site, "GET", f"/api/orders/{accession}").json()["status"] == "COMPLETED"
+
+
 # ============================================================================ linking
 
 
@@ -887,6 +990,25 @@ def test_orders_and_their_images_arriving_together_all_link(site):
     time.sleep(0.5)
     states = [link_state(site, uid) for uid in uids]
     assert states.count("linked") == len(uids), states
+
+
+# Review: a cancel of an order whose images were linked was accepted (HL7 AA, JSON 200, FHIR
+# 201), and the results that followed reported the cancelled order as done.
+def test_an_order_with_linked_images_cannot_be_cancelled_by_json_or_fhir(site):
+    accession, spec = _linked_study(site)
+    stow_study(site, spec)
+    wait_for(lambda: link_state(site, spec.study_uid) == "linked", what="the link")
+
+    refused = api(site, "POST", f"/api/orders/{accession}/cancel")
+    assert refused.status_code == 409
+    assert "cannot be cancelled" in refused.json()["message"]
+    revoked = {**_service_request(accession), "status": "revoked"}
+    refused = api(site, "POST", "/fhir/ServiceRequest", json=revoked,
+                  headers={"Content-Type": "application/fhir+json"})
+    assert refused.status_code == 409
+    [issue] = refused.json()["issue"]
+    assert issue["code"] == "conflict" and issue["expression"] == ["ServiceRequest.status"]
+    assert api(site, "GET", f"/api/orders/{accession}").json()["status"] != "CANCELLED"
 
 
 # ============================================================================ outbox

@@ -64,6 +64,21 @@ def test_a_complete_study_is_shared_once_automatically(site):
     assert [s["id"] for s in shares] == [share["id"]]
 
 
+def test_a_study_pending_completion_at_a_long_stop_is_shared_after_the_start(start_server,
+                                                                           tmp_path):
+    """The auto-share's pending studies lived in memory and only those changed within three
+    quiet periods of the start were looked at again: a longer stop, no share."""
+    first = start_server(tmp_path / "data", PACS_STUDY_COMPLETE_SECONDS="600",
+                         PACS_SHARE_ON_COMPLETE="true")
+    study = Spec(patient_id="BN-STOP")
+    assert stow(first.http, [instance(study)]).status_code == 200
+    first.stop()
+    time.sleep(3.5)  # more than three quiet periods of the server that comes back
+    again = start_server(tmp_path / "data", PACS_STUDY_COMPLETE_SECONDS="1",
+                         PACS_SHARE_ON_COMPLETE="true")
+    assert _auto_share(again, study.study_uid)["created_by"] == "auto"
+
+
 def test_film_pdf_has_the_layout_and_is_stored_back_into_the_study(site):
     server, ct, _ = site
     pdf = httpx.get(f"{server.http}/api/studies/{ct.study_uid}/film.pdf", timeout=60)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 
+import pytest
 from pydicom.dataset import Dataset
 
 from emr.model import Order, OrderStatus, PatientInfo
@@ -72,3 +74,21 @@ def test_matching_keys_come_from_the_top_level_and_the_step_item():
     assert keys == {"PatientName": "nguyen*", "ScheduledStationAETitle": "CT01",
                     "ScheduledProcedureStepStartDate": "20261201-20261210",
                     "ScheduledProcedureStepStatus": "IN PROGRESS"}
+
+
+# Review: the worklist wrote an order's coding system as it came: a FHIR order's
+# http://loinc.org became the Coding Scheme Designator "http://loinc.org" (cut to 16
+# characters), where DICOM wants LN.
+@pytest.mark.parametrize(("system", "designator"), [
+    ("http://loinc.org", "LN"), ("http://snomed.info/sct", "SCT"), ("LN", "LN"), ("", "L"),
+    ("http://hospital.example/very/long/code/system", "L"),
+])
+def test_the_protocol_code_carries_a_dicom_coding_scheme_designator(system, designator):
+    order = dataclasses.replace(ORDER, order=dataclasses.replace(
+        ORDER.order, procedure_code_system=system))
+    asked = identifier(RequestedProcedureCodeSequence=[])
+
+    answer = as_dataset(requested_only(worklist_item(order), asked))
+
+    (code,) = answer.RequestedProcedureCodeSequence
+    assert (code.CodeValue, code.CodingSchemeDesignator) == ("CT001", designator)

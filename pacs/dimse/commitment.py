@@ -34,7 +34,6 @@ ALL_COMMITTED, SOME_FAILED = 1, 2  # Event Type IDs
 NO_SUCH_OBJECT_INSTANCE = 0x0112  # Failure Reasons (PS3.4 J.3.2.1.1)
 CLASS_INSTANCE_CONFLICT = 0x0119
 PROCESSING_FAILURE = 0x0110
-MISSING_ATTRIBUTE, MISSING_ATTRIBUTE_VALUE = 0x0120, 0x0121  # N-ACTION statuses (PS3.7 C.2)
 RETRY_DELAYS = (10.0, 60.0, 300.0)  # seconds before the second, third and fourth attempt
 
 
@@ -200,15 +199,15 @@ def _request_of(info: Dataset | None) -> tuple[str, list[tuple[str, str]]]:
     info = info if info is not None else Dataset()
     for keyword in ("TransactionUID", "ReferencedSOPSequence"):
         if keyword not in info:
-            raise _MissingAttribute(MISSING_ATTRIBUTE, f"{keyword} is missing")
+            raise _MissingAttribute(status.MISSING_ATTRIBUTE, f"{keyword} is missing")
         if not info.get(keyword):
-            raise _MissingAttribute(MISSING_ATTRIBUTE_VALUE, f"{keyword} is empty")
+            raise _MissingAttribute(status.MISSING_ATTRIBUTE_VALUE, f"{keyword} is empty")
     references = []
     for n, item in enumerate(info.ReferencedSOPSequence, start=1):
         sop_class, sop_instance = (str(item.get(k) or "") for k in (
             "ReferencedSOPClassUID", "ReferencedSOPInstanceUID"))
         if not (sop_class and sop_instance):
-            raise _MissingAttribute(MISSING_ATTRIBUTE_VALUE,
+            raise _MissingAttribute(status.MISSING_ATTRIBUTE_VALUE,
                                     f"ReferencedSOPSequence item {n} lacks its SOP class/instance")
         references.append((sop_class, sop_instance))
     return str(info.TransactionUID), references

@@ -18,10 +18,12 @@ from pydicom.sequence import Sequence
 from pynetdicom import evt
 
 from emr import performed
+from emr.coding import dicom_designator
 from emr.model import OrderStatus
 from emr.orders import OrderStore, StoredOrder, UnknownOrder
 from emr.performed import COMPLETED, DISCONTINUED, IN_PROGRESS, PerformedSteps, StepError
 from pacs.dimse import fastfind, status
+from pacs.dimse.compat import pynetdicom_supported
 from storage.errors import InvalidQuery
 from storage.query import NameMatching
 
@@ -41,10 +43,17 @@ _STEP_STATUS = {OrderStatus.SCHEDULED: "SCHEDULED", OrderStatus.IN_PROGRESS: "ST
                 OrderStatus.CANCELLED: "CANCELLED"}
 _STATUS_OF_STEP = {v: k.value for k, v in _STEP_STATUS.items()}
 
+# PS3.4 F.7.2.2.2: the Error ID (0000,0903) of an N-SET of a step no longer IN PROGRESS.
+NO_LONGER_UPDATABLE_ERROR_ID = 0xA710
+
 _STEP_ERROR_STATUS = {performed.DUPLICATE: status.DUPLICATE_SOP_INSTANCE,
                       performed.UNKNOWN: status.NO_SUCH_OBJECT_INSTANCE,
                       performed.FINAL: status.PROCESSING_FAILURE,
-                      performed.INVALID: status.INVALID_ATTRIBUTE_VALUE}
+                      performed.INVALID: status.INVALID_ATTRIBUTE_VALUE,
+                      performed.MISSING: status.MISSING_ATTRIBUTE,
+                      performed.MISSING_VALUE: status.MISSING_ATTRIBUTE_VALUE,
+                      performed.NOT_SETTABLE: status.INVALID_ATTRIBUTE_VALUE}
+_STEP_ERROR_ID = {performed.FINAL: NO_LONGER_UPDATABLE_ERROR_ID}
 # Called when a modality reports a step: (order or None, study UID, MPPS status).
 PerformedListener = Callable[[StoredOrder | None, str, str], None]
 
@@ -58,6 +67,40 @@ def _status(code: int, comment: str = "") -> Dataset:
     if comment:
         ds.ErrorComment = comment[: status.ERROR_COMMENT_LIMIT]
     return ds
+
+
+def _step_failure(exc: StepError) -> Dataset:
+    """The MPPS failure status for ``exc``: its code, Error Comment, Error ID where PS3.4
+    gives one, and the Attribute Identifier List (0000,1005) of the attributes at fault."""
+    answer = _status(_STEP_ERROR_STATUS[exc.kind], str(exc))
+    if exc.kind in _STEP_ERROR_ID:
+        answer.ErrorID = _STEP_ERROR_ID[exc.kind]
+    if exc.attributes:
+        answer.AttributeIdentifierList = list(exc.attributes)
+    return answer
+
+
+def allow_attribute_list_in_n_create_answers() -> None:
+    """Let N-CREATE answers carry the Attribute Identifier List (0000,1005).
+
+    PS3.4 F.7.2.1.3 wants it with 0x0106 (a status other than IN PROGRESS) and PS3.7 C.4 with
+    0x0120, but pynetdicom 3.0 knows it only for N-SET and N-GET answers: its N-CREATE
+    primitive and command set lack the element. They get it here (idempotent); on another
+    pynetdicom release the answers go without it."""
+    if not pynetdicom_supported("the N-CREATE Attribute Identifier List",
+                                "MPPS N-CREATE failures name no attributes"):
+        return
+    from pynetdicom import dimse_messages, dimse_primitives
+
+    keywords = dimse_messages._COMMAND_SET_KEYWORDS["N-CREATE-RSP"]
+    if "AttributeIdentifierList" not in keywords:
+        dimse_messages._COMMAND_SET_KEYWORDS["N-CREATE-RSP"] = (*keywords,
+                                                                "AttributeIdentifierList")
+    primitive = dimse_primitives.N_CREATE
+    if "AttributeIdentifierList" not in primitive.STATUS_OPTIONAL_KEYWORDS:
+        primitive.AttributeIdentifierList = None  # as N_SET has it: a plain attribute
+        primitive.STATUS_OPTIONAL_KEYWORDS = (*primitive.STATUS_OPTIONAL_KEYWORDS,
+                                              "AttributeIdentifierList")
 
 
 def _text(value: Any) -> str:
@@ -91,7 +134,7 @@ def worklist_item(stored: StoredOrder) -> WorklistValues:
     """Everything the worklist can say about one order (cut to the requested keys later)."""
     order, patient = stored.order, stored.order.patient
     code = [{"CodeValue": order.procedure_code[:16],
-             "CodingSchemeDesignator": (order.procedure_code_system or "L")[:16],
+             "CodingSchemeDesignator": dicom_designator(order.procedure_code_system),
              "CodeMeaning": (order.procedure_description or order.procedure_code)[:64]}] \
         if order.procedure_code else []
     step = {
@@ -183,6 +226,7 @@ class WorklistHandlers:
         self.steps = steps
         self.name_matching = name_matching
         self.on_performed = on_performed
+        allow_attribute_list_in_n_create_answers()
 
     def bindings(self) -> list[tuple[Any, Any]]:
         return [(evt.EVT_N_CREATE, self.on_n_create), (evt.EVT_N_SET, self.on_n_set)]
@@ -223,15 +267,15 @@ class WorklistHandlers:
                 None
         try:
             attributes = event.attribute_list
-            step_status = _text(attributes.get("PerformedProcedureStepStatus")).upper()
-            scheduled = attributes.get("ScheduledStepAttributesSequence") or [Dataset()]
+            performed.check_create(attributes)
+            scheduled = attributes.ScheduledStepAttributesSequence
             accession = _text(scheduled[0].get("AccessionNumber"))
             study_uid = _text(scheduled[0].get("StudyInstanceUID"))
             order = self._order(accession)
-            self.steps.create(sop_uid, attributes.to_json_dict(), status=step_status,
+            self.steps.create(sop_uid, attributes.to_json_dict(), status=IN_PROGRESS,
                               study_uid=study_uid, order_pk=order.pk if order else None)
         except StepError as exc:
-            return _status(_STEP_ERROR_STATUS[exc.kind], str(exc)), None
+            return _step_failure(exc), None
         except Exception:
             log.exception("MPPS N-CREATE failed")
             return _status(status.PROCESSING_FAILURE, "Internal error"), None
@@ -242,16 +286,15 @@ class WorklistHandlers:
         sop_uid = str(event.request.RequestedSOPInstanceUID or "")
         try:
             changes = event.modification_list
-            new_status = _text(changes.get("PerformedProcedureStepStatus")).upper() or None
-            step = self.steps.update(sop_uid, changes.to_json_dict(), status=new_status)
+            step = self.steps.update(sop_uid, changes)
         except StepError as exc:
-            return _status(_STEP_ERROR_STATUS[exc.kind], str(exc)), None
+            return _step_failure(exc), None
         except Exception:
             log.exception("MPPS N-SET failed")
             return _status(status.PROCESSING_FAILURE, "Internal error"), None
-        if new_status in (COMPLETED, DISCONTINUED):
+        if step.status in (COMPLETED, DISCONTINUED):
             order = self.orders.get_by_pk(step.order_pk) if step.order_pk else None
-            self._performed(order, step.study_instance_uid, new_status)
+            self._performed(order, step.study_instance_uid, step.status)
         return _status(status.SUCCESS), changes
 
     def _order(self, accession: str) -> StoredOrder | None:
