@@ -25,8 +25,7 @@ def configure_logging(level: str) -> None:
     # would put patient data in the log): keep it to warnings unless debugging.
     if level.upper() != "DEBUG":
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-        # One line per HTTP request the server makes (FHIR results) and per Alembic plug-in.
-        logging.getLogger("httpx").setLevel(logging.WARNING)
+        # One line per Alembic plug-in.
         logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
         # fontTools.subset: ~25 lines per film PDF (fpdf2 subsets the embedded font);
         # openjpeg.encode: a line per tile of every JPEG 2000 it encodes.
