@@ -56,9 +56,20 @@ class Converted:
     chunks: Iterable[bytes]
 
 
-def transcode(data: bytes, target: str) -> bytes:
-    """The Part 10 ``data`` re-encoded in transfer syntax ``target``."""
-    return b"".join(convert(data, target).chunks)
+def transcode(data: bytes, target: str) -> bytearray:
+    """The Part 10 ``data`` re-encoded in transfer syntax ``target``, whole: gathered into
+    one buffer of the known length as it is made (a join, or bytes of it, would hold every
+    frame twice)."""
+    converted = convert(data, target)
+    out = bytearray(converted.length)
+    at = 0
+    for chunk in converted.chunks:
+        out[at:at + len(chunk)] = chunk
+        at += len(chunk)
+    if at != converted.length:
+        raise NotTranscodable(f"cannot convert to {_name(target)}: {at} bytes made of the "
+                              f"{converted.length} announced")
+    return out
 
 
 def convert(data: bytes, target: str,
