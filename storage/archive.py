@@ -80,6 +80,7 @@ class InstanceLocation:
 
 
 StoreListener = Callable[[StoreResult], None]
+_NOT_STORED = object()  # Archive._stored_meanwhile: no one stored the instance
 # Called with the Study Instance UIDs a deletion removed entirely.
 DeletionListener = Callable[[list[str]], None]
 
@@ -267,8 +268,10 @@ class Archive:
                     _discard_staged(staged)
                     return self._result(parsed, StoreOutcome.DUPLICATE_KEPT)
                 key = blob_key(parsed)
-                if existing is not None and existing.blob_key == key:
-                    # Never overwrite the acknowledged copy: the new one gets a key of its own.
+                if (existing is not None and existing.blob_key == key) or (
+                        existing is None and not self.blobs.remote and self.blobs.exists(key)):
+                    # Never overwrite the acknowledged copy, nor one another process is storing
+                    # (the lock above is this process's): the new one gets a key of its own.
                     key = f"{key[:-4]}.{hashlib.sha256(parsed.data).hexdigest()[:12]}.dcm"
                 written = self._io.submit(self._commit_blob, staged, key)
                 staged = None  # from here on, failures delete the committed blob instead
@@ -277,7 +280,12 @@ class Archive:
                                          replace=existing is not None, blob=written)
                 except Exception:
                     written.exception()  # never leave a write running behind a failure
-                    self._discard_blob(key)
+                    raced = self._stored_meanwhile(uid, key) if existing is None else _NOT_STORED
+                    if raced is _NOT_STORED or (raced is not None and raced.blob_key != key):
+                        self._discard_blob(key)
+                    if isinstance(raced, InstanceLocation) and self.duplicate_policy == "keep":
+                        log.info("duplicate %s: stored by another process meanwhile", uid)
+                        return self._result(parsed, StoreOutcome.DUPLICATE_KEPT)
                     raise
                 if existing is not None:
                     self._discard_blob(existing.blob_key)
@@ -289,6 +297,18 @@ class Archive:
         result = self._result(parsed, outcome)
         self.notify_stored(result)
         return result
+
+    def _stored_meanwhile(self, uid: str, key: str) -> InstanceLocation | object | None:
+        """After a failed store of a new ``uid`` at ``key``: where another process (a DICOM
+        worker, a ``pacs import``, another node) stored it meanwhile; ``_NOT_STORED`` when no
+        one did; None when the index cannot say. A blob an index row names must stay, even at
+        this store's key, for that store was acknowledged; when unsure it stays too (an orphan
+        is re-indexed at start-up, a deleted acknowledged blob is lost)."""
+        try:
+            found = self.find_location(uid)
+        except StorageUnavailable:
+            return None
+        return _NOT_STORED if found is None else found
 
     def notify_stored(self, result: StoreResult) -> None:
         """Tell the listeners about a store (done by ``store``; also for the stores a DICOM
