@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import warnings
 
 # Set by ``dicomweb.app.ContainErrors`` when it leaves an answer unfinished, having logged why:
 # uvicorn's own line for it ("ASGI callable returned without completing response", at ERROR,
@@ -36,4 +37,11 @@ def configure_logging(level: str) -> None:
         # pydicom's codecs log a traceback at ERROR for each plugin that fails on corrupt pixel
         # data, then raise; the server answers that failure itself (406, 422, a refusal).
         logging.getLogger("pydicom.pixels").setLevel(logging.CRITICAL)
+        # pydicom warns of each malformed value it reads, quoting it (a damaged header can
+        # give a patient's name as a "UID"), as a log line and a Python warning; the archive
+        # refuses such data itself, with reasons that quote no values.
+        import pydicom.config  # noqa: F401 - which sets its logger to WARNING when imported
+
+        logging.getLogger("pydicom").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
         logging.getLogger("openjpeg").setLevel(logging.WARNING)

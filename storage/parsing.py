@@ -115,7 +115,11 @@ def parse_instance(data: bytes, *, transfer_syntax: str | None = None) -> Parsed
     if not syntax:
         syntax = _guess_transfer_syntax(data[dataset_start : dataset_start + 8])
     if not is_known_transfer_syntax(syntax):
-        raise InvalidInstance(f"transfer syntax {syntax!r} is unknown")
+        # Only a UID is quoted: a damaged File Meta gives hundreds of raw bytes here, patient
+        # names and IDs among them, and the reason goes to logs and to the sender.
+        shown = repr(syntax) if _UID.fullmatch(syntax) else \
+            f"of {len(syntax)} characters that are not a UID"
+        raise InvalidInstance(f"transfer syntax {shown} is unknown")
     parsed = _parse_dataset(data, dataset_start, syntax)
     needs_meta = (
         not preamble
@@ -168,12 +172,16 @@ def _read_meta(data: bytes) -> tuple[bool, dict[str, str], int]:
     try:
         read_preamble(fp, force=True)
         file_meta = _read_file_meta_info(fp)
+        meta = {key: str(file_meta.get(key, "") or "").strip("\x00 ")
+                for key in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID",
+                            "TransferSyntaxUID", "SourceApplicationEntityTitle")
+                if key in file_meta}
     except (InvalidDicomError, BytesLengthException, struct.error, ValueError, EOFError) as exc:
         raise InvalidInstance(f"the File Meta Information cannot be read: {exc}") from None
-    meta = {key: str(file_meta.get(key, "") or "").strip("\x00 ")
-            for key in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID",
-                        "TransferSyntaxUID", "SourceApplicationEntityTitle")
-            if key in file_meta}
+    except Exception as exc:  # noqa: BLE001 - pydicom raises other kinds too (NotImplementedError
+        # for an unknown VR, once the values are read): each is a File Meta it cannot read.
+        raise InvalidInstance("the File Meta Information cannot be read "
+                              f"({type(exc).__name__})") from None
     return preamble, meta, fp.tell()
 
 

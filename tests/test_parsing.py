@@ -231,6 +231,21 @@ def test_float_pixel_data_in_fragments_is_refused(tag, name):
             parse_instance(part10(floats, transfer_syntax=syntax))
 
 
+@pytest.mark.parametrize(("tag", "vr", "reason"), [
+    (b"\x02\x00\x10\x00", b"u1", "transfer syntax of"),  # quoted ~640 bytes of the header
+    (b"\x02\x00\x02\x00", b"Uj", "File Meta Information cannot be read"),  # raised
+    # NotImplementedError, which stopped `pacs import` at that file
+])
+def test_a_damaged_file_meta_is_refused_without_quoting_patient_data(tag, vr, reason):
+    data = bytearray(part10(dataset(Spec(patient_name="Nguyễn^Thị Bí Mật",
+                                         patient_id="SECRETPID9"))))
+    at = data.index(tag + b"UI", 128)
+    data[at + 4:at + 6] = vr
+    with pytest.raises(InvalidInstance, match=reason) as refused:
+        parse_instance(bytes(data))
+    assert "SECRETPID9" not in str(refused.value) and "Bí Mật" not in str(refused.value)
+
+
 def test_vietnamese_text_is_decoded_as_unicode():
     parsed = parse_instance(part10(dataset(Spec(patient_name="Đặng^Thị Ánh Tuyết"))))
     assert parsed.header["00100010"]["Value"] == [{"Alphabetic": "Đặng^Thị Ánh Tuyết"}]
