@@ -637,7 +637,12 @@ class Archive:
         return upkeep.check(self, verify_hashes=verify_hashes)
 
     def index_stored_blob(self, key: str, parsed: ParsedInstance) -> None:
-        """Index a blob that is already durable under ``key`` (reconciliation)."""
+        """Index a blob that is already durable under ``key`` (reconciliation). One whose File
+        Meta parsing had to write (none, or stale) is first stored again as parsed: the row's
+        size, hash and frame offsets are those of ``parsed.data``, which ``store`` would have
+        kept; indexed over the old bytes, the instance failed ``pacs check`` and its frames."""
+        if parsed.meta_rewritten:
+            self.blobs.put(key, parsed.data)  # an orphan: no row names these bytes yet
         digest = hashlib.sha256(parsed.data).hexdigest()
         self._index_instance(parsed, _rows(parsed, key, digest), replace=False)
 

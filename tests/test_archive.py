@@ -248,6 +248,20 @@ def test_reconcile_indexes_blobs_left_without_rows(archive):
     assert archive.reconcile().reindexed == 0  # idempotent
 
 
+def test_a_reconciled_blob_without_file_meta_is_indexed_as_stored_again(archive):
+    """A bare data set (no File Meta) is given one when parsed: the orphan was indexed with
+    the size and hash of those bytes over the old ones, and failed the next check."""
+    spec = Spec()
+    full = instance(spec)
+    bare = full[144 + int.from_bytes(full[140:144], "little"):]  # no preamble, no File Meta
+    key = f"{spec.study_uid}/{spec.series_uid}/{spec.sop_uid}.dcm"
+    archive.blobs.put(key, bare)
+    assert archive.reconcile().reindexed == 1
+    assert archive.check().clean
+    stored = archive.read(archive.location(spec.sop_uid))
+    assert stored[128:132] == b"DICM" and stored.endswith(bare)
+
+
 def test_reconcile_goes_on_past_a_blob_the_rules_refuse(archive):
     spec = Spec()
     archive.store(instance(spec))
