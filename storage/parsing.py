@@ -113,7 +113,14 @@ def parse_instance(data: bytes, *, transfer_syntax: str | None = None) -> Parsed
                               "import the files it lists instead")
     syntax = (meta.get("TransferSyntaxUID") or transfer_syntax or "").strip("\x00 ")
     if not syntax:
-        syntax = _guess_transfer_syntax(data[dataset_start : dataset_start + 8])
+        try:
+            syntax = _guess_transfer_syntax(data[dataset_start : dataset_start + 8])
+        except InvalidInstance:
+            if not (preamble or meta):
+                raise
+            raise InvalidInstance("the File Meta has no Transfer Syntax UID (0002,0010), and "
+                                  "the data set's encoding cannot be told from its first "
+                                  "element") from None
     if not is_known_transfer_syntax(syntax):
         # Only a UID is quoted: a damaged File Meta gives hundreds of raw bytes here, patient
         # names and IDs among them, and the reason goes to logs and to the sender.

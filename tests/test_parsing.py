@@ -52,6 +52,7 @@ def test_every_corpus_file_is_parsed_or_refused_with_a_reason(parsed_corpus):
 @pytest.mark.parametrize(("name", "reason"), [
     ("zipMR.gz", "gzip file, not DICOM"),
     ("no_meta.dcm", "not a DICOM file"),
+    ("meta_missing_tsyntax.dcm", "has no Transfer Syntax UID"),  # was "no 'DICM' marker"
     ("MR_truncated.dcm", "truncated"),
     ("rtplan_truncated.dcm", "truncated"),
     ("emri_small_jpeg_2k_lossless_too_short.dcm", "truncated"),
