@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import os
+import stat
 import sys
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from pacs import __version__
@@ -53,8 +55,64 @@ def main(argv: list[str] | None = None) -> int:
     from pacs.logs import configure_logging
 
     configure_logging(settings.log_level if args.command == "serve" else "WARNING")
-    return {"serve": _serve, "import": _import, "check": _check, "migrate": _migrate,
-            "install-ohif": _install_ohif, "share": _share}[args.command](settings, args)
+    command = {"serve": _serve, "import": _import, "check": _check, "migrate": _migrate,
+               "install-ohif": _install_ohif, "share": _share}[args.command]
+    try:
+        return command(settings, args)
+    except _StartupError as exc:
+        print(f"pacs: {exc}", file=sys.stderr)
+        return 2
+
+
+class _StartupError(Exception):
+    """The archive named by the settings cannot be opened; the message names the setting."""
+
+
+def _open_archive(settings: Settings):
+    """``archive_for(settings)``, with any failure to open the index or the blob store turned
+    into a ``_StartupError`` naming the setting to fix (no traceback for a typo)."""
+    from pacs.app import archive_for
+
+    data_setting = "PACS_DATA_DIR (data_dir)"
+    if settings.data_dir.exists() and not settings.data_dir.is_dir():
+        raise _StartupError(f"{data_setting} {settings.data_dir}: is a file, not a folder")
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _StartupError(f"{data_setting} {settings.data_dir}: {_os_reason(exc)}") from None
+    try:
+        return archive_for(settings)
+    except Exception as exc:  # noqa: BLE001 - classified below; the traceback helps no one
+        raise _StartupError(f"{_failing_setting(settings, exc)}: {_short_reason(exc)}") from None
+
+
+def _failing_setting(settings: Settings, exc: Exception) -> str:
+    """Which setting most likely explains ``exc`` from opening the archive."""
+    module = type(exc).__module__
+    if module.startswith(("sqlalchemy", "alembic", "psycopg", "sqlite3")) or \
+            isinstance(exc, ModuleNotFoundError):
+        if settings.database_url:
+            return "PACS_DATABASE_URL (database_url): cannot open the index database"
+        return "PACS_DATA_DIR (data_dir): cannot open the index database index.sqlite"
+    if settings.storage_url:
+        return "PACS_STORAGE_URL (storage_url): cannot open the blob store"
+    return "PACS_DATA_DIR (data_dir): cannot open the blob folder blobs/"
+
+
+def _short_reason(exc: BaseException) -> str:
+    """One line, without the SQLAlchemy background link or a URL's password."""
+    if isinstance(exc, OSError):
+        return _os_reason(exc)
+    if isinstance(exc, ModuleNotFoundError):
+        return f"the database driver {exc.name} is not installed"
+    original = getattr(exc, "orig", None) or exc
+    lines = str(original).strip().splitlines() or [type(exc).__name__]
+    return f"{type(original).__name__}: {lines[0][:300]}"
+
+
+def _os_reason(exc: OSError) -> str:
+    where = f" ({exc.filename})" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}"
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
@@ -80,16 +138,33 @@ def _install_ohif(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _qr_target_problem(path: Path) -> str:
+    """Why the QR code cannot be written to ``path``, or ''. Checked before the share is
+    created: a share whose link was never shown is live and unusable."""
+    if path.suffix.lower() not in (".png", ".svg"):
+        return "the file name must end in .png or .svg"
+    folder = path.parent
+    if not folder.is_dir():
+        return f"folder {folder} does not exist"
+    if path.is_dir():
+        return "is a folder"
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        return "cannot write there (permission denied)"
+    return ""
+
+
 def _share(settings: Settings, args: argparse.Namespace) -> int:
     import segno
 
     from pacs.access import server_secret
-    from pacs.app import archive_for
     from storage.errors import NotFound
     from storage.shares import ShareError, ShareStore
     from viewer.share_api import create_share, public_base
 
-    archive = archive_for(settings)
+    if args.qr and (problem := _qr_target_problem(args.qr)):
+        print(f"pacs share: --qr {args.qr}: {problem}; no share created", file=sys.stderr)
+        return 2
+    archive = _open_archive(settings)
     store = ShareStore(archive.index, server_secret(settings))
     try:
         made = create_share(store, settings, args.study_uid, days=args.days, pin=args.pin,
@@ -112,88 +187,223 @@ def _share(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:
-    from pacs.app import archive_for
-
-    archive_for(settings).close()
+    _open_archive(settings).close()
     print("index schema is up to date")
     return 0
 
 
-def _files(paths: list[Path]) -> Iterator[Path]:
+def _import_candidates(paths: list[Path]) -> Iterator[tuple[Path, str]]:
+    """Every file to import, with '' or the reason it was skipped before reading it.
+
+    Folders are searched recursively, following symlinked sub-folders (a CD mounted and linked
+    in is common) but never the same real folder twice, so a link back up cannot loop.
+    Unreadable sub-folders are reported rather than skipped in silence."""
+    seen: set[str] = set()
     for path in paths:
         if path.is_dir():
-            for root, dirs, names in os.walk(path):
-                dirs.sort()
-                for name in sorted(names):
-                    yield Path(root) / name
+            yield from _folder_candidates(path, seen)
         else:
-            yield path
+            yield path, ""
+
+
+def _folder_candidates(folder: Path, seen: set[str]) -> Iterator[tuple[Path, str]]:
+    errors: list[OSError] = []
+    seen.add(os.path.realpath(folder))
+    for root, dirs, names in os.walk(folder, onerror=errors.append, followlinks=True):
+        yield from _folder_errors(errors)
+        dirs.sort()
+        for name in [d for d in dirs if _leads_back_up(Path(root) / d)]:
+            dirs.remove(name)
+            yield Path(root) / name, "a link to a folder above it, not followed (it would loop)"
+        dirs[:] = [name for name in dirs if _first_visit(Path(root) / name, seen)]
+        for name in sorted(names):
+            yield Path(root) / name, ""
+    yield from _folder_errors(errors)
+
+
+def _leads_back_up(folder: Path) -> bool:
+    """Whether ``folder`` is a symlink to itself or to one of the folders containing it."""
+    if not folder.is_symlink():
+        return False
+    target = Path(os.path.realpath(folder))
+    here = Path(os.path.realpath(folder.parent))
+    return here == target or target in here.parents
+
+
+def _first_visit(folder: Path, seen: set[str]) -> bool:
+    """Whether ``folder`` (maybe a symlink) leads somewhere not searched yet; records it."""
+    real = os.path.realpath(folder)
+    if real in seen:
+        return False
+    seen.add(real)
+    return True
+
+
+def _folder_errors(errors: list[OSError]) -> Iterator[tuple[Path, str]]:
+    for exc in errors:
+        yield Path(exc.filename or "?"), f"cannot read the folder: {exc.strerror}"
+    errors.clear()
+
+
+def _read_regular_file(path: Path) -> bytes:
+    """The file's bytes; ``_NotRegular`` for a FIFO, socket or device.
+
+    Opened non-blocking and checked with fstat on the open descriptor, so a FIFO cannot block
+    the import and a file swapped for one after listing is still caught."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _NotRegular
+        if hasattr(os, "O_NONBLOCK"):
+            os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
+class _NotRegular(Exception):
+    """A directory entry that is not a regular file (FIFO, socket, device)."""
+
+
+@dataclasses.dataclass
+class _ImportTally:
+    """What happened to each file of one ``pacs import``, for the summary."""
+
+    total: int
+    counts: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    rejected: list[tuple[Path, str]] = dataclasses.field(default_factory=list)
+    failed: list[tuple[Path, str]] = dataclasses.field(default_factory=list)
+
+    def add(self, path: Path, outcome: str, reason: str) -> None:
+        self.counts[outcome] += 1
+        if outcome == "rejected":
+            self.rejected.append((path, reason))
+        elif outcome == "failed":
+            self.failed.append((path, reason))
+
+    def print_summary(self, interrupted: bool = False) -> None:
+        done = sum(self.counts.values())
+        c = self.counts
+        print(f"{self.total} file(s): {c['stored']} stored, {c['duplicate']} duplicate "
+              f"(already archived), {c['rejected']} rejected, {c['failed']} failed")
+        if interrupted:
+            print(f"interrupted: {self.total - done} file(s) not imported; run the same "
+                  "command again to finish (stored files count as duplicates)")
+        for path, reason in self.rejected:
+            print(f"  rejected {path}: {reason}")
+        for path, reason in self.failed:
+            print(f"  FAILED {path}: {reason}")
+
+
+def _store_file(archive, path: Path, skipped: str) -> tuple[Path, str, str]:
+    """Store one file; any problem with it is an outcome for that file, never an abort."""
+    from storage.errors import InvalidInstance, StorageUnavailable
+
+    if skipped:
+        return path, "rejected", skipped
+    try:
+        data = _read_regular_file(path)
+    except _NotRegular:
+        return path, "rejected", "not a regular file"
+    except OSError as exc:
+        return path, "rejected", f"cannot read the file: {exc.strerror}"
+    try:
+        result = archive.store(data)
+    except InvalidInstance as exc:
+        return path, "rejected", str(exc)
+    except StorageUnavailable as exc:
+        return path, "failed", str(exc)
+    except Exception as exc:  # noqa: BLE001 - a parser bug on one file must not stop the rest
+        # The exception's own message can quote bytes of the file (patient data): type only.
+        return path, "rejected", (f"could not be read as DICOM (unexpected "
+                                  f"{type(exc).__name__} in the parser)")
+    return path, "duplicate" if result.is_warning else "stored", ""
+
+
+def _finish_interrupted(pool: ThreadPoolExecutor, pending: collections.deque[Future],
+                       tally: _ImportTally) -> None:
+    """After Ctrl-C: drop queued files, let the ones being stored finish (each store is
+    atomic) and count them, so the summary matches what is in the archive."""
+    pool.shutdown(wait=True, cancel_futures=True)
+    for future in pending:
+        if future.done() and not future.cancelled():
+            tally.add(*future.result())
 
 
 def _import(settings: Settings, args: argparse.Namespace) -> int:
     from tqdm import tqdm
-
-    from pacs.app import archive_for
-    from storage.errors import InvalidInstance, StorageUnavailable
 
     missing = [p for p in args.paths if not p.exists()]
     if missing:
         print(f"pacs import: no such file or folder: {', '.join(map(str, missing))}",
               file=sys.stderr)
         return 2
-    archive = archive_for(settings)
-    files = list(_files(args.paths))
-    counts: collections.Counter[str] = collections.Counter()
-    rejected: list[tuple[Path, str]] = []
-    failed: list[tuple[Path, str]] = []
-
-    def store(path: Path) -> tuple[Path, str, str]:
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            return path, "rejected", f"cannot read the file: {exc.strerror}"
-        try:
-            result = archive.store(data)
-        except InvalidInstance as exc:
-            return path, "rejected", str(exc)
-        except StorageUnavailable as exc:
-            return path, "failed", str(exc)
-        return path, "duplicate" if result.is_warning else "stored", ""
-
-    with ThreadPoolExecutor(max(1, args.jobs)) as pool, tqdm(
-            total=len(files), unit="file", disable=args.no_progress or None,
-            file=sys.stderr) as bar:
-        for path, outcome, reason in pool.map(store, files):
-            counts[outcome] += 1
-            if outcome == "rejected":
-                rejected.append((path, reason))
-            elif outcome == "failed":
-                failed.append((path, reason))
-            bar.update()
+    archive = _open_archive(settings)
+    tally = _ImportTally(total=0)
+    pool = ThreadPoolExecutor(max(1, args.jobs))
+    pending: collections.deque[Future] = collections.deque()
+    try:
+        files = list(_import_candidates(args.paths))
+        tally.total = len(files)
+        pending.extend(pool.submit(_store_file, archive, path, skipped)
+                       for path, skipped in files)
+        with tqdm(total=len(files), unit="file", disable=args.no_progress or None,
+                  file=sys.stderr) as bar:
+            while pending:
+                tally.add(*pending[0].result())
+                pending.popleft()
+                bar.update()
+    except KeyboardInterrupt:
+        _finish_interrupted(pool, pending, tally)
+        archive.close()
+        tally.print_summary(interrupted=True)
+        return 130
+    pool.shutdown()
     archive.close()
-    print(f"{len(files)} file(s): {counts['stored']} stored, {counts['duplicate']} duplicate "
-          f"(already archived), {counts['rejected']} rejected, {counts['failed']} failed")
-    for path, reason in rejected:
-        print(f"  rejected {path}: {reason}")
-    for path, reason in failed:
-        print(f"  FAILED {path}: {reason}")
-    return 1 if failed else 0
+    tally.print_summary()
+    return 1 if tally.failed else 0
+
+
+def _missing_archive(settings: Settings) -> str:
+    """Why there is no archive to check where the settings point, or '' if there is one.
+
+    Opening the archive would create an empty one, which a check then reports clean: a
+    mistyped data_dir must fail instead. (A PostgreSQL index cannot be told apart this way.)"""
+    url = settings.resolved_database_url
+    if url.startswith("sqlite:///"):
+        index = Path(url.removeprefix("sqlite:///"))
+        setting = "PACS_DATABASE_URL" if settings.database_url else "PACS_DATA_DIR"
+        if not index.is_file():
+            return f"{setting}: no archive index at {index} (mistyped data folder?)"
+    blobs = settings.resolved_storage_url
+    if blobs.startswith("file://") and not Path(blobs.removeprefix("file://")).is_dir():
+        setting = "PACS_STORAGE_URL" if settings.storage_url else "PACS_DATA_DIR"
+        return f"{setting}: no blob folder at {blobs.removeprefix('file://')}"
+    return ""
 
 
 def _check(settings: Settings, args: argparse.Namespace) -> int:
-    from pacs.app import archive_for
-
-    archive = archive_for(settings)
-    report = archive.check(verify_hashes=not args.quick)
-    archive.close()
+    if problem := _missing_archive(settings):
+        print(f"pacs check: {problem}; nothing checked", file=sys.stderr)
+        return 2
+    archive = _open_archive(settings)
+    try:
+        report = archive.check(verify_hashes=not args.quick)
+    finally:
+        archive.close()
     print(f"{report.instances} instance(s) checked: {len(report.missing)} missing blob(s), "
-          f"{len(report.corrupt)} corrupt, {len(report.orphans)} orphan blob(s)")
+          f"{len(report.corrupt)} corrupt, {len(report.orphans)} orphan blob(s), "
+          f"{len(report.unreadable)} unreadable")
     for uid in report.missing:
         print(f"  missing blob for instance {uid}")
     for uid in report.corrupt:
         print(f"  size or SHA-256 differs for instance {uid}")
+    for where, reason in report.unreadable.items():
+        what = f"blob folder {where}" if where.endswith("/") else f"blob of instance {where}"
+        print(f"  cannot read the {what}: {reason}")
     for key in report.orphans:
-        print(f"  orphan blob {key} (not in the index; `pacs serve` re-indexes it at start-up)")
+        print(f"  orphan blob {key} (not in the index): {report.orphan_fates.get(key, '')}")
     return 0 if report.clean else 1
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -16,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 ENV_PREFIX = "PACS_"
 DUPLICATE_POLICIES = ("keep", "replace")
@@ -43,9 +45,11 @@ class Peer:
         match = re.fullmatch(r"\s*([^@]+)@(\[[^\]]+\]|[^:]+):(\d+)\s*", text)
         if not match:
             raise SettingsError(f"peer {text!r} is not of the form AETITLE@host:port")
-        ae_title, host = match.group(1).strip(), match.group(2).strip("[]")
+        ae_title, host = match.group(1).strip(), match.group(2).strip("[]").strip()
         port = int(match.group(3))
         _check_ae_title(ae_title, "peer AE title")
+        if not host:
+            raise SettingsError(f"peer {text!r} has a blank host")
         if not 0 < port < 65536:
             raise SettingsError(f"peer {text!r}: port {port} is out of range")
         return cls(ae_title, host, port)
@@ -240,8 +244,11 @@ def load_settings(
                 values.update(tomllib.load(f))
         except FileNotFoundError:
             raise SettingsError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise SettingsError(f"config file {path} is not valid UTF-8 TOML: {exc}") from None
+        except OSError as exc:  # a folder, no permission: PACS_CONFIG points at the wrong thing
+            raise SettingsError(f"config file {path} (PACS_CONFIG / --config) cannot be read: "
+                                f"{exc.strerror}") from None
     known = {f.name: f for f in fields(Settings)}
     unknown = sorted(set(values) - set(known))
     if unknown:
@@ -257,14 +264,21 @@ def load_settings(
 
 
 def _convert(name: str, type_name: Any, value: Any) -> Any:
-    """Turn a TOML value or an environment string into the field's type."""
+    """Turn a TOML value or an environment string into the field's type.
+
+    TOML values must already have the right type: 104.9 or true for a port is a mistake to
+    report, not a value to round."""
     try:
+        _check_toml_type(type_name, value)
         if type_name in ("Path", Path):
             return Path(str(value))
         if type_name in ("int", int):
             return int(value)
         if type_name in ("float", float):
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError(f"{value!r} is not a finite number")
+            return number
         if type_name in ("bool", bool):
             return _to_bool(value)
         if type_name == "tuple[Peer, ...]":
@@ -274,6 +288,21 @@ def _convert(name: str, type_name: Any, value: Any) -> Any:
         return str(value)
     except (TypeError, ValueError) as exc:
         raise SettingsError(f"setting {name}: {exc}") from None
+
+
+_TOML_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "Path": (str,),
+}
+
+
+def _check_toml_type(type_name: Any, value: Any) -> None:
+    """Refuse a TOML value of the wrong type (strings come from the environment: parsed)."""
+    name = getattr(type_name, "__name__", type_name)
+    expected = _TOML_TYPES.get(name)
+    if expected is None or isinstance(value, str):
+        return
+    if isinstance(value, bool) and bool not in expected or not isinstance(value, expected):
+        raise TypeError(f"{value!r} is a TOML {type(value).__name__}, expected {name}")
 
 
 def _to_bool(value: Any) -> bool:
@@ -297,14 +326,35 @@ def _check_ae_title(value: str, what: str) -> None:
         raise SettingsError(f"{what} {value!r} is not a valid AE title (1-16 characters, no '\\')")
 
 
+def _validate_ports_and_limits(settings: Settings) -> None:
+    """Ports 1-65535 (hl7_port 0: no listener, as documented); positive timeouts and PDU;
+    a log level logging knows; public_url an http(s) URL."""
+    for name in ("dicom_port", "http_port", "hl7_port"):
+        port = getattr(settings, name)
+        lowest = 0 if name == "hl7_port" else 1
+        if not lowest <= port < 65536:
+            raise SettingsError(f"{name} {port} is out of range {lowest}-65535")
+    if settings.dicom_network_timeout <= 0:
+        raise SettingsError("dicom_network_timeout must be a positive number of seconds")
+    if settings.dicom_max_pdu < 0:
+        raise SettingsError("dicom_max_pdu must not be negative (0: no limit)")
+    if settings.film_sheet_price_vnd < 0:
+        raise SettingsError("film_sheet_price_vnd must not be negative")
+    if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise SettingsError(f"log_level {settings.log_level!r} must be DEBUG, INFO, WARNING, "
+                            "ERROR or CRITICAL")
+    if settings.public_url:
+        parts = urlsplit(settings.public_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise SettingsError(f"public_url {settings.public_url!r} must be an http(s) URL, "
+                                "e.g. https://pacs.hospital.vn")
+
+
 def _validate(settings: Settings) -> None:
     _check_ae_title(settings.ae_title, "ae_title")
     for ae in settings.allowed_calling_aes:
         _check_ae_title(ae, "allowed_calling_aes entry")
-    for name in ("dicom_port", "http_port", "hl7_port"):
-        port = getattr(settings, name)
-        if not 0 <= port < 65536:
-            raise SettingsError(f"{name} {port} is out of range")
+    _validate_ports_and_limits(settings)
     if settings.duplicate_policy not in DUPLICATE_POLICIES:
         raise SettingsError(
             f"duplicate_policy {settings.duplicate_policy!r} must be one of {DUPLICATE_POLICIES}"
@@ -351,9 +401,12 @@ def _validate(settings: Settings) -> None:
         raise SettingsError(f"film_layout {settings.film_layout!r} must be COLUMNSxROWS, "
                             "e.g. 4x5")
     for destination in settings.emr_results_to:
-        if not re.fullmatch(r"mllp://[^/:]+:\d+/?|https?://\S+", destination):
+        mllp = re.fullmatch(r"mllp://[^/:]+:(\d+)/?", destination)
+        if not mllp and not re.fullmatch(r"https?://\S+", destination):
             raise SettingsError(f"emr_results_to: {destination!r} is neither mllp://HOST:PORT "
                                 "nor a FHIR base URL http(s)://...")
+        if mllp and not 0 < int(mllp.group(1)) < 65536:
+            raise SettingsError(f"emr_results_to: {destination!r}: port out of range 1-65535")
     if not 0 < settings.emr_retry_seconds <= settings.emr_retry_max_seconds:
         raise SettingsError("emr_retry_seconds must be positive and at most "
                             "emr_retry_max_seconds")

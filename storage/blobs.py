@@ -13,7 +13,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import parse_qs, urlsplit
@@ -65,8 +65,10 @@ class BlobStore(Protocol):
     def delete(self, key: str) -> None:
         """Remove the blob; absent keys are not an error."""
 
-    def iterate(self, prefix: str = "") -> Iterator[str]:
-        """All keys under ``prefix``, in byte-wise sorted order."""
+    def iterate(self, prefix: str = "",
+                on_error: Callable[[str, str], None] | None = None) -> Iterator[str]:
+        """All keys under ``prefix``, in byte-wise sorted order; parts that cannot be listed
+        go to ``on_error(folder_key, reason)`` when given, else raise StorageUnavailable."""
 
     def describe(self) -> str:
         """Where the blobs are, for logs (no secrets)."""
@@ -201,13 +203,17 @@ class FileBlobStore:
             f = self.path(key).open("rb")  # opened now, so a missing blob fails here
         except FileNotFoundError:
             raise KeyError(key) from None
-        return _read_chunks(f, chunk_size)
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot read {key}: {exc.strerror}") from exc
+        return _read_chunks(f, chunk_size, key)
 
     def size(self, key: str) -> int | None:
         try:
             return self.path(key).stat().st_size
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
+        except OSError as exc:  # e.g. a folder on the way that cannot be searched
+            raise StorageUnavailable(f"cannot read {key}: {exc.strerror}") from exc
 
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
@@ -227,9 +233,13 @@ class FileBlobStore:
                 with self._dirs_lock:
                     self._known_dirs.discard(folder)
 
-    def iterate(self, prefix: str = "") -> Iterator[str]:
+    def iterate(self, prefix: str = "",
+                on_error: Callable[[str, str], None] | None = None) -> Iterator[str]:
+        """Keys in byte-wise order. A folder that cannot be listed raises
+        ``StorageUnavailable``, or, given ``on_error``, is passed to it (folder key, reason)
+        and skipped, so one unreadable folder does not hide all the others."""
         start = self.path(prefix) if prefix else self.root
-        yield from _walk_sorted(start, self.root)
+        yield from _walk_sorted(start, self.root, on_error)
 
 
 class _StagedFile:
@@ -258,17 +268,27 @@ class _StagedFile:
             os.unlink(self.tmp_name)
 
 
-def _read_chunks(f, chunk_size: int) -> Iterator[bytes]:
+def _read_chunks(f, chunk_size: int, key: str) -> Iterator[bytes]:
     with f:
-        while chunk := f.read(chunk_size):
-            yield chunk
+        try:
+            while chunk := f.read(chunk_size):
+                yield chunk
+        except OSError as exc:  # a bad sector mid-file: the same error as failing to open it
+            raise StorageUnavailable(f"cannot read {key}: {exc.strerror}") from exc
 
 
-def _walk_sorted(folder: Path, root: Path) -> Iterator[str]:
+def _walk_sorted(folder: Path, root: Path,
+                 on_error: Callable[[str, str], None] | None = None) -> Iterator[str]:
     """Keys of all files under ``folder``, sorted byte-wise like S3 listings."""
     try:
         entries = list(os.scandir(folder))
     except (FileNotFoundError, NotADirectoryError):
+        return
+    except OSError as exc:
+        where = folder.relative_to(root).as_posix() + "/"
+        if on_error is None:
+            raise StorageUnavailable(f"cannot list {where}: {exc.strerror}") from exc
+        on_error(where, exc.strerror or type(exc).__name__)
         return
     # Byte-wise key order: a file "a.dcm" and a folder "a" compare as "a.dcm" vs "a/...".
     keyed = sorted(((e.name + ("/" if e.is_dir() else ""), e) for e in entries),
@@ -277,7 +297,7 @@ def _walk_sorted(folder: Path, root: Path) -> Iterator[str]:
         if entry.name == ".tmp" and folder == root:
             continue
         if entry.is_dir(follow_symlinks=False):
-            yield from _walk_sorted(Path(entry.path), root)
+            yield from _walk_sorted(Path(entry.path), root, on_error)
         elif not name.endswith(".part"):
             yield Path(entry.path).relative_to(root).as_posix()
 
@@ -425,7 +445,9 @@ class S3BlobStore:
             raise StorageUnavailable(f"cannot delete {key} from {self.describe()}: {exc}") \
                 from exc
 
-    def iterate(self, prefix: str = "") -> Iterator[str]:
+    def iterate(self, prefix: str = "",
+                on_error: Callable[[str, str], None] | None = None) -> Iterator[str]:
+        # ``on_error`` is never called: a listing is one request, which succeeds or raises.
         # S3 lists keys in UTF-8 byte order, which is what the reconciliation merge expects.
         for obj in self.client.list_objects(self.bucket, prefix=self._name(prefix),
                                             recursive=True):

@@ -105,3 +105,36 @@ def test_file_store_write_failure_is_storage_unavailable(tmp_path):
 def test_unreachable_s3_endpoint_is_storage_unavailable():
     with pytest.raises(StorageUnavailable, match="not reachable"):
         open_blob_store("s3://bucket?endpoint=http://127.0.0.1:9&access_key=a&secret_key=b")
+
+
+def test_file_store_blob_that_cannot_be_read_is_storage_unavailable_not_a_crash(tmp_path):
+    store = FileBlobStore(tmp_path / "blobs")
+    (tmp_path / "blobs" / "1.2").mkdir()
+    (tmp_path / "blobs" / "1.2" / "3.dcm").symlink_to("3.dcm")  # ELOOP: not "no such file"
+
+    with pytest.raises(StorageUnavailable, match="cannot read 1.2/3.dcm"):
+        store.size("1.2/3.dcm")
+    with pytest.raises(StorageUnavailable, match="cannot read 1.2/3.dcm"):
+        store.open_chunks("1.2/3.dcm")
+    assert store.size("1.2/4.dcm") is None
+
+
+def test_file_store_iterate_reports_an_unlistable_folder_and_lists_the_rest(
+        tmp_path, monkeypatch):
+    store = FileBlobStore(tmp_path / "blobs")
+    store.put("1/1.dcm", b"a")
+    store.put("2/2.dcm", b"b")
+    real_scandir = os.scandir
+
+    def scandir(folder):
+        if str(folder).endswith(os.sep + "1"):
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(folder)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    errors: list[tuple[str, str]] = []
+
+    assert list(store.iterate(on_error=lambda *error: errors.append(error))) == ["2/2.dcm"]
+    assert errors == [("1/", "Permission denied")]
+    with pytest.raises(StorageUnavailable, match="cannot list 1/"):
+        list(store.iterate())

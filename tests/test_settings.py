@@ -88,3 +88,37 @@ def test_unknown_key_in_file_is_refused(tmp_path):
 def test_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(SettingsError, match="does not exist"):
         load_settings(tmp_path / "nope.toml", environ={})
+
+
+@pytest.mark.parametrize(("text", "setting"), [
+    ("dicom_port = 104.9", "dicom_port"),
+    ("dicom_port = true", "dicom_port"),
+    ("dicom_network_timeout = nan", "dicom_network_timeout"),
+    ("http_body_idle_timeout = inf", "http_body_idle_timeout"),
+    ("dicom_network_timeout = -5", "dicom_network_timeout"),
+    ("dicom_max_pdu = -1", "dicom_max_pdu"),
+    ("http_port = 0", "http_port"),
+    ("public_url = 'pacs.hospital.vn'", "public_url"),
+    ("peers = ['A@ :104']", "blank host"),
+    ("emr_results_to = ['mllp://his:99999']", "emr_results_to"),
+    ("log_level = 'LOUD'", "log_level"),
+])
+def test_a_toml_value_of_the_wrong_type_or_range_is_refused_naming_the_setting(
+        tmp_path, text, setting):
+    config = tmp_path / "pacs.toml"
+    config.write_text(text + "\n")
+    with pytest.raises(SettingsError, match=setting):
+        load_settings(config, environ={})
+
+
+def test_hl7_port_zero_still_means_no_listener():
+    assert load_settings(environ={"PACS_HL7_PORT": "0"}).hl7_port == 0
+
+
+def test_a_config_path_that_is_a_folder_or_not_utf8_is_a_settings_error(tmp_path):
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes("site_name = 'Bệnh viện'\n".encode("utf-16"))
+    with pytest.raises(SettingsError, match="cannot be read: Is a directory"):
+        load_settings(tmp_path, environ={})
+    with pytest.raises(SettingsError, match="not valid UTF-8 TOML"):
+        load_settings(latin1, environ={})
