@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import errno
 import os
 import stat
 import sys
@@ -118,7 +119,15 @@ def _os_reason(exc: OSError) -> str:
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     from pacs.app import PacsServer
 
-    PacsServer(settings).run()
+    try:
+        PacsServer(settings).run()
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        print(f"pacs: PACS_DICOM_HOST/PACS_DICOM_PORT ({settings.dicom_host}:"
+              f"{settings.dicom_port}) or PACS_HTTP_PORT ({settings.http_port}): the address "
+              "is in use (another pacs serve, or Orthanc?)", file=sys.stderr)
+        return 2
     return 0
 
 

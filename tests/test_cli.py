@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port
 from tests.factory import Spec, instance
 
 
@@ -298,3 +300,20 @@ def test_an_index_or_blob_store_that_cannot_be_opened_is_one_line_naming_the_set
         assert result.returncode == 2, result.stderr
         assert result.stderr.startswith("pacs: ") and setting in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_serve_on_a_port_in_use_is_one_line_and_exit_2(tmp_path):
+    """Another server on the DICOM port (a second pacs serve, Orthanc on 11112): a traceback
+    ending in 'Address already in use' was all the operator got."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        result = pacs("serve", data_dir=tmp_path / "data", **{
+            "PACS_DICOM_HOST": "127.0.0.1", "PACS_DICOM_PORT": str(taken.getsockname()[1]),
+            "PACS_HTTP_PORT": str(free_port()), "PACS_HL7_PORT": "0",
+            "PACS_DICOM_WORKERS": "1", "PACS_RECONCILE_ON_START": "false"})
+    finally:
+        taken.close()
+    assert result.returncode == 2
+    assert "address is in use" in result.stderr and "Traceback" not in result.stderr
