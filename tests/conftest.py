@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -238,6 +240,13 @@ class PacsProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def set_share_time(self, share_id: int, column: str, moment: dt.datetime) -> None:
+        """Move a share's ``created_at`` or ``expires_at`` in this server's SQLite index
+        (shares last at least an hour, and a test cannot wait for one to expire)."""
+        with sqlite3.connect(self.data_dir / "index.sqlite", timeout=30) as db:
+            db.execute(f"UPDATE shares SET {column} = ? WHERE pk = ?",
+                       (moment.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f"), share_id))
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.proc is None or self.proc.poll() is not None:

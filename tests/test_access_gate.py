@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -67,15 +66,6 @@ def _share(http: str, study_uid: str, **body) -> dict:
                           headers=STAFF, timeout=30)
     assert response.status_code == 201, response.text
     return response.json()
-
-
-def _set_share_time(server: PacsProcess, share_id: int, column: str,
-                    moment: dt.datetime) -> None:
-    """Move a share's ``created_at`` or ``expires_at`` in the server's SQLite index (shares
-    last at least an hour, and a test cannot wait for one to expire)."""
-    with sqlite3.connect(server.data_dir / "index.sqlite", timeout=30) as db:
-        db.execute(f"UPDATE shares SET {column} = ? WHERE pk = ?",
-                   (moment.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f"), share_id))
 
 
 def _open(http: str, token: str, pin: str | None = None) -> httpx.Response:
@@ -581,8 +571,8 @@ def test_revoked_and_expired_share_sessions_are_refused_at_once(site):
     revoked = _share(site.http, site.a.study_uid)
     revoked_grant = _grant(site.http, revoked["token"])
     expiring = _share(site.http, site.a.study_uid)
-    _set_share_time(site.server, expiring["id"], "expires_at",
-                    dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1.5))
+    site.server.set_share_time(expiring["id"], "expires_at",
+                               dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1.5))
     expiring_grant = _grant(site.http, expiring["token"])  # its session ends with the share
     url = f"/dicomweb/studies/{site.a.study_uid}/metadata"
     assert site.get(url, revoked_grant).status_code == 200  # now in the policy's cache

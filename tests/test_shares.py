@@ -12,7 +12,6 @@ import datetime as dt
 import io
 import json
 import re
-import sqlite3
 import subprocess
 import sys
 import time
@@ -67,15 +66,6 @@ def _share(server, study_uid: str, **body) -> dict:
                                                             **body}, headers=STAFF)
     assert response.status_code == 201, response.text
     return response.json()
-
-
-def _set_share_time(server: PacsProcess, share_id: int, column: str,
-                    moment: dt.datetime) -> None:
-    """Move a share's ``created_at`` or ``expires_at`` in the server's SQLite index (shares
-    last at least an hour, and a test cannot wait for one to expire)."""
-    with sqlite3.connect(server.data_dir / "index.sqlite", timeout=30) as db:
-        db.execute(f"UPDATE shares SET {column} = ? WHERE pk = ?",
-                   (moment.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f"), share_id))
 
 
 def _session(server, token: str, pin: str | None = None) -> httpx.Response:
@@ -138,7 +128,7 @@ def test_expired_share_shows_a_vietnamese_page_and_no_data(site):
     server, study_a, _, _ = site
     made = _share(server, study_a.study_uid)
     assert httpx.get(made["url"]).status_code == 200
-    _set_share_time(server, made["id"], "expires_at", dt.datetime.now(dt.UTC))
+    server.set_share_time(made["id"], "expires_at", dt.datetime.now(dt.UTC))
     page = httpx.get(made["url"])
     assert page.status_code == 410 and "hết hạn" in page.text
     assert "Nguyễn" not in page.text and study_a.study_uid not in page.text
@@ -428,8 +418,8 @@ def test_figures_for_a_day_are_for_that_day_in_the_servers_time_zone(site):
     # the 13th; and the studies archived ignored the days asked for.
     server, study_a, _, _ = site
     made = _share(server, study_a.study_uid)
-    _set_share_time(server, made["id"], "created_at",
-                    dt.datetime(2020, 6, 13, 20, 0, tzinfo=dt.UTC))
+    server.set_share_time(made["id"], "created_at",
+                          dt.datetime(2020, 6, 13, 20, 0, tzinfo=dt.UTC))
 
     on_the_14th = _figures(server, **{"from": "2020-06-14", "to": "2020-06-14"})
     on_the_13th = _figures(server, **{"from": "2020-06-13", "to": "2020-06-13"})
