@@ -80,6 +80,13 @@ class Pacs:
         for data in ct_series(spec, slices, size=16):
             self.archive.store(data)
 
+    def ordered_study(self, accession: str, patient_id: str, slices: int) -> Spec:
+        """An order, then its study's images (``slices`` CT slices) carrying its accession."""
+        self.order(accession, patient_id)
+        spec = Spec(patient_id=patient_id, accession=accession)
+        self.store(spec, slices)
+        return spec
+
     def link_state(self, study_uid: str) -> str | None:
         link = self.emr.linker.link_of(study_uid)
         return link.state if link is not None else None
@@ -144,9 +151,7 @@ def test_a_study_pending_completion_at_a_long_stop_is_reported_after_the_start(
         start_pacs, receivers, database_url):
     hl7_in, fhir_in = receivers
     first = start_pacs(quiet=60, database_url=database_url)  # it will not complete here
-    first.order("LONG1", "BNL01")
-    spec = Spec(patient_id="BNL01", accession="LONG1")
-    first.store(spec, 2)
+    spec = first.ordered_study("LONG1", "BNL01", 2)
     _linked(first, spec)
     first.stop()
 
@@ -166,9 +171,7 @@ def test_studies_linked_long_before_results_were_turned_on_are_not_all_sent_at_s
     hl7_in, _ = receivers
     first = start_pacs(quiet=60)
     for accession, patient in (("OLD1", "BNO01"), ("NEW1", "BNO02")):
-        first.order(accession, patient)
-        spec = Spec(patient_id=patient, accession=accession)
-        first.store(spec, 1)
+        spec = first.ordered_study(accession, patient, 1)
         _linked(first, spec)
         if accession == "OLD1":
             with first.archive.index.write_core() as conn:
@@ -189,9 +192,7 @@ def test_a_restart_right_after_a_result_was_delivered_does_not_send_it_again(sta
                                                                              receivers):
     hl7_in, fhir_in = receivers
     first = start_pacs(quiet=0.3)
-    first.order("TWICE1", "BNT01")
-    spec = Spec(patient_id="BNT01", accession="TWICE1")
-    first.store(spec, 2)
+    spec = first.ordered_study("TWICE1", "BNT01", 2)
     wait_for(lambda: {d.state for d in first.emr.outbox.list(study_uid=spec.study_uid)}
              == {"delivered"} and len(first.emr.outbox.list(study_uid=spec.study_uid)) == 2,
              what="both results delivered")
@@ -210,9 +211,7 @@ def test_mpps_completed_then_the_quiet_period_sends_one_result_and_a_late_image_
         start_pacs, receivers):
     hl7_in, fhir_in = receivers
     pacs = start_pacs(quiet=1.0)
-    pacs.order("MPPS1", "BNM01")
-    spec = Spec(patient_id="BNM01", accession="MPPS1")
-    pacs.store(spec, 2)
+    spec = pacs.ordered_study("MPPS1", "BNM01", 2)
     _linked(pacs, spec)
 
     pacs.emr.step_performed(spec.study_uid, COMPLETED)  # the modality's N-SET COMPLETED
@@ -605,9 +604,7 @@ def test_the_imaging_study_sent_contains_the_patient_with_mrn_cccd_and_bhyt(star
                                                                             receivers):
     _, fhir_in = receivers
     pacs = start_pacs(quiet=0.3)
-    pacs.order("SUBJ1", "BNS01")
-    spec = Spec(patient_id="BNS01", accession="SUBJ1")
-    pacs.store(spec, 1)
+    spec = pacs.ordered_study("SUBJ1", "BNS01", 1)
 
     [sent] = wait_for(lambda: fhir_in.about(spec.study_uid), what="the ImagingStudy")
 
