@@ -50,16 +50,7 @@ def parse_options(params, media_type: str, *, thumbnail: bool = False) -> Render
             raise ValueError(f"quality: {params['quality']!r} is not an integer") from None
         if not 1 <= quality <= 100:
             raise ValueError(f"quality: {quality} is not between 1 and 100")
-    window = None
-    if "window" in params:
-        parts = params["window"].split(",")
-        try:
-            center, width = float(parts[0]), float(parts[1])
-        except (ValueError, IndexError):
-            raise ValueError(f"window: {params['window']!r} is not center,width[,function]") \
-                from None
-        check_window(center, width)
-        window = (center, width)
+    window = parse_window(params["window"]) if "window" in params else None
     viewport = (THUMBNAIL_SIZE, THUMBNAIL_SIZE) if thumbnail else None
     if "viewport" in params:
         parts = params["viewport"].split(",")
@@ -71,6 +62,19 @@ def parse_options(params, media_type: str, *, thumbnail: bool = False) -> Render
             raise ValueError(f"viewport: each side must be between 1 and {_MAX_SIDE}")
         viewport = (columns, rows)
     return RenderOptions(media_type, quality, window, viewport)
+
+
+def parse_window(text: str) -> tuple[float, float]:
+    """``window=CENTER,WIDTH[,FUNCTION]`` as (center, width), the function ignored;
+    ``ValueError`` naming ``window`` for anything else (``check_window``)."""
+    parts = text.split(",")
+    try:
+        center, width = float(parts[0]), float(parts[1])
+    except (ValueError, IndexError):
+        raise ValueError(f"window: {text[:40]!r} is not center,width[,function] "
+                         "(e.g. 40,400)") from None
+    check_window(center, width)
+    return center, width
 
 
 def check_window(center: float, width: float) -> None:

@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from dicomweb.render import parse_window
 from pacs.access import principal_of
 from pacs.http_input import whole_number
 from storage.archive import StoreOutcome
@@ -28,7 +29,6 @@ from viewer.film import (
     FilmError,
     FilmRequest,
     NoImagesToFilm,
-    check_window,
     choose_images,
     render_film_pdf,
     render_film_sheet_png,
@@ -161,15 +161,11 @@ async def _as_made(chunks: Generator[bytes, None, object]) -> AsyncIterator[byte
 
 
 def _window(text: str) -> tuple[float, float]:
-    """``window=CENTER,WIDTH[,FUNCTION]`` as numbers (the function, as in WADO-RS, ignored);
-    ``FilmError`` naming ``window`` otherwise, also for NaN and infinity, which ``float``
-    takes."""
+    """The ``window`` parameter as ``/rendered`` reads it; ``FilmError`` naming it."""
     try:
-        center, width = (float(v) for v in text.split(",")[:2])
-    except ValueError:
-        raise FilmError(f"window: {text[:40]!r} is not center,width (e.g. 40,400)") from None
-    check_window(center, width)
-    return center, width
+        return parse_window(text)
+    except ValueError as exc:
+        raise FilmError(str(exc)) from None
 
 
 def _film_error(exc: ValueError) -> Response:
