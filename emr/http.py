@@ -305,6 +305,8 @@ def emr_routes(server) -> list[Route]:
             link = await run_in_threadpool(service.linker.dismiss, request.path_params["study"])
         except NotFound as exc:
             return _error(404, str(exc))
+        except OrderConflict as exc:
+            return _error(409, str(exc))
         return JSONResponse(dataclasses.asdict(link))
 
     async def study_order(request: Request) -> Response:

@@ -28,7 +28,7 @@ import sqlalchemy as sa
 
 from emr.errors import loggable
 from emr.model import OrderStatus, PatientInfo
-from emr.orders import OrderStore, StoredOrder
+from emr.orders import OrderConflict, OrderStore, StoredOrder
 from storage.archive import Archive, StoreOutcome, StoreResult
 from storage.errors import NotFound
 from storage.index import iso_seconds, patients, series, studies, study_links
@@ -64,6 +64,12 @@ class StudyLinker:
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._seen: OrderedDict[str, None] = OrderedDict()  # studies already queued or linked
         self._lock = threading.Lock()
+        # Held while a study is matched and its link written, and while an order that has
+        # just come looks for the studies waiting for it: otherwise a study matched against
+        # the orders of a moment before could be queued as unmatched just after the order
+        # looked, and wait for staff though its order is there (images and orders of a busy
+        # modality arrive together).
+        self._linking = threading.RLock()
         self._thread: threading.Thread | None = None
         self._listeners: list[Any] = []
         archive.subscribe(self._stored)
@@ -163,6 +169,10 @@ class StudyLinker:
 
     def link_studies(self, study_uids: list[str]) -> dict[str, StudyLink]:
         """Link the studies that are not linked yet; the link of each study still archived."""
+        with self._linking:
+            return self._link_studies(study_uids)
+
+    def _link_studies(self, study_uids: list[str]) -> dict[str, StudyLink]:
         current = self._links_of(study_uids)
         result = {uid: link for uid, link in current.items() if link.state != UNMATCHED}
         facts = self._facts_of([uid for uid in study_uids if uid not in result])
@@ -199,9 +209,10 @@ class StudyLinker:
                      .join(study_links, study_links.c.study_instance_uid
                            == studies.c.study_instance_uid)
                      .where(study_links.c.state == UNMATCHED, waiting_for))
-        with self.archive.index.read() as conn:
-            waiting = [uid for (uid,) in conn.execute(statement)]
-        links = [self.link_study(uid) for uid in waiting]
+        with self._linking:
+            with self.archive.index.read() as conn:
+                waiting = [uid for (uid,) in conn.execute(statement)]
+            links = [self.link_study(uid) for uid in waiting]
         return [link for link in links if link is not None and link.state == LINKED]
 
     def resolve(self, study_uid: str, accession_number: str, *,
@@ -211,16 +222,23 @@ class StudyLinker:
         if self._study_facts(study_uid) is None:
             raise NotFound(f"no study {study_uid}")
         order = self.orders.get(accession_number)  # UnknownOrder if there is none
-        if move_to_order_patient:
-            reassign_study(self.archive, study_uid, demographics(order.order.patient))
-        return self._link(study_uid, order, "manual", correct=False)
+        with self._linking:
+            if move_to_order_patient:
+                reassign_study(self.archive, study_uid, demographics(order.order.patient))
+            return self._link(study_uid, order, "manual", correct=False)
 
     def dismiss(self, study_uid: str) -> StudyLink:
-        """Take a study out of the unmatched queue without an order (e.g. a test scan)."""
+        """Take a study out of the unmatched queue without an order (e.g. a test scan).
+        ``OrderConflict`` for a study linked to an order: dismissing it would drop the link."""
         if self._study_facts(study_uid) is None:
             raise NotFound(f"no study {study_uid}")
-        link = StudyLink(study_uid, DISMISSED, "dismissed by staff")
-        self._save(link)
+        with self._linking:
+            current = self.link_of(study_uid)
+            if current is not None and current.state == LINKED:
+                raise OrderConflict(f"study {study_uid} is linked to an order; only a study"
+                                    " waiting in the unmatched queue can be dismissed")
+            link = StudyLink(study_uid, DISMISSED, "dismissed by staff")
+            self._save(link)
         return link
 
     def _link(self, study_uid: str, order: StoredOrder, reason: str, *,

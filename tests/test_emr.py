@@ -407,6 +407,24 @@ def test_unmatched_study_is_queued_and_staff_link_it_to_the_right_order(emr, tmp
     assert httpx.get(server.http + "/dicomweb/studies",
                      params={"PatientID": "CC-TEMP-7"}).status_code == 204
     wait_for(lambda: any("U1001" in m for m in hl7_in.messages), what="the ORU")
+    # Dismissing is for the queue: a linked study keeps its order.
+    refused = httpx.post(f"{server.http}/api/emr/unmatched/{spec.study_uid}/dismiss")
+    assert refused.status_code == 409 and "linked" in refused.json()["message"]
+    assert httpx.get(f"{server.http}/api/emr/studies/{spec.study_uid}").json()["state"] \
+        == "linked"
+
+
+def test_a_dismissed_test_scan_leaves_the_queue(emr, tmp_path, dcmtk_env):
+    server, _, _ = emr
+    spec = Spec(patient_id="QA-PHANTOM", accession="")
+    storescu(server, tmp_path, spec, 1, dcmtk_env)
+    wait_for(lambda: httpx.get(server.http + "/api/emr/unmatched").json(), what="queued")
+
+    dismissed = httpx.post(f"{server.http}/api/emr/unmatched/{spec.study_uid}/dismiss")
+
+    assert dismissed.status_code == 200 and dismissed.json()["state"] == "dismissed"
+    assert httpx.get(server.http + "/api/emr/unmatched").json() == []
+    assert httpx.post(f"{server.http}/api/emr/unmatched/1.2.3.4/dismiss").status_code == 404
 
 
 def test_order_that_arrives_after_its_images_links_them(emr, tmp_path, dcmtk_env):
