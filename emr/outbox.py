@@ -13,6 +13,15 @@ period, a restart) is not written again. A destination that *refuses* a message 
 HTTP 4xx) is not retried: the delivery is marked failed, visible through the API, and can be
 retried by hand.
 
+Several server nodes may share one database (ARCHITECTURE, "Scale"), each with an outbox: a
+node sends a destination's deliveries only while it holds that destination's lease (a row of
+``outbox_leases``, taken by a conditional UPDATE, which every database does atomically), held
+for one round and renewed before each attempt. So each message goes out once and in order
+whichever node wrote it; a node that stops gives its leases back, and one that dies lets them
+lapse after ``lease_seconds``, when another takes over (the attempt under way when it died
+may then be made again: results are idempotent for the EMR, which receives a newer one for
+the same study anyway).
+
 Logs name deliveries and destinations, never what the destination answered: error texts of
 EMRs quote patient names. The full text is kept with the delivery (``last_error``).
 """
@@ -22,6 +31,9 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import os
+import secrets
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -31,12 +43,14 @@ from sqlalchemy.engine import Connection
 
 from emr.errors import loggable
 from storage.errors import NotFound
-from storage.index import Index, deliveries, iso_seconds, stored_utc, utc_now
+from storage.index import Index, deliveries, iso_seconds, outbox_leases, stored_utc, utc_now
 
 log = logging.getLogger("pacs.emr.outbox")
 
 PENDING, DELIVERED, FAILED, SUPERSEDED = "pending", "delivered", "failed", "superseded"
 _IDLE_SECONDS = 60.0  # a worker with nothing due looks again after this long at the latest
+_LEASE_SECONDS = 120.0  # how long a dead node's lease holds a destination (> one attempt)
+_HELD_ELSEWHERE_SECONDS = 5.0  # a worker whose destination another node serves looks again
 
 
 class DeliveryRefused(Exception):
@@ -80,12 +94,17 @@ class Outbox:
 
     def __init__(self, index: Index, senders: dict[str, Sender], *,
                  retry_seconds: float = 5.0, max_retry_seconds: float = 300.0,
-                 contents: dict[str, Content] | None = None) -> None:
+                 contents: dict[str, Content] | None = None,
+                 lease_seconds: float = _LEASE_SECONDS) -> None:
         self.index = index
         self.senders = senders
         self.contents = contents or {}
         self.retry_seconds = retry_seconds
         self.max_retry_seconds = max_retry_seconds
+        self.lease_seconds = lease_seconds
+        # This outbox among the nodes on the database (unique: a restarted process is another).
+        self.node = f"{socket.gethostname()[:80]}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._held: set[str] = set()  # destinations whose lease this node may hold
         self._stop = threading.Event()
         self._started = False
         self._workers: dict[str, _DestinationWorker] = {}
@@ -109,6 +128,12 @@ class Outbox:
             worker.wake()
         for worker in workers:
             worker.join(15)
+        for destination in list(self._held):  # the other nodes need not wait for them to lapse
+            try:
+                self._give_back(destination)
+            except Exception as exc:  # the database is gone: the lease lapses by itself
+                log.warning("could not give back the outbox lease of %s (%s)", destination,
+                            loggable(exc))
 
     def enqueue(self, destination: str, kind: str, study_uid: str, payload: str) -> int:
         """Owe ``payload`` to ``destination``; what was still waiting for the same study there
@@ -207,11 +232,20 @@ class Outbox:
         """Send ``destination``'s due deliveries one at a time, the first due first (new ones
         in the order they were written); seconds until the next one is due.
 
+        Only while this node holds the destination's lease (see the module's docstring): a
+        round takes it, renews it before each attempt and gives it back at its end.
+
         Each is read afresh before its attempt (one superseded meanwhile is not sent), and one
         waiting for its retry does not hold up the others: an EMR that refuses one message for
         now (AE) still gets the results of other studies. Two failures in a row end the round
         until ``retry_seconds`` later: the destination itself is down, and trying each of a
         backlog in turn (each up to its 15 s deadline) would only keep the worker waiting."""
+        try:
+            return self._round(destination)
+        finally:
+            self._give_back(destination)
+
+    def _round(self, destination: str) -> float:
         failures = 0
         while not self._stop.is_set():
             delivery = self._first_due(destination)
@@ -223,8 +257,49 @@ class Outbox:
                 return min(max(wait, 0.05), _IDLE_SECONDS)
             if failures >= 2:
                 return self.retry_seconds
+            if not self._hold(destination):
+                # Another node is sending; it sees this node's new deliveries too. Look
+                # again soon: it may have stopped in between, or be gone.
+                return _HELD_ELSEWHERE_SECONDS
+            delivery = self._first_due(destination)  # what is first may have been sent
+            if delivery is None or (delivery.next_attempt_at or utc_now()) > utc_now():
+                continue
             failures = 0 if self._attempt(delivery) else failures + 1
         return _IDLE_SECONDS
+
+    def _hold(self, destination: str) -> bool:
+        """Take or renew ``destination``'s lease for ``lease_seconds``; False while another
+        node holds it."""
+        now = utc_now()
+        until = now + dt.timedelta(seconds=self.lease_seconds)
+        with self.index.write_core() as conn:
+            if conn.execute(outbox_leases.update().where(
+                    outbox_leases.c.destination == destination,
+                    sa.or_(outbox_leases.c.holder == self.node,
+                           outbox_leases.c.expires_at < now))
+                    .values(holder=self.node, expires_at=until)).rowcount:
+                self._held.add(destination)
+                return True
+            if conn.execute(sa.select(outbox_leases.c.holder).where(
+                    outbox_leases.c.destination == destination)).first() is not None:
+                return False
+        try:  # the destination's first lease; two nodes may write it at once: one wins
+            with self.index.write_core() as conn:
+                conn.execute(outbox_leases.insert().values(
+                    destination=destination, holder=self.node, expires_at=until))
+        except sa.exc.IntegrityError:
+            return False
+        self._held.add(destination)
+        return True
+
+    def _give_back(self, destination: str) -> None:
+        if destination not in self._held:
+            return
+        self._held.discard(destination)
+        with self.index.write_core() as conn:
+            conn.execute(outbox_leases.update().where(
+                outbox_leases.c.destination == destination,
+                outbox_leases.c.holder == self.node).values(expires_at=utc_now()))
 
     def _first_due(self, destination: str) -> Delivery | None:
         with self.index.read() as conn:

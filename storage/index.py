@@ -237,6 +237,16 @@ deliveries = sa.Table(
     *_timestamps(),
 )
 
+# The server node sending a destination's deliveries for now. Several nodes on one database
+# each run an outbox: a destination is served by one of them at a time, so each message goes
+# out once and in the order written; a node that stops or dies lets the lease lapse.
+outbox_leases = sa.Table(
+    "outbox_leases", metadata,
+    sa.Column("destination", sa.Text, primary_key=True),
+    sa.Column("holder", sa.String(128), nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+)
+
 TABLES = {Level.PATIENT: patients, Level.STUDY: studies, Level.SERIES: series,
           Level.INSTANCE: instances}
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import hl7
 import pytest
+import sqlalchemy as sa
 from fhir.resources.R4B.imagingstudy import ImagingStudy
 from pydicom.dataset import Dataset
 
@@ -35,7 +36,7 @@ from emr.service import EmrService
 from pacs.settings import Settings
 from storage.archive import open_archive
 from storage.completion import StudyCompletion
-from storage.index import open_index, orders, patients, studies, utc_now
+from storage.index import open_index, orders, outbox_leases, patients, studies, utc_now
 from tests.conftest import free_port
 from tests.emr_peers import ProgrammableFhir, ProgrammableMllp
 from tests.factory import Spec, ct_series
@@ -335,6 +336,59 @@ def test_a_destination_that_is_down_is_not_tried_once_per_waiting_result(index):
         wait_for(lambda: len(tried) >= 2, timeout=5, what="the first attempts")
         time.sleep(0.5)
         assert tried == ["ORU 0", "ORU 1"]
+    finally:
+        outbox.stop()
+
+
+# Review: each node's outbox sent every pending delivery of a destination it saw: two nodes
+# on one database (ARCHITECTURE, "Scale") sent each result twice, and out of order.
+def test_two_nodes_on_one_database_send_each_result_once_and_in_order(database_url):
+    sent: list[tuple[str, str]] = []
+
+    def emr_of(node: str):
+        def receive(destination: str, payload: str) -> None:
+            time.sleep(0.05)  # an EMR taking its time: the two nodes' rounds overlap
+            sent.append((node, payload))
+        return receive
+
+    indexes = [open_index(database_url), open_index(database_url)]
+    nodes = [Outbox(index, {"hl7": emr_of(name)}) for index, name in zip(indexes, "AB",
+                                                                          strict=True)]
+    for outbox in nodes:
+        outbox.start()
+    try:
+        for n in range(12):
+            nodes[n % 2].enqueue("mllp://emr:2575", "hl7", f"1.2.7.{n}", f"ORU {n}")
+
+        wait_for(lambda: len(sent) >= 12, timeout=20, what="the results")
+        time.sleep(0.5)
+        assert [payload for _, payload in sent] == [f"ORU {n}" for n in range(12)]
+    finally:
+        for outbox in nodes:
+            outbox.stop()
+        for index in indexes:
+            index.engine.dispose()
+
+
+def test_a_dead_nodes_destination_is_taken_over_when_its_lease_lapses(index):
+    """A node that died while sending leaves its lease behind; the others wait for it to
+    lapse (the dead node might only be slow), then send what is owed."""
+    sent: list[str] = []
+    with index.write_core() as conn:
+        conn.execute(outbox_leases.insert().values(
+            destination="mllp://emr:2575", holder="node-that-died",
+            expires_at=utc_now() + dt.timedelta(seconds=1.5)))
+    outbox = Outbox(index, {"hl7": lambda d, p: sent.append(p)})
+    outbox.start()
+    try:
+        outbox.enqueue("mllp://emr:2575", "hl7", "1.2.8", "ORU owed")
+        time.sleep(0.8)
+        assert sent == []  # the lease still holds
+
+        wait_for(lambda: sent == ["ORU owed"], timeout=15, what="the takeover")
+        with index.read() as conn:
+            holder = conn.execute(sa.select(outbox_leases.c.holder)).scalar_one()
+        assert holder == outbox.node
     finally:
         outbox.stop()
 
