@@ -176,6 +176,24 @@ class StudyLinker:
         current = self._links_of(study_uids)
         result = {uid: link for uid, link in current.items() if link.state != UNMATCHED}
         facts = self._facts_of([uid for uid in study_uids if uid not in result])
+        queued = self._match_all(facts, result)
+        self._save(*(link for link in queued if current.get(link.study_instance_uid) != link))
+        for link in queued:
+            if link.study_instance_uid not in current:
+                log.info("study %s is unmatched: %s", link.study_instance_uid, link.reason)
+        # Another node's order may have come between the read of the orders and the write
+        # of the queue, and looked for waiting studies before they were written (in this
+        # process, ``_linking`` keeps the two apart): look once more, now they are queued.
+        new = {link.study_instance_uid for link in queued if link.study_instance_uid
+               not in current}
+        if new:
+            self._match_all({uid: facts[uid] for uid in new}, result)
+        return result
+
+    def _match_all(self, facts: dict[str, dict[str, Any]], result: dict[str, StudyLink]
+                   ) -> list[StudyLink]:
+        """Link each study in ``facts`` that has its order; the unmatched ones' links (not
+        written). ``result`` gets the link of each."""
         ordered = self.orders.by_accessions(
             {f["accession_number"] for f in facts.values() if f["accession_number"]})
         unmatched = []
@@ -184,14 +202,10 @@ class StudyLinker:
             if order is not None:
                 merged = not _same_patient(order.order.patient, study)
                 result[uid] = self._link(uid, order, reason, move=merged)
-                continue
-            link = result[uid] = StudyLink(uid, UNMATCHED, reason)
-            if current.get(uid) != link:
-                unmatched.append(link)
-            if uid not in current:
-                log.info("study %s is unmatched: %s", uid, reason)
-        self._save(*unmatched)
-        return result
+            else:
+                unmatched.append(StudyLink(uid, UNMATCHED, reason))
+                result[uid] = unmatched[-1]
+        return unmatched
 
     def link_waiting(self, order: StoredOrder) -> list[StudyLink]:
         """Link the unmatched studies this order (just come) is for: those carrying its

@@ -608,7 +608,7 @@ def test_an_order_coming_while_its_study_is_being_matched_links_it(start_pacs, r
 
     def orders_read_just_before_the_order_came(accessions):
         found = read_orders(accessions)
-        if "RACE1" in accessions and not ordering.is_alive():
+        if "RACE1" in accessions and ordering.ident is None:  # once
             ordering.start()
             wait_for(lambda: orders.by_accessions({"RACE1"}), what="the order stored")
             time.sleep(0.3)  # time for the order to look for the study waiting for it
