@@ -25,6 +25,9 @@ NAME_MATCHING_MODES = ("auto", "fuzzy", "exact")
 # Fewest index connections a process of the server gets: several requests run at once in each.
 MIN_PROCESS_CONNECTIONS = 4
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE: 16 chars, no backslash
+# One film_sheets_per_study entry: a Modality (CS: letters, digits, underscore) or "*", sheets.
+_FILM_SHEETS_ENTRY = re.compile(r"\s*(\*|[A-Za-z0-9_]{1,16})\s*:\s*(\d+)\s*")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class SettingsError(ValueError):
@@ -111,7 +114,8 @@ class Settings:
     # taken from each request's Host header.
     public_url: str = ""
     # Browser origins allowed to call /dicomweb from other sites (CORS), e.g.
-    # "https://viewer.example.org"; "*" allows any. Empty: same origin only.
+    # "https://viewer.example.org", written as browsers send Origin (lower case, no trailing
+    # slash, no default port); "*" allows any. Empty: same origin only.
     cors_allowed_origins: tuple[str, ...] = ()
     # Largest STOW-RS request body in bytes (HTTP 413 beyond it).
     stow_max_bytes: int = 4 * 1024**3
@@ -220,8 +224,7 @@ class Settings:
     @property
     def film_sheets(self) -> dict[str, int]:
         """Modality -> film sheets a printed study of it took ("*": any other)."""
-        pairs = (item.split(":") for item in self.film_sheets_per_study)
-        return {modality.strip().upper(): int(count) for modality, count in pairs}
+        return dict(_film_sheets_entry(item) for item in self.film_sheets_per_study)
 
     def peer(self, ae_title: str) -> Peer | None:
         """The configured peer with this AE title (compared without padding), if any."""
@@ -298,11 +301,27 @@ _TOML_TYPES: dict[str, tuple[type, ...]] = {
 def _check_toml_type(type_name: Any, value: Any) -> None:
     """Refuse a TOML value of the wrong type (strings come from the environment: parsed)."""
     name = getattr(type_name, "__name__", type_name)
+    if str(name).startswith("tuple["):
+        # A list, or one string of comma-separated entries as in the environment; anything
+        # else (104, a table) would become a string no one wrote.
+        if not isinstance(value, (str, list)):
+            raise TypeError(f"{value!r} is a TOML {_toml_kind(value)}, expected a list of "
+                            "strings")
+        for item in value if isinstance(value, list) else ():
+            if not isinstance(item, str):
+                raise TypeError(f"entry {item!r} is a TOML {_toml_kind(item)}, expected a "
+                                "string (in quotes)")
+        return
     expected = _TOML_TYPES.get(name)
     if expected is None or isinstance(value, str):
         return
     if isinstance(value, bool) and bool not in expected or not isinstance(value, expected):
-        raise TypeError(f"{value!r} is a TOML {type(value).__name__}, expected {name}")
+        raise TypeError(f"{value!r} is a TOML {_toml_kind(value)}, expected {name}")
+
+
+def _toml_kind(value: Any) -> str:
+    """The TOML name of a parsed value's kind (a table, not a dict)."""
+    return {dict: "table", list: "array"}.get(type(value), type(value).__name__)
 
 
 def _to_bool(value: Any) -> bool:
@@ -324,6 +343,92 @@ def _to_list(value: Any) -> list[str]:
 def _check_ae_title(value: str, what: str) -> None:
     if not _AE_TITLE.match(value) or not value.strip():
         raise SettingsError(f"{what} {value!r} is not a valid AE title (1-16 characters, no '\\')")
+
+
+def _film_sheets_entry(item: str) -> tuple[str, int]:
+    """One ``film_sheets_per_study`` entry ``MODALITY:SHEETS`` as (MODALITY, sheets)."""
+    match = _FILM_SHEETS_ENTRY.fullmatch(item)
+    if not match:
+        raise SettingsError(f"film_sheets_per_study: {item!r} is not MODALITY:SHEETS, e.g. CT:2")
+    sheets = int(match.group(2))
+    if sheets < 1:
+        raise SettingsError(f"film_sheets_per_study: {item!r}: sheets must be at least 1")
+    return match.group(1).upper(), sheets
+
+
+def _check_cors_origin(origin: str) -> None:
+    """``*``, or an origin written exactly as browsers send ``Origin``: CORSMiddleware
+    compares the strings as they are, so any other spelling never matches."""
+    if origin == "*":
+        return
+    what = f"cors_allowed_origins: {origin!r}"
+    not_an_origin = SettingsError(f"{what} is not an origin http(s)://host[:port] (or *)")
+    try:
+        parts = urlsplit(origin)
+        port, host = parts.port, parts.hostname or ""
+    except ValueError:  # a port out of range, a broken [IPv6]
+        raise not_an_origin from None
+    if parts.scheme not in ("http", "https") or port == 0 or \
+            not re.fullmatch(r"[a-z0-9.-]+|[0-9a-f:.]+", host):  # no "*.", no blank
+        raise not_an_origin
+    if parts.path == "/" and not (parts.query or parts.fragment or parts.username):
+        raise SettingsError(f"{what} ends in '/': browsers send the origin without it")
+    if parts.path or parts.query or parts.fragment or parts.username:
+        raise SettingsError(f"{what} has more than scheme://host[:port] (a path, a query "
+                            "or a user)")
+    written = f"[{host}]" if ":" in host else host
+    if port and port != _DEFAULT_PORTS[parts.scheme]:
+        written += f":{port}"
+    as_sent = f"{parts.scheme}://{written}"
+    if origin != as_sent:  # upper case, a default port
+        raise SettingsError(f"{what} never matches: browsers send {as_sent!r}")
+
+
+def _check_emr_destination(destination: str) -> None:
+    """``mllp://HOST:PORT`` or an http(s) FHIR base URL, told apart and read as
+    ``emr.service`` does (``mllp://`` prefix; ``urlsplit``; PUT to ``BASE/ImagingStudy/ID``)."""
+    what = f"emr_results_to: {destination!r}"
+    mllp = destination.startswith("mllp://")
+    try:
+        parts = urlsplit(destination)
+        port = parts.port
+    except ValueError:  # a port out of range or not a number, a broken [IPv6]
+        raise SettingsError(f"{what} has a bad port (1-65535) or host") from None
+    if (not mllp and parts.scheme not in ("http", "https")) or not parts.hostname or \
+            re.search(r"\s", destination):
+        raise SettingsError(f"{what} is neither mllp://HOST:PORT nor a FHIR base URL "
+                            "http(s)://...")
+    if mllp and port is None:
+        raise SettingsError(f"{what} has no port: mllp://HOST:PORT")
+    if port == 0:
+        raise SettingsError(f"{what} has a bad port (1-65535) or host")
+    if parts.username is not None:
+        raise SettingsError(f"{what}: a user or password in the URL is not sent; leave it out")
+    extra = "?" in destination or "#" in destination
+    if mllp and (extra or parts.path not in ("", "/")):
+        raise SettingsError(f"{what}: nothing may follow mllp://HOST:PORT")
+    if extra:
+        raise SettingsError(f"{what}: results are PUT to BASE/ImagingStudy/ID; leave out the "
+                            "query or fragment")
+
+
+def _validate_lists(settings: Settings) -> None:
+    """Entries of the list settings that are read only later (CORS, results, film)."""
+    seen_peers: set[str] = set()
+    for peer in settings.peers:
+        if peer.ae_title in seen_peers:  # ``Settings.peer`` would never find the second
+            raise SettingsError(f"peers: AE title {peer.ae_title!r} is listed twice")
+        seen_peers.add(peer.ae_title)
+    for origin in settings.cors_allowed_origins:
+        _check_cors_origin(origin)
+    for destination in settings.emr_results_to:
+        _check_emr_destination(destination)
+    seen_modalities: set[str] = set()
+    for item in settings.film_sheets_per_study:
+        modality, _ = _film_sheets_entry(item)
+        if modality in seen_modalities:  # the dict would keep the last, silently
+            raise SettingsError(f"film_sheets_per_study: {modality} is listed twice")
+        seen_modalities.add(modality)
 
 
 def _validate_ports_and_limits(settings: Settings) -> None:
@@ -355,6 +460,7 @@ def _validate(settings: Settings) -> None:
     for ae in settings.allowed_calling_aes:
         _check_ae_title(ae, "allowed_calling_aes entry")
     _validate_ports_and_limits(settings)
+    _validate_lists(settings)
     if settings.duplicate_policy not in DUPLICATE_POLICIES:
         raise SettingsError(
             f"duplicate_policy {settings.duplicate_policy!r} must be one of {DUPLICATE_POLICIES}"
@@ -400,19 +506,9 @@ def _validate(settings: Settings) -> None:
             min(settings.film_grid) < 1:
         raise SettingsError(f"film_layout {settings.film_layout!r} must be COLUMNSxROWS, "
                             "e.g. 4x5")
-    for destination in settings.emr_results_to:
-        mllp = re.fullmatch(r"mllp://[^/:]+:(\d+)/?", destination)
-        if not mllp and not re.fullmatch(r"https?://\S+", destination):
-            raise SettingsError(f"emr_results_to: {destination!r} is neither mllp://HOST:PORT "
-                                "nor a FHIR base URL http(s)://...")
-        if mllp and not 0 < int(mllp.group(1)) < 65536:
-            raise SettingsError(f"emr_results_to: {destination!r}: port out of range 1-65535")
     if not 0 < settings.emr_retry_seconds <= settings.emr_retry_max_seconds:
         raise SettingsError("emr_retry_seconds must be positive and at most "
                             "emr_retry_max_seconds")
-    for item in settings.film_sheets_per_study:
-        if not re.fullmatch(r"\s*(\*|[A-Za-z]{2})\s*:\s*\d+\s*", item):
-            raise SettingsError(f"film_sheets_per_study: {item!r} is not MODALITY:SHEETS")
 
 
 __all__ = ["Peer", "Settings", "SettingsError", "load_settings"]

@@ -79,6 +79,18 @@ def test_import_of_a_missing_path_and_bad_settings_are_clear_errors(tmp_path):
     assert bad.returncode == 2 and "duplicate_policy" in bad.stderr
 
 
+def test_serve_with_a_bad_list_entry_in_its_config_file_exits_2_naming_it(tmp_path):
+    """A trailing slash never matches the browser's Origin: refused at start, not at use."""
+    config = tmp_path / "pacs.toml"
+    config.write_text('cors_allowed_origins = ["https://emr.hospital.vn/"]\n')
+    result = pacs("serve", "--config", str(config), data_dir=tmp_path / "data",
+                  PACS_HTTP_PORT=str(free_port()), PACS_HL7_PORT="0")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("pacs: ")
+    assert "cors_allowed_origins: 'https://emr.hospital.vn/' ends in '/'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 def test_migrate_creates_the_schema(tmp_path):
     result = pacs("migrate", data_dir=tmp_path / "data")
     assert result.returncode == 0 and "up to date" in result.stdout

@@ -1,6 +1,7 @@
 """Settings: defaults with no file, a TOML file, and PACS_* variables that override it."""
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,96 @@ def test_a_config_path_that_is_a_folder_or_not_utf8_is_a_settings_error(tmp_path
         load_settings(tmp_path, environ={})
     with pytest.raises(SettingsError, match="not valid UTF-8 TOML"):
         load_settings(latin1, environ={})
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("cors_allowed_origins = ['https://emr.hospital.vn', 5]",
+     "setting cors_allowed_origins: entry 5 is a TOML int, expected a string"),
+    ("film_sheets_per_study = ['CT:2', {MR = 2}]",
+     "setting film_sheets_per_study: entry {'MR': 2} is a TOML table"),
+    ("peers = [['WS1@10.0.0.21:104']]", "setting peers: entry .* is a TOML array"),
+    ("emr_results_to = 2575", "setting emr_results_to: 2575 is a TOML int, expected a list"),
+    ("staff_networks = true", "setting staff_networks: True is a TOML bool"),
+])
+def test_a_toml_list_setting_holds_strings_only(tmp_path, text, message):
+    config = tmp_path / "pacs.toml"
+    config.write_text(text + "\n")
+    with pytest.raises(SettingsError, match=message):
+        load_settings(config, environ={})
+
+
+def test_a_toml_list_setting_may_be_one_comma_separated_string_like_the_environment(tmp_path):
+    config = tmp_path / "pacs.toml"
+    config.write_text("cors_allowed_origins = 'https://a.hospital.vn, http://localhost:3000'\n")
+    settings = load_settings(config, environ={})
+    assert settings.cors_allowed_origins == ("https://a.hospital.vn", "http://localhost:3000")
+
+
+def test_cors_origins_as_browsers_send_them_are_accepted():
+    origins = "*,https://emr.hospital.vn,http://localhost:3000,http://[::1]:8080"
+    settings = load_settings(environ={"PACS_CORS_ALLOWED_ORIGINS": origins})
+    assert len(settings.cors_allowed_origins) == 4
+
+
+@pytest.mark.parametrize(("origin", "message"), [
+    ("https://emr.hospital.vn/", "'https://emr.hospital.vn/' ends in '/': browsers send"),
+    ("https://emr.hospital.vn/viewer", "has more than scheme://host\\[:port\\]"),
+    ("https://emr.hospital.vn?x=1", "has more than scheme://host\\[:port\\]"),
+    ("emr.hospital.vn", "'emr.hospital.vn' is not an origin http\\(s\\)://host"),
+    ("ftp://emr.hospital.vn", "is not an origin"),
+    ("https://*.hospital.vn", "is not an origin"),
+    ("null", "is not an origin"),
+    ("https://emr.hospital.vn:99999", "is not an origin"),
+    ("https://EMR.hospital.vn", "never matches: browsers send 'https://emr.hospital.vn'"),
+    ("https://emr.hospital.vn:443", "never matches: browsers send 'https://emr.hospital.vn'"),
+])
+def test_a_cors_origin_that_would_never_match_is_refused(origin, message):
+    with pytest.raises(SettingsError, match="cors_allowed_origins: .*" + message):
+        load_settings(environ={"PACS_CORS_ALLOWED_ORIGINS": f"https://ok.hospital.vn,{origin}"})
+
+
+def test_emr_destinations_of_both_kinds_are_accepted():
+    destinations = "mllp://his:2575,mllp://[fd00::5]:2575,https://emr.hospital.vn:8443/fhir/"
+    settings = load_settings(environ={"PACS_EMR_RESULTS_TO": destinations})
+    assert len(settings.emr_results_to) == 3
+
+
+@pytest.mark.parametrize(("destination", "message"), [
+    ("mllp://his", "has no port: mllp://HOST:PORT"),
+    ("mllp://his:0", "has a bad port"),
+    ("mllp://his:70000", "has a bad port"),
+    ("mllp://his:2575/orders", "nothing may follow mllp://HOST:PORT"),
+    ("MLLP://his:2575", "is neither mllp://HOST:PORT nor a FHIR base URL"),
+    ("his:2575", "is neither"),
+    ("https://", "is neither"),
+    ("https://emr.hospital.vn:abc/fhir", "has a bad port"),
+    ("https://emr.hospital.vn/fhir?_format=json", "leave out the query"),
+    ("https://pacs:secret@emr.hospital.vn/fhir", "user or password in the URL is not sent"),
+])
+def test_an_emr_destination_that_could_not_be_sent_to_is_refused(destination, message):
+    expected = f"emr_results_to: '{re.escape(destination)}'.*{message}"
+    with pytest.raises(SettingsError, match=expected):
+        load_settings(environ={"PACS_EMR_RESULTS_TO": destination})
+
+
+def test_film_sheets_take_any_modality_code_and_upper_case_it():
+    settings = load_settings(environ={"PACS_FILM_SHEETS_PER_STUDY": "ct:3, OPT:1, *:1"})
+    assert settings.film_sheets == {"CT": 3, "OPT": 1, "*": 1}
+
+
+@pytest.mark.parametrize(("entries", "message"), [
+    ("CT:2,MR", "'MR' is not MODALITY:SHEETS, e.g. CT:2"),
+    ("CT:2.5", "'CT:2.5' is not MODALITY:SHEETS"),
+    ("CT:-1", "'CT:-1' is not MODALITY:SHEETS"),
+    ("CT:0", "'CT:0': sheets must be at least 1"),
+    ("CT:2,ct:3", "CT is listed twice"),
+])
+def test_a_film_sheets_entry_that_cannot_be_read_is_refused(entries, message):
+    with pytest.raises(SettingsError, match="film_sheets_per_study: " + message):
+        load_settings(environ={"PACS_FILM_SHEETS_PER_STUDY": entries})
+
+
+def test_a_peer_ae_title_listed_twice_is_refused():
+    """C-MOVE to WS1 would always go to the first; the second address is never used."""
+    with pytest.raises(SettingsError, match="peers: AE title 'WS1' is listed twice"):
+        load_settings(environ={"PACS_PEERS": "WS1@10.0.0.21:104,WS1@10.0.0.22:104"})
