@@ -4,8 +4,10 @@ cores, see ``pacs.dimse.workers``), the HTTP server and the EMR links."""
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import logging
 import os
+import socket
 import threading
 from types import FrameType
 
@@ -37,6 +39,40 @@ def archive_for(settings: Settings) -> Archive:
                         accept_conflicting_patient_id=settings.accept_conflicting_patient_id,
                         connections=settings.database_connection_shares()[0],
                         name=f"pacs-{os.getpid()}")
+
+
+class CannotListen(OSError):
+    """A listening address the settings name cannot be used: taken (another pacs serve,
+    Orthanc on 11112...), not an address of this machine, a port below 1024 without the
+    right, a host name that does not resolve."""
+
+    def __init__(self, settings_names: str, host: str, port: int, reason: str) -> None:
+        super().__init__(f"{settings_names} ({host}:{port}): {reason}")
+
+
+def check_listening_addresses(settings: Settings) -> None:
+    """``CannotListen`` naming the settings of the first listening address that cannot be
+    used, before anything is opened or started: the listeners fail later on their own (the
+    DICOM one in worker processes), in words that do not say which setting to change. Bound
+    as the listeners bind (SO_REUSEADDR: a port left in TIME_WAIT by a stopped server is
+    free)."""
+    listeners = [("PACS_DICOM_HOST/PACS_DICOM_PORT", settings.dicom_host, settings.dicom_port),
+                 ("PACS_HTTP_HOST/PACS_HTTP_PORT", settings.http_host, settings.http_port)]
+    if settings.hl7_port:
+        listeners.append(("PACS_HL7_HOST/PACS_HL7_PORT", settings.hl7_host, settings.hl7_port))
+    for names, host, port in listeners:
+        try:
+            for family, kind, proto, _, address in socket.getaddrinfo(
+                    host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+                with socket.socket(family, kind, proto) as probe:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    probe.bind(address)
+        except OSError as exc:
+            reason = ("the address is in use (another pacs serve, or Orthanc?)"
+                      if exc.errno == errno.EADDRINUSE else
+                      "the host name does not resolve" if isinstance(exc, socket.gaierror) else
+                      f"cannot listen there ({exc.strerror or exc})")
+            raise CannotListen(names, host, port, reason) from None
 
 
 def warn_without_public_url(settings: Settings) -> None:

@@ -117,15 +117,19 @@ def _os_reason(exc: OSError) -> str:
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
-    from pacs.app import PacsServer
+    from pacs.app import CannotListen, PacsServer, check_listening_addresses
 
     try:
+        check_listening_addresses(settings)
         PacsServer(settings).run()
+    except CannotListen as exc:
+        print(f"pacs: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         if exc.errno != errno.EADDRINUSE:
             raise
-        print(f"pacs: PACS_DICOM_HOST/PACS_DICOM_PORT ({settings.dicom_host}:"
-              f"{settings.dicom_port}) or PACS_HTTP_PORT ({settings.http_port}): the address "
+        # Taken between the check and the listener's start.
+        print("pacs: a listening address (PACS_DICOM_PORT, PACS_HTTP_PORT or PACS_HL7_PORT) "
               "is in use (another pacs serve, or Orthanc?)", file=sys.stderr)
         return 2
     return 0

@@ -314,18 +314,39 @@ def test_an_index_or_blob_store_that_cannot_be_opened_is_one_line_naming_the_set
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
-def test_serve_on_a_port_in_use_is_one_line_and_exit_2(tmp_path):
-    """Another server on the DICOM port (a second pacs serve, Orthanc on 11112): a traceback
-    ending in 'Address already in use' was all the operator got."""
+@pytest.mark.parametrize("taken_setting", ["PACS_DICOM_PORT", "PACS_HTTP_PORT",
+                                           "PACS_HL7_PORT"])
+def test_serve_on_a_port_in_use_names_the_setting_in_one_line_and_exits_2(tmp_path,
+                                                                           taken_setting):
+    """Another server on one of the ports (a second pacs serve, Orthanc on 11112): a traceback
+    ending in 'Address already in use' was all the operator got, or for the HTTP port
+    uvicorn's line and exit 1, for the HL7 port a line blaming the DICOM or HTTP port."""
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
+    ports = {"PACS_DICOM_PORT": str(free_port()), "PACS_HTTP_PORT": str(free_port()),
+             "PACS_HL7_PORT": str(free_port()), taken_setting: str(taken.getsockname()[1])}
     try:
-        result = pacs("serve", data_dir=tmp_path / "data", **{
-            "PACS_DICOM_HOST": "127.0.0.1", "PACS_DICOM_PORT": str(taken.getsockname()[1]),
-            "PACS_HTTP_PORT": str(free_port()), "PACS_HL7_PORT": "0",
-            "PACS_DICOM_WORKERS": "1", "PACS_RECONCILE_ON_START": "false"})
+        result = pacs("serve", data_dir=tmp_path / "data", **ports, **{
+            "PACS_DICOM_HOST": "127.0.0.1", "PACS_HL7_HOST": "127.0.0.1",
+            "PACS_DICOM_WORKERS": "2", "PACS_RECONCILE_ON_START": "false"})
     finally:
         taken.close()
-    assert result.returncode == 2
-    assert "address is in use" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    host_setting = taken_setting.replace("PORT", "HOST")
+    assert line == (f"pacs: {host_setting}/{taken_setting} (127.0.0.1:{ports[taken_setting]}): "
+                    "the address is in use (another pacs serve, or Orthanc?)")
+
+
+def test_serve_on_an_address_of_another_machine_names_the_setting(tmp_path):
+    """A mistyped listen address (not one of this machine's) is one line, not a traceback."""
+    result = pacs("serve", data_dir=tmp_path / "data", PACS_HTTP_HOST="192.0.2.1",
+                  PACS_HTTP_PORT=str(free_port()), PACS_HL7_PORT="0",
+                  PACS_DICOM_HOST="127.0.0.1", PACS_DICOM_PORT=str(free_port()))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("pacs: PACS_HTTP_HOST/PACS_HTTP_PORT (192.0.2.1:")
+    assert "cannot listen there" in result.stderr and "Traceback" not in result.stderr
+
+
