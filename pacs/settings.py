@@ -450,9 +450,18 @@ def _validate_ports_and_limits(settings: Settings) -> None:
                             "ERROR or CRITICAL")
     if settings.public_url:
         parts = urlsplit(settings.public_url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
+        try:
+            port = parts.port
+        except ValueError:  # out of range, not a number
+            port = 0
+        if parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
             raise SettingsError(f"public_url {settings.public_url!r} must be an http(s) URL, "
                                 "e.g. https://pacs.hospital.vn")
+        if parts.query or parts.fragment or parts.username is not None or \
+                "?" in settings.public_url or "#" in settings.public_url:
+            # Links are made by appending paths: /s/TOKEN would land inside the query.
+            raise SettingsError(f"public_url {settings.public_url!r}: links are made by "
+                                "appending paths to it; leave out the query, fragment or user")
 
 
 def _validate(settings: Settings) -> None:

@@ -100,6 +100,9 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
     ("dicom_max_pdu = -1", "dicom_max_pdu"),
     ("http_port = 0", "http_port"),
     ("public_url = 'pacs.hospital.vn'", "public_url"),
+    ("public_url = 'https://pacs.hospital.vn:99999'", "public_url"),
+    ("public_url = 'https://pacs.hospital.vn/?site=1'", "leave out the query"),
+    ("public_url = 'https://pacs.hospital.vn#top'", "leave out the query"),
     ("peers = ['A@ :104']", "blank host"),
     ("emr_results_to = ['mllp://his:99999']", "emr_results_to"),
     ("log_level = 'LOUD'", "log_level"),
@@ -110,6 +113,11 @@ def test_a_toml_value_of_the_wrong_type_or_range_is_refused_naming_the_setting(
     config.write_text(text + "\n")
     with pytest.raises(SettingsError, match=setting):
         load_settings(config, environ={})
+
+
+def test_a_public_url_under_a_path_of_a_proxy_is_accepted():
+    settings = load_settings(environ={"PACS_PUBLIC_URL": "https://benhvien.vn/pacs/"})
+    assert settings.public_url == "https://benhvien.vn/pacs/"
 
 
 def test_hl7_port_zero_still_means_no_listener():
