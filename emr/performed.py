@@ -3,7 +3,9 @@
 What a request must and must not hold follows PS3.4 Table F.7.2-1: an N-CREATE carries every
 Type 1 attribute with a value and the status IN PROGRESS; an N-SET changes only attributes the
 table allows in N-SET (the patient, the scheduled step and the start are the N-CREATE's), and
-only while the step is IN PROGRESS.
+only while the step is IN PROGRESS (F.7.2.2.3); the N-SET that makes it COMPLETED or
+DISCONTINUED leaves a value in every attribute of the table's "Final State" column (the end
+date and time), sent then or before. A refused N-SET changes nothing.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class StepError(ValueError):
 
 DUPLICATE, UNKNOWN, FINAL, INVALID = "duplicate", "unknown", "final", "invalid"
 MISSING, MISSING_VALUE, NOT_SETTABLE = "missing", "missing value", "not settable"
-# PS3.4 F.7.2.2.2: the words of a failure to update a step that is no longer IN PROGRESS.
+# PS3.4 F.7.2.2.4 (Table F.7.2-2): the words of a failure to update a step no longer IN PROGRESS.
 NO_LONGER_UPDATABLE = "Performed Procedure Step Object may no longer be updated"
 
 # PS3.4 Table F.7.2-1: Type 1 in N-CREATE (1/1), at the top level and in each Scheduled Step
@@ -57,6 +59,12 @@ _NOT_SETTABLE = frozenset({
     "Modality", "StudyID",
 })
 STATUS_TAG = 0x00400252  # Performed Procedure Step Status
+# PS3.4 Table F.7.2-1: 3/1 in N-SET and Type 1 in the "Final State" column, i.e. with a value
+# once the status is COMPLETED or DISCONTINUED (its Note 1), with the words of the Error
+# Comment (LO, 64 characters: the tags say which). Note 2 also wants a Performed Series
+# Sequence item by then; that is not checked here.
+_FINAL_REQUIRED = {"PerformedProcedureStepEndDate": "End Date (0040,0250)",
+                   "PerformedProcedureStepEndTime": "End Time (0040,0251)"}
 
 
 def check_create(attributes: Dataset) -> None:
@@ -90,6 +98,29 @@ def check_set(changes: Dataset) -> None:
         status = str(changes.PerformedProcedureStepStatus or "").strip().upper()
         if status not in STATUSES:
             raise StepError(INVALID, f"unknown step status {status[:16]!r}", (STATUS_TAG,))
+
+
+def check_final(status: str, attributes: dict[str, Any]) -> None:
+    """Refuse to make a step COMPLETED or DISCONTINUED while an attribute Table F.7.2-1 makes
+    Type 1 in the final state has no value in ``attributes`` (DICOM JSON, the stored step with
+    the N-SET applied). ``MISSING_VALUE`` whether it is empty or absent: PS3.7 gives N-SET no
+    "missing attribute" status, and what the step lacks is a value."""
+    if status not in (COMPLETED, DISCONTINUED):
+        return
+    lacking = [k for k in _FINAL_REQUIRED if not _json_value(attributes.get(_json_key(k)))]
+    if lacking:
+        raise StepError(MISSING_VALUE, f"{status} needs "
+                        + ", ".join(_FINAL_REQUIRED[k] for k in lacking), _tags(lacking))
+
+
+def _json_key(keyword: str) -> str:
+    return f"{tag_for_keyword(keyword):08X}"
+
+
+def _json_value(element: dict[str, Any] | None) -> bool:
+    """Whether a DICOM JSON element holds a value (not absent, empty, or only spaces)."""
+    values = (element or {}).get("Value") or []
+    return any(v is not None and (not isinstance(v, str) or v.strip()) for v in values)
 
 
 def _required(attributes: Dataset, keywords: tuple[str, ...]) -> tuple[list[str], list[str]]:
@@ -143,7 +174,8 @@ class PerformedSteps:
 
     def update(self, sop_uid: str, changes: Dataset) -> PerformedStep:
         """Apply an N-SET: ``UNKNOWN`` for a step never created, ``FINAL`` for one no longer
-        IN PROGRESS (PS3.4 F.7.2.2), then :func:`check_set` for what it may change."""
+        IN PROGRESS (PS3.4 F.7.2.2), :func:`check_set` for what it may change, then
+        :func:`check_final` for a step it ends. A refusal leaves the stored step as it was."""
         with self.index.write_core() as conn:
             row = conn.execute(sa.select(performed_steps).where(
                 performed_steps.c.sop_instance_uid == sop_uid)).first()
@@ -156,6 +188,7 @@ class PerformedSteps:
             attributes = {**_loads(row.attributes), **changes.to_json_dict()}
             new_status = str(changes.get("PerformedProcedureStepStatus") or "").strip().upper() \
                 or row.status
+            check_final(new_status, attributes)
             conn.execute(performed_steps.update().where(performed_steps.c.pk == row.pk)
                          .values(status=new_status, attributes=_dumps(attributes),
                                  updated_at=dt.datetime.now(dt.UTC)))

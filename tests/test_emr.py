@@ -482,6 +482,8 @@ def test_mpps_moves_the_order_along_and_completion_reports_the_study(emr, tmp_pa
         storescu(server, tmp_path, spec, 2, dcmtk_env)
         done = Dataset()
         done.PerformedProcedureStepStatus = "COMPLETED"
+        done.PerformedProcedureStepEndDate = TODAY  # Type 1 once COMPLETED (PS3.4 Table F.7.2-1)
+        done.PerformedProcedureStepEndTime = "093000"
         status, _ = assoc.send_n_set(done, ModalityPerformedProcedureStep, mpps_uid)
         assert status.Status == 0x0000
         late, _ = assoc.send_n_set(done, ModalityPerformedProcedureStep, mpps_uid)

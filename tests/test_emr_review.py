@@ -17,6 +17,7 @@ import datetime as dt
 import json
 import logging
 import socket
+import sqlite3
 import threading
 import time
 import uuid
@@ -815,6 +816,106 @@ def test_mpps_is_answered_as_ps3_4_annex_f_says(site):
         assert status.ErrorComment == "Performed Procedure Step Object may no longer be updated"
         assert status.ErrorID == 0xA710
     assert api(site, "GET", f"/api/orders/{accession}").json()["status"] == "COMPLETED"
+
+
+def stored_step(site: Site, sop_uid: str) -> tuple[str, dict, str]:
+    """The step as the server keeps it: (status, attributes as DICOM JSON, last update)."""
+    with contextlib.closing(sqlite3.connect(site.server.data_dir / "index.sqlite",
+                                            timeout=30)) as db:
+        status, attributes, updated_at = db.execute(
+            "SELECT status, attributes, updated_at FROM performed_steps "
+            "WHERE sop_instance_uid = ?", (sop_uid,)).fetchone()
+    return status, json.loads(attributes), str(updated_at)
+
+
+def _ended(step_status: str, end_date: str | None, end_time: str | None) -> Dataset:
+    """An N-SET that ends a step, with the end date and time given (None: not sent)."""
+    changes = Dataset()
+    changes.SpecificCharacterSet = "ISO_IR 192"
+    changes.PerformedProcedureStepStatus = step_status
+    changes.PerformedProcedureStepDescription = "CT ngực"
+    if end_date is not None:
+        changes.PerformedProcedureStepEndDate = end_date
+    if end_time is not None:
+        changes.PerformedProcedureStepEndTime = end_time
+    return changes
+
+
+# Review: an N-SET to COMPLETED without Performed Procedure Step End Date and Time was taken,
+# though PS3.4 Table F.7.2-1 makes both Type 1 in the final state; it completed the order.
+def test_mpps_completed_without_end_date_and_time_is_refused_and_the_step_stays_as_it_was(
+        site):
+    accession, patient = unique("PE"), unique("BNE")
+    assert ack_code(send_hl7(site.server, orm(accession, patient_id=patient))) == "AA"
+    study_uid = api(site, "GET", f"/api/orders/{accession}").json()["study_instance_uid"]
+    step = generate_uid(TEST_ROOT)
+    with mpps_association(site) as (assoc, answers):
+        status, _ = assoc.send_n_create(mpps_created(accession, study_uid, patient),
+                                        ModalityPerformedProcedureStep, step)
+        assert status.Status == 0x0000
+        created = stored_step(site, step)
+
+        status, _ = assoc.send_n_set(_ended("COMPLETED", None, None),
+                                     ModalityPerformedProcedureStep, step)
+        assert status.Status == 0x0121  # Missing Attribute Value
+        assert status.ErrorComment == "COMPLETED needs End Date (0040,0250), End Time (0040,0251)"
+        assert _attribute_list(answers[-1]) == {0x00400250, 0x00400251}
+        assert stored_step(site, step) == created
+        assert api(site, "GET", f"/api/orders/{accession}").json()["status"] == "IN PROGRESS"
+
+        # The end date sent while IN PROGRESS counts when the end time comes with COMPLETED.
+        early = Dataset()
+        early.PerformedProcedureStepEndDate = TODAY
+        status, _ = assoc.send_n_set(early, ModalityPerformedProcedureStep, step)
+        assert status.Status == 0x0000
+        status, _ = assoc.send_n_set(_ended("COMPLETED", None, "093000"),
+                                     ModalityPerformedProcedureStep, step)
+        assert status.Status == 0x0000
+        completed = stored_step(site, step)
+        assert completed[0] == "COMPLETED"
+        assert completed[1]["00400250"]["Value"] == [TODAY]
+        assert completed[1]["00400251"]["Value"] == ["093000"]
+        assert api(site, "GET", f"/api/orders/{accession}").json()["status"] == "COMPLETED"
+
+        # Once COMPLETED, even a well-formed N-SET is refused (F.7.2.2.3, Table F.7.2-2).
+        status, _ = assoc.send_n_set(_ended("DISCONTINUED", TODAY, "100000"),
+                                     ModalityPerformedProcedureStep, step)
+        assert status.Status == 0x0110
+        assert status.ErrorComment == "Performed Procedure Step Object may no longer be updated"
+        assert status.ErrorID == 0xA710
+        assert stored_step(site, step) == completed
+    assert api(site, "GET", f"/api/orders/{accession}").json()["status"] == "COMPLETED"
+
+
+def test_mpps_discontinued_needs_the_end_date_and_an_n_set_cannot_blank_it(site):
+    accession, patient = unique("PD"), unique("BND")
+    assert ack_code(send_hl7(site.server, orm(accession, patient_id=patient))) == "AA"
+    study_uid = api(site, "GET", f"/api/orders/{accession}").json()["study_instance_uid"]
+    step = generate_uid(TEST_ROOT)
+    with mpps_association(site) as (assoc, answers):
+        status, _ = assoc.send_n_create(mpps_created(accession, study_uid, patient),
+                                        ModalityPerformedProcedureStep, step)
+        assert status.Status == 0x0000
+        early = Dataset()
+        early.PerformedProcedureStepEndDate = TODAY
+        status, _ = assoc.send_n_set(early, ModalityPerformedProcedureStep, step)
+        assert status.Status == 0x0000
+        before = stored_step(site, step)
+
+        # Empty in this N-SET overrides the date sent before: the step would end without one.
+        status, _ = assoc.send_n_set(_ended("DISCONTINUED", "", "091500"),
+                                     ModalityPerformedProcedureStep, step)
+        assert status.Status == 0x0121
+        assert status.ErrorComment == "DISCONTINUED needs End Date (0040,0250)"
+        assert _attribute_list(answers[-1]) == {0x00400250}
+        assert stored_step(site, step) == before
+        assert api(site, "GET", f"/api/orders/{accession}").json()["status"] == "IN PROGRESS"
+
+        status, _ = assoc.send_n_set(_ended("DISCONTINUED", None, "091500"),
+                                     ModalityPerformedProcedureStep, step)
+        assert status.Status == 0x0000
+        assert stored_step(site, step)[0] == "DISCONTINUED"
+    assert api(site, "GET", f"/api/orders/{accession}").json()["status"] == "DISCONTINUED"
 
 
 # ============================================================================ linking

@@ -43,7 +43,8 @@ _STEP_STATUS = {OrderStatus.SCHEDULED: "SCHEDULED", OrderStatus.IN_PROGRESS: "ST
                 OrderStatus.CANCELLED: "CANCELLED"}
 _STATUS_OF_STEP = {v: k.value for k, v in _STEP_STATUS.items()}
 
-# PS3.4 F.7.2.2.2: the Error ID (0000,0903) of an N-SET of a step no longer IN PROGRESS.
+# PS3.4 F.7.2.2.4 (Table F.7.2-2): the Error ID (0000,0903) of an N-SET of a step no longer
+# IN PROGRESS.
 NO_LONGER_UPDATABLE_ERROR_ID = 0xA710
 
 _STEP_ERROR_STATUS = {performed.DUPLICATE: status.DUPLICATE_SOP_INSTANCE,
