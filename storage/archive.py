@@ -26,7 +26,13 @@ import sqlalchemy as sa
 from storage import upkeep
 from storage.attributes import Level, index_values
 from storage.blobs import BlobStore, StagedBlob
-from storage.errors import InstanceMismatch, NotFound, PatientConflict, StorageUnavailable
+from storage.errors import (
+    BlobExists,
+    InstanceMismatch,
+    NotFound,
+    PatientConflict,
+    StorageUnavailable,
+)
 from storage.index import Index, RawCursor, instances, patients, series, studies
 from storage.parsing import ParsedInstance, parse_instance
 from storage.upkeep import CheckReport, ReconcileReport
@@ -88,6 +94,11 @@ DeletionListener = Callable[[list[str]], None]
 def blob_key(parsed: ParsedInstance) -> str:
     """Key of an instance's blob: one folder per study and series (UIDs are digits and dots)."""
     return f"{parsed.study_instance_uid}/{parsed.series_instance_uid}/{parsed.sop_instance_uid}.dcm"
+
+
+def _with_digest(key: str, digest: str) -> str:
+    """``key`` made to name these bytes only: ``…/SOP.<12 hex of their SHA-256>.dcm``."""
+    return f"{key[:-4]}.{digest[:12]}.dcm"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,26 +279,34 @@ class Archive:
                     _discard_staged(staged)
                     return self._result(parsed, StoreOutcome.DUPLICATE_KEPT)
                 key = blob_key(parsed)
-                if (existing is not None and existing.blob_key == key) or (
-                        existing is None and not self.blobs.remote and self.blobs.exists(key)):
-                    # Never overwrite the acknowledged copy, nor one another process is storing
-                    # (the lock above is this process's): the new one gets a key of its own.
-                    key = f"{key[:-4]}.{hashlib.sha256(parsed.data).hexdigest()[:12]}.dcm"
+                if self.blobs.remote:
+                    # Never overwrite the acknowledged copy, nor one another process or node
+                    # is storing (the lock above is this process's). An object store has no
+                    # put-if-absent here, and two nodes storing one new UID with other bytes
+                    # (another File Meta) would each write the key, the index row of one
+                    # describing the other's bytes: the bytes' hash keeps them apart.
+                    key = _with_digest(key, staged.result()[1])
+                elif (existing is not None and existing.blob_key == key) or (
+                        existing is None and self.blobs.exists(key)):
+                    # On disk a file already there is seen, and a new file takes its name only
+                    # if it is still free (``commit(new=True)``): a key of its own.
+                    key = _with_digest(key, hashlib.sha256(parsed.data).hexdigest())
                 written = self._io.submit(self._commit_blob, staged, key)
                 staged = None  # from here on, failures delete the committed blob instead
                 try:
                     self._index_instance(parsed, _rows(parsed, key, ""),
                                          replace=existing is not None, blob=written)
                 except Exception:
-                    written.exception()  # never leave a write running behind a failure
+                    lost_key = isinstance(written.exception(), BlobExists)  # (waits for it)
                     raced = self._stored_meanwhile(uid, key) if existing is None else _NOT_STORED
-                    if raced is _NOT_STORED or (raced is not None and raced.blob_key != key):
+                    if not lost_key and (raced is _NOT_STORED or (
+                            raced is not None and raced.blob_key != key)):
                         self._discard_blob(key)
                     if isinstance(raced, InstanceLocation) and self.duplicate_policy == "keep":
                         log.info("duplicate %s: stored by another process meanwhile", uid)
                         return self._result(parsed, StoreOutcome.DUPLICATE_KEPT)
                     raise
-                if existing is not None:
+                if existing is not None and existing.blob_key != key:  # not the same bytes
                     self._discard_blob(existing.blob_key)
         except BaseException:
             if staged is not None:
@@ -327,7 +346,7 @@ class Archive:
     def _commit_blob(staged: Future[tuple[StagedBlob, str]], key: str) -> str:
         """Make a staged blob durable under ``key``; its SHA-256 (hex)."""
         blob, digest = staged.result()
-        blob.commit(key)
+        blob.commit(key, new=True)
         return digest
 
     @staticmethod

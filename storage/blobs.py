@@ -9,6 +9,7 @@ archive derives them from UIDs, so they never contain anything but digits, dots 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 import threading
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import parse_qs, urlsplit
 
-from storage.errors import StorageUnavailable
+from storage.errors import BlobExists, StorageUnavailable
 
 CHUNK_SIZE = 1 << 20
 
@@ -26,8 +27,11 @@ CHUNK_SIZE = 1 << 20
 class StagedBlob(Protocol):
     """Data on its way into a store, before its key is known (see ``BlobStore.stage``)."""
 
-    def commit(self, key: str) -> None:
-        """Make the data durable under ``key``; return only once it would survive a crash."""
+    def commit(self, key: str, *, new: bool = False) -> None:
+        """Make the data durable under ``key``; return only once it would survive a crash.
+        ``new``: the key names these bytes only (the archive chose one not in use); a store
+        that can tell raises ``BlobExists`` rather than replace what another process put
+        there meanwhile."""
 
     def discard(self) -> None:
         """Drop the data (it was never acknowledged)."""
@@ -249,11 +253,14 @@ class _StagedFile:
         self.store = store
         self.tmp_name = tmp_name
 
-    def commit(self, key: str) -> None:
+    def commit(self, key: str, *, new: bool = False) -> None:
         target = self.store.path(key)
         try:
             fresh = self.store._make_dirs(target.parent)
-            os.replace(self.tmp_name, target)
+            if new:
+                self._link(target, key)
+            else:
+                os.replace(self.tmp_name, target)
             _fsync_dir(target.parent)
             for folder in fresh:  # deepest first: each new folder's entry in its parent
                 _fsync_dir(folder.parent)
@@ -262,6 +269,22 @@ class _StagedFile:
             raise StorageUnavailable(
                 f"cannot write {key} to {self.store.root}: {exc.strerror}") from exc
         self.store._known_durable(fresh)
+
+    def _link(self, target: Path, key: str) -> None:
+        """Give the file its name unless the name is taken (a rename would replace a file
+        another process put there since the archive looked: two ``pacs`` processes storing
+        one new instance, with other bytes, at once)."""
+        try:
+            os.link(self.tmp_name, target)
+        except FileExistsError:
+            self.discard()
+            raise BlobExists(f"{key} was stored by another process meanwhile") from None
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
+                raise
+            os.replace(self.tmp_name, target)  # no hard links here (FAT, some shares)
+            return
+        self.discard()
 
     def discard(self) -> None:
         with contextlib.suppress(OSError):
@@ -315,7 +338,9 @@ class _StagedObject:
         self.store = store
         self.data = data
 
-    def commit(self, key: str) -> None:
+    def commit(self, key: str, *, new: bool = False) -> None:
+        # S3 offers no put-if-absent through this client: the archive's keys for S3 name the
+        # bytes (their hash), so a key written twice meanwhile holds the same bytes.
         self.store.put(key, self.data)
 
     def discard(self) -> None:

@@ -13,6 +13,11 @@ class StorageUnavailable(ArchiveError):
     """The blob store or the index database failed; nothing was acknowledged."""
 
 
+class BlobExists(StorageUnavailable):
+    """A new blob's key was taken meanwhile, by another process storing the same instance:
+    nothing of this store was kept (the sender sends again, and meets the stored copy)."""
+
+
 class InvalidQuery(ArchiveError):
     """A query key has a value that cannot be matched (bad date range, unknown level...)."""
 
