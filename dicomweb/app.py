@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import gzip
-import json
 import logging
-import re
 from collections.abc import Iterator
 from typing import Any
 
 import anyio
+from pydicom.uid import UID
 from starlette.applications import Starlette
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -26,7 +24,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from dicomweb import qido, render, stow, wado
-from dicomweb.media import NotAcceptable, parse_accept, wants_json
+from dicomweb.byteorder import little_endian_bulk
+from dicomweb.media import EXPLICIT_LE, Accepted, NotAcceptable, parse_accept, wants_json
 from dicomweb.multipart import (
     BodyTooLarge,
     MultipartError,
@@ -40,6 +39,12 @@ from dicomweb.multipart import (
     write_parts,
 )
 from dicomweb.openapi import openapi_document
+from dicomweb.representation import (
+    DICOM_JSON,
+    json_bytes_response,
+    json_response,
+    ranged_response,
+)
 from dicomweb.transcode import NotTranscodable
 from pacs.access import ErrorBodies, study_scope
 from pacs.http_input import under_prefix, whole_number
@@ -53,8 +58,6 @@ from storage.query import NameMatching, find
 
 log = logging.getLogger("pacs.dicomweb")
 
-DICOM_JSON = "application/dicom+json"
-GZIP_MIN_BYTES = 1024
 STOW_THREADS = 8  # parts stored at once, all STOW-RS requests together
 
 
@@ -116,6 +119,9 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
         base = base_url(request)
         answers = [qido.answer_json(row, parsed, _retrieve_url(base, level, row))
                    for row in rows]
+        if withheld := qido.withheld_bulk_data(rows):
+            parsed.warnings.append(f"{', '.join(withheld)}: bulk data is not returned by "
+                                   "searches; it is in the instances' metadata")
         if own_study is not None:  # the patient's other studies are not the link's to tell
             for answer in answers:
                 for tag in _PATIENT_RECORD_COUNTS:
@@ -124,7 +130,7 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
             if parsed.warnings else {}
         if not answers and not parsed.warnings:
             return Response(status_code=204)
-        return _json(request, answers, headers=headers)
+        return json_response(request, answers, headers=headers)
 
     async def search_studies(request: Request) -> Response:
         return await search(request, Level.STUDY, {})
@@ -158,12 +164,10 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
             raise NotAcceptable(f"metadata is available as {DICOM_JSON}")
         target = _target(request)
         rows = await run_in_threadpool(wado.instance_rows, archive, target, with_header=True)
-        etag = wado.metadata_etag(rows)
-        if etag in request.headers.get("if-none-match", ""):
-            return Response(status_code=304, headers={"ETag": etag})
+        # Built even for a 304: whether it would be gzipped (its length) picks the ETag.
         body = wado.metadata_json(rows, base_url(request))
-        return _json_bytes(request, body, headers={"ETag": etag,
-                                                   "Cache-Control": "private, no-cache"})
+        return json_bytes_response(request, body, etag=wado.metadata_etag(rows),
+                                   headers={"Cache-Control": "private, no-cache"})
 
     async def frames(request: Request) -> Response:
         target = _target(request)
@@ -185,14 +189,20 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
     async def bulkdata(request: Request) -> Response:
         rows = await run_in_threadpool(wado.instance_rows, archive, _target(request),
                                        with_header=True)
-        data = await run_in_threadpool(wado.bulk_bytes, archive, rows[0],
-                                       request.path_params["spec"])
+        row, spec = rows[0], request.path_params["spec"]
+        data = await run_in_threadpool(wado.bulk_bytes, archive, row, spec)
+        # PS3.18 8.7.3.3: uncompressed bulk data is sent in Little Endian byte order.
+        data = await run_in_threadpool(little_endian_bulk, data, spec, row["_header"],
+                                       row["_transfer_syntax_uid"])
         accept = parse_accept(_accept(request))
-        if any(a.is_multipart for a in accept) and not any(
+        if any(_multipart_entry(a) for a in accept) and not any(
                 a.matches("application/octet-stream") for a in accept):
-            return _multipart(iter([Part("application/octet-stream", [data])]),
-                              "application/octet-stream", None)
-        return _ranged(request, data)
+            # PS3.18 10.4.3.3.5: the part names the URI the metadata gave for the value.
+            location = f"{wado.instance_url(base_url(request), row)}/bulkdata/{spec}"
+            part = Part("application/octet-stream", [data],
+                        {"Content-Location": location, "Content-Length": str(len(data))})
+            return _multipart([part], "application/octet-stream", None)
+        return ranged_response(request, data)
 
     # ------------------------------------------------------------------ rendered
 
@@ -261,7 +271,8 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
         row = rows[0]
         if "application/dicom" in wanted and (wanted[0] == "application/dicom" or not row.get(
                 "Rows")):
-            syntax = params.get("transferSyntax") or row["_transfer_syntax_uid"]
+            syntax = params.get("transferSyntax") or _wado_uri_syntax(
+                row["_transfer_syntax_uid"])
             wado.check_transcodable(rows, syntax)
             part = await run_in_threadpool(next, wado.instance_parts(archive, rows, syntax))
             return _single_part(part, media_type="application/dicom")
@@ -319,7 +330,7 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
         study = study_uid or (next(iter(outcome.study_uids))
                               if len(outcome.study_uids) == 1 else None)
         body = outcome.response_json(f"{base}/studies/{study}" if study else None)
-        return _json(request, body, status_code=outcome.http_status)
+        return json_response(request, body, status_code=outcome.http_status)
 
     # ------------------------------------------------------------------ DELETE
 
@@ -405,6 +416,28 @@ def _wado_uri_render_params(params) -> dict[str, str]:
     return out
 
 
+# Compressed syntaxes whose pixels come back exactly when decoded (and the encapsulated
+# uncompressed one); pydicom 3.0's UID has is_compressed but no is_lossless.
+LOSSLESS_COMPRESSED = frozenset({
+    "1.2.840.10008.1.2.1.98", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.58",
+    "1.2.840.10008.1.2.4.65", "1.2.840.10008.1.2.4.66", "1.2.840.10008.1.2.4.70",
+    "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.92",
+    "1.2.840.10008.1.2.4.110", "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202",
+    "1.2.840.10008.1.2.5",
+})
+
+
+def _wado_uri_syntax(stored: str) -> str:
+    """The transfer syntax of a WADO-URI ``application/dicom`` answer without
+    ``transferSyntax``: Explicit VR Little Endian (PS3.18 9.4.2.4), except for pixel data the
+    server has only lossy compressed, sent as received (8.7.3.4)."""
+    try:
+        compressed = UID(stored).is_compressed
+    except ValueError:  # a syntax pydicom does not know: nothing here could convert it
+        return stored
+    return stored if compressed and stored not in LOSSLESS_COMPRESSED else EXPLICIT_LE
+
+
 def _accept(request: Request) -> str | None:
     """What the request accepts: the ``accept`` query parameter, which wins over the header
     (PS3.18 8.3.3.1: a link or an ``<img>`` cannot set headers), else the Accept header."""
@@ -418,13 +451,19 @@ def _rendered_type(request: Request) -> tuple[str, bool]:
     ``<img src=...>`` can choose PNG; a browser's ``image/avif,image/webp,*/*`` gets JPEG.
     """
     for entry in parse_accept(_accept(request)):
-        inner = entry.part_type if entry.is_multipart else entry.media_type
+        multipart = _multipart_entry(entry)
+        inner = entry.part_type if multipart else entry.media_type
         for media_type in render.RENDERED_TYPES:
             if inner == media_type:
-                return media_type, entry.is_multipart
+                return media_type, multipart
         if inner in (None, "*/*", "*", "image/*"):
-            return "image/jpeg", entry.is_multipart and inner is not None
+            return "image/jpeg", multipart and inner is not None
     raise NotAcceptable("rendered images are available as image/jpeg or image/png")
+
+
+def _multipart_entry(entry: Accepted) -> bool:
+    """Whether an Accept entry asks for multipart/related, by name or as ``multipart/*``."""
+    return entry.is_multipart or entry.media_type == "multipart/*"
 
 
 def _retrieve_url(base: str, level: Level, row: dict[str, Any]) -> str:
@@ -434,22 +473,6 @@ def _retrieve_url(base: str, level: Level, row: dict[str, Any]) -> str:
     if level is Level.INSTANCE:
         url += f"/instances/{row['SOPInstanceUID']}"
     return url
-
-
-def _json(request: Request, value: Any, *, status_code: int = 200,
-          headers: dict[str, str] | None = None) -> Response:
-    body = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    return _json_bytes(request, body, status_code=status_code, headers=headers)
-
-
-def _json_bytes(request: Request, body: bytes, *, status_code: int = 200,
-                headers: dict[str, str] | None = None) -> Response:
-    headers = dict(headers or {})
-    headers["Vary"] = "Accept-Encoding"
-    if len(body) >= GZIP_MIN_BYTES and "gzip" in request.headers.get("accept-encoding", ""):
-        body = gzip.compress(body, compresslevel=5)
-        headers["Content-Encoding"] = "gzip"
-    return Response(body, status_code=status_code, media_type=DICOM_JSON, headers=headers)
 
 
 def _multipart(parts: Iterator[Part] | list[Part], media_type: str,
@@ -470,28 +493,6 @@ def _single_part(part: Part, media_type: str | None = None) -> Response:
     return StreamingResponse(iterate_in_threadpool(coalesce(part.chunks)),
                              media_type=media_type or part.content_type,
                              headers={"Content-Length": part.headers["Content-Length"]})
-
-
-def _ranged(request: Request, data: bytes) -> Response:
-    """``data`` as application/octet-stream, honouring a single ``Range: bytes=a-b``."""
-    headers = {"Accept-Ranges": "bytes"}
-    header = request.headers.get("range", "")
-    if header.startswith("bytes=") and "," not in header:
-        match = re.fullmatch(r"bytes=([0-9]*)-([0-9]*)", header.strip())
-        if match is None or match.group(1) == match.group(2) == "":
-            raise HTTPException(400, f"Range: {header!r} is not a byte range")
-        start_text, end_text = match.groups()
-        if start_text:
-            start = int(start_text)
-            end = min(int(end_text), len(data) - 1) if end_text else len(data) - 1
-        else:
-            start, end = max(len(data) - int(end_text), 0), len(data) - 1
-        if start > end or start >= len(data):
-            return Response(status_code=416, headers={"Content-Range": f"bytes */{len(data)}"})
-        headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-        return Response(data[start:end + 1], status_code=206,
-                        media_type="application/octet-stream", headers=headers)
-    return Response(data, media_type="application/octet-stream", headers=headers)
 
 
 _STATUSES: list[tuple[type[BaseException], int]] = [

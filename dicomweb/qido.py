@@ -197,14 +197,41 @@ def answer_json(row: dict[str, Any], request: QidoRequest, retrieve_url: str) ->
         present = {tag: e for tag, e in item.items() if "Value" in e}
         out[f"{tag_for_keyword(sequence):08X}"] = {"vr": "SQ", "Value": [present]} \
             if present else {"vr": "SQ"}
+    withheld = set()
     for tag, element in row.get("_extra", {}).items():
-        out.setdefault(tag, element)
+        kept = _without_bulk_data(element)
+        if kept is None:
+            withheld.add(tag)
+        else:
+            out.setdefault(tag, kept)
     for tag in request.extra_tags:
-        if tag not in out:
+        if tag not in out and tag not in withheld:  # absent: returned empty, as C-FIND does
             out[tag] = {"vr": _vr(tag)}
     out[INSTANCE_AVAILABILITY] = {"vr": "CS", "Value": ["ONLINE"]}
     out[RETRIEVE_URL] = {"vr": "UR", "Value": [retrieve_url]}
     return dict(sorted(out.items()))
+
+
+def withheld_bulk_data(rows: Iterable[dict[str, Any]]) -> list[str]:
+    """Tags of the included attributes left out of (or out of items of) the answers for
+    ``rows`` because their values are bulk data."""
+    return sorted({tag for row in rows for tag, element in row.get("_extra", {}).items()
+                   if _without_bulk_data(element) != element})
+
+
+def _without_bulk_data(element: dict[str, Any]) -> dict[str, Any] | None:
+    """``element`` without the bulk data values the index holds as references (None if it is
+    one). PS3.18 permits a Bulkdata URI in place of a value in metadata (10.4.3.3.2) and makes
+    no such provision for search results, which carry the included attributes the server
+    supports (10.6.3.3); the index has no value to give, so such an attribute is left out."""
+    if "BulkDataURI" in element:
+        return None
+    if element.get("vr") != "SQ" or not element.get("Value"):
+        return element
+    items = [{tag: kept for tag, nested in item.items()
+              if (kept := _without_bulk_data(nested)) is not None}
+             if isinstance(item, dict) else item for item in element["Value"]]
+    return {**element, "Value": items}
 
 
 def element_json(vr: str, value: Any) -> dict[str, Any]:

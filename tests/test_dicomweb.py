@@ -717,7 +717,8 @@ def test_bulkdata_by_path_only_for_binary_elements(http, study):
     pixels = http.get(base + "7FE00010")
     assert pixels.status_code == 200 and pixels.content == mf.PixelData
     range_without_dash = http.get(base + "7FE00010", headers={"Range": "bytes=5"})
-    assert range_without_dash.status_code == 400
+    assert range_without_dash.status_code == 200  # RFC 9110 14.1.1: invalid, ignored
+    assert range_without_dash.content == mf.PixelData
 
 
 def test_openapi_describes_every_route(server):
@@ -886,3 +887,247 @@ def test_accept_weights_choose_between_single_part_and_multipart(http, study, ac
 def test_odd_urls_get_clear_client_errors(http, path, status):
     response = http.get(path)
     assert response.status_code == status, response.text
+
+
+# ---------------------------------------------------------------------------- bulk data, byte
+# order, content coding, ranges, WADO-URI default syntax
+
+
+def _store_part10(http, data: bytes) -> None:
+    response = http.post("/studies", content=_multipart([("application/dicom", data)]),
+                         headers={"Content-Type": STOW_TYPE})
+    assert response.status_code == 200, response.text[:300]
+
+
+def _instance_path(ds: pydicom.Dataset) -> str:
+    return (f"/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+            f"/instances/{ds.SOPInstanceUID}")
+
+
+def _parts(response: httpx.Response) -> list[tuple[dict[str, str], bytes]]:
+    """(headers, body) of each part of a multipart/related response."""
+    boundary = response.headers["content-type"].split("boundary=")[1].split(";")[0].strip('"')
+    parts = []
+    for raw in response.content.split(b"--" + boundary.encode())[1:-1]:
+        head, body = raw[2:].split(b"\r\n\r\n", 1)
+        headers = dict(line.split(": ", 1) for line in head.decode("latin-1").split("\r\n"))
+        parts.append(({k.lower(): v for k, v in headers.items()}, body[:-2]))
+    return parts
+
+
+@pytest.fixture(scope="module")
+def big_endian(http):
+    """An Explicit VR Big Endian instance with an OW and an OF bulk value and 16-bit pixels."""
+    ds = dataset(Spec(rows=16, columns=16))
+    lut = np.arange(2048, dtype=np.uint16)
+    points = np.linspace(-1.5, 1.5, 512, dtype=np.float32)
+    pixels = np.frombuffer(ds.PixelData, "<u2").copy()
+    ds.add_new(0x00281221, "OW", lut.astype(">u2").tobytes())  # Segmented Red Palette LUT
+    ds.add_new(0x00660016, "OF", points.astype(">f4").tobytes())  # Point Coordinates Data
+    ds.PixelData = pixels.astype(">u2").tobytes()
+    _store_part10(http, part10(ds, pydicom.uid.ExplicitVRBigEndian))
+    metadata = http.get(f"{_instance_path(ds)}/metadata").json()[0]
+    return {"ds": ds, "metadata": metadata, "lut": lut.astype("<u2").tobytes(),
+            "points": points.astype("<f4").tobytes(), "pixels": pixels.tobytes()}
+
+
+def test_qido_leaves_out_bulk_data_it_cannot_give_and_says_so(http, study):
+    mf = study["multiframe"]  # RedPaletteColorLookupTableData: 2 KB, bulk data in the index
+    for path in (f"/instances?SOPInstanceUID={mf.SOPInstanceUID}",
+                 f"/studies/{mf.StudyInstanceUID}/series?SeriesInstanceUID="
+                 f"{mf.SeriesInstanceUID}"):
+        response = http.get(f"{path}&includefield=00281201&includefield=00280004")
+
+        assert response.status_code == 200, response.text[:300]
+        assert "bulk:" not in response.text
+        answer = response.json()[0]
+        assert "00281201" not in answer  # no internal reference, and no empty value either
+        assert answer["00280004"]["Value"] == ["MONOCHROME2"]
+        assert "00281201" in response.headers["warning"]
+
+
+def test_qido_leaves_bulk_data_out_of_sequence_items(http):
+    ds = dataset(Spec(rows=16, columns=16))
+    icon = pydicom.Dataset()
+    icon.Rows, icon.Columns, icon.BitsAllocated = 32, 64, 8
+    icon.PixelData = bytes(range(256)) * 8  # 2 KB: bulk data
+    ds.IconImageSequence = [icon]
+    _store_part10(http, part10(ds))
+
+    response = http.get("/instances", params={"SOPInstanceUID": ds.SOPInstanceUID,
+                                              "includefield": "IconImageSequence"})
+
+    assert response.status_code == 200 and "bulk:" not in response.text
+    item = response.json()[0]["00880200"]["Value"][0]
+    assert "7FE00010" not in item
+    assert item["00280010"]["Value"] == [32]
+
+
+def test_bulk_data_of_a_big_endian_instance_comes_little_endian(http, big_endian):
+    lut_uri = big_endian["metadata"]["00281221"]["BulkDataURI"]
+    points_uri = big_endian["metadata"]["00660016"]["BulkDataURI"]
+    octets = {"Accept": "application/octet-stream"}
+
+    lut = httpx.get(lut_uri, headers=octets)
+    points = httpx.get(points_uri, headers=octets)
+    partial = httpx.get(lut_uri, headers={**octets, "Range": "bytes=2-7"})
+
+    assert lut.status_code == 200 and lut.content[:6] == b"\x00\x00\x01\x00\x02\x00"
+    assert lut.content == big_endian["lut"]
+    assert points.content == big_endian["points"]  # 4-byte words for OF
+    assert partial.status_code == 206 and partial.content == big_endian["lut"][2:8]
+    multipart = httpx.get(lut_uri, headers={
+        "Accept": 'multipart/related; type="application/octet-stream"'})
+    assert _parts(multipart)[0][1] == big_endian["lut"]
+
+
+def test_bulk_data_by_path_of_a_big_endian_instance_comes_little_endian(http, big_endian):
+    base = f"{_instance_path(big_endian['ds'])}/bulkdata/path/"
+
+    lut = http.get(base + "00281221", headers={"Accept": "application/octet-stream"})
+    pixels = http.get(base + "7FE00010", headers={"Accept": "application/octet-stream"})
+
+    assert lut.status_code == 200 and lut.content == big_endian["lut"]
+    assert pixels.status_code == 200 and pixels.content == big_endian["pixels"]
+
+
+def test_bulk_data_multipart_part_names_its_uri_in_content_location(http, study):
+    mf = study["multiframe"]
+    metadata = http.get(f"{_instance_path(mf)}/metadata").json()[0]
+    uri = metadata["00281201"]["BulkDataURI"]
+
+    response = httpx.get(uri, headers={
+        "Accept": 'multipart/related; type="application/octet-stream"'})
+
+    assert response.status_code == 200
+    [(headers, body)] = _parts(response)
+    assert headers["content-location"] == uri
+    assert headers["content-type"] == "application/octet-stream"
+    assert body == mf.RedPaletteColorLookupTableData
+    assert int(response.headers["content-length"]) == len(response.content)
+
+
+@pytest.mark.parametrize("header", [
+    "bytes=5-3", "bytes=abc", "bytes=5", "bytes=", "bytes=1-2,abc", "items=0-1", "bytes=0-1, 4-5",
+])
+def test_an_invalid_or_unsupported_range_is_ignored_and_the_whole_value_sent(http, study,
+                                                                          header):
+    mf = study["multiframe"]
+    url = f"{_instance_path(mf)}/bulkdata/path/00281201"
+
+    response = http.get(url, headers={"Accept": "application/octet-stream", "Range": header})
+
+    assert response.status_code == 200, (header, response.status_code)
+    assert response.content == mf.RedPaletteColorLookupTableData
+    assert "content-range" not in response.headers
+
+
+def test_ranges_past_the_end_are_416_and_if_range_sends_the_whole(http, study):
+    mf = study["multiframe"]
+    url = f"{_instance_path(mf)}/bulkdata/path/00281201"
+    size = len(mf.RedPaletteColorLookupTableData)
+    octets = {"Accept": "application/octet-stream"}
+
+    for header in (f"bytes={size}-", f"bytes={size + 10}-{size + 20}", "bytes=-0",
+                   "bytes=" + "9" * 5000 + "-"):
+        response = http.get(url, headers={**octets, "Range": header})
+        assert response.status_code == 416, header[:40]
+        assert response.headers["content-range"] == f"bytes */{size}"
+    suffix = http.get(url, headers={**octets, "Range": "bytes=-5"})
+    assert suffix.status_code == 206 and suffix.content == mf.RedPaletteColorLookupTableData[-5:]
+    assert suffix.headers["content-range"] == f"bytes {size - 5}-{size - 1}/{size}"
+    conditional = http.get(url, headers={**octets, "Range": "bytes=0-9",
+                                         "If-Range": '"some-etag"'})
+    assert conditional.status_code == 200 and len(conditional.content) == size
+
+
+def test_metadata_gzip_only_when_acceptable_with_an_etag_per_coding(http, study):
+    url = f"/studies/{study['spec'].study_uid}/metadata"
+
+    refused = http.get(url, headers={"Accept-Encoding": "gzip;q=0, identity"})
+    plain = http.get(url, headers={"Accept-Encoding": "identity"})
+    zipped = http.get(url, headers={"Accept-Encoding": "gzip"})
+    preferred = http.get(url, headers={"Accept-Encoding": "gzip;q=0.5, identity"})
+
+    assert "content-encoding" not in refused.headers and len(refused.json()) == 4
+    assert "content-encoding" not in preferred.headers
+    assert zipped.headers["content-encoding"] == "gzip"
+    assert refused.headers["etag"] == plain.headers["etag"] == preferred.headers["etag"]
+    assert zipped.headers["etag"] == plain.headers["etag"][:-1] + '-gzip"'
+    for response in (plain, zipped):
+        assert "Accept-Encoding" in response.headers["vary"]
+
+
+def test_metadata_if_none_match_compares_the_etag_of_the_coding_sent(http, study):
+    url = f"/studies/{study['spec'].study_uid}/metadata"
+    plain_etag = http.get(url, headers={"Accept-Encoding": "identity"}).headers["etag"]
+    gzip_etag = http.get(url, headers={"Accept-Encoding": "gzip"}).headers["etag"]
+
+    def conditional(encoding: str, if_none_match: str) -> httpx.Response:
+        return http.get(url, headers={"Accept-Encoding": encoding,
+                                      "If-None-Match": if_none_match})
+
+    assert conditional("gzip", plain_etag).status_code == 200  # another representation
+    assert conditional("identity", gzip_etag).status_code == 200
+    assert conditional("gzip", f'"other", {gzip_etag}').status_code == 304
+    assert conditional("identity", f"W/{plain_etag}").status_code == 304  # weak comparison
+    everything = conditional("gzip", "*")
+    assert everything.status_code == 304 and everything.content == b""
+    assert everything.headers["etag"] == gzip_etag
+    assert "Accept-Encoding" in everything.headers["vary"]
+    assert everything.headers["cache-control"] == "private, no-cache"
+    assert "content-encoding" not in everything.headers
+
+
+def _jpeg_baseline_instance() -> tuple[pydicom.Dataset, bytes]:
+    """A lossy JPEG Baseline instance (8-bit grey), as a modality would send it."""
+    ds = dataset(Spec(rows=16, columns=16))
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    image = io.BytesIO()
+    Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16)).save(image, "JPEG")
+    ds.PixelData = pydicom.encaps.encapsulate([image.getvalue()])
+    ds["PixelData"].VR = "OB"
+    return ds, part10(ds, pydicom.uid.JPEGBaseline8Bit)
+
+
+def test_wado_uri_dicom_defaults_to_explicit_little_endian_except_lossy(server, http):
+    rle = pydicom.dcmread(io.BytesIO(part10(dataset(Spec(rows=16, columns=16)))))
+    rle.compress(pydicom.uid.RLELossless)
+    rle_file = part10(rle, pydicom.uid.RLELossless)
+    jpeg, jpeg_file = _jpeg_baseline_instance()
+    for data in (rle_file, jpeg_file):
+        _store_part10(http, data)
+
+    def wado_uri(ds: pydicom.Dataset, **extra: str) -> httpx.Response:
+        return httpx.get(server.http + "/wado", params={
+            "requestType": "WADO", "studyUID": ds.StudyInstanceUID,
+            "seriesUID": ds.SeriesInstanceUID, "objectUID": ds.SOPInstanceUID,
+            "contentType": "application/dicom", **extra})
+
+    converted = wado_uri(rle)
+    as_asked = wado_uri(rle, transferSyntax=pydicom.uid.RLELossless)
+    lossy = wado_uri(jpeg)
+
+    assert converted.status_code == 200, converted.text[:300]
+    received = pydicom.dcmread(io.BytesIO(converted.content))
+    assert received.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    assert np.array_equal(received.pixel_array, rle.pixel_array)
+    assert int(converted.headers["content-length"]) == len(converted.content)
+    assert as_asked.content == rle_file
+    assert lossy.status_code == 200 and lossy.content == jpeg_file  # as received
+
+
+def test_multipart_wildcard_accepts_bulk_data_and_rendered_parts(http, study):
+    mf = study["multiframe"]
+    bulk_url = f"{_instance_path(mf)}/bulkdata/path/00281201"
+
+    bulk = http.get(bulk_url, headers={"Accept": "multipart/*"})
+    any_application = http.get(bulk_url, headers={"Accept": "application/*"})
+    rendered = http.get(f"{_instance_path(mf)}/rendered",
+                        headers={"Accept": 'multipart/*; type="image/png"'})
+
+    assert bulk.status_code == 200 and bulk.headers["content-type"].startswith("multipart/")
+    assert _parts(bulk)[0][1] == mf.RedPaletteColorLookupTableData
+    assert any_application.headers["content-type"] == "application/octet-stream"
+    assert rendered.status_code == 200, rendered.text[:200]
+    assert _parts(rendered)[0][0]["content-type"] == "image/png"
