@@ -20,12 +20,20 @@ def fold_text(text: str) -> str:
 def fold_person_name(name: str) -> str:
     """Folded form of a DICOM PN value for fuzzy matching.
 
-    Components (``^``) and component groups (``=``) become single spaces, so
-    ``Nguyễn^Văn An`` and the typed query ``nguyen van an`` fold to the same text.
+    Components (``^``) become single spaces, so ``Nguyễn^Văn An`` and the typed query
+    ``nguyen van an`` fold to the same text. Component groups (``=``: alphabetic, ideographic,
+    phonetic) stay apart, each folded on its own, so a match can be on one group:
+    ``Phạm^Thị Hoa=范^氏花`` -> ``pham thi hoa=范 氏花``. Empty trailing groups are dropped.
     Wildcards ``*`` and ``?`` are kept.
     """
-    spaced = name.replace("^", " ").replace("=", " ")
-    return " ".join(fold_text(spaced).split())
+    return "=".join(_fold_group(group) for group in name.split("=")).rstrip("=")
+
+
+def _fold_group(group: str) -> str:
+    # Folding may turn full-width ＾ and ＝ into ^ and =: they separate words here too, never
+    # groups, which were split on before.
+    folded = fold_text(group).replace("^", " ").replace("=", " ")
+    return " ".join(folded.split())
 
 
 def casefold_person_name(name: str) -> str:

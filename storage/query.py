@@ -4,8 +4,10 @@ Queries run on the index only; no stored file is ever opened. Supported per key:
 single value, universal (empty or ``*``), wildcards ``*`` and ``?``, date and time ranges
 (``A-B``, ``A-``, ``-B``), lists of values separated by ``\\`` (UIDs and strings), and for person
 names case-insensitive matching always plus accent-insensitive matching by mode (see
-``NameMatching``). Keys the index has no column for are return keys only: their values come from
-the stored DICOM JSON of a representative instance.
+``NameMatching``), each component group of the query (alphabetic ``=`` ideographic ``=``
+phonetic) matching the same group of the stored name and an empty one any. Keys the index has
+no column for are return keys only: their values come from the stored DICOM JSON of a
+representative instance.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
 
 from storage.attributes import (
     BY_KEYWORD,
@@ -208,17 +212,77 @@ def name_condition(casefolded: sa.ColumnElement, folded: sa.ColumnElement, value
 
 def _one_name(casefolded: sa.ColumnElement, folded: sa.ColumnElement, value: str,
               mode: NameMatching) -> sa.ColumnElement:
-    fuzzy = mode is NameMatching.FUZZY or (mode is NameMatching.AUTO and not has_diacritics(value))
-    if fuzzy:  # components become spaces: empty trailing ones vanish
-        return _string(folded, fold_person_name(value))
-    # Empty trailing components say nothing ("Trần^Thị Bình^^^" is "Trần^Thị Bình"), on
-    # either side: the query's are dropped, and a stored name may have up to four.
-    name = casefold_person_name(value).rstrip("^=")
-    if name.endswith("*"):
-        return _string(casefolded, name)
-    if "*" not in name and "?" not in name:
-        return casefolded.in_([name + "^" * n for n in range(5)])
-    return sa.or_(*(_string(casefolded, name + "^" * n) for n in range(5)))
+    """One name of the query: each of its component groups (PS3.5 6.2.1: alphabetic,
+    ideographic, phonetic; representations of the same name) matches the same group of the
+    stored name, judged on its own terms; a group the query leaves empty or ``*`` matches
+    whatever is there, so ``Phạm^Thị Hoa`` finds ``Phạm^Thị Hoa=范^氏花``, and so does
+    ``=范^氏花``."""
+    conditions = []
+    for number, group in enumerate(value.split("=")[:_GROUPS], start=1):
+        fuzzy = mode is NameMatching.FUZZY or (mode is NameMatching.AUTO
+                                               and not has_diacritics(group))
+        if fuzzy:  # components become spaces: empty trailing ones vanish
+            pattern = fold_person_name(group)
+        else:
+            # Empty trailing components say nothing ("Trần^Thị Bình^^^" is "Trần^Thị Bình"), on
+            # either side: the query's are dropped here, the stored name's in _group_match.
+            pattern = casefold_person_name(group).strip().rstrip("^")
+        if pattern.strip("*"):
+            conditions.append(_group_match(folded if fuzzy else casefolded, number, pattern,
+                                           trailing_carets=not fuzzy))
+    return sa.and_(*conditions) if conditions else sa.true()
+
+
+_GROUPS = 3  # a PN value has at most three component groups
+
+
+class _NameGroup(FunctionElement):
+    """Component group ``number`` (1-based) of a PN text column: '' when the value has none."""
+
+    type = sa.Text()
+    inherit_cache = True
+
+    def __init__(self, column: sa.ColumnElement, number: int) -> None:
+        # A literal, not a bound parameter: the SQL differs by group and is cached by its text.
+        super().__init__(column, sa.literal_column(str(number)))
+
+
+@compiles(_NameGroup, "postgresql")
+def _name_group_postgresql(element: _NameGroup, compiler: Any, **kw: Any) -> str:
+    column, number = element.clauses.clauses
+    return f"split_part({compiler.process(column, **kw)}, '=', {int(number.name)})"
+
+
+@compiles(_NameGroup)
+def _name_group_default(element: _NameGroup, compiler: Any, **kw: Any) -> str:
+    # SQLite has no split_part: skip a group at a time, up to the next '=' (or the end).
+    column, number = element.clauses.clauses
+    rest: sa.ColumnElement = column
+    for _ in range(int(number.name) - 1):
+        rest = sa.func.substr(rest, sa.func.instr(rest.concat(sa.literal_column("'='")),
+                                                  sa.literal_column("'='")) + 1)
+    group = sa.func.substr(rest, 1, sa.func.instr(rest.concat(sa.literal_column("'='")),
+                                                  sa.literal_column("'='")) - 1)
+    return compiler.process(group, **kw)
+
+
+def _group_match(column: sa.ColumnElement, number: int, pattern: str, *,
+                 trailing_carets: bool) -> sa.ColumnElement:
+    """``pattern`` (single value or wildcards) against group ``number`` of a PN ``column``;
+    ``trailing_carets``: the stored group may end in empty components, which say nothing."""
+    prefix = re.split(r"[*?]", pattern, maxsplit=1)[0]  # holds no '=': groups were split on it
+    if number == 1 and pattern != prefix and pattern.rstrip("*") == prefix:
+        return _string(column, pattern)  # "nguyen*": the whole value starts so, or its group
+    group: sa.ColumnElement = _NameGroup(column, number)
+    if trailing_carets and not pattern.endswith("*"):
+        group = sa.func.rtrim(group, sa.literal_column("'^'"))
+    condition = _string(group, pattern)
+    if number == 1 and prefix:
+        # The same prefix of the whole value: a range of the column's pattern index, so the
+        # group is computed only for the names that start that way.
+        condition = sa.and_(column.like(_like_escaped(prefix) + "%", escape=_LIKE_ESCAPE),
+                            condition)
+    return condition
 
 
 def text_condition(column: sa.ColumnElement, value: str) -> sa.ColumnElement:
@@ -242,9 +306,14 @@ def _string(column: sa.ColumnElement, value: str) -> sa.ColumnElement:
         return column == value
     if value.strip("*") == "":
         return sa.true()
-    escaped = (value.replace(_LIKE_ESCAPE, _LIKE_ESCAPE * 2).replace("%", _LIKE_ESCAPE + "%")
-               .replace("_", _LIKE_ESCAPE + "_"))
-    return column.like(escaped.replace("*", "%").replace("?", "_"), escape=_LIKE_ESCAPE)
+    return column.like(_like_escaped(value).replace("*", "%").replace("?", "_"),
+                       escape=_LIKE_ESCAPE)
+
+
+def _like_escaped(value: str) -> str:
+    """``value`` with LIKE's own wildcards ``%`` and ``_`` (and the escape) made literal."""
+    return (value.replace(_LIKE_ESCAPE, _LIKE_ESCAPE * 2).replace("%", _LIKE_ESCAPE + "%")
+            .replace("_", _LIKE_ESCAPE + "_"))
 
 
 def _uid_list(column: sa.ColumnElement, keyword: str, value: str) -> sa.ColumnElement:

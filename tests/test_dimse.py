@@ -114,6 +114,22 @@ def test_storescu_then_findscu_finds_vietnamese_name_without_diacritics(server, 
     assert found.NumberOfStudyRelatedInstances == 1
 
 
+def test_findscu_finds_a_name_with_an_ideographic_group_by_its_alphabetic_one(server, dcmtk_env,
+                                                                            tmp_path):
+    spec = Spec(patient_name="Phạm^Thị Hoa=范^氏花", patient_id="BN-PH1")
+    paths = write_instances(tmp_path / "in", [spec, Spec(patient_name="Phạm^Thị Hoa Nguyễn",
+                                                         patient_id="BN-PH2")])
+    assert storescu(server, paths, dcmtk_env).returncode == 0
+    out = tmp_path / "found"
+    out.mkdir()
+    result = findscu(server, dcmtk_env, ["QueryRetrieveLevel=STUDY", "PatientName=pham^thi hoa",
+                                         "PatientID", "StudyInstanceUID"], "-S", out_dir=out)
+    assert result.returncode == 0, result.stderr
+    responses = [pydicom.dcmread(p) for p in sorted(out.iterdir())]
+    assert [r.PatientID for r in responses] == ["BN-PH1"]
+    assert str(responses[0].PatientName) == "Phạm^Thị Hoa=范^氏花"
+
+
 def test_c_find_at_every_level_in_both_models(server, tmp_path):
     study = Spec(patient_name="Lê^Thị Hồng", patient_id="P77", study_date="20240520")
     series_specs = [Spec(study_uid=study.study_uid, series_uid=study.series_uid,

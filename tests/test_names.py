@@ -32,3 +32,15 @@ def test_has_diacritics():
     assert has_diacritics("Nguyễn*")
     assert has_diacritics("Đ")
     assert not has_diacritics("NGUYEN^VAN*")
+
+
+def test_fold_keeps_component_groups_apart_each_folded_on_its_own():
+    assert fold_person_name("Phạm^Thị Hoa=范^氏花") == "pham thi hoa=范 氏花"
+    assert fold_person_name("Trần^Mai==Tran^Hoa") == "tran mai==tran hoa"
+    assert fold_person_name("Nguyễn^Văn An=") == fold_person_name("Nguyễn^Văn An^^") \
+        == "nguyen van an"
+    assert fold_person_name("=范*") == "=范*"
+
+
+def test_fold_never_makes_a_group_of_a_full_width_sign():
+    assert fold_person_name("山田＾太郎＝ヤマ") == "山田 太郎 ヤマ"  # NFKD makes ＾＝ ^ and =

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
-import pytest
+import contextlib
+import datetime as dt
+from pathlib import Path
 
+import pytest
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+
+import storage.index
+from emr.model import Order, PatientInfo
+from emr.orders import OrderStore
 from storage.archive import open_archive
 from storage.attributes import Level
 from storage.errors import InvalidQuery
+from storage.index import create_engine, run_migrations
 from storage.query import NameMatching, Query, find
+from tests.conftest import postgres_schema
 from tests.factory import Spec, instance
 
 PATIENTS = [
@@ -127,6 +139,145 @@ def test_name_matching_modes(index):
     assert study_ids(index, {"PatientName": "nguyen*"}, NameMatching.EXACT) == []
     assert study_ids(index, {"PatientName": "Nguyễn*"}, NameMatching.FUZZY) == \
         ["P001", "P002", "P003"]
+
+
+# Names with more than the alphabetic component group (PS3.5 6.2.1: alphabetic=ideographic=
+# phonetic, representations of one name). Each group of a query matches the same group.
+GROUPED_NAMES = [
+    ("Phạm^Thị Hoa=范^氏花", "G1"),
+    ("Phạm^Thị Hoa Nguyễn", "G2"),  # a longer alphabetic name with the same beginning
+    ("Phạm^Thị Hoa", "G3"),  # the same alphabetic name, no other group
+    ("Đỗ^Văn Đức^^=杜^文德", "G4"),  # empty trailing components in the alphabetic group
+    ("Trần^Mai==tran^hoa", "G5"),  # a phonetic group, no ideographic one
+    ("Lý^Hoa=范^氏花", "G6"),  # the same ideographic group as G1, another alphabetic one
+    ("Yamada^Tarō=山田^太郎=やまだ^たろう", "G7"),  # all three; kana with voicing marks
+]
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def grouped(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("grouped")
+    with contextlib.ExitStack() as stack:
+        if request.param == "sqlite":
+            url = f"sqlite:///{folder / 'index.sqlite'}"
+        else:  # a schema of its own: the module's other index may be open at the same time
+            url = stack.enter_context(postgres_schema()).replace("postgresql://",
+                                                                 "postgresql+psycopg://")
+        archive = open_archive(url, f"file://{folder / 'blobs'}")
+        stack.callback(archive.close)
+        for name, pid in GROUPED_NAMES:
+            archive.store(instance(patient_name=name, patient_id=pid))
+        yield archive
+
+
+def test_alphabetic_name_finds_names_with_ideographic_or_phonetic_groups(grouped):
+    for mode in NameMatching:
+        assert study_ids(grouped, {"PatientName": "Phạm^Thị Hoa"}, mode) == ["G1", "G3"], mode
+    assert study_ids(grouped, {"PatientName": "pham^thi hoa"}) == ["G1", "G3"]
+    assert study_ids(grouped, {"PatientName": "PHẠM^THỊ HOA"}) == ["G1", "G3"]
+    assert study_ids(grouped, {"PatientName": "pham thi hoa"}) == ["G1", "G3"]
+    assert study_ids(grouped, {"PatientName": "tran^mai"}) == ["G5"]
+    assert study_ids(grouped, {"PatientName": "Phạm^Thị"}) == []  # still the whole name
+    assert study_ids(grouped, {"PatientName": "范^氏花"}) == []  # an alphabetic group here
+
+
+def test_wildcards_match_within_the_alphabetic_group(grouped):
+    assert study_ids(grouped, {"PatientName": "Phạm*"}) == ["G1", "G2", "G3"]
+    assert study_ids(grouped, {"PatientName": "pham^thi hoa*"}) == ["G1", "G2", "G3"]
+    assert study_ids(grouped, {"PatientName": "*Hoa"}) == ["G1", "G3", "G6"]
+    assert study_ids(grouped, {"PatientName": "*hoa"}) == ["G1", "G3", "G6"]  # not G5's tran^hoa
+    assert study_ids(grouped, {"PatientName": "Ph?m^Thị Hoa"}) == ["G1", "G3"]
+    assert study_ids(grouped, {"PatientName": "*氏花"}) == []
+    everyone = [pid for _, pid in GROUPED_NAMES]
+    assert study_ids(grouped, {"PatientName": "*=*"}) == everyone
+    assert study_ids(grouped, {"PatientName": "="}) == everyone
+
+
+def test_ideographic_and_phonetic_groups_of_the_query_match_the_same_groups(grouped):
+    assert study_ids(grouped, {"PatientName": "=范^氏花"}) == ["G1", "G6"]
+    assert study_ids(grouped, {"PatientName": "Phạm^Thị Hoa=范^氏花"}) == ["G1"]
+    assert study_ids(grouped, {"PatientName": "pham^thi hoa=范^氏花"}) == ["G1"]
+    assert study_ids(grouped, {"PatientName": "*=范*"}) == ["G1", "G6"]
+    assert study_ids(grouped, {"PatientName": "Phạm^Thị Hoa=杜^文德"}) == []
+    assert study_ids(grouped, {"PatientName": "==tran^hoa"}) == ["G5"]
+    assert study_ids(grouped, {"PatientName": "==TRAN*"}) == ["G5"]
+    assert study_ids(grouped, {"PatientName": "Trần^Mai=*=tran^hoa"}) == ["G5"]
+    # Accents are judged group by group: the kana's voicing marks do not make the alphabetic
+    # group accent-sensitive; in the kana, as in any group, marks typed count, others not.
+    assert study_ids(grouped, {"PatientName": "yamada^taro==やまだ^たろう"}) == ["G7"]
+    assert study_ids(grouped, {"PatientName": "yamada^taro==やまだ^だろう"}) == []
+    assert study_ids(grouped, {"PatientName": "yamada^taro==やまた^たろう"}) == ["G7"]
+
+
+def test_grouped_names_ignore_empty_trailing_components_and_come_in_lists(grouped):
+    assert study_ids(grouped, {"PatientName": "Đỗ^Văn Đức"}) == ["G4"]
+    assert study_ids(grouped, {"PatientName": "do^van duc"}) == ["G4"]
+    assert study_ids(grouped, {"PatientName": "Đỗ^Văn Đức^=杜^文德^^"}) == ["G4"]
+    assert study_ids(grouped, {"PatientName": "Đ?^Văn Đức"}) == ["G4"]
+    assert study_ids(grouped, {"PatientName": "Phạm^Thị Hoa Nguyễn\\=杜^文德"}) == ["G2", "G4"]
+    assert study_ids(grouped, {"PatientName": "lý^hoa\\tran*"}) == ["G5", "G6"]
+
+
+def test_patient_level_and_worklist_match_component_groups_alike(grouped):
+    rows = find(grouped.index, Query(Level.PATIENT, {"PatientName": "pham^thi hoa"}))
+    assert ids(rows) == ["G1", "G3"]
+    orders = OrderStore(grouped.index)
+    orders.apply(Order(accession_number="W-G1", modality="CT", scheduled_date="20260105",
+                       patient=PatientInfo("G1", name="Phạm^Thị Hoa=范^氏花")))
+    for query in ("pham^thi hoa", "Phạm^Thị Hoa", "Phạm*", "*hoa", "=范^氏花"):
+        found = orders.worklist({"PatientName": query}, NameMatching.AUTO)
+        assert [stored.order.accession_number for stored in found] == ["W-G1"], query
+    assert orders.worklist({"PatientName": "=杜^文德"}, NameMatching.AUTO) == []
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def index_at_0005(request, tmp_path):
+    """An empty index database migrated up to 0005 only (names folded with groups together)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'old.sqlite'}"
+    else:
+        url = request.getfixturevalue("fresh_postgres_url").replace("postgresql://",
+                                                                    "postgresql+psycopg://")
+    engine = create_engine(url)
+    config = Config()
+    config.set_main_option("script_location",
+                           str(Path(storage.index.__file__).parent / "migrations"))
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0005")
+    yield engine, config
+    engine.dispose()
+
+
+def test_migration_0006_folds_the_groups_of_names_stored_before_apart(index_at_0005):
+    engine, config = index_at_0005
+    now = dt.datetime.now(dt.UTC)
+    stamp = {"created_at": now, "updated_at": now}
+    with engine.begin() as conn:
+        conn.execute(storage.index.patients.insert(), [
+            {"pk": 1, "patient_id": "G1", "patient_name": "Phạm^Thị Hoa=范^氏花",
+             "patient_name_ci": "phạm^thị hoa=范^氏花",
+             "patient_name_fold": "pham thi hoa 范 氏花", **stamp},
+            {"pk": 2, "patient_id": "P1", "patient_name": "Nguyễn^Văn An",
+             "patient_name_ci": "nguyễn^văn an", "patient_name_fold": "nguyen van an", **stamp}])
+        conn.execute(storage.index.emr_patients.insert().values(
+            pk=1, patient_id="G1", name="Phạm^Thị Hoa=范^氏花", name_ci="phạm^thị hoa=范^氏花",
+            name_fold="pham thi hoa 范 氏花", **stamp))
+
+    def folds():
+        with engine.connect() as conn:
+            return (conn.execute(sa.text("SELECT patient_name_fold FROM patients ORDER BY pk"))
+                    .scalars().all(),
+                    conn.execute(sa.text("SELECT name_fold FROM emr_patients")).scalar())
+
+    run_migrations(engine)
+    assert folds() == (["pham thi hoa=范 氏花", "nguyen van an"], "pham thi hoa=范 氏花")
+    rows = find(storage.index.Index(engine), Query(Level.PATIENT, {"PatientName": "pham thi hoa"}))
+    assert ids(rows) == ["G1"]
+    with engine.begin() as conn:  # and back
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0005")
+    assert folds() == (["pham thi hoa 范 氏花", "nguyen van an"], "pham thi hoa 范 氏花")
 
 
 def test_date_ranges(index):
