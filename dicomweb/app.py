@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 from collections.abc import Iterator
 from typing import Any
 
 import anyio
-from pydicom.uid import UID
 from starlette.applications import Starlette
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from dicomweb import qido, render, stow, wado
 from dicomweb.byteorder import little_endian_bulk
-from dicomweb.media import EXPLICIT_LE, Accepted, NotAcceptable, parse_accept, wants_json
+from dicomweb.media import Accepted, NotAcceptable, parse_accept, wants_json
 from dicomweb.multipart import (
     BodyTooLarge,
     MultipartError,
@@ -151,12 +151,13 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
         parts = wado.instance_parts(archive, rows, syntax)
         if media.single_part:  # 406 (a failed conversion) before any byte
             return _single_part(await run_in_threadpool(next, parts))
-        if syntax == "*" or all(row["_transfer_syntax_uid"] == syntax for row in rows):
+        if all(wado.part_syntax(row, syntax) == row["_transfer_syntax_uid"] for row in rows):
             parts = list(parts)  # lazily opened as stored: the length is known up front
         elif target.instance:
             parts = iter([await run_in_threadpool(next, parts)])  # 406 before any byte
+        # The syntax all parts share, if they do (an SR asked for in RLE goes uncompressed).
         return _multipart(parts, "application/dicom",
-                          None if syntax == "*" else syntax)
+                          None if syntax == "*" else wado.common_syntax(rows, syntax))
 
     async def metadata(request: Request) -> Response:
         accept = parse_accept(_accept(request))
@@ -179,12 +180,12 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
         row = rows[0]
         media, syntax = wado.choose_frame_syntax(parse_accept(_accept(request)),
                                                  row["_transfer_syntax_uid"])
-        data = await run_in_threadpool(wado.frame_bytes, archive, row, numbers, syntax)
+        frames = wado.frame_bytes(archive, row, numbers, syntax)
+        first = await run_in_threadpool(next, frames)  # 404, 406 before any byte
         part_type = f"{media}; transfer-syntax={syntax}"
-        parts = [Part(part_type, [frame], {"Content-Length": str(len(frame))}) for frame in data]
-        boundary = new_boundary()  # frames are in memory already: one body, no streaming
-        return Response(b"".join(write_parts(parts, boundary)),
-                        media_type=content_type(media, boundary, transfer_syntax=syntax))
+        parts = (Part(part_type, [frame], {"Content-Length": str(len(frame))})
+                 for frame in itertools.chain([first], frames))  # one frame held at a time
+        return _multipart(parts, media, syntax)
 
     async def bulkdata(request: Request) -> Response:
         rows = await run_in_threadpool(wado.instance_rows, archive, _target(request),
@@ -249,9 +250,8 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
         cache_key = (blob_key, frame, options)
         image = cache.get(cache_key)
         if image is None:
-            data = wado.read_blob(archive, blob_key)
-            with wado.DECODE_SLOTS:
-                image = render.render_frame(data, frame, options)
+            with wado.DECODE_SLOTS:  # before reading: the slots bound what is held whole
+                image = render.render_frame(wado.read_blob(archive, blob_key), frame, options)
             cache.put(cache_key, image)
         return image
 
@@ -271,8 +271,9 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
         row = rows[0]
         if "application/dicom" in wanted and (wanted[0] == "application/dicom" or not row.get(
                 "Rows")):
-            syntax = params.get("transferSyntax") or _wado_uri_syntax(
-                row["_transfer_syntax_uid"])
+            # Without transferSyntax: Explicit VR Little Endian (PS3.18 9.4.2.4), except pixel
+            # data the server has only lossy compressed, as WADO-RS decides (wado.part_syntax).
+            syntax = params.get("transferSyntax") or None
             wado.check_transcodable(rows, syntax)
             part = await run_in_threadpool(next, wado.instance_parts(archive, rows, syntax))
             return _single_part(part, media_type="application/dicom")
@@ -414,28 +415,6 @@ def _wado_uri_render_params(params) -> dict[str, str]:
         out["viewport"] = f"{params.get('columns', params.get('rows'))}," \
                           f"{params.get('rows', params.get('columns'))}"
     return out
-
-
-# Compressed syntaxes whose pixels come back exactly when decoded (and the encapsulated
-# uncompressed one); pydicom 3.0's UID has is_compressed but no is_lossless.
-LOSSLESS_COMPRESSED = frozenset({
-    "1.2.840.10008.1.2.1.98", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.58",
-    "1.2.840.10008.1.2.4.65", "1.2.840.10008.1.2.4.66", "1.2.840.10008.1.2.4.70",
-    "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.92",
-    "1.2.840.10008.1.2.4.110", "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202",
-    "1.2.840.10008.1.2.5",
-})
-
-
-def _wado_uri_syntax(stored: str) -> str:
-    """The transfer syntax of a WADO-URI ``application/dicom`` answer without
-    ``transferSyntax``: Explicit VR Little Endian (PS3.18 9.4.2.4), except for pixel data the
-    server has only lossy compressed, sent as received (8.7.3.4)."""
-    try:
-        compressed = UID(stored).is_compressed
-    except ValueError:  # a syntax pydicom does not know: nothing here could convert it
-        return stored
-    return stored if compressed and stored not in LOSSLESS_COMPRESSED else EXPLICIT_LE
 
 
 def _accept(request: Request) -> str | None:

@@ -1131,3 +1131,183 @@ def test_multipart_wildcard_accepts_bulk_data_and_rendered_parts(http, study):
     assert any_application.headers["content-type"] == "application/octet-stream"
     assert rendered.status_code == 200, rendered.text[:200]
     assert _parts(rendered)[0][0]["content-type"] == "image/png"
+
+
+# ---------------------------------------------------------------------------- transfer syntaxes
+# PS3.18 8.7.3.4: without a transfer syntax asked for, Explicit VR Little Endian, except pixel
+# data the server has only lossy compressed, sent as received; each part names its own syntax
+# (8.7.8.2 note 1). PS3.5 A.4: the compressed syntaxes are for pixel data only.
+
+
+def _without_pixel_data(ds: pydicom.Dataset, sop_class: str, modality: str) -> pydicom.Dataset:
+    for keyword in ("PixelData", "SamplesPerPixel", "PhotometricInterpretation", "Rows",
+                    "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation"):
+        delattr(ds, keyword)
+    ds.SOPClassUID, ds.Modality = sop_class, modality
+    return ds
+
+
+@pytest.fixture(scope="module")
+def mixed_study(http):
+    """A study as a clinic has them: a CT slice, a 3-frame RLE image, a JPEG Baseline image
+    (lossy, as the modality sent it) and a Basic Text SR (no pixel data)."""
+    spec = Spec(patient_id="BN-MIXED", patient_name="Võ^Thị Mai")
+
+    def member(**more) -> pydicom.Dataset:
+        return dataset(Spec(**{**spec.__dict__, "sop_uid": Spec().sop_uid,
+                               "series_uid": Spec().series_uid, **more}))
+
+    ct = member(rows=16, columns=16)
+    rle = member(rows=16, columns=16, frames=3, modality="MR")
+    rle_pixels = np.frombuffer(rle.PixelData, np.uint16).reshape(3, 16, 16)
+    rle.file_meta = pydicom.dataset.FileMetaDataset()
+    rle.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    rle.compress(pydicom.uid.RLELossless, generate_instance_uid=False)
+    jpeg = member(rows=16, columns=16, modality="XC")
+    jpeg.BitsAllocated, jpeg.BitsStored, jpeg.HighBit = 8, 8, 7
+    image = io.BytesIO()
+    Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16)).save(image, "JPEG")
+    jpeg.PixelData = pydicom.encaps.encapsulate([image.getvalue()])
+    jpeg["PixelData"].VR = "OB"
+    jpeg.LossyImageCompression = "01"
+    sr = _without_pixel_data(member(), "1.2.840.10008.5.1.4.1.1.88.11", "SR")
+    files = {ct.SOPInstanceUID: part10(ct), rle.SOPInstanceUID: part10(rle, RLE),
+             jpeg.SOPInstanceUID: part10(jpeg, pydicom.uid.JPEGBaseline8Bit),
+             sr.SOPInstanceUID: part10(sr)}
+    for data in files.values():
+        _store_part10(http, data)
+    return {"spec": spec, "ct": ct, "rle": rle, "rle_pixels": rle_pixels, "jpeg": jpeg,
+            "sr": sr, "files": files}
+
+
+RLE = pydicom.uid.RLELossless
+EXPLICIT = pydicom.uid.ExplicitVRLittleEndian
+
+
+def _part_syntax(headers: dict[str, str]) -> str:
+    return headers["content-type"].split("transfer-syntax=")[1]
+
+
+@pytest.mark.parametrize("accept", [None, "*/*", DICOM_PARTS])
+def test_a_study_with_a_jpeg_baseline_image_and_an_sr_retrieves_whole_by_default(
+        http, mixed_study, accept):
+    study = mixed_study
+    headers = {"Accept": accept} if accept else {}
+
+    response = http.get(f"/studies/{study['spec'].study_uid}", headers=headers)
+
+    assert response.status_code == 200, response.text[:300]
+    parts = _parts(response)
+    received = {}
+    for part_headers, body in parts:
+        ds = pydicom.dcmread(io.BytesIO(body))
+        assert _part_syntax(part_headers) == ds.file_meta.TransferSyntaxUID  # labelled
+        received[ds.SOPInstanceUID] = (ds, body)
+    assert received.keys() == study["files"].keys()  # every instance, none cut off
+    jpeg_uid = study["jpeg"].SOPInstanceUID
+    assert received[jpeg_uid][1] == study["files"][jpeg_uid]  # lossy: as received
+    for name in ("ct", "rle", "sr"):
+        ds, _ = received[study[name].SOPInstanceUID]
+        assert ds.file_meta.TransferSyntaxUID == EXPLICIT, name
+    rle, _ = received[study["rle"].SOPInstanceUID]
+    assert np.array_equal(rle.pixel_array, study["rle_pixels"])
+    # The parts differ: the answer as a whole names no one syntax.
+    assert "transfer-syntax" not in response.headers["content-type"]
+
+
+def test_dicomweb_client_retrieves_the_whole_mixed_study(client, mixed_study):
+    retrieved = client.retrieve_study(mixed_study["spec"].study_uid)
+
+    syntaxes = {ds.SOPInstanceUID: ds.file_meta.TransferSyntaxUID for ds in retrieved}
+    assert syntaxes == {mixed_study["ct"].SOPInstanceUID: EXPLICIT,
+                        mixed_study["rle"].SOPInstanceUID: EXPLICIT,
+                        mixed_study["jpeg"].SOPInstanceUID: pydicom.uid.JPEGBaseline8Bit,
+                        mixed_study["sr"].SOPInstanceUID: EXPLICIT}
+
+
+def test_a_lossy_instance_alone_comes_as_stored_unless_a_syntax_is_asked_for(http, mixed_study):
+    jpeg = mixed_study["jpeg"]
+    stored = mixed_study["files"][jpeg.SOPInstanceUID]
+
+    single = http.get(_instance_path(jpeg), headers={"Accept": "application/dicom"})
+    multipart = http.get(_instance_path(jpeg), headers={"Accept": DICOM_PARTS})
+    decoded = http.get(_instance_path(jpeg), headers={
+        "Accept": f"application/dicom; transfer-syntax={EXPLICIT}"})
+
+    assert single.status_code == 200, single.text[:300]
+    assert single.headers["content-type"] == \
+        "application/dicom; transfer-syntax=1.2.840.10008.1.2.4.50"
+    assert single.content == stored
+    assert _parts(multipart)[0][1] == stored
+    assert "transfer-syntax=1.2.840.10008.1.2.4.50" in multipart.headers["content-type"]
+    assert decoded.status_code == 200  # asked for by name: decoded
+    assert pydicom.dcmread(io.BytesIO(decoded.content)).file_meta.TransferSyntaxUID == EXPLICIT
+
+
+def test_an_sr_asked_for_in_rle_comes_in_explicit_little_endian(http, mixed_study):
+    study, asked = mixed_study, f"transfer-syntax={RLE}"
+
+    whole = http.get(f"/studies/{study['spec'].study_uid}",
+                     headers={"Accept": f"{DICOM_PARTS}; {asked}"})
+    alone = http.get(_instance_path(study["sr"]),
+                     headers={"Accept": f"application/dicom; {asked}"})
+
+    assert whole.status_code == 200, whole.text[:300]
+    # The parts differ: the answer's Content-Type names no one syntax for them all.
+    assert "transfer-syntax" not in whole.headers["content-type"]
+    syntaxes = {}
+    for part_headers, body in _parts(whole):
+        ds = pydicom.dcmread(io.BytesIO(body))
+        assert _part_syntax(part_headers) == ds.file_meta.TransferSyntaxUID
+        syntaxes[ds.SOPInstanceUID] = ds.file_meta.TransferSyntaxUID
+    assert syntaxes == {study["ct"].SOPInstanceUID: RLE, study["rle"].SOPInstanceUID: RLE,
+                        study["jpeg"].SOPInstanceUID: RLE, study["sr"].SOPInstanceUID: EXPLICIT}
+    assert alone.status_code == 200, alone.text[:300]
+    assert alone.headers["content-type"] == f"application/dicom; transfer-syntax={EXPLICIT}"
+    assert pydicom.dcmread(io.BytesIO(alone.content)).SOPInstanceUID == study["sr"].SOPInstanceUID
+
+
+def test_a_study_holding_an_instance_no_codec_here_decodes_is_refused_before_any_byte(http):
+    ct = dataset(Spec(patient_id="BN-NOCODEC"))
+    multi_component = dataset(Spec(**{**Spec(patient_id="BN-NOCODEC").__dict__,
+                                      "study_uid": ct.StudyInstanceUID}))
+    multi_component.PixelData = pydicom.encaps.encapsulate([b"\xff\x4f\xff\x51" + bytes(60)])
+    multi_component["PixelData"].VR = "OB"
+    no_codec = "1.2.840.10008.1.2.4.92"  # JPEG 2000 Part 2 multi-component, lossless only
+    for data in (part10(ct), part10(multi_component, no_codec)):
+        _store_part10(http, data)
+
+    refused = http.get(f"/studies/{ct.StudyInstanceUID}")
+    as_stored = http.get(f"/studies/{ct.StudyInstanceUID}",
+                         headers={"Accept": f"{DICOM_PARTS}; transfer-syntax=*"})
+
+    assert refused.status_code == 406
+    assert "transfer-syntax=*" in refused.json()["message"]
+    assert as_stored.status_code == 200 and len(_parts(as_stored)) == 2
+
+
+def test_uncompressed_frames_of_a_compressed_instance_are_labelled_as_asked(http, mixed_study):
+    rle, pixels = mixed_study["rle"], mixed_study["rle_pixels"]
+    url = f"{_instance_path(rle)}/frames/3,1"
+    octets = 'multipart/related; type="application/octet-stream"'
+
+    default = http.get(url, headers={"Accept": octets})
+    implicit = http.get(url, headers={"Accept": f"{octets}; transfer-syntax=1.2.840.10008.1.2"})
+
+    for response, syntax in ((default, EXPLICIT), (implicit, "1.2.840.10008.1.2")):
+        assert response.status_code == 200, response.text[:300]
+        assert "content-length" not in response.headers  # streamed, a frame at a time
+        parts = _parts(response)
+        assert [body for _, body in parts] == [pixels[2].tobytes(), pixels[0].tobytes()]
+        assert {_part_syntax(headers) for headers, _ in parts} == {syntax}
+
+
+def test_frames_of_an_instance_without_pixel_data_are_404(http, mixed_study):
+    no_pixels = _without_pixel_data(dataset(Spec()), "1.2.840.10008.5.1.4.1.1.7", "OT")
+    no_pixels.Rows, no_pixels.Columns = 16, 16  # an image module, but no Pixel Data
+    _store_part10(http, part10(no_pixels))
+
+    for ds in (no_pixels, mixed_study["sr"]):
+        response = http.get(f"{_instance_path(ds)}/frames/1")
+        assert response.status_code == 404, response.text[:300]
+        assert "no pixel data" in response.json()["message"]

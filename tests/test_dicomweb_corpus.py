@@ -2,8 +2,9 @@
 
 Every file the archive accepts comes back with the same data set when asked for as stored
 (``transfer-syntax=*``); asked for in the default Explicit VR Little Endian, instances in the
-lossless syntaxes come back with the same pixel values. Every file it refuses is listed in the
-FailedSOPSequence with a reason. Counts are by SOP Instance UID (the first stored wins).
+lossless syntaxes come back with the same pixel values, and those in lossy ones as stored
+(PS3.18 8.7.3.4). Every file it refuses is listed in the FailedSOPSequence with a reason.
+Counts are by SOP Instance UID (the first stored wins).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from dicomweb import transcode
 from storage.errors import InvalidInstance
 from storage.parsing import parse_instance
 from tests.compare import DECOMPRESSED_PIXEL_MODULE, assert_same_data_set
@@ -84,7 +86,7 @@ def test_corpus_stow_then_wado_round_trip(corpus, start_server, tmp_path):
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            transcoded = 0
+            transcoded = lossy = 0
             for uid, (_data, parsed) in winners.items():
                 original = pydicom.dcmread(io.BytesIO(parsed.data), force=True)
                 as_stored = http.get(stored[uid], headers={
@@ -93,6 +95,13 @@ def test_corpus_stow_then_wado_round_trip(corpus, start_server, tmp_path):
                 received = pydicom.dcmread(io.BytesIO(_parts(as_stored)[0]))
                 assert received.file_meta.TransferSyntaxUID == parsed.transfer_syntax
                 assert_same_data_set(received, original, uid)
+                if transcode.is_lossy(parsed.transfer_syntax):
+                    default = http.get(stored[uid])  # no syntax asked for: as received
+                    assert default.status_code == 200, (uid, default.text[:200])
+                    assert _parts(default) == _parts(as_stored), uid
+                    label = f"transfer-syntax={parsed.transfer_syntax}\r\n".encode()
+                    assert label in default.content[:300], uid
+                    lossy += 1
                 if parsed.transfer_syntax not in LOSSLESS or "PixelData" not in original:
                     continue
                 expected = _pixels(original)
@@ -109,3 +118,4 @@ def test_corpus_stow_then_wado_round_trip(corpus, start_server, tmp_path):
                 assert_same_data_set(explicit, original, uid, ignore=DECOMPRESSED_PIXEL_MODULE)
                 transcoded += 1
             assert transcoded > 20
+            assert lossy > 10

@@ -151,3 +151,131 @@ class _Counting:
 
     def __exit__(self, *exc) -> None:
         return None
+
+
+# ---------------------------------------------------------------------------- transfer syntaxes
+
+
+SR_ROW = {"SOPInstanceUID": "1.2.9", "_transfer_syntax_uid": EXPLICIT_LE, "_frames": None}
+
+
+def _row(syntax: str, **more) -> dict:
+    return {"SOPInstanceUID": "1.2.4", "_transfer_syntax_uid": syntax, "Rows": 8,
+            "_frames": "[[0, 8]]", **more}
+
+
+@pytest.mark.parametrize(("stored", "asked", "sent"), [
+    (JPEG_BASELINE, None, JPEG_BASELINE),  # lossy: the server has nothing better
+    ("1.2.840.10008.1.2.4.51", None, "1.2.840.10008.1.2.4.51"),
+    ("1.2.840.10008.1.2.4.81", None, "1.2.840.10008.1.2.4.81"),  # JPEG-LS near-lossless
+    ("1.2.840.10008.1.2.4.102", None, "1.2.840.10008.1.2.4.102"),  # MPEG-4 video
+    ("1.2.840.10008.1.2.4.91", None, None),  # JPEG 2000: its Lossy Image Compression says
+    (RLE, None, EXPLICIT_LE),
+    ("1.2.840.10008.1.2", None, EXPLICIT_LE),
+    (JPEG_BASELINE, EXPLICIT_LE, EXPLICIT_LE),  # asked for: decoded
+    (JPEG_BASELINE, "*", JPEG_BASELINE),
+])
+def test_without_a_syntax_asked_lossy_pixel_data_goes_as_stored(stored, asked, sent):
+    assert wado.part_syntax(_row(stored), asked) == sent
+
+
+def test_an_instance_without_pixel_data_asked_in_a_compressed_syntax_is_explicit_le():
+    assert wado.part_syntax(SR_ROW, RLE) == EXPLICIT_LE
+    assert wado.part_syntax(_row(EXPLICIT_LE), RLE) == RLE
+    wado.check_transcodable([SR_ROW, _row(EXPLICIT_LE)], RLE)  # no 406 for the study
+    assert wado.common_syntax([SR_ROW, _row(EXPLICIT_LE)], RLE) is None  # parts differ
+    assert wado.common_syntax([_row(EXPLICIT_LE), _row(JPEG_BASELINE)], RLE) == RLE
+
+
+@pytest.mark.parametrize(("rows", "syntax"), [
+    ([_row(JPEG_BASELINE)], JPEG_BASELINE),  # the answer is labelled with what every part is
+    ([_row(EXPLICIT_LE), _row(RLE), SR_ROW], EXPLICIT_LE),
+    ([_row(JPEG_BASELINE), _row(RLE)], None),  # parts differ: each names its own
+])
+def test_the_default_answer_names_one_syntax_only_when_every_part_has_it(rows, syntax):
+    assert wado.choose_instance_media(parse_accept(None), Level.STUDY, rows) == \
+        wado.InstanceMedia(syntax, single_part=False)
+
+
+def test_a_lossless_syntax_no_codec_here_decodes_is_refused_before_sending():
+    jpeg_xl_lossless = _row("1.2.840.10008.1.2.4.110")
+    with pytest.raises(NotAcceptable, match="transfer-syntax=\\*"):
+        wado.choose_instance_media(parse_accept(None), Level.STUDY,
+                                   [_row(EXPLICIT_LE), jpeg_xl_lossless])
+    assert wado.choose_instance_media(parse_accept(f"{DICOM_PARTS}; transfer-syntax=*"),
+                                      Level.STUDY, [jpeg_xl_lossless]).syntax == "*"
+
+
+def _rle_instance(frames: int, size: int) -> tuple[bytes, np.ndarray]:
+    """An RLE Lossless instance of noise (RLE cannot shrink it)."""
+    ds = dataset()
+    pixels = np.random.default_rng(1).integers(0, 4096, (frames, size, size), dtype=np.uint16)
+    ds.Rows = ds.Columns = size
+    ds.NumberOfFrames = frames
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = EXPLICIT_LE
+    ds.compress(RLE, pixels, generate_instance_uid=False)
+    return part10(ds, RLE), pixels
+
+
+def _reads(archive) -> list[int]:
+    """Lengths of what the blob store is asked for from now on; reading a blob whole fails."""
+    lengths, get_range = [], archive.blobs.get_range
+
+    def counted(key: str, offset: int, length: int) -> bytes:
+        lengths.append(length)
+        return get_range(key, offset, length)
+
+    def whole(key: str) -> bytes:
+        raise AssertionError(f"{key} read whole")
+
+    archive.blobs.get_range, archive.blobs.get = counted, whole
+    return lengths
+
+
+def test_a_converted_instance_is_read_a_frame_at_a_time_never_whole(archive):
+    data, pixels = _rle_instance(frames=12, size=256)  # 1.6 MB: read by range
+    archive.store(data)
+    rows = find(archive.index, Query(Level.INSTANCE, {}))
+    reads = _reads(archive)
+
+    (part,) = wado.instance_parts(archive, rows, None)
+    sent = b"".join(part.chunks)
+
+    assert part.content_type == f"application/dicom; transfer-syntax={EXPLICIT_LE}"
+    assert int(part.headers["Content-Length"]) == len(sent)
+    assert sent == transcode.transcode(data, EXPLICIT_LE)
+    assert np.array_equal(pydicom.dcmread(io.BytesIO(sent)).pixel_array, pixels)
+    assert max(reads) <= 256 * 1024 + 256  # the header's buffer, or one frame's fragment
+
+
+def test_frames_are_decoded_from_their_own_fragments(archive):
+    data, pixels = _rle_instance(frames=12, size=256)
+    archive.store(data)
+    (row,) = find(archive.index, Query(Level.INSTANCE, {}))
+    reads = _reads(archive)
+
+    frames = list(wado.frame_bytes(archive, row, [12, 3], EXPLICIT_LE))
+
+    assert frames == [pixels[11].tobytes(), pixels[2].tobytes()]
+    assert len(reads) == 1 + 1 + 2  # the header, where the pixel data starts, two frames
+
+
+def test_a_conversion_that_needs_the_whole_instance_holds_a_slot_until_it_is_sent(archive):
+    archive.store(instance(Spec(rows=64, columns=64)))
+    rows = find(archive.index, Query(Level.INSTANCE, {}))
+    free = wado.WHOLE_INSTANCE_SLOTS._value
+
+    (part,) = wado.instance_parts(archive, rows, RLE)  # encoding: the whole instance
+    assert wado.WHOLE_INSTANCE_SLOTS._value == free - 1
+    chunks = iter(part.chunks)
+    next(chunks)
+    assert wado.WHOLE_INSTANCE_SLOTS._value == free - 1
+    list(chunks)
+    assert wado.WHOLE_INSTANCE_SLOTS._value == free
+    assert part.content_type == f"application/dicom; transfer-syntax={RLE}"
+
+    unsent = list(wado.instance_parts(archive, rows, RLE))  # a client gone before the body
+    assert wado.WHOLE_INSTANCE_SLOTS._value == free - 1
+    del unsent
+    assert wado.WHOLE_INSTANCE_SLOTS._value == free
