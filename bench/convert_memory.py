@@ -154,6 +154,18 @@ def _at_once(count: int, work) -> list:
     return results
 
 
+def _stow(base: str, data: bytes, ds) -> str:
+    """Store one Part 10 file by STOW-RS; its WADO-RS URL."""
+    import httpx
+
+    body = b"--b\r\nContent-Type: application/dicom\r\n\r\n" + data + b"\r\n--b--\r\n"
+    stored = httpx.post(base + "/studies", content=body, timeout=120, headers={
+        "Content-Type": 'multipart/related; type="application/dicom"; boundary=b'})
+    assert stored.status_code == 200, stored.text
+    return (f"{base}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+            f"/instances/{ds.SOPInstanceUID}")
+
+
 def serve(root: Path, frames: int, clients: int) -> None:
     import httpx
     import pydicom
@@ -178,12 +190,7 @@ def serve(root: Path, frames: int, clients: int) -> None:
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
-        body = (b"--b\r\nContent-Type: application/dicom\r\n\r\n" + data + b"\r\n--b--\r\n")
-        stored = httpx.post(base + "/studies", content=body, timeout=120, headers={
-            "Content-Type": 'multipart/related; type="application/dicom"; boundary=b'})
-        assert stored.status_code == 200, stored.text
-        url = (f"{base}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
-               f"/instances/{ds.SOPInstanceUID}")
+        url = _stow(base, data, ds)
         print(f"server from {root}: RLE {len(data) / 1e6:.0f} MB, {frames} frames "
               f"512x512x16 bit; {clients} requests at once")
         time.sleep(1)
@@ -218,12 +225,7 @@ def serve(root: Path, frames: int, clients: int) -> None:
         # Encoding (here to RLE Lossless) takes the whole instance in memory.
         native = _instance(frames // 2, noise=True, syntax="1.2.840.10008.1.2.1")
         ds = pydicom.dcmread(__import__("io").BytesIO(native), stop_before_pixels=True)
-        body = (b"--b\r\nContent-Type: application/dicom\r\n\r\n" + native + b"\r\n--b--\r\n")
-        stored = httpx.post(base + "/studies", content=body, timeout=120, headers={
-            "Content-Type": 'multipart/related; type="application/dicom"; boundary=b'})
-        assert stored.status_code == 200, stored.text
-        url = (f"{base}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
-               f"/instances/{ds.SOPInstanceUID}")
+        url = _stow(base, native, ds)
         time.sleep(1)
         idle = _server_rss_mb(server.pid)
         rle = "application/dicom; transfer-syntax=1.2.840.10008.1.2.5"
