@@ -382,18 +382,48 @@ def _missing_archive(settings: Settings) -> str:
     """Why there is no archive to check where the settings point, or '' if there is one.
 
     Opening the archive would create an empty one, which a check then reports clean: a
-    mistyped data_dir must fail instead. (A PostgreSQL index cannot be told apart this way.)"""
+    mistyped data folder, database URL or bucket must fail instead. A PostgreSQL database
+    holds an archive once its schema was made (Alembic's version table is there)."""
     url = settings.resolved_database_url
     if url.startswith("sqlite:///"):
         index = Path(url.removeprefix("sqlite:///"))
         setting = "PACS_DATABASE_URL" if settings.database_url else "PACS_DATA_DIR"
         if not index.is_file():
             return f"{setting}: no archive index at {index} (mistyped data folder?)"
+    elif not _has_archive_schema(settings):
+        return ("PACS_DATABASE_URL: the database holds no archive index (mistyped database, "
+                "user or schema?)")
     blobs = settings.resolved_storage_url
     if blobs.startswith("file://") and not Path(blobs.removeprefix("file://")).is_dir():
         setting = "PACS_STORAGE_URL" if settings.storage_url else "PACS_DATA_DIR"
         return f"{setting}: no blob folder at {blobs.removeprefix('file://')}"
+    if blobs.startswith("s3://"):
+        from storage.blobs import MissingBucket, open_blob_store
+
+        try:
+            open_blob_store(blobs, create=False)
+        except MissingBucket as exc:
+            return f"PACS_STORAGE_URL: {exc} (mistyped bucket?)"
+        except Exception as exc:  # noqa: BLE001 - unreachable: named as at start-up
+            raise _StartupError(f"{_failing_setting(settings, exc)}: {_short_reason(exc)}"
+                                ) from None
     return ""
+
+
+def _has_archive_schema(settings: Settings) -> bool:
+    """Whether the (PostgreSQL) index database has the archive's tables, without making them."""
+    import sqlalchemy as sa
+
+    from storage.index import create_engine
+
+    try:
+        engine = create_engine(settings.resolved_database_url, connections=2, name="pacs-check")
+        try:
+            return sa.inspect(engine).has_table("alembic_version")
+        finally:
+            engine.dispose()
+    except Exception as exc:  # noqa: BLE001 - unreachable, refused: named as at start-up
+        raise _StartupError(f"{_failing_setting(settings, exc)}: {_short_reason(exc)}") from None
 
 
 def _check(settings: Settings, args: argparse.Namespace) -> int:

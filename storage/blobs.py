@@ -21,6 +21,10 @@ from urllib.parse import parse_qs, urlsplit
 
 from storage.errors import BlobExists, StorageUnavailable
 
+
+class MissingBucket(StorageUnavailable):
+    """The S3 bucket a storage URL names does not exist (and was not to be made)."""
+
 CHUNK_SIZE = 1 << 20
 
 
@@ -78,8 +82,9 @@ class BlobStore(Protocol):
         """Where the blobs are, for logs (no secrets)."""
 
 
-def open_blob_store(url: str) -> BlobStore:
-    """The blob store for ``file:///path`` or ``s3://bucket?endpoint=...`` (see README)."""
+def open_blob_store(url: str, *, create: bool = True) -> BlobStore:
+    """The blob store for ``file:///path`` or ``s3://bucket?endpoint=...`` (see README);
+    without ``create``, an S3 bucket that does not exist is ``MissingBucket``, not made."""
     parts = urlsplit(url)
     if parts.scheme in ("", "file"):
         return FileBlobStore(Path(parts.path if parts.scheme else url))
@@ -96,6 +101,7 @@ def open_blob_store(url: str) -> BlobStore:
             secret_key=query.get("secret_key") or os.environ.get("AWS_SECRET_ACCESS_KEY", ""),
             secure=secure.lower() in ("1", "true", "yes"),
             region=query.get("region"),
+            create=create,
         )
     raise ValueError(f"storage URL scheme {parts.scheme!r} is not supported (use file:// or s3://)")
 
@@ -373,6 +379,7 @@ class S3BlobStore:
         secure: bool,
         prefix: str = "",
         region: str | None = None,
+        create: bool = True,
     ) -> None:
         from minio import Minio
         from urllib3 import PoolManager, Retry, Timeout
@@ -391,11 +398,14 @@ class S3BlobStore:
         self.client = Minio(endpoint, access_key=access_key, secret_key=secret_key,
                             secure=secure, region=region, http_client=http)
         try:
-            if not self.client.bucket_exists(bucket):
+            exists = self.client.bucket_exists(bucket)
+            if not exists and create:
                 self.client.make_bucket(bucket)
         except Exception as exc:
             raise StorageUnavailable(f"S3 bucket {bucket} at {endpoint} is not reachable: {exc}")\
                 from exc
+        if not exists and not create:
+            raise MissingBucket(f"no S3 bucket {bucket} at {endpoint}")
 
     def describe(self) -> str:
         return f"S3 bucket {self.bucket} at {self.endpoint}"

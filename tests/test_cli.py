@@ -11,9 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
+import sqlalchemy as sa
 
-from tests.conftest import free_port
+from storage.blobs import open_blob_store
+from tests.conftest import free_port, s3_url
 from tests.factory import Spec, instance
 
 
@@ -272,6 +275,37 @@ def test_check_of_a_mistyped_data_dir_refuses_and_creates_nothing(tmp_path):
     assert "PACS_DATA_DIR: no archive index at" in check.stderr
     assert len(check.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "typo").exists()
+
+
+def test_check_of_a_mistyped_database_or_bucket_refuses_and_creates_nothing(
+        tmp_path, fresh_postgres_url, s3_endpoint):
+    """Opening the archive makes its tables and its bucket: a check of a mistyped PostgreSQL
+    schema or S3 bucket reported an empty archive, clean, and left one behind."""
+    database = fresh_postgres_url.replace("postgresql://", "postgresql+psycopg://")
+    no_schema = pacs("check", data_dir=tmp_path / "data", PACS_DATABASE_URL=database,
+                     PACS_STORAGE_URL=s3_url(s3_endpoint, "pacs-check-real"))
+    assert no_schema.returncode == 2, no_schema.stderr
+    assert "PACS_DATABASE_URL: the database holds no archive index" in no_schema.stderr
+    engine = sa.create_engine(database)
+    try:
+        assert not sa.inspect(engine).has_table("alembic_version")
+    finally:
+        engine.dispose()
+
+    assert pacs("migrate", data_dir=tmp_path / "data", PACS_DATABASE_URL=database).returncode == 0
+    typo = s3_url(s3_endpoint, "pacs-check-typo")
+    no_bucket = pacs("check", data_dir=tmp_path / "data", PACS_DATABASE_URL=database,
+                     PACS_STORAGE_URL=typo)
+    assert no_bucket.returncode == 2, no_bucket.stderr
+    assert "PACS_STORAGE_URL: no S3 bucket pacs-check-typo" in no_bucket.stderr
+    assert httpx.head(f"{s3_endpoint}/pacs-check-typo").status_code == 404  # not made
+
+    real = s3_url(s3_endpoint, "pacs-check-real")
+    open_blob_store(real)  # the archive's bucket, as pacs serve makes it
+    checked = pacs("check", data_dir=tmp_path / "data", PACS_DATABASE_URL=database,
+                   PACS_STORAGE_URL=real)
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stdout.startswith("0 instance(s) checked")
 
 
 def test_share_with_an_unwritable_qr_path_creates_no_share(tmp_path):
