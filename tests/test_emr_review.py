@@ -841,18 +841,25 @@ def _ended(step_status: str, end_date: str | None, end_time: str | None) -> Data
     return changes
 
 
+def _step_in_progress(site: Site, assoc, prefix: str) -> tuple[str, str]:
+    """An order, and a performed step of it created IN PROGRESS over ``assoc``: (accession,
+    step UID)."""
+    accession, patient = unique(prefix), unique("BN" + prefix)
+    assert ack_code(send_hl7(site.server, orm(accession, patient_id=patient))) == "AA"
+    study_uid = api(site, "GET", f"/api/orders/{accession}").json()["study_instance_uid"]
+    step = generate_uid(TEST_ROOT)
+    status, _ = assoc.send_n_create(mpps_created(accession, study_uid, patient),
+                                    ModalityPerformedProcedureStep, step)
+    assert status.Status == 0x0000
+    return accession, step
+
+
 # Review: an N-SET to COMPLETED without Performed Procedure Step End Date and Time was taken,
 # though PS3.4 Table F.7.2-1 makes both Type 1 in the final state; it completed the order.
 def test_mpps_completed_without_end_date_and_time_is_refused_and_the_step_stays_as_it_was(
         site):
-    accession, patient = unique("PE"), unique("BNE")
-    assert ack_code(send_hl7(site.server, orm(accession, patient_id=patient))) == "AA"
-    study_uid = api(site, "GET", f"/api/orders/{accession}").json()["study_instance_uid"]
-    step = generate_uid(TEST_ROOT)
     with mpps_association(site) as (assoc, answers):
-        status, _ = assoc.send_n_create(mpps_created(accession, study_uid, patient),
-                                        ModalityPerformedProcedureStep, step)
-        assert status.Status == 0x0000
+        accession, step = _step_in_progress(site, assoc, "PE")
         created = stored_step(site, step)
 
         status, _ = assoc.send_n_set(_ended("COMPLETED", None, None),
@@ -888,14 +895,8 @@ def test_mpps_completed_without_end_date_and_time_is_refused_and_the_step_stays_
 
 
 def test_mpps_discontinued_needs_the_end_date_and_an_n_set_cannot_blank_it(site):
-    accession, patient = unique("PD"), unique("BND")
-    assert ack_code(send_hl7(site.server, orm(accession, patient_id=patient))) == "AA"
-    study_uid = api(site, "GET", f"/api/orders/{accession}").json()["study_instance_uid"]
-    step = generate_uid(TEST_ROOT)
     with mpps_association(site) as (assoc, answers):
-        status, _ = assoc.send_n_create(mpps_created(accession, study_uid, patient),
-                                        ModalityPerformedProcedureStep, step)
-        assert status.Status == 0x0000
+        accession, step = _step_in_progress(site, assoc, "PD")
         early = Dataset()
         early.PerformedProcedureStepEndDate = TODAY
         status, _ = assoc.send_n_set(early, ModalityPerformedProcedureStep, step)
