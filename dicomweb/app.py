@@ -462,16 +462,35 @@ def _multipart(parts: Iterator[Part] | list[Part], media_type: str,
     headers = {}
     if isinstance(parts, list) and (length := body_length(parts, boundary)) is not None:
         headers["Content-Length"] = str(length)
-    return StreamingResponse(iterate_in_threadpool(coalesce(write_parts(parts, boundary))),
-                             media_type=content_type(media_type, boundary,
-                                                     transfer_syntax=syntax), headers=headers)
+    return _ClosingStream(coalesce(write_parts(parts, boundary)),
+                          media_type=content_type(media_type, boundary, transfer_syntax=syntax),
+                          headers=headers)
 
 
 def _single_part(part: Part, media_type: str | None = None) -> Response:
     """One part as the whole body (a single part media type), streamed, with its length."""
-    return StreamingResponse(iterate_in_threadpool(coalesce(part.chunks)),
-                             media_type=media_type or part.content_type,
-                             headers={"Content-Length": part.headers["Content-Length"]})
+    return _ClosingStream(coalesce(part.chunks), media_type=media_type or part.content_type,
+                          headers={"Content-Length": part.headers["Content-Length"]})
+
+
+class _ClosingStream(StreamingResponse):
+    """A body of chunks made in the thread pool, closed however the answer ends. When the
+    client goes away mid-answer, the stopped response's traceback keeps the chunks in a
+    reference cycle until a garbage collection: closed here, what they hold (a conversion's
+    slot and bytes, an open blob) goes at once."""
+
+    def __init__(self, chunks: Iterator[bytes], **options: Any) -> None:
+        super().__init__(iterate_in_threadpool(chunks), **options)
+        self._chunks = chunks
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # Not running: a chunk being made in a thread is waited for before cancelling.
+            close = getattr(self._chunks, "close", None)
+            if close is not None:
+                close()
 
 
 _STATUSES: list[tuple[type[BaseException], int]] = [
