@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import logging
 import os
 import secrets
@@ -142,6 +143,13 @@ class Outbox:
         if kind not in self.senders:
             raise ValueError(f"no sender for {kind!r} deliveries")
         with self.index.write_core() as conn:
+            if not self.index.is_sqlite:
+                # Nodes enqueueing the study's result at once would each find the same last
+                # delivery and each write the new one (the EMR got it twice): one at a time,
+                # per destination and study, until commit. (SQLite has one writer anyway.)
+                key = hashlib.sha256(f"outbox\0{destination}\0{study_uid}".encode()).digest()
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(
+                    int.from_bytes(key[:8], "big", signed=True))))
             same = self._same_result(conn, destination, kind, study_uid, payload)
             if same is not None:
                 return same

@@ -23,11 +23,11 @@ from pacs.settings import Settings
 from storage.archive import Archive, open_archive
 from storage.completion import StudyCompletion
 from storage.index import shares, studies
-from storage.shares import ShareError, ShareStore
+from storage.shares import AUTOMATIC_SHARE, AutomaticShareExists, ShareError, ShareStore
 from viewer.share_api import public_base
 
 log = logging.getLogger("pacs")
-AUTO_SHARE = "auto"  # created_by of the shares made when a study is complete
+AUTO_SHARE = AUTOMATIC_SHARE  # created_by of the shares made when a study is complete
 AUTO_SHARE_LOOKBACK = dt.timedelta(days=7)
 
 
@@ -145,9 +145,10 @@ class PacsServer:
                     studies.c.updated_at >= since, ~sa.exists(shared)))]
 
     def _share_completed_study(self, study_uid: str) -> None:
-        """The automatic share of a complete study (one per study, whatever arrives later)."""
+        """The automatic share of a complete study: one per study, whatever arrives later and
+        however many nodes complete it at once (the index refuses a second one)."""
         if self.shares.list(study_uid=study_uid, created_by=AUTO_SHARE, limit=1):
-            return
+            return  # the usual case, answered without hashing a PIN for nothing
         pin = self.settings.share_on_complete_pin or None
         for attempt in (pin, "generated"):  # no birth date known: a generated PIN instead
             try:
@@ -156,6 +157,8 @@ class PacsServer:
                     allow_download=self.settings.share_on_complete_download,
                     created_by=AUTO_SHARE)
                 break
+            except AutomaticShareExists:
+                return  # another node completed the study at the same moment and made it
             except ShareError:
                 if attempt == "generated":
                     raise

@@ -142,6 +142,9 @@ shares = sa.Table(
     sa.Column("last_opened_at", sa.DateTime(timezone=True)),
 )
 
+# ``created_by`` of the share a study gets when it is complete (``share_on_complete``).
+AUTOMATIC_SHARE = "auto"
+
 # Every use of a share: the page opened, a PIN tried, images viewed, files downloaded.
 share_accesses = sa.Table(
     "share_accesses", metadata,
@@ -265,6 +268,10 @@ _pattern_index("ix_studies_accession_number", studies, "accession_number")
 sa.Index("ix_series_modality", series.c.modality)
 sa.Index("ix_instances_sop_class_uid", instances.c.sop_class_uid)
 sa.Index("ix_share_accesses_at", share_accesses.c.at)
+# One automatic share per study, even when two nodes complete the study at the same moment.
+sa.Index("uq_shares_automatic", shares.c.study_instance_uid, unique=True,
+         sqlite_where=shares.c.created_by == AUTOMATIC_SHARE,
+         postgresql_where=shares.c.created_by == AUTOMATIC_SHARE)
 _pattern_index("ix_emr_patients_name_fold", emr_patients, "name_fold")
 _pattern_index("ix_emr_patients_name_ci", emr_patients, "name_ci")
 sa.Index("ix_orders_worklist", orders.c.status, orders.c.scheduled_date)
@@ -565,5 +572,5 @@ def open_index(url: str, *, migrate: bool = True, connections: int = 16,
     return Index(engine)
 
 
-__all__ = ["Index", "TABLES", "instances", "metadata", "open_index",
+__all__ = ["AUTOMATIC_SHARE", "Index", "TABLES", "instances", "metadata", "open_index",
            "patients", "series", "share_accesses", "shares", "studies"]

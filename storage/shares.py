@@ -23,6 +23,7 @@ import sqlalchemy as sa
 
 from storage.errors import NotFound
 from storage.index import (
+    AUTOMATIC_SHARE,
     Index,
     iso_seconds,
     patients,
@@ -49,6 +50,10 @@ _SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
 
 class ShareError(ValueError):
     """A share cannot be created or changed as asked (HTTP 400 / CLI error)."""
+
+
+class AutomaticShareExists(ShareError):
+    """The study has its automatic share already (made by this node or another)."""
 
 
 class ShareState(enum.Enum):
@@ -146,6 +151,9 @@ class ShareStore:
 
         ``pin``: None or "" for none, ``"generated"`` (6 digits, printable again on the
         slip), ``"birth-year"`` (the patient's year of birth from the index) or 4-8 digits 0-9.
+
+        A study has at most one share ``created_by`` ``AUTOMATIC_SHARE``: a unique index keeps
+        a second out (``AutomaticShareExists``), also when two nodes make it at once.
         """
         if not MIN_DAYS <= days <= MAX_DAYS:  # (also false for NaN)
             raise ShareError(f"days: must be at least 1/24 (one hour) and at most {MAX_DAYS}, "
@@ -174,8 +182,16 @@ class ShareStore:
             "allow_download": bool(allow_download), "created_by": created_by[:200],
             "created_at": now, "expires_at": now + dt.timedelta(days=days),
         }
-        with self.index.write_core() as conn:
-            pk = conn.execute(shares.insert().values(**values).returning(shares.c.pk)).scalar()
+        try:
+            with self.index.write_core() as conn:
+                pk = conn.execute(shares.insert().values(**values)
+                                  .returning(shares.c.pk)).scalar()
+        except sa.exc.IntegrityError:
+            if values["created_by"] != AUTOMATIC_SHARE:
+                raise
+            raise AutomaticShareExists(f"study {study_uid} has its automatic share already; "
+                                       f"created_by {AUTOMATIC_SHARE!r} names that one, use "
+                                       "another name") from None
         return self.get(pk), token
 
     def get(self, share_id: int) -> Share:
@@ -392,5 +408,6 @@ def _share(row: Any) -> Share:
         last_opened_at=stored_utc(row.last_opened_at))
 
 
-__all__ = ["MAX_DAYS", "MAX_ID", "MIN_DAYS", "PinOutcome", "PinResult", "Share", "ShareError",
-           "ShareState", "ShareStore", "is_well_formed", "is_well_formed_pin", "token_digest"]
+__all__ = ["AUTOMATIC_SHARE", "AutomaticShareExists", "MAX_DAYS", "MAX_ID", "MIN_DAYS",
+           "PinOutcome", "PinResult", "Share", "ShareError", "ShareState", "ShareStore",
+           "is_well_formed", "is_well_formed_pin", "token_digest"]

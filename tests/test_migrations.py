@@ -27,4 +27,4 @@ def test_migrations_build_the_declared_schema(empty_database):
         version = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
     engine.dispose()
     assert differences == []
-    assert version == "0006"
+    assert version == "0007"

@@ -25,6 +25,7 @@ its work grows with the sheets and tiles it asks for, and anyone holding a share
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import io
@@ -38,6 +39,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import sqlalchemy as sa
 from PIL import Image
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -564,8 +566,8 @@ def film_dataset(index: Index, study_uid: str, pdf: bytes, *, site_name: str = "
 # Parts of a PDF fpdf2 takes from the clock: the creation date and the file ID made from it.
 _CLOCK_PARTS = re.compile(rb"/CreationDate \(D:[0-9Z+'-]*\)"
                           rb"|/ID \[<[0-9A-Fa-f]*><[0-9A-Fa-f]*>\]")
-# Films are numbered and stored one at a time in this process, so that two stored at once
-# get distinct Instance Numbers (one node; several nodes could still give a number twice).
+# Films are numbered and stored one at a time, so that two stored at once get distinct
+# Instance Numbers: in this process by this lock, between nodes by ``_numbering_films``.
 _FILM_STORES = threading.Lock()
 
 
@@ -586,7 +588,7 @@ def store_film(archive: Archive, study_uid: str, pdf: bytes, *, site_name: str =
 
     Storing the same film again (a second click, a retry) stores nothing: the answer is the
     instance already there, with the outcome ``DUPLICATE_KEPT``."""
-    with _FILM_STORES:
+    with _numbering_films(archive.index, study_uid):
         existing = find(archive.index, Query(Level.INSTANCE, {
             "StudyInstanceUID": study_uid,
             "SOPInstanceUID": film_instance_uid(study_uid, pdf)}, limit=1))
@@ -605,3 +607,27 @@ def store_film(archive: Archive, study_uid: str, pdf: bytes, *, site_name: str =
         out = io.BytesIO()
         ds.save_as(out, enforce_file_format=True)
         return archive.store(out.getvalue())
+
+
+@contextlib.contextmanager
+def _numbering_films(index: Index, study_uid: str) -> Iterator[None]:
+    """The right to number and store a film of ``study_uid``: one thread of this process at a
+    time and, on PostgreSQL, one node at a time (a session advisory lock, on a connection of
+    its own, held from reading the study's last number until the film's row is committed)."""
+    with _FILM_STORES:
+        if index.is_sqlite:  # the nodes of one SQLite file are this process
+            yield
+            return
+        digest = hashlib.sha256(f"film\0{study_uid}".encode()).digest()
+        key = int.from_bytes(digest[:8], "big", signed=True)
+        with index.engine.connect() as conn:
+            conn.execute(sa.select(sa.func.pg_advisory_lock(key)))
+            conn.commit()
+            try:
+                yield
+            finally:
+                try:
+                    conn.execute(sa.select(sa.func.pg_advisory_unlock(key)))
+                    conn.commit()
+                except sa.exc.DBAPIError:
+                    conn.invalidate()  # the session ends, and its lock with it
