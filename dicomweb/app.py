@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from dicomweb import qido, render, stow, wado
 from dicomweb.byteorder import little_endian_bulk
-from dicomweb.media import Accepted, NotAcceptable, parse_accept, wants_json
+from dicomweb.media import Accepted, NotAcceptable, parse_accept, range_matches, wants_json
 from dicomweb.multipart import (
     BodyTooLarge,
     MultipartError,
@@ -273,7 +273,12 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
                 "Rows")):
             # Without transferSyntax: Explicit VR Little Endian (PS3.18 9.4.2.4), except pixel
             # data the server has only lossy compressed, as WADO-RS decides (wado.part_syntax).
+            # A value that is not a UID is a bad parameter (400); a UID this server cannot
+            # produce is not acceptable (406), both as 9.4.2.4 says. "*" (WADO-RS's "as
+            # stored", which some clients send here too) is taken.
             syntax = params.get("transferSyntax") or None
+            if syntax not in (None, "*"):
+                require_uid(syntax, "transferSyntax")
             wado.check_transcodable(rows, syntax)
             part = await run_in_threadpool(next, wado.instance_parts(archive, rows, syntax))
             return _single_part(part, media_type="application/dicom")
@@ -435,14 +440,14 @@ def _rendered_type(request: Request) -> tuple[str, bool]:
         for media_type in render.RENDERED_TYPES:
             if inner == media_type:
                 return media_type, multipart
-        if inner in (None, "*/*", "*", "image/*"):
+        if inner is None or range_matches(inner, "image/jpeg"):
             return "image/jpeg", multipart and inner is not None
     raise NotAcceptable("rendered images are available as image/jpeg or image/png")
 
 
 def _multipart_entry(entry: Accepted) -> bool:
     """Whether an Accept entry asks for multipart/related, by name or as ``multipart/*``."""
-    return entry.is_multipart or entry.media_type == "multipart/*"
+    return entry.is_multipart
 
 
 def _retrieve_url(base: str, level: Level, row: dict[str, Any]) -> str:

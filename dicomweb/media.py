@@ -43,12 +43,23 @@ class Accepted:
     quality: float
 
     @property
+    def is_wildcard(self) -> bool:
+        """Whether this entry is ``*/*``: any media type, single part or multipart."""
+        return self.media_type in ("*/*", "*")
+
+    @property
     def is_multipart(self) -> bool:
-        return self.media_type == "multipart/related"
+        """Whether this entry asks for multipart/related, by name or as ``multipart/*``."""
+        return not self.is_wildcard and range_matches(self.media_type, "multipart/related")
 
     def matches(self, media_type: str) -> bool:
         """Whether this entry accepts ``media_type`` (wildcards allowed on either side)."""
-        return _matches(self.media_type, media_type)
+        return range_matches(self.media_type, media_type)
+
+    def part_matches(self, media_type: str) -> bool:
+        """Whether a part of ``media_type`` is acceptable in the multipart answer this entry
+        asks for (its ``type`` parameter, a media range too; none given: any type)."""
+        return self.part_type is None or range_matches(self.part_type, media_type)
 
 
 def accept_ranges(header: str | None) -> list[Accepted]:
@@ -75,10 +86,13 @@ def parse_accept(header: str | None) -> list[Accepted]:
     return [entry for _, entry in ranked if entry.quality > 0]
 
 
-def _matches(pattern: str, media_type: str) -> bool:
-    if pattern in ("*/*", "*") or media_type in ("*/*", "*"):
+def range_matches(media_range: str, media_type: str) -> bool:
+    """Whether the media range of an Accept entry includes ``media_type`` (RFC 9110 12.5.1):
+    ``*/*`` every type, ``type/*`` every subtype of ``type``, else the same type (both in lower
+    case, as ``accept_ranges`` gives them). A bare ``*``, sent by some clients, is ``*/*``."""
+    if media_range in ("*/*", "*") or media_type in ("*/*", "*"):
         return True
-    kind, _, sub = pattern.partition("/")
+    kind, _, sub = media_range.partition("/")
     wanted_kind, _, wanted_sub = media_type.partition("/")
     return kind == wanted_kind and sub in ("*", wanted_sub)
 

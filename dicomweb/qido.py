@@ -2,6 +2,7 @@
 
 Matching goes through the archive's one query path; answers come from the index only (indexed
 columns, plus the stored DICOM JSON of a representative instance for other included fields).
+A study search returns no series or instance attribute, even when asked for (10.6.3.3.1).
 """
 
 from __future__ import annotations
@@ -41,6 +42,53 @@ DEFAULT_FIELDS: dict[Level, tuple[str, ...]] = {
     Level.INSTANCE: ("SOPClassUID", "SOPInstanceUID", "InstanceNumber", "Rows", "Columns",
                      "BitsAllocated", "NumberOfFrames"),
 }
+
+# Attributes of the Patient and Study IEs the index has no column for, which a study search
+# returns from a representative instance (the same in every instance of a study): those of the
+# PS3.3 modules named below, and Timezone Offset From UTC (Table 10.6.3-3). A study search takes
+# any other attribute for a series or instance one, which it does not return (10.6.3.3.1).
+STUDY_IE_ATTRIBUTES = (
+    # C.7.1.1 Patient
+    "IssuerOfPatientIDQualifiersSequence", "TypeOfPatientID",
+    "PatientBirthDateInAlternativeCalendar", "PatientDeathDateInAlternativeCalendar",
+    "PatientAlternativeCalendar", "QualityControlSubject", "ReferencedPatientPhotoSequence",
+    "ReferencedPatientSequence", "OtherPatientIDsSequence", "OtherPatientNames", "EthnicGroup",
+    "EthnicGroupCodeSequence", "PatientComments", "PatientSpeciesDescription",
+    "PatientSpeciesCodeSequence", "PatientBreedDescription", "PatientBreedCodeSequence",
+    "BreedRegistrationSequence", "StrainDescription", "StrainNomenclature", "StrainStockSequence",
+    "StrainAdditionalInformation", "StrainCodeSequence", "GeneticModificationsSequence",
+    "ResponsiblePerson", "ResponsiblePersonRole", "ResponsibleOrganization",
+    "PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
+    "SourcePatientGroupIdentificationSequence", "GroupOfPatientsIdentificationSequence",
+    # C.2.3 Patient Demographic (those that instances carry)
+    "PatientAddress", "PatientTelephoneNumbers", "PatientMotherBirthName", "MilitaryRank",
+    "BranchOfService", "CountryOfResidence", "RegionOfResidence", "PatientReligiousPreference",
+    # C.7.1.3 Clinical Trial Subject
+    "ClinicalTrialSponsorName", "ClinicalTrialProtocolID", "ClinicalTrialProtocolName",
+    "ClinicalTrialSiteID", "ClinicalTrialSiteName", "ClinicalTrialSubjectID",
+    "ClinicalTrialSubjectReadingID", "ClinicalTrialProtocolEthicsCommitteeName",
+    "ClinicalTrialProtocolEthicsCommitteeApprovalNumber",
+    # C.7.2.1 General Study
+    "ReferringPhysicianIdentificationSequence", "ConsultingPhysicianName",
+    "ConsultingPhysicianIdentificationSequence", "IssuerOfAccessionNumberSequence",
+    "PhysiciansOfRecord", "PhysiciansOfRecordIdentificationSequence",
+    "NameOfPhysiciansReadingStudy", "PhysiciansReadingStudyIdentificationSequence",
+    "RequestingServiceCodeSequence", "ReferencedStudySequence", "ProcedureCodeSequence",
+    "ReasonForPerformedProcedureCodeSequence", "OtherStudyNumbers",
+    # C.7.2.2 Patient Study
+    "AdmittingDiagnosesDescription", "AdmittingDiagnosesCodeSequence", "PatientSize",
+    "PatientWeight", "PatientBodyMassIndex", "MeasuredAPDimension", "MeasuredLateralDimension",
+    "PatientSizeCodeSequence", "MedicalAlerts", "Allergies", "SmokingStatus", "PregnancyStatus",
+    "LastMenstrualDate", "PatientState", "Occupation", "AdditionalPatientHistory", "AdmissionID",
+    "IssuerOfAdmissionIDSequence", "ServiceEpisodeID", "IssuerOfServiceEpisodeIDSequence",
+    "ServiceEpisodeDescription", "PatientSexNeutered", "ReasonForVisit",
+    "ReasonForVisitCodeSequence",
+    # C.7.2.3 Clinical Trial Study; Table 10.6.3-3
+    "ClinicalTrialTimePointID", "ClinicalTrialTimePointDescription",
+    "LongitudinalTemporalOffsetFromEvent", "LongitudinalTemporalEventType",
+    "ConsentForClinicalTrialUseSequence", "TimezoneOffsetFromUTC",
+)
+_STUDY_IE_TAGS = frozenset(f"{tag_for_keyword(k):08X}" for k in STUDY_IE_ATTRIBUTES)
 
 
 class BadQueryParameter(ValueError):
@@ -103,8 +151,10 @@ def parse_qido(level: Level, params: Iterable[tuple[str, str]], *, scope: dict[s
                     keyword if keyword in BY_KEYWORD else tag)
                 continue
             if keyword not in BY_KEYWORD:
-                warnings.append(f"{name}: matching on this attribute is not supported; "
-                                "it was returned but not matched")
+                warnings.append(f"{name}: matching on this attribute is not supported; " + (
+                    "it was returned but not matched" if returned_at(level, tag) else
+                    "it was neither matched nor returned: a study search returns no series or "
+                    "instance attribute (PS3.18 10.6.3.3.1)"))
                 extra.add(tag)
                 continue
             if BY_KEYWORD[keyword].level.value > level.value:
@@ -125,9 +175,25 @@ def parse_qido(level: Level, params: Iterable[tuple[str, str]], *, scope: dict[s
         selected += [_name(a) for lv in Level if lv.value <= level.value
                      for a in level_attributes(lv)]
     selected += fields + list(keys)
+    selected = [name for name in selected if returned_at(level, name)]
+    extra = {tag for tag in extra if returned_at(level, tag)}
     query = Query(level, keys, fuzzy, limit=limit + 1, offset=offset,
                   extra_tags=frozenset(extra))
     return QidoRequest(query, list(dict.fromkeys(selected)), extra, warnings)
+
+
+def returned_at(level: Level, name: str) -> bool:
+    """Whether the attribute ``name`` asked for (included, or a return key) is returned at
+    ``level``: an index keyword, or the tag (8 hex digits) of one the index has no column for.
+
+    A study search returns no series or instance attribute (PS3.18 10.6.3.3.1): those the
+    index holds have their level; of the others, those of ``STUDY_IE_ATTRIBUTES`` are returned,
+    and private ones (their level is the creator's to say; from a representative instance)."""
+    if level is not Level.STUDY:
+        return True
+    if name in BY_KEYWORD:
+        return BY_KEYWORD[name].level.value <= Level.STUDY.value
+    return name in _STUDY_IE_TAGS or int(name[:4], 16) % 2 == 1
 
 
 def _default_fields(level: Level, *, scoped: bool) -> list[str]:

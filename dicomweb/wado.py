@@ -1,8 +1,9 @@
 """WADO-RS (PS3.18 10.4): instances, metadata, frames and bulk data, straight from the archive.
 
 Instances stream from the blob store in chunks (bounded memory for any study size); metadata
-comes from the DICOM JSON stored in the index, never from the files; frames are read by byte
-range using the frame offsets recorded at ingest.
+comes from the DICOM JSON stored in the index, never from the files, its Pixel Data element
+from what the index row knows (``pixeldata``); frames are read by byte range using the frame
+offsets recorded at ingest.
 
 Transfer syntaxes (PS3.18 8.7.3.4): without one asked for, an instance goes in Explicit VR
 Little Endian, except pixel data the server has only lossy compressed, which goes as stored;
@@ -29,13 +30,14 @@ from typing import Any
 
 import pydicom
 
-from dicomweb import transcode
+from dicomweb import pixeldata, transcode
 from dicomweb.media import (
     DICOM,
     EXPLICIT_LE,
     FRAME_MEDIA_TYPES,
     Accepted,
     NotAcceptable,
+    range_matches,
 )
 from dicomweb.multipart import Part
 from pacs.http_input import whole_number
@@ -46,6 +48,7 @@ from storage.parsing import require_uid
 from storage.query import Query, find, image_instances
 
 _BULK_URI = re.compile(r'"BulkDataURI":"bulk:(?:(\d+):(\d+)|path:([0-9A-Fa-f/]+))"')
+_METADATA_FORMAT = b"2;"  # changed when the metadata of the same instances changes
 _BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW", "OW or OB"})
 _NATIVE = transcode.UNCOMPRESSED  # frames of these are the same native pixel bytes
 # Decoding at once: a frame of an instance being decompressed, or an instance converted,
@@ -135,13 +138,15 @@ def metadata_json(rows: list[dict[str, Any]], base: str) -> bytes:
             return f'"BulkDataURI":"{url}/bulkdata/{match.group(1)}-{match.group(2)}"'
 
         header = row["_header"]
-        parts.append(_BULK_URI.sub(bulk_url, header) if "bulk:" in header else header)
+        header = _BULK_URI.sub(bulk_url, header) if "bulk:" in header else header
+        parts.append(pixeldata.with_pixel_data(header, row, url))
     return ("[" + ",".join(parts) + "]").encode("utf-8")
 
 
 def metadata_etag(rows: list[dict[str, Any]]) -> str:
-    """A validator that changes whenever any instance, or a patient/study update, does."""
-    digest = hashlib.sha1(usedforsecurity=False)
+    """A validator that changes whenever any instance, or a patient/study update, does (or
+    what the metadata holds: caches kept answers without Pixel Data before)."""
+    digest = hashlib.sha1(_METADATA_FORMAT, usedforsecurity=False)
     for row in rows:
         digest.update(f"{row['_instances_pk']}:{row['_stored_at']}:"
                       f"{row.get('_studies_updated_at')}:{row.get('_patients_updated_at')};"
@@ -174,14 +179,13 @@ def choose_instance_media(accept: list[Accepted], level: Level,
     decided here for every instance, before any byte is sent."""
     passed_over = False
     unproducible: NotAcceptable | None = None
-    for entry in accept:
-        if entry.media_type in ("*/*", "*") or (
-                entry.is_multipart and entry.part_type in (None, DICOM, "*/*")):
+    for entry in accept:  # media ranges (application/*, multipart/*) as RFC 9110 12.5.1
+        if entry.is_wildcard or (entry.is_multipart and entry.part_matches(DICOM)):
             single_part = False
-        elif entry.media_type == DICOM and level is Level.INSTANCE:
+        elif entry.matches(DICOM) and level is Level.INSTANCE:
             single_part = True
         else:
-            passed_over = passed_over or entry.media_type == DICOM
+            passed_over = passed_over or entry.matches(DICOM)
             continue
         try:
             check_transcodable(rows, entry.transfer_syntax)
@@ -423,14 +427,19 @@ def _stored_instance(archive: Archive, row: dict[str, Any]) -> transcode.StoredI
         data = read_blob(archive, key)
         read = lambda offset, length: data[offset:offset + length]  # noqa: E731
     else:
-        def read(offset: int, length: int) -> bytes:
-            try:
-                return archive.blobs.get_range(key, offset, length)
-            except KeyError:
-                raise StorageUnavailable(f"the blob {key} is missing; run `pacs check`"
-                                         ) from None
+        read = _range_reader(archive, key)
     frames = json.loads(row["_frames"]) if row.get("_frames") else None
     return transcode.StoredInstance(read, size, row["_transfer_syntax_uid"], frames)
+
+
+def _range_reader(archive: Archive, key: str) -> Callable[[int, int], bytes]:
+    """``read(offset, length)`` of the blob ``key``, by byte range."""
+    def read(offset: int, length: int) -> bytes:
+        try:
+            return archive.blobs.get_range(key, offset, length)
+        except KeyError:
+            raise StorageUnavailable(f"the blob {key} is missing; run `pacs check`") from None
+    return read
 
 
 class _ReadAhead:
@@ -492,9 +501,9 @@ def parse_frame_list(text: str) -> list[int]:
 def choose_frame_syntax(accept: list[Accepted], stored: str) -> tuple[str, str]:
     """(media type of each part, transfer syntax) for frames stored in ``stored``."""
     native_stored = stored in _NATIVE
-    for entry in accept:
+    for entry in accept:  # a single part entry is taken for the type of the parts
         part_type = entry.part_type if entry.is_multipart else entry.media_type
-        if part_type in (None, "*/*", "*", "application/octet-stream"):
+        if part_type is None or range_matches(part_type, "application/octet-stream"):
             syntax = entry.transfer_syntax or EXPLICIT_LE
             if syntax == "*" or syntax == stored or (native_stored and syntax in _NATIVE):
                 return "application/octet-stream", stored if syntax == "*" else syntax
@@ -502,7 +511,7 @@ def choose_frame_syntax(accept: list[Accepted], stored: str) -> tuple[str, str]:
                 return "application/octet-stream", syntax
             continue
         stored_media = FRAME_MEDIA_TYPES.get(stored)
-        if stored_media and _same(part_type, stored_media) and entry.transfer_syntax in (
+        if stored_media and range_matches(part_type, stored_media) and entry.transfer_syntax in (
                 None, "*", stored):
             return stored_media, stored
     raise NotAcceptable(
@@ -510,11 +519,6 @@ def choose_frame_syntax(accept: list[Accepted], stored: str) -> tuple[str, str]:
         "type=application/octet-stream with transfer-syntax=* (as stored) or "
         f"{EXPLICIT_LE} (uncompressed)"
         + (f", or type={FRAME_MEDIA_TYPES[stored]}" if stored in FRAME_MEDIA_TYPES else ""))
-
-
-def _same(pattern: str, media_type: str) -> bool:
-    kind, _, sub = pattern.partition("/")
-    return pattern == media_type or (sub == "*" and media_type.startswith(kind + "/"))
 
 
 def check_frames_exist(row: dict[str, Any], numbers: list[int]) -> int:
@@ -613,6 +617,11 @@ def bulk_bytes(archive: Archive, row: dict[str, Any], spec: str) -> bytes:
     match = re.fullmatch(r"path/([0-9A-Fa-f]{8}(?:/\d+/[0-9A-Fa-f]{8})*)", spec)
     if not match:
         raise NotFound(f"no bulk data {spec!r}")
+    if match.group(1).upper() in pixeldata.PIXEL_DATA_TAGS:  # by range: the value alone
+        value = pixeldata.read_value(_range_reader(archive, row["_blob_key"]), row,
+                                     match.group(1).upper())
+        if value is not None:
+            return value
     with DECODE_SLOTS:  # before reading: the slots bound what is held whole
         ds: Any = pydicom.dcmread(BytesIO(read_blob(archive, row["_blob_key"])))
     steps = match.group(1).split("/")

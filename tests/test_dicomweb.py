@@ -179,7 +179,7 @@ def test_series_metadata_from_index_with_etag_and_gzip(client, http, study):
     spec, mf = study["spec"], study["multiframe"]
     metadata = client.retrieve_series_metadata(spec.study_uid, mf.SeriesInstanceUID)
     assert len(metadata) == 1
-    assert "7FE00010" not in metadata[0]
+    assert metadata[0]["7FE00010"]["BulkDataURI"].endswith("/bulkdata/path/7FE00010")
     bulk = metadata[0]["00281201"]["BulkDataURI"]
     assert bulk.startswith("http://127.0.0.1:") and "/bulkdata/" in bulk
     url = f"/studies/{spec.study_uid}/series/{mf.SeriesInstanceUID}/metadata"
@@ -1311,3 +1311,221 @@ def test_frames_of_an_instance_without_pixel_data_are_404(http, mixed_study):
         response = http.get(f"{_instance_path(ds)}/frames/1")
         assert response.status_code == 404, response.text[:300]
         assert "no pixel data" in response.json()["message"]
+
+
+# ---------------------------------------------------------------------------- conformance:
+# Pixel Data in metadata (PS3.18 10.4.3.3.2), lower-level attributes at study level
+# (10.6.3.3.1), media ranges in Accept (RFC 9110 12.5.1), WADO-URI transferSyntax (9.4.2.4)
+
+PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
+
+
+def _eight_bit(ds: pydicom.Dataset) -> pydicom.Dataset:
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = bytes(range(ds.Rows * ds.Columns))
+    return ds
+
+
+def test_metadata_names_pixel_data_by_a_bulk_data_uri_that_serves_it(http, study, big_endian):
+    mf = study["multiframe"]  # 16-bit, Explicit VR Little Endian
+    for url in (f"/studies/{mf.StudyInstanceUID}/metadata",
+                f"/studies/{mf.StudyInstanceUID}/series/{mf.SeriesInstanceUID}/metadata",
+                f"{_instance_path(mf)}/metadata"):
+        mine = [m for m in http.get(url).json()
+                if m["00080018"]["Value"] == [mf.SOPInstanceUID]]
+        assert mine[0]["7FE00010"] == {
+            "vr": "OW",
+            "BulkDataURI": f"{http.base_url}{_instance_path(mf)[1:]}/bulkdata/path/7FE00010"}
+    metadata = http.get(f"{_instance_path(mf)}/metadata").json()[0]
+
+    pixels = httpx.get(metadata["7FE00010"]["BulkDataURI"])
+    big = httpx.get(big_endian["metadata"]["7FE00010"]["BulkDataURI"])
+
+    assert list(metadata)[-1] == "7FE00010"  # in tag order: the last top-level element
+    assert pixels.status_code == 200 and pixels.content == mf.PixelData
+    assert big_endian["metadata"]["7FE00010"]["vr"] == "OW"
+    assert big.status_code == 200 and big.content == big_endian["pixels"]  # little endian
+
+
+def test_metadata_pixel_data_of_encapsulated_and_deflated_instances(http, mixed_study):
+    rle = mixed_study["rle"]
+    stored_rle = pydicom.dcmread(io.BytesIO(mixed_study["files"][rle.SOPInstanceUID]))
+    deflated = dataset(Spec(rows=16, columns=16))
+    _store_part10(http, part10(deflated, pydicom.uid.DeflatedExplicitVRLittleEndian))
+
+    rle_element = http.get(f"{_instance_path(rle)}/metadata").json()[0]["7FE00010"]
+    deflated_element = http.get(f"{_instance_path(deflated)}/metadata").json()[0]["7FE00010"]
+    sr_metadata = http.get(f"{_instance_path(mixed_study['sr'])}/metadata").json()[0]
+
+    assert rle_element["vr"] == "OB"
+    encapsulated = httpx.get(rle_element["BulkDataURI"],
+                             headers={"Accept": "application/octet-stream"})
+    assert encapsulated.content == stored_rle.PixelData  # as stored: the fragments' items
+    assert deflated_element["vr"] == "OW"
+    assert httpx.get(deflated_element["BulkDataURI"]).content == deflated.PixelData
+    assert not {"7FE00008", "7FE00009", "7FE00010"} & set(sr_metadata)
+
+
+@pytest.mark.parametrize(("syntax", "vr"), [(pydicom.uid.ExplicitVRLittleEndian, "OB"),
+                                            (pydicom.uid.ImplicitVRLittleEndian, "OW")])
+def test_metadata_pixel_data_vr_of_eight_bit_pixels_follows_the_transfer_syntax(http, syntax,
+                                                                                 vr):
+    ds = _eight_bit(dataset(Spec(rows=16, columns=16)))
+    _store_part10(http, part10(ds, syntax))
+
+    element = http.get(f"{_instance_path(ds)}/metadata").json()[0]["7FE00010"]
+
+    assert element["vr"] == vr  # PS3.5 8.2: OB only with an explicit VR, at 8 bits or fewer
+    assert httpx.get(element["BulkDataURI"]).content == ds.PixelData
+
+
+@pytest.mark.parametrize(("bits", "keyword", "tag", "vr", "dtype"), [
+    (32, "FloatPixelData", "7FE00008", "OF", "<f4"),
+    (64, "DoubleFloatPixelData", "7FE00009", "OD", "<f8")])
+def test_metadata_float_pixel_data_of_a_parametric_map(http, bits, keyword, tag, vr, dtype):
+    ds = dataset(Spec(rows=8, columns=8))
+    ds.SOPClassUID, ds.Modality = PARAMETRIC_MAP, "OT"
+    del ds.PixelData, ds.BitsStored, ds.HighBit, ds.PixelRepresentation
+    ds.BitsAllocated = bits
+    values = np.linspace(-1.0, 1.0, 64).astype(dtype).tobytes()
+    setattr(ds, keyword, values)
+    _store_part10(http, part10(ds))
+
+    metadata = http.get(f"{_instance_path(ds)}/metadata").json()[0]
+
+    assert "7FE00010" not in metadata
+    assert metadata[tag]["vr"] == vr
+    assert httpx.get(metadata[tag]["BulkDataURI"]).content == values
+
+
+def test_metadata_etag_stays_the_same_for_unchanged_instances(http, study):
+    url = f"/studies/{study['spec'].study_uid}/metadata"
+    first = http.get(url, headers={"Accept-Encoding": "identity"})
+
+    again = http.get(url, headers={"Accept-Encoding": "identity"})
+    revalidated = http.get(url, headers={"Accept-Encoding": "identity",
+                                         "If-None-Match": first.headers["etag"]})
+
+    assert again.headers["etag"] == first.headers["etag"] and again.content == first.content
+    assert revalidated.status_code == 304
+
+
+@pytest.fixture(scope="module")
+def described_study(http):
+    """A study whose instance carries series, instance and Patient Study attributes."""
+    ds = dataset(Spec(patient_id="BN-LEVELS", study_description="Chụp phổi",
+                      modality="CR", rows=16, columns=16))
+    ds.SeriesDescription = "Phổi thẳng"
+    ds.PatientWeight = 62.5
+    ds.AdditionalPatientHistory = "Ho kéo dài"
+    _store_part10(http, part10(ds))
+    return ds
+
+
+def test_study_search_returns_no_series_or_instance_attribute_asked_for(http, described_study):
+    ds = described_study
+    response = http.get("/studies", params=[
+        ("StudyInstanceUID", ds.StudyInstanceUID),
+        ("includefield", "0020000E,SeriesDescription,00280004,00080060,InstanceNumber"),
+        ("includefield", "PatientWeight"), ("includefield", "00104000"),
+        ("SeriesNumber", ""), ("AdditionalPatientHistory", "")])
+
+    assert response.status_code == 200, response.text[:300]
+    answer = response.json()[0]
+    for tag in ("0020000E", "0008103E", "00280004", "00080060", "00200013", "00200011"):
+        assert tag not in answer, tag  # PS3.18 10.6.3.3.1
+    assert answer["00101030"] == {"vr": "DS", "Value": [62.5]}  # Patient Study: returned
+    assert answer["001021B0"]["Value"] == ["Ho kéo dài"]
+    assert answer["00104000"] == {"vr": "LT"}  # Patient Comments: study level, none here
+    assert answer["00080061"]["Value"] == ["CR"]
+    assert "warning" not in response.headers
+
+
+def test_study_search_as_ohif_asks_still_gets_what_its_study_list_shows(http, described_study):
+    ds = described_study
+    response = http.get("/studies", params={
+        "StudyInstanceUID": ds.StudyInstanceUID, "limit": 101, "offset": 0,
+        "fuzzymatching": "false", "includefield": "00081030,00080060,00080090,00100030"})
+
+    assert response.status_code == 200, response.text[:300]
+    answer = response.json()[0]
+    assert answer["00081030"]["Value"] == ["Chụp phổi"]
+    assert answer["00080061"]["Value"] == ["CR"]  # OHIF falls back on ModalitiesInStudy
+    assert answer["00080090"]["Value"] and answer["00100030"]["Value"]
+    assert "00080060" not in answer and "warning" not in response.headers
+
+
+def test_series_and_instance_searches_still_return_what_is_asked_for(http, described_study):
+    ds = described_study
+    series = http.get(f"/studies/{ds.StudyInstanceUID}/series",
+                      params={"includefield": "00081030,PatientWeight"}).json()[0]
+    instances = http.get(f"/studies/{ds.StudyInstanceUID}/instances",
+                         params={"includefield": "00280004,0008103E"}).json()[0]
+
+    assert series["00081030"]["Value"] == ["Chụp phổi"]
+    assert series["00101030"]["Value"] == [62.5]
+    assert instances["00280004"]["Value"] == ["MONOCHROME2"]
+    assert instances["0008103E"]["Value"] == ["Phổi thẳng"]
+
+
+def test_study_search_matching_on_an_instance_attribute_says_it_was_neither_done(
+        http, described_study):
+    response = http.get("/studies", params={"StudyInstanceUID": described_study.StudyInstanceUID,
+                                             "PhotometricInterpretation": "MONOCHROME2"})
+
+    assert response.status_code == 200
+    assert "00280004" not in response.json()[0]
+    assert "neither matched nor returned" in response.headers["warning"]
+
+
+def test_media_ranges_in_accept_choose_instances_and_frames(http, study):
+    mf, ct = study["multiframe"], study["ct"][0]
+    instance = _instance_path(mf)
+    series = f"/studies/{ct.StudyInstanceUID}/series/{ct.SeriesInstanceUID}"
+    in_study = len(http.get(f"/studies/{mf.StudyInstanceUID}/instances").json())
+
+    single = http.get(instance, headers={"Accept": "application/*"})
+    parts = http.get(instance, headers={"Accept": "multipart/*"})
+    whole_series = http.get(series, headers={"Accept": "multipart/*"})
+    whole_study = http.get(f"/studies/{mf.StudyInstanceUID}", headers={"Accept": "multipart/*"})
+    series_single = http.get(series, headers={"Accept": "application/*"})
+    no_text = http.get(instance, headers={"Accept": "text/*"})
+
+    assert single.status_code == 200, single.text[:300]
+    assert single.headers["content-type"].startswith("application/dicom;")
+    assert pydicom.dcmread(io.BytesIO(single.content)).SOPInstanceUID == mf.SOPInstanceUID
+    assert parts.status_code == 200 and len(_parts(parts)) == 1
+    assert parts.headers["content-type"].startswith("multipart/related")
+    assert whole_series.status_code == 200 and len(_parts(whole_series)) == 3
+    assert whole_study.status_code == 200 and len(_parts(whole_study)) == in_study
+    assert series_single.status_code == 406  # a single part is one instance (Table 10.4.4-1)
+    assert "multipart/related" in series_single.json()["message"]
+    assert no_text.status_code == 406
+    size = 16 * 16 * 2
+    for accept in ("application/*", "multipart/*", 'multipart/*; type="application/*"'):
+        frames = http.get(f"{instance}/frames/2", headers={"Accept": accept})
+        assert frames.status_code == 200, (accept, frames.text[:300])
+        ((headers, body),) = _parts(frames)
+        assert headers["content-type"].startswith("application/octet-stream")
+        assert body == mf.PixelData[size:2 * size]
+
+
+def test_wado_uri_transfer_syntax_that_is_not_a_uid_is_a_bad_request(server, study):
+    ct = study["ct"][0]
+
+    def wado_uri(syntax: str) -> httpx.Response:
+        return httpx.get(server.http + "/dicomweb/wado", params={
+            "requestType": "WADO", "studyUID": ct.StudyInstanceUID,
+            "seriesUID": ct.SeriesInstanceUID, "objectUID": ct.SOPInstanceUID,
+            "contentType": "application/dicom", "transferSyntax": syntax})
+
+    for invalid in ("jpeg", "**", "1.2.840.10008.1.2.4.50 ", "1..2"):
+        response = wado_uri(invalid)
+        assert response.status_code == 400, (invalid, response.status_code)
+        assert response.json()["message"].startswith("transferSyntax:")
+    for unproducible in (pydicom.uid.JPEGBaseline8Bit, "1.2.3.4"):
+        assert wado_uri(unproducible).status_code == 406, unproducible
+    assert wado_uri(pydicom.uid.ExplicitVRLittleEndian).status_code == 200
+    as_stored = wado_uri("*")  # as WADO-RS takes it: the file as stored
+    assert as_stored.status_code == 200
+    assert pydicom.dcmread(io.BytesIO(as_stored.content)).SOPInstanceUID == ct.SOPInstanceUID

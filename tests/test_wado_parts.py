@@ -279,3 +279,63 @@ def test_a_conversion_that_needs_the_whole_instance_holds_a_slot_until_it_is_sen
     assert wado.WHOLE_INSTANCE_SLOTS._value == free - 1
     del unsent
     assert wado.WHOLE_INSTANCE_SLOTS._value == free
+
+
+# ---------------------------------------------------------------------------- media ranges
+# RFC 9110 12.5.1: type/* is every subtype of type; only */* is any type.
+
+
+@pytest.mark.parametrize(("accept", "level", "single_part"), [
+    ("application/*", Level.INSTANCE, True),
+    ("multipart/*", Level.INSTANCE, False),
+    ("multipart/*", Level.STUDY, False),
+    ('multipart/related; type="application/*"', Level.SERIES, False),
+    ("text/*, multipart/*;q=0.5", Level.SERIES, False),
+])
+def test_media_ranges_choose_the_representation_of_instances(accept, level, single_part):
+    chosen = wado.choose_instance_media(parse_accept(accept), level, ROWS)
+    assert chosen == wado.InstanceMedia(EXPLICIT_LE, single_part)
+
+
+@pytest.mark.parametrize("accept", ["application/*", "text/*", 'multipart/*; type="image/*"'])
+def test_media_ranges_without_a_producible_type_for_a_series_are_not_acceptable(accept):
+    with pytest.raises(NotAcceptable):
+        wado.choose_instance_media(parse_accept(accept), Level.SERIES, ROWS)
+
+
+@pytest.mark.parametrize(("accept", "stored", "chosen"), [
+    ("application/*", EXPLICIT_LE, ("application/octet-stream", EXPLICIT_LE)),
+    ("multipart/*", EXPLICIT_LE, ("application/octet-stream", EXPLICIT_LE)),
+    ("multipart/*; transfer-syntax=*", RLE, ("application/octet-stream", RLE)),
+    ('multipart/related; type="image/*"', RLE, ("image/dicom-rle", RLE)),
+    ("image/*", JPEG_BASELINE, ("image/jpeg", JPEG_BASELINE)),
+])
+def test_media_ranges_choose_the_type_of_frames(accept, stored, chosen):
+    assert wado.choose_frame_syntax(parse_accept(accept), stored) == chosen
+
+
+def test_frames_of_a_type_not_in_a_media_range_are_not_acceptable():
+    with pytest.raises(NotAcceptable):
+        wado.choose_frame_syntax(parse_accept("image/*"), EXPLICIT_LE)
+
+
+# ---------------------------------------------------------------------------- pixel data bulk
+
+
+def test_pixel_data_bulk_value_is_read_by_range_alone(archive):
+    native = dataset(Spec(rows=64, columns=64, frames=2))
+    rle_data, _ = _rle_instance(frames=3, size=32)
+    for data in (part10(native), rle_data):
+        archive.store(data)
+    rows = {row["_transfer_syntax_uid"]: row for row in find(
+        archive.index, Query(Level.INSTANCE, {}, with_header=True))}
+    reads = _reads(archive)
+
+    native_value = wado.bulk_bytes(archive, rows[EXPLICIT_LE], "path/7FE00010")
+    native_reads, reads[:] = list(reads), []
+    rle_value = wado.bulk_bytes(archive, rows[RLE], "path/7fe00010")
+
+    assert native_value == native.PixelData
+    assert native_reads == [12, len(native.PixelData)]  # its element header, then its value
+    assert rle_value == pydicom.dcmread(io.BytesIO(rle_data)).PixelData
+    assert len(reads) == 2 and reads[1] == len(rle_value)  # before the table, then the items
