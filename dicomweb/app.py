@@ -23,7 +23,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from dicomweb import qido, render, stow, wado
+from dicomweb import qido, render, slots, stow, wado
 from dicomweb.byteorder import little_endian_bulk
 from dicomweb.media import Accepted, NotAcceptable, parse_accept, range_matches, wants_json
 from dicomweb.multipart import (
@@ -250,7 +250,7 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
         cache_key = (blob_key, frame, options)
         image = cache.get(cache_key)
         if image is None:
-            with wado.DECODE_SLOTS:  # before reading: the slots bound what is held whole
+            with slots.DECODE_SLOTS:  # before reading: the slots bound what is held whole
                 image = render.render_frame(wado.read_blob(archive, blob_key), frame, options)
             cache.put(cache_key, image)
         return image

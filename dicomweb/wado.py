@@ -16,13 +16,9 @@ bytes are sent or dropped, so all requests together hold at most that many.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import hashlib
 import json
-import os
 import re
-import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from io import BytesIO
@@ -40,6 +36,12 @@ from dicomweb.media import (
     range_matches,
 )
 from dicomweb.multipart import Part
+from dicomweb.slots import (
+    DECODE_SLOTS,
+    SMALL_INSTANCE,
+    Held,
+    whole_instance_slot,
+)
 from pacs.http_input import whole_number
 from storage.archive import Archive, InstanceLocation
 from storage.attributes import Level
@@ -51,21 +53,6 @@ _BULK_URI = re.compile(r'"BulkDataURI":"bulk:(?:(\d+):(\d+)|path:([0-9A-Fa-f/]+)
 _METADATA_FORMAT = b"2;"  # changed when the metadata of the same instances changes
 _BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW", "OW or OB"})
 _NATIVE = transcode.UNCOMPRESSED  # frames of these are the same native pixel bytes
-# Decoding at once: a frame of an instance being decompressed, or an instance converted,
-# rendered, searched for frames or nested bulk data by pydicom, which holds it decoded (a
-# deflated one inflated, up to 256 MiB, which pydicom then copies), so a few at once could take
-# gigabytes. On more, requests wait; the work is CPU-bound, so more at once than cores would not
-# be faster anyway.
-DECODE_SLOTS = threading.BoundedSemaphore(max(2, len(os.sched_getaffinity(0))))
-# Instances held whole for a conversion (the stored file, pydicom's data set and the result:
-# about three times the instance), from reading the file until the converted bytes are sent or
-# dropped: a slow client keeps its slot, not more. Apart from DECODE_SLOTS, so renderings never
-# wait for a download. A request that waits longer than WHOLE_INSTANCE_WAIT seconds gets 503.
-WHOLE_INSTANCE_SLOTS = threading.BoundedSemaphore(max(2, len(os.sched_getaffinity(0))))
-WHOLE_INSTANCE_WAIT = 120.0
-# Stored files up to this size are read in one request for a conversion (the 1 MiB piece a
-# streamed answer holds anyway); larger ones by byte range.
-SMALL_INSTANCE = 1 << 20
 # Instances up to this size are read whole, a few ahead of the one being sent; bigger ones are
 # streamed in chunks (bounded memory whatever the instance).
 READ_AHEAD_LIMIT = 16 * 1024 * 1024
@@ -330,93 +317,16 @@ def converted_part(archive: Archive, row: dict[str, Any], syntax: str | None) ->
                 {"Content-Length": str(converted.length)})
 
 
-class ConversionBusy(StorageUnavailable):
-    """Every slot for whole-instance conversions stayed taken (HTTP 503)."""
-
-
 def _converted_whole(archive: Archive, row: dict[str, Any], target: str
                      ) -> transcode.Converted:
-    release = _whole_instance_slot()
+    release = whole_instance_slot()
     try:
         converted = transcode.convert(read_blob(archive, row["_blob_key"]), target,
                                       slot=lambda: DECODE_SLOTS)
     except BaseException:
         release()
         raise
-    return dataclasses.replace(converted, chunks=_Held(converted.chunks, release))
-
-
-def _whole_instance_slot() -> _Once:
-    """A slot of ``WHOLE_INSTANCE_SLOTS`` (its release), once one is free.
-
-    An answer whose client went away keeps its slot, and its converted bytes, until Python's
-    garbage collector frees them: its generators end up in a reference cycle (through the
-    traceback of the exception that stopped the response), which reference counting never
-    frees. So a request waiting for a slot has the garbage collected now and then."""
-    deadline = time.monotonic() + WHOLE_INSTANCE_WAIT
-    wait = 1.0
-    while not WHOLE_INSTANCE_SLOTS.acquire(timeout=max(0.0, min(wait, deadline
-                                                                 - time.monotonic()))):
-        if time.monotonic() >= deadline:
-            raise ConversionBusy(
-                f"the server is converting as many instances as it holds in memory at once "
-                f"({WHOLE_INSTANCE_SLOTS._initial_value}) and none was sent within "
-                f"{WHOLE_INSTANCE_WAIT:.0f} s; try again, or ask for transfer-syntax=* "
-                "(as stored)")
-        _collect_garbage()
-        wait = 5.0
-    return _Once(WHOLE_INSTANCE_SLOTS.release)
-
-
-_collected_at = [0.0]
-_collecting = threading.Lock()
-
-
-def _collect_garbage() -> None:
-    """``gc.collect()``, at most once a second whoever asks (it stops every thread)."""
-    with _collecting:
-        if time.monotonic() - _collected_at[0] >= 1.0:
-            gc.collect()
-            _collected_at[0] = time.monotonic()
-
-
-class _Once:
-    """``action`` run at most once, whoever calls first."""
-
-    def __init__(self, action: Callable[[], object]) -> None:
-        self._action, self._lock = action, threading.Lock()
-
-    def __call__(self) -> None:
-        with self._lock:
-            action, self._action = self._action, None
-        if action is not None:
-            action()
-
-
-class _Held:
-    """Chunks holding a slot until the last is taken, or the writer stops taking them (a
-    client gone), or they are dropped before the writer got to them.
-
-    Given out in pieces of at most 1 MiB: the server hands a piece to the connection's buffer
-    and asks for the next once that buffer has drained, so the slot is held while the bytes
-    are sent; one 100 MB chunk would be taken at once, and sit in that buffer slot-free."""
-
-    def __init__(self, chunks: Iterable[bytes], release: _Once) -> None:
-        self._chunks: Iterable[bytes] | None = chunks
-        self._release = release
-
-    def __iter__(self) -> Iterator[bytes]:
-        try:
-            for chunk in self._chunks or ():
-                view = memoryview(chunk)
-                for at in range(0, len(view), SMALL_INSTANCE):
-                    yield bytes(view[at:at + SMALL_INSTANCE])
-        finally:
-            self._chunks = None  # the converted bytes go before the slot does
-            self._release()
-
-    def __del__(self) -> None:
-        self._release()
+    return dataclasses.replace(converted, chunks=Held(converted.chunks, release))
 
 
 def _stored_instance(archive: Archive, row: dict[str, Any]) -> transcode.StoredInstance:

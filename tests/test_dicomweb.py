@@ -21,7 +21,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
-from dicomweb import render, wado
+from dicomweb import render, slots, wado
 from dicomweb.app import ContainErrors, build_dicomweb
 from pacs.settings import Settings
 from storage.archive import open_archive
@@ -336,7 +336,7 @@ def test_instances_are_decoded_a_few_at_a_time(tmp_path, monkeypatch):
 
     answers = asyncio.run(run())
     assert [a.status_code for a in answers] == [200] * 12
-    assert most == wado.DECODE_SLOTS._initial_value
+    assert most == slots.DECODE_SLOTS._initial_value
 
 
 def test_stow_keeps_the_first_of_one_uid_and_answers_in_the_request_order(http):

@@ -13,7 +13,7 @@ import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
 
-from dicomweb import transcode, wado
+from dicomweb import slots, transcode, wado
 from dicomweb.media import NotAcceptable, parse_accept
 from storage.attributes import Level
 from storage.query import Query, find
@@ -264,21 +264,21 @@ def test_frames_are_decoded_from_their_own_fragments(archive):
 def test_a_conversion_that_needs_the_whole_instance_holds_a_slot_until_it_is_sent(archive):
     archive.store(instance(Spec(rows=64, columns=64)))
     rows = find(archive.index, Query(Level.INSTANCE, {}))
-    free = wado.WHOLE_INSTANCE_SLOTS._value
+    free = slots.WHOLE_INSTANCE_SLOTS._value
 
     (part,) = wado.instance_parts(archive, rows, RLE)  # encoding: the whole instance
-    assert wado.WHOLE_INSTANCE_SLOTS._value == free - 1
+    assert slots.WHOLE_INSTANCE_SLOTS._value == free - 1
     chunks = iter(part.chunks)
     next(chunks)
-    assert wado.WHOLE_INSTANCE_SLOTS._value == free - 1
+    assert slots.WHOLE_INSTANCE_SLOTS._value == free - 1
     list(chunks)
-    assert wado.WHOLE_INSTANCE_SLOTS._value == free
+    assert slots.WHOLE_INSTANCE_SLOTS._value == free
     assert part.content_type == f"application/dicom; transfer-syntax={RLE}"
 
     unsent = list(wado.instance_parts(archive, rows, RLE))  # a client gone before the body
-    assert wado.WHOLE_INSTANCE_SLOTS._value == free - 1
+    assert slots.WHOLE_INSTANCE_SLOTS._value == free - 1
     del unsent
-    assert wado.WHOLE_INSTANCE_SLOTS._value == free
+    assert slots.WHOLE_INSTANCE_SLOTS._value == free
 
 
 # ---------------------------------------------------------------------------- media ranges

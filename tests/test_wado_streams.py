@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import uvicorn
 
-from dicomweb import wado
+from dicomweb import slots
 from dicomweb.app import build_dicomweb
 from pacs.settings import Settings
 from storage.archive import open_archive
@@ -46,7 +46,7 @@ def test_a_client_gone_mid_answer_gives_its_conversion_slot_back_at_once(served)
     noise = np.random.default_rng(7).integers(0, 4096, (24, 512, 512), dtype=np.uint16)
     ds.PixelData = noise.tobytes()  # RLE of noise: as large as the instance (12 MB)
     archive.store(part10(ds))
-    free = wado.WHOLE_INSTANCE_SLOTS._value
+    free = slots.WHOLE_INSTANCE_SLOTS._value
     path = (f"/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
             f"/instances/{ds.SOPInstanceUID}")
     gc.disable()  # what is freed must be freed without it
@@ -57,8 +57,8 @@ def test_a_client_gone_mid_answer_gives_its_conversion_slot_back_at_once(served)
                            f"transfer-syntax={RLE}\r\n\r\n".encode("ascii"))
             assert client.recv(4096).startswith(b"HTTP/1.1 200")
             time.sleep(0.3)
-            assert wado.WHOLE_INSTANCE_SLOTS._value == free - 1  # the answer is under way
-        wait_for(lambda: wado.WHOLE_INSTANCE_SLOTS._value == free, timeout=10,
+            assert slots.WHOLE_INSTANCE_SLOTS._value == free - 1  # the answer is under way
+        wait_for(lambda: slots.WHOLE_INSTANCE_SLOTS._value == free, timeout=10,
                  what="the slot given back")
     finally:
         gc.enable()

@@ -50,8 +50,8 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from dicomweb import render
 from dicomweb.render import CannotRender, RenderOptions
+from dicomweb.slots import DECODE_SLOTS
 from dicomweb.transcode import UNCOMPRESSED
-from dicomweb.wado import DECODE_SLOTS
 from storage.archive import Archive
 from storage.attributes import Level
 from storage.errors import NotFound, StorageUnavailable
