@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from dicomweb import qido, render, slots, stow, wado
-from dicomweb.byteorder import little_endian_bulk
+from dicomweb.byteorder import EXPLICIT_BIG_ENDIAN, little_endian_bulk
 from dicomweb.media import Accepted, NotAcceptable, parse_accept, range_matches, wants_json
 from dicomweb.multipart import (
     BodyTooLarge,
@@ -43,6 +43,7 @@ from dicomweb.representation import (
     DICOM_JSON,
     json_bytes_response,
     json_response,
+    range_answer,
     ranged_response,
 )
 from dicomweb.transcode import NotTranscodable
@@ -59,6 +60,9 @@ from storage.query import NameMatching, find
 log = logging.getLogger("pacs.dicomweb")
 
 STOW_THREADS = 8  # parts stored at once, all STOW-RS requests together
+# Bulk values larger than this (the pixel data of a long cine, a tomosynthesis) are streamed
+# from the blob rather than read whole; smaller ones are read whole, then sent.
+STREAMED_BULK = 16 << 20
 
 
 # NumberOfPatientRelatedStudies/Series/Instances: they count the patient's whole record.
@@ -191,19 +195,42 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
         rows = await run_in_threadpool(wado.instance_rows, archive, _target(request),
                                        with_header=True)
         row, spec = rows[0], request.path_params["spec"]
+        accept = parse_accept(_accept(request))
+        multipart = any(_multipart_entry(a) for a in accept) and not any(
+            a.matches("application/octet-stream") for a in accept)
+        # PS3.18 10.4.3.3.5: a part names the URI the metadata gave for the value.
+        location = f"{wado.instance_url(base_url(request), row)}/bulkdata/{spec}"
+        span = None if row["_transfer_syntax_uid"] == EXPLICIT_BIG_ENDIAN else \
+            await run_in_threadpool(wado.bulk_span, archive, row, spec)
+        if span is not None and span[1] > STREAMED_BULK:  # pixel data of a long cine, say
+            return _streamed_bulk(request, row["_blob_key"], span, multipart, location)
         data = await run_in_threadpool(wado.bulk_bytes, archive, row, spec)
         # PS3.18 8.7.3.3: uncompressed bulk data is sent in Little Endian byte order.
         data = await run_in_threadpool(little_endian_bulk, data, spec, row["_header"],
                                        row["_transfer_syntax_uid"])
-        accept = parse_accept(_accept(request))
-        if any(_multipart_entry(a) for a in accept) and not any(
-                a.matches("application/octet-stream") for a in accept):
-            # PS3.18 10.4.3.3.5: the part names the URI the metadata gave for the value.
-            location = f"{wado.instance_url(base_url(request), row)}/bulkdata/{spec}"
+        if multipart:
             part = Part("application/octet-stream", [data],
                         {"Content-Location": location, "Content-Length": str(len(data))})
             return _multipart([part], "application/octet-stream", None)
         return ranged_response(request, data)
+
+    def _streamed_bulk(request: Request, key: str, span: tuple[int, int], multipart: bool,
+                       location: str) -> Response:
+        """A bulk value read from the blob as it is sent (little endian as stored)."""
+        offset, length = span
+        if multipart:
+            part = Part("application/octet-stream",
+                        wado.blob_chunks(archive, key, offset, length),
+                        {"Content-Location": location, "Content-Length": str(length)})
+            return _multipart([part], "application/octet-stream", None)
+        answer = range_answer(request, length)
+        if isinstance(answer, Response):
+            return answer
+        status, headers, (start, stop) = answer
+        headers["Content-Length"] = str(stop - start)
+        return _ClosingStream(wado.blob_chunks(archive, key, offset + start, stop - start),
+                              status_code=status, media_type="application/octet-stream",
+                              headers=headers)
 
     # ------------------------------------------------------------------ rendered
 

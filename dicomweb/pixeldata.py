@@ -67,6 +67,14 @@ def read_value(read: Callable[[int, int], bytes], row: dict[str, Any], tag: str
     """The value of the top-level pixel data element ``tag`` of the instance ``row``, read
     with ``read(offset, length)`` where its frame offsets find it; None when they cannot (no
     offsets, or no such element there): then the file must be parsed."""
+    span = value_span(read, row, tag)
+    return read(*span) if span is not None else None
+
+
+def value_span(read: Callable[[int, int], bytes], row: dict[str, Any], tag: str
+               ) -> tuple[int, int] | None:
+    """(offset, length) of the value of ``read_value`` in the stored file, found reading only
+    the element's header; None when it cannot be found so."""
     frames = json.loads(row["_frames"]) if row.get("_frames") else None
     if not frames or not frames[0]:
         return None
@@ -76,7 +84,7 @@ def read_value(read: Callable[[int, int], bytes], row: dict[str, Any], tag: str
         if start is None:
             return None
         end = max(frame[i] + frame[i + 1] for frame in frames for i in range(0, len(frame), 2))
-        return read(start, end - start)
+        return start, end - start
     size = 8 if syntax == IMPLICIT_LE else 12  # tag, (VR, reserved,) 4-byte length
     if first < size:
         return None
@@ -86,7 +94,7 @@ def read_value(read: Callable[[int, int], bytes], row: dict[str, Any], tag: str
     if f"{group:04X}{element:04X}" != tag or length == 0xFFFFFFFF or (
             size == 12 and head[4:6] not in (b"OB", b"OW", b"OF", b"OD", b"UN")):
         return None
-    return read(first, length)
+    return first, length
 
 
 def _encapsulated_start(read: Callable[[int, int], bytes], frames: list[list[int]], tag: str

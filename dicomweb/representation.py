@@ -90,20 +90,31 @@ def _none_match_fails(header: str | None, etag: str) -> bool:
 
 def ranged_response(request: Request, data: bytes) -> Response:
     """``data`` as application/octet-stream, honouring a ``Range`` of one byte range."""
+    answer = range_answer(request, len(data))
+    if isinstance(answer, Response):
+        return answer
+    status, headers, (start, end) = answer
+    return Response(data[start:end], status_code=status, media_type="application/octet-stream",
+                    headers=headers)
+
+
+def range_answer(request: Request, size: int
+                 ) -> Response | tuple[int, dict[str, str], tuple[int, int]]:
+    """How to answer for ``size`` bytes of octets given the request's ``Range``: the 416
+    response, or (status, headers, (start, stop)) of the bytes to send."""
     headers = {"Accept-Ranges": "bytes"}
     # RFC 9110 13.1.5: an If-Range validator must match the current one for the Range to
     # apply; bulk data is sent without validators, so none can.
     header = None if "if-range" in request.headers else request.headers.get("range")
     try:
-        wanted = _byte_range(header, len(data))
+        wanted = _byte_range(header, size)
     except RangeNotSatisfiable:
-        return Response(status_code=416, headers={"Content-Range": f"bytes */{len(data)}"})
+        return Response(status_code=416, headers={"Content-Range": f"bytes */{size}"})
     if wanted is None:
-        return Response(data, media_type="application/octet-stream", headers=headers)
+        return 200, headers, (0, size)
     start, end = wanted
-    headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-    return Response(data[start:end + 1], status_code=206,
-                    media_type="application/octet-stream", headers=headers)
+    headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    return 206, headers, (start, end + 1)
 
 
 class RangeNotSatisfiable(ValueError):

@@ -512,6 +512,31 @@ def _encapsulated_frames(ds: pydicom.Dataset, numbers: list[int]) -> list[bytes]
 # ---------------------------------------------------------------------------- bulk data
 
 
+def bulk_span(archive: Archive, row: dict[str, Any], spec: str) -> tuple[int, int] | None:
+    """Where the value of the bulk data ``spec`` lies in the stored file, (offset, length),
+    when that is known without parsing the file: a range the instance's metadata names, or
+    its top-level pixel data found by the frame offsets. None otherwise (``bulk_bytes`` reads
+    the value); ``NotFound`` for a range the metadata does not name."""
+    match = re.fullmatch(r"(\d+)-(\d+)", spec)
+    if match:
+        if f'"BulkDataURI":"bulk:{match.group(1)}:{match.group(2)}"' not in row["_header"]:
+            raise NotFound(f"no bulk data {spec!r} in the instance")
+        return int(match.group(1)), int(match.group(2))
+    match = re.fullmatch(r"path/([0-9A-Fa-f]{8})", spec)
+    if match and match.group(1).upper() in pixeldata.PIXEL_DATA_TAGS:
+        return pixeldata.value_span(_range_reader(archive, row["_blob_key"]), row,
+                                    match.group(1).upper())
+    return None
+
+
+def blob_chunks(archive: Archive, key: str, offset: int, length: int,
+                size: int = 4 << 20) -> Iterator[bytes]:
+    """``length`` bytes of a blob from ``offset``, read ``size`` at a time as they are taken."""
+    end = offset + length
+    for at in range(offset, end, size):
+        yield archive.blobs.get_range(key, at, min(size, end - at))
+
+
 def bulk_bytes(archive: Archive, row: dict[str, Any], spec: str) -> bytes:
     """The value of one bulk data element of an instance, named as in its metadata URLs.
 

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import socket
+import subprocess
 import threading
 import time
 
@@ -1529,3 +1530,35 @@ def test_wado_uri_transfer_syntax_that_is_not_a_uid_is_a_bad_request(server, stu
     as_stored = wado_uri("*")  # as WADO-RS takes it: the file as stored
     assert as_stored.status_code == 200
     assert pydicom.dcmread(io.BytesIO(as_stored.content)).SOPInstanceUID == ct.SOPInstanceUID
+
+
+# ---------------------------------------------------------------------------- large bulk data
+
+
+def test_large_pixel_data_by_its_bulk_data_uri_is_streamed_whole_or_by_range(
+        server, http, tmp_path, dcmtk_env):
+    """Pixel Data over 16 MiB (a long cine) is read from the blob as it is sent: all of it,
+    a byte range of it, or as a multipart part naming its URI, like a small value."""
+    ds = dataset(Spec(rows=512, columns=512, frames=40, patient_id="BN-CINE"))
+    pixels = np.random.default_rng(11).integers(0, 4096, 40 * 512 * 512, dtype=np.uint16)
+    ds.PixelData = pixels.tobytes()  # 20 MiB, past this server's STOW-RS limit: by C-STORE
+    path = tmp_path / "cine.dcm"
+    path.write_bytes(part10(ds))
+    subprocess.run(["storescu", "-aec", server.ae_title, "127.0.0.1", str(server.dicom_port),
+                    str(path)], env=dcmtk_env, check=True, capture_output=True, timeout=60)
+    metadata = http.get(f"{_instance_path(ds)}/metadata").json()[0]
+    uri = metadata["7FE00010"]["BulkDataURI"]
+    octets = {"Accept": "application/octet-stream"}
+
+    whole = http.get(uri, headers=octets)
+    middle = http.get(uri, headers={**octets, "Range": "bytes=10485760-10485789"})
+    past = http.get(uri, headers={**octets, "Range": f"bytes={len(ds.PixelData)}-"})
+    part = http.get(uri, headers={"Accept": 'multipart/related; type="application/octet-stream"'})
+
+    assert whole.status_code == 200 and whole.content == ds.PixelData
+    assert whole.headers["content-length"] == str(len(ds.PixelData))
+    assert middle.status_code == 206 and middle.content == ds.PixelData[10485760:10485790]
+    assert middle.headers["content-range"] == f"bytes 10485760-10485789/{len(ds.PixelData)}"
+    assert past.status_code == 416
+    [(headers, body)] = _parts(part)
+    assert body == ds.PixelData and headers["content-location"] == uri
