@@ -29,6 +29,7 @@ from storage.blobs import BlobStore, StagedBlob
 from storage.errors import (
     BlobExists,
     InstanceMismatch,
+    InvalidInstance,
     NotFound,
     PatientConflict,
     StorageUnavailable,
@@ -296,11 +297,10 @@ class Archive:
                 try:
                     self._index_instance(parsed, _rows(parsed, key, ""),
                                          replace=existing is not None, blob=written)
-                except Exception:
+                except Exception as exc:
                     lost_key = isinstance(written.exception(), BlobExists)  # (waits for it)
                     raced = self._stored_meanwhile(uid, key) if existing is None else _NOT_STORED
-                    if not lost_key and (raced is _NOT_STORED or (
-                            raced is not None and raced.blob_key != key)):
+                    if self._may_discard(key, existing, raced, exc, lost_key=lost_key):
                         self._discard_blob(key)
                     if isinstance(raced, InstanceLocation) and self.duplicate_policy == "keep":
                         log.info("duplicate %s: stored by another process meanwhile", uid)
@@ -354,6 +354,25 @@ class Archive:
         return StoreResult(outcome, parsed.sop_class_uid, parsed.sop_instance_uid,
                            parsed.study_instance_uid, parsed.series_instance_uid,
                            parsed.transfer_syntax)
+
+    def _may_discard(self, key: str, existing: InstanceLocation | None, raced: Any,
+                     exc: Exception, *, lost_key: bool) -> bool:
+        """Whether a store that failed after writing its blob at ``key`` deletes it.
+
+        Never the blob an index row names: the acknowledged copy (the same bytes sent again
+        under the replace policy have its key on S3), or the one another process stored
+        meanwhile at this key; nor one this store did not write (``lost_key``). With the UID
+        archived at another key no row can name this one. With no row for the UID yet, on S3,
+        where a key names its bytes, another node storing the same bytes may be about to
+        commit its row naming it: only an instance the archive refused (``InvalidInstance``,
+        which the same bytes would be too) is deleted there; after a passing failure (the
+        database) the blob stays, re-indexed at start-up if the sender does not send it
+        again."""
+        if lost_key or (existing is not None and existing.blob_key == key) or raced is None:
+            return False
+        if isinstance(raced, InstanceLocation):
+            return raced.blob_key != key
+        return not self.blobs.remote or isinstance(exc, InvalidInstance)
 
     def _discard_blob(self, key: str) -> None:
         try:

@@ -424,6 +424,31 @@ def test_one_uid_stored_with_other_bytes_by_two_processes_at_once_keeps_one_whol
         second.close()
 
 
+@pytest.mark.parametrize("name", ["sqlite-files", "sqlite-s3"])
+def test_the_same_bytes_sent_again_then_a_failed_index_write_keep_the_stored_copy(
+        make_backend, name, monkeypatch):
+    """Review: on S3 (keys name the bytes) the same instance sent again under the replace
+    policy has the stored copy's key; when the index write then failed (the database gone a
+    moment), the failed store deleted that key: the acknowledged instance's blob."""
+    archive = make_backend(name).open(duplicate_policy="replace")
+    try:
+        data = instance()
+        uid = parse_instance(data).sop_instance_uid
+        archive.store(data)
+
+        def database_gone(*args, **kwargs):
+            raise StorageUnavailable("the index database did not answer")
+        monkeypatch.setattr(archive, "_index_instance", database_gone)
+        with pytest.raises(StorageUnavailable):
+            archive.store(data)
+        monkeypatch.undo()
+
+        assert archive.read(archive.location(uid)) == data
+        assert archive.check().clean
+    finally:
+        archive.close()
+
+
 def test_a_writer_that_finds_the_index_busy_waits_for_its_own_work_first(tmp_path):
     """SQLite has one writer at a time. A writer that finds the slot taken, here by another
     handle on the same file (as a DICOM worker process would hold it), is told so before it
