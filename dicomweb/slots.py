@@ -29,6 +29,11 @@ DECODE_SLOTS = threading.BoundedSemaphore(max(2, len(os.sched_getaffinity(0))))
 # wait for a download. A request that waits longer than WHOLE_INSTANCE_WAIT seconds gets 503.
 WHOLE_INSTANCE_SLOTS = threading.BoundedSemaphore(max(2, len(os.sched_getaffinity(0))))
 WHOLE_INSTANCE_WAIT = 120.0
+# Requests waiting for a whole-instance slot at once; one more gets 503 at once. A waiter
+# blocks a thread of the pool every request shares, and the conversions holding the slots need
+# that pool to send their bytes: unbounded, waiters would starve them and every other route.
+WHOLE_INSTANCE_WAITERS = 2 * WHOLE_INSTANCE_SLOTS._initial_value
+_waiting = threading.BoundedSemaphore(WHOLE_INSTANCE_WAITERS)
 # Stored files up to this size are read in one request for a conversion (the 1 MiB piece a
 # streamed answer holds anyway); larger ones by byte range.
 SMALL_INSTANCE = 1 << 20
@@ -45,18 +50,28 @@ def whole_instance_slot() -> _Once:
     (``dicomweb.app._ClosingStream``); chunks dropped elsewhere may wait in a reference cycle
     for the garbage collector, so a request waiting for a slot has the garbage collected now
     and then."""
-    deadline = time.monotonic() + WHOLE_INSTANCE_WAIT
-    wait = 1.0
-    while not WHOLE_INSTANCE_SLOTS.acquire(timeout=max(0.0, min(wait, deadline
-                                                                 - time.monotonic()))):
-        if time.monotonic() >= deadline:
-            raise ConversionBusy(
-                f"the server is converting as many instances as it holds in memory at once "
-                f"({WHOLE_INSTANCE_SLOTS._initial_value}) and none was sent within "
-                f"{WHOLE_INSTANCE_WAIT:.0f} s; try again, or ask for transfer-syntax=* "
-                "(as stored)")
-        _collect_garbage()
-        wait = 5.0
+    if WHOLE_INSTANCE_SLOTS.acquire(blocking=False):
+        return _Once(WHOLE_INSTANCE_SLOTS.release)
+    if not _waiting.acquire(blocking=False):
+        raise ConversionBusy(
+            f"the server is converting as many instances as it holds in memory at once "
+            f"({WHOLE_INSTANCE_SLOTS._initial_value}) and {WHOLE_INSTANCE_WAITERS} more are "
+            "waiting; try again shortly, or ask for transfer-syntax=* (as stored)")
+    try:
+        deadline = time.monotonic() + WHOLE_INSTANCE_WAIT
+        wait = 1.0
+        while not WHOLE_INSTANCE_SLOTS.acquire(timeout=max(0.0, min(wait, deadline
+                                                                     - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                raise ConversionBusy(
+                    f"the server is converting as many instances as it holds in memory at "
+                    f"once ({WHOLE_INSTANCE_SLOTS._initial_value}) and none was sent within "
+                    f"{WHOLE_INSTANCE_WAIT:.0f} s; try again, or ask for transfer-syntax=* "
+                    "(as stored)")
+            _collect_garbage()
+            wait = 5.0
+    finally:
+        _waiting.release()
     return _Once(WHOLE_INSTANCE_SLOTS.release)
 
 

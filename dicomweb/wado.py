@@ -228,8 +228,8 @@ def part_syntax(row: dict[str, Any], syntax: str | None) -> str | None:
     if syntax in ("*", stored):
         return stored
     if syntax is None:
-        if transcode.is_lossy(stored):
-            return stored
+        if transcode.is_lossy(stored) or _too_large(row, EXPLICIT_LE):
+            return stored  # (too large decoded for a DICOM value: 8.7.3.4 note 2)
         if stored in transcode.LOSSLESS_OR_LOSSY:
             return None if transcode.can_decode(stored) else stored
         syntax = EXPLICIT_LE

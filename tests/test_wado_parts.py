@@ -179,6 +179,17 @@ def test_without_a_syntax_asked_lossy_pixel_data_goes_as_stored(stored, asked, s
     assert wado.part_syntax(_row(stored), asked) == sent
 
 
+def test_pixel_data_too_large_decoded_goes_as_stored_by_default():
+    """Review: 8.7.3.4 note 2 and the docs send such an instance as stored by default, but the
+    check before sending refused it (406), and with it the whole study."""
+    cine = _row(RLE, Rows=1024, Columns=1024, NumberOfFrames=2048, BitsAllocated=16)
+    assert wado.part_syntax(cine, None) == RLE
+    wado.check_transcodable([cine, _row(RLE)], None)  # no 406
+    assert wado.common_syntax([cine, _row(RLE)], None) is None  # parts differ
+    with pytest.raises(NotAcceptable, match="cannot be converted"):
+        wado.check_transcodable([cine], EXPLICIT_LE)  # asked for by name: refused
+
+
 def test_an_instance_without_pixel_data_asked_in_a_compressed_syntax_is_explicit_le():
     assert wado.part_syntax(SR_ROW, RLE) == EXPLICIT_LE
     assert wado.part_syntax(_row(EXPLICIT_LE), RLE) == RLE
@@ -339,3 +350,35 @@ def test_pixel_data_bulk_value_is_read_by_range_alone(archive):
     assert native_reads == [12, len(native.PixelData)]  # its element header, then its value
     assert rle_value == pydicom.dcmread(io.BytesIO(rle_data)).PixelData
     assert len(reads) == 2 and reads[1] == len(rle_value)  # before the table, then the items
+
+
+def test_whole_instance_conversions_past_the_waiters_allowed_are_refused_at_once():
+    """Review: each request waiting for a whole-instance slot held a thread of the pool all
+    requests share, up to 120 s; forty of them starved the conversions holding the slots (which
+    need the pool to send) and every other route. Past the waiters allowed: 503 at once."""
+    import threading
+    import time
+
+    held = [slots.whole_instance_slot() for _ in range(slots.WHOLE_INSTANCE_SLOTS._initial_value)]
+    got: list[object] = []
+    waiters = [threading.Thread(target=lambda: got.append(slots.whole_instance_slot()))
+               for _ in range(slots.WHOLE_INSTANCE_WAITERS)]
+    try:
+        for waiter in waiters:
+            waiter.start()
+        time.sleep(0.3)  # all waiting now
+        started = time.monotonic()
+        with pytest.raises(slots.ConversionBusy, match="more are waiting"):
+            slots.whole_instance_slot()
+        assert time.monotonic() - started < 0.5
+    finally:
+        for release in held:
+            release()
+        for _ in waiters:  # each waiter takes a slot as one is given back: give those back too
+            deadline = time.monotonic() + 10
+            while not got and time.monotonic() < deadline:
+                time.sleep(0.01)
+            got.pop()()
+        for waiter in waiters:
+            waiter.join(10)
+    assert slots.WHOLE_INSTANCE_SLOTS._value == slots.WHOLE_INSTANCE_SLOTS._initial_value
