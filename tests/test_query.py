@@ -259,7 +259,11 @@ def test_migration_0006_folds_the_groups_of_names_stored_before_apart(index_at_0
              "patient_name_ci": "phạm^thị hoa=范^氏花",
              "patient_name_fold": "pham thi hoa 范 氏花", **stamp},
             {"pk": 2, "patient_id": "P1", "patient_name": "Nguyễn^Văn An",
-             "patient_name_ci": "nguyễn^văn an", "patient_name_fold": "nguyen van an", **stamp}])
+             "patient_name_ci": "nguyễn^văn an", "patient_name_fold": "nguyen van an", **stamp},
+            # A full-width ＝ folded (NFKD) to "=" in the old fold, kept as such.
+            {"pk": 3, "patient_id": "W1", "patient_name": "Yamada^Taro＝山田^太郎",
+             "patient_name_ci": "yamada^taro＝山田^太郎",
+             "patient_name_fold": "yamada taro=山田 太郎", **stamp}])
         conn.execute(storage.index.emr_patients.insert().values(
             pk=1, patient_id="G1", name="Phạm^Thị Hoa=范^氏花", name_ci="phạm^thị hoa=范^氏花",
             name_fold="pham thi hoa 范 氏花", **stamp))
@@ -271,13 +275,17 @@ def test_migration_0006_folds_the_groups_of_names_stored_before_apart(index_at_0
                     conn.execute(sa.text("SELECT name_fold FROM emr_patients")).scalar())
 
     run_migrations(engine)
-    assert folds() == (["pham thi hoa=范 氏花", "nguyen van an"], "pham thi hoa=范 氏花")
+    assert folds() == (["pham thi hoa=范 氏花", "nguyen van an", "yamada taro 山田 太郎"],
+                       "pham thi hoa=范 氏花")
     rows = find(storage.index.Index(engine), Query(Level.PATIENT, {"PatientName": "pham thi hoa"}))
     assert ids(rows) == ["G1"]
+    rows = find(storage.index.Index(engine), Query(Level.PATIENT, {"PatientName": "yamada*"}))
+    assert ids(rows) == ["W1"]
     with engine.begin() as conn:  # and back
         config.attributes["connection"] = conn
         command.downgrade(config, "0005")
-    assert folds() == (["pham thi hoa 范 氏花", "nguyen van an"], "pham thi hoa 范 氏花")
+    assert folds() == (["pham thi hoa 范 氏花", "nguyen van an", "yamada taro=山田 太郎"],
+                       "pham thi hoa 范 氏花")
 
 
 def test_date_ranges(index):

@@ -2,7 +2,8 @@
 
 ``Phạm^Thị Hoa=范^氏花`` was folded to ``pham thi hoa 范 氏花``, so no query could tell its
 alphabetic group from the rest and ``pham thi hoa`` did not find it; it is now folded to
-``pham thi hoa=范 氏花`` (storage.names.fold_person_name). Only names holding ``=`` change.
+``pham thi hoa=范 氏花`` (storage.names.fold_person_name). Only names holding ``=`` (or a
+full-width ``＝`` or ``＾``, which folding turns into ``=`` and ``^``) change.
 
 Names are now matched by a prefix range of these columns (LIKE 'pham thi hoa%'), which a
 PostgreSQL b-tree index serves only with text_pattern_ops: the worklist's patient name indexes
@@ -62,8 +63,9 @@ def _refold(fold: Callable[[str], str]) -> None:
     for table_name, column in _PERSON_NAMES:
         table = sa.table(table_name, sa.column('pk'), sa.column(column),
                          sa.column(column + '_fold'))
-        rows = conn.execute(sa.select(table.c.pk, table.c[column])
-                            .where(table.c[column].like('%=%'))).all()
+        # Full-width ＝ and ＾ fold to = and ^ (NFKD): the old fold kept them as such.
+        rows = conn.execute(sa.select(table.c.pk, table.c[column]).where(sa.or_(
+            *(table.c[column].like(f'%{sign}%') for sign in ('=', '＝', '＾'))))).all()
         if rows:
             conn.execute(table.update().where(table.c.pk == sa.bindparam('row_pk'))
                          .values({column + '_fold': sa.bindparam('row_fold')}),
