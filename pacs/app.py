@@ -61,12 +61,12 @@ def check_listening_addresses(settings: Settings) -> None:
     if settings.hl7_port:
         listeners.append(("PACS_HL7_HOST/PACS_HL7_PORT", settings.hl7_host, settings.hl7_port))
     for names, host, port in listeners:
+        # As the listeners bind: IPv6 for an address with ':', else IPv4 (uvicorn, socketserver).
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
-            for family, kind, proto, _, address in socket.getaddrinfo(
-                    host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
-                with socket.socket(family, kind, proto) as probe:
-                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    probe.bind(address)
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((host, port))
         except OSError as exc:
             reason = ("the address is in use (another pacs serve, or Orthanc?)"
                       if exc.errno == errno.EADDRINUSE else
