@@ -16,11 +16,13 @@ import numpy as np
 from pydicom.datadict import dictionary_VR
 
 EXPLICIT_BIG_ENDIAN = "1.2.840.10008.1.2.2"
+# The two forms of a bulk data reference in this server's URLs (``wado.bulk_span``): a byte
+# range of the stored file, or the path to an element (tag, then item and tag per sequence).
+BULK_RANGE_SPEC = re.compile(r"(\d+)-(\d+)")
+BULK_PATH_SPEC = re.compile(r"path/([0-9A-Fa-f]{8}(?:/\d+/[0-9A-Fa-f]{8})*)")
 WORD_SIZES = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
 _PIXEL_DATA = "7FE00010"
 _BITS_ALLOCATED = "00280100"
-_RANGE_SPEC = re.compile(r"(\d+)-(\d+)")
-_PATH_SPEC = re.compile(r"path/([0-9A-Fa-f]{8}(?:/\d+/[0-9A-Fa-f]{8})*)")
 
 
 def little_endian_bulk(data: bytes, spec: str, header: str, stored_syntax: str) -> bytes:
@@ -43,7 +45,8 @@ def swap_words(data: bytes, size: int) -> bytes:
 
 def word_size(header: dict[str, Any], spec: str) -> int:
     """Bytes per word of the element ``spec`` names in the DICOM JSON ``header`` (1: bytes)."""
-    found = _by_range(header, spec) if _RANGE_SPEC.fullmatch(spec) else _by_path(header, spec)
+    found = (_by_range(header, spec) if BULK_RANGE_SPEC.fullmatch(spec)
+             else _by_path(header, spec))
     if found is None:
         return 1  # not in the header: wado.bulk_bytes has refused it already
     tag, element, owner = found
@@ -65,7 +68,7 @@ def _by_range(header: dict[str, Any], spec: str
               ) -> tuple[str, dict[str, Any] | None, dict[str, Any]] | None:
     """(tag, element, the data set holding it) of the element whose value is the byte range
     ``spec``, searched through sequences."""
-    offset, length = _RANGE_SPEC.fullmatch(spec).groups()
+    offset, length = BULK_RANGE_SPEC.fullmatch(spec).groups()
     uri = f"bulk:{int(offset)}:{int(length)}"
 
     def search(dataset: dict[str, Any]):
@@ -84,7 +87,7 @@ def _by_path(header: dict[str, Any], spec: str
              ) -> tuple[str, dict[str, Any] | None, dict[str, Any]] | None:
     """(tag, element or None when the header leaves it out, the data set holding it) of the
     element at ``path/<tag>[/<item>/<tag>...]``."""
-    match = _PATH_SPEC.fullmatch(spec)
+    match = BULK_PATH_SPEC.fullmatch(spec)
     if match is None:
         return None
     steps = match.group(1).upper().split("/")

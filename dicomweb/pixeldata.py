@@ -13,7 +13,7 @@ element it is and its VR:
   when Bits Allocated passes 8; else OB (PS3.5 8.2: at 8 bits or fewer the writer may have
   chosen OW; the bytes are the same, there being no order to swap).
 
-The BulkDataURI is ``…/bulkdata/path/<tag>``. ``read_value`` serves it reading the element's
+The BulkDataURI is ``…/bulkdata/path/<tag>``. ``value_span`` finds it reading the element's
 value alone, found by the frame offsets: the element header just before the first frame, or,
 encapsulated, before the Basic Offset Table item that precedes the first fragment. The value is
 as stored: for encapsulated data the items, without the sequence delimiter, as pydicom gives.
@@ -62,19 +62,12 @@ def with_pixel_data(header: str, row: dict[str, Any], instance_url: str) -> str:
     return f'{header[:-1]}{"," if header != "{}" else ""}"{tag}":{value}}}'
 
 
-def read_value(read: Callable[[int, int], bytes], row: dict[str, Any], tag: str
-               ) -> bytes | None:
-    """The value of the top-level pixel data element ``tag`` of the instance ``row``, read
-    with ``read(offset, length)`` where its frame offsets find it; None when they cannot (no
-    offsets, or no such element there): then the file must be parsed."""
-    span = value_span(read, row, tag)
-    return read(*span) if span is not None else None
-
-
 def value_span(read: Callable[[int, int], bytes], row: dict[str, Any], tag: str
                ) -> tuple[int, int] | None:
-    """(offset, length) of the value of ``read_value`` in the stored file, found reading only
-    the element's header; None when it cannot be found so."""
+    """(offset, length) in the stored file of the value of the top-level pixel data element
+    ``tag`` of the instance ``row``, found where its frame offsets say, reading only the
+    element's header with ``read(offset, length)``; None when it cannot be found so (no
+    offsets, or no such element there): then the file must be parsed."""
     frames = json.loads(row["_frames"]) if row.get("_frames") else None
     if not frames or not frames[0]:
         return None

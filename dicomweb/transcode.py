@@ -46,6 +46,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from dicomweb.byteorder import WORD_SIZES, swap_words
+
 UNCOMPRESSED = frozenset({str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)})
 # What the installed encoders can write, lossless only: a viewer asking for these gets the
 # same pixels, only smaller.
@@ -520,18 +522,15 @@ def _to_native(ds: Dataset) -> None:
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
 
 
-_WORD_SIZES = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
-
-
 def _swap_binary_values(ds: Dataset) -> None:
     """Big to little endian for the raw binary values pydicom leaves as bytes (pydicom converts
     numbers it decodes, such as US and FL, by itself). Pixel Data follows Bits Allocated."""
     for elem in ds.iterall():
-        size = _WORD_SIZES.get(elem.VR)
+        size = WORD_SIZES.get(elem.VR)
         if elem.tag == 0x7FE00010:
             size = int(ds.get("BitsAllocated") or 8) // 8
         if size and size > 1 and isinstance(elem.value, bytes) and len(elem.value) % size == 0:
-            elem.value = np.frombuffer(elem.value, f">u{size}").astype(f"<u{size}").tobytes()
+            elem.value = swap_words(elem.value, size)
 
 
 def _pack_single_bits(ds: Dataset) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 import pydicom
 
 from dicomweb import pixeldata, transcode
+from dicomweb.byteorder import BULK_PATH_SPEC, BULK_RANGE_SPEC
 from dicomweb.media import (
     DICOM,
     EXPLICIT_LE,
@@ -517,13 +518,15 @@ def bulk_span(archive: Archive, row: dict[str, Any], spec: str) -> tuple[int, in
     when that is known without parsing the file: a range the instance's metadata names, or
     its top-level pixel data found by the frame offsets. None otherwise (``bulk_bytes`` reads
     the value); ``NotFound`` for a range the metadata does not name."""
-    match = re.fullmatch(r"(\d+)-(\d+)", spec)
+    match = BULK_RANGE_SPEC.fullmatch(spec)
     if match:
+        # Only a range the metadata names: "0-<size>" would be the whole stored file, a
+        # download by another name.
         if f'"BulkDataURI":"bulk:{match.group(1)}:{match.group(2)}"' not in row["_header"]:
             raise NotFound(f"no bulk data {spec!r} in the instance")
         return int(match.group(1)), int(match.group(2))
-    match = re.fullmatch(r"path/([0-9A-Fa-f]{8})", spec)
-    if match and match.group(1).upper() in pixeldata.PIXEL_DATA_TAGS:
+    match = BULK_PATH_SPEC.fullmatch(spec)
+    if match and match.group(1).upper() in pixeldata.PIXEL_DATA_TAGS:  # top level only
         return pixeldata.value_span(_range_reader(archive, row["_blob_key"]), row,
                                     match.group(1).upper())
     return None
@@ -540,23 +543,14 @@ def blob_chunks(archive: Archive, key: str, offset: int, length: int,
 def bulk_bytes(archive: Archive, row: dict[str, Any], spec: str) -> bytes:
     """The value of one bulk data element of an instance, named as in its metadata URLs.
 
-    A byte range is served only if the instance's metadata names it (``row`` must carry the
-    header): ``0-<size>`` would otherwise be the whole stored file, a download by another
-    name. An element path is served when the element is binary (pixel data included)."""
-    match = re.fullmatch(r"(\d+)-(\d+)", spec)
-    if match:
-        offset, length = int(match.group(1)), int(match.group(2))
-        if f'"BulkDataURI":"bulk:{offset}:{length}"' not in row["_header"]:
-            raise NotFound(f"no bulk data {spec!r} in the instance")
-        return archive.blobs.get_range(row["_blob_key"], offset, length)
-    match = re.fullmatch(r"path/([0-9A-Fa-f]{8}(?:/\d+/[0-9A-Fa-f]{8})*)", spec)
+    Read by byte range where ``bulk_span`` finds the value (``row`` must carry the header);
+    else an element path is served when the element is binary, the file parsed."""
+    span = bulk_span(archive, row, spec)
+    if span is not None:
+        return archive.blobs.get_range(row["_blob_key"], *span)
+    match = BULK_PATH_SPEC.fullmatch(spec)
     if not match:
         raise NotFound(f"no bulk data {spec!r}")
-    if match.group(1).upper() in pixeldata.PIXEL_DATA_TAGS:  # by range: the value alone
-        value = pixeldata.read_value(_range_reader(archive, row["_blob_key"]), row,
-                                     match.group(1).upper())
-        if value is not None:
-            return value
     with DECODE_SLOTS:  # before reading: the slots bound what is held whole
         ds: Any = pydicom.dcmread(BytesIO(read_blob(archive, row["_blob_key"])))
     steps = match.group(1).split("/")
