@@ -152,16 +152,20 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
         rows = await run_in_threadpool(wado.instance_rows, archive, target)
         media = wado.choose_instance_media(parse_accept(_accept(request)), target.level, rows)
         syntax = media.syntax
-        parts = wado.instance_parts(archive, rows, syntax)
-        if media.single_part:  # 406 (a failed conversion) before any byte
+        # An instance alone is refused (406) when it cannot be converted, before any byte;
+        # in a study or series, one that cannot be decoded goes as stored, labelled so.
+        parts = wado.instance_parts(archive, rows, syntax, fall_back=not target.instance)
+        if media.single_part:
             return _single_part(await run_in_threadpool(next, parts))
+        label = None if syntax == "*" else wado.common_syntax(rows, syntax)
         if all(wado.part_syntax(row, syntax) == row["_transfer_syntax_uid"] for row in rows):
             parts = list(parts)  # lazily opened as stored: the length is known up front
         elif target.instance:
-            parts = iter([await run_in_threadpool(next, parts)])  # 406 before any byte
+            parts = iter([await run_in_threadpool(next, parts)])
+        else:
+            label = None  # a part may go as stored after all
         # The syntax all parts share, if they do (an SR asked for in RLE goes uncompressed).
-        return _multipart(parts, "application/dicom",
-                          None if syntax == "*" else wado.common_syntax(rows, syntax))
+        return _multipart(parts, "application/dicom", label)
 
     async def metadata(request: Request) -> Response:
         accept = parse_accept(_accept(request))

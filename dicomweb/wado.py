@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ from storage.attributes import Level
 from storage.errors import NotFound, StorageUnavailable
 from storage.parsing import require_uid
 from storage.query import Query, find, image_instances
+
+log = logging.getLogger("pacs.dicomweb")
 
 _BULK_URI = re.compile(r'"BulkDataURI":"bulk:(?:(\d+):(\d+)|path:([0-9A-Fa-f/]+))"')
 _METADATA_FORMAT = b"2;"  # changed when the metadata of the same instances changes
@@ -261,10 +264,15 @@ def _too_large(row: dict[str, Any], target: str) -> bool:
     return size >= 0xFFFFFFFE
 
 
-def instance_parts(archive: Archive, rows: list[dict[str, Any]], syntax: str | None
-                   ) -> Iterator[Part]:
+def instance_parts(archive: Archive, rows: list[dict[str, Any]], syntax: str | None, *,
+                   fall_back: bool = False) -> Iterator[Part]:
     """One multipart part per instance, in ``syntax`` (``*``: as stored; ``None``: the default
     of PS3.18 8.7.3.4, see ``part_syntax``), each labelled with its own.
+
+    With ``fall_back`` (a study or series, whose answer has started before most instances are
+    converted), an instance whose pixel data cannot be decoded goes as stored, labelled so,
+    with a warning in the log: the stream went on, where it was cut there and every instance
+    after it lost. (One that fails after its first frame is still cut: its length is sent.)
 
     Instances sent as stored are read lazily, as the writer reaches them, in chunks. From a
     remote blob store (S3), where every instance is a request, those up to ``READ_AHEAD_LIMIT``
@@ -282,8 +290,19 @@ def instance_parts(archive: Archive, rows: list[dict[str, Any]], syntax: str | N
             yield _stored_part(row, ahead.blob(row["_blob_key"]))
         elif part_syntax(row, syntax) == row["_transfer_syntax_uid"]:
             yield _stored_part(row, _chunks(archive, row["_blob_key"]))
+        elif fall_back:
+            yield _converted_or_stored(archive, row, syntax)
         else:
             yield converted_part(archive, row, syntax)
+
+
+def _converted_or_stored(archive: Archive, row: dict[str, Any], syntax: str | None) -> Part:
+    try:
+        return converted_part(archive, row, syntax)
+    except transcode.NotTranscodable as exc:
+        log.warning("WADO-RS: instance %s sent as stored (%s): %s", row["SOPInstanceUID"],
+                    row["_transfer_syntax_uid"], exc)
+        return _stored_part(row, _chunks(archive, row["_blob_key"]))
 
 
 def _stored_part(row: dict[str, Any], chunks: Iterable[bytes]) -> Part:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import logging
@@ -17,6 +18,7 @@ import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
+from pydicom.uid import generate_uid
 from requests.exceptions import HTTPError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -468,23 +470,48 @@ def test_an_unexpected_error_is_answered_and_logged_once_without_its_message(cap
     assert "Nguyễn" not in ours and "ACC-2024-0077" not in ours
 
 
-def test_corrupt_pixel_data_is_refused_or_cut_short_without_tracebacks(server, http):
+def test_pixel_data_that_cannot_be_decoded_is_refused_alone_and_sent_as_stored_in_a_series(
+        server, http):
+    # In a series, such an instance cut the stream, and every instance after it was lost.
     # pydicom logged a traceback per codec plugin, and the server one more for the cut stream.
-    ds = dataset(Spec(patient_id="BN-CORRUPT"))
-    ds.PixelData = pydicom.encaps.encapsulate([b"\x00" * 64])  # no valid RLE header
-    stored = part10(ds, pydicom.uid.RLELossless)
-    assert stow(server.http, [stored]).status_code == 200
-    series = f"/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+    spec = Spec(patient_id="BN-CORRUPT")
+    undecodable = dataset(spec)
+    undecodable.PixelData = pydicom.encaps.encapsulate([b"\x00" * 64])  # no valid RLE header
+    good = _rle(dataset(dataclasses.replace(spec, sop_uid=generate_uid(), instance_number=2)))
+    # Two frames, the second undecodable: found once its first frame has been sent.
+    half = _rle(dataset(dataclasses.replace(spec, sop_uid=generate_uid(),
+                                            series_uid=generate_uid(), frames=2)))
+    first = next(pydicom.encaps.generate_frames(half.PixelData, number_of_frames=2))
+    half.PixelData = pydicom.encaps.encapsulate([first, b"\x00" * 64])
+    stored = part10(undecodable, pydicom.uid.RLELossless)
+    assert stow(server.http, [stored, part10(good, pydicom.uid.RLELossless),
+                              part10(half, pydicom.uid.RLELossless)]).status_code == 200
+    series = f"/studies/{spec.study_uid}/series/{spec.series_uid}"
 
-    one = http.get(f"{series}/instances/{ds.SOPInstanceUID}",
-                   headers={"Accept": "application/dicom"})
+    one = http.get(f"{series}/instances/{spec.sop_uid}", headers={"Accept": "application/dicom"})
+    whole = http.get(series)
+
     assert one.status_code == 406 and "cannot convert" in one.json()["message"]
+    assert whole.status_code == 200
+    (as_stored, stored_body), (converted, converted_body) = _parts(whole)
+    assert stored_body == stored and _part_syntax(as_stored) == pydicom.uid.RLELossless
+    assert _part_syntax(converted) == EXPLICIT
+    assert np.array_equal(pydicom.dcmread(io.BytesIO(converted_body)).pixel_array,
+                          good.pixel_array)
+    assert "transfer-syntax" not in whole.headers["content-type"]  # the parts differ
+    assert f"instance {spec.sop_uid} sent as stored" in server.log()
     with pytest.raises(httpx.RemoteProtocolError):  # the body stops short: the client knows
-        http.get(series)
+        http.get(f"/studies/{spec.study_uid}/series/{half.SeriesInstanceUID}")
     assert http.get(f"{series}/metadata").status_code == 200  # the server goes on
     log = server.log()
     assert "Traceback" not in log and "cut short: NotTranscodable" in log
     assert "without completing response" not in log  # uvicorn's line, which says no more
+
+
+def _rle(ds: pydicom.Dataset) -> pydicom.Dataset:
+    ds = pydicom.dcmread(io.BytesIO(part10(ds)))
+    ds.compress(pydicom.uid.RLELossless)
+    return ds
 
 
 def test_an_upload_that_stops_arriving_is_answered_408_and_closed(start_server):
