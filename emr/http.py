@@ -1,6 +1,6 @@
 """HTTP routes of the EMR side: the FHIR R4 API (``/fhir``) and the JSON API (``/api/orders``,
-``/api/patients``, ``/api/emr/...``). Staff only (``pacs.access``): EMR systems call from the
-hospital's networks.
+``/api/patients``, ``/api/emr/...``); the FHIR searches are ``emr.fhir_search``'s. Staff
+only (``pacs.access``): EMR systems call from the hospital's networks.
 
 Errors: each handler answers the refusals it knows of; FHIR routes answer theirs as
 OperationOutcomes (``fhir_endpoint``); the archive's errors, unknown paths, wrong methods and
@@ -18,7 +18,6 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import urlencode
 
 import anyio
 import sqlalchemy as sa
@@ -31,6 +30,14 @@ from dicomweb.app import loggable_path
 from emr import fhir, fhir_in
 from emr.errors import InvalidResource, loggable
 from emr.fhir_format import FHIR_JSON, check_body_format, check_response_format
+from emr.fhir_search import (
+    MAX_OFFSET,
+    find_studies,
+    next_page_url,
+    parse_token,
+    patients_by_identifier,
+    search_page,
+)
 from emr.model import Order, OrderControl, OrderStatus, PatientInfo, PatientMerge, PatientUpdate
 from emr.orders import (
     CancelRefused,
@@ -47,13 +54,10 @@ from emr.results import study_result
 from emr.service import EmrService
 from pacs.http_input import BodyTooLarge, parse_json, read_body, whole_number
 from storage.errors import InvalidQuery, NotFound
-from storage.index import iso_seconds, patients, studies, study_links
+from storage.index import iso_seconds, studies, study_links
 
 log = logging.getLogger("pacs.emr.http")
 
-_MAX_COUNT = 100
-_DEFAULT_COUNT = 20  # a FHIR search's page when _count is not given
-_MAX_OFFSET = 1_000_000_000
 _MAX_KEY = 2**63 - 1  # the largest row key a database holds (SQLite INTEGER, PostgreSQL BIGINT)
 _API_TEXT_LIMIT = 64  # LO: descriptions, reason and address as the JSON API takes them
 # A ServiceRequest with a contained Patient is a few KB, a Bundle with its Patient not much more.
@@ -62,8 +66,6 @@ MAX_BODY_BYTES = 1024 * 1024
 # thread for 0.7 s of CPU; without a limit of its own, a burst of them took the threads every
 # request shares (40) and searches, metadata and frames waited behind them.
 FHIR_PARSING_THREADS = 2
-_DATE_PREFIX = re.compile(r"^(eq|ne|gt|lt|ge|le|sa|eb)?(\d{4}(-\d{2}(-\d{2}(T[0-9:.]+"
-                          r"(Z|[+-]\d{2}:\d{2})?)?)?)?)$")
 
 
 # OperationOutcome issue type (FHIR R4 valueset issue-type) of an error answered with a status.
@@ -124,8 +126,8 @@ def emr_routes(server) -> list[Route]:
 
     async def search_imaging_studies(request: Request) -> Response:
         params = request.query_params.multi_items()
-        count, offset = _search_page(params)
-        uids, total = await run_in_threadpool(_find_studies, service, settings, params,
+        count, offset = search_page(params)
+        uids, total = await run_in_threadpool(find_studies, service, settings, params,
                                               count, offset)
         resources = await run_in_threadpool(
             lambda: [_imaging_study_or_none(service, settings, uid, updated)
@@ -134,7 +136,7 @@ def emr_routes(server) -> list[Route]:
         return fhir_response(fhir.searchset(
             [r for r in resources if r], total=total, self_url=str(request.url),
             base_url=fhir_base(request),
-            next_url=_next_page_url(request, params, offset + len(uids)) if more else None))
+            next_url=next_page_url(request, params, offset + len(uids)) if more else None))
 
     async def read_imaging_study(request: Request) -> Response:
         uid = request.path_params["id"]
@@ -154,18 +156,18 @@ def emr_routes(server) -> list[Route]:
         if not token:
             return outcome(400, "required", "identifier is required (SYSTEM|VALUE)",
                            "identifier")
-        if not _token(token)[1]:  # find_patients without a value finds every patient
+        if not parse_token(token)[1]:  # find_patients without a value finds every patient
             return outcome(400, "value", "identifier needs a value (SYSTEM|VALUE)",
                            "identifier")
-        count, offset = _search_page(params)
-        found, total = await run_in_threadpool(_patients_by_identifier, service, settings,
+        count, offset = search_page(params)
+        found, total = await run_in_threadpool(patients_by_identifier, service, settings,
                                                token, count, offset)
         entries = [fhir.patient_resource(info, str(pk), mrn_system=settings.emr_mrn_system)
                    for pk, info in found]
         more = total is None
         return fhir_response(fhir.searchset(
             entries, total=total, self_url=str(request.url), base_url=fhir_base(request),
-            next_url=_next_page_url(request, params, offset + len(found)) if more else None))
+            next_url=next_page_url(request, params, offset + len(found)) if more else None))
 
     async def read_patient(request: Request) -> Response:
         pk = _row_key(request.path_params["id"])
@@ -437,8 +439,8 @@ def _paging(params: Any) -> tuple[int, int]:
     if limit is None or not 1 <= limit <= 1000:
         raise BadRequest("limit: a whole number 1-1000")
     offset = whole_number(params.get("offset", "0"))
-    if offset is None or offset > _MAX_OFFSET:
-        raise BadRequest(f"offset: a whole number 0-{_MAX_OFFSET}")
+    if offset is None or offset > MAX_OFFSET:
+        raise BadRequest(f"offset: a whole number 0-{MAX_OFFSET}")
     return limit, offset
 
 
@@ -561,177 +563,6 @@ def _imaging_study(service: EmrService, settings, uid: str,
         subject = {k: v for k, v in subject.items() if v}
     return fhir.imaging_study(result, resource_id=uid, mrn_system=settings.emr_mrn_system,
                               subject=subject, last_updated=iso_seconds(updated))
-
-
-
-
-def _token(value: str) -> tuple[str | None, str]:
-    """A FHIR token search value: (system or None when not given, value)."""
-    if "|" in value:
-        system, _, code = value.partition("|")
-        return system, code
-    return None, value
-
-
-def _patient_condition(service: EmrService, settings, token: str) -> Any:
-    """The index patients a ``patient.identifier`` token names: by CCCD or BHYT through the
-    EMR's records; by MRN, of the issuer the system names (studies whose modality sent no
-    issuer count when the EMR knows that MRN under that issuer)."""
-    system, value = _token(token)
-    if not value:
-        raise fhir.FhirError(400, "value", "patient.identifier needs a value",
-                             "patient.identifier")
-    if system == fhir.CCCD_SYSTEM:
-        ids = [p.patient_id for _, p in service.orders.find_patients(cccd=value)]
-        return patients.c.patient_id.in_(ids or [""])
-    if system in (fhir.BHYT_SYSTEM, fhir.LEGACY_BHYT_SYSTEM):
-        ids = [p.patient_id for _, p in service.orders.find_patients(bhyt=value)]
-        return patients.c.patient_id.in_(ids or [""])
-    issuer = fhir.mrn_issuer(system, settings.emr_mrn_system) if system else ""
-    if not issuer:  # no system, or the hospital's own default: any issuer
-        return patients.c.patient_id == value
-    issuers = [issuer]
-    if service.orders.find_patients(patient_id=value, issuer=issuer):
-        issuers.append("")
-    return sa.and_(patients.c.patient_id == value,
-                   patients.c.issuer_of_patient_id.in_(issuers))
-
-
-def _patients_by_identifier(service: EmrService, settings, token: str, count: int,
-                            offset: int) -> tuple[list[tuple[int, PatientInfo]], int | None]:
-    """One page of the EMR patients an identifier token (with a value) names, and how many
-    there are: None when more follow this page (``find_patients`` neither skips nor counts,
-    so the rows up to the end of the page, and one more, are read to know)."""
-    system, value = _token(token)
-    if system == fhir.CCCD_SYSTEM:
-        query: dict[str, Any] = {"cccd": value}
-    elif system in (fhir.BHYT_SYSTEM, fhir.LEGACY_BHYT_SYSTEM):
-        query = {"bhyt": value}
-    else:
-        issuer = fhir.mrn_issuer(system, settings.emr_mrn_system) if system else None
-        if issuer and not service.orders.find_patients(patient_id=value, issuer=issuer,
-                                                       limit=1):
-            issuer = ""  # the EMR sent no issuer for this patient
-        query = {"patient_id": value, "issuer": issuer}
-    found = service.orders.find_patients(**query, limit=offset + count + 1)
-    return found[offset:offset + count], len(found) if len(found) <= offset + count else None
-
-
-def _search_page(params: list[tuple[str, str]]) -> tuple[int, int]:
-    """``_count`` and ``_offset`` of a search (the latter is what the next links say, not a
-    standard parameter); ``FhirError`` 400 for values out of bounds."""
-    count, offset = _DEFAULT_COUNT, 0
-    for name, value in params:
-        if name == "_count":
-            number = whole_number(value)
-            if number is None or not 0 < number <= _MAX_COUNT:
-                raise fhir.FhirError(400, "value", f"_count must be 1-{_MAX_COUNT}", "_count")
-            count = number
-        elif name == "_offset":
-            number = whole_number(value)
-            if number is None or number > _MAX_OFFSET:
-                raise fhir.FhirError(400, "value", f"_offset must be a number 0-{_MAX_OFFSET}",
-                                     "_offset")
-            offset = number
-    return count, offset
-
-
-def _next_page_url(request: Request, params: list[tuple[str, str]], offset: int) -> str:
-    """The search ``request`` again, from ``offset`` on."""
-    kept = [(name, value) for name, value in params if name != "_offset"]
-    return f"{str(request.url).split('?', 1)[0]}?" + urlencode([*kept, ("_offset", str(offset))])
-
-
-def _find_studies(service: EmrService, settings, params: list[tuple[str, str]], count: int,
-                  offset: int) -> tuple[list[tuple[str, dt.datetime]], int]:
-    """(study UID, last updated) of one page of the studies an ImagingStudy search names, and
-    the total."""
-    conditions: list[Any] = []
-    for name, value in params:
-        if name == "patient.identifier":
-            conditions.append(_patient_condition(service, settings, value))
-        elif name == "identifier":
-            system, code = _token(value)
-            if not code.strip():  # it matched every study without an accession number
-                raise fhir.FhirError(400, "value", "identifier needs a value", "identifier")
-            if system == fhir.DICOM_UID_SYSTEM or code.startswith("urn:oid:"):
-                conditions.append(studies.c.study_instance_uid == code.removeprefix("urn:oid:"))
-            else:
-                conditions.append(studies.c.accession_number == code)
-        elif name == "_lastUpdated":
-            conditions.append(_date_condition(studies.c.updated_at, value))
-        elif name not in ("_count", "_offset", "_format"):  # _search_page reads the first two
-            raise fhir.FhirError(400, "not-supported", f"search parameter {name!r} is not "
-                                 "supported (patient.identifier, identifier, _lastUpdated, "
-                                 "_count, _offset)", name)
-    statement = (sa.select(studies.c.study_instance_uid, studies.c.updated_at)
-                 .join(patients, studies.c.patient_pk == patients.c.pk).where(*conditions))
-    with service.archive.index.read() as conn:
-        total = conn.execute(sa.select(sa.func.count()).select_from(statement.subquery())
-                             ).scalar_one()
-        rows = conn.execute(statement.order_by(studies.c.updated_at.desc(), studies.c.pk)
-                            .limit(count).offset(offset)).all()
-    return [(uid, updated) for uid, updated in rows], total
-
-
-def _date_condition(column: Any, value: str) -> Any:
-    """A FHIR date search (``ge2026-12-01``, ``lt2026-12-04T10:00:00+07:00``...)."""
-    match = _DATE_PREFIX.match(value.strip())
-    if not match:
-        raise fhir.FhirError(400, "value", f"_lastUpdated {value!r} is not [prefix]date",
-                             "_lastUpdated")
-    prefix, text = match.group(1) or "eq", match.group(2)
-    try:
-        start, end = _period(text)
-    except ValueError:
-        raise fhir.FhirError(400, "value", f"_lastUpdated {value!r}: not a real date or time",
-                             "_lastUpdated") from None
-    if prefix in ("gt", "sa"):
-        return column >= end
-    if prefix == "ge":
-        return column >= start
-    if prefix in ("lt", "eb"):
-        return column < start
-    if prefix == "le":
-        return column < end
-    if prefix == "ne":
-        return sa.or_(column < start, column >= end)
-    return sa.and_(column >= start, column < end)
-
-
-def _period(text: str) -> tuple[dt.datetime, dt.datetime]:
-    """The instants a FHIR date or dateTime of any precision covers, in UTC (``ValueError``
-    for a day or time that does not exist: ``2020-13-45``, ``T25:00``, year 0)."""
-    zone = fhir.LOCAL_TIMEZONE
-    if "T" in text:
-        moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=zone)
-        return _utc(moment), _utc(moment, dt.timedelta(seconds=1))
-    parts = [int(p) for p in text.split("-")]
-    start = dt.datetime(parts[0], parts[1] if len(parts) > 1 else 1,
-                        parts[2] if len(parts) > 2 else 1, tzinfo=zone)
-    if len(parts) == 3:
-        end = _utc(start, dt.timedelta(days=1))
-    elif len(parts) == 2:
-        end = _utc(start, dt.timedelta(days=32), to_first_day=True)
-    else:
-        end = _utc(start, dt.timedelta(days=366), to_first_day=True, to_first_month=True)
-    return _utc(start), end
-
-
-def _utc(moment: dt.datetime, later: dt.timedelta = dt.timedelta(0), *,
-         to_first_day: bool = False, to_first_month: bool = False) -> dt.datetime:
-    """``moment + later`` in UTC (the start of its month or year if asked), kept within what
-    ``datetime`` holds: the ends of year 9999 and the start of year 1 are open."""
-    try:
-        moved = moment + later
-        if to_first_day:
-            moved = moved.replace(day=1, month=1 if to_first_month else moved.month)
-        return moved.astimezone(dt.UTC)
-    except OverflowError:
-        edge = dt.datetime.max if later or moment.year > 1 else dt.datetime.min
-        return edge.replace(tzinfo=dt.UTC)
 
 
 def _linked_studies(service: EmrService, order_pk: int) -> list[str]:

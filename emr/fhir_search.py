@@ -1,0 +1,195 @@
+"""FHIR searches of the EMR API: ImagingStudy by patient identifier (MRN, CCCD, BHYT),
+study identifier and ``_lastUpdated``; Patient by identifier; their paging (``_count``,
+``_offset`` and the next links). Errors are ``fhir.FhirError`` (400 with an
+OperationOutcome)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import Any
+from urllib.parse import urlencode
+
+import sqlalchemy as sa
+from starlette.requests import Request
+
+from emr import fhir
+from emr.model import PatientInfo
+from emr.service import EmrService
+from pacs.http_input import whole_number
+from storage.index import patients, studies
+
+MAX_COUNT = 100
+DEFAULT_COUNT = 20  # a search's page when _count is not given
+MAX_OFFSET = 1_000_000_000
+_DATE_PREFIX = re.compile(r"^(eq|ne|gt|lt|ge|le|sa|eb)?(\d{4}(-\d{2}(-\d{2}(T[0-9:.]+"
+                          r"(Z|[+-]\d{2}:\d{2})?)?)?)?)$")
+
+
+def parse_token(value: str) -> tuple[str | None, str]:
+    """A FHIR token search value: (system or None when not given, value)."""
+    if "|" in value:
+        system, _, code = value.partition("|")
+        return system, code
+    return None, value
+
+
+def _patient_condition(service: EmrService, settings, token: str) -> Any:
+    """The index patients a ``patient.identifier`` token names: by CCCD or BHYT through the
+    EMR's records; by MRN, of the issuer the system names (studies whose modality sent no
+    issuer count when the EMR knows that MRN under that issuer)."""
+    system, value = parse_token(token)
+    if not value:
+        raise fhir.FhirError(400, "value", "patient.identifier needs a value",
+                             "patient.identifier")
+    if system == fhir.CCCD_SYSTEM:
+        ids = [p.patient_id for _, p in service.orders.find_patients(cccd=value)]
+        return patients.c.patient_id.in_(ids or [""])
+    if system in (fhir.BHYT_SYSTEM, fhir.LEGACY_BHYT_SYSTEM):
+        ids = [p.patient_id for _, p in service.orders.find_patients(bhyt=value)]
+        return patients.c.patient_id.in_(ids or [""])
+    issuer = fhir.mrn_issuer(system, settings.emr_mrn_system) if system else ""
+    if not issuer:  # no system, or the hospital's own default: any issuer
+        return patients.c.patient_id == value
+    issuers = [issuer]
+    if service.orders.find_patients(patient_id=value, issuer=issuer):
+        issuers.append("")
+    return sa.and_(patients.c.patient_id == value,
+                   patients.c.issuer_of_patient_id.in_(issuers))
+
+
+def patients_by_identifier(service: EmrService, settings, token: str, count: int,
+                            offset: int) -> tuple[list[tuple[int, PatientInfo]], int | None]:
+    """One page of the EMR patients an identifier token (with a value) names, and how many
+    there are: None when more follow this page (``find_patients`` neither skips nor counts,
+    so the rows up to the end of the page, and one more, are read to know)."""
+    system, value = parse_token(token)
+    if system == fhir.CCCD_SYSTEM:
+        query: dict[str, Any] = {"cccd": value}
+    elif system in (fhir.BHYT_SYSTEM, fhir.LEGACY_BHYT_SYSTEM):
+        query = {"bhyt": value}
+    else:
+        issuer = fhir.mrn_issuer(system, settings.emr_mrn_system) if system else None
+        if issuer and not service.orders.find_patients(patient_id=value, issuer=issuer,
+                                                       limit=1):
+            issuer = ""  # the EMR sent no issuer for this patient
+        query = {"patient_id": value, "issuer": issuer}
+    found = service.orders.find_patients(**query, limit=offset + count + 1)
+    return found[offset:offset + count], len(found) if len(found) <= offset + count else None
+
+
+def search_page(params: list[tuple[str, str]]) -> tuple[int, int]:
+    """``_count`` and ``_offset`` of a search (the latter is what the next links say, not a
+    standard parameter); ``FhirError`` 400 for values out of bounds."""
+    count, offset = DEFAULT_COUNT, 0
+    for name, value in params:
+        if name == "_count":
+            number = whole_number(value)
+            if number is None or not 0 < number <= MAX_COUNT:
+                raise fhir.FhirError(400, "value", f"_count must be 1-{MAX_COUNT}", "_count")
+            count = number
+        elif name == "_offset":
+            number = whole_number(value)
+            if number is None or number > MAX_OFFSET:
+                raise fhir.FhirError(400, "value", f"_offset must be a number 0-{MAX_OFFSET}",
+                                     "_offset")
+            offset = number
+    return count, offset
+
+
+def next_page_url(request: Request, params: list[tuple[str, str]], offset: int) -> str:
+    """The search ``request`` again, from ``offset`` on."""
+    kept = [(name, value) for name, value in params if name != "_offset"]
+    return f"{str(request.url).split('?', 1)[0]}?" + urlencode([*kept, ("_offset", str(offset))])
+
+
+def find_studies(service: EmrService, settings, params: list[tuple[str, str]], count: int,
+                  offset: int) -> tuple[list[tuple[str, dt.datetime]], int]:
+    """(study UID, last updated) of one page of the studies an ImagingStudy search names, and
+    the total."""
+    conditions: list[Any] = []
+    for name, value in params:
+        if name == "patient.identifier":
+            conditions.append(_patient_condition(service, settings, value))
+        elif name == "identifier":
+            system, code = parse_token(value)
+            if not code.strip():  # it matched every study without an accession number
+                raise fhir.FhirError(400, "value", "identifier needs a value", "identifier")
+            if system == fhir.DICOM_UID_SYSTEM or code.startswith("urn:oid:"):
+                conditions.append(studies.c.study_instance_uid == code.removeprefix("urn:oid:"))
+            else:
+                conditions.append(studies.c.accession_number == code)
+        elif name == "_lastUpdated":
+            conditions.append(_date_condition(studies.c.updated_at, value))
+        elif name not in ("_count", "_offset", "_format"):  # search_page reads the first two
+            raise fhir.FhirError(400, "not-supported", f"search parameter {name!r} is not "
+                                 "supported (patient.identifier, identifier, _lastUpdated, "
+                                 "_count, _offset)", name)
+    statement = (sa.select(studies.c.study_instance_uid, studies.c.updated_at)
+                 .join(patients, studies.c.patient_pk == patients.c.pk).where(*conditions))
+    with service.archive.index.read() as conn:
+        total = conn.execute(sa.select(sa.func.count()).select_from(statement.subquery())
+                             ).scalar_one()
+        rows = conn.execute(statement.order_by(studies.c.updated_at.desc(), studies.c.pk)
+                            .limit(count).offset(offset)).all()
+    return [(uid, updated) for uid, updated in rows], total
+
+
+def _date_condition(column: Any, value: str) -> Any:
+    """A FHIR date search (``ge2026-12-01``, ``lt2026-12-04T10:00:00+07:00``...)."""
+    match = _DATE_PREFIX.match(value.strip())
+    if not match:
+        raise fhir.FhirError(400, "value", f"_lastUpdated {value!r} is not [prefix]date",
+                             "_lastUpdated")
+    prefix, text = match.group(1) or "eq", match.group(2)
+    try:
+        start, end = _period(text)
+    except ValueError:
+        raise fhir.FhirError(400, "value", f"_lastUpdated {value!r}: not a real date or time",
+                             "_lastUpdated") from None
+    if prefix in ("gt", "sa"):
+        return column >= end
+    if prefix == "ge":
+        return column >= start
+    if prefix in ("lt", "eb"):
+        return column < start
+    if prefix == "le":
+        return column < end
+    if prefix == "ne":
+        return sa.or_(column < start, column >= end)
+    return sa.and_(column >= start, column < end)
+
+
+def _period(text: str) -> tuple[dt.datetime, dt.datetime]:
+    """The instants a FHIR date or dateTime of any precision covers, in UTC (``ValueError``
+    for a day or time that does not exist: ``2020-13-45``, ``T25:00``, year 0)."""
+    zone = fhir.LOCAL_TIMEZONE
+    if "T" in text:
+        moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=zone)
+        return _utc(moment), _utc(moment, dt.timedelta(seconds=1))
+    parts = [int(p) for p in text.split("-")]
+    start = dt.datetime(parts[0], parts[1] if len(parts) > 1 else 1,
+                        parts[2] if len(parts) > 2 else 1, tzinfo=zone)
+    if len(parts) == 3:
+        end = _utc(start, dt.timedelta(days=1))
+    elif len(parts) == 2:
+        end = _utc(start, dt.timedelta(days=32), to_first_day=True)
+    else:
+        end = _utc(start, dt.timedelta(days=366), to_first_day=True, to_first_month=True)
+    return _utc(start), end
+
+
+def _utc(moment: dt.datetime, later: dt.timedelta = dt.timedelta(0), *,
+         to_first_day: bool = False, to_first_month: bool = False) -> dt.datetime:
+    """``moment + later`` in UTC (the start of its month or year if asked), kept within what
+    ``datetime`` holds: the ends of year 9999 and the start of year 1 are open."""
+    try:
+        moved = moment + later
+        if to_first_day:
+            moved = moved.replace(day=1, month=1 if to_first_month else moved.month)
+        return moved.astimezone(dt.UTC)
+    except OverflowError:
+        edge = dt.datetime.max if later or moment.year > 1 else dt.datetime.min
+        return edge.replace(tzinfo=dt.UTC)
