@@ -13,6 +13,7 @@ representative instance.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import enum
 import functools
 import json
@@ -186,7 +187,7 @@ def _condition(keyword: str, value: str | None, query: Query) -> sa.ColumnElemen
         return match_person_name(attribute, value, query.name_matching)
     if attribute.vr in INTEGER_VRS:
         return _integers(column, keyword, value)
-    return sa.or_(*(_string(column, v) for v in value.split("\\")))
+    return text_condition(column, value, keyword=keyword)
 
 
 def match_person_name(attribute: IndexedAttribute, value: str,
@@ -194,17 +195,18 @@ def match_person_name(attribute: IndexedAttribute, value: str,
     """Condition for a PN key: case-insensitive always, accent-insensitive per ``mode``."""
     table = TABLES[attribute.level]
     return name_condition(table.c[attribute.column + "_ci"],
-                          table.c[attribute.column + "_fold"], value, mode)
+                          table.c[attribute.column + "_fold"], value, mode,
+                          keyword=attribute.keyword)
 
 
 # The same matching rules for tables other than the four levels (the worklist's orders).
 
 
 def name_condition(casefolded: sa.ColumnElement, folded: sa.ColumnElement, value: str,
-                   mode: NameMatching) -> sa.ColumnElement:
+                   mode: NameMatching, *, keyword: str = "PatientName") -> sa.ColumnElement:
     """A PN match on a name's case-folded and accent-folded columns: one name, or a list
     (``\\``-separated) of names any of which may match, each folded on its own terms."""
-    names = [name for name in value.split("\\") if name.strip()]
+    names = [name for name in alternatives(keyword, value) if name.strip()]
     if not names:
         return sa.true()
     return sa.or_(*(_one_name(casefolded, folded, name, mode) for name in names))
@@ -285,9 +287,25 @@ def _group_match(column: sa.ColumnElement, number: int, pattern: str, *,
     return condition
 
 
-def text_condition(column: sa.ColumnElement, value: str) -> sa.ColumnElement:
+def text_condition(column: sa.ColumnElement, value: str, *, keyword: str = "value"
+                   ) -> sa.ColumnElement:
     """Single value, wildcard, or ``\\``-separated list match of a text column."""
-    return sa.or_(*(_string(column, v) for v in value.split("\\")))
+    return sa.or_(*(_string(column, v) for v in alternatives(keyword, value)))
+
+
+# Values of a list match made of alternatives (text, names, modalities; UIDs and numbers are
+# matched with IN, at any length). SQLite parses N alternatives N deep and refuses a query past
+# 1000: a list of 500 answered 500.
+MAX_ALTERNATIVES = 100
+
+
+def alternatives(keyword: str, value: str) -> list[str]:
+    """The values of a ``\\``-separated list match; ``InvalidQuery`` past ``MAX_ALTERNATIVES``."""
+    values = value.split("\\")
+    if len(values) > MAX_ALTERNATIVES:
+        raise InvalidQuery(keyword, f"a list of {len(values)} values; at most "
+                                    f"{MAX_ALTERNATIVES} are matched at once")
+    return values
 
 
 def date_condition(column: sa.ColumnElement, keyword: str, value: str) -> sa.ColumnElement:
@@ -358,8 +376,12 @@ def _range(column: sa.ColumnElement, keyword: str, value: str, bound) -> sa.Colu
 
 def _date_bound(keyword: str, value: str, *, upper: bool) -> str:
     text = value.replace(".", "").strip()  # accept the old YYYY.MM.DD form
-    if not _DATE.match(text) or not 1 <= int(text[4:6]) <= 12 or not 1 <= int(text[6:8]) <= 31:
-        raise InvalidQuery(keyword, f"{value!r} is not a date (YYYYMMDD)")
+    try:
+        if not _DATE.match(text):
+            raise ValueError
+        dt.date(int(text[:4]), int(text[4:6]), int(text[6:8]))  # a day that exists
+    except ValueError:
+        raise InvalidQuery(keyword, f"{value!r} is not a date (YYYYMMDD)") from None
     return text
 
 
@@ -376,7 +398,7 @@ def _time_bound(keyword: str, value: str, *, upper: bool) -> str:
 
 def _modalities_in_study(value: str) -> sa.ColumnElement:
     """Studies with at least one series of one of the given modalities."""
-    wanted = [v.strip() for v in value.split("\\") if v.strip()]
+    wanted = [v.strip() for v in alternatives("ModalitiesInStudy", value) if v.strip()]
     other = series.alias("modality_series")
     matches = sa.or_(*(_string(other.c.modality, m) for m in wanted))
     return sa.exists().where(other.c.study_pk == studies.c.pk, matches)

@@ -370,11 +370,26 @@ def test_return_keys_outside_the_index_come_from_stored_json(index):
     ({"StudyDate": "20240101-20240201-20240301"}, "StudyDate"),
     ({"StudyTime": "25:00"}, "StudyTime"),
     ({"StudyInstanceUID": "1.2.abc"}, "StudyInstanceUID"),
+    ({"StudyDate": "20200230"}, "StudyDate"),  # no such day
+    ({"StudyDate": "20200101-20230229"}, "StudyDate"),
+    # Lists of alternatives past 100 (SQLite refused 500 with a 500 answer).
+    ({"PatientName": "\\".join(f"nguyen{n}*" for n in range(101))}, "PatientName"),
+    ({"AccessionNumber": "\\".join(f"A{n}" for n in range(101))}, "AccessionNumber"),
+    ({"ModalitiesInStudy": "\\".join(["CT"] * 101)}, "ModalitiesInStudy"),
 ])
 def test_malformed_keys_are_refused_naming_the_attribute(index, keys, keyword):
     with pytest.raises(InvalidQuery) as raised:
         find(index.index, Query(Level.STUDY, keys))
     assert raised.value.keyword == keyword
+
+
+def test_lists_of_up_to_100_alternatives_are_matched(index):
+    names = ["nguyen*"] + [f"khong co {n}*" for n in range(98)] + ["Trần^Đức Dũng"]
+    accessions = ["A100"] + [f"NONE{n}" for n in range(98)] + ["C301"]
+
+    assert study_ids(index, {"PatientName": "\\".join(names)}, NameMatching.FUZZY) == \
+        ["P001", "P002", "P003", "P004"]
+    assert study_ids(index, {"AccessionNumber": "\\".join(accessions)}) == ["P001", "P007"]
 
 
 def test_integer_keys_refuse_text(index):
