@@ -347,6 +347,7 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
         base = base_url(request)
         outcome = stow.StowOutcome()
         window = stow.StoreWindow(outcome)
+        broken: MultipartError | BodyTooLarge | BodyTimeout | None = None
         try:
             async for part in read_parts(request.stream(), params.get("boundary", ""),
                                          max_bytes=settings.stow_max_bytes):
@@ -360,14 +361,27 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
                     anyio.to_thread.run_sync, functools.partial(
                         stow.store_part, archive, part.body, study_uid=study_uid, base=base),
                     limiter=stow_threads))
+        except (MultipartError, BodyTooLarge, BodyTimeout) as exc:
+            broken = exc
         finally:
             await window.drain()
+            outcome.finish()
+        headers = {}
+        if broken is not None:
+            if not outcome.stored:
+                raise broken  # 400, 413 or 408: nothing of the request was kept
+            # Some instances are stored: 202 says which (PS3.18 gives 400, 413 and 408 for a
+            # request nothing of which was stored), and why the rest of the body was not read.
+            outcome.interrupted(stow.OUT_OF_RESOURCES if isinstance(broken, BodyTooLarge)
+                                else stow.CANNOT_UNDERSTAND, str(broken))
+            text = str(broken).replace('"', "'").encode("ascii", "replace").decode()
+            headers = {"Warning": f'299 pacs "{text}"', "Connection": "close"}
         if not outcome.stored and not outcome.failed:
             raise MultipartError("the request holds no DICOM instance")
         study = study_uid or (next(iter(outcome.study_uids))
                               if len(outcome.study_uids) == 1 else None)
         body = outcome.response_json(f"{base}/studies/{study}" if study else None)
-        return json_response(request, body, status_code=outcome.http_status)
+        return json_response(request, body, status_code=outcome.http_status, headers=headers)
 
     # ------------------------------------------------------------------ DELETE
 

@@ -5,7 +5,8 @@ path while the next ones arrive: a few at a time (``StoreWindow``), so a request
 whole study needs memory for a few instances only, and the fsyncs that make each instance
 durable overlap with each other and with reading the request. The answer lists, in the
 request's order, what was stored (ReferencedSOPSequence, with a WarningReason for duplicates)
-and what failed (FailedSOPSequence with a FailureReason).
+and what failed (FailedSOPSequence with a FailureReason; OtherFailuresSequence for a body that
+failed after instances were stored).
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ REFERENCED_SOP_CLASS_UID = "00081150"
 REFERENCED_SOP_INSTANCE_UID = "00081155"
 FAILURE_REASON = "00081197"
 WARNING_REASON = "00081196"
+OTHER_FAILURES_SEQUENCE = "0008119A"
+ERROR_COMMENT = "00000902"
+# Refusals of one request logged one by one; past that, one line says how many more.
+LOGGED_REFUSALS = 10
 
 
 @dataclass
@@ -51,6 +56,7 @@ class StowOutcome:
 
     stored: list[dict[str, Any]] = field(default_factory=list)
     failed: list[dict[str, Any]] = field(default_factory=list)
+    other_failures: list[dict[str, Any]] = field(default_factory=list)  # of no one instance
     warnings: int = 0
     study_uids: set[str] = field(default_factory=set)
 
@@ -58,9 +64,28 @@ class StowOutcome:
     def http_status(self) -> int:
         if self.failed and not self.stored:
             return 409
-        if self.failed or self.warnings:
+        if self.failed or self.other_failures or self.warnings:
             return 202
         return 200
+
+    def refused(self, item: dict[str, Any], message: str) -> None:
+        self.failed.append(item)
+        if len(self.failed) <= LOGGED_REFUSALS:
+            log.warning("STOW-RS: instance refused (0x%04X): %s",
+                        item[FAILURE_REASON]["Value"][0], message)
+
+    def interrupted(self, reason: int, message: str) -> None:
+        """The request's body failed after some instances were stored (malformed past that
+        point, too large, stopped arriving): they stay stored, and the answer says so and
+        why the rest was not read (OtherFailuresSequence, PS3.18 Table 10.5.3-3)."""
+        log.warning("STOW-RS: the request stopped after %d instance(s) stored: %s",
+                    len(self.stored), message)
+        self.other_failures.append(_failure_item(reason, message))
+
+    def finish(self) -> None:
+        if len(self.failed) > LOGGED_REFUSALS:
+            log.warning("STOW-RS: %d more instance(s) refused in that request",
+                        len(self.failed) - LOGGED_REFUSALS)
 
     def response_json(self, study_url: str | None) -> dict[str, Any]:
         body: dict[str, Any] = {}
@@ -68,6 +93,8 @@ class StowOutcome:
             body[RETRIEVE_URL] = {"vr": "UR", "Value": [study_url]}
         if self.failed:
             body[FAILED_SOP_SEQUENCE] = {"vr": "SQ", "Value": self.failed}
+        if self.other_failures:
+            body[OTHER_FAILURES_SEQUENCE] = {"vr": "SQ", "Value": self.other_failures}
         if self.stored:
             body[REFERENCED_SOP_SEQUENCE] = {"vr": "SQ", "Value": self.stored}
         return body
@@ -81,10 +108,11 @@ class PartResult:
     failed: bool
     warning: bool = False
     study_uid: str | None = None
+    message: str = ""  # why it failed
 
     def add_to(self, outcome: StowOutcome) -> None:
         if self.failed:
-            outcome.failed.append(self.item)
+            outcome.refused(self.item, self.message)
             return
         outcome.stored.append(self.item)
         outcome.warnings += self.warning
@@ -177,14 +205,18 @@ def _stored(result: StoreResult, base: str) -> PartResult:
 
 def failed_part(data: bytes, reason: int, message: str) -> PartResult:
     """A part that was refused, by the archive or before reaching it."""
-    log.warning("STOW-RS: instance refused (0x%04X): %s", reason, message)
-    item: dict[str, Any] = {FAILURE_REASON: {"vr": "US", "Value": [reason]}}
+    item = _failure_item(reason, message)
     try:  # name the instance when its header can be read at all
         parsed = parse_instance(data)
         item[REFERENCED_SOP_CLASS_UID] = {"vr": "UI", "Value": [parsed.sop_class_uid]}
         item[REFERENCED_SOP_INSTANCE_UID] = {"vr": "UI", "Value": [parsed.sop_instance_uid]}
     except Exception:
         pass
-    # Not a standard attribute of the item: the reason in words, for whoever reads the reply.
-    item["00000902"] = {"vr": "LO", "Value": [message[:64]]}
-    return PartResult(dict(sorted(item.items())), failed=True)
+    return PartResult(dict(sorted(item.items())), failed=True, message=message)
+
+
+def _failure_item(reason: int, message: str) -> dict[str, Any]:
+    # ErrorComment is not a standard attribute of these items: the reason in words, for
+    # whoever reads the reply.
+    return {ERROR_COMMENT: {"vr": "LO", "Value": [message[:64]]},
+            FAILURE_REASON: {"vr": "US", "Value": [reason]}}

@@ -411,6 +411,47 @@ def test_stow_bad_input_gets_clear_errors_and_stores_nothing_partial(http):
     assert http.get("/studies", params={"PatientName": "Lê^Thị Hoa"}).status_code == 200
 
 
+def test_a_body_that_fails_after_stored_instances_is_answered_202_naming_them(http):
+    # It was answered 400 or 413, as if nothing had been stored, while the instances before
+    # the failure were stored (PS3.18 gives those codes to a request nothing of which was).
+    first, second = (dataset(Spec(patient_name="Lê^Thị Hoa")) for _ in range(2))
+    complete = _multipart([("application/dicom", part10(first))])[:-len("--b0undary--\r\n")]
+    truncated = complete + b"--b0undary\r\nContent-Type: application/dicom\r\n\r\n" \
+        + part10(second)[:100]
+    too_large = complete + _multipart([("application/dicom", b"\0" * (STOW_LIMIT + 10))])
+
+    for body, reason, words in ((truncated, 0xC000, "truncated"),
+                                (too_large, 0xA700, "larger than")):
+        # Chunked: a Content-Length past the limit is refused before anything is read.
+        response = http.post("/studies", content=iter([body]),
+                             headers={"Content-Type": STOW_TYPE})
+
+        assert response.status_code == 202, response.text[:300]
+        answer = response.json()
+        assert [item["00081155"]["Value"] for item in answer["00081199"]["Value"]] == \
+            [[first.SOPInstanceUID]]
+        (other,) = answer["0008119A"]["Value"]
+        assert other["00081197"]["Value"] == [reason] and words in other["00000902"]["Value"][0]
+        assert words in response.headers["Warning"]
+        assert "00081198" not in answer  # no instance of its own failed
+    assert http.get(f"/studies/{first.StudyInstanceUID}/metadata").status_code == 200
+    assert http.get(f"/studies/{second.StudyInstanceUID}/metadata").status_code == 404
+
+
+def test_refused_parts_are_logged_ten_and_then_counted(server, http):
+    # 40,000 tiny refused parts wrote 40,000 WARNING lines.
+    parts = [("application/dicom", f"not DICOM {n}".encode()) for n in range(25)]
+
+    response = http.post("/studies", content=_multipart(parts),
+                         headers={"Content-Type": STOW_TYPE})
+
+    assert response.status_code == 409 and len(response.json()["00081198"]["Value"]) == 25
+    deadline = time.monotonic() + 5
+    while "15 more instance(s) refused" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "15 more instance(s) refused in that request" in server.log()
+
+
 # ---------------------------------------------------------------------------- DELETE, CORS
 
 
