@@ -111,10 +111,14 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
         parsed = qido.parse_qido(level, request.query_params.multi_items(), scope=scope,
                                  default_matching=default_matching)
         own_study = study_scope(request)
+        others_only = False
         if own_study is not None:  # a share link searches its own study, nothing else
+            asked = parsed.query.keys.get("StudyInstanceUID", "").replace(",", "\\")
+            others_only = bool(asked.strip()) and own_study not in {
+                uid.strip() for uid in asked.split("\\")}
             parsed.query = dataclasses.replace(
                 parsed.query, keys={**parsed.query.keys, "StudyInstanceUID": own_study})
-        rows = await run_in_threadpool(find, archive.index, parsed.query)
+        rows = [] if others_only else await run_in_threadpool(find, archive.index, parsed.query)
         limit = (parsed.query.limit or 1) - 1
         if len(rows) > limit:
             rows = rows[:limit]

@@ -610,6 +610,11 @@ def test_a_share_of_study_a_never_returns_any_byte_of_study_b(site, tmp_path):
             if response.status_code == 200 else set()
         assert found <= {study_a.study_uid}, (path, params)
         assert not any(s in response.text for s in secrets_of_b)
+        if {"StudyInstanceUID", "0020000D"} & params.keys():  # B only: nothing matches both
+            assert response.status_code == 204, (path, params)
+    asked = {"StudyInstanceUID": f"{study_b.study_uid}\\{study_a.study_uid}"}
+    both = httpx.get(server.http + "/dicomweb/studies", params=asked, headers=auth)
+    assert [item["0020000D"]["Value"][0] for item in both.json()] == [study_a.study_uid]
 
     # The positive control: study A itself is all there.
     base = f"{server.http}/dicomweb/studies/{study_a.study_uid}"
