@@ -301,11 +301,10 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
         if missing:
             raise HTTPException(400, f"{missing[0]}: required")
         target = wado.Target(params["studyUID"], params["seriesUID"], params["objectUID"])
-        wanted = [t.strip() for t in params.get("contentType", "image/jpeg").split(",")]
         rows = await run_in_threadpool(wado.instance_rows, archive, target)
         row = rows[0]
-        if "application/dicom" in wanted and (wanted[0] == "application/dicom" or not row.get(
-                "Rows")):
+        media_type = _wado_uri_media(params.get("contentType"), image=bool(row.get("Rows")))
+        if media_type == "application/dicom":
             # Without transferSyntax: Explicit VR Little Endian (PS3.18 9.4.2.4), except pixel
             # data the server has only lossy compressed, as WADO-RS decides (wado.part_syntax).
             # A value that is not a UID is a bad parameter (400); a UID this server cannot
@@ -317,10 +316,6 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
             wado.check_transcodable(rows, syntax)
             part = await run_in_threadpool(next, wado.instance_parts(archive, rows, syntax))
             return _single_part(part, media_type="application/dicom")
-        media_type = next((t for t in wanted if t in render.RENDERED_TYPES), None)
-        if media_type is None:
-            raise NotAcceptable(f"contentType: {params.get('contentType')!r}; available: "
-                                "application/dicom, image/jpeg, image/png")
         number = whole_number(params.get("frameNumber", "1"))
         if not number:
             raise HTTPException(400, f"frameNumber: {params['frameNumber']!r} is not a frame "
@@ -329,8 +324,9 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
         frame = number - 1
         try:
             options = render.parse_options(_wado_uri_render_params(params), media_type)
-        except ValueError as exc:
-            raise HTTPException(400, str(exc)) from None
+        except ValueError as exc:  # named as WADO-URI names it
+            name, colon, reason = str(exc).partition(":")
+            raise HTTPException(400, _WADO_URI_NAMES.get(name, name) + colon + reason) from None
         image = await run_in_threadpool(_rendered_image, row["_blob_key"], frame, options)
         return Response(image, media_type=media_type)
 
@@ -458,13 +454,35 @@ def _target(request: Request) -> wado.Target:
     return wado.Target(params["study"], params.get("series"), params.get("instance"))
 
 
+def _wado_uri_media(content_type: str | None, *, image: bool) -> str:
+    """The media type a WADO-URI request gets: the first of ``contentType`` (media types or
+    ranges, best first by q-value, as in an Accept header) this server makes for the
+    object; without it, JPEG for an image and the DICOM file for any other object."""
+    offered = ["image/jpeg", "image/png", "application/dicom"] if image \
+        else ["application/dicom"]
+    if not (content_type or "").strip():
+        return offered[0]
+    for entry in parse_accept(content_type):
+        if media_type := next((m for m in offered if entry.matches(m)), None):
+            return media_type
+    raise NotAcceptable(f"contentType: {content_type!r}; available for this "
+                        f"{'image' if image else 'object'}: {', '.join(offered)}")
+
+
+# WADO-RS rendering parameters by their WADO-URI names, for refusals.
+_WADO_URI_NAMES = {"quality": "imageQuality", "window": "windowCenter,windowWidth",
+                   "viewport": "rows,columns"}
+
+
 def _wado_uri_render_params(params) -> dict[str, str]:
     """WADO-URI's rendering parameters in the form of WADO-RS's."""
     out: dict[str, str] = {}
     if "imageQuality" in params:
         out["quality"] = params["imageQuality"]
-    if "windowCenter" in params or "windowWidth" in params:
-        out["window"] = f"{params.get('windowCenter', '')},{params.get('windowWidth', '')}"
+    if ("windowCenter" in params) != ("windowWidth" in params):
+        raise HTTPException(400, "windowCenter, windowWidth: the two go together")
+    if "windowCenter" in params:
+        out["window"] = f"{params['windowCenter']},{params['windowWidth']}"
     if "rows" in params or "columns" in params:
         out["viewport"] = f"{params.get('columns', params.get('rows'))}," \
                           f"{params.get('rows', params.get('columns'))}"

@@ -707,6 +707,38 @@ def test_wado_uri_dicom_and_jpeg(server, study):
     assert unknown.status_code == 404
 
 
+def test_wado_uri_content_type_is_negotiated_like_accept(server, mixed_study):
+    def get(ds: pydicom.Dataset, **more: str) -> httpx.Response:
+        return httpx.get(server.http + "/wado", params={
+            "requestType": "WADO", "studyUID": ds.StudyInstanceUID,
+            "seriesUID": ds.SeriesInstanceUID, "objectUID": ds.SOPInstanceUID, **more})
+
+    ct, sr = mixed_study["ct"], mixed_study["sr"]
+    # Media ranges and weights, as in Accept (they were all 406).
+    for content_type, expected in (("image/*", "image/jpeg"), ("*/*", "image/jpeg"),
+                                   ("image/jpeg;q=0.5, image/png", "image/png"),
+                                   ("application/*", "application/dicom"),
+                                   ("application/dicom;q=0.1, image/jpeg", "image/jpeg")):
+        response = get(ct, contentType=content_type)
+        assert response.status_code == 200, (content_type, response.text[:200])
+        assert response.headers["content-type"] == expected, content_type
+    # A non-image object without a content type, or with any that allows it: the file
+    # (without one it was 422 "no pixel data").
+    for more in ({}, {"contentType": "*/*"}, {"contentType": "image/jpeg, application/dicom"}):
+        response = get(sr, **more)
+        assert response.status_code == 200, (more, response.text[:200])
+        assert pydicom.dcmread(io.BytesIO(response.content)).SOPInstanceUID == sr.SOPInstanceUID
+    refused = get(sr, contentType="image/jpeg")
+    assert refused.status_code == 406 and "application/dicom" in refused.json()["message"]
+    # Refusals name the WADO-URI parameters (they named WADO-RS's window and viewport).
+    alone = get(ct, windowCenter="40")
+    assert alone.status_code == 400 and "windowWidth" in alone.json()["message"]
+    for more, name in (({"windowCenter": "40", "windowWidth": "-1"}, "windowCenter,windowWidth"),
+                       ({"rows": "0"}, "rows,columns"), ({"imageQuality": "200"}, "imageQuality")):
+        response = get(ct, **more)
+        assert response.status_code == 400 and response.json()["message"].startswith(name), more
+
+
 @pytest.mark.parametrize("query", [
     "/instances?InstanceNumber=99999999999999999999", "/series?SeriesNumber=-99999999999999999999",
     "/instances?InstanceNumber=1%5C99999999999999999999", "/instances?InstanceNumber=%EF%BC%91",
