@@ -161,6 +161,11 @@ def parse_qido(level: Level, params: Iterable[tuple[str, str]], *, scope: dict[s
                 hint = "; use ModalitiesInStudy" if keyword == "Modality" else ""
                 raise BadQueryParameter(name, f"{keyword} is below the {level.name.lower()} "
                                               f"level and cannot be matched here{hint}")
+            if BY_KEYWORD[keyword].aggregate and keyword != "ModalitiesInStudy":
+                warnings.append(f"{name}: matching on a count is not supported; it was "
+                                "returned but not matched")
+                fields.append(keyword)
+                continue
             matching.setdefault(keyword, []).append(value)
     keys = {keyword: "\\".join(values) for keyword, values in matching.items()}
     for keyword, uid in scope.items():

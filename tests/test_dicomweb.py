@@ -1579,6 +1579,17 @@ def test_study_search_matching_on_an_instance_attribute_says_it_was_neither_done
     assert "neither matched nor returned" in response.headers["warning"]
 
 
+def test_a_count_given_a_value_is_returned_with_a_warning_not_silently_ignored(
+        http, described_study):
+    response = http.get("/studies", params={"StudyInstanceUID": described_study.StudyInstanceUID,
+                                             "NumberOfStudyRelatedInstances": "999"})
+
+    assert response.status_code == 200  # every study of the UID: the count was not matched
+    assert response.json()[0]["00201208"]["Value"] == [1]
+    assert "NumberOfStudyRelatedInstances: matching on a count is not supported" in \
+        response.headers["warning"]
+
+
 def test_media_ranges_in_accept_choose_instances_and_frames(http, study):
     mf, ct = study["multiframe"], study["ct"][0]
     instance = _instance_path(mf)
