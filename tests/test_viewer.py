@@ -30,7 +30,8 @@ def site(tmp_path_factory):
     spec = Spec(patient_name="Nguyễn^Văn An", patient_id="CCCD001203004567",
                 accession="ACC-VIEW-1", study_description="CT bụng")
     assert stow(server.http, ct_series(spec, SLICES)).status_code == 200
-    other = Spec(patient_name="Trần^Thị Bình", patient_id="BN-OTHER", accession="ACC-VIEW-2")
+    other = Spec(patient_name="Trần^Thị Bình", patient_id="BN-OTHER", accession="ACC-VIEW-2",
+                 extra={"IssuerOfPatientID": "BV-X"})
     assert stow(server.http, [part10(dataset(other))]).status_code == 200
     yield server, spec
     server.stop()
@@ -116,6 +117,21 @@ def test_launch_links_for_unknown_studies_get_a_clear_page(site):
                         + spec.patient_id)
     assert patient.status_code == 302
     assert patient.headers["location"] == f"/ohif/?mrn={spec.patient_id}"
+
+
+def test_iid_patient_id_in_hl7_cx_form_is_matched_with_its_issuer(site):
+    # IHE IID sends patientID as an HL7 CX value; it was matched literally, and found nothing.
+    server, spec = site
+    for cx, expected in ((f"{spec.patient_id}^^^BVDKT", spec.patient_id),  # no issuer stored
+                         (f"{spec.patient_id}^^^&1.2.840.9.1&ISO", spec.patient_id),
+                         ("BN-OTHER^^^BV-X", "BN-OTHER"), ("BN-OTHER^^^BV-Y", None)):
+        response = httpx.get(server.http + "/IHEInvokeImageDisplay",
+                             params={"requestType": "PATIENT", "patientID": cx})
+        if expected is None:
+            assert response.status_code == 404, cx
+        else:
+            assert response.status_code == 302, (cx, response.text[:200])
+            assert response.headers["location"] == f"/ohif/?mrn={expected}"
 
 
 def test_ohif_is_served_under_ohif_with_caching_and_compression(site):

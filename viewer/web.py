@@ -95,12 +95,15 @@ def viewer_routes(server) -> list[Route]:
         params = request.query_params
         kind = params.get("requestType", "STUDY").upper()
         if kind == "PATIENT":
-            patient_id = params.get("patientID", "")
+            patient_id, issuer = _patient_cx(params.get("patientID", ""))
             if not patient_id:
                 return _not_found("patientID là bắt buộc / patientID is required", 400)
-            if not _names_one(patient_id):
+            if not _names_one(patient_id) or not _names_one(issuer or "-"):
                 return _not_found(_NOT_ONE.format(name="patientID"), 400)
-            found = await _find(server, Level.STUDY, {"PatientID": patient_id})
+            keys = {"PatientID": patient_id}
+            if issuer:  # of that issuer, or of none (a modality that sent no issuer)
+                keys["IssuerOfPatientID"] = issuer + "\\"
+            found = await _find(server, Level.STUDY, keys)
             if not found:
                 return _not_found(f"Không có ca chụp nào của bệnh nhân / no study for patient "
                                   f"{patient_id}")
@@ -153,6 +156,15 @@ _NOT_ONE = ("{name}: một giá trị, không có * ? \\ / one value, without th
 
 def _names_one(value: str) -> bool:
     return bool(value.strip()) and not any(c in value for c in "*?\\")
+
+
+def _patient_cx(value: str) -> tuple[str, str]:
+    """(ID, issuer namespace) of an IID ``patientID``: an HL7 CX value (``ID^^^ISSUER`` or
+    ``ID^^^&OID&ISO``, as IHE IID asks), or a bare ID. The index knows an issuer by its
+    namespace (Issuer of Patient ID); one given only by its universal ID is not checked."""
+    components = value.strip().split("^")
+    authority = components[3] if len(components) > 3 else ""
+    return components[0].strip(), authority.split("&")[0].strip()
 
 
 async def _find(server, level: Level, keys: dict[str, str]) -> list[dict]:
