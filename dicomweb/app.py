@@ -50,6 +50,7 @@ from dicomweb.transcode import NotTranscodable
 from pacs.access import ErrorBodies, study_scope
 from pacs.http_input import under_prefix, whole_number
 from pacs.logs import ANSWER_CUT_SHORT
+from pacs.routes import merged_by_path
 from pacs.settings import Settings
 from storage.archive import Archive
 from storage.attributes import Level
@@ -434,7 +435,7 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
 
     routes += [Route("/wado", wado_uri, methods=["GET"]),
                Route("/openapi.json", openapi, methods=["GET"])]
-    app = Starlette(routes=routes, middleware=[Middleware(ContainErrors)],
+    app = Starlette(routes=merged_by_path(routes), middleware=[Middleware(ContainErrors)],
                     exception_handlers=handlers)
     app.state.wado_uri = wado_uri  # also served at /wado, where WADO-URI clients look
     return app

@@ -15,6 +15,7 @@ from dicomweb.app import BodyIdleTimeout, ContainErrors, build_dicomweb, error_h
 from emr.http import ERROR_BODIES, emr_routes
 from pacs import __version__
 from pacs.access import AccessGate
+from pacs.routes import merged_by_path
 from viewer.patient import patient_routes
 from viewer.share_api import share_api_routes
 from viewer.stats import stats_routes
@@ -51,7 +52,7 @@ def build_app(server) -> Starlette:
     # After CORS (preflights carry no credentials), before every route.
     middleware.append(Middleware(AccessGate, policy=server.access, bodies=ERROR_BODIES))
     dicomweb = build_dicomweb(server.archive, server.settings)
-    return Starlette(routes=[
+    return Starlette(routes=merged_by_path([
         Route("/healthz", healthz),
         Mount("/dicomweb", dicomweb),
         Route("/wado", dicomweb.state.wado_uri),  # WADO-URI, also at /dicomweb/wado
@@ -63,4 +64,4 @@ def build_app(server) -> Starlette:
         *emr_routes(server),
         Mount("/static", GZipMiddleware(StaticFiles(directory=STATIC_DIR), minimum_size=500),
               name="static"),
-    ], middleware=middleware, exception_handlers=error_handlers(ERROR_BODIES))
+    ]), middleware=middleware, exception_handlers=error_handlers(ERROR_BODIES))

@@ -468,6 +468,21 @@ def test_delete_instance_series_and_study(client, http):
     assert http.get(f"/studies/{spec.study_uid}/metadata").status_code == 404
 
 
+@pytest.mark.parametrize(("method", "path", "allowed"), [
+    ("PUT", "/dicomweb/studies", {"GET", "HEAD", "POST"}),
+    ("PATCH", "/dicomweb/studies/1.2.3", {"GET", "HEAD", "POST", "DELETE"}),
+    ("PUT", "/api/orders", {"GET", "HEAD", "POST"}),
+    ("PUT", "/api/shares", {"GET", "HEAD", "POST"}),
+])
+def test_a_wrong_method_is_answered_405_naming_every_method_of_the_path(
+        server, method, path, allowed):
+    # The first route of a path answered alone: PUT /studies said "Allow: GET, HEAD".
+    response = httpx.request(method, server.http + path)
+
+    assert response.status_code == 405
+    assert set(response.headers["allow"].replace(" ", "").split(",")) == allowed
+
+
 def test_cors_preflight_for_authorization_and_accept(http):
     response = http.options("/studies", headers={
         "Origin": ORIGIN, "Access-Control-Request-Method": "GET",
