@@ -1,7 +1,8 @@
 """Rendered images (PS3.18 10.4.1.1.3 and 10.7 thumbnails): one frame to JPEG or PNG.
 
-Grey-scale frames go through the Modality LUT (rescale), then a window: the one asked for, else
-the file's first Window Center/Width, else its VOI LUT, else the frame's own pixel range.
+Grey-scale frames go through the Modality LUT (rescale), then a window: the one asked for (with
+its function, LINEAR, LINEAR_EXACT or SIGMOID, PS3.18 8.3.5.1.3), else the file's first Window
+Center/Width, else its VOI LUT, else the frame's own pixel range.
 MONOCHROME1 is inverted so that what a radiologist expects to be dark is dark. Colour frames
 (RGB, YBR after decoding, PALETTE COLOR) are shown as colour, scaled to 8 bits.
 """
@@ -24,6 +25,8 @@ THUMBNAIL_SIZE = 200  # pixels on the longer side, unless the request gives a vi
 _MAX_SIDE = 8192
 # A window beyond this is no window of any real image (and 1e308 overflows the arithmetic).
 MAX_WINDOW = 1e9
+# The VOI LUT functions of the ``window`` parameter (PS3.18 8.3.5.1.3, PS3.3 C.11.2.1.3).
+WINDOW_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
 
 
 class CannotRender(ValueError):
@@ -37,6 +40,7 @@ class RenderOptions:
     window: tuple[float, float] | None = None  # (center, width)
     viewport: tuple[int, int] | None = None  # fit within (columns, rows), keeping the aspect
     invert: bool = False  # for ``window=...,...,`` functions we do not support: ignored
+    window_function: str = "LINEAR"  # of ``window``, one of ``WINDOW_FUNCTIONS``
 
 
 def parse_options(params, media_type: str, *, thumbnail: bool = False) -> RenderOptions:
@@ -50,7 +54,10 @@ def parse_options(params, media_type: str, *, thumbnail: bool = False) -> Render
             raise ValueError(f"quality: {params['quality']!r} is not an integer") from None
         if not 1 <= quality <= 100:
             raise ValueError(f"quality: {quality} is not between 1 and 100")
-    window = parse_window(params["window"]) if "window" in params else None
+    window, function = None, "LINEAR"
+    if "window" in params:
+        center, width, function = parse_window_with_function(params["window"])
+        window = (center, width)
     viewport = (THUMBNAIL_SIZE, THUMBNAIL_SIZE) if thumbnail else None
     if "viewport" in params:
         parts = params["viewport"].split(",")
@@ -61,19 +68,35 @@ def parse_options(params, media_type: str, *, thumbnail: bool = False) -> Render
         if not (0 < columns <= _MAX_SIDE and 0 < rows <= _MAX_SIDE):
             raise ValueError(f"viewport: each side must be between 1 and {_MAX_SIDE}")
         viewport = (columns, rows)
-    return RenderOptions(media_type, quality, window, viewport)
+    return RenderOptions(media_type, quality, window, viewport, window_function=function)
 
 
-def parse_window(text: str) -> tuple[float, float]:
-    """``window=CENTER,WIDTH[,FUNCTION]`` as (center, width), the function ignored;
-    ``ValueError`` naming ``window`` for anything else (``check_window``)."""
+def parse_window_with_function(text: str, functions: tuple[str, ...] = WINDOW_FUNCTIONS
+                               ) -> tuple[float, float, str]:
+    """``window=CENTER,WIDTH[,FUNCTION]`` (PS3.18 8.3.5.1.3) as (center, width, function), the
+    function LINEAR when not given; ``ValueError`` naming ``window`` for a function not in
+    ``functions``, more values, or an unusable window (``check_window``)."""
     parts = text.split(",")
     try:
+        if len(parts) > 3:
+            raise ValueError
         center, width = float(parts[0]), float(parts[1])
     except (ValueError, IndexError):
         raise ValueError(f"window: {text[:40]!r} is not center,width[,function] "
-                         "(e.g. 40,400)") from None
+                         "(e.g. 40,400,LINEAR)") from None
+    function = parts[2].strip().upper() if len(parts) == 3 else "LINEAR"
+    if function not in functions:
+        raise ValueError(f"window: the function {parts[2][:20]!r} is not one of "
+                         f"{', '.join(functions)}")
     check_window(center, width)
+    return center, width, function
+
+
+def parse_window(text: str) -> tuple[float, float]:
+    """``window=CENTER,WIDTH[,LINEAR]`` as (center, width), for what draws linear windows only
+    (the film): another function is refused rather than drawn as LINEAR; ``ValueError`` naming
+    ``window``."""
+    center, width, _ = parse_window_with_function(text, ("LINEAR",))
     return center, width
 
 
@@ -111,7 +134,7 @@ def render_frame(data: bytes, index: int, options: RenderOptions) -> bytes:
 def picture_of(ds, pixels: np.ndarray, options: RenderOptions) -> bytes:
     """One decoded frame (``pixels``) of ``ds`` as the encoded image ``options`` ask for."""
     try:
-        image = _to_8bit(ds, pixels, options.window)
+        image = _to_8bit(ds, pixels, options.window, options.window_function)
     except CannotRender:
         raise
     except Exception as exc:  # a value the LUTs cannot take, a missing attribute...
@@ -127,7 +150,8 @@ def picture_of(ds, pixels: np.ndarray, options: RenderOptions) -> bytes:
     return out.getvalue()
 
 
-def _to_8bit(ds, pixels: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
+def _to_8bit(ds, pixels: np.ndarray, window: tuple[float, float] | None,
+             function: str = "LINEAR") -> np.ndarray:
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
     if photometric == "PALETTE COLOR":
         pixels = apply_color_lut(pixels, ds)
@@ -139,9 +163,9 @@ def _to_8bit(ds, pixels: np.ndarray, window: tuple[float, float] | None) -> np.n
         raise CannotRender(f"frames of shape {pixels.shape} cannot be shown as an image")
     values = apply_modality_lut(pixels, ds).astype(np.float32)
     if window is None:
-        window = _file_window(ds)
+        window, function = _file_window(ds), "LINEAR"
     if window is not None:
-        image = _linear_window(values, *window)
+        image = _WINDOWS[function](values, *window)
     elif "VOILUTSequence" in ds:
         image = apply_voi_lut(pixels, ds).astype(np.float32)
         image = _scale(image, float(image.min()), float(image.max()))
@@ -180,6 +204,22 @@ def _linear_window(values: np.ndarray, center: float, width: float) -> np.ndarra
     low = center - 0.5 - (width - 1) / 2
     scaled = (values - low) / max(width - 1, 1) * 255.0
     return np.clip(scaled, 0, 255).astype(np.uint8)
+
+
+def _linear_exact_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """PS3.3 C.11.2.1.3.1 LINEAR_EXACT window, to 0..255."""
+    scaled = ((values - center) / width + 0.5) * 255.0
+    return np.clip(scaled, 0, 255).astype(np.uint8)
+
+
+def _sigmoid_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """PS3.3 C.11.2.1.3.2 SIGMOID window, to 0..255."""
+    exponent = np.clip(-4.0 * (values.astype(np.float64) - center) / width, -50.0, 50.0)
+    return np.clip(255.0 / (1.0 + np.exp(exponent)), 0, 255).astype(np.uint8)
+
+
+_WINDOWS = {"LINEAR": _linear_window, "LINEAR_EXACT": _linear_exact_window,
+            "SIGMOID": _sigmoid_window}
 
 
 def _scale(values: np.ndarray, low: float, high: float) -> np.ndarray:

@@ -528,9 +528,16 @@ def _swap_binary_values(ds: Dataset) -> None:
     for elem in ds.iterall():
         size = WORD_SIZES.get(elem.VR)
         if elem.tag == 0x7FE00010:
-            size = int(ds.get("BitsAllocated") or 8) // 8
+            size = _pixel_word_size(ds, elem.VR)
         if size and size > 1 and isinstance(elem.value, bytes) and len(elem.value) % size == 0:
             elem.value = swap_words(elem.value, size)
+
+
+def _pixel_word_size(ds: Dataset, vr: str) -> int:
+    """Bytes per word of Big Endian Pixel Data: its pixels' (Bits Allocated), or, 8-bit in OW,
+    16-bit words holding two pixels each, swapped as pydicom reads them (PS3.5 7.3)."""
+    bits = int(ds.get("BitsAllocated") or 8)
+    return 2 if bits == 8 and vr == "OW" else bits // 8
 
 
 def _pack_single_bits(ds: Dataset) -> None:
@@ -543,17 +550,52 @@ def _pack_single_bits(ds: Dataset) -> None:
 
 def native_frame(ds: Dataset, index: int) -> bytes:
     """Frame ``index`` (0-based) of the data set ``ds`` (pixel data included) as native
-    little-endian pixel bytes."""
+    little-endian pixel bytes.
+
+    Uncompressed pixel data give the stored frame's bytes, only swapped to little endian (PS3.18
+    8.7.3.5, PS3.5 8.2): the stored Planar Configuration and Photometric Interpretation, the
+    bits above Bits Stored as they are, a 1-bit frame packed and started on a byte, which is
+    what the metadata describes. Compressed pixel data are decoded as ``frame_decoder`` does."""
     try:
         frames = int(ds.get("NumberOfFrames") or 1)
         if not 0 <= index < frames:
             raise NotTranscodable(f"frame {index + 1} does not exist ({frames} frames)")
+        if not is_compressed(str(ds.file_meta.TransferSyntaxUID)):
+            return _stored_frame(ds, index)
         pixels = pydicom.pixels.pixel_array(ds, index=index)
     except NotTranscodable:
         raise
     except Exception as exc:
         raise NotTranscodable(f"cannot decode frame {index + 1}: {exc}") from exc
     return little_endian(pixels)
+
+
+def _stored_frame(ds: Dataset, index: int) -> bytes:
+    """Frame ``index`` of the uncompressed pixel data of ``ds``, in little endian byte order."""
+    keyword = next(k for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData") if k in ds)
+    element = ds[keyword]
+    value = element.value
+    bits = {"FloatPixelData": 32, "DoubleFloatPixelData": 64}.get(keyword) or int(
+        ds.BitsAllocated)
+    frame_bits = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1) * bits
+    if ds.get("PhotometricInterpretation") == "YBR_FULL_422":  # 2 chroma samples per 2 pixels
+        frame_bits = frame_bits * 2 // 3
+    start, end = index * frame_bits, (index + 1) * frame_bits
+    if end > len(value) * 8:
+        raise NotTranscodable(f"the pixel data ends inside frame {index + 1}: {len(value)} "
+                              f"bytes, {(end + 7) // 8} needed")
+    if start % 8 or end % 8:  # 1-bit frames that share bytes (PS3.5 8.1.1): re-pack this one
+        bits_of = np.unpackbits(np.frombuffer(value, np.uint8, (end + 7) // 8 - start // 8,
+                                              start // 8), bitorder="little")
+        return np.packbits(bits_of[start % 8:start % 8 + frame_bits],
+                           bitorder="little").tobytes()
+    if ds.file_meta.TransferSyntaxUID != ExplicitVRBigEndian:
+        return bytes(value[start // 8:end // 8])
+    if bits == 8 and element.VR == "OW":  # 16-bit words: a frame may start inside one
+        first = start // 8 - start // 8 % 2
+        words = swap_words(bytes(value[first:end // 8 + end // 8 % 2]), 2)
+        return words[start // 8 - first:][:frame_bits // 8]
+    return swap_words(bytes(value[start // 8:end // 8]), bits // 8)
 
 
 def _name(uid: str) -> str:

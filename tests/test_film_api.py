@@ -238,3 +238,28 @@ def test_statistics_count_studies_delivered_and_the_saving(site):
     assert "pacs_film_saving_vnd" in metrics.text and "pacs_studies 2.0" in metrics.text
     admin = httpx.get(server.http + "/admin")
     assert admin.status_code == 200 and "200.000 ₫" in admin.text
+
+
+
+def test_statistics_from_the_first_or_to_the_last_day_a_date_names_are_answered(start_server):
+    """Review: 500 for these days (local midnight of 0001-01-01 in Hà Nội is in year 0 UTC; the
+    day after 9999-12-31 is none)."""
+    server = start_server(TZ="Asia/Ho_Chi_Minh")
+    assert stow(server.http, [instance(Spec(patient_id="BN-DAYS"))]).status_code == 200
+    expected = [
+        ({"from": "0001-01-01"}, 1),  # from the first day a date names: from the start
+        ({"to": "9999-12-31"}, 1),  # to the last: open-ended
+        ({"from": "0001-01-01", "to": "9999-12-31"}, 1),
+        ({"to": "0001-01-01"}, 0),
+        ({"from": "9999-12-31"}, 0),
+    ]
+
+    answers = [httpx.get(server.http + "/api/stats/film", params=params)
+               for params, _ in expected]
+
+    for (params, archived), response in zip(expected, answers, strict=True):
+        assert response.status_code == 200, (params, response.text)
+        figures = response.json()
+        assert figures["studies_archived"] == archived, params
+        assert (figures["since"], figures["until"]) == (params.get("from"), params.get("to"))
+        assert figures["timezone"].startswith("+07:")

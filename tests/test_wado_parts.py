@@ -10,10 +10,12 @@ import io
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import FileMetaDataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
+from pydicom.pixels import pack_bits
 
 from dicomweb import slots, transcode, wado
+from dicomweb.byteorder import swap_words
 from dicomweb.media import NotAcceptable, parse_accept
 from storage.attributes import Level
 from storage.query import Query, find
@@ -382,3 +384,94 @@ def test_whole_instance_conversions_past_the_waiters_allowed_are_refused_at_once
         for waiter in waiters:
             waiter.join(10)
     assert slots.WHOLE_INSTANCE_SLOTS._value == slots.WHOLE_INSTANCE_SLOTS._initial_value
+
+
+# ---------------------------------------------------------------------------- native frames
+# PS3.18 8.7.3.5, PS3.5 8.2: a frame in an uncompressed syntax is the stored frame's bytes,
+# only in Little Endian byte order; the metadata (Planar Configuration, Photometric
+# Interpretation, Bits Allocated 1) describes those bytes, not pydicom's decoded array.
+BIG_ENDIAN = "1.2.840.10008.1.2.2"
+DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
+def _stored_frames(make_backend, data: bytes, numbers: list[int]) -> list[bytes]:
+    archive = make_backend("sqlite-files").open()
+    try:
+        archive.store(data)
+        (row,) = find(archive.index, Query(Level.INSTANCE, {}))
+        return list(wado.frame_bytes(archive, row, numbers, EXPLICIT_LE))
+    finally:
+        archive.close()
+
+
+def test_a_frame_of_a_big_endian_planar_rgb_instance_keeps_its_planes(corpus, make_backend):
+    path = corpus / "pypi-pydicom-3.0.2" / "test_files" / "ExplVR_BigEnd.dcm"
+    ds = pydicom.dcmread(path)
+    assert (ds.PlanarConfiguration, ds.BitsAllocated, ds.SamplesPerPixel) == (1, 8, 3)
+
+    (frame,) = _stored_frames(make_backend, path.read_bytes(), [1])
+
+    assert frame == ds.PixelData  # 8-bit: the stored bytes, red plane, green, blue
+    assert frame != ds.pixel_array.tobytes()  # not pydicom's pixel-interleaved array
+
+
+def _planar_rgb(frames: int, rows: int, columns: int, bits: int) -> tuple[Dataset, np.ndarray]:
+    """An RGB instance with Planar Configuration 1, and its pixels as (frame, plane, row,
+    column)."""
+    ds = dataset(Spec(rows=rows, columns=columns, frames=frames))
+    dtype = np.uint8 if bits == 8 else np.uint16
+    planes = (np.arange(frames * 3 * rows * columns) * 37 % (1 << bits)).astype(dtype).reshape(
+        frames, 3, rows, columns)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 1
+    ds.BitsAllocated = ds.BitsStored = bits
+    ds.HighBit, ds.PixelRepresentation = bits - 1, 0
+    ds.NumberOfFrames = frames
+    return ds, planes
+
+
+@pytest.mark.parametrize("syntax", [EXPLICIT_LE, BIG_ENDIAN, DEFLATED])
+@pytest.mark.parametrize("bits", [8, 16])
+def test_native_frames_are_the_stored_frames_little_endian_whatever_the_syntax(
+        syntax, bits, make_backend):
+    ds, planes = _planar_rgb(frames=3, rows=5, columns=7, bits=bits)
+    order = ">" if syntax == BIG_ENDIAN else "<"
+    ds.PixelData = planes.astype(planes.dtype.newbyteorder(order)).tobytes()
+    ds["PixelData"].VR = "OW" if bits > 8 else "OB"
+
+    frames = _stored_frames(make_backend, part10(ds, syntax), [3, 1])
+
+    assert frames == [planes[2].astype(planes.dtype.newbyteorder("<")).tobytes(),
+                      planes[0].astype(planes.dtype.newbyteorder("<")).tobytes()]
+
+
+def test_8_bit_big_endian_frames_in_ow_words_come_back_in_pixel_order(make_backend):
+    """Big Endian OW holds 8-bit pixels two to a 16-bit word: each pair is swapped, and a frame
+    of odd length starts inside a word."""
+    ds, planes = _planar_rgb(frames=3, rows=3, columns=3, bits=8)  # 27 bytes a frame
+    stored = planes.tobytes() + b"\0"  # padded to even
+    ds.PixelData = swap_words(stored, 2)
+    ds["PixelData"].VR = "OW"
+    data = part10(ds, BIG_ENDIAN)
+
+    frames = _stored_frames(make_backend, data, [1, 2, 3])
+    converted = pydicom.dcmread(io.BytesIO(transcode.transcode(data, EXPLICIT_LE)))
+
+    assert frames == [planes[0].tobytes(), planes[1].tobytes(), planes[2].tobytes()]
+    assert converted.PixelData == stored  # the whole instance converted: the same order
+
+
+@pytest.mark.parametrize("syntax", [EXPLICIT_LE, BIG_ENDIAN, DEFLATED])
+def test_a_1_bit_frame_comes_back_packed_from_its_first_pixel(syntax, make_backend):
+    """PS3.5 8.1.1: 1-bit frames follow one another bit after bit; a frame asked for is its
+    own bits packed from the first byte (not one byte per pixel as pydicom decodes it)."""
+    ds = dataset(Spec(rows=3, columns=5, frames=4))  # 15 bits a frame
+    pixels = (np.arange(4 * 15) % 3 == 0).astype(np.uint8).reshape(4, 3, 5)
+    ds.BitsAllocated = ds.BitsStored = 1
+    ds.HighBit, ds.PixelRepresentation = 0, 0
+    ds.NumberOfFrames = 4
+    ds.PixelData = pack_bits(pixels)
+    ds["PixelData"].VR = "OB"
+
+    frames = _stored_frames(make_backend, part10(ds, syntax), [2, 4])
+
+    assert frames == [pack_bits(pixels[1], pad=False), pack_bits(pixels[3], pad=False)]

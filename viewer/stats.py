@@ -111,11 +111,15 @@ def film_stats(index: Index, settings, *, since: dt.date | None = None,
 
 
 def _within(column: sa.Column, since: dt.date | None, until: dt.date | None) -> list:
-    """Conditions keeping ``column`` (a UTC moment) within whole local days [since, until]."""
+    """Conditions keeping ``column`` (a UTC moment) within whole local days [since, until].
+
+    From 0001-01-01, the first day a date names, is from the start, and to 9999-12-31, the
+    last, is open-ended: their midnights may be moments no datetime holds (0000-12-31 UTC in
+    Hà Nội; the day after 9999-12-31), and nothing was recorded before or after them."""
     conditions = []
-    if since:
+    if since and since > dt.date.min:
         conditions.append(column >= _start(since))
-    if until:
+    if until and until < dt.date.max:
         conditions.append(column < _start(until + dt.timedelta(days=1)))
     return conditions
 
@@ -136,7 +140,10 @@ def _start(day: dt.date) -> dt.datetime:
 
 
 def _utc_offset(day: dt.date) -> str:
-    """The server's offset from UTC on ``day``, as ``+07:00``."""
+    """The server's offset from UTC on ``day``, as ``+07:00``; on the first and last days a
+    date names, that of the day after or before (the system's local time cannot be asked
+    about 0001-01-01: its conversion passes through year 0)."""
+    day = min(max(day, dt.date.min + dt.timedelta(days=1)), dt.date.max - dt.timedelta(days=1))
     offset = dt.datetime.combine(day, dt.time(12)).astimezone().utcoffset() or dt.timedelta()
     sign = "-" if offset < dt.timedelta() else "+"
     minutes = abs(int(offset.total_seconds())) // 60
