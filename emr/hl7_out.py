@@ -12,7 +12,7 @@ import re
 import secrets
 
 from emr.coding import v2_system
-from emr.hl7_segments import DEFAULT_VERSION, ERROR_CODES, UTF8, Header
+from emr.hl7_segments import DEFAULT_VERSION, ERROR_CODES, UTF8, Header, escape
 from emr.model import PatientInfo, StudyResult
 
 __all__ = ["ack", "control_id_of", "oru_content", "oru_message"]
@@ -20,17 +20,8 @@ __all__ = ["ack", "control_id_of", "oru_content", "oru_message"]
 # ------------------------------------------------------------------ building messages
 
 
-def _escape(value: str) -> str:
-    """Text to an HL7 value with the standard delimiters ``|^~\\&``."""
-    value = value.replace("\\", "\\E\\")
-    for char, code in (("|", "F"), ("^", "S"), ("&", "T"), ("~", "R")):
-        value = value.replace(char, f"\\{code}\\")
-    value = value.replace("\r", "\\X0D\\").replace("\n", "\\X0A\\")
-    return "".join(c if c >= " " else " " for c in value)
-
-
 def _components(*values: str) -> str:
-    return "^".join(_escape(v) for v in values).rstrip("^")
+    return "^".join(escape(v) for v in values).rstrip("^")
 
 
 def _hd(value: str) -> str:
@@ -60,9 +51,9 @@ def _msh(
     processing_id: str = "P",
     version: str = DEFAULT_VERSION,
 ) -> str:
-    fields = [_hd(sending[0]), _hd(sending[1]), _hd(receiving[0]), _hd(receiving[1]),
-              _timestamp(), "", message_type, _escape(control_id), _escape(processing_id),
-              _escape(version), "", "", "", "", "", UTF8]
+    """MSH with ``sending`` and ``receiving`` (application, facility) as HL7 text already."""
+    fields = [*sending, *receiving, _timestamp(), "", message_type, escape(control_id),
+              escape(processing_id), escape(version), "", "", "", "", "", UTF8]
     return "MSH|^~\\&|" + "|".join(fields) + "\r"
 
 
@@ -78,29 +69,54 @@ def ack(
 ) -> str:
     """An ACK for a received message: AA (accepted), AE (error) or AR (rejected).
 
-    MSH swaps the original sender and receiver and keeps its version (2.5.1 if unknown). For AE
-    and AR an ERR segment carries the location (ERR-2), the table 0357 code (ERR-3), severity E
-    (ERR-4) and ``text`` (ERR-8); versions before 2.5 also get the old ERR-1. ``header`` may be
-    None when not even the MSH could be read: MSA-2 is then empty. MSH-4 defaults to the
-    facility the message was addressed to."""
+    MSH swaps the original sender and receiver (MSH-3/4 echoed whole into MSH-5/6) and keeps
+    its version (2.5.1 if unknown). For AE and AR an ERR segment carries the location (ERR-2),
+    the table 0357 code (ERR-3), severity E (ERR-4) and ``text`` (ERR-8); versions before 2.5
+    also get the old ERR-1. ``header`` may be None when not even the MSH could be read: MSA-2
+    is then empty. MSH-4 defaults to the facility the message was addressed to. A sender in
+    enhanced mode that wants no application ACK for this outcome gets the accept ACK instead
+    (:func:`_answer_code`)."""
     if code not in {"AA", "AE", "AR", "CA", "CE", "CR"}:
         raise ValueError(f"acknowledgment code must be AA, AE, AR, CA, CE or CR, not {code!r}")
     header = header or Header()
+    code = _answer_code(header, code)
     version = header.version or DEFAULT_VERSION
     segments = [
         _msh(
-            sending=(sending_application, sending_facility or header.receiving_facility),
+            sending=(_hd(sending_application),
+                     _hd(sending_facility) if sending_facility else header.receiving_facility),
             receiving=(header.sending_application, header.sending_facility),
             message_type=_components("ACK", header.trigger, "ACK" if header.trigger else ""),
             control_id=_new_control_id(),
             processing_id=header.processing_id or "P",
             version=version,
         ),
-        _segment("MSA", _escape(code), _escape(header.control_id), _escape(text)),
+        _segment("MSA", escape(code), escape(header.control_id), escape(text)),
     ]
     if code in {"AE", "AR", "CE", "CR"}:
         segments.append(_err(error_location, error_code or "207", text, version))
     return "".join(segments)
+
+
+# Enhanced acknowledgment mode (HL7 2.5 §2.9.3): the accept ACK for each application ACK.
+_ACCEPT_CODES = {"AA": "CA", "AE": "CE", "AR": "CR"}
+
+
+def _answer_code(header: Header, code: str) -> str:
+    """The code to answer with: the application ACK (AA/AE/AR), unless the sender is in
+    enhanced mode (MSH-15 or MSH-16 valued) and MSH-16 asks for no application ACK after this
+    outcome (NE never, ER only on errors, SU only on success); then the accept ACK (CA/CE/CR).
+
+    Enhanced mode proper is two ACKs: the accept ACK on the connection, the application ACK
+    later as a message of its own. We answer each message once, on its connection: when the
+    sender wants both, the application ACK (which says more) is the answer."""
+    if not (header.accept_ack_type or header.application_ack_type):
+        return code  # original mode
+    wanted = header.application_ack_type
+    if (wanted == "NE" or (wanted == "ER" and code == "AA")
+            or (wanted == "SU" and code != "AA")):
+        return _ACCEPT_CODES.get(code, code)
+    return code
 
 
 def _err(location: str, error_code: str, text: str, version: str) -> str:
@@ -110,11 +126,11 @@ def _err(location: str, error_code: str, text: str, version: str) -> str:
     code = _components(error_code, ERROR_CODES.get(error_code, ""), "HL70357")
     eld = ""
     if _version_tuple(version) < (2, 5):  # ERR-1 (ELD) is what 2.3/2.4 receivers read
-        eld = "^".join((_escape(segment_id), "1" if segment_id else "", field or "",
-                        "&".join(_escape(v) for v in (error_code,
+        eld = "^".join((escape(segment_id), "1" if segment_id else "", field or "",
+                        "&".join(escape(v) for v in (error_code,
                                                        ERROR_CODES.get(error_code, ""),
                                                        "HL70357"))))
-    return _segment("ERR", eld, erl, code, "E", "", "", "", _escape(text))
+    return _segment("ERR", eld, erl, code, "E", "", "", "", escape(text))
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -165,14 +181,14 @@ def oru_message(
     now = _timestamp()
     segments = [
         _msh(
-            sending=(sending_application, sending_facility),
-            receiving=(receiving_application, receiving_facility),
+            sending=(_hd(sending_application), _hd(sending_facility)),
+            receiving=(_hd(receiving_application), _hd(receiving_facility)),
             message_type="ORU^R01^ORU_R01",
             control_id=control_id or _new_control_id(),
         ),
         _pid(result.patient),
         _segment("PV1", "1", "U"),  # patient class unknown: the PACS does not know the visit
-        _segment("ORC", "RE", _escape(placer), _escape(filler), "", "CM", "", "", "", now,
+        _segment("ORC", "RE", escape(placer), escape(filler), "", "CM", "", "", "", now,
                  "", "", _xcn(referring)),
         _obr(
             placer=placer,
@@ -191,7 +207,7 @@ def oru_message(
                  _components(*priority, "HL70485")),
     ]
     observations: list[tuple[str, tuple[str, str, str], str, str]] = [
-        ("ST", _OBX_STUDY, _escape(result.study_instance_uid), "O"),
+        ("ST", _OBX_STUDY, escape(result.study_instance_uid), "O"),
     ]
     for ident, url in ((_OBX_VIEWER, result.viewer_url), (_OBX_IID, result.iid_url)):
         if url:  # RP: pointer^application^type of data (0191 IM)^subtype (0291 HTML)
@@ -212,8 +228,8 @@ def _pid(patient: PatientInfo) -> str:
     if patient.bhyt:
         ids.append(_components(patient.bhyt, "", "", "BHYT", "HC"))
     return _segment("PID", "1", "", "~".join(ids), "", _pn_to_xpn(patient.name), "",
-                    _escape(patient.birth_date), _escape(patient.sex), "", "",
-                    _escape(patient.address), "", _escape(patient.phone))
+                    escape(patient.birth_date), escape(patient.sex), "", "",
+                    escape(patient.address), "", escape(patient.phone))
 
 
 def _pn_parts(pn: str) -> list[str]:
@@ -249,10 +265,10 @@ def _obr(
 ) -> str:
     fields = [""] * 45  # fields[n] is OBR-n
     fields[1] = "1"
-    fields[2], fields[3], fields[4] = _escape(placer), _escape(filler), service
+    fields[2], fields[3], fields[4] = escape(placer), escape(filler), service
     fields[7], fields[16] = observed, ordering
-    fields[18], fields[19] = _escape(accession), _escape(requested_procedure)
-    fields[22], fields[24], fields[25] = status_changed, _escape(modality), "R"
+    fields[18], fields[19] = escape(accession), escape(requested_procedure)
+    fields[22], fields[24], fields[25] = status_changed, escape(modality), "R"
     fields[31], fields[44] = reason, procedure
     return _segment("OBR", *fields[1:])
 

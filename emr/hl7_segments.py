@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import codecs
 import re
+import unicodedata
 from dataclasses import dataclass
 
 import hl7
@@ -68,7 +69,11 @@ class Hl7Error(ValueError):
 
 @dataclass(frozen=True)
 class Header:
-    """The MSH of a received message. HD fields keep their components joined by ``^``."""
+    """The MSH of a received message.
+
+    HD fields (MSH-3 to MSH-6) are kept as HL7 text in the standard encoding characters
+    (``^``, ``&``, values escaped), whole: an ACK echoes them as the sender wrote them, universal
+    ID included (``HIS&1.2.840.9.1&ISO``), whatever separators the sender used."""
 
     control_id: str = ""  # MSH-10
     message_type: str = ""  # MSH-9.1, e.g. ORM
@@ -81,6 +86,8 @@ class Header:
     version: str = ""  # MSH-12
     charset: str = ""  # MSH-18
     processing_id: str = ""  # MSH-11: P, D or T
+    accept_ack_type: str = ""  # MSH-15, table 0155: AL, NE, ER, SU; set in enhanced mode
+    application_ack_type: str = ""  # MSH-16, table 0155
 
 
 # ------------------------------------------------------------------ bytes to text
@@ -108,7 +115,9 @@ def decode(data: bytes) -> str:
 
     Without MSH-18 we try UTF-8 first (Vietnamese HIS often send it unlabelled) and fall back to
     latin-1, which cannot fail. Bytes that are invalid in a declared charset are rejected (AR)
-    rather than guessed, so that names are never silently garbled."""
+    rather than guessed, so that names are never silently garbled; so is UTF-8 labelled as
+    Latin-1 or WINDOWS-1258 (``_check_not_utf8``). Values are NFC-normalised when the message is
+    split (:func:`segments_of`)."""
     data = data.removeprefix(codecs.BOM_UTF8)
     label = _raw_msh18(data)
     if not label:
@@ -139,8 +148,38 @@ def decode(data: bytes) -> str:
             error_code="102",
             header=_scrape_header(data.decode("latin-1")),
         ) from None
+    _check_not_utf8(data, label, codec)
     _check_size(text)
     return _normalise(text)
+
+
+# Single-byte charsets UTF-8 gets mislabelled as here: every byte is a character in them, so
+# UTF-8 decodes without error, into mojibake ("Lê" becomes "LÃª"). Their real text is
+# practically never valid UTF-8 (an accented capital followed by a symbol such as "°"); in
+# Latin-2 or Cyrillic it can be ("ÓŁ" in 8859/2 is valid UTF-8), so those are not checked.
+_MISLABELLED_UTF8 = frozenset({"iso8859-1", "iso8859-15", "cp1258"})
+
+
+def _check_not_utf8(data: bytes, label: str, codec: str) -> None:
+    """Refuse (AR) a message labelled Latin-1 or WINDOWS-1258 whose bytes are UTF-8.
+
+    Only when they hold multi-byte sequences and are valid UTF-8 as a whole: ASCII is the same
+    in every charset, and real Latin-1 or WINDOWS-1258 text is almost never valid UTF-8."""
+    if codec not in _MISLABELLED_UTF8 or data.isascii():
+        return
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return
+    raise Hl7Error(
+        "AR",
+        f"MSH-18 declares {label}, but the bytes look like UTF-8; send MSH-18 UNICODE UTF-8,"
+        f" or the text in {label} (MSH-18 khai báo {label} nhưng dữ liệu có vẻ là UTF-8;"
+        " hãy khai báo UNICODE UTF-8)",
+        "MSH-18",
+        error_code="102",
+        header=_scrape_header(data.decode("latin-1")),
+    )
 
 
 def _raw_msh18(data: bytes) -> str:
@@ -169,8 +208,12 @@ def _check_size(text: str) -> None:
 
     Counted on the text as it came, before anything is split: counting is cheap at any size,
     splitting is what costs."""
-    segments = text.count("\r") + text.count("\n") - text.count("\r\n")
-    start = text.lstrip("\ufeff \t\r\n")[:8]
+    text = text.lstrip(_LEADING)
+    if _ends_segments_with_cr(text):
+        segments = text.count("\r")
+    else:
+        segments = text.count("\r") + text.count("\n") - text.count("\r\n")
+    start = text[:8]
     separators = escapes = 0
     if start.startswith("MSH") and len(start) == 8:
         # MSH-1 and MSH-2: field, component, repetition, escape, subcomponent.
@@ -193,11 +236,29 @@ def _check_size(text: str) -> None:
             )
 
 
+_LEADING = "\ufeff \t\r\n"  # what may come before the MSH: a BOM, blank lines
+
+
+def _ends_segments_with_cr(text: str) -> bool:
+    """Whether the message ends its segments with CR, as HL7 says (2.5 §2.7), or CR LF: the
+    first line break, at the end of the MSH, tells. Then a lone LF is data (free text typed
+    on two lines), not a segment break; a message whose MSH ends with a lone LF has its
+    segments separated by LF, and there every line break is one."""
+    first = _LINE_BREAK.search(text)
+    return first is not None and first.group() == "\r"
+
+
+_LINE_BREAK = re.compile(r"[\r\n]")
+
+
 def _normalise(text: str) -> str:
-    """Segments separated by ``\\r`` whatever the sender used (``\\r``, ``\\n``, ``\\r\\n``)."""
-    text = text.lstrip("\ufeff \t\r\n")
-    lines = text.replace("\r\n", "\r").replace("\n", "\r").split("\r")
-    return "".join(line + "\r" for line in lines if line.strip())
+    """Segments separated by ``\\r`` whatever the sender used (``\\r``, ``\\n``, ``\\r\\n``);
+    in a message of CR-ended segments, an LF that does not follow a CR stays in its field
+    (line breaks after the last segment end it, whichever they are)."""
+    text = text.strip(_LEADING).replace("\r\n", "\r")
+    if not _ends_segments_with_cr(text):
+        text = text.replace("\n", "\r")
+    return "".join(line + "\r" for line in text.split("\r") if line.strip())
 
 
 # ------------------------------------------------------------------ parsing
@@ -333,11 +394,17 @@ class _Unescaper:
                     ".br": "\n", ".sp": "\n"}
 
     def __call__(self, value: str) -> str:
+        """One value as text, NFC-normalised: WINDOWS-1258 and some UTF-8 senders decompose
+        Vietnamese letters (``Nguyê\\u0303n``), and the index, the worklist and the results
+        compare and send names composed."""
         value = value.strip()
         if value == '""':  # the HL7 null ("delete this value") reads as empty here
             return ""
-        if self.esc not in value:
-            return value
+        if self.esc in value:
+            value = self._unescape(value)
+        return unicodedata.normalize("NFC", value)
+
+    def _unescape(self, value: str) -> str:
         out, i = [], 0
         while i < len(value):
             start = value.find(self.esc, i)
@@ -364,10 +431,27 @@ class _Unescaper:
         return ""  # highlighting, charset switches (\C..\, \M..\), local \Z..\
 
 
+def escape(value: str) -> str:
+    """Text to an HL7 value with the standard delimiters ``|^~\\&``; line breaks as hex
+    escapes, other control characters as spaces."""
+    value = value.replace("\\", "\\E\\")
+    for char, code in (("|", "F"), ("^", "S"), ("&", "T"), ("~", "R")):
+        value = value.replace(char, f"\\{code}\\")
+    value = value.replace("\r", "\\X0D\\").replace("\n", "\\X0A\\")
+    return "".join(c if c >= " " else " " for c in value)
+
+
+def _encoded(repetition: list[list[str]]) -> str:
+    """One repetition as HL7 text in the standard delimiters, components and subcomponents
+    kept."""
+    return "^".join("&".join(escape(s) for s in component).rstrip("&")
+                    for component in repetition).rstrip("^")
+
+
 def header_of(msh: Segment) -> Header:
     def hd(field: int) -> str:
         reps = msh.repetitions(field)
-        return "^".join(c[0] if c else "" for c in reps[0]).rstrip("^") if reps else ""
+        return _encoded(reps[0]) if reps else ""
 
     return Header(
         control_id=msh.value(10),
@@ -381,6 +465,8 @@ def header_of(msh: Segment) -> Header:
         version=msh.value(12),
         charset=msh.value(18),
         processing_id=msh.value(11),
+        accept_ack_type=msh.value(15).upper(),
+        application_ack_type=msh.value(16).upper(),
     )
 
 
@@ -396,15 +482,25 @@ def _scrape_header(text: str) -> Header | None:
     def get(n: int) -> str:  # MSH-n is fields[n - 1]: MSH-1 is the separator itself
         return fields[n - 1].split("^")[0].strip() if n - 1 < len(fields) else ""
 
+    def hd(n: int) -> str:
+        """Whole when MSH-2 is the standard ``^~\\&``: the field is then HL7 text as an ACK
+        writes it; else (the separators may be what is broken) its first part, escaped."""
+        sent = fields[n - 1].split("~")[0].strip() if n - 1 < len(fields) else ""
+        if fields[1] == "^~\\&" and sent.isascii() and sent.isprintable():
+            return sent
+        return escape(get(n).split("&")[0])
+
     return Header(
         control_id=get(10),
         message_type=get(9),
-        sending_application=get(3),
-        sending_facility=get(4),
-        receiving_application=get(5),
-        receiving_facility=get(6),
+        sending_application=hd(3),
+        sending_facility=hd(4),
+        receiving_application=hd(5),
+        receiving_facility=hd(6),
         version=get(12),
         processing_id=get(11),
+        accept_ack_type=get(15).upper(),
+        application_ack_type=get(16).upper(),
     )
 
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 
+from emr.fhir import LOCAL_TIMEZONE
 from emr.hl7_segments import (
     Ack,
     Field,
@@ -174,7 +176,7 @@ def _patient(pid: Segment) -> PatientInfo:
         patient_id=mrn.id,
         issuer=mrn.authority,
         name=_xpn_to_pn(pid),
-        birth_date=_date(pid.value(7)),
+        birth_date=_local(pid.value(7), "PID-7")[0],
         sex=_sex(pid.value(8)),
         cccd=cccd,
         bhyt=next((cx.id for cx in ids if cx.is_bhyt and cx is not mrn), ""),
@@ -235,16 +237,43 @@ def _ndl_to_pn(segment: Segment, field: int) -> str:
                part(r, 1, 6), part(r, 1, 5))
 
 
-def _date(value: str) -> str:
-    """YYYYMMDD from a DT/DTM; partial dates (year only) are dropped, DICOM DA cannot hold them."""
-    digits = value[:8]
-    return digits if re.fullmatch(r"\d{8}", digits) else ""
+# DTM: YYYYMMDD[HH[MM[SS[.S...]]]][+/-ZZZZ]; the fraction of a second is not kept.
+_DTM = re.compile(r"(\d{8})(\d{2}(?:\d{2}(?:\d{2})?)?)?(?:\.\d*)?([+-].*)?")
+_OFFSET = re.compile(r"([+-])([01]\d|2[0-3])([0-5]\d)")
 
 
-def _time(value: str) -> str:
-    """HHMMSS from a DTM (YYYYMMDDHH[MM[SS]]...); the time-zone offset is ignored."""
-    match = re.match(r"\d{8}(\d{2,6})", value)
-    return match.group(1).ljust(6, "0")[:6] if match else ""
+def _local(value: str, where: str) -> tuple[str, str]:
+    """(YYYYMMDD, HHMMSS) of a DT/DTM in the server's local time (``emr.fhir.LOCAL_TIMEZONE``,
+    as for FHIR): a time with an offset (``20261206070000+0000``) is converted, the date with
+    it; one without is taken as local. Partial dates (year only) give nothing, DICOM DA cannot
+    hold them. A day or time that does not exist is passed on as it is, for
+    ``emr.orders.check_order`` to refuse; an offset that is not one is refused here (AE)."""
+    match = _DTM.match(value)
+    if match is None:
+        return "", ""
+    date, time, offset = match.groups()
+    if not time:
+        return date, ""
+    time = time.ljust(6, "0")
+    if not offset:
+        return date, time
+    zone = _OFFSET.fullmatch(offset.strip())
+    if zone is None:
+        raise Hl7Error("AE", f"{where}: time-zone offset {offset!r} is not +/-HHMM"
+                       " (múi giờ sai)", where, error_code="102")
+    sign, hours, minutes = zone.groups()
+    shift = timedelta(hours=int(hours), minutes=int(minutes)) * (-1 if sign == "-" else 1)
+    try:
+        moment = datetime.strptime(date + time, "%Y%m%d%H%M%S").replace(tzinfo=timezone(shift))
+    except ValueError:
+        return date, time
+    try:
+        moment = moment.astimezone(LOCAL_TIMEZONE)
+    except OverflowError:  # 00010101000000+0100 is in year 0 here
+        raise Hl7Error("AE", f"{where}: outside the years 1-9999 in local time"
+                       f" ({LOCAL_TIMEZONE})", where, error_code="102") from None
+    # Not strftime: its %Y writes year 1 as "1" on Linux, not the "0001" of DICOM DA.
+    return f"{moment.year:04d}{moment:%m%d}", f"{moment:%H%M%S}"
 
 
 def _sex(value: str) -> str:
@@ -266,7 +295,15 @@ def _address(reps: Field) -> str:
     country = part(rep, 6)
     if country.upper() not in {"", "VN", "VNM"}:  # a domestic address reads better without it
         parts.append(country)
-    return ", ".join(p for p in parts if p)
+    return ", ".join(line for line in map(_one_line, parts) if line)
+
+
+def _one_line(text: str) -> str:
+    """Free text (reason, procedure, address) as one line, as the FHIR way in takes it: HIS
+    break it with ``\\.br\\``, ``\\X0D0A\\`` or a raw LF, and the DICOM LO the worklist
+    sends cannot hold a line break. Identifiers and names are not made one line: a control
+    character there is refused (``emr.orders.check_order``)."""
+    return " ".join(text.split())
 
 
 def _phone(reps: Field) -> str:
@@ -348,16 +385,18 @@ def _order(segments: list[Segment], kind: str) -> Order:
     tq1 = next((s for s in segments if s.name == "TQ1"), Segment("TQ1", []))
 
     control, status = _control(orc)
-    accession = ipc.value(1) or obr.value(18) or orc.value(3) or obr.value(3) or obr.value(20)
+    # Not OBR-20 (filler field 1, the scheduled step ID in IHE): HIS number steps 1, 2...
+    # per order, and two orders taking step "1" as accession would become one.
+    accession = ipc.value(1) or obr.value(18) or orc.value(3) or obr.value(3)
     if not accession:
         raise Hl7Error(
             "AE",
-            "no accession number: OBR-18, IPC-1 or ORC-3/OBR-20 filler order number"
+            "no accession number: IPC-1, OBR-18, or the filler order number ORC-3/OBR-3"
             " (thiếu số accession)",
             "OBR-18",
             error_code="101",
         )
-    scheduled = obr.value(36) or tq1.value(7) or obr.value(27, 4) or orc.value(7, 4)
+    scheduled_date, scheduled_time = _scheduled(obr, tq1, orc)
     code, description, system = _procedure(obr)
     return Order(
         accession_number=accession,
@@ -371,12 +410,12 @@ def _order(segments: list[Segment], kind: str) -> Order:
         modality=_modality(ipc.value(5)) or _modality(obr.value(24)),
         station_ae_title=ipc.value(9) or _ae_title(obr.value(21)),
         station_name=ipc.value(7),
-        scheduled_date=_date(scheduled),
-        scheduled_time=_time(scheduled),
+        scheduled_date=scheduled_date,
+        scheduled_time=scheduled_time,
         procedure_code=code,
         procedure_code_system=system,
         procedure_description=description,
-        reason=obr.value(31, 2) or obr.value(31, 1) or obr.value(13),
+        reason=_one_line(obr.value(31, 2) or obr.value(31, 1) or obr.value(13)),
         priority=_priority(tq1.value(9) or obr.value(27, 6) or orc.value(7, 6) or obr.value(5)),
         referring_physician=(
             _xcn_to_pn(orc, 12) or _xcn_to_pn(obr, 16) or _xcn_to_pn(pv1, 8)
@@ -385,6 +424,15 @@ def _order(segments: list[Segment], kind: str) -> Order:
         study_instance_uid=_study_uid(ipc, zds),
         source="hl7",
     )
+
+
+def _scheduled(obr: Segment, tq1: Segment, orc: Segment) -> tuple[str, str]:
+    """Local date and time of the start: OBR-36, else TQ1-7, else the quantity/timing start
+    (OBR-27.4, ORC-7.4)."""
+    for segment, field, component in ((obr, 36, 1), (tq1, 7, 1), (obr, 27, 4), (orc, 7, 4)):
+        if value := segment.value(field, component):
+            return _local(value, f"{segment.name}-{field}")
+    return "", ""
 
 
 def _control(orc: Segment) -> tuple[OrderControl, OrderStatus]:
@@ -410,7 +458,7 @@ def _control(orc: Segment) -> tuple[OrderControl, OrderStatus]:
 def _procedure(obr: Segment) -> tuple[str, str, str]:
     """(code, text, coding system): OBR-4 (or its alternate triplet 4-6), else OBR-44."""
     for field, first in ((4, 1), (4, 4), (44, 1)):
-        code, text = obr.value(field, first), obr.value(field, first + 1)
+        code, text = obr.value(field, first), _one_line(obr.value(field, first + 1))
         if code or text:
             return code, text, obr.value(field, first + 2)
     return "", "", ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import unicodedata
 
 import hl7
 import pytest
@@ -19,6 +20,7 @@ from emr.model import (
     PatientUpdate,
     StudyResult,
 )
+from emr.orders import InvalidOrder, check_order
 
 PID = (
     "PID|1||BN0001^^^BVDK^MR~079088001234^^^BCA^NI~DN4797912345678^^^BHXH^HC||"
@@ -228,6 +230,81 @@ def test_orm_with_two_orders_is_refused_rather_than_half_processed() -> None:
     assert "one ORC/OBR per message" in error.reason
 
 
+# Review: a raw LF in OBR-13 ended the segment: OBR-14.. were lost, OBR-18 with them, and the
+# order took the filler order number as its accession.
+@pytest.mark.parametrize("line_end", ["\r", "\r\n"])
+def test_a_lone_lf_inside_a_field_is_data_when_segments_end_with_cr(line_end: str) -> None:
+    obr = OBR.replace("Đau đầu kéo dài", "Đau ngực\nkhó thở").replace("|^Nghi u não|", "||")
+    raw = line_end.join([msh("ORM^O01^ORM_O01"), PID, ORC_NW, obr]).encode() + line_end.encode()
+
+    order = parse_order(hl7v2.decode(raw))
+
+    assert order.accession_number == "ACC0001"  # OBR-18, after the LF
+    assert order.reason == "Đau ngực khó thở"
+
+
+# Review: \.br\ and raw LF reached check_order as line breaks, which refused the whole order.
+def test_line_breaks_in_free_text_make_one_line_and_the_order_is_taken() -> None:
+    pid = PID.replace("12 Lê Lợi^^Huế", "Số 1\\X0D0A\\Lê Lợi^^Huế")
+    obr = seg("OBR", {1: "1", 4: "CT01^CT bụng\\.br\\chậu^L", 13: "Đau ngực\\.sp\\khó thở",
+                      18: "ACC0001", 24: "CT"})
+
+    order = parse_order(orm(pid, "ORC|NW|PL1", obr))
+
+    assert order.procedure_description == "CT bụng chậu"
+    assert order.reason == "Đau ngực khó thở"
+    assert order.patient.address == "Số 1 Lê Lợi, Huế"
+    check_order(order)  # nothing left that the worklist cannot send
+
+
+@pytest.mark.parametrize(("pid", "obr"), [
+    (PID, OBR.replace("ACC0001", "ACC\\.br\\1")),
+    (PID.replace("Nguyễn^Văn An", "Nguyễn\\.br\\Lê^Văn An"), OBR),
+])
+def test_line_breaks_in_identifiers_and_names_are_still_refused(pid: str, obr: str) -> None:
+    order = parse_order(orm(pid, ORC_NW, obr))
+
+    with pytest.raises(InvalidOrder, match="control characters"):
+        check_order(order)
+
+
+# Review: 20261206070000+0000 was kept as 07:00, seven hours early for the worklist.
+@pytest.mark.parametrize(("sent", "local"), [
+    ("20261206070000+0000", ("20261206", "140000")),
+    ("20261206200000+0000", ("20261207", "030000")),  # the next day here
+    ("202612060100-0500", ("20261206", "130000")),
+    ("20261206090000.1234+0700", ("20261206", "090000")),
+    ("20261206090000", ("20261206", "090000")),  # no offset: local already
+    ("20261206+0000", ("20261206", "")),  # a date alone is not moved
+])
+def test_scheduled_times_with_an_offset_are_converted_to_local_time(
+    sent: str, local: tuple[str, str],
+) -> None:
+    obr = OBR.replace("20240513093000", sent)
+
+    order = parse_order(orm(PID, ORC_NW, obr))
+
+    assert (order.scheduled_date, order.scheduled_time) == local
+
+
+def test_quantity_timing_start_and_birth_time_with_an_offset_are_local_too() -> None:
+    pid = PID.replace("|19880512|", "|198805122330-0500|")
+    obr = OBR.replace("20240513093000", "").replace("^^^20240513090000^^S",
+                                                    "^^^20240513230000+0000^^S")
+
+    order = parse_order(orm(pid, ORC_NW, obr))
+
+    assert (order.scheduled_date, order.scheduled_time) == ("20240514", "060000")
+    assert order.patient.birth_date == "19880513"
+
+
+@pytest.mark.parametrize("offset", ["+2500", "-0799", "+07", "+07:00"])
+def test_an_offset_that_is_not_one_is_an_application_error(offset: str) -> None:
+    error = rejected(orm(PID, ORC_NW, OBR.replace("20240513093000", "20240513093000" + offset)))
+
+    assert (error.ack_code, error.error_location, error.error_code) == ("AE", "OBR-36", "102")
+
+
 # ------------------------------------------------------------------ OMI^O23
 
 
@@ -428,8 +505,27 @@ def test_order_without_any_accession_number_is_an_application_error() -> None:
 
     assert error.ack_code == "AE"
     assert error.reason.startswith(
-        "no accession number: OBR-18, IPC-1 or ORC-3/OBR-20 filler order number")
+        "no accession number: IPC-1, OBR-18, or the filler order number ORC-3/OBR-3")
     assert error.error_location == "OBR-18"
+
+
+# Review: OBR-20 (filler field 1, the IHE scheduled step ID) was the last accession fallback;
+# two orders for different patients with OBR-20 "1" became one order, the second patient's.
+def test_obr20_step_id_is_never_taken_as_the_accession_number() -> None:
+    obr = seg("OBR", {1: "1", 2: "PL-A", 4: "CT-SO^CT sọ não", 20: "1", 24: "CT"})
+
+    error = rejected(orm(PID, "ORC|NW|PL-A||||||||||BS001^Trần^Thị", obr))
+
+    assert (error.ack_code, error.error_location, error.error_code) == ("AE", "OBR-18", "101")
+    assert "OBR-20" not in error.reason
+
+
+def test_obr20_stays_the_scheduled_step_id_when_there_is_an_accession() -> None:
+    obr = seg("OBR", {1: "1", 2: "PL-A", 4: "CT-SO^CT sọ não", 18: "ACC-A", 20: "1"})
+
+    order = parse_order(orm(PID, "ORC|NW|PL-A", obr))
+
+    assert (order.accession_number, order.scheduled_step_id) == ("ACC-A", "1")
 
 
 def test_errors_after_the_msh_carry_the_header_for_the_ack() -> None:
@@ -473,6 +569,47 @@ def test_decode_rejects_invalid_utf8_in_a_message_labelled_unicode_utf8() -> Non
 
     assert (caught.value.ack_code, caught.value.error_location) == ("AR", "MSH-18")
     assert caught.value.header is not None and caught.value.header.control_id == "BAD1"
+
+
+# Review: WINDOWS-1258 (and NFD UTF-8) put "Nguyê\u0303n" into the index, worklist and ORU.
+@pytest.mark.parametrize(("charset", "codec"), [("WINDOWS-1258", "cp1258"),
+                                                ("UNICODE UTF-8", "utf-8")])
+def test_decoded_names_are_nfc_normalised(charset: str, codec: str) -> None:
+    decomposed = "Nguy\u00ea\u0303n^V\u0103n Anh"  # as WINDOWS-1258 writes ễ
+    text = message(msh("ADT^A08", charset=charset), f"PID|1||BN7^^^BVDK^MR||{decomposed}")
+
+    _, body = hl7v2.parse_inbound(hl7v2.decode(text.encode(codec)))
+
+    assert isinstance(body, PatientUpdate) and body.patient.name == "Nguyễn^Văn Anh"
+    assert unicodedata.is_normalized("NFC", body.patient.name)
+
+
+# Review: UTF-8 labelled 8859/1 was taken as mojibake ("LÃª^HÃ ") and stored.
+@pytest.mark.parametrize("charset", ["8859/1", "WINDOWS-1258"])
+def test_decode_refuses_utf8_bytes_labelled_as_a_single_byte_charset(charset: str) -> None:
+    raw = message(msh("ADT^A08", control_id="MIS1", charset=charset),
+                  "PID|1||BN7^^^BVDK^MR||Lê^Hà").encode("utf-8")
+
+    with pytest.raises(Hl7Error) as caught:
+        hl7v2.decode(raw)
+
+    error = caught.value
+    assert (error.ack_code, error.error_location, error.error_code) == ("AR", "MSH-18", "102")
+    assert f"MSH-18 declares {charset}, but the bytes look like UTF-8" in error.reason
+    assert "dữ liệu có vẻ là UTF-8" in error.reason
+    assert error.header is not None and error.header.control_id == "MIS1"
+
+
+@pytest.mark.parametrize(("charset", "codec", "name"), [
+    ("8859/1", "ascii", "Le^Ha"),
+    ("8859/2", "iso8859-2", "GÓŁKA^Anna"),  # Ó Ł in 8859/2 happen to be valid UTF-8 (D3 A3)
+])
+def test_decode_takes_text_of_its_charset_that_is_ascii_or_happens_to_be_utf8(
+    charset: str, codec: str, name: str,
+) -> None:
+    raw = message(msh("ADT^A08", charset=charset), f"PID|1||BN7^^^BVDK^MR||{name}").encode(codec)
+
+    assert name in hl7v2.decode(raw)
 
 
 def test_decode_rejects_an_unknown_character_set() -> None:
@@ -520,7 +657,6 @@ def test_a_message_at_every_limit_is_taken() -> None:
 
 @pytest.mark.parametrize(("flood", "what"), [
     ("NTE|1\r", "segments"),
-    ("NTE|1\n", "segments"),
     ("|", "separators"),
     ("~", "separators"),
     ("^", "separators"),
@@ -535,6 +671,18 @@ def test_a_message_past_a_limit_is_rejected_before_it_is_split(flood: str, what:
             read()
         assert caught.value.ack_code == "AR" and what in caught.value.reason
         assert caught.value.header is not None and caught.value.header.control_id == "BIG1"
+
+
+# Review: a lone LF counted as a segment break, and split there, in every message.
+def test_a_lone_lf_is_a_segment_break_only_in_a_message_of_lf_ended_segments() -> None:
+    cr_ended = at_limits().replace("NTE|2||", "NTE|2||\n", 1)
+    lf_ended = cr_ended.replace("\r", "\n")
+
+    assert parse_order(hl7v2.decode(cr_ended.encode())).accession_number == "ACC0001"
+    for read in (lambda: hl7v2.decode(lf_ended.encode()), lambda: hl7v2.parse_inbound(lf_ended)):
+        with pytest.raises(Hl7Error) as caught:
+            read()
+        assert "segments" in caught.value.reason
 
 
 def test_a_megabyte_of_repetitions_is_rejected_in_a_fraction_of_a_second() -> None:
@@ -631,6 +779,50 @@ def test_ack_without_a_header_leaves_msa2_empty() -> None:
     assert parsed["MSA.F1"] == "AR"
     assert parsed["MSA.F2"] == ""
     assert parsed["MSH.F12"] == "2.5.1"
+
+
+# Review: MSH-5/6 of the ACK kept only the namespace of the sender's HD.
+@pytest.mark.parametrize(("sent", "echoed"), [
+    ("MSH|^~\\&|HIS&1.2.840.9.1&ISO|BVDK&1.2.840.9.2&ISO|", ("HIS&1.2.840.9.1&ISO",
+                                                           "BVDK&1.2.840.9.2&ISO")),
+    ("MSH|^~\\&|HIS^1.2.840.9.1^ISO|A\\T\\B|", ("HIS^1.2.840.9.1^ISO", "A\\T\\B")),
+    ("MSH|^~\\#|HIS#1.2.3#ISO|BVDK|", ("HIS&1.2.3&ISO", "BVDK")),  # its own subcomponent mark
+])
+def test_ack_echoes_the_senders_msh3_and_msh4_whole(sent: str,
+                                                    echoed: tuple[str, str]) -> None:
+    text = message(sent + "PACS|BVDK|20240512||ADT^A08|HD1|P|2.5.1", "PID|1||BN7^^^BVDK^MR")
+    header, _ = hl7v2.parse_inbound(text)
+
+    parsed = hl7.parse(hl7_out.ack(header, "AA"))
+
+    assert (whole(parsed, "MSH", 5), whole(parsed, "MSH", 6)) == echoed
+    assert (parsed["MSH.F3"], parsed["MSH.F4"]) == ("PACS", "BVDK")
+
+
+# Review: a sender in enhanced mode (MSH-15/16, HL7 2.5 §2.9.3) that wants no application ACK
+# got AA/AE/AR all the same.
+@pytest.mark.parametrize(("accept", "application", "outcome", "answer"), [
+    ("AL", "NE", "AA", "CA"),
+    ("AL", "NE", "AE", "CE"),
+    ("AL", "NE", "AR", "CR"),
+    ("AL", "ER", "AA", "CA"),
+    ("AL", "ER", "AE", "AE"),
+    ("AL", "SU", "AE", "CE"),
+    ("NE", "AL", "AA", "AA"),  # no accept ACK wanted: the application ACK
+    ("AL", "AL", "AA", "AA"),  # both wanted: one answer, the application ACK
+    ("", "", "AE", "AE"),  # original mode
+])
+def test_ack_in_enhanced_mode_is_the_accept_ack_when_no_application_ack_is_wanted(
+    accept: str, application: str, outcome: str, answer: str,
+) -> None:
+    text = message(msh("ADT^A08", "ENH1", "2.5.1").replace(
+        "|2.5.1||||||", f"|2.5.1|||{accept}|{application}||"), "PID|1||BN7^^^BVDK^MR")
+    header, _ = hl7v2.parse_inbound(text)
+
+    parsed = hl7.parse(hl7_out.ack(header, outcome, "x", error_location="PID-3"))
+
+    assert (parsed["MSA.F1"], parsed["MSA.F2"]) == (answer, "ENH1")
+    assert any(s[0][0] == "ERR" for s in parsed) == (outcome != "AA")
 
 
 def test_ack_refuses_an_unknown_acknowledgment_code() -> None:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from emr import hl7_out, hl7v2
 from emr.mllp import (
     MAX_MESSAGE_BYTES,
     MIB,
@@ -267,6 +268,38 @@ def test_server_never_logs_message_content(
     assert "PRIVATE" in caplog.text  # the control ID, at DEBUG
     assert "Trần" not in caplog.text
     assert "BN0001" not in caplog.text
+
+
+def acknowledge(message: bytes) -> bytes:
+    """What the PACS answers, without applying anything: the ACK of reading the message."""
+    try:
+        header, _ = hl7v2.parse_inbound(hl7v2.decode(message))
+    except hl7v2.Hl7Error as exc:
+        return hl7_out.ack(exc.header, exc.ack_code, exc.reason, error_location=exc.error_location,
+                           error_code=exc.error_code).encode()
+    return hl7_out.ack(header, "AA").encode()
+
+
+# Review: an enhanced-mode sender (MSH-15 AL, MSH-16 NE) got AA, and MSH-5 of the ACK lost the
+# universal ID of its MSH-3.
+def test_an_enhanced_mode_sender_gets_one_accept_ack_per_message_addressed_to_it_whole(
+    serve: Callable[..., MllpServer],
+) -> None:
+    server = serve(acknowledge)
+
+    def enhanced(control_id: str, charset: str = "UNICODE UTF-8") -> bytes:
+        return (f"MSH|^~\\&|HIS&1.2.840.9.1&ISO|BV|PACS|BV|20240512||ADT^A08|{control_id}|P|2.5"
+                f"|||AL|NE|VNM|{charset}\rPID|1||BN0001^^^BV^MR||Lê^Hà\r").encode()
+
+    with connect(server) as sock:
+        sock.sendall(frame(enhanced("E1")) + frame(enhanced("E2", charset="8859/1")))
+        answers = [a.decode().split("\r") for a in read_answers(sock, 2)]
+        sock.sendall(frame(enhanced("E3")))
+        answers += [a.decode().split("\r") for a in read_answers(sock, 1)]
+
+    assert [a[1].split("|")[:3] for a in answers] == [
+        ["MSA", "CA", "E1"], ["MSA", "CR", "E2"], ["MSA", "CA", "E3"]]  # E2: UTF-8 as 8859/1
+    assert all(a[0].split("|")[4] == "HIS&1.2.840.9.1&ISO" for a in answers)
 
 
 # ------------------------------------------------------------------ client
