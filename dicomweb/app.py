@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from dicomweb import qido, render, slots, stow, wado
-from dicomweb.byteorder import EXPLICIT_BIG_ENDIAN, little_endian_bulk
+from dicomweb.byteorder import EXPLICIT_BIG_ENDIAN
 from dicomweb.media import Accepted, NotAcceptable, parse_accept, range_matches, wants_json
 from dicomweb.multipart import (
     BodyTooLarge,
@@ -213,10 +213,8 @@ def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
             await run_in_threadpool(wado.bulk_span, archive, row, spec)
         if span is not None and span[1] > STREAMED_BULK:  # pixel data of a long cine, say
             return _streamed_bulk(request, row["_blob_key"], span, multipart, location)
-        data = await run_in_threadpool(wado.bulk_bytes, archive, row, spec)
         # PS3.18 8.7.3.3: uncompressed bulk data is sent in Little Endian byte order.
-        data = await run_in_threadpool(little_endian_bulk, data, spec, row["_header"],
-                                       row["_transfer_syntax_uid"])
+        data = await run_in_threadpool(wado.little_endian_bulk_bytes, archive, row, spec)
         if multipart:
             part = Part("application/octet-stream", [data],
                         {"Content-Location": location, "Content-Length": str(len(data))})

@@ -25,13 +25,15 @@ _PIXEL_DATA = "7FE00010"
 _BITS_ALLOCATED = "00280100"
 
 
-def little_endian_bulk(data: bytes, spec: str, header: str, stored_syntax: str) -> bytes:
+def little_endian_bulk(data: bytes, spec: str, header: str, stored_syntax: str,
+                       pixel_vr: str | None = None) -> bytes:
     """``data``, the stored value of the bulk data ``spec`` (as in its URL: ``<offset>-<length>``
     or ``path/<tag>...``) of an instance stored in ``stored_syntax`` whose DICOM JSON header is
-    ``header``, in little endian byte order."""
+    ``header``, in little endian byte order; ``pixel_vr``: the VR the file gives its pixel
+    data, when known (the header has no pixel data element)."""
     if stored_syntax != EXPLICIT_BIG_ENDIAN:
         return data
-    return swap_words(data, word_size(json.loads(header), spec))
+    return swap_words(data, word_size(json.loads(header), spec, pixel_vr))
 
 
 def swap_words(data: bytes, size: int) -> bytes:
@@ -43,8 +45,9 @@ def swap_words(data: bytes, size: int) -> bytes:
     return swapped.tobytes() + data[whole:]
 
 
-def word_size(header: dict[str, Any], spec: str) -> int:
-    """Bytes per word of the element ``spec`` names in the DICOM JSON ``header`` (1: bytes)."""
+def word_size(header: dict[str, Any], spec: str, pixel_vr: str | None = None) -> int:
+    """Bytes per word of the element ``spec`` names in the DICOM JSON ``header`` (1: bytes);
+    8-bit pixel data by ``pixel_vr`` when given (OW: 16-bit words holding two pixels)."""
     found = (_by_range(header, spec) if BULK_RANGE_SPEC.fullmatch(spec)
              else _by_path(header, spec))
     if found is None:
@@ -55,7 +58,7 @@ def word_size(header: dict[str, Any], spec: str) -> int:
         bits = _first_value(owner.get(_BITS_ALLOCATED)) or 8
         if bits > 16:  # as pydicom reads them: words of the pixel's size
             return bits // 8
-        vr = vr or ("OW" if bits > 8 else "OB")
+        vr = vr or pixel_vr or ("OW" if bits > 8 else "OB")
     if vr is None:
         try:
             vr = dictionary_VR(int(tag, 16))

@@ -71,13 +71,33 @@ def value_span(read: Callable[[int, int], bytes], row: dict[str, Any], tag: str
     frames = json.loads(row["_frames"]) if row.get("_frames") else None
     if not frames or not frames[0]:
         return None
-    syntax, first = row["_transfer_syntax_uid"], frames[0][0]
-    if transcode.is_compressed(syntax):
+    if transcode.is_compressed(row["_transfer_syntax_uid"]):
         start = _encapsulated_start(read, frames, tag)
         if start is None:
             return None
         end = max(frame[i] + frame[i + 1] for frame in frames for i in range(0, len(frame), 2))
         return start, end - start
+    found = _native_element(read, row, tag)
+    return found[:2] if found else None
+
+
+def stored_vr(read: Callable[[int, int], bytes], row: dict[str, Any], tag: str) -> str | None:
+    """The VR the stored file gives the native top-level pixel data element ``tag`` (at 8 bits
+    OB or OW, which ``pixel_data_element`` cannot tell: in Big Endian it decides the byte
+    order); None when the file does not say (Implicit VR) or it cannot be found so."""
+    found = _native_element(read, row, tag)
+    return found[2] if found else None
+
+
+def _native_element(read: Callable[[int, int], bytes], row: dict[str, Any], tag: str
+                    ) -> tuple[int, int, str | None] | None:
+    """(value offset, length, VR or None in Implicit VR) of native pixel data ``tag``, by the
+    element header just before the first frame."""
+    frames = json.loads(row["_frames"]) if row.get("_frames") else None
+    syntax = row["_transfer_syntax_uid"]
+    if not frames or not frames[0] or transcode.is_compressed(syntax):
+        return None
+    first = frames[0][0]
     size = 8 if syntax == IMPLICIT_LE else 12  # tag, (VR, reserved,) 4-byte length
     if first < size:
         return None
@@ -87,7 +107,7 @@ def value_span(read: Callable[[int, int], bytes], row: dict[str, Any], tag: str
     if f"{group:04X}{element:04X}" != tag or length == 0xFFFFFFFF or (
             size == 12 and head[4:6] not in (b"OB", b"OW", b"OF", b"OD", b"UN")):
         return None
-    return first, length
+    return first, length, head[4:6].decode() if size == 12 else None
 
 
 def _encapsulated_start(read: Callable[[int, int], bytes], frames: list[list[int]], tag: str

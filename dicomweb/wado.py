@@ -28,7 +28,12 @@ from typing import Any
 import pydicom
 
 from dicomweb import pixeldata, transcode
-from dicomweb.byteorder import BULK_PATH_SPEC, BULK_RANGE_SPEC
+from dicomweb.byteorder import (
+    BULK_PATH_SPEC,
+    BULK_RANGE_SPEC,
+    EXPLICIT_BIG_ENDIAN,
+    little_endian_bulk,
+)
 from dicomweb.media import (
     DICOM,
     EXPLICIT_LE,
@@ -557,6 +562,19 @@ def blob_chunks(archive: Archive, key: str, offset: int, length: int,
     end = offset + length
     for at in range(offset, end, size):
         yield archive.blobs.get_range(key, at, min(size, end - at))
+
+
+def little_endian_bulk_bytes(archive: Archive, row: dict[str, Any], spec: str) -> bytes:
+    """``bulk_bytes`` in little endian byte order (PS3.18 8.7.3.3), from any stored syntax."""
+    data = bulk_bytes(archive, row, spec)
+    pixel_vr = None
+    match = BULK_PATH_SPEC.fullmatch(spec)
+    if row["_transfer_syntax_uid"] == EXPLICIT_BIG_ENDIAN and match \
+            and match.group(1).upper() in pixeldata.PIXEL_DATA_TAGS:
+        pixel_vr = pixeldata.stored_vr(_range_reader(archive, row["_blob_key"]), row,
+                                       match.group(1).upper())
+    return little_endian_bulk(data, spec, row["_header"], row["_transfer_syntax_uid"],
+                              pixel_vr)
 
 
 def bulk_bytes(archive: Archive, row: dict[str, Any], spec: str) -> bytes:

@@ -559,6 +559,9 @@ def test_pixel_data_that_cannot_be_decoded_is_refused_alone_and_sent_as_stored_i
     with pytest.raises(httpx.RemoteProtocolError):  # the body stops short: the client knows
         http.get(f"/studies/{spec.study_uid}/series/{half.SeriesInstanceUID}")
     assert http.get(f"{series}/metadata").status_code == 200  # the server goes on
+    deadline = time.monotonic() + 10  # the server logs the cut as the client sees it
+    while "cut short: NotTranscodable" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
     log = server.log()
     assert "Traceback" not in log and "cut short: NotTranscodable" in log
     assert "without completing response" not in log  # uvicorn's line, which says no more
@@ -1105,6 +1108,26 @@ def test_bulk_data_by_path_of_a_big_endian_instance_comes_little_endian(http, bi
 
     assert lut.status_code == 200 and lut.content == big_endian["lut"]
     assert pixels.status_code == 200 and pixels.content == big_endian["pixels"]
+
+
+def test_8_bit_pixel_data_stored_as_ow_big_endian_comes_in_pixel_order(http):
+    # Two pixels a 16-bit word: the bytes of each pair were sent swapped (the metadata, and
+    # so the byte-order rule, knew the value as OB).
+    ds = dataset(Spec(rows=8, columns=8))
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    pixels = np.arange(64, dtype=np.uint8)
+    ds.PixelData = pixels.reshape(-1, 2)[:, ::-1].tobytes()  # as 16-bit big endian words
+    ds["PixelData"].VR = "OW"
+    stored = part10(ds, pydicom.uid.ExplicitVRBigEndian)
+    assert np.array_equal(pydicom.dcmread(io.BytesIO(stored)).pixel_array.ravel(), pixels)
+    _store_part10(http, stored)
+
+    bulk = http.get(f"{_instance_path(ds)}/bulkdata/path/7FE00010",
+                    headers={"Accept": "application/octet-stream"})
+    frame = http.get(f"{_instance_path(ds)}/frames/1")
+
+    assert bulk.status_code == 200 and bulk.content == pixels.tobytes()
+    assert _parts(frame)[0][1] == pixels.tobytes()
 
 
 def test_bulk_data_multipart_part_names_its_uri_in_content_location(http, study):
