@@ -114,6 +114,19 @@ def test_storescu_then_findscu_finds_vietnamese_name_without_diacritics(server, 
     assert found.NumberOfStudyRelatedInstances == 1
 
 
+def test_a_query_without_specific_character_set_is_read_as_utf8(server, dcmtk_env, tmp_path):
+    # Its values were read as Latin-1: "Nguyễn" became "Nguyá»\x85n" and matched nothing, or
+    # the patients whose names had been stored so.
+    spec = Spec(patient_name="Lương^Thị Thuỷ", patient_id="BN-UTF8")
+    assert storescu(server, write_instances(tmp_path / "in", [spec]), dcmtk_env).returncode == 0
+    out = tmp_path / "found"
+    out.mkdir()
+    result = findscu(server, dcmtk_env, ["QueryRetrieveLevel=STUDY", "PatientName=Lương^Thị*",
+                                         "PatientID"], "-S", out_dir=out)  # no SpecificCharacterSet
+    assert result.returncode == 0, result.stderr
+    assert [pydicom.dcmread(p).PatientID for p in sorted(out.iterdir())] == ["BN-UTF8"]
+
+
 def test_findscu_finds_a_name_with_an_ideographic_group_by_its_alphabetic_one(server, dcmtk_env,
                                                                             tmp_path):
     spec = Spec(patient_name="Phạm^Thị Hoa=范^氏花", patient_id="BN-PH1")

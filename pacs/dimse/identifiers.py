@@ -38,12 +38,21 @@ class RequestedKey:
     item_keys: tuple[RequestedKey, ...] = ()
 
 
+def read_unlabelled_as_utf8(identifier: Dataset) -> None:
+    """Have an identifier without Specific Character Set read as UTF-8 (ASCII is a subset, and
+    some modalities send UTF-8 unlabelled), items of its sequences too. pydicom decodes a value
+    with the character set the data set was read with: giving the identifier the attribute
+    alone, after reading, left its values read as Latin-1 (``Nguyễn`` became ``Nguyá»\x85n``,
+    and found the patients whose names had been stored so)."""
+    if "SpecificCharacterSet" not in identifier:
+        identifier.set_original_encoding(*identifier.original_encoding, "utf_8")
+        identifier.SpecificCharacterSet = "ISO_IR 192"
+
+
 def parse_identifier(identifier: Dataset) -> tuple[Level, list[RequestedKey]]:
     """Level and keys of an identifier. Values are decoded with its Specific Character Set,
-    or as UTF-8 when it has none (ASCII is a subset, and some modalities send UTF-8 unlabelled).
-    """
-    if "SpecificCharacterSet" not in identifier:
-        identifier.SpecificCharacterSet = "ISO_IR 192"
+    or as UTF-8 when it has none (``read_unlabelled_as_utf8``)."""
+    read_unlabelled_as_utf8(identifier)
     try:
         level = Level.from_dicom(str(identifier.get("QueryRetrieveLevel", "")))
     except ValueError as exc:

@@ -24,6 +24,7 @@ from emr.orders import OrderStore, StoredOrder, UnknownOrder
 from emr.performed import COMPLETED, DISCONTINUED, IN_PROGRESS, PerformedSteps, StepError
 from pacs.dimse import fastfind, status
 from pacs.dimse.compat import pynetdicom_supported
+from pacs.dimse.identifiers import read_unlabelled_as_utf8
 from storage.errors import InvalidQuery
 from storage.query import NameMatching
 
@@ -237,8 +238,7 @@ class WorklistHandlers:
     def on_find(self, event: evt.Event) -> Iterator[tuple[Any, Dataset | None]]:
         try:
             identifier = event.identifier
-            if "SpecificCharacterSet" not in identifier:
-                identifier.SpecificCharacterSet = "ISO_IR 192"
+            read_unlabelled_as_utf8(identifier)
             keys = worklist_keys(identifier)
             found = self.orders.worklist(keys, self.name_matching,
                                          limit=_MAX_WORKLIST_ANSWERS + 1)
