@@ -153,6 +153,9 @@ def _same_patient(identity: _Identity, study_identities: tuple[_Identity, ...]) 
 # The per-instance statements, as plain SQL run on the DBAPI cursor (``Index.raw``).
 _SQL_FIND_LOCATION = ("SELECT sop_instance_uid, sop_class_uid, transfer_syntax_uid, blob_key, size"
                       " FROM instances WHERE sop_instance_uid = ?")
+_SQL_FIND_PARENTS = ("SELECT st.study_instance_uid, se.series_instance_uid FROM instances i"
+                     " JOIN series se ON se.pk = i.series_pk JOIN studies st ON st.pk = se.study_pk"
+                     " WHERE i.sop_instance_uid = ?")
 # The counter updates name the parent too: a remembered (patient, study, series) that a merge,
 # a move or a deletion in another process made stale then updates nothing, and is looked up again.
 _SQL_BUMP_SERIES = ("UPDATE series SET num_instances = num_instances + 1, updated_at = ?"
@@ -276,6 +279,7 @@ class Archive:
             with self._uid_locks[hash(uid) % len(self._uid_locks)]:
                 existing = self.find_location(uid)
                 if existing is not None and self.duplicate_policy == "keep":
+                    self._check_same_instance(parsed, existing)
                     log.info("duplicate %s: kept the stored copy", uid)
                     _discard_staged(staged)
                     return self._result(parsed, StoreOutcome.DUPLICATE_KEPT)
@@ -316,6 +320,24 @@ class Archive:
         result = self._result(parsed, outcome)
         self.notify_stored(result)
         return result
+
+    def _check_same_instance(self, parsed: ParsedInstance, existing: InstanceLocation) -> None:
+        """A UID kept as a duplicate must name the same instance: one of another SOP class,
+        series or study is another object given the same UID (a modality's UID generator
+        gone wrong), and answered a duplicate it was lost without anyone knowing: refused."""
+        try:
+            row = self.index.raw_first(_SQL_FIND_PARENTS, (parsed.sop_instance_uid,))
+        except sa.exc.SQLAlchemyError as exc:
+            raise StorageUnavailable(f"the index database failed: {_db_error(exc)}") from exc
+        stored = (existing.sop_class_uid, *(row or ("", "")))
+        arrived = (parsed.sop_class_uid, parsed.study_instance_uid, parsed.series_instance_uid)
+        differ = [name for name, a, b in zip(("SOP Class", "Study", "Series"), stored, arrived,
+                                             strict=True) if a != b]
+        if row is not None and differ:
+            # The gist first: a C-STORE ErrorComment keeps 64 characters.
+            raise InstanceMismatch(
+                f"SOP Instance UID is another instance's (other {', '.join(differ)} UID): not "
+                f"stored ({parsed.sop_instance_uid})")
 
     def _stored_meanwhile(self, uid: str, key: str) -> InstanceLocation | object | None:
         """After a failed store of a new ``uid`` at ``key``: where another process (a DICOM

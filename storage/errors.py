@@ -31,7 +31,8 @@ class NotFound(ArchiveError):
 
 
 class InstanceMismatch(InvalidInstance):
-    """The data set's SOP Class or Instance UID differs from what the request announced."""
+    """The data set's SOP Class or Instance UID differs from what the request announced, or
+    its SOP Instance UID is archived already for another object (SOP class, study, series)."""
 
 
 class PatientConflict(InvalidInstance):

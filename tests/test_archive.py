@@ -8,10 +8,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import sqlalchemy as sa
+from pydicom.uid import MRImageStorage
 
 from storage.archive import StoreOutcome
 from storage.attributes import Level
-from storage.errors import InvalidInstance, NotFound, PatientConflict, StorageUnavailable
+from storage.errors import (
+    InstanceMismatch,
+    InvalidInstance,
+    NotFound,
+    PatientConflict,
+    StorageUnavailable,
+)
 from storage.parsing import parse_instance
 from storage.patients import Demographics, reassign_study
 from storage.query import Query, find
@@ -65,6 +72,19 @@ def test_read_ahead_gives_each_instance_in_order_within_its_bound(archive):
     reads.close()  # the caller stopped (a cancelled C-GET): what was not started is dropped
     archive._reads.submit(lambda: None).result()  # the reads already running have finished
     assert len(started) <= 1 + 2
+
+
+def test_a_uid_archived_for_another_object_is_refused_not_kept_as_a_duplicate(archive):
+    # Answered as a duplicate (a warning: "stored"), another study's image was lost unseen.
+    spec = Spec()
+    archive.store(instance(spec))
+    for other, named in ((Spec(**{**spec.__dict__, "study_uid": Spec().study_uid,
+                                  "patient_id": "OTHER77"}), "Study"),
+                         (Spec(**{**spec.__dict__, "series_uid": Spec().series_uid}), "Series"),
+                         (Spec(**{**spec.__dict__, "sop_class": MRImageStorage}), "SOP Class")):
+        with pytest.raises(InstanceMismatch, match=f"other {named}"):
+            archive.store(instance(other))
+    assert _study(archive, spec.study_uid)["NumberOfStudyRelatedInstances"] == 1
 
 
 def test_duplicate_is_kept_once_and_reported(archive):
