@@ -28,7 +28,12 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_sequence
 
 BULK_THRESHOLD = 1024
-DEFAULT_ENCODINGS = ["iso8859"]
+# Text of a data set without Specific Character Set: the default repertoire is ASCII (PS3.5
+# 6.1.2.2), yet modalities here send Vietnamese in UTF-8 unlabelled, and older ones Latin-1.
+# Read as UTF-8 when it is valid UTF-8 (Latin-1 text seldom is), else as Latin-1, as pydicom
+# reads it; so an unlabelled "Trần^Thị Bình" is indexed as written, not as "Tráº§n^Thá»...".
+UNLABELLED = "utf-8, else latin-1"
+DEFAULT_ENCODINGS = [UNLABELLED]
 
 BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 # Text VRs decoded with the Specific Character Set; the others are ASCII by definition.
@@ -190,6 +195,11 @@ class HeaderJSON:
     def _text(vr: str, value: bytes, encodings: list[str]) -> str:
         if vr not in CHARSET_VRS:
             return value.decode("ascii", errors="replace")
+        if encodings[0] == UNLABELLED:
+            try:
+                return value.decode("utf-8")
+            except UnicodeDecodeError:
+                return value.decode("latin-1")
         if len(encodings) == 1 or b"\x1b" not in value:
             return value.decode(encodings[0], errors="replace")
         delimiters = _PN_DELIMITERS if vr == "PN" else _TEXT_DELIMITERS

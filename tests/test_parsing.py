@@ -253,6 +253,30 @@ def test_vietnamese_text_is_decoded_as_unicode():
     assert parsed.header["00081030"]["Value"] == ["CT bụng có cản quang"]
 
 
+def test_text_without_specific_character_set_is_read_as_utf8_else_latin1():
+    # Unlabelled UTF-8 was read as Latin-1 and indexed garbled ("Tráº§n^Thá»\x8b BÃ¬nh"),
+    # so "tran*" found nothing, and a query for the name found the wrong patients.
+    utf8 = dataset(Spec(patient_name="Trần^Thị Bình", study_description="Chụp CT"))
+    item = pydicom.Dataset()
+    item.ScheduledPerformingPhysicianName = "Lê^Văn Tám"
+    utf8.ReferencedStudySequence = [item]
+    raw = part10(utf8)
+    unlabelled = raw.replace(b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 192", b"")
+    latin = dataset(Spec(patient_name="Trén^Bình", study_description="Ça", series_description="é",
+                         referring="A^B"))
+    del latin.SpecificCharacterSet  # pydicom writes the text in Latin-1
+
+    header = parse_instance(unlabelled).header
+    latin_header = parse_instance(part10(latin)).header
+
+    assert unlabelled != raw and "00080005" not in header
+    assert header["00100010"]["Value"] == [{"Alphabetic": "Trần^Thị Bình"}]
+    assert header["00081030"]["Value"] == ["Chụp CT"]
+    assert header["00081110"]["Value"][0]["00400006"]["Value"] == [{"Alphabetic": "Lê^Văn Tám"}]
+    assert latin_header["00100010"]["Value"] == [{"Alphabetic": "Trén^Bình"}]
+    assert latin_header["00081030"]["Value"] == ["Ça"]
+
+
 def test_iso_2022_japanese_name_is_decoded(parsed_corpus):
     (_, _, parsed), *_ = _by_name(parsed_corpus, "chrH31.dcm")
     name = parsed.header["00100010"]["Value"][0]
