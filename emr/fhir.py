@@ -156,6 +156,23 @@ def mrn_issuer(system: str, default: str) -> str:
     return system
 
 
+def mrn_matches(system: str | None, issuer: str, default: str) -> bool:
+    """Whether a token search with ``system`` (None: none given) names an MRN of ``issuer``.
+
+    No system names every issuer (``BN001``); an empty one (``|BN001``, identifiers without a
+    system) the MRNs the EMR sent without an issuer; any other the MRNs whose identifier
+    :func:`mrn_system` writes with that system, and ``default`` also those it writes under
+    ``default`` (``…/mrn/BVDK``: the hospital's own namespaces). So an MRN is never found
+    with the system of another issuer."""
+    if system is None:
+        return True
+    if not system:
+        return not issuer
+    written = mrn_system(issuer, default)
+    return written == system or (system == default
+                                 and written.startswith(default.rstrip("/") + "/"))
+
+
 def readable_name(pn: str) -> str:
     """A PN as people write it: ``Nguyễn^Văn An`` is ``Nguyễn Văn An`` (family name first)."""
     for group in pn.split("="):  # alphabetic, else ideographic, else phonetic

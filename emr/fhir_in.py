@@ -42,6 +42,12 @@ from emr.model import (
 )
 from pacs.http_input import JsonNestedTooDeep, TooManyJsonValues, check_json_size, parse_json
 
+# ServiceRequest.status and .intent of an order the worklist may hand out (status is a
+# modifier element: draft and on-hold requests are not to be done; revoked, entered-in-error
+# and completed change an order, see _order).
+_SCHEDULABLE_STATUSES = {"active", "revoked", "entered-in-error", "completed"}
+_ORDER_INTENTS = {"order", "original-order", "reflex-order", "filler-order", "instance-order"}
+
 # What a body may hold before the models see it. Validating costs time and memory per value
 # (pydantic keeps an error per bad array item: 2 MiB of ``"note": [1,1,...]`` took 2 GB), and
 # the models recurse once per level. A ServiceRequest with its Patient holds a few hundred
@@ -270,19 +276,27 @@ def _order(request: dict, patient: PatientInfo) -> Order:
     if status not in REQUEST_STATUSES:
         raise FhirError(400, "value", f"Unknown ServiceRequest.status {status!r}.",
                         "ServiceRequest.status")
-    if status == "unknown":
-        raise FhirError(422, "not-supported", "A ServiceRequest with status 'unknown' cannot "
-                        "be scheduled; send its actual status.", "ServiceRequest.status")
+    if status not in _SCHEDULABLE_STATUSES:
+        # status is a modifier: a draft or an order on hold is not one to do, and no order
+        # status here says "not yet" (the worklist would hand it to the modality).
+        raise FhirError(422, "not-supported", f"A ServiceRequest with status {status!r} cannot "
+                        "be scheduled; send it when it is active (or revoked to cancel it).",
+                        "ServiceRequest.status")
     intent = request.get("intent")
-    if intent not in REQUEST_INTENTS:  # informational otherwise: any valid intent is accepted
+    if intent not in REQUEST_INTENTS:
         raise FhirError(400, "value", f"Unknown ServiceRequest.intent {intent!r}.",
+                        "ServiceRequest.intent")
+    if intent not in _ORDER_INTENTS:
+        raise FhirError(422, "not-supported", f"A ServiceRequest with intent {intent!r} is not "
+                        "an order to do; send intent 'order' (or one of its kinds: "
+                        f"{', '.join(sorted(_ORDER_INTENTS - {'order'}))}).",
                         "ServiceRequest.intent")
     priority = request.get("priority")
     if priority is not None and priority not in PRIORITIES:
         raise FhirError(400, "value", f"Unknown ServiceRequest.priority {priority!r}.",
                         "ServiceRequest.priority")
     identifiers = request.get("identifier") or []
-    accession = _identifier_value(identifiers, "ACSN", system_part="accession")
+    accession = next((i["value"] for i in _accession_identifiers(identifiers)), "")
     if not accession:
         raise FhirError(422, "required",
                         "The ServiceRequest has no accession number: give an identifier with "
@@ -323,15 +337,26 @@ def _order(request: dict, patient: PatientInfo) -> Order:
     )
 
 
-def _identifier_value(identifiers: list[dict], type_code: str, system_part: str = "") -> str:
-    for ident in identifiers:
-        if ident.get("value") and type_code in _type_codes(ident):
-            return ident["value"]
-    if system_part:
-        for ident in identifiers:
-            if ident.get("value") and system_part in (ident.get("system") or "").lower():
-                return ident["value"]
-    return ""
+def accession_systems(body: dict) -> set[str]:
+    """The identifier systems a ServiceRequest body that :func:`parse_service_request` took
+    gives its accession number under (a conditional create may name them)."""
+    request = body if body["resourceType"] == "ServiceRequest" else _request_in_bundle(body)[0]
+    return {i["system"] for i in _accession_identifiers(request.get("identifier") or [])
+            if i.get("system")}
+
+
+def _accession_identifiers(identifiers: list[dict]) -> list[dict]:
+    """The identifiers an accession number is read from, best first: of type ACSN, then of a
+    system that says so (``…/accession``)."""
+    valued = [i for i in identifiers if i.get("value")]
+    typed = [i for i in valued if "ACSN" in _type_codes(i)]
+    return typed + [i for i in valued if i not in typed
+                    and "accession" in (i.get("system") or "").lower()]
+
+
+def _identifier_value(identifiers: list[dict], type_code: str) -> str:
+    return next((i["value"] for i in identifiers
+                 if i.get("value") and type_code in _type_codes(i)), "")
 
 
 def _procedure(code: dict) -> tuple[str, str, str]:

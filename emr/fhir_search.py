@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 import sqlalchemy as sa
 from starlette.requests import Request
@@ -60,22 +60,53 @@ def _patient_condition(service: EmrService, settings, token: str) -> Any:
 
 def patients_by_identifier(service: EmrService, settings, token: str, count: int,
                             offset: int) -> tuple[list[tuple[int, PatientInfo]], int | None]:
-    """One page of the EMR patients an identifier token (with a value) names, and how many
-    there are: None when more follow this page (``find_patients`` neither skips nor counts,
-    so the rows up to the end of the page, and one more, are read to know)."""
+    """One page of the EMR patients an identifier token (with a value) names, merged-away ones
+    (ADT^A40) included, and how many there are: None when more follow this page
+    (``find_patients`` neither skips nor counts, so the rows up to the end of the page, and
+    one more, are read to know). An MRN matches by ``fhir.mrn_matches``."""
     system, value = parse_token(token)
     if system == fhir.CCCD_SYSTEM:
-        query: dict[str, Any] = {"cccd": value}
+        found = service.orders.find_patients(cccd=value, merged=True, limit=offset + count + 1)
     elif system in (fhir.BHYT_SYSTEM, fhir.LEGACY_BHYT_SYSTEM):
-        query = {"bhyt": value}
-    else:
-        issuer = fhir.mrn_issuer(system, settings.emr_mrn_system) if system else None
-        if issuer and not service.orders.find_patients(patient_id=value, issuer=issuer,
-                                                       limit=1):
-            issuer = ""  # the EMR sent no issuer for this patient
-        query = {"patient_id": value, "issuer": issuer}
-    found = service.orders.find_patients(**query, limit=offset + count + 1)
+        found = service.orders.find_patients(bhyt=value, merged=True, limit=offset + count + 1)
+    else:  # the records of one MRN are few (one per issuer): all of them, then the system's
+        found = [(pk, patient) for pk, patient in service.orders.find_patients(
+                     patient_id=value, merged=True, limit=None)
+                 if fhir.mrn_matches(system, patient.issuer, settings.emr_mrn_system)]
     return found[offset:offset + count], len(found) if len(found) <= offset + count else None
+
+
+def conditional_accessions(criteria: str, accession_systems: set[str]) -> set[str]:
+    """The accession numbers the ``If-None-Exist`` of a ServiceRequest create names:
+    ``identifier=[SYSTEM|]ACCESSION``, values separated by ``,`` for any of them, the parameter
+    repeated for all of them. ``FhirError`` 400 for any other parameter, and for a system
+    accession numbers are not read from (those of the body's accession identifiers, or one
+    that says ``accession``): the criteria would name something this server does not keep."""
+    params = parse_qsl(criteria, keep_blank_values=True)
+    if not params:
+        raise fhir.FhirError(400, "required", "If-None-Exist holds no search; give "
+                             "identifier=SYSTEM|ACCESSION", "identifier")
+    found: set[str] | None = None
+    for name, tokens in params:
+        if name != "identifier":
+            raise fhir.FhirError(400, "not-supported", f"If-None-Exist: search parameter "
+                                 f"{name!r} is not supported; a ServiceRequest is found by "
+                                 "identifier=SYSTEM|ACCESSION", name)
+        values = set()
+        for token in tokens.split(","):
+            system, value = parse_token(token)
+            if not value:
+                raise fhir.FhirError(400, "value", "If-None-Exist: identifier needs a value",
+                                     "identifier")
+            if system and system not in accession_systems \
+                    and "accession" not in system.lower():
+                raise fhir.FhirError(400, "not-supported", f"If-None-Exist: {system!r} is "
+                                     "not a system of accession numbers (the body's ACSN "
+                                     "identifier's, or one naming accession); orders are "
+                                     "found by accession number only", "identifier")
+            values.add(value)
+        found = values if found is None else found & values
+    return found or set()
 
 
 def search_page(params: list[tuple[str, str]]) -> tuple[int, int]:
@@ -184,12 +215,17 @@ def _period(text: str) -> tuple[dt.datetime, dt.datetime]:
 def _utc(moment: dt.datetime, later: dt.timedelta = dt.timedelta(0), *,
          to_first_day: bool = False, to_first_month: bool = False) -> dt.datetime:
     """``moment + later`` in UTC (the start of its month or year if asked), kept within what
-    ``datetime`` holds: the ends of year 9999 and the start of year 1 are open."""
+    ``datetime`` holds: past either end of the calendar it is that end (``later`` is never
+    negative)."""
     try:
         moved = moment + later
-        if to_first_day:
-            moved = moved.replace(day=1, month=1 if to_first_month else moved.month)
+    except OverflowError:  # past the end of year 9999
+        return dt.datetime.max.replace(tzinfo=dt.UTC)
+    if to_first_day:
+        moved = moved.replace(day=1, month=1 if to_first_month else moved.month)
+    try:
         return moved.astimezone(dt.UTC)
-    except OverflowError:
-        edge = dt.datetime.max if later or moment.year > 1 else dt.datetime.min
+    except OverflowError:  # within a day of an end: east of UTC before year 1, west after 9999
+        offset = moved.utcoffset() or dt.timedelta(0)
+        edge = dt.datetime.min if offset > dt.timedelta(0) else dt.datetime.max
         return edge.replace(tzinfo=dt.UTC)

@@ -39,6 +39,7 @@ ERROR_CODES = {
     "200": "Unsupported message type",
     "201": "Unsupported event code",
     "204": "Unknown key identifier",
+    "205": "Duplicate key identifier",
     "207": "Application internal error",
 }
 

@@ -18,6 +18,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import quote
 
 import anyio
 import sqlalchemy as sa
@@ -32,6 +33,7 @@ from emr.errors import InvalidResource, loggable
 from emr.fhir_format import FHIR_JSON, check_body_format, check_response_format
 from emr.fhir_search import (
     MAX_OFFSET,
+    conditional_accessions,
     find_studies,
     next_page_url,
     parse_token,
@@ -43,6 +45,7 @@ from emr.orders import (
     CancelRefused,
     InvalidOrder,
     OrderConflict,
+    StoredOrder,
     UnknownOrder,
     UnknownPatient,
     hhmmss,
@@ -102,7 +105,8 @@ def emr_routes(server) -> list[Route]:
                            "(1 MiB); a ServiceRequest with its Patient is a few KB.")
         try:
             stored = await anyio.to_thread.run_sync(
-                _apply_service_request, service, settings, raw, limiter=fhir_parsing)
+                _apply_service_request, service, settings, raw,
+                request.headers.get("if-none-exist"), limiter=fhir_parsing)
         except UnknownOrder as exc:
             return outcome(422, "not-found", str(exc), "ServiceRequest.identifier")
         except InvalidOrder as exc:
@@ -111,7 +115,7 @@ def emr_routes(server) -> list[Route]:
             return outcome(409, "conflict", str(exc), "ServiceRequest.status")
         except OrderConflict as exc:
             return outcome(409, "conflict", str(exc), "ServiceRequest.subject")
-        return fhir_response(_service_request(stored, settings), 201,
+        return fhir_response(_service_request(stored, settings), 201 if stored.created else 200,
                              {"Location": f"{fhir_base(request)}/ServiceRequest/{stored.pk}"})
 
     async def read_service_request(request: Request) -> Response:
@@ -162,8 +166,8 @@ def emr_routes(server) -> list[Route]:
         count, offset = search_page(params)
         found, total = await run_in_threadpool(patients_by_identifier, service, settings,
                                                token, count, offset)
-        entries = [fhir.patient_resource(info, str(pk), mrn_system=settings.emr_mrn_system)
-                   for pk, info in found]
+        entries = await run_in_threadpool(
+            lambda: [_patient(service, settings, pk, info) for pk, info in found])
         more = total is None
         return fhir_response(fhir.searchset(
             entries, total=total, self_url=str(request.url), base_url=fhir_base(request),
@@ -177,12 +181,7 @@ def emr_routes(server) -> list[Route]:
             info = await run_in_threadpool(service.orders.patient, pk)
         except NotFound:
             return outcome(404, "not-found", f"no Patient {request.path_params['id']}")
-        resource = fhir.patient_resource(info, str(pk), mrn_system=settings.emr_mrn_system)
-        survivor = await run_in_threadpool(service.orders.merged_into, pk)
-        if survivor is not None:  # merged away (ADT^A40): say where the record went
-            resource = {**resource, "active": False, "link": [
-                {"other": {"reference": f"Patient/{survivor}"}, "type": "replaced-by"}]}
-        return fhir_response(resource)
+        return fhir_response(await run_in_threadpool(_patient, service, settings, pk, info))
 
     # ------------------------------------------------------------------ JSON API
 
@@ -209,7 +208,7 @@ def emr_routes(server) -> list[Route]:
         except OrderConflict as exc:
             return _error(409, str(exc))
         return JSONResponse(order_json(stored), status_code=201,
-                            headers={"Location": f"/api/orders/{stored.order.accession_number}"})
+                            headers={"Location": _order_path(stored.order.accession_number)})
 
     async def list_orders(request: Request) -> Response:
         params = request.query_params
@@ -300,6 +299,8 @@ def emr_routes(server) -> list[Route]:
             return _error(415 if "application/json" in str(exc) else 400, str(exc))
         except NotFound as exc:
             return _error(404, str(exc))
+        except OrderConflict as exc:
+            return _error(409, str(exc))
         return JSONResponse(dataclasses.asdict(link))
 
     async def dismiss_study(request: Request) -> Response:
@@ -382,8 +383,10 @@ def emr_routes(server) -> list[Route]:
     api_routes = [
         Route("/api/orders", create_order, methods=["POST"]),
         Route("/api/orders", list_orders),
-        Route("/api/orders/{accession}", get_order),
-        Route("/api/orders/{accession}/cancel", cancel_order, methods=["POST"]),
+        # An accession number may hold "/" (sent as such or as %2F, which is decoded before
+        # routing): the routes take the rest of the path, before "/cancel" for a cancel.
+        Route("/api/orders/{accession:path}/cancel", cancel_order, methods=["POST"]),
+        Route("/api/orders/{accession:path}", get_order),
         Route("/api/patients", save_patient, methods=["POST"]),
         Route("/api/patients/merge", merge_patients, methods=["POST"]),
         Route("/api/emr/unmatched", unmatched),
@@ -419,6 +422,12 @@ ERROR_BODIES = {"/fhir": fhir_error}
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"status": status, "message": message}, status_code=status)
+
+
+def _order_path(accession_number: str) -> str:
+    """The JSON API's address of an order, percent-encoded (RFC 3986): an accession number
+    may hold "/", "#", non-ASCII letters (``BỆNH-02``), which a header cannot carry."""
+    return f"/api/orders/{quote(accession_number, safe='')}"
 
 
 def _row_key(text: str) -> int | None:
@@ -518,12 +527,34 @@ def order_from_json(body: dict[str, Any]) -> Order:
 # ---------------------------------------------------------------------------- FHIR searches
 
 
-def _apply_service_request(service: EmrService, settings, raw: bytes):
+def _apply_service_request(service: EmrService, settings, raw: bytes,
+                           if_none_exist: str | None) -> StoredOrder:
     """Read, validate and apply a ServiceRequest body; run in a worker thread (a body at the
-    limits of ``fhir_in.read_json`` takes up to 0.7 s to validate)."""
+    limits of ``fhir_in.read_json`` takes up to 0.7 s to validate).
+
+    A conditional create (``If-None-Exist``, FHIR R4 http.html#ccreate) that finds its order
+    applies nothing and answers that order; finding several is 412."""
     body = fhir_in.read_json(raw)
     order = fhir_in.parse_service_request(body, mrn_system=settings.emr_mrn_system)
+    if if_none_exist is not None:
+        found = service.orders.by_accessions(
+            conditional_accessions(if_none_exist, fhir_in.accession_systems(body)))
+        if len(found) > 1:
+            raise fhir.FhirError(412, "multiple-matches", f"If-None-Exist matches {len(found)} "
+                                 "ServiceRequests; nothing was applied")
+        if found:
+            return next(iter(found.values()))
     return service.apply_order(order)
+
+
+def _patient(service: EmrService, settings, pk: int, info: PatientInfo) -> dict:
+    """The Patient resource of an EMR patient; one merged away (ADT^A40) says where it went."""
+    resource = fhir.patient_resource(info, str(pk), mrn_system=settings.emr_mrn_system)
+    survivor = service.orders.merged_into(pk)
+    if survivor is not None:
+        resource = {**resource, "active": False, "link": [
+            {"other": {"reference": f"Patient/{survivor}"}, "type": "replaced-by"}]}
+    return resource
 
 
 def _service_request(stored, settings) -> dict:

@@ -232,14 +232,34 @@ class StudyLinker:
     def resolve(self, study_uid: str, accession_number: str, *,
                 move_to_order_patient: bool = True) -> StudyLink:
         """Staff link a study to an order by hand; the study moves to the order's patient
-        (index and metadata) unless told not to."""
+        (index and metadata) unless told not to. Refused (``OrderConflict``) before anything
+        is written: see ``_check_linkable``."""
         if self._study_facts(study_uid) is None:
             raise NotFound(f"no study {study_uid}")
-        order = self.orders.get(accession_number)  # UnknownOrder if there is none
-        with self._linking:
+        with self._linking:  # no study is linked by its own between the checks and the link
+            order = self.orders.get(accession_number)  # UnknownOrder if there is none
+            self._check_linkable(study_uid, order)
             if move_to_order_patient:
                 reassign_study(self.archive, study_uid, demographics(order.order.patient))
             return self._link(study_uid, order, "manual", correct=False)
+
+    def _check_linkable(self, study_uid: str, order: StoredOrder) -> None:
+        """``OrderConflict`` for a manual link the EMR could not take back: to a cancelled
+        order (its result would report a procedure the EMR withdrew), or of a study linked to
+        another order already (its result went out for that order, and nothing withdraws
+        it). Linking again to the same order is allowed (it changes nothing)."""
+        accession = order.order.accession_number
+        if order.status is OrderStatus.CANCELLED:
+            raise OrderConflict(f"order {accession} was cancelled; a study cannot be linked "
+                                "to it (order it again, or link the study to another order)",
+                                field="accession_number")
+        current = self.link_of(study_uid)
+        if current is not None and current.state == LINKED and current.order_pk != order.pk:
+            linked = self.orders.get_by_pk(current.order_pk).order.accession_number
+            raise OrderConflict(f"study {study_uid} is linked to {linked} already; its result "
+                                "was reported for that order, and a link cannot be undone "
+                                "here (correct the order in the EMR instead)",
+                                field="accession_number")
 
     def dismiss(self, study_uid: str) -> StudyLink:
         """Take a study out of the unmatched queue without an order (e.g. a test scan).

@@ -52,26 +52,54 @@ class StoredOrder:
     patient_pk: int
     created_at: dt.datetime
     updated_at: dt.datetime
+    created: bool = False  # made by the call that answered it (``OrderStore.apply``)
 
     @property
     def status(self) -> OrderStatus:
         return self.order.status
 
 
-class UnknownOrder(NotFound):
+class OrderRefusal(Exception):
+    """What every refusal of an order or patient says besides its text, for the ways in to
+    answer with: ``field`` is the value at fault as ``emr.model`` names it
+    (``accession_number``, ``patient.birth_date``; "" when none is), ``error_code`` the HL7
+    table 0357 condition (ERR-3)."""
+
+    error_code = "207"  # Application internal error
+
+    def __init__(self, message: str, *, field: str = "", error_code: str = "") -> None:
+        super().__init__(message)
+        self.field = field
+        self.error_code = error_code or self.error_code
+
+
+class UnknownOrder(OrderRefusal, NotFound):
     """A message refers to an order this server never received."""
 
+    error_code = "204"  # Unknown key identifier
 
-class UnknownPatient(NotFound):
+
+class UnknownPatient(OrderRefusal, NotFound):
     """A merge names a prior patient that neither the EMR sent nor the archive has images of."""
 
+    error_code = "204"
 
-class InvalidOrder(ValueError):
+
+class InvalidOrder(OrderRefusal, ValueError):
     """An order or patient that cannot be kept as it is (a value too long for DICOM...)."""
 
+    error_code = "102"  # Data type error
 
-class OrderConflict(ValueError):
-    """A change that would attribute images already linked to the order to someone else."""
+
+class OrderConflict(OrderRefusal, ValueError):
+    """A change that would attribute an order, or images already linked to it, to someone
+    else."""
+
+
+class DuplicateOrder(OrderConflict):
+    """A new order whose accession number is that of an order of another patient."""
+
+    error_code = "205"  # Duplicate key identifier
 
 
 class CancelRefused(OrderConflict):
@@ -81,6 +109,8 @@ class CancelRefused(OrderConflict):
 class InvalidMerge(InvalidOrder):
     """A merge that cannot be done as asked: the prior and surviving patient are one patient,
     or the surviving patient was merged into the prior one before (an unmerge)."""
+
+    error_code = "207"
 
 
 # Longest values DICOM can carry (PS3.5 VRs) for what goes to the worklist, and column sizes.
@@ -100,27 +130,33 @@ _ORDER_NAMES = ("referring_physician", "performing_physician")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
-def _check_text(name: str, value: str, limit: int | None, *, key: bool = False) -> None:
+def _invalid(field: str, problem: str, error_code: str = "") -> InvalidOrder:
+    """``InvalidOrder`` for the value ``field`` (``patient.sex``), worded ``patient sex: …``."""
+    return InvalidOrder(f"{field.replace('.', ' ')}: {problem}", field=field,
+                        error_code=error_code)
+
+
+def _check_text(field: str, value: str, limit: int | None, *, key: bool = False) -> None:
     """Refuse what no DICOM string can hold: control characters, the value delimiter ``\\``,
     more than ``limit`` characters; for a key also the wildcards ``*`` and ``?``."""
     if _CONTROL.search(value):
-        raise InvalidOrder(f"{name}: must not contain control characters")
+        raise _invalid(field, "must not contain control characters")
     if "\\" in value:
-        raise InvalidOrder(f"{name}: must not contain a backslash (the DICOM value delimiter)")
+        raise _invalid(field, "must not contain a backslash (the DICOM value delimiter)")
     if key and ("*" in value or "?" in value):
-        raise InvalidOrder(f"{name}: must not contain * or ? (wildcards in DICOM queries)")
+        raise _invalid(field, "must not contain * or ? (wildcards in DICOM queries)")
     if limit is not None and len(value) > limit:
-        raise InvalidOrder(f"{name}: at most {limit} characters (DICOM)")
+        raise _invalid(field, f"at most {limit} characters (DICOM)")
 
 
-def _check_person_name(name: str, value: str) -> None:
+def _check_person_name(field: str, value: str) -> None:
     """PN: at most three component groups (``=``) of at most 64 characters each."""
-    _check_text(name, value, None)
+    _check_text(field, value, None)
     groups = value.split("=")
     if len(groups) > 3:
-        raise InvalidOrder(f"{name}: at most three component groups (DICOM PN)")
+        raise _invalid(field, "at most three component groups (DICOM PN)")
     if any(len(group) > 64 for group in groups):
-        raise InvalidOrder(f"{name}: at most 64 characters per component group (DICOM PN)")
+        raise _invalid(field, "at most 64 characters per component group (DICOM PN)")
 
 
 def valid_date(value: str) -> bool:
@@ -153,21 +189,22 @@ def hhmmss(value: str) -> str:
 def check_patient(patient: PatientInfo) -> None:
     """Refuse a patient whose values do not fit (``InvalidOrder``, naming the field)."""
     if not patient.patient_id.strip():
-        raise InvalidOrder("patient_id: required (the hospital's MRN)")
+        raise InvalidOrder("patient_id: required (the hospital's MRN)", field="patient.patient_id",
+                           error_code="101")
     for name, value in dataclasses.asdict(patient).items():
         if name == "name":
-            _check_person_name("patient name", value)
+            _check_person_name("patient.name", value)
         else:
-            _check_text(f"patient {name}", value, _PATIENT_LIMITS.get(name),
+            _check_text(f"patient.{name}", value, _PATIENT_LIMITS.get(name),
                         key=name == "patient_id")
     if patient.birth_date and not valid_date(patient.birth_date):
-        raise InvalidOrder("patient birth_date: not a real date (YYYYMMDD)")
+        raise _invalid("patient.birth_date", "not a real date (YYYYMMDD)")
 
 
 def check_order(order: Order) -> None:
     """Refuse an order whose values do not fit what the worklist must send."""
     if not order.accession_number.strip():
-        raise InvalidOrder("accession_number: required")
+        raise _invalid("accession_number", "required", "101")  # Required field missing
     for field in dataclasses.fields(Order):
         value = getattr(order, field.name)
         if not isinstance(value, str) or field.name == "source":
@@ -178,11 +215,11 @@ def check_order(order: Order) -> None:
             _check_text(field.name, value, _ORDER_LIMITS.get(field.name),
                         key=field.name in _ORDER_KEYS)
     if order.scheduled_date and not valid_date(order.scheduled_date):
-        raise InvalidOrder("scheduled_date: not a real date (YYYYMMDD)")
+        raise _invalid("scheduled_date", "not a real date (YYYYMMDD)")
     if order.scheduled_time and not valid_time(order.scheduled_time):
-        raise InvalidOrder("scheduled_time: not a real time of day (HHMMSS)")
+        raise _invalid("scheduled_time", "not a real time of day (HHMMSS)")
     if order.study_instance_uid and not is_valid_uid(order.study_instance_uid):
-        raise InvalidOrder("study_instance_uid: not a DICOM UID (digits and dots, at most 64)")
+        raise _invalid("study_instance_uid", "not a DICOM UID (digits and dots, at most 64)")
     check_patient(order.patient)
 
 
@@ -267,9 +304,11 @@ class OrderStore:
                                 .where(emr_patients.c.pk == pk)).scalar()
 
     def find_patients(self, *, patient_id: str = "", issuer: str | None = None, cccd: str = "",
-                      bhyt: str = "", limit: int = 100) -> list[tuple[int, PatientInfo]]:
-        """Patients by MRN (optionally with issuer), national ID or insurance number."""
-        conditions = [emr_patients.c.merged_into_pk.is_(None)]
+                      bhyt: str = "", merged: bool = False, limit: int | None = 100
+                      ) -> list[tuple[int, PatientInfo]]:
+        """Patients by MRN (optionally with issuer), national ID or insurance number; those
+        merged away (ADT^A40) too when ``merged``."""
+        conditions = [] if merged else [emr_patients.c.merged_into_pk.is_(None)]
         if patient_id:
             conditions.append(emr_patients.c.patient_id == patient_id)
             if issuer is not None:
@@ -286,41 +325,42 @@ class OrderStore:
     # ------------------------------------------------------------------ orders
 
     def apply(self, order: Order) -> StoredOrder:
-        """Create, update or cancel an order as ``order.control`` says (idempotent).
+        """Create, update or cancel an order as ``order.control`` says (idempotent); the
+        order as stored, ``created`` if this call made it.
 
-        NEW for an existing accession number updates it; UPDATE of an unknown order creates
-        it (the EMR knows best); CANCEL of an unknown order raises ``UnknownOrder``."""
+        NEW for an existing accession number of the same patient updates it, of another
+        patient raises ``DuplicateOrder`` (only an UPDATE moves an order to another patient,
+        and only while no images are linked to it: ``OrderConflict``); UPDATE of an unknown
+        order creates it (the EMR knows best); CANCEL of an unknown order raises
+        ``UnknownOrder``."""
         if order.control is not OrderControl.CANCEL:
             check_order(order)
-        retry_on_conflict(lambda: self._apply(order))
-        return self.get(order.accession_number)
+        created = retry_on_conflict(lambda: self._apply(order))
+        return dataclasses.replace(self.get(order.accession_number), created=created)
 
-    def _apply(self, order: Order) -> None:
+    def _apply(self, order: Order) -> bool:
         with self.index.write_core() as conn:
             existing = conn.execute(sa.select(orders).where(
                 orders.c.accession_number == order.accession_number)).first()
             if order.control is OrderControl.CANCEL:
                 if existing is None:
                     raise UnknownOrder(f"no order with accession number "
-                                       f"{order.accession_number} to cancel")
+                                       f"{order.accession_number} to cancel",
+                                       field="accession_number")
                 _check_cancellable(conn, existing)
                 conn.execute(orders.update().where(orders.c.pk == existing.pk).values(
                     status=OrderStatus.CANCELLED.value, updated_at=utc_now()))
-            else:
-                patient_pk = _save_patient(conn, order.patient)
-                if existing is not None and existing.patient_pk != patient_pk \
-                        and _has_linked_studies(conn, existing.pk):
-                    raise OrderConflict(
-                        f"order {order.accession_number} has images linked already; it cannot "
-                        "move to another patient (cancel it and order again, or correct the "
-                        "patient with ADT)")
-                if existing is None:
-                    _insert_order(conn, order, patient_pk)
-                else:
-                    if order.control is OrderControl.UPDATE \
-                            and order.status is OrderStatus.CANCELLED:
-                        _check_cancellable(conn, existing)  # XO with ORC-5 CA cancels too
-                    _update_order(conn, existing, order, patient_pk)
+                return False
+            patient_pk = _save_patient(conn, order.patient)
+            if existing is None:
+                _insert_order(conn, order, patient_pk)
+                return True
+            if existing.patient_pk != patient_pk:
+                _check_movable(conn, existing, order)
+            if order.control is OrderControl.UPDATE and order.status is OrderStatus.CANCELLED:
+                _check_cancellable(conn, existing)  # XO with ORC-5 CA cancels too
+            _update_order(conn, existing, order, patient_pk)
+            return False
 
     def normalise_scheduled_times(self) -> int:
         """Give seconds to stored scheduled times without them (``0830``, kept so before
@@ -444,8 +484,21 @@ _WORKLIST_TEXT_KEYS = {
 # ---------------------------------------------------------------------------- rows
 
 
-
-
+def _check_movable(conn: Connection, existing: Any, order: Order) -> None:
+    """Refuse moving an order to another patient unless the EMR said so (an UPDATE: a NEW
+    reusing another patient's accession number is more likely a mix-up than a correction),
+    and always once images are linked to it: they would be reported as someone else's."""
+    if order.control is OrderControl.NEW:
+        raise DuplicateOrder(
+            f"accession number {order.accession_number} is an order of another patient "
+            "already; a new order needs an accession number of its own (to move the order "
+            "to this patient, send an update: HL7 XO, or the JSON API's control update)",
+            field="accession_number")
+    if _has_linked_studies(conn, existing.pk):
+        raise OrderConflict(
+            f"order {order.accession_number} has images linked already; it cannot move to "
+            "another patient (cancel it and order again, or correct the patient with ADT)",
+            field="patient.patient_id")
 
 
 def _check_cancellable(conn: Connection, existing: Any) -> None:
@@ -457,7 +510,7 @@ def _check_cancellable(conn: Connection, existing: Any) -> None:
         raise CancelRefused(
             f"order {existing.accession_number} cannot be cancelled: its images are in the "
             "PACS and linked to it (the procedure was done); correct the order (XO) instead,"
-            " or have staff link the study to the right order first")
+            " or have staff link the study to the right order first", field="control")
 
 
 def _has_linked_studies(conn: Connection, order_pk: int) -> bool:

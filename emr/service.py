@@ -22,8 +22,7 @@ from emr.model import Order, OrderStatus, PatientMerge, PatientUpdate, StudyResu
 from emr.orders import (
     CancelRefused,
     InvalidMerge,
-    InvalidOrder,
-    OrderConflict,
+    OrderRefusal,
     OrderStore,
     StoredOrder,
     UnknownPatient,
@@ -59,6 +58,20 @@ UNREPORTED_LOOKBACK = dt.timedelta(days=7)
 # to ~90 MB and a second to split; under the GIL more at once are no faster, only bigger (eight
 # took 550 MB), and each MLLP connection has a thread of its own.
 _HL7_PARSING = 2
+# Where HL7 orders and ADT carry the values of emr.model (emr.hl7v2 reads them; the field most
+# HIS fill where there are several): ERR-2 of a refusal that names one.
+_HL7_FIELDS = {
+    "accession_number": "OBR-18", "control": "ORC-1", "placer_order_number": "ORC-2",
+    "filler_order_number": "ORC-3", "requested_procedure_id": "OBR-19",
+    "scheduled_step_id": "OBR-20", "station_ae_title": "OBR-21", "modality": "OBR-24",
+    "scheduled_date": "OBR-36", "scheduled_time": "OBR-36", "procedure_code": "OBR-4",
+    "procedure_code_system": "OBR-4", "procedure_description": "OBR-4", "reason": "OBR-31",
+    "priority": "OBR-27", "referring_physician": "ORC-12", "performing_physician": "OBR-34",
+    "study_instance_uid": "IPC-3", "station_name": "IPC-7",
+    "patient.patient_id": "PID-3", "patient.issuer": "PID-3", "patient.cccd": "PID-3",
+    "patient.bhyt": "PID-3", "patient.name": "PID-5", "patient.birth_date": "PID-7",
+    "patient.sex": "PID-8", "patient.address": "PID-11", "patient.phone": "PID-13",
+}
 
 
 class EmrService:
@@ -189,11 +202,11 @@ class EmrService:
             log.warning("HL7 message %s not applied: the order has images, cancel refused",
                         header.control_id if header else "?")
             answer = self._ack(header, "AE", f"{exc} (không hủy được chỉ định đã chụp)",
-                               "ORC-1")
-        except (NotFound, InvalidOrder, OrderConflict) as exc:
+                               *_hl7_error(exc))
+        except (NotFound, OrderRefusal) as exc:
             log.warning("HL7 message %s not applied: %s", header.control_id if header else "?",
                         type(exc).__name__)
-            answer = self._ack(header, "AE", str(exc))
+            answer = self._ack(header, "AE", str(exc), *_hl7_error(exc))
         except Exception as exc:
             # Database errors quote their parameters (patient names): the type only, above
             # DEBUG.
@@ -347,6 +360,14 @@ def emr_counts(index: Index) -> dict[str, dict[str, int]]:
             return {str(key): count for key, count in conn.execute(statement)}
     return {"orders": by(orders.c.status), "studies": by(study_links.c.state),
             "deliveries": by(deliveries.c.state)}
+
+
+def _hl7_error(exc: Exception) -> tuple[str, str]:
+    """ERR-2 and ERR-3 of a refusal: where its value travels in the message, and its HL7
+    table 0357 code (both empty when the refusal does not say)."""
+    if isinstance(exc, OrderRefusal):
+        return _HL7_FIELDS.get(exc.field, ""), exc.error_code
+    return "", ""
 
 
 def _fhir_id(study_uid: str) -> str:

@@ -23,6 +23,7 @@ import time
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
+from urllib.parse import quote
 
 import hl7
 import httpx
@@ -430,6 +431,64 @@ def test_nw_reusing_a_linked_accession_for_another_patient_does_not_relabel_the_
         "the images of patient A are reported to the EMR as patient B's"
 
 
+# Review: a new order (HL7 NW, FHIR ServiceRequest, JSON) reusing the accession number of an
+# order of another patient, with no images linked yet, silently moved that order to the new
+# patient (emr/orders.py:OrderStore._apply).
+def test_a_new_order_reusing_another_patients_accession_is_refused_by_every_way_in(site):
+    accession, first, second = unique("DK"), unique("BNA"), unique("BNB")
+    assert ack_code(send_hl7(site.server, orm(accession, patient_id=first))) == "AA"
+
+    ack = send_hl7(site.server, orm(accession, patient_id=second, name="Đỗ^Thị Hai"))
+    posted = api(site, "POST", "/api/orders", json={"accession_number": accession,
+                                                    "patient": {"patient_id": second}})
+    fhir = api(site, "POST", "/fhir/ServiceRequest", json=_service_request(accession),
+               headers={"Content-Type": "application/fhir+json"})
+
+    assert ack_code(ack) == "AE"
+    assert str(ack.segment("ERR")[2]) == "OBR^1^18"
+    assert str(ack.segment("ERR")[3]).split("^")[0] == "205"  # Duplicate key identifier
+    assert posted.status_code == 409, posted.text
+    assert fhir.status_code == 409
+    assert fhir.json()["issue"][0]["expression"] == ["ServiceRequest.subject"]
+    assert api(site, "GET", f"/api/orders/{accession}").json()["patient"]["patient_id"] == first
+
+
+def test_an_update_still_moves_an_order_without_images_to_another_patient(site):
+    accession, first, second, third = unique("MV"), unique("BNA"), unique("BNB"), unique("BNC")
+    assert ack_code(send_hl7(site.server, orm(accession, patient_id=first))) == "AA"
+
+    ack = send_hl7(site.server, orm(accession, patient_id=second, control="XO"))
+    assert ack_code(ack) == "AA"
+    assert api(site, "GET", f"/api/orders/{accession}").json()["patient"]["patient_id"] == second
+    moved = api(site, "POST", "/api/orders", json={
+        "accession_number": accession, "control": "update", "patient": {"patient_id": third}})
+    assert moved.status_code in (200, 201), moved.text
+    assert moved.json()["patient"]["patient_id"] == third
+
+
+# Review: orders refused for their data (emr.orders.check_order, a cancel of an unknown order)
+# were answered AE with an empty ERR-2 and ERR-3 207 (Application internal error).
+@pytest.mark.parametrize(("case", "location", "code"), [
+    ("accession of 18 characters", "OBR^1^18", "102"),
+    ("wildcard in the MRN", "PID^1^3", "102"),
+    ("cancel of an unknown order", "OBR^1^18", "204"),
+])
+def test_an_order_refused_for_its_data_names_the_field_and_the_hl7_error_code(site, case,
+                                                                             location, code):
+    accession, patient = unique("ER"), unique("BNE")
+    message = {"accession of 18 characters": orm("CDHA" + accession + "XXXXXX",
+                                                 patient_id=patient),
+               "wildcard in the MRN": orm(accession, patient_id=patient + "*"),
+               "cancel of an unknown order": orm(accession, patient_id=patient, control="CA"),
+               }[case]
+
+    ack = send_hl7(site.server, message)
+
+    assert ack_code(ack) == "AE"
+    err = ack.segment("ERR")
+    assert (str(err[2]), str(err[3]).split("^")[0]) == (location, code), str(err)
+
+
 # Review: the JSON API refuses accession numbers over 16 characters (DICOM SH), but HL7
 # (emr/hl7v2.py:_order) and FHIR take them, and the worklist then hands the modality an
 # AccessionNumber it cannot hold; the modality truncates it and the study never links.
@@ -550,7 +609,8 @@ def test_a40_sent_again_is_answered_aa_again(site, tmp_path, dcmtk_env):
                                                   prior=prior))) == "AA"
     assert qido_patient_id(site, spec.study_uid) == surviving
     assert _patient_level(site, tmp_path, dcmtk_env, prior) == []
-    assert api(site, "GET", "/fhir/Patient", params={"identifier": prior}).json()["total"] == 0
+    [entry] = api(site, "GET", "/fhir/Patient", params={"identifier": prior}).json()["entry"]
+    assert entry["resource"]["active"] is False  # the record merged away, kept for history
 
 
 def test_a40_naming_the_surviving_patient_as_prior_changes_nothing(site, tmp_path, dcmtk_env):
@@ -619,9 +679,10 @@ def test_a40_undoing_an_earlier_merge_is_ae_and_changes_nothing(site):
     assert merged.status_code == 400 and "merged into the prior" in merged.json()["message"]
     assert [qido_patient_id(site, s.study_uid) for s in (spec_a, spec_b)] == [b, b]
     assert api(site, "GET", f"/api/orders/{accession}").json()["patient"]["patient_id"] == b
-    assert api(site, "GET", "/fhir/Patient", params={"identifier": a}).json()["total"] == 0
+    [entry] = api(site, "GET", "/fhir/Patient", params={"identifier": a}).json()["entry"]
+    assert entry["resource"]["active"] is False  # still merged into B
     [entry] = api(site, "GET", "/fhir/Patient", params={"identifier": b}).json()["entry"]
-    assert entry["resource"]["name"][0]["family"] == "Hồ"
+    assert entry["resource"]["name"][0]["family"] == "Hồ" and "active" not in entry["resource"]
 
 
 # Review: after ADT^A40 the prior patient's FHIR resource (emr/http.py:read_patient) still
@@ -634,7 +695,8 @@ def test_fhir_read_of_a_merged_away_patient_says_where_it_went(site):
     prior_id = entry["resource"]["id"]
     assert ack_code(send_hl7(site.server, adt("A40", surviving, "Kiều^Văn Lẻ",
                                               prior=prior))) == "AA"
-    assert api(site, "GET", "/fhir/Patient", params={"identifier": prior}).json()["total"] == 0
+    [found] = api(site, "GET", "/fhir/Patient", params={"identifier": prior}).json()["entry"]
+    assert found["resource"]["active"] is False
 
     read = api(site, "GET", f"/fhir/Patient/{prior_id}")
 
@@ -979,7 +1041,10 @@ def test_an_unmatched_study_deleted_and_sent_again_corrected_is_linked(site):
         "the corrected study stays in the unmatched queue"
 
 
-def test_manual_link_to_another_patients_order_and_back(site):
+# Review: a study linked by hand could be linked again to another order: each link sent a
+# result to the EMR, nothing withdrew the first, and the study moved patients each time.
+def test_manual_link_moves_the_study_to_the_orders_patient_and_cannot_be_redone_elsewhere(
+        site):
     first_order, second_order = unique("MA"), unique("MB")
     first, second = unique("BN1"), unique("BN2")
     assert ack_code(send_hl7(site.server, orm(first_order, patient_id=first,
@@ -989,21 +1054,46 @@ def test_manual_link_to_another_patients_order_and_back(site):
     spec = Spec(patient_id="TEMP-" + unique(""), patient_name="KHONG TEN", accession="")
     stow_study(site, spec, 2)
     wait_for(lambda: link_state(site, spec.study_uid) == "unmatched", what="unmatched")
+    linked = api(site, "POST", f"/api/emr/unmatched/{spec.study_uid}/link",
+                 json={"accession_number": second_order})
+    assert linked.status_code == 200 and linked.json()["state"] == "linked"
 
-    for accession, patient in ((second_order, second), (first_order, first)):
-        linked = api(site, "POST", f"/api/emr/unmatched/{spec.study_uid}/link",
-                     json={"accession_number": accession})
-        assert linked.status_code == 200 and linked.json()["state"] == "linked"
-        assert qido_patient_id(site, spec.study_uid) == patient
+    again = api(site, "POST", f"/api/emr/unmatched/{spec.study_uid}/link",
+                json={"accession_number": first_order})
+    same = api(site, "POST", f"/api/emr/unmatched/{spec.study_uid}/link",
+               json={"accession_number": second_order})
 
-    assert api(site, "GET", f"/api/orders/{first_order}").json()["studies"] == [spec.study_uid]
-    assert api(site, "GET", f"/api/orders/{second_order}").json()["studies"] == []
+    assert again.status_code == 409
+    assert f"linked to {second_order} already" in again.json()["message"]
+    assert same.status_code == 200  # the same link again changes nothing
+    assert qido_patient_id(site, spec.study_uid) == second
+    assert api(site, "GET", f"/api/orders/{second_order}").json()["studies"] == [spec.study_uid]
+    assert api(site, "GET", f"/api/orders/{first_order}").json()["studies"] == []
     study = api(site, "GET", f"/fhir/ImagingStudy/{spec.study_uid}").json()
-    assert study["subject"]["display"] == "Hồ Văn Nhất"
-    assert api(site, "GET", "/fhir/ImagingStudy",
-               params={"patient.identifier": f"{CCCD_SYSTEM}|079000000222"}).json()["total"] == 0
+    assert study["subject"]["display"] == "Hồ Thị Nhì"
     metadata = api(site, "GET", f"/dicomweb/studies/{spec.study_uid}/metadata").json()
-    assert {m["00100020"]["Value"][0] for m in metadata} == {first}
+    assert {m["00100020"]["Value"][0] for m in metadata} == {second}
+
+
+# Review: a study could be linked by hand to a cancelled order, and an ORU went out for it.
+def test_manual_link_to_a_cancelled_order_is_409_and_changes_nothing(site):
+    accession, patient = unique("MC"), unique("BNC")
+    assert ack_code(send_hl7(site.server, orm(accession, patient_id=patient))) == "AA"
+    assert api(site, "POST", f"/api/orders/{accession}/cancel").status_code == 200
+    spec = Spec(patient_id="TEMP-" + unique(""), patient_name="KHONG TEN", accession="")
+    stow_study(site, spec, 1)
+    wait_for(lambda: link_state(site, spec.study_uid) == "unmatched", what="unmatched")
+
+    refused = api(site, "POST", f"/api/emr/unmatched/{spec.study_uid}/link",
+                  json={"accession_number": accession})
+
+    assert refused.status_code == 409
+    assert "cancelled" in refused.json()["message"]
+    assert link_state(site, spec.study_uid) == "unmatched"
+    assert qido_patient_id(site, spec.study_uid) == spec.patient_id  # not moved first
+    time.sleep(1.5)  # a result would be owed at once
+    assert deliveries(site, spec.study_uid) == []
+    assert not site.hl7_in.about(accession)
 
 
 # Review: deleting a linked study (DELETE /dicomweb/studies/{uid}) leaves its study_links row:
@@ -1452,6 +1542,27 @@ def test_json_order_api_refuses_bad_input_and_cancel_is_idempotent(site):
         assert cancelled.status_code == 200 and cancelled.json()["status"] == "CANCELLED"
 
 
+# Review: POST /api/orders of a Vietnamese accession number answered 500 after the order was
+# saved (emr/http.py:create_order: a header cannot carry "Ệ"); one with "/" was saved but
+# /api/orders/{accession} could not read or cancel it.
+@pytest.mark.parametrize("prefix", ["BỆNH-", "X/Y-", "A#"])
+def test_an_order_whose_accession_needs_escaping_in_a_url_is_reachable_at_its_location(
+        site, prefix):
+    accession = prefix + unique("")
+
+    created = api(site, "POST", "/api/orders", json={
+        "accession_number": accession, "patient": {"patient_id": unique("BNU")}})
+
+    assert created.status_code == 201, created.text
+    location = created.headers["location"]
+    assert location == "/api/orders/" + quote(accession, safe="")
+    assert api(site, "GET", location).json()["accession_number"] == accession
+    if "#" not in accession:  # "#" starts the fragment, so only the escaped form is the order
+        assert api(site, "GET", f"/api/orders/{accession}").status_code == 200
+    cancelled = api(site, "POST", location + "/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "CANCELLED"
+
+
 def test_the_same_order_created_many_times_at_once_is_one_order(site):
     accession, patient = unique("JP"), unique("BNK")
     body = {"accession_number": accession, "modality": "MR",
@@ -1769,6 +1880,23 @@ def test_last_updated_at_the_ends_of_the_calendar_is_answered(site, value):
     answer = api(site, "GET", "/fhir/ImagingStudy", params={"_lastUpdated": value})
 
     assert answer.status_code == 200, answer.text[:200]
+
+
+# Review: an instant before year 1 in UTC (the first of year 1 east of UTC) was taken for the
+# end of the calendar when it overflowed (emr/fhir_search.py:_utc): le and eq found every
+# study, gt none.
+@pytest.mark.parametrize(("prefix", "finds_all"), [("le", False), ("eq", False), ("lt", False),
+                                                   ("gt", True), ("ge", True), ("ne", True)])
+def test_last_updated_before_the_calendar_in_utc_is_before_every_study(site, prefix,
+                                                                       finds_all):
+    stow_study(site, Spec(patient_id=unique("LU"), accession=""))
+    every = api(site, "GET", "/fhir/ImagingStudy").json()["total"]
+
+    answer = api(site, "GET", "/fhir/ImagingStudy",
+                 params={"_lastUpdated": prefix + "0001-01-01T00:00:00+14:00"})
+
+    assert answer.status_code == 200, answer.text[:200]
+    assert answer.json()["total"] == (every if finds_all else 0)
 
 
 # ============================================================================ errors

@@ -21,7 +21,7 @@ from dicomweb.app import ContainErrors, error_handlers
 from emr.fhir import CCCD_SYSTEM
 from emr.fhir_in import MAX_DEPTH, MAX_VALUES
 from emr.http import ERROR_BODIES, MAX_BODY_BYTES, emr_routes
-from emr.model import PatientInfo
+from emr.model import PatientInfo, PatientMerge
 from emr.orders import UnknownOrder
 from emr.service import EmrService
 from pacs.app import archive_for
@@ -29,6 +29,7 @@ from pacs.settings import Settings
 from tests.test_fhir_resources import MRN_SYSTEM, contained_request
 
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
+ACCESSION_SYSTEM = "https://bv-cho-ray.example/sid/accession"  # contained_request's
 
 
 class Client:
@@ -65,9 +66,10 @@ def emr(tmp_path_factory):
     archive.close()
 
 
-def service_request(accession: str, **changes) -> dict:
+def service_request(accession: str, patient_id: str = "BN0001", **changes) -> dict:
     request = contained_request(**changes)
     request["identifier"][0]["value"] = accession
+    request["contained"][0]["identifier"][0]["value"] = patient_id  # the MRN
     return request
 
 
@@ -268,6 +270,88 @@ def test_a_scheduled_time_before_year_1000_keeps_four_digits_of_year(emr):
     assert emr.service.orders.get("CAL999").order.scheduled_date == "09990102"
 
 
+# ---------------------------------------------------------------------------- creates
+
+
+def if_none_exist(*accessions: str, system: str = ACCESSION_SYSTEM) -> dict:
+    """The header of a conditional create for any of these accession numbers."""
+    return {"If-None-Exist": "identifier=" + ",".join(f"{system}|{a}" for a in accessions)}
+
+
+def test_a_post_answers_201_when_it_creates_the_order_and_200_when_it_updates_it(emr):
+    # Review: the second POST, which updated the order, was answered 201 Created too.
+    created = post(emr, service_request("UPD1"))
+    updated = post(emr, service_request("UPD1", priority="stat"))
+
+    assert (created.status_code, updated.status_code) == (201, 200), updated.text[:300]
+    assert updated.headers["location"] == created.headers["location"]
+    assert updated.json()["priority"] == "stat"
+
+
+def test_a_new_request_for_another_patients_accession_is_409_and_moves_nothing(emr):
+    # Review: the order (no images yet) silently moved to the patient of the second request.
+    assert post(emr, service_request("DUP1")).status_code == 201
+
+    answer = post(emr, service_request("DUP1", patient_id="BN0999"))
+
+    assert answer.status_code == 409, answer.text[:300]
+    assert issue(answer)["code"] == "conflict"
+    assert issue(answer)["expression"] == ["ServiceRequest.subject"]
+    assert emr.service.orders.get("DUP1").order.patient.patient_id == "BN0001"
+
+
+@pytest.mark.parametrize("system", [ACCESSION_SYSTEM, None])
+def test_a_conditional_create_that_finds_its_order_applies_nothing_and_answers_it(emr, system):
+    # Review: If-None-Exist was ignored: the POST overwrote the order, even with another
+    # patient.
+    accession = f"CC1{'S' if system else ''}"
+    first = post(emr, service_request(accession))
+    criteria = {"If-None-Exist": f"identifier={accession}"} if system is None else \
+        if_none_exist(accession, system=system)
+
+    again = post(emr, service_request(accession, patient_id="BN0998", priority="stat"),
+                 headers=criteria)
+
+    assert again.status_code == 200, again.text[:300]
+    assert again.headers["location"] == first.headers["location"]
+    assert again.json()["id"] == first.json()["id"]
+    kept = emr.service.orders.get(accession).order
+    assert (kept.patient.patient_id, kept.priority) == ("BN0001", "HIGH")
+
+
+def test_a_conditional_create_that_finds_nothing_creates_the_order(emr):
+    answer = post(emr, service_request("CC2"), headers=if_none_exist("CC2"))
+
+    assert answer.status_code == 201, answer.text[:300]
+    assert ordered(emr, "CC2")
+
+
+def test_a_conditional_create_matching_two_orders_is_412_and_applies_nothing(emr):
+    for accession in ("CC3", "CC4"):
+        assert post(emr, service_request(accession)).status_code == 201
+
+    answer = post(emr, service_request("CC5"), headers=if_none_exist("CC3", "CC4"))
+
+    assert answer.status_code == 412, answer.text[:300]
+    assert issue(answer)["code"] == "multiple-matches"
+    assert not ordered(emr, "CC5")
+
+
+@pytest.mark.parametrize(("criteria", "parameter"), [
+    ("status=active", "status"),
+    ("identifier=CC6&_lastUpdated=gt2020-01-01", "_lastUpdated"),
+    ("identifier=https://his.example/sid/order|HIS-778899", "identifier"),  # the placer's
+    ("identifier=", "identifier"),
+])
+def test_a_conditional_create_on_criteria_orders_are_not_found_by_is_400_naming_them(
+        emr, criteria, parameter):
+    answer = post(emr, service_request("CC6"), headers={"If-None-Exist": criteria})
+
+    assert answer.status_code == 400, answer.text[:300]
+    assert issue(answer)["expression"] == [parameter]
+    assert not ordered(emr, "CC6")
+
+
 # ---------------------------------------------------------------------------- Patient search
 
 
@@ -328,6 +412,49 @@ def test_a_patient_search_by_mrn_of_the_default_system_still_finds_a_patient_wit
 
     assert page["total"] == 1
     assert page["entry"][0]["resource"]["identifier"][0]["value"] == "BNC3"
+
+
+def patients_found(emr, token: str) -> list[dict]:
+    bundle = emr.http.get("/fhir/Patient", params={"identifier": token}).json()
+    return [entry["resource"] for entry in bundle.get("entry", [])]
+
+
+@pytest.mark.parametrize(("token", "found"), [
+    ("BN520", ["BN520"]),
+    (f"{MRN_SYSTEM}|BN520", ["BN520"]),  # the hospital's own namespace holds …/BVDK
+    (f"{MRN_SYSTEM}/BVDK|BN520", ["BN520"]),
+    ("|BN520", []),  # no system: the MRNs the EMR sent without an issuer
+    ("|BN521", ["BN521"]),
+    (f"{MRN_SYSTEM}|BN521", ["BN521"]),
+    ("https://other.vn/mrn|BN521", []),
+    ("urn:oid:9.9.9|BN521", []),
+    (f"{MRN_SYSTEM}/BVCR|BN521", []),
+])
+def test_a_patient_search_by_mrn_finds_it_only_under_the_system_of_its_issuer(emr, token,
+                                                                             found):
+    # Review: the configured system missed an MRN sent with the hospital's namespace (which
+    # ImagingStudy?patient.identifier found), and the systems of other issuers found the MRN
+    # sent without one: another hospital's patient taken for ours.
+    emr.service.orders.save_patient(PatientInfo(patient_id="BN520", issuer="BVDK"))
+    emr.service.orders.save_patient(PatientInfo(patient_id="BN521"))
+
+    resources = patients_found(emr, token)
+
+    assert [r["identifier"][0]["value"] for r in resources] == found
+
+
+def test_a_patient_merged_away_is_found_by_its_identifier_and_says_where_it_went(emr):
+    # Review: after ADT^A40 the prior MRN found nothing, though Patient/{id} still reads it.
+    emr.service.orders.save_patient(PatientInfo(patient_id="BN530", name="Kiều^Văn Lẻ"))
+    emr.service.merge_patients(PatientMerge(PatientInfo(patient_id="BN531"), "BN530"))
+
+    [prior] = patients_found(emr, f"{MRN_SYSTEM}|BN530")
+
+    [survivor] = patients_found(emr, "BN531")
+    assert prior["active"] is False
+    assert prior["link"] == [{"other": {"reference": f"Patient/{survivor['id']}"},
+                              "type": "replaced-by"}]
+    assert prior == emr.http.get(f"/fhir/Patient/{prior['id']}").json()
 
 
 # ---------------------------------------------------------------------------- Accept

@@ -225,8 +225,7 @@ def test_revoked_request_cancels_the_order():
 
 
 @pytest.mark.parametrize(("status", "control", "order_status"), [
-    ("draft", OrderControl.NEW, OrderStatus.SCHEDULED),
-    ("on-hold", OrderControl.NEW, OrderStatus.SCHEDULED),
+    ("active", OrderControl.NEW, OrderStatus.SCHEDULED),
     ("completed", OrderControl.UPDATE, OrderStatus.COMPLETED),
     ("entered-in-error", OrderControl.CANCEL, OrderStatus.CANCELLED),
 ])
@@ -234,6 +233,32 @@ def test_request_status_maps_to_order_control_and_status(status, control, order_
     order = parse_service_request(contained_request(status=status), mrn_system=MRN_SYSTEM)
 
     assert (order.control, order.status) == (control, order_status)
+
+
+# Review: a draft or on-hold ServiceRequest (status is a modifier element) was scheduled as
+# an active order, the worklist handed it to the modality, and it read back as active.
+@pytest.mark.parametrize("status", ["draft", "on-hold", "unknown"])
+def test_a_request_that_is_not_active_yet_is_422_naming_the_status(status):
+    error = refused(contained_request(status=status))
+
+    assert (error.status, error.code) == (422, "not-supported")
+    assert error.expression == "ServiceRequest.status"
+    assert repr(status) in error.diagnostics
+
+
+@pytest.mark.parametrize("intent", ["proposal", "plan", "directive", "option"])
+def test_a_request_that_is_not_an_order_is_422_naming_the_intent(intent):
+    error = refused(contained_request(intent=intent))
+
+    assert (error.status, error.code) == (422, "not-supported")
+    assert error.expression == "ServiceRequest.intent"
+
+
+@pytest.mark.parametrize("intent", ["order", "original-order", "filler-order"])
+def test_a_request_of_any_kind_of_order_is_scheduled(intent):
+    order = parse_service_request(contained_request(intent=intent), mrn_system=MRN_SYSTEM)
+
+    assert (order.control, order.status) == (OrderControl.NEW, OrderStatus.SCHEDULED)
 
 
 def test_station_ae_title_from_contained_device_performer():
