@@ -22,6 +22,9 @@ from storage.index import patients, studies
 MAX_COUNT = 100
 DEFAULT_COUNT = 20  # a search's page when _count is not given
 MAX_OFFSET = 1_000_000_000
+# Parameters of one search, each a condition all must meet: SQLite parses a query of N of them
+# N deep and refused one of 999 identifiers (a 500).
+MAX_PARAMETERS = 50
 _DATE_PREFIX = re.compile(r"^(eq|ne|gt|lt|ge|le|sa|eb)?(\d{4}(-\d{2}(-\d{2}(T[0-9:.]+"
                           r"(Z|[+-]\d{2}:\d{2})?)?)?)?)$")
 
@@ -138,6 +141,9 @@ def find_studies(service: EmrService, settings, params: list[tuple[str, str]], c
                   offset: int) -> tuple[list[tuple[str, dt.datetime]], int]:
     """(study UID, last updated) of one page of the studies an ImagingStudy search names, and
     the total."""
+    if len(params) > MAX_PARAMETERS:
+        raise fhir.FhirError(400, "too-costly", f"{len(params)} search parameters; at most "
+                             f"{MAX_PARAMETERS} are taken")
     conditions: list[Any] = []
     for name, value in params:
         if name == "patient.identifier":

@@ -1899,6 +1899,18 @@ def test_last_updated_before_the_calendar_in_utc_is_before_every_study(site, pre
     assert answer.json()["total"] == (every if finds_all else 0)
 
 
+def test_a_search_of_too_many_parameters_is_400_not_a_database_failure(site):
+    # 999 identifiers made a query SQLite refused to parse (a 500).
+    many = [("identifier", f"ACC-{n}") for n in range(999)]
+
+    answer = api(site, "GET", "/fhir/ImagingStudy", params=many)
+    fifty = api(site, "GET", "/fhir/ImagingStudy", params=many[:48] + [("_count", "5")])
+
+    assert answer.status_code == 400 and "at most 50" in answer.text
+    assert answer.json()["issue"][0]["code"] == "too-costly"
+    assert fifty.status_code == 200
+
+
 # ============================================================================ errors
 
 
