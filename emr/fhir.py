@@ -22,7 +22,7 @@ import hashlib
 import logging
 import re
 from datetime import date as Date
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -38,6 +38,7 @@ from fhir.resources.R4B.servicerequest import ServiceRequest
 from emr.coding import fhir_system
 from emr.errors import InvalidResource, error_locations
 from emr.model import (
+    LOCAL_TIMEZONE,
     Order,
     PatientInfo,
     ResultSeries,
@@ -47,7 +48,6 @@ from emr.model import (
 log = logging.getLogger("pacs.emr.fhir")
 
 FHIR_VERSION = "4.0.1"
-LOCAL_TIMEZONE = timezone(timedelta(hours=7), "ICT")  # Asia/Ho_Chi_Minh, no DST
 
 # VN Core (draft) — found in the IG: NamingSystem vn-cccd-ns and vn-bhyt-ns, profiles below.
 VN_CORE_BASE = "http://fhir.hl7.org.vn/core"

@@ -24,7 +24,6 @@ from emr.fhir import (
     DICOM_UID_SYSTEM,
     GENDERS,
     LEGACY_BHYT_SYSTEM,
-    LOCAL_TIMEZONE,
     MODALITY_CODE,
     PRIORITIES,
     REQUEST_INTENTS,
@@ -35,10 +34,12 @@ from emr.fhir import (
     mrn_issuer,
 )
 from emr.model import (
+    LOCAL_TIMEZONE,
     Order,
     OrderControl,
     OrderStatus,
     PatientInfo,
+    one_line,
 )
 from pacs.http_input import JsonNestedTooDeep, TooManyJsonValues, check_json_size, parse_json
 
@@ -362,7 +363,7 @@ def _identifier_value(identifiers: list[dict], type_code: str) -> str:
 def _procedure(code: dict) -> tuple[str, str, str]:
     """Code, system and description; the system stays a FHIR URI (the model allows either)."""
     coding = next(iter(code.get("coding") or []), {})
-    description = _one_line(coding.get("display") or code.get("text") or "")
+    description = one_line(coding.get("display") or code.get("text") or "")
     return coding.get("code", ""), coding.get("system", ""), description
 
 
@@ -440,7 +441,7 @@ def _reason(concepts: list[dict]) -> str:
         coding = next(iter(concept.get("coding") or []), {})
         text = concept.get("text") or coding.get("display") or coding.get("code")
         if text:
-            texts.append(_one_line(text))
+            texts.append(one_line(text))
     return "; ".join(texts)
 
 
@@ -461,17 +462,12 @@ def _body_part(concepts: list[dict]) -> str:
 def _address_text(addresses: list[dict]) -> str:
     for address in addresses:
         if address.get("text"):
-            return _one_line(address["text"])
+            return one_line(address["text"])
         parts = [*(address.get("line") or []), address.get("district"), address.get("city"),
                  address.get("state"), address.get("country")]
         if text := ", ".join(p for p in parts if p):
-            return _one_line(text)
+            return one_line(text)
     return ""
-
-
-def _one_line(text: str) -> str:
-    """Free text as DICOM LO holds it: FHIR strings may hold line breaks and tabs, LO not."""
-    return " ".join(text.split())
 
 
 def _dicom_date(value: str) -> str:
@@ -488,8 +484,8 @@ def _pn_from_names(names: list[dict]) -> str:
         return ""
     ranked = sorted(names, key=lambda n: {"official": 0, "usual": 1}.get(n.get("use", ""), 2))
     name = ranked[0]
-    family = _one_line(name.get("family") or "")
-    given = _one_line(" ".join(name.get("given") or []))
+    family = one_line(name.get("family") or "")
+    given = one_line(" ".join(name.get("given") or []))
     if family or given:
         return f"{family}^{given}".rstrip("^")
     return _pn_from_text(name.get("text") or "")

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from starlette.requests import Request
 
 from emr import fhir
-from emr.model import PatientInfo
+from emr.model import LOCAL_TIMEZONE, PatientInfo
 from emr.service import EmrService
 from pacs.http_input import whole_number
 from storage.index import patients, studies
@@ -200,7 +200,7 @@ def _date_condition(column: Any, value: str) -> Any:
 def _period(text: str) -> tuple[dt.datetime, dt.datetime]:
     """The instants a FHIR date or dateTime of any precision covers, in UTC (``ValueError``
     for a day or time that does not exist: ``2020-13-45``, ``T25:00``, year 0)."""
-    zone = fhir.LOCAL_TIMEZONE
+    zone = LOCAL_TIMEZONE
     if "T" in text:
         moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
         if moment.tzinfo is None:

@@ -19,7 +19,6 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from emr.fhir import LOCAL_TIMEZONE
 from emr.hl7_segments import (
     Ack,
     Field,
@@ -37,12 +36,14 @@ from emr.hl7_segments import (
     sequence_error,
 )
 from emr.model import (
+    LOCAL_TIMEZONE,
     Order,
     OrderControl,
     OrderStatus,
     PatientInfo,
     PatientMerge,
     PatientUpdate,
+    one_line,
 )
 
 __all__ = [
@@ -243,7 +244,7 @@ _OFFSET = re.compile(r"([+-])([01]\d|2[0-3])([0-5]\d)")
 
 
 def _local(value: str, where: str) -> tuple[str, str]:
-    """(YYYYMMDD, HHMMSS) of a DT/DTM in the server's local time (``emr.fhir.LOCAL_TIMEZONE``,
+    """(YYYYMMDD, HHMMSS) of a DT/DTM in the server's local time (``emr.model.LOCAL_TIMEZONE``,
     as for FHIR): a time with an offset (``20261206070000+0000``) is converted, the date with
     it; one without is taken as local. Partial dates (year only) give nothing, DICOM DA cannot
     hold them. A day or time that does not exist is passed on as it is, for
@@ -295,15 +296,7 @@ def _address(reps: Field) -> str:
     country = part(rep, 6)
     if country.upper() not in {"", "VN", "VNM"}:  # a domestic address reads better without it
         parts.append(country)
-    return ", ".join(line for line in map(_one_line, parts) if line)
-
-
-def _one_line(text: str) -> str:
-    """Free text (reason, procedure, address) as one line, as the FHIR way in takes it: HIS
-    break it with ``\\.br\\``, ``\\X0D0A\\`` or a raw LF, and the DICOM LO the worklist
-    sends cannot hold a line break. Identifiers and names are not made one line: a control
-    character there is refused (``emr.orders.check_order``)."""
-    return " ".join(text.split())
+    return ", ".join(line for line in map(one_line, parts) if line)
 
 
 def _phone(reps: Field) -> str:
@@ -415,7 +408,7 @@ def _order(segments: list[Segment], kind: str) -> Order:
         procedure_code=code,
         procedure_code_system=system,
         procedure_description=description,
-        reason=_one_line(obr.value(31, 2) or obr.value(31, 1) or obr.value(13)),
+        reason=one_line(obr.value(31, 2) or obr.value(31, 1) or obr.value(13)),
         priority=_priority(tq1.value(9) or obr.value(27, 6) or orc.value(7, 6) or obr.value(5)),
         referring_physician=(
             _xcn_to_pn(orc, 12) or _xcn_to_pn(obr, 16) or _xcn_to_pn(pv1, 8)
@@ -458,7 +451,7 @@ def _control(orc: Segment) -> tuple[OrderControl, OrderStatus]:
 def _procedure(obr: Segment) -> tuple[str, str, str]:
     """(code, text, coding system): OBR-4 (or its alternate triplet 4-6), else OBR-44."""
     for field, first in ((4, 1), (4, 4), (44, 1)):
-        code, text = obr.value(field, first), _one_line(obr.value(field, first + 1))
+        code, text = obr.value(field, first), one_line(obr.value(field, first + 1))
         if code or text:
             return code, text, obr.value(field, first + 2)
     return "", "", ""

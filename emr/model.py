@@ -9,6 +9,19 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from datetime import timedelta, timezone
+
+# The hospital's time: times the EMR sends without an offset are in it, and those with one are
+# converted to it (Asia/Ho_Chi_Minh, no daylight saving time).
+LOCAL_TIMEZONE = timezone(timedelta(hours=7), "ICT")
+
+
+def one_line(text: str) -> str:
+    """Free text (a reason, a procedure, an address) as one line, as DICOM LO holds it: HL7
+    breaks it with ``\\.br\\``, ``\\X0D0A\\`` or a raw LF, FHIR strings with line breaks and
+    tabs. Identifiers and names are not made one line: a control character there is refused
+    (``emr.orders.check_order``)."""
+    return " ".join(text.split())
 
 
 class OrderStatus(enum.StrEnum):
