@@ -78,6 +78,28 @@ _ISSUE_TYPES = {400: "invalid", 401: "login", 403: "forbidden", 404: "not-found"
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
+# Where a ServiceRequest carries the values of emr.model (emr.fhir_in reads them): the
+# expression of a refusal that names one.
+_FHIR_ELEMENTS = {
+    "accession_number": "ServiceRequest.identifier",
+    "study_instance_uid": "ServiceRequest.identifier",
+    "placer_order_number": "ServiceRequest.identifier",
+    "filler_order_number": "ServiceRequest.identifier",
+    "requested_procedure_id": "ServiceRequest.identifier", "modality": "ServiceRequest.code",
+    "procedure_code": "ServiceRequest.code", "procedure_code_system": "ServiceRequest.code",
+    "procedure_description": "ServiceRequest.code", "reason": "ServiceRequest.reasonCode",
+    "priority": "ServiceRequest.priority", "scheduled_date": "ServiceRequest.occurrence",
+    "scheduled_time": "ServiceRequest.occurrence",
+    "referring_physician": "ServiceRequest.requester",
+    "performing_physician": "ServiceRequest.performer",
+    "station_ae_title": "ServiceRequest.performer", "station_name": "ServiceRequest.performer",
+    "patient.patient_id": "Patient.identifier", "patient.issuer": "Patient.identifier",
+    "patient.cccd": "Patient.identifier", "patient.bhyt": "Patient.identifier",
+    "patient.name": "Patient.name", "patient.birth_date": "Patient.birthDate",
+    "patient.sex": "Patient.gender", "patient.address": "Patient.address",
+    "patient.phone": "Patient.telecom",
+}
+
 
 class BadRequest(ValueError):
     """A JSON API request that cannot be applied (HTTP 400)."""
@@ -110,7 +132,7 @@ def emr_routes(server) -> list[Route]:
         except UnknownOrder as exc:
             return outcome(422, "not-found", str(exc), "ServiceRequest.identifier")
         except InvalidOrder as exc:
-            return outcome(422, "value", str(exc))
+            return outcome(422, "value", str(exc), _FHIR_ELEMENTS.get(exc.field))
         except CancelRefused as exc:
             return outcome(409, "conflict", str(exc), "ServiceRequest.status")
         except OrderConflict as exc:

@@ -1770,6 +1770,7 @@ def test_hl7_and_fhir_orders_share_the_json_apis_checks(site):
     assert ack_code(ack) == "AE" and "scheduled_date" in str(ack.segment("MSA")[3])
     assert api(site, "GET", f"/api/orders/{accession}").status_code == 404
     assert created.status_code == 422 and "study_instance_uid" in created.text
+    assert created.json()["issue"][0]["expression"] == ["ServiceRequest.identifier"]
 
 
 def test_fhir_service_request_of_a_good_order_renders(site):

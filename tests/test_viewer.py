@@ -119,6 +119,17 @@ def test_launch_links_for_unknown_studies_get_a_clear_page(site):
     assert patient.headers["location"] == f"/ohif/?mrn={spec.patient_id}"
 
 
+def test_an_accession_number_holding_a_slash_has_its_link(site):
+    server, _ = site
+    spec = Spec(patient_id="BN-SLASH", accession="CT/2026/7")
+    assert stow(server.http, [part10(dataset(spec))]).status_code == 200
+
+    for path in ("/accession/CT/2026/7", "/accession/CT%2F2026%2F7"):
+        response = httpx.get(server.http + path)
+        assert response.status_code in (302, 303, 307), (path, response.text[:200])
+        assert spec.study_uid in response.headers["location"]
+
+
 def test_iid_patient_id_in_hl7_cx_form_is_matched_with_its_issuer(site):
     # IHE IID sends patientID as an HL7 CX value; it was matched literally, and found nothing.
     server, spec = site

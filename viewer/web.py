@@ -144,7 +144,7 @@ def viewer_routes(server) -> list[Route]:
         Route("/favicon.ico", favicon, methods=["GET"]),
         Route("/IHEInvokeImageDisplay", invoke_image_display),
         Route("/studies/{uid}", study_link),
-        Route("/accession/{number}", accession_link),
+        Route("/accession/{number:path}", accession_link),  # an accession may hold "/"
     ]
 
 
