@@ -11,10 +11,8 @@ import logging
 import re
 import socket
 from collections.abc import Iterator
-from io import BytesIO
 from typing import Any
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context, evt
@@ -40,9 +38,9 @@ from pacs.dimse.identifiers import (
     retrieve_keys,
     unmatched_keys,
 )
-from pacs.dimse.passthrough import StoredDataset, set_move_originator
+from pacs.dimse.passthrough import FailedSubOperation, StoredDataset, set_move_originator
 from pacs.dimse.worklist import WorklistHandlers
-from pacs.settings import Settings
+from pacs.settings import Peer, Settings
 from storage.archive import Archive, InstanceLocation
 from storage.attributes import Level
 from storage.errors import (
@@ -66,6 +64,10 @@ _PATIENT_ROOT_RETRIEVE = frozenset({PatientRootQueryRetrieveInformationModelMove
 # Stored Print or the Hardcopy classes, whose names end "SOP Class": they hold no images.
 _STORAGE_NAME = re.compile(r"\bStorage( - (For Presentation|For Processing|Trial))?$")
 _MAX_SUBOPERATIONS = 65535  # Number of ... Suboperations is US
+
+
+class PeerCannotTake(Exception):
+    """The retrieve's peer accepted no presentation context an instance can be sent in."""
 
 
 def status_dataset(code: int, comment: str | None = None) -> Dataset:
@@ -242,6 +244,8 @@ class DimseHandlers:
             yield None, None
             return
         locations, failure = self._locations(event)
+        # Read by _move_scp_checking_first if the destination cannot be reached.
+        setattr(event.request, _DESTINATION_NAMED, (destination, len(locations)))
         sub_association: dict[str, Any] = {}
 
         def remember(sub_event: evt.Event) -> None:
@@ -268,15 +272,18 @@ class DimseHandlers:
             yield failure, None
             return
         yield len(locations)
+        operation = "C-MOVE" if isinstance(event.request, C_MOVE) else "C-GET"
         for location, read in self.archive.read_ahead(locations):
             if event.is_cancelled:
                 yield status.CANCEL, None
                 return
             try:
                 dataset = self._dataset_for(location, read.result(), association())
-            except ArchiveError as exc:
-                log.error("retrieve of %s failed: %s", location.sop_instance_uid, exc)
-                yield status.PENDING, _failed_placeholder(location)
+            except (ArchiveError, PeerCannotTake) as exc:
+                log.warning("%s from %s: sub-operation for SOP Instance %s failed: %s",
+                            operation, _peer(event), location.sop_instance_uid, exc)
+                yield status.PENDING, FailedSubOperation(location.sop_class_uid,
+                                                         location.sop_instance_uid)
                 continue
             yield status.PENDING, dataset
 
@@ -288,8 +295,8 @@ class DimseHandlers:
                                                                    stored):
             return StoredDataset(data, location.sop_class_uid, location.sop_instance_uid, stored)
         if not _accepted_any(assoc, location.sop_class_uid, _UNCOMPRESSED):
-            # Nothing better to offer; the sub-operation reports the failure.
-            return dcmread(BytesIO(data))
+            raise PeerCannotTake(f"the peer accepted neither {stored.name} nor an uncompressed "
+                                 f"syntax for SOP Class {location.sop_class_uid}")
         try:
             native = transcode(data, ExplicitVRLittleEndian)
         except NotTranscodable as exc:
@@ -297,14 +304,6 @@ class DimseHandlers:
                 from exc
         return StoredDataset(native, location.sop_class_uid, location.sop_instance_uid,
                              ExplicitVRLittleEndian)
-
-
-def _failed_placeholder(location: InstanceLocation) -> Dataset:
-    """A data set pynetdicom cannot send, so the sub-operation is counted as failed."""
-    ds = Dataset()
-    ds.SOPClassUID = location.sop_class_uid
-    ds.SOPInstanceUID = location.sop_instance_uid
-    return ds
 
 
 def _accepted(assoc, sop_class: str, syntax: str) -> bool:
@@ -350,6 +349,7 @@ def refuse_bad_move_identifiers_first() -> None:
 
 
 _original_move_scp = QueryRetrieveServiceClass._move_scp
+_DESTINATION_NAMED = "_pacs_move_destination"  # on a C-MOVE request: (Peer, instance count)
 
 
 def _move_scp_checking_first(self: QueryRetrieveServiceClass, req: C_MOVE, context) -> None:
@@ -371,4 +371,37 @@ def _move_scp_checking_first(self: QueryRetrieveServiceClass, req: C_MOVE, conte
         pass
     finally:
         req.Identifier.seek(0)
-    _original_move_scp(self, req, context)
+    dimse = self.dimse
+    send_msg = dimse.send_msg
+
+    def send_answering_unreachable(response, context_id: int) -> None:
+        named = getattr(req, _DESTINATION_NAMED, None)
+        if (named is not None and isinstance(response, C_MOVE)
+                and response.Status == status.MOVE_DESTINATION_UNKNOWN):
+            response = _destination_unreachable(self, response, *named)
+        send_msg(response, context_id)
+
+    # pynetdicom answers 0xA801 (Move Destination unknown) when the association with the
+    # destination fails too; for a destination we know (PACS_PEERS) that is 0xA702, refused:
+    # unable to perform sub-operations (PS3.4 C.4.2.1.5). While the C-MOVE is served nothing
+    # else sends on its association (a commitment report waits for it to be idle).
+    dimse.send_msg = send_answering_unreachable
+    try:
+        _original_move_scp(self, req, context)
+    finally:
+        del dimse.send_msg  # pynetdicom's method again
+
+
+def _destination_unreachable(service: QueryRetrieveServiceClass, response: C_MOVE,
+                             destination: Peer, instances: int) -> C_MOVE:
+    """The final response for a configured destination the sub-association failed to reach."""
+    log.warning("C-MOVE from %s: destination %s at %s:%d could not be reached; %d instance(s) "
+                "not sent", service.assoc.requestor.ae_title, destination.ae_title,
+                destination.host, destination.port, instances)
+    answer = service.validate_status(status_dataset(
+        status.SUBOPERATION_FAILED, f"Move destination {destination.ae_title} could not be "
+        "reached"), response)
+    answer.NumberOfCompletedSuboperations = 0
+    answer.NumberOfFailedSuboperations = instances
+    answer.NumberOfWarningSuboperations = 0
+    return answer

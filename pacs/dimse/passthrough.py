@@ -24,7 +24,7 @@ from pydicom.uid import UID
 from pynetdicom import evt
 from pynetdicom.association import Association
 
-from pacs.dimse import commands
+from pacs.dimse import commands, status
 from pacs.dimse.compat import pynetdicom_supported
 from storage import rawread
 
@@ -58,6 +58,17 @@ class StoredDataset(Dataset):
         return dcmread(BytesIO(self._pacs_data))
 
 
+class FailedSubOperation(Dataset):
+    """An instance that cannot be sent (its blob is unreadable, the peer takes no syntax it
+    could be sent in): yielded in its place, it is counted as a failed sub-operation and listed
+    in the Failed SOP Instance UID List, without a C-STORE. The handler logs why."""
+
+    def __init__(self, sop_class_uid: str, sop_instance_uid: str) -> None:
+        super().__init__()
+        self.SOPClassUID = sop_class_uid
+        self.SOPInstanceUID = sop_instance_uid
+
+
 def set_move_originator(sub_association: Association, ae_title: str) -> None:
     """Name ``ae_title``, the AE that asked for a C-MOVE, as the originator of the C-STOREs
     sent over its ``sub_association``."""
@@ -84,11 +95,18 @@ def _send_c_store(self: Association, dataset, msg_id: int = 1, priority: int = 2
     """pynetdicom's ``send_c_store``, for a ``StoredDataset`` the peer takes as stored: the
     command set encoded directly and the stored bytes sent as they are, without the request
     primitive, its UID checks and the encoder in between (a C-GET or C-MOVE sub-operation).
-    Anything else, or when the stored bytes need converting, is pynetdicom's.
+    Anything else, or when the stored bytes need converting, is pynetdicom's; a
+    ``FailedSubOperation`` is answered here as refused (0xA700), and nothing is sent.
 
     Either way the Move Originator AE Title is the C-MOVE requester's (``set_move_originator``):
     pynetdicom names our own AE there, which a destination matching incoming images to the
     C-MOVE it asked for (PS3.7 9.3.1.1) cannot use."""
+    if isinstance(dataset, FailedSubOperation):
+        # As if the peer had refused it. pynetdicom was given a data set it could not send,
+        # and logged an ERROR about a missing (0002,0010) that said nothing of the reason.
+        refused = Dataset()
+        refused.Status = status.OUT_OF_RESOURCES
+        return refused
     originator_aet = getattr(self, _MOVE_ORIGINATOR, originator_aet)
     if (isinstance(dataset, StoredDataset) and self.is_established
             and not self.get_handlers(evt.EVT_DIMSE_SENT)):

@@ -16,6 +16,10 @@ Unlike pynetdicom's loop, the association thread also stops waiting on a pause a
 never lifted once the connection is gone, and leaves the association paused and killed however
 its loop ends, so no sender waits for it forever.
 
+``install()`` also bounds what one PDU may make a connection hold in memory (``_read_pdu``):
+pynetdicom read as many bytes as a PDU header declared, and one unauthenticated connection
+declaring 4 GiB and sending filler held it all until the socket closed.
+
 The loops are pynetdicom's own, copied with only the waits changed; ``install`` checks the
 pynetdicom version it was written against and leaves pynetdicom untouched otherwise.
 """
@@ -28,6 +32,7 @@ import queue
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
 
@@ -41,8 +46,21 @@ from pacs.dimse.compat import pynetdicom_supported
 from pacs.dimse.status import CANNOT_UNDERSTAND
 
 log = logging.getLogger("pacs.dimse")
+_DUL_LOG = logging.getLogger("pynetdicom.dul")
 
 IDLE_WAIT = 0.05  # seconds; bounds how late timers are checked, not request latency
+
+# Largest A-ASSOCIATE-RQ/AC/RJ, A-RELEASE or A-ABORT PDU read. A request with 128 presentation
+# contexts of ten transfer syntaxes each is about 100 KB; user identity and extended negotiation
+# items add at most a few hundred KB more in practice.
+MAX_CONTROL_PDU_LENGTH = 1024 * 1024
+# Largest P-DATA-TF read when we announce no maximum (Maximum Length Received 0, i.e.
+# PACS_DICOM_MAX_PDU=0): the most a data set may inflate to in the archive.
+MAX_UNLIMITED_PDATA_LENGTH = 256 * 1024 * 1024
+_PDU_NAMES = {0x01: "A-ASSOCIATE-RQ", 0x02: "A-ASSOCIATE-AC", 0x03: "A-ASSOCIATE-RJ",
+              0x04: "P-DATA-TF", 0x05: "A-RELEASE-RQ", 0x06: "A-RELEASE-RP", 0x07: "A-ABORT"}
+_INVALID_PDU_PARAMETER_VALUE = 0x06  # A-ABORT reason, PS3.8 Table 9-26
+_P_DATA_TF = 0x04
 
 _installed = False
 _original_send_pdu = DULServiceProvider.send_pdu
@@ -61,6 +79,7 @@ def install() -> bool:
     DULServiceProvider.send_pdu = _dul_send_pdu
     DULServiceProvider.kill_dul = _dul_kill_dul
     DULServiceProvider.stop_dul = _dul_stop_dul
+    DULServiceProvider._read_pdu_data = _read_pdu
     Association._run_reactor = _association_run_reactor
     Association.kill = _association_kill
     _installed = True
@@ -197,14 +216,89 @@ def _dul_run_reactor(self: DULServiceProvider) -> None:
             end.close()
 
 
-def _abort_broken(self: DULServiceProvider) -> None:
-    """Abort after a failure in the DUL thread: A-ABORT to the peer, the association marked
-    aborted, and a thread waiting for the peer's request woken (as if it had timed out)."""
+def pdu_length_limit(self: DULServiceProvider, pdu_type: int) -> int:
+    """The largest PDU length field (bytes after the 6-byte header) we read for ``pdu_type``.
+
+    A P-DATA-TF may be as long as the Maximum Length Received we announced (PS3.8 D.1: it
+    bounds the PDU's variable field); every other PDU is small whatever its contents.
+    """
+    if pdu_type != _P_DATA_TF:
+        return MAX_CONTROL_PDU_LENGTH
+    assoc = self.assoc
+    announced = None
+    with contextlib.suppress(Exception):  # unreadable: as if we had announced no maximum
+        local = assoc.acceptor if assoc.is_acceptor else assoc.requestor
+        announced = local.maximum_length
+    return announced or MAX_UNLIMITED_PDATA_LENGTH
+
+
+def _read_pdu(self: DULServiceProvider) -> None:
+    """pynetdicom's DULServiceProvider._read_pdu_data, refusing a PDU longer than we accept.
+
+    pynetdicom read whatever length the header declared, so a peer that declared 4 GiB and
+    sent filler made the connection hold it all. A PDU past the limit is answered with an
+    A-ABORT (service-provider, invalid PDU parameter value; PS3.8 9.3.1, 9.3.8) and the
+    connection closed, after reading only its header. The rest is pynetdicom's, messages
+    included.
+    """
+    try:
+        raw = self.socket.recv(6)
+    except (OSError, TimeoutError) as exc:
+        _DUL_LOG.error("Connection closed before the entire PDU was received")
+        _DUL_LOG.exception(exc)
+        self.event_queue.put("Evt17")
+        return
+    try:
+        pdu_type, _, pdu_length = struct.unpack(">BBL", raw)
+    except struct.error:
+        self.event_queue.put("Evt17")  # the peer closed the connection
+        return
+    if pdu_type not in _PDU_NAMES:
+        _DUL_LOG.error(f"Unknown PDU type received '0x{pdu_type:02X}'")
+        self.event_queue.put("Evt19")
+        return
+    limit = pdu_length_limit(self, pdu_type)
+    if pdu_length > limit:
+        log.warning("association with %s aborted: its %s PDU declares %d bytes, more than the "
+                    "%d accepted", _peer_of(self), _PDU_NAMES[pdu_type], pdu_length, limit)
+        _abort_broken(self, reason=_INVALID_PDU_PARAMETER_VALUE, close=True)
+        return
+    try:
+        raw += self.socket.recv(pdu_length)  # read in steps of 4 KB, never allocated up front
+    except (OSError, TimeoutError) as exc:
+        _DUL_LOG.error("Connection closed before the entire PDU was received")
+        _DUL_LOG.exception(exc)
+        self.event_queue.put("Evt17")
+        return
+    if len(raw) != 6 + pdu_length:
+        _DUL_LOG.error(f"The received PDU is shorter than expected ({len(raw)} of "
+                       f"{6 + pdu_length} bytes received)")
+        self.event_queue.put("Evt17")
+        return
+    try:
+        pdu, event = self._decode_pdu(raw)
+    except Exception as exc:
+        _DUL_LOG.error("Unable to decode the received PDU data")
+        _DUL_LOG.exception(exc)
+        self.event_queue.put("Evt19")
+        return
+    self.event_queue.put(event)
+    self._recv_pdu.put(pdu)
+
+
+def _abort_broken(self: DULServiceProvider, *, reason: int = 0x00, close: bool = False) -> None:
+    """Abort after a failure in the DUL thread: A-ABORT to the peer (with ``reason``), the
+    association marked aborted, and a thread waiting for the peer's request woken (as if it
+    had timed out). With ``close``, the connection is closed at once too (the peer may still
+    be sending, and nothing more of it is read)."""
     abort_pdu = A_ABORT_RQ()
     abort_pdu.source = 0x02
-    abort_pdu.reason_diagnostic = 0x00
+    abort_pdu.reason_diagnostic = reason
     with contextlib.suppress(Exception):  # the socket may be gone already
         self.socket.send(abort_pdu.encode())
+    if close:
+        with contextlib.suppress(Exception):
+            self.socket.close()
     self.assoc.is_aborted = True
     self.assoc.is_established = False
     self.assoc._kill = True

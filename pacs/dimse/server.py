@@ -6,8 +6,10 @@ import logging
 import socket
 import threading
 
+import pynetdicom.acse
 from pydicom import config as pydicom_config
 from pynetdicom import AE, _config, evt
+from pynetdicom.presentation import PresentationContext, negotiate_unrestricted
 from pynetdicom.sop_class import (
     ModalityPerformedProcedureStep,
     ModalityWorklistInformationFind,
@@ -24,12 +26,17 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from pacs.dimse import commands, passthrough, reactor
 from pacs.dimse.commitment import StorageCommitment
+from pacs.dimse.compat import pynetdicom_supported
 from pacs.dimse.handlers import DimseHandlers, refuse_bad_move_identifiers_first
 from pacs.dimse.workers import AcceptLoad
 from pacs.dimse.worklist import WorklistHandlers
 from pacs.settings import Settings
 from storage.archive import Archive
-from storage.parsing import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from storage.parsing import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    is_known_transfer_syntax,
+)
 
 log = logging.getLogger("pacs.dimse")
 
@@ -46,10 +53,14 @@ QUERY_RETRIEVE_MODELS = (
 def configure_libraries() -> None:
     """Process-wide settings of pydicom and pynetdicom this server relies on."""
     # Storage contexts are accepted for every storage (and unknown or private) SOP class, with
-    # the transfer syntax the requestor proposed first: images are stored as sent. The C-STORE
-    # handler then refuses what it cannot archive with a status that says why. Without a list
-    # of ~170 storage contexts pynetdicom also stops copying that list for every association.
+    # the first transfer syntax the requestor proposed that the archive can read: images are
+    # stored as sent. The C-STORE handler then refuses what it cannot archive with a status
+    # that says why. Without a list of ~170 storage contexts pynetdicom also stops copying that
+    # list for every association.
     _config.UNRESTRICTED_STORAGE_SERVICE = True
+    if pynetdicom_supported("storage transfer syntax negotiation",
+                            "a storage context may be accepted with a syntax we cannot read"):
+        pynetdicom.acse.negotiate_unrestricted = negotiate_readable_syntaxes
     # pynetdicom's standard handlers format a log line for every PDU and DIMSE message even
     # when the log level drops them (a third of the CPU of a small C-STORE), and at DEBUG they
     # print identifiers, i.e. patient data. Off unless the server runs at DEBUG.
@@ -68,6 +79,39 @@ def configure_libraries() -> None:
     commands.install()
     passthrough.install()
     refuse_bad_move_identifiers_first()
+
+
+def negotiate_readable_syntaxes(rq_contexts: list[PresentationContext],
+                                ac_contexts: list[PresentationContext], roles=None):
+    """pynetdicom's unrestricted storage negotiation, offered only the transfer syntaxes the
+    archive can read (PS3.8 9.3.2.2: the acceptor picks one it supports).
+
+    pynetdicom accepted a storage context with the first syntax proposed, known or not: with
+    [1.2.3.4.5.6, Explicit VR Little Endian] proposed, 1.2.3.4.5.6 was accepted and every
+    C-STORE on it then failed. Now the first proposed syntax we know is chosen (the requestor's
+    order of preference), and a context proposing none is rejected with result 4, transfer
+    syntaxes not supported. Other contexts are negotiated against our supported ones as before.
+    """
+    readable_contexts, unreadable_ids = [], set()
+    for context in rq_contexts:
+        readable = [ts for ts in context.transfer_syntax if is_known_transfer_syntax(ts)]
+        if not readable:
+            unreadable_ids.add(context.context_id)
+            readable_contexts.append(context)  # for its abstract syntax's verdict, changed below
+        elif len(readable) == len(context.transfer_syntax):
+            readable_contexts.append(context)
+        else:
+            copy = PresentationContext()
+            copy.context_id = context.context_id
+            copy.abstract_syntax = context.abstract_syntax
+            copy.transfer_syntax = readable
+            readable_contexts.append(copy)
+    result, reply_roles = negotiate_unrestricted(readable_contexts, ac_contexts, roles)
+    for context in result:
+        if context.context_id in unreadable_ids and context.result == 0x00:
+            context.result = 0x04  # transfer syntaxes not supported
+    accepted = {context.abstract_syntax for context in result if context.result == 0x00}
+    return result, [role for role in reply_roles if role.sop_class_uid in accepted]
 
 
 def build_ae(settings: Settings) -> AE:
