@@ -7,6 +7,7 @@ on stdin with the number of associations still being served.
   raise  every request makes the reactor itself raise (a bug we have not found yet)
   pause  the C-ECHO handler pauses the reactor and nothing un-pauses it (a thread that
          meant to send on the association and failed half-way)
+  serve  no fault: a plain SCP (what a peer's malformed PDUs meet)
 """
 
 from __future__ import annotations
