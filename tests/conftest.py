@@ -30,10 +30,21 @@ POSTGRES_ADMIN_URL = os.environ.get("PACS_TEST_POSTGRES", "postgresql://127.0.0.
 OUTPUT = ROOT / "test-output"
 
 
+_GIVEN_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now and not handed out before by this process: a port given to a
+    peer that has not bound it yet was free again, and the next server was given it too (a
+    storescp and a pacs serve on one port failed a test once)."""
+    for _ in range(1000):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN_PORTS:
+            _GIVEN_PORTS.add(port)
+            return port
+    raise RuntimeError("no loopback port left that was not handed out already")
 
 
 # ------------------------------------------------------------------ corpus
