@@ -564,6 +564,21 @@ def searchset(entries: list[dict], *, self_url: str, total: int | None,
     return _validated(Bundle, data)
 
 
+def transaction_response(request: dict, *, status: str, locations: dict[str, str],
+                         last_modified: str) -> dict:
+    """The transaction-response (or batch-response) Bundle of the transaction ``request``:
+    for each entry, in order, ``status`` and where its resource now is (``locations`` by
+    resource type)."""
+    entries = []
+    for entry in request.get("entry") or []:
+        kind = entry["resource"]["resourceType"]
+        entries.append({"response": {
+            "status": status if kind == "ServiceRequest" else "200 OK",
+            "location": locations[kind], "lastModified": last_modified}})
+    data = {"resourceType": "Bundle", "type": f"{request['type']}-response", "entry": entries}
+    return _validated(Bundle, data)
+
+
 def capability_statement(base_url: str, *, date: str | None = None) -> dict:
     """What this server's FHIR front end does: ImagingStudy and Patient read and search,
     ServiceRequest create."""
@@ -583,7 +598,7 @@ def capability_statement(base_url: str, *, date: str | None = None) -> dict:
         "implementation": {"description": "PACS FHIR front end", "url": base_url},
         "fhirVersion": FHIR_VERSION,
         "format": ["json"],
-        "rest": [{"mode": "server", "resource": [
+        "rest": [{"mode": "server", "interaction": [{"code": "transaction"}], "resource": [
             {
                 "type": "ImagingStudy",
                 "supportedProfile": [VN_CORE_IMAGING_STUDY_PROFILE],

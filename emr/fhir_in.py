@@ -106,6 +106,24 @@ def parse_service_request(body: Any, *, mrn_system: str) -> Order:
     return _order(request, patient)
 
 
+def check_transaction(body: Any) -> None:
+    """What a POST to the FHIR base takes: a transaction or batch Bundle whose entries are a
+    ServiceRequest and its Patient, each to POST (``FhirError`` 400/422 otherwise: an entry
+    this server would not apply cannot be answered as done)."""
+    if not isinstance(body, dict) or body.get("resourceType") != "Bundle" \
+            or body.get("type") not in ("transaction", "batch"):
+        raise FhirError(400, "not-supported", "The base takes a transaction or batch Bundle; "
+                        "POST a ServiceRequest to [base]/ServiceRequest.", "Bundle.type")
+    for number, entry in enumerate(body.get("entry") or []):
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        kind = resource.get("resourceType") if isinstance(resource, dict) else None
+        method = ((entry.get("request") or {}).get("method") or "POST").upper()
+        if kind not in ("ServiceRequest", "Patient") or method not in ("POST", "PUT"):
+            raise FhirError(422, "not-supported", f"entry {number}: only a ServiceRequest and "
+                            f"its Patient are taken here, to POST (got {kind} {method})",
+                            f"Bundle.entry[{number}]")
+
+
 def _check_resource_types(resource: dict, path: str, *, contained: bool = False) -> None:
     """Refuse resources without a known resourceType, which the models would let through,
     and contained resources that contain others (FHIR dom-2, which the models do not check:

@@ -119,16 +119,20 @@ def emr_routes(server) -> list[Route]:
     async def metadata(request: Request) -> Response:
         return fhir_response(fhir.capability_statement(fhir_base(request)))
 
-    async def create_service_request(request: Request) -> Response:
+    async def apply_service_request(request: Request, *, at_base: bool = False
+                                    ) -> tuple[StoredOrder, dict] | Response:
+        """The order of a ServiceRequest body (or a Bundle holding one) applied, with the body
+        read; else the refusal to answer."""
         try:
             raw = await read_body(request, MAX_BODY_BYTES)
         except BodyTooLarge:
             return outcome(413, "too-long", f"The body is larger than {MAX_BODY_BYTES} bytes "
                            "(1 MiB); a ServiceRequest with its Patient is a few KB.")
         try:
-            stored = await anyio.to_thread.run_sync(
-                _apply_service_request, service, settings, raw,
-                request.headers.get("if-none-exist"), limiter=fhir_parsing)
+            return await anyio.to_thread.run_sync(
+                functools.partial(_apply_service_request, service, settings, raw,
+                                  request.headers.get("if-none-exist"), at_base=at_base),
+                limiter=fhir_parsing)
         except UnknownOrder as exc:
             return outcome(422, "not-found", str(exc), "ServiceRequest.identifier")
         except InvalidOrder as exc:
@@ -137,8 +141,28 @@ def emr_routes(server) -> list[Route]:
             return outcome(409, "conflict", str(exc), "ServiceRequest.status")
         except OrderConflict as exc:
             return outcome(409, "conflict", str(exc), "ServiceRequest.subject")
+
+    async def create_service_request(request: Request) -> Response:
+        applied = await apply_service_request(request)
+        if isinstance(applied, Response):
+            return applied
+        stored, _ = applied
         return fhir_response(_service_request(stored, settings), 201 if stored.created else 200,
                              {"Location": f"{fhir_base(request)}/ServiceRequest/{stored.pk}"})
+
+    async def transaction(request: Request) -> Response:
+        """A transaction or batch Bundle POSTed to the base (FHIR R4 http.html#transaction):
+        its ServiceRequest and Patient applied as ``POST /fhir/ServiceRequest`` applies them,
+        answered with a transaction-response (batch-response) Bundle, an entry for each."""
+        applied = await apply_service_request(request, at_base=True)
+        if isinstance(applied, Response):
+            return applied
+        stored, body = applied
+        return fhir_response(fhir.transaction_response(
+            body, status="201 Created" if stored.created else "200 OK",
+            locations={"ServiceRequest": f"ServiceRequest/{stored.pk}",
+                       "Patient": f"Patient/{stored.patient_pk}"},
+            last_modified=iso_seconds(stored.updated_at)))
 
     async def read_service_request(request: Request) -> Response:
         pk = _row_key(request.path_params["id"])
@@ -394,6 +418,7 @@ def emr_routes(server) -> list[Route]:
         return answer_in_fhir
 
     fhir_routes = [
+        Route("/fhir", transaction, methods=["POST"]),
         Route("/fhir/metadata", metadata),
         Route("/fhir/ServiceRequest", create_service_request, methods=["POST"]),
         Route("/fhir/ServiceRequest/{id}", read_service_request),
@@ -550,13 +575,17 @@ def order_from_json(body: dict[str, Any]) -> Order:
 
 
 def _apply_service_request(service: EmrService, settings, raw: bytes,
-                           if_none_exist: str | None) -> StoredOrder:
-    """Read, validate and apply a ServiceRequest body; run in a worker thread (a body at the
-    limits of ``fhir_in.read_json`` takes up to 0.7 s to validate).
+                           if_none_exist: str | None, *, at_base: bool = False
+                           ) -> tuple[StoredOrder, dict]:
+    """Read, validate and apply a ServiceRequest body (``at_base``: a transaction or batch
+    Bundle of a ServiceRequest and its Patient); the order and the body. Run in a worker thread
+    (a body at the limits of ``fhir_in.read_json`` takes up to 0.7 s to validate).
 
     A conditional create (``If-None-Exist``, FHIR R4 http.html#ccreate) that finds its order
     applies nothing and answers that order; finding several is 412."""
     body = fhir_in.read_json(raw)
+    if at_base:
+        fhir_in.check_transaction(body)
     order = fhir_in.parse_service_request(body, mrn_system=settings.emr_mrn_system)
     if if_none_exist is not None:
         found = service.orders.by_accessions(
@@ -565,8 +594,8 @@ def _apply_service_request(service: EmrService, settings, raw: bytes,
             raise fhir.FhirError(412, "multiple-matches", f"If-None-Exist matches {len(found)} "
                                  "ServiceRequests; nothing was applied")
         if found:
-            return next(iter(found.values()))
-    return service.apply_order(order)
+            return next(iter(found.values())), body
+    return service.apply_order(order), body
 
 
 def _patient(service: EmrService, settings, pk: int, info: PatientInfo) -> dict:

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
+from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.operationoutcome import OperationOutcome
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -26,7 +27,7 @@ from emr.orders import UnknownOrder
 from emr.service import EmrService
 from pacs.app import archive_for
 from pacs.settings import Settings
-from tests.test_fhir_resources import MRN_SYSTEM, contained_request
+from tests.test_fhir_resources import MRN_SYSTEM, contained_request, transaction_bundle
 
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
 ACCESSION_SYSTEM = "https://bv-cho-ray.example/sid/accession"  # contained_request's
@@ -481,3 +482,51 @@ def test_an_accept_header_allowing_one_of_fhir_jsons_names_is_answered(emr, acce
 
     assert answer.status_code == 200, answer.text[:300]
     assert answer.json()["resourceType"] == "CapabilityStatement"
+
+
+# ---------------------------------------------------------------------------- the base
+
+
+def transaction(accession: str, patient_id: str, kind: str = "transaction") -> dict:
+    """A transaction Bundle of a Patient and a ServiceRequest naming it, as FHIR clients
+    POST them to the base."""
+    request = service_request(accession, patient_id)
+    patient = request.pop("contained")[0]
+    url = "urn:uuid:0b5e6a4c-8f7d-4a1b-9c2e-1d3f5a7b9c0d"
+    request["subject"] = {"reference": url}
+    return {**transaction_bundle(request, patient, url), "type": kind}
+
+
+@pytest.mark.parametrize("kind", ["transaction", "batch"])
+def test_a_transaction_posted_to_the_base_is_applied_and_answered_entry_by_entry(emr, kind):
+    # The base answered 404: a FHIR client posting its Bundle there could not order.
+    accession = f"TX-{kind}"
+    body = json.dumps(transaction(accession, f"BN-{kind}", kind)).encode()
+
+    first = emr.http.post("/fhir", content=body, headers=FHIR_JSON)
+    again = emr.http.post("/fhir", content=body, headers=FHIR_JSON)
+
+    assert first.status_code == 200, first.text[:300]
+    answer = Bundle.model_validate(first.json())
+    assert answer.type == f"{kind}-response"
+    stored = emr.service.orders.get(accession)
+    patient, order = (entry.response for entry in answer.entry)
+    assert (order.status, order.location) == ("201 Created", f"ServiceRequest/{stored.pk}")
+    assert (patient.status, patient.location) == ("200 OK", f"Patient/{stored.patient_pk}")
+    assert again.json()["entry"][1]["response"]["status"] == "200 OK"  # updated, not made
+
+
+@pytest.mark.parametrize(("body", "status", "where"), [
+    (service_request("TX-ALONE"), 400, "Bundle.type"),  # a resource, not a Bundle
+    ({**transaction("TX-COLL", "BN-C"), "type": "collection"}, 400, "Bundle.type"),
+    ({**transaction("TX-OBS", "BN-O"), "entry": [*transaction("TX-OBS", "BN-O")["entry"], {
+        "resource": {"resourceType": "Observation", "status": "final",
+                     "code": {"text": "x"}}}]}, 422, "Bundle.entry[2]"),
+])
+def test_the_base_takes_a_transaction_of_an_order_only_and_says_what_else_it_is(
+        emr, body, status, where):
+    answer = emr.http.post("/fhir", content=json.dumps(body).encode(), headers=FHIR_JSON)
+
+    assert answer.status_code == status, answer.text[:300]
+    assert issue(answer)["expression"] == [where]
+    assert not any(ordered(emr, a) for a in ("TX-ALONE", "TX-COLL", "TX-OBS"))
