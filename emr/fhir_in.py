@@ -513,9 +513,15 @@ def _pn_from_text(text: str) -> str:
     """PN from a full name written in Vietnamese order: family name first, then the rest.
 
     VN Core asks for the full name in ``text``, and a Reference only has ``display``; the
-    given component keeps middle and given names together, as VN Core's ``given`` does."""
+    given component keeps middle and given names together, as VN Core's ``given`` does. Titles
+    written before the name, each ending in a dot (``BS.``, ``ThS.BS.``, ``PGS. TS.``), are the
+    prefix component: ``BS. Trần Thị Bình`` is ``Trần^Thị Bình^^BS.``, not family name "BS."."""
     text = " ".join(text.split())
     if "^" in text or not text:
         return text
-    family, _, given = text.partition(" ")
-    return f"{family}^{given}".rstrip("^")
+    words = text.split(" ")
+    titles = []
+    while len(words) > 1 and words[0].endswith("."):
+        titles.append(words.pop(0))
+    family, given = words[0], " ".join(words[1:])
+    return f"{family}^{given}^^{' '.join(titles)}".rstrip("^")

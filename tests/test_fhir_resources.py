@@ -148,6 +148,21 @@ def test_service_request_with_contained_patient_becomes_a_new_scheduled_order():
     assert order.source == "fhir"
 
 
+@pytest.mark.parametrize(("display", "name"), [
+    ("BS. Trần Thị Bình", "Trần^Thị Bình^^BS."),
+    ("ThS.BS. Nguyễn Văn An", "Nguyễn^Văn An^^ThS.BS."),
+    ("PGS. TS. Lê Hoa", "Lê^Hoa^^PGS. TS."),
+    ("Trần Thị Bình", "Trần^Thị Bình"),
+    ("BS.", "BS."),  # a title alone is all there is
+])
+def test_a_doctors_title_before_the_name_is_the_prefix_not_the_family_name(display, name):
+    # "BS. Trần Thị Bình" (Dr. ...) became family name "BS." and given "Trần Thị Bình".
+    order = parse_service_request(contained_request(requester={"display": display}),
+                                  mrn_system=MRN_SYSTEM)
+
+    assert order.referring_physician == name
+
+
 def test_contained_patient_maps_vietnamese_name_identifiers_and_demographics():
     patient = parse_service_request(contained_request(), mrn_system=MRN_SYSTEM).patient
 
