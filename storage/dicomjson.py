@@ -207,11 +207,14 @@ class HeaderJSON:
 
 
 def _encodings_of(elem: RawDataElement | DataElement) -> list[str]:
-    """Python codec names for a Specific Character Set element (unknown terms: pydicom warns)."""
+    """Python codec names for a Specific Character Set element (unknown terms: pydicom warns).
+    The default repertoire named (``ISO_IR 6``), or a term pydicom does not know
+    (``ISO_IR 999``: it reads the default), says no more than no element: ``UNLABELLED``."""
     raw = elem.value or b""
     text = raw.decode("ascii", errors="replace") if isinstance(raw, bytes) else raw
     terms = list(text) if isinstance(text, list) else str(text).split("\\")
-    return list(convert_encodings([t.strip() for t in terms])) or list(DEFAULT_ENCODINGS)
+    encodings = list(convert_encodings([t.strip() for t in terms]))
+    return list(DEFAULT_ENCODINGS) if encodings in ([], ["iso8859"]) else encodings
 
 
 def _strip(value: str, vr: str) -> str:
