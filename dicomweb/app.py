@@ -1,8 +1,9 @@
 """The DICOMweb app (PS3.18), mounted by ``pacs serve`` at ``/dicomweb``.
 
 The route table below is the whole service; each handler translates HTTP to a call into
-``storage`` (through ``dicomweb.qido``, ``wado``, ``stow``) and the archive's errors to HTTP
-statuses. Blocking work (index queries, blob reads, parsing) runs in the thread pool.
+``storage`` (through ``dicomweb.qido``, ``wado``, ``stow``); the archive's errors become HTTP
+statuses in ``dicomweb.errors``. Blocking work (index queries, blob reads, parsing) runs in the
+thread pool.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from starlette.applications import Starlette
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from dicomweb import qido, render, slots, stow, wado
 from dicomweb.byteorder import EXPLICIT_BIG_ENDIAN
+from dicomweb.errors import BodyTimeout, ContainErrors, UnsupportedMediaType, error_handlers
 from dicomweb.media import Accepted, NotAcceptable, parse_accept, range_matches, wants_json
 from dicomweb.multipart import (
     BodyTooLarge,
@@ -46,15 +48,12 @@ from dicomweb.representation import (
     range_answer,
     ranged_response,
 )
-from dicomweb.transcode import NotTranscodable
-from pacs.access import ErrorBodies, study_scope
-from pacs.http_input import under_prefix, whole_number
-from pacs.logs import ANSWER_CUT_SHORT
+from pacs.access import study_scope
+from pacs.http_input import whole_number
 from pacs.routes import merged_by_path
 from pacs.settings import Settings
 from storage.archive import Archive
 from storage.attributes import Level
-from storage.errors import InvalidQuery, NotFound, StorageUnavailable
 from storage.parsing import require_uid
 from storage.query import NameMatching, find
 
@@ -68,14 +67,6 @@ STREAMED_BULK = 16 << 20
 
 # NumberOfPatientRelatedStudies/Series/Instances: they count the patient's whole record.
 _PATIENT_RECORD_COUNTS = ("00201200", "00201202", "00201204")
-
-
-class UnsupportedMediaType(ValueError):
-    """The request body is not of a type this route accepts (HTTP 415)."""
-
-
-class BodyTimeout(Exception):
-    """The request body stopped arriving (HTTP 408)."""
 
 
 def build_dicomweb(archive: Archive, settings: Settings) -> Starlette:
@@ -562,154 +553,3 @@ class _ClosingStream(StreamingResponse):
             close = getattr(self._chunks, "close", None)
             if close is not None:
                 close()
-
-
-_STATUSES: list[tuple[type[BaseException], int]] = [
-    (qido.BadQueryParameter, 400), (InvalidQuery, 400), (MultipartError, 400),
-    (render.CannotRender, 422),
-    (NotFound, 404), (NotAcceptable, 406), (NotTranscodable, 406), (BodyTooLarge, 413),
-    (UnsupportedMediaType, 415), (StorageUnavailable, 503), (BodyTimeout, 408),
-]
-
-
-
-
-def error_handlers(bodies: ErrorBodies | None = None) -> dict[Any, Any]:
-    """Starlette ``exception_handlers`` answering the archive's errors and HTTPExceptions (an
-    unknown path, a wrong method) with their status, in the format of ``bodies``."""
-    async def handler(request: Request, exc: Exception) -> Response:
-        return await _error_response(request, exc, bodies)
-    return {**{kind: handler for kind, _ in _STATUSES}, HTTPException: handler}
-
-
-async def _error_response(request: Request, exc: Exception,
-                          bodies: ErrorBodies | None = None) -> Response:
-    """Every failure as a body with a message; never a crash, never a stack trace."""
-    headers = {}
-    if isinstance(exc, HTTPException):
-        status, message = exc.status_code, exc.detail
-        headers.update(exc.headers or {})  # Allow, for a 405
-    else:
-        status = next((code for kind, code in _STATUSES if isinstance(exc, kind)), 500)
-        message = str(exc) if status != 500 else "internal error; see the server log"
-    if status == 500:
-        # The exception's own text may quote data (a database error quotes its parameters,
-        # a validation error its input: patient names); at ERROR only what failed and where.
-        log.error("HTTP %s %s failed: %s at %s", request.method, loggable_path(request.scope),
-                  type(exc).__name__, _where(exc))
-        log.debug("HTTP %s %s failed", request.method, request.url.path, exc_info=exc)
-    elif status == 503:
-        log.error("HTTP %s %s: %s", request.method, loggable_path(request.scope), message)
-    if status == 408:  # the rest of the body may still come: the connection cannot go on
-        headers["Connection"] = "close"
-    body = under_prefix(bodies or {}, request.scope.get("path", ""))
-    response = (body(status, message) if body is not None else
-                JSONResponse({"status": status, "message": message}, status_code=status))
-    response.headers.update(headers)
-    return response
-
-
-# Path parameters whose values may be logged: UIDs and formats. The others (an accession
-# number, a share link's token, a FHIR id) identify a patient or unlock a study.
-_LOGGABLE_PARAMETERS = frozenset({"study", "series", "instance", "frames", "uid", "kind"})
-
-
-def loggable_path(scope) -> str:
-    """The request's path for the log: parameters other than UIDs named, not given."""
-    path = scope.get("path", "")
-    for name, value in (scope.get("path_params") or {}).items():
-        if name not in _LOGGABLE_PARAMETERS and str(value):
-            path = path.replace(f"/{value}", f"/{{{name}}}")
-    return path
-
-
-def _where(exc: BaseException) -> str:
-    """File and line where ``exc`` was raised."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    if tb is None:
-        return "?"
-    code = tb.tb_frame.f_code
-    return f"{code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno} ({code.co_name})"
-
-
-class BodyIdleTimeout:
-    """ASGI middleware: while a request's body is arriving, each part of it must come within
-    ``seconds`` of the last, or the request fails with ``BodyTimeout`` (answered 408; the
-    server then closes the connection, the body being unread). Only the body: waiting for
-    the client to disconnect during a long answer is not limited."""
-
-    def __init__(self, app, seconds: float) -> None:
-        self.app = app
-        self.seconds = seconds
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        body_done = False
-
-        async def timed_receive():
-            nonlocal body_done
-            if body_done:
-                return await receive()
-            try:
-                with anyio.fail_after(self.seconds):
-                    message = await receive()
-            except TimeoutError:
-                raise BodyTimeout(f"no part of the request body came for {self.seconds:g} s"
-                                  ) from None
-            body_done = message["type"] != "http.request" or not message.get("more_body")
-            return message
-
-        await self.app(scope, timed_receive, send)
-
-
-class ContainErrors:
-    """ASGI middleware: an unexpected exception becomes ``_error_response``'s 500, logged
-    once, and the connection stays open for the client's next request.
-
-    Starlette's own last-resort handler answers too, but then re-raises, so the server logs
-    the traceback again and drops the connection; a client reusing it sees it reset. After
-    the answer has started, closing the connection is the only way to tell the client that
-    the body is cut short: the exception is logged in one line and the answer left unfinished,
-    which the server then closes.
-    """
-
-    def __init__(self, app, bodies: ErrorBodies | None = None) -> None:
-        self.app = app
-        self.bodies = bodies
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def tracking_send(message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracking_send)
-        except ClientDisconnect:
-            log.info("HTTP %s %s: the client went away while sending its request",
-                     scope.get("method"), loggable_path(scope))
-        except Exception as exc:
-            if started:
-                # The answer is under way: all that is left is to cut it short, which the server
-                # does (closing the connection) when the app returns without finishing it. One
-                # line, where re-raising logged a traceback. (Starlette wraps an exception it
-                # has a handler for, but too late to use, in a RuntimeError.)
-                if isinstance(exc, RuntimeError) and exc.__cause__ is not None:
-                    exc = exc.__cause__
-                log.warning("HTTP %s %s cut short: %s at %s", scope.get("method"),
-                            loggable_path(scope), type(exc).__name__, _where(exc))
-                log.debug("HTTP %s %s cut short", scope.get("method"), scope.get("path"),
-                          exc_info=exc)
-                ANSWER_CUT_SHORT.set(True)  # so uvicorn's line without a cause is left out
-                return
-            response = await _error_response(Request(scope), exc, self.bodies)
-            await response(scope, receive, send)

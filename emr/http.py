@@ -4,7 +4,7 @@ only (``pacs.access``): EMR systems call from the hospital's networks.
 
 Errors: each handler answers the refusals it knows of; FHIR routes answer theirs as
 OperationOutcomes (``fhir_endpoint``); the archive's errors, unknown paths, wrong methods and
-anything unexpected are the app's to answer (``dicomweb.app.ContainErrors`` and
+anything unexpected are the app's to answer (``dicomweb.errors.ContainErrors`` and
 ``error_handlers``: an unexpected failure is a 500 logged without the exception's text, which may
 quote patient data), in FHIR's form under /fhir (``ERROR_BODIES``)."""
 
@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from dicomweb.app import loggable_path
+from dicomweb.errors import loggable_path
 from emr import fhir, fhir_in
 from emr.errors import InvalidResource, loggable
 from emr.fhir_format import FHIR_JSON, check_body_format, check_response_format
@@ -463,7 +463,7 @@ def fhir_error(status: int, message: str) -> Response:
     return outcome(status, _ISSUE_TYPES.get(status, "exception"), message)
 
 
-# For ``dicomweb.app.ContainErrors`` and ``error_handlers``: errors under /fhir in FHIR's form.
+# For ``dicomweb.errors.ContainErrors`` and ``error_handlers``: errors under /fhir in FHIR's form.
 ERROR_BODIES = {"/fhir": fhir_error}
 
 

@@ -11,7 +11,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from dicomweb.app import BodyIdleTimeout, ContainErrors, build_dicomweb, error_handlers
+from dicomweb.app import build_dicomweb
+from dicomweb.errors import BodyIdleTimeout, ContainErrors, error_handlers
 from emr.http import ERROR_BODIES, emr_routes
 from pacs import __version__
 from pacs.access import AccessGate

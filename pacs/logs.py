@@ -6,7 +6,7 @@ import contextvars
 import logging
 import warnings
 
-# Set by ``dicomweb.app.ContainErrors`` when it leaves an answer unfinished, having logged why:
+# Set by ``dicomweb.errors.ContainErrors`` when it leaves an answer unfinished, having logged why:
 # uvicorn's own line for it ("ASGI callable returned without completing response", at ERROR,
 # with neither path nor cause) then says nothing more and is left out.
 ANSWER_CUT_SHORT: contextvars.ContextVar[bool] = contextvars.ContextVar(

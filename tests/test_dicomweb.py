@@ -25,7 +25,8 @@ from starlette.middleware import Middleware
 from starlette.routing import Route
 
 from dicomweb import render, slots, wado
-from dicomweb.app import ContainErrors, build_dicomweb
+from dicomweb.app import build_dicomweb
+from dicomweb.errors import ContainErrors
 from pacs.settings import Settings
 from storage.archive import open_archive
 from tests.conftest import PacsProcess, stow

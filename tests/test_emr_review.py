@@ -36,7 +36,7 @@ from pynetdicom.sop_class import ModalityPerformedProcedureStep, ModalityWorklis
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
-from dicomweb.app import ContainErrors, error_handlers
+from dicomweb.errors import ContainErrors, error_handlers
 from emr.errors import InvalidResource
 from emr.http import ERROR_BODIES, emr_routes
 from pacs.settings import Settings

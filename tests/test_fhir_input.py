@@ -18,7 +18,7 @@ from fhir.resources.R4B.operationoutcome import OperationOutcome
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
-from dicomweb.app import ContainErrors, error_handlers
+from dicomweb.errors import ContainErrors, error_handlers
 from emr.fhir import CCCD_SYSTEM
 from emr.fhir_in import MAX_DEPTH, MAX_VALUES
 from emr.http import ERROR_BODIES, MAX_BODY_BYTES, emr_routes
