@@ -222,7 +222,7 @@ def oru_message(
 
 
 def _pid(patient: PatientInfo) -> str:
-    ids = [_components(patient.patient_id, "", "", patient.issuer, "MR")]
+    ids = ["^".join((escape(patient.patient_id), "", "", _authority(patient.issuer), "MR"))]
     if patient.cccd:
         ids.append(_components(patient.cccd, "", "", "CCCD", "NI"))
     if patient.bhyt:
@@ -230,6 +230,17 @@ def _pid(patient: PatientInfo) -> str:
     return _segment("PID", "1", "", "~".join(ids), "", _pn_to_xpn(patient.name), "",
                     escape(patient.birth_date), escape(patient.sex), "", "",
                     escape(patient.address), "", escape(patient.phone))
+
+
+def _authority(issuer: str) -> str:
+    """CX-4 (HD) of an issuer: its namespace, or an OID or URI (an issuer that came as CX-4's
+    universal ID, or as a FHIR identifier system) as the universal ID with its type:
+    ``&1.2.840.9.1&ISO``, where it was sent as the namespace."""
+    if re.fullmatch(r"[0-2](\.(0|[1-9][0-9]*))+", issuer):
+        return f"&{issuer}&ISO"
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", issuer):
+        return f"&{escape(issuer)}&URI"
+    return escape(issuer)
 
 
 def _pn_parts(pn: str) -> list[str]:

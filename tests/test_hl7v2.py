@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import unicodedata
 
@@ -907,6 +908,22 @@ def test_oru_pid_keeps_vietnamese_name_and_all_identifiers() -> None:
     assert whole(parsed, "PID", 3) == (
         "BN0001^^^BVDK^MR~079088001234^^^CCCD^NI~DN4797912345678^^^BHYT^HC")
     assert (parsed["PID.F7"], parsed["PID.F8"]) == ("19880512", "M")
+
+
+@pytest.mark.parametrize(("issuer", "cx4"), [
+    ("BVDK", "BVDK"), ("1.2.840.9.1", "&1.2.840.9.1&ISO"),
+    ("https://bv.example/mrn", "&https://bv.example/mrn&URI"), ("", "")])
+def test_oru_pid_names_an_oid_or_uri_issuer_as_the_universal_id(issuer, cx4) -> None:
+    # An issuer that came as an OID (CX-4 &OID&ISO, or urn:oid: in FHIR) went out as the
+    # namespace, which an EMR matching on the assigning authority does not recognise.
+    result = study_result()
+    result = dataclasses.replace(result, patient=dataclasses.replace(result.patient,
+                                                                     issuer=issuer))
+    text = hl7_out.oru_message(result)
+
+    assert whole(hl7.parse(text), "PID", 3).split("~")[0] == f"BN0001^^^{cx4}^MR".rstrip("^")
+    _, body = hl7v2.parse_inbound(text.replace("ORU^R01^ORU_R01", "ADT^A08"))
+    assert body.patient.issuer == issuer  # read back as it was
 
 
 def test_oru_pid_round_trips_through_our_own_parser() -> None:
