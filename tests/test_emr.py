@@ -168,10 +168,10 @@ def emr(tmp_path):
         "PACS_STUDY_COMPLETE_SECONDS": "1", "PACS_EMR_RETRY_SECONDS": "0.3",
         "PACS_EMR_RETRY_MAX_SECONDS": "1", "PACS_PUBLIC_URL": "https://pacs.benhvien.vn",
         "PACS_HL7_FACILITY": "BVDK"})
-    server.start()
-    hl7_in.start()
-    fhir_in.start()
-    try:
+    try:  # whatever fails to start, what did start is stopped (a server was left running)
+        server.start()
+        hl7_in.start()
+        fhir_in.start()
         yield server, hl7_in, fhir_in
     finally:
         server.stop()
